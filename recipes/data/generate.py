@@ -1,0 +1,89 @@
+"""Generate the small datasets tunelab ships, deterministically.
+
+Run from anywhere: ``python recipes/data/generate.py``. The same seed always
+writes byte-identical files, so the checked-in data can be regenerated and
+diffed.
+
+The task is arithmetic word problems whose answer is a single number, so a
+model's answer can be checked exactly. Three datasets share one small world
+(names, objects, templates):
+
+- ``arith_corpus/``: plain stories that state results ("... so now Mia has 7
+  pears."), for pre-training from scratch. It teaches the language and the
+  arithmetic facts, but never the question/answer format.
+- ``arith_qa/``: ``prompt``/``completion`` pairs (``train`` and a held-out
+  ``test`` split) for supervised fine-tuning and exact-match evaluation.
+
+Held-out questions never appear in the training split (checked below).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+SEED = 1234
+HERE = Path(__file__).resolve().parent
+NAMES = ["Mia", "Tom", "Ava", "Leo", "Zoe", "Sam", "Ivy", "Max", "Ada", "Ben", "Eva", "Kai"]
+OBJECTS = ["apples", "pears", "books", "coins", "cards", "shells", "stamps", "marbles", "pens", "cups"]
+MAX_N = 12
+
+
+def _pronoun(name: str) -> str:
+    return "She" if name in {"Mia", "Ava", "Zoe", "Ivy", "Ada", "Eva"} else "He"
+
+
+def _problem(rng: random.Random) -> tuple[str, str, int]:
+    """Return (question, story, answer) for one random problem."""
+    name, other = rng.sample(NAMES, 2)
+    obj = rng.choice(OBJECTS)
+    pron = _pronoun(name)
+    kind = rng.choice(["buy", "give", "total"])
+    a, b = rng.randint(1, MAX_N), rng.randint(1, MAX_N)
+    if kind == "buy":
+        c = a + b
+        q = f"{name} has {a} {obj}. {pron} buys {b} more. How many {obj} does {name} have now?"
+        s = f"{name} had {a} {obj}. {pron} bought {b} more, so now {name} has {c} {obj}."
+    elif kind == "give":
+        a, b = max(a, b), min(a, b)
+        c = a - b
+        q = f"{name} has {a} {obj}. {pron} gives {b} to {other}. How many {obj} does {name} have now?"
+        s = f"{name} had {a} {obj}. {pron} gave {b} to {other}, so now {name} has {c} {obj}."
+    else:
+        c = a + b
+        q = f"{name} has {a} {obj} and {other} has {b} {obj}. How many {obj} do they have together?"
+        s = f"{name} had {a} {obj} and {other} had {b} {obj}, so together they have {c} {obj}."
+    return q, s, c
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as f:
+        for row in rows:
+            f.write(json.dumps(row, sort_keys=True) + "\n")
+
+
+def main() -> None:
+    rng = random.Random(SEED)
+    corpus = [_problem(rng)[1] for _ in range(6000)]
+    # Group stories into short paragraphs so packed sequences look like text.
+    paragraphs = [" ".join(corpus[i : i + 4]) for i in range(0, len(corpus), 4)]
+    _write_jsonl(HERE / "arith_corpus" / "train.jsonl", [{"text": p} for p in paragraphs])
+
+    seen: set[str] = set()
+    qa: list[dict] = []
+    while len(qa) < 2300:
+        q, _, c = _problem(rng)
+        if q in seen:
+            continue
+        seen.add(q)
+        qa.append({"prompt": f"Question: {q}\nAnswer:", "completion": f" {c}"})
+    train, test = qa[:2000], qa[2000:]
+    assert not {r["prompt"] for r in train} & {r["prompt"] for r in test}
+    _write_jsonl(HERE / "arith_qa" / "train.jsonl", train)
+    _write_jsonl(HERE / "arith_qa" / "test.jsonl", test)
+
+
+if __name__ == "__main__":
+    main()

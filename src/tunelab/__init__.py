@@ -1,0 +1,62 @@
+"""tunelab: fine-tune and evaluate foundation models from YAML recipes.
+
+Python API (the CLI calls the same functions)::
+
+    from tunelab import load_recipe, validate, run
+
+    recipe = load_recipe("quickstart", ["training.max_steps=20"])
+    validate(recipe)               # raises TunelabError with one line on bad input
+    result = run(recipe)           # RunResult: run_dir, metrics, outputs
+    print(result.metrics["eval"])
+
+Heavy libraries (torch, transformers, TRL) load only when a run needs them.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from tunelab.errors import TunelabError
+from tunelab.recipe import Recipe, load_recipe, recipe_from_dict
+
+__version__ = "0.1.0"
+__all__ = ["Recipe", "RunResult", "TunelabError", "load_recipe", "merge", "recipe_from_dict", "run", "validate"]
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from tunelab.pipeline import RunResult
+
+
+def validate(recipe: Recipe, overwrite: bool = False, resume: bool = False) -> str:
+    """Check a recipe without training. Returns 'new', 'resume' or 'overwrite' (the output folder's fate)."""
+    from tunelab.pipeline import check
+
+    return check(recipe, overwrite=overwrite, resume=resume)
+
+
+def run(recipe: Recipe | str, overrides: list[str] | tuple[str, ...] = (), overwrite: bool = False,
+        resume: bool = False) -> RunResult:
+    """Run a recipe (a Recipe, a path or a shipped name) and return its metrics and outputs."""
+    from tunelab.pipeline import run as _run
+
+    if not isinstance(recipe, Recipe):
+        recipe = load_recipe(recipe, overrides)
+    return _run(recipe, overwrite=overwrite, resume=resume)
+
+
+def merge(adapter_dir: str | Path, out_dir: str | Path, base: str | None = None, overwrite: bool = False) -> Path:
+    """Merge a LoRA adapter into its base model; saves a full model with its tokenizer."""
+    from tunelab.hub import configure_offline
+    from tunelab.models import merge as _merge
+
+    configure_offline()
+    return _merge(adapter_dir, out_dir, base=base, overwrite=overwrite)
+
+
+def __getattr__(name: str) -> Any:
+    if name == "RunResult":
+        from tunelab.pipeline import RunResult
+
+        return RunResult
+    raise AttributeError(name)

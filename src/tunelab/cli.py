@@ -1,0 +1,207 @@
+"""The `tunelab` command. A thin layer over the Python API.
+
+Only standard-library and light modules are imported at the top: `tunelab
+--help` must not pay for torch. Each command imports what it needs.
+"""
+
+from __future__ import annotations
+
+import functools
+import shutil
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+app = typer.Typer(
+    name="tunelab",
+    help="Fine-tune and evaluate foundation models from YAML recipes (SFT, LoRA, pre-training, eval).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+Overrides = Annotated[
+    list[str] | None,
+    typer.Argument(help="Overrides like training.learning_rate=1e-4 lora.r=8 (sft.training.max_steps=5 in pipelines)."),
+]
+RecipeArg = Annotated[str, typer.Argument(help="Recipe file, or the name of a shipped recipe (see `tunelab list`).")]
+
+
+def _fail(message: str, code: int = 2) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code)
+
+
+def friendly(fn):
+    """Turn TunelabError into one red line and exit code 2; Ctrl-C into exit code 130."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from tunelab.errors import TunelabError
+
+        try:
+            return fn(*args, **kwargs)
+        except TunelabError as exc:
+            _fail(str(exc), exc.exit_code)
+        except KeyboardInterrupt:
+            typer.secho("interrupted: the run is marked 'interrupted'; continue it with --resume", err=True)
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+@app.command()
+@friendly
+def run(
+    recipe: RecipeArg,
+    overrides: Overrides = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a finished run in output_dir.")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue an unfinished run from its checkpoints.")] = False,
+) -> None:
+    """Run a recipe: every stage in order, then a summary of metrics and files."""
+    from tunelab import load_recipe
+    from tunelab.pipeline import run as run_recipe
+
+    parsed = load_recipe(recipe, overrides or [])
+    typer.secho(f"tunelab: {parsed.data['name']} ({', '.join(parsed.stages)}) -> {parsed.output_dir}", bold=True)
+    result = run_recipe(parsed, overwrite=overwrite, resume=resume)
+    print_summary(result)
+
+
+@app.command()
+@friendly
+def validate(
+    recipe: RecipeArg,
+    overrides: Overrides = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Validate as for `run --overwrite`.")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Validate as for `run --resume`.")] = False,
+) -> None:
+    """Check a recipe without training: keys, types, files, dataset columns, output folder."""
+    from tunelab import load_recipe
+    from tunelab.pipeline import check
+
+    parsed = load_recipe(recipe, overrides or [])
+    mode = check(parsed, overwrite=overwrite, resume=resume)
+    fate = {"new": "will be created", "resume": "will be resumed", "overwrite": "will be replaced"}[mode]
+    typer.secho(f"ok: {len(parsed.stages)} stage(s) ({', '.join(parsed.stages)}); "
+                f"output_dir {parsed.output_dir} {fate}", fg=typer.colors.GREEN)
+
+
+@app.command("list")
+@friendly
+def list_recipes() -> None:
+    """The shipped recipes, one line each."""
+    from tunelab.recipe import shipped_recipes
+
+    for name, path in shipped_recipes().items():
+        typer.echo(f"{name:<28} {_first_comment(path)}")
+
+
+def _first_comment(path: Path) -> str:
+    for line in path.read_text().splitlines():
+        if line.startswith("#"):
+            return line.lstrip("# ").strip()
+    return ""
+
+
+@app.command()
+@friendly
+def cp(
+    name: Annotated[str, typer.Argument(help="Shipped recipe name (see `tunelab list`).")],
+    dest: Annotated[Path, typer.Argument(help="File or folder to copy it to.")],
+) -> None:
+    """Copy a shipped recipe to edit it."""
+    from tunelab.errors import TunelabError
+    from tunelab.recipe import find_recipe, shipped_recipes
+
+    if name.removesuffix(".yaml") not in shipped_recipes():
+        find_recipe(name)  # raises with a "did you mean"
+    source = find_recipe(name)
+    target = dest / source.name if dest.is_dir() else dest
+    if target.exists():
+        raise TunelabError(f"'{target}' exists: choose another destination")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(source, target)
+    typer.echo(f"copied {name} to {target}; run it with: tunelab run {target}")
+
+
+@app.command()
+@friendly
+def env() -> None:
+    """Versions of the stack, the device, and whether the Hub is reachable."""
+    from tunelab.hub import hub_reachable
+    from tunelab.runs import device, versions
+
+    for name, version in versions().items():
+        typer.echo(f"{name:<14} {version}")
+    dev = device()
+    typer.echo(f"{'device':<14} {dev['type']} x{dev['count']} ({dev['name']})")
+    typer.echo(f"{'hub':<14} {'reachable' if hub_reachable() else 'unreachable (offline: local models and data only)'}")
+
+
+@app.command()
+@friendly
+def merge(
+    adapter_dir: Annotated[Path, typer.Argument(help="Folder holding a LoRA adapter (adapter_config.json).")],
+    out_dir: Annotated[Path, typer.Argument(help="Where to save the merged full model.")],
+    base: Annotated[str | None, typer.Option(help="Base model, if not the one the adapter records.")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace out_dir if it exists.")] = False,
+) -> None:
+    """Merge a LoRA adapter into its base model and save a full model."""
+    from tunelab import merge as merge_adapter
+
+    out = merge_adapter(adapter_dir, out_dir, base=base, overwrite=overwrite)
+    typer.echo(f"merged model saved to {out} (load it with AutoModelForCausalLM.from_pretrained)")
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}" if not value.is_integer() else f"{int(value)}"
+    return str(value)
+
+
+SUMMARY_KEYS = ("train_loss", "eval_loss", "perplexity", "exact_match", "params", "trainable_params")
+
+
+def print_summary(result: Any) -> None:
+    """A table of each stage's main metrics, eval comparisons, and where the files are."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    table = Table(title=f"run {result.status}: {result.run_dir}", title_justify="left")
+    for col in ("stage", "time", "metrics"):
+        table.add_column(col)
+    for stage, metrics in result.metrics.items():
+        seconds = result.seconds.get(stage, 0.0)
+        when = "skipped" if stage in result.skipped else f"{seconds:.0f}s"
+        flat = {k: v for k, v in metrics.items() if k in SUMMARY_KEYS}
+        text = "  ".join(f"{k} {_fmt(v)}" for k, v in flat.items())
+        table.add_row(stage, when, text)
+    console.print(table)
+    for stage, metrics in result.metrics.items():
+        nested = {k: v for k, v in metrics.items() if isinstance(v, dict)}
+        if not nested:
+            continue
+        names = sorted({m for v in nested.values() for m in v if m != "examples"})
+        cmp = Table(title=f"{stage}: " + ", ".join(names), title_justify="left")
+        cmp.add_column("model")
+        for name in names:
+            cmp.add_column(name, justify="right")
+        cmp.add_column("examples", justify="right")
+        for label, values in nested.items():
+            cmp.add_row(label, *[_fmt(values.get(n, "")) for n in names], _fmt(values.get("examples", "")))
+        console.print(cmp)
+    for stage, path in result.outputs.items():
+        console.print(f"  {stage}: {path}")
+    console.print(f"files: {result.run_dir} (recipe.yaml, run.json, metrics.json)")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

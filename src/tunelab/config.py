@@ -1,0 +1,186 @@
+"""Map recipe sections onto the libraries' own config classes.
+
+A recipe section such as ``training:`` is the keyword arguments of a library
+class (``trl.SFTConfig``, ``peft.LoraConfig``, ``transformers.BitsAndBytesConfig``,
+``transformers.GenerationConfig``...). We read the accepted names and their
+types from the class itself, so there is no parallel vocabulary to drift:
+
+- an unknown key is reported with the closest valid name;
+- values are checked against the field's annotation, and the few lossless
+  conversions YAML needs are made (``1e-4`` is a *string* in YAML 1.1);
+- the class is then built, and its own ``__post_init__`` checks run, with any
+  error turned into one line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import inspect
+import types
+import typing
+from typing import Any
+
+from tunelab.errors import TunelabError, unknown_key
+
+_MISSING = object()
+
+
+def accepted_fields(cls: type) -> dict[str, Any]:
+    """Field name -> type annotation for the keyword arguments `cls` accepts."""
+    if dataclasses.is_dataclass(cls):
+        hints = _type_hints(cls)
+        return {f.name: hints.get(f.name, Any) for f in dataclasses.fields(cls) if f.init}
+    params = inspect.signature(cls.__init__).parameters
+    hints = _type_hints(cls.__init__)
+    return {
+        name: hints.get(name, Any)
+        for name, p in params.items()
+        if name != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    }
+
+
+def _type_hints(obj: Any) -> dict[str, Any]:
+    try:
+        return typing.get_type_hints(obj)
+    except Exception:  # unresolved forward references: fall back to raw annotations
+        return {k: (v if not isinstance(v, str) else Any) for k, v in getattr(obj, "__annotations__", {}).items()}
+
+
+def _describe(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in typing.get_args(tp))
+    if origin is typing.Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "null"
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        return "one of " + ", ".join(str(m.value) for m in tp)
+    if origin is not None:
+        return getattr(origin, "__name__", str(origin))
+    return getattr(tp, "__name__", str(tp))
+
+
+def coerce(value: Any, tp: Any, where: str) -> Any:
+    """Return `value` converted to annotation `tp`, or raise a one-line TunelabError."""
+    result = _coerce(value, tp)
+    if result is _MISSING:
+        raise TunelabError(
+            f"'{where}' is {value!r} ({type(value).__name__}); expected {_describe(tp)}"
+        )
+    return result
+
+
+def _coerce(value: Any, tp: Any) -> Any:  # noqa: C901 - one branch per kind of annotation
+    if tp is Any or tp is object or isinstance(tp, (str, typing.TypeVar)):
+        return value
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        # Exact matches first, so `int | str` keeps 5 an int and "5" a str.
+        for arg in args:
+            if _is_instance(value, arg):
+                return _coerce(value, arg)
+        for arg in args:
+            result = _coerce(value, arg)
+            if result is not _MISSING:
+                return result
+        return _MISSING
+    if origin is typing.Literal:
+        return value if value in typing.get_args(tp) else _MISSING
+    if tp is type(None):
+        return None if value is None else _MISSING
+    if origin in (list, tuple, set, typing.Sequence, typing.Iterable) or tp in (list, tuple):
+        if not isinstance(value, list):
+            return _MISSING
+        args = typing.get_args(tp)
+        if args and origin is not tuple:
+            items = [_coerce(v, args[0]) for v in value]
+            return _MISSING if any(i is _MISSING for i in items) else items
+        return value
+    if origin is dict or tp is dict:
+        return value if isinstance(value, dict) else _MISSING
+    if tp is bool:
+        return value if isinstance(value, bool) else _MISSING
+    if tp is int:
+        if isinstance(value, bool):
+            return _MISSING
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                try:
+                    f = float(value)  # "1e3"
+                    return int(f) if f.is_integer() else _MISSING
+                except ValueError:
+                    return _MISSING
+        return _MISSING
+    if tp is float:
+        if isinstance(value, bool):
+            return _MISSING
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                return _MISSING
+        return _MISSING
+    if tp is str:
+        return value if isinstance(value, str) else _MISSING
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        if isinstance(value, tp):
+            return value
+        values = [m.value for m in tp]
+        return value if value in values else _MISSING
+    if isinstance(tp, type):
+        # A class we cannot build from YAML (a tokenizer, a callable...): only exact instances.
+        return value if isinstance(value, tp) or value is None else _MISSING
+    return value
+
+
+def _is_instance(value: Any, tp: Any) -> bool:
+    if tp is Any:
+        return False
+    if tp is type(None):
+        return value is None
+    if tp is float:
+        return isinstance(value, float)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(tp, type) and not issubclass(tp, enum.Enum):
+        return isinstance(value, tp)
+    return False
+
+
+def check_keys(values: dict[str, Any], cls: type, where: str, exclude: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Check names and types of `values` against `cls`'s fields; return them coerced."""
+    if not isinstance(values, dict):
+        raise TunelabError(f"'{where}' must be a mapping of {cls.__name__} fields, not {values!r}")
+    fields = accepted_fields(cls)
+    source = f"{cls.__module__.split('.')[0]}.{cls.__name__}"
+    out = {}
+    for key, value in values.items():
+        if key in exclude:
+            raise TunelabError(f"'{where}.{key}' is set by tunelab; remove it from the recipe")
+        if key not in fields:
+            raise unknown_key(where, key, [f for f in fields if f not in exclude], f"not a field of {source}")
+        out[key] = coerce(value, fields[key], f"{where}.{key}")
+    return out
+
+
+def build(cls: type, values: dict[str, Any], where: str, fixed: dict[str, Any] | None = None,
+          exclude: tuple[str, ...] = ()) -> Any:
+    """Instantiate `cls` from a recipe section, turning its own validation errors into one line."""
+    kwargs = check_keys(values or {}, cls, where, exclude=exclude)
+    kwargs.update(fixed or {})
+    try:
+        return cls(**kwargs)
+    except (ValueError, TypeError, AssertionError) as exc:
+        message = " ".join(str(exc).split()) or type(exc).__name__
+        raise TunelabError(f"'{where}' is rejected by {cls.__name__}: {message}") from None

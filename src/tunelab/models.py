@@ -1,0 +1,168 @@
+"""Models and tokenizers: load (hub id, folder, or adapter folder), build from a config, merge.
+
+Loading goes through the `Auto*` classes and `from_pretrained`, so the same
+recipe that loads a tiny local model in tests loads `Qwen/...` on a GPU.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from tunelab.errors import TunelabError
+
+# Keyword arguments of `from_pretrained` a recipe's `model:` mapping may carry.
+LOAD_KEYS = ("path", "revision", "dtype", "attn_implementation", "trust_remote_code", "subfolder", "device_map")
+SPECIAL_TOKENS = {"eos_token": "<|endoftext|>", "bos_token": "<|endoftext|>", "pad_token": "<|pad|>"}
+# A minimal chat template for tokenizers tunelab trains, with generation markers
+# so TRL can mask everything but the assistant's turns (`assistant_only_loss`).
+CHAT_TEMPLATE = (
+    "{%- for message in messages %}{{ '<|' + message['role'] + '|>\n' }}"
+    "{%- if message['role'] == 'assistant' %}{% generation %}{{ message['content'] + '<|endoftext|>' }}"
+    "{% endgeneration %}{%- else %}{{ message['content'] + '<|endoftext|>' }}{%- endif %}{{ '\n' }}"
+    "{%- endfor %}{%- if add_generation_prompt %}{{ '<|assistant|>\n' }}{%- endif %}"
+)
+
+
+def model_spec(value: Any, where: str) -> dict[str, Any]:
+    """Normalise a `model:` value (string or mapping) and check its keys."""
+    from tunelab.errors import unknown_key
+
+    spec = {"path": value} if isinstance(value, str) else value
+    if not isinstance(spec, dict) or not isinstance(spec.get("path"), str):
+        raise TunelabError(f"'{where}' must be a model folder, a hub id, ${{stage}}, or a mapping with `path:`")
+    for key in spec:
+        if key not in LOAD_KEYS:
+            raise unknown_key(where, key, LOAD_KEYS, "keyword arguments of from_pretrained")
+    return dict(spec)
+
+
+def is_adapter(path: str | Path) -> bool:
+    return Path(path, "adapter_config.json").is_file()
+
+
+def adapter_base(path: str | Path) -> str:
+    """The base model an adapter folder was trained on."""
+    config = json.loads(Path(path, "adapter_config.json").read_text())
+    base = config.get("base_model_name_or_path")
+    if not base:
+        raise TunelabError(f"adapter '{path}' does not record its base model (base_model_name_or_path)")
+    return base
+
+
+def _kwargs(spec: dict[str, Any]) -> dict[str, Any]:
+    kwargs = {k: v for k, v in spec.items() if k != "path"}
+    if isinstance(kwargs.get("dtype"), str) and kwargs["dtype"] != "auto":
+        import torch
+
+        kwargs["dtype"] = getattr(torch, kwargs["dtype"])
+    return kwargs
+
+
+def load_tokenizer(path: str, **kwargs: Any):
+    """The tokenizer of a model or adapter folder (adapter folders may hold their own)."""
+    from transformers import AutoTokenizer
+
+    source = path
+    if is_adapter(path) and not Path(path, "tokenizer_config.json").exists():
+        source = adapter_base(path)
+    try:
+        tok = AutoTokenizer.from_pretrained(source, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise TunelabError(f"cannot load a tokenizer from '{source}': {' '.join(str(exc).split())[:200]}") from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_causal_lm(spec: dict[str, Any], quantization: Any = None, merge_adapter: bool = True):
+    """A causal LM from a folder or hub id; an adapter folder is loaded on its base.
+
+    With `merge_adapter`, an adapter is merged into its base, so a new LoRA can be
+    trained on top of the result (SFT after SFT).
+    """
+    from transformers import AutoModelForCausalLM
+
+    path, kwargs = spec["path"], _kwargs(spec)
+    if quantization is not None:
+        kwargs["quantization_config"] = quantization
+    if is_adapter(path):
+        from peft import PeftModel
+
+        base = AutoModelForCausalLM.from_pretrained(adapter_base(path), **kwargs)
+        model = PeftModel.from_pretrained(base, path)
+        return model.merge_and_unload() if merge_adapter else model
+    return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+
+
+def train_tokenizer(texts, options: dict[str, Any], where: str):
+    """A byte-level BPE tokenizer trained on `texts`, wrapped for transformers.
+
+    `options` are the keyword arguments of `tokenizers.trainers.BpeTrainer`.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from tunelab.config import check_keys
+
+    options = dict(options)
+    options.setdefault("vocab_size", 1024)
+    options.setdefault("min_frequency", 2)
+    special = list(dict.fromkeys([*SPECIAL_TOKENS.values(), *options.pop("special_tokens", [])]))
+    check_keys(options, _BpeTrainerArgs, where)
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False, **options
+    )
+    tokenizer.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, chat_template=CHAT_TEMPLATE, **SPECIAL_TOKENS)
+
+
+class _BpeTrainerArgs:
+    """The keyword arguments of `tokenizers.trainers.BpeTrainer` (a Rust class with no signature)."""
+
+    def __init__(
+        self,
+        vocab_size: int = 30000,
+        min_frequency: int = 0,
+        limit_alphabet: int | None = None,
+        continuing_subword_prefix: str | None = None,
+        end_of_word_suffix: str | None = None,
+        max_token_length: int | None = None,
+    ) -> None: ...
+
+
+def merge(adapter_dir: str | Path, out_dir: str | Path, base: str | None = None, overwrite: bool = False) -> Path:
+    """Merge a LoRA adapter into its base model and save a full model with its tokenizer.
+
+    The base is loaded in full precision (never quantized), so the merged weights
+    are exact and the result loads with `AutoModelForCausalLM.from_pretrained`.
+    """
+    from tunelab.hub import resolve_model
+
+    adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
+    if not is_adapter(adapter_dir):
+        raise TunelabError(f"'{adapter_dir}' is not a LoRA adapter folder (no adapter_config.json)")
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise TunelabError(f"'{out_dir}' exists and is not empty: choose another folder or pass --overwrite")
+    base_ref = resolve_model(base or adapter_base(adapter_dir), "base model of the adapter")
+
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base_ref, dtype=torch.float32)
+    merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
+    tokenizer = load_tokenizer(str(adapter_dir))
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    merged.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    tmp.rename(out_dir)
+    return out_dir

@@ -1,0 +1,178 @@
+"""Run a recipe: its stages in order, each handing its model folder to later ones.
+
+`check` verifies everything that can be verified without training, in the
+order a run would need it: the output folder, then each stage against the
+libraries' config classes, files and dataset columns. `run` calls `check`
+first, so a bad recipe fails before any model loads.
+
+Each stage records a fingerprint of its resolved config and inputs in
+`STAGE/stage.json`; `--resume` skips stages that completed with the same
+fingerprint and continues an interrupted stage from its newest checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tunelab import runs
+from tunelab.errors import TunelabError
+from tunelab.hub import configure_offline
+from tunelab.recipe import Recipe, iter_refs
+from tunelab.stages import Context, StageResult, StageSpec, stage_module
+
+
+@dataclass
+class RunResult:
+    """What `run` returns: where the files are, and every stage's metrics and model folder."""
+
+    run_dir: Path
+    status: str
+    metrics: dict[str, dict[str, Any]] = field(default_factory=dict)
+    outputs: dict[str, Path] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+    skipped: list[str] = field(default_factory=list)
+
+
+def _specs(recipe: Recipe) -> list[StageSpec]:
+    run_dir = recipe.output_dir
+    return [
+        StageSpec(name=name, kind=cfg["stage"], cfg={k: v for k, v in cfg.items() if k != "stage"},
+                  out_dir=run_dir / name)
+        for name, cfg in recipe.stages.items()
+    ]
+
+
+def check(recipe: Recipe, overwrite: bool = False, resume: bool = False) -> str:
+    """Everything `tunelab validate` checks. Returns what would happen to the output folder."""
+    configure_offline()
+    mode = runs.check_output_dir(recipe.output_dir, overwrite, resume)
+    from tunelab.training import quiet
+
+    quiet()
+    ctx = Context(seed=recipe.seed, run_dir=recipe.output_dir, checking=True, resume=mode == "resume")
+    if mode == "resume":
+        _check_resumable(recipe)
+    for spec in _specs(recipe):
+        stage_module(spec.kind).check(spec, ctx)
+        ctx.outputs[spec.name] = spec.out_dir
+    return mode
+
+
+def _fingerprint(spec: StageSpec, seed: int, upstream: dict[str, str]) -> str:
+    refs = sorted({ref for _, ref in iter_refs(spec.cfg, spec.where)})
+    payload = {"kind": spec.kind, "cfg": spec.cfg, "seed": seed, "inputs": {r: upstream.get(r) for r in refs}}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _diff(old: Any, new: Any, where: str) -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for key in list(old) + [k for k in new if k not in old]:
+            out += _diff(old.get(key), new.get(key), f"{where}.{key}")
+        return out
+    return [] if old == new else [f"{where}: {old!r} -> {new!r}"]
+
+
+def _check_resumable(recipe: Recipe) -> None:
+    """An interrupted stage can only continue from its checkpoint with the same config."""
+    for spec in _specs(recipe):
+        record = runs.read_json(spec.out_dir / "stage.json")
+        if not record or record.get("status") == "completed":
+            continue
+        changes = _diff(record.get("cfg", {}), spec.cfg, spec.where)
+        if changes:
+            raise TunelabError(
+                f"cannot resume stage '{spec.name}': its recipe changed since it was interrupted "
+                f"({'; '.join(changes[:3])}); undo the change or pass --overwrite"
+            )
+
+
+def run(recipe: Recipe, overwrite: bool = False, resume: bool = False) -> RunResult:
+    """Check the recipe, then run its stages; returns metrics and output folders."""
+    mode = check(recipe, overwrite=overwrite, resume=resume)
+    run_dir = recipe.output_dir
+    if mode == "overwrite":
+        runs.clear(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    previous = runs.read_json(run_dir / "run.json") or {}
+    manifest: dict[str, Any] = {
+        "name": recipe.data.get("name"),
+        "status": "running",
+        "started": runs.now(),
+        "ended": None,
+        "seed": recipe.seed,
+        "versions": runs.versions(),
+        "device": runs.device(),
+        "recipe": str(recipe.path) if recipe.path else None,
+        "overrides": recipe.overrides,
+        "resumed": mode == "resume",
+        "first_started": previous.get("first_started") or previous.get("started") or runs.now(),
+        "stages": {},
+    }
+    runs.write_atomic(run_dir / "recipe.yaml", recipe.to_yaml())
+    runs.write_json(run_dir / "run.json", manifest)
+    result = RunResult(run_dir=run_dir, status="running")
+    ctx = Context(seed=recipe.seed, run_dir=run_dir, resume=mode == "resume")
+    fingerprints: dict[str, str] = {}
+    try:
+        for spec in _specs(recipe):
+            fp = _fingerprint(spec, recipe.seed, fingerprints)
+            record = runs.read_json(spec.out_dir / "stage.json") or {}
+            if record.get("status") == "completed" and record.get("fingerprint") == fp:
+                stage_result = StageResult(metrics=record.get("metrics", {}),
+                                           model=Path(record["model"]) if record.get("model") else None)
+                result.skipped.append(spec.name)
+                seconds = record.get("seconds", 0.0)
+            else:
+                stage_result, seconds = _run_stage(spec, ctx, fp, manifest, run_dir)
+            fingerprints[spec.name] = fp
+            result.metrics[spec.name] = stage_result.metrics
+            result.seconds[spec.name] = seconds
+            if stage_result.model is not None:
+                result.outputs[spec.name] = stage_result.model
+                ctx.outputs[spec.name] = stage_result.model
+            manifest["stages"][spec.name] = {"status": "completed", "seconds": round(seconds, 2),
+                                             "fingerprint": fp}
+            runs.write_json(run_dir / "metrics.json", result.metrics)
+            runs.write_json(run_dir / "run.json", manifest)
+    except BaseException as exc:
+        status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
+        manifest.update(status=status, ended=runs.now(), error=f"{type(exc).__name__}: {exc}"[:500])
+        runs.write_json(run_dir / "run.json", manifest)
+        raise
+    manifest.update(status="completed", ended=runs.now())
+    runs.write_json(run_dir / "run.json", manifest)
+    result.status = "completed"
+    return result
+
+
+def _run_stage(spec: StageSpec, ctx: Context, fp: str, manifest: dict[str, Any],
+               run_dir: Path) -> tuple[StageResult, float]:
+    from transformers import set_seed
+
+    record: dict[str, Any] = {"stage": spec.kind, "status": "running", "fingerprint": fp, "cfg": spec.cfg,
+                              "started": runs.now()}
+    spec.out_dir.mkdir(parents=True, exist_ok=True)
+    runs.write_json(spec.out_dir / "stage.json", record)
+    manifest["stages"][spec.name] = {"status": "running"}
+    runs.write_json(run_dir / "run.json", manifest)
+    set_seed(ctx.seed)
+    start = time.perf_counter()
+    try:
+        out = stage_module(spec.kind).run(spec, ctx)
+    except BaseException as exc:
+        record.update(status="interrupted" if isinstance(exc, KeyboardInterrupt) else "failed",
+                      ended=runs.now())
+        runs.write_json(spec.out_dir / "stage.json", record)
+        raise
+    seconds = time.perf_counter() - start
+    record.update(status="completed", ended=runs.now(), seconds=round(seconds, 2), metrics=out.metrics,
+                  model=str(out.model) if out.model else None, files=out.files, data=out.fingerprints)
+    runs.write_json(spec.out_dir / "stage.json", record)
+    manifest.setdefault("data", {})[spec.name] = out.fingerprints
+    return out, seconds

@@ -1,0 +1,87 @@
+"""Stages: one module each, all with the same small interface.
+
+A stage module defines
+
+- ``SECTIONS``: the keys a stage of this kind accepts, each with a one-line
+  description (used by `tunelab validate` and for "did you mean" hints);
+- ``check(spec, ctx) -> None``: everything that can be verified without
+  training (config classes, files, dataset columns); raises ``TunelabError``;
+- ``run(spec, ctx) -> StageResult``: do the work, write into ``spec.out_dir``.
+
+Modules import torch and friends inside their functions only, so listing or
+structurally checking stages stays fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+STAGES: dict[str, str] = {
+    "pretrain": "tunelab.stages.pretrain",
+    "sft": "tunelab.stages.sft",
+    "eval": "tunelab.stages.eval",
+}
+
+
+def stage_module(kind: str) -> ModuleType:
+    return importlib.import_module(STAGES[kind])
+
+
+@dataclass
+class StageSpec:
+    """One stage of a recipe, as a stage function sees it."""
+
+    name: str
+    kind: str
+    cfg: dict[str, Any]
+    out_dir: Path
+
+    @property
+    def where(self) -> str:
+        return f"stages.{self.name}"
+
+
+@dataclass
+class StageResult:
+    """What a stage hands back: metrics for metrics.json, and its model folder (if any)."""
+
+    metrics: dict[str, Any] = field(default_factory=dict)
+    model: Path | None = None
+    files: dict[str, str] = field(default_factory=dict)
+    fingerprints: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Context:
+    """What a stage may know about the run around it."""
+
+    seed: int
+    run_dir: Path
+    outputs: dict[str, Path] = field(default_factory=dict)
+    """Model folder of each stage that ran (or will run, during checks) before this one."""
+    checking: bool = False
+    """True during `validate`: earlier stages' outputs may not exist yet."""
+    resume: bool = False
+
+    def resolve_ref(self, value: Any) -> Any:
+        """Replace a `${stage}` reference with that stage's output folder."""
+        from tunelab.recipe import REF
+
+        if isinstance(value, str):
+            match = REF.match(value.strip())
+            if match:
+                return str(self.outputs[match.group(1)])
+        return value
+
+    def is_pending(self, value: Any) -> bool:
+        """True when `value` names an earlier stage's output that does not exist yet."""
+        from tunelab.recipe import REF
+
+        if not (isinstance(value, str) and REF.match(value.strip())):
+            return False
+        folder = Path(self.resolve_ref(value))
+        return not any((folder / name).exists() for name in ("config.json", "adapter_config.json"))

@@ -1,0 +1,165 @@
+"""Evaluate one or more models by greedy (or configured) generation on a dataset split.
+
+`models` maps labels to models (`before: ${pretrain}`, `after: ${sft}`), so a
+pipeline shows the effect of a stage side by side; `model` is the one-model
+form. `generation` is `transformers.GenerationConfig`. Each model's answers
+go to `predictions-LABEL.jsonl` with a per-example score.
+
+Metric: `exact_match`, the share of answers whose first line equals the
+reference after stripping whitespace.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from tunelab.errors import TunelabError, unknown_key
+from tunelab.stages import Context, StageResult, StageSpec
+
+SECTIONS = {
+    "model": "model to evaluate: hub id, folder, adapter folder, or ${stage}",
+    "models": "several models to compare, as {label: model}",
+    "data": "evaluation data: datasets.load_dataset arguments (default split: test)",
+    "prompt_column": "column holding the prompt (default: prompt)",
+    "reference_column": "column holding the reference answer (default: completion)",
+    "generation": "transformers.GenerationConfig fields (max_new_tokens, do_sample, num_beams, ...)",
+    "batch_size": "prompts generated together (left-padded, sorted by length); default 32",
+    "metrics": "metrics to compute; available: exact_match",
+}
+METRICS = ("exact_match",)
+GENERATION_DEFAULTS = {"max_new_tokens": 16, "do_sample": False}
+
+
+def _models(spec: StageSpec) -> dict[str, Any]:
+    cfg = spec.cfg
+    if ("model" in cfg) == ("models" in cfg):
+        raise TunelabError(f"'{spec.where}' needs exactly one of `model:` or `models: {{label: model}}`")
+    if "model" in cfg:
+        return {"model": cfg["model"]}
+    if not isinstance(cfg["models"], dict) or not cfg["models"]:
+        raise TunelabError(f"'{spec.where}.models' must map labels to models, e.g. {{before: ${{pretrain}}}}")
+    return dict(cfg["models"])
+
+
+def _generation(spec: StageSpec):
+    from transformers import GenerationConfig
+
+    where = f"{spec.where}.generation"
+    values = {**GENERATION_DEFAULTS, **(spec.cfg.get("generation") or {})}
+    fields = GenerationConfig().to_dict()
+    for key in values:
+        if key not in fields or key.startswith("_"):
+            raise unknown_key(where, key, [f for f in fields if not f.startswith("_")],
+                              "not a field of transformers.GenerationConfig")
+    try:
+        config = GenerationConfig(**values)
+        config.validate(strict=True)
+    except (ValueError, TypeError) as exc:
+        raise TunelabError(f"'{where}' is rejected by GenerationConfig: {' '.join(str(exc).split())[:300]}") from None
+    return config
+
+
+def _options(spec: StageSpec) -> tuple[str, str, int, list[str]]:
+    cfg = spec.cfg
+    prompt = cfg.get("prompt_column", "prompt")
+    reference = cfg.get("reference_column", "completion")
+    batch = cfg.get("batch_size", 32)
+    metrics = cfg.get("metrics", ["exact_match"])
+    if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
+        raise TunelabError(f"'{spec.where}.batch_size' must be a positive integer, got {batch!r}")
+    if isinstance(metrics, str):
+        metrics = [metrics]
+    for name in metrics:
+        if name not in METRICS:
+            raise TunelabError(f"'{spec.where}.metrics': unknown metric '{name}'; available: {', '.join(METRICS)}")
+    return prompt, reference, batch, metrics
+
+
+def _data(spec: StageSpec, prompt: str, reference: str):
+    from tunelab.data import load_split, require_columns
+
+    if "data" not in spec.cfg:
+        raise TunelabError(f"'{spec.where}' has no `data:`: name the dataset (and split) to evaluate on")
+    ds = load_split(spec.cfg["data"], f"{spec.where}.data", "test")
+    require_columns(ds, [prompt], f"{spec.where}.data", "prompts to answer; set prompt_column")
+    require_columns(ds, [reference], f"{spec.where}.data", "reference answers; set reference_column")
+    return ds
+
+
+def check(spec: StageSpec, ctx: Context) -> None:
+    from tunelab.hub import resolve_model
+    from tunelab.models import model_spec
+
+    prompt, reference, _, _ = _options(spec)
+    _generation(spec)
+    for label, value in _models(spec).items():
+        where = f"{spec.where}.models.{label}" if "models" in spec.cfg else f"{spec.where}.model"
+        mspec = model_spec(value, where)
+        if not ctx.is_pending(mspec["path"]):
+            resolve_model(ctx.resolve_ref(mspec["path"]), where)
+    _data(spec, prompt, reference)
+
+
+def answer(text: str) -> str:
+    """The answer part of a generation: its first non-empty line, stripped."""
+    for line in text.strip().splitlines():
+        if line.strip():
+            return line.strip()
+    return ""
+
+
+def generate(model, tokenizer, prompts: list[str], config, batch_size: int) -> list[str]:
+    """Batched generation: left padding, prompts sorted by length so batches waste little."""
+    import torch
+
+    tokenizer.padding_side = "left"
+    order = sorted(range(len(prompts)), key=lambda i: len(tokenizer(prompts[i])["input_ids"]))
+    outputs: list[str] = [""] * len(prompts)
+    config.pad_token_id = tokenizer.pad_token_id
+    config.eos_token_id = config.eos_token_id or tokenizer.eos_token_id
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True).to(model.device)
+        with torch.no_grad():
+            out = model.generate(**enc, generation_config=config, tokenizer=tokenizer)
+        texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+        for i, text in zip(idx, texts, strict=True):
+            outputs[i] = text
+    return outputs
+
+
+def run(spec: StageSpec, ctx: Context) -> StageResult:
+    from transformers import set_seed
+
+    from tunelab.data import fingerprint
+    from tunelab.hub import resolve_model
+    from tunelab.models import load_causal_lm, load_tokenizer, model_spec
+    from tunelab.runs import write_atomic
+
+    prompt_col, ref_col, batch_size, _ = _options(spec)
+    config = _generation(spec)
+    ds = _data(spec, prompt_col, ref_col)
+    prompts = [str(p) for p in ds[prompt_col]]
+    references = [str(r).strip() for r in ds[ref_col]]
+    metrics: dict[str, Any] = {}
+    files: dict[str, str] = {}
+    spec.out_dir.mkdir(parents=True, exist_ok=True)
+    for label, value in _models(spec).items():
+        mspec = model_spec(value, f"{spec.where}.models.{label}")
+        mspec["path"] = resolve_model(ctx.resolve_ref(mspec["path"]), f"{spec.where}.models.{label}")
+        set_seed(ctx.seed)
+        tokenizer = load_tokenizer(mspec["path"])
+        model = load_causal_lm(mspec)
+        model.eval()
+        texts = generate(model, tokenizer, prompts, config, batch_size)
+        scores = [float(answer(t) == r) for t, r in zip(texts, references, strict=True)]
+        metrics[label] = {"exact_match": sum(scores) / len(scores), "examples": len(scores)}
+        rows = [
+            {"prompt": p, "output": t, "answer": answer(t), "reference": r, "exact_match": s}
+            for p, t, r, s in zip(prompts, texts, references, scores, strict=True)
+        ]
+        path = spec.out_dir / f"predictions-{label}.jsonl"
+        write_atomic(path, "".join(json.dumps(row) + "\n" for row in rows))
+        files[f"predictions-{label}"] = str(path)
+    return StageResult(metrics=metrics, files=files, fingerprints={"data": fingerprint(ds)})

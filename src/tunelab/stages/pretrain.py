@@ -1,0 +1,132 @@
+"""Pre-training from scratch: a new model from a transformers config, a byte-level BPE
+tokenizer trained on the stage's data, and next-token training with `trl.SFTTrainer`.
+
+`config` is the model's transformers config (`model_type` plus that config
+class's own fields, e.g. LlamaConfig's `hidden_size`); `tokenizer` is either
+the arguments of `tokenizers.trainers.BpeTrainer` (`vocab_size`,
+`min_frequency`, ...) or an existing tokenizer to reuse (hub id or folder).
+Sequences are packed by default (`packing: true`, `packing_strategy: wrapped`),
+as pre-training usually is. The stage folder is a standard model folder.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from tunelab.errors import TunelabError
+from tunelab.stages import Context, StageResult, StageSpec
+
+SECTIONS = {
+    "config": "transformers config of the new model: model_type plus its fields (hidden_size, ...)",
+    "tokenizer": "tokenizers.trainers.BpeTrainer arguments (vocab_size, min_frequency), or a tokenizer to reuse",
+    "data": "text corpus: datasets.load_dataset arguments; the text column is training.dataset_text_field",
+    "eval_data": "optional held-out text; eval_loss and perplexity are reported",
+    "training": "trl.SFTConfig fields (learning_rate, max_steps, max_length, ...)",
+}
+PACKING_DEFAULTS = {"packing": True, "packing_strategy": "wrapped"}
+
+
+def _config(spec: StageSpec, overrides: dict[str, Any] | None = None):
+    from transformers import CONFIG_MAPPING
+
+    from tunelab.config import build
+
+    where = f"{spec.where}.config"
+    values = spec.cfg.get("config")
+    if not isinstance(values, dict) or "model_type" not in values:
+        raise TunelabError(f"'{where}' needs `model_type:` (llama, qwen2, gpt2, ...) and that config's fields")
+    values = dict(values)
+    model_type = values.pop("model_type")
+    if model_type not in CONFIG_MAPPING:
+        from tunelab.errors import closest
+
+        guess = closest(str(model_type), list(CONFIG_MAPPING.keys()))
+        raise TunelabError(f"'{where}.model_type' is '{model_type}', unknown to transformers"
+                           + (f"; did you mean '{guess}'?" if guess else ""))
+    cls = CONFIG_MAPPING[model_type]
+    return build(cls, values, where, fixed=overrides)
+
+
+def _args(spec: StageSpec, ctx: Context):
+    from trl import SFTConfig
+
+    from tunelab.training import training_args
+
+    values = {**PACKING_DEFAULTS, **(spec.cfg.get("training") or {})}
+    return training_args(SFTConfig, values, f"{spec.where}.training", spec.out_dir, ctx.seed)
+
+
+def _data(spec: StageSpec, text_field: str):
+    from tunelab.data import load_split, require_columns
+
+    if "data" not in spec.cfg:
+        raise TunelabError(f"'{spec.where}' has no `data:`: name a text corpus (folder, file or hub id)")
+    train = load_split(spec.cfg["data"], f"{spec.where}.data", "train")
+    require_columns(train, [text_field], f"{spec.where}.data", "text to pre-train on")
+    evaluation = None
+    if spec.cfg.get("eval_data") is not None:
+        evaluation = load_split(spec.cfg["eval_data"], f"{spec.where}.eval_data", "test")
+        require_columns(evaluation, [text_field], f"{spec.where}.eval_data", "held-out text")
+    return train, evaluation
+
+
+def _tokenizer_source(spec: StageSpec) -> str | None:
+    value = spec.cfg.get("tokenizer", {})
+    if isinstance(value, str):
+        from tunelab.hub import resolve_model
+
+        return resolve_model(value, f"{spec.where}.tokenizer")
+    if not isinstance(value, dict):
+        raise TunelabError(f"'{spec.where}.tokenizer' must be BpeTrainer arguments or a tokenizer to reuse")
+    from tunelab.config import check_keys
+    from tunelab.models import _BpeTrainerArgs
+
+    check_keys({k: v for k, v in value.items() if k != "special_tokens"}, _BpeTrainerArgs,
+               f"{spec.where}.tokenizer")
+    return None
+
+
+def check(spec: StageSpec, ctx: Context) -> None:
+    args = _args(spec, ctx)
+    _config(spec)
+    _tokenizer_source(spec)
+    _data(spec, args.dataset_text_field)
+
+
+def run(spec: StageSpec, ctx: Context) -> StageResult:
+    from transformers import AutoModelForCausalLM, set_seed
+    from trl import SFTTrainer
+
+    from tunelab.data import fingerprint
+    from tunelab.models import load_tokenizer, train_tokenizer
+    from tunelab.training import train
+
+    args = _args(spec, ctx)
+    train_ds, eval_ds = _data(spec, args.dataset_text_field)
+    source = _tokenizer_source(spec)
+    if source:
+        tokenizer = load_tokenizer(source)
+    else:
+        texts = (t for t in train_ds[args.dataset_text_field] if t)
+        tokenizer = train_tokenizer(texts, spec.cfg.get("tokenizer") or {}, f"{spec.where}.tokenizer")
+    config = _config(spec, overrides={
+        "vocab_size": len(tokenizer),
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    })
+    set_seed(ctx.seed)  # the initial weights depend on it
+    model = AutoModelForCausalLM.from_config(config)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                         processing_class=tokenizer)
+    metrics = train(trainer, spec.out_dir, ctx.resume)
+    if eval_ds is not None:
+        evaluated = trainer.evaluate()
+        metrics["eval_loss"] = float(evaluated["eval_loss"])
+        metrics["perplexity"] = math.exp(min(metrics["eval_loss"], 50.0))
+    trainer.save_model(str(spec.out_dir))
+    tokenizer.save_pretrained(str(spec.out_dir))
+    metrics["params"] = float(sum(p.numel() for p in model.parameters()))
+    prints = {"data": fingerprint(train_ds)} | ({"eval_data": fingerprint(eval_ds)} if eval_ds is not None else {})
+    return StageResult(metrics=metrics, model=spec.out_dir, fingerprints=prints)

@@ -1,0 +1,129 @@
+"""Supervised fine-tuning with `trl.SFTTrainer`, full or LoRA.
+
+Sections map onto the libraries: `training` is `trl.SFTConfig`, `lora` is
+`peft.LoraConfig`. The data format is TRL's: a `text` column (plain language
+modelling), a `messages` column (chat, via the tokenizer's chat template), or
+`prompt` and `completion` columns (loss on the completion only, TRL's default).
+The stage folder ends up holding the adapter (with LoRA) or the full model,
+plus the tokenizer, so it loads with `PeftModel` / `AutoModelForCausalLM`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tunelab.errors import TunelabError
+from tunelab.stages import Context, StageResult, StageSpec
+
+SECTIONS = {
+    "model": "model to fine-tune: hub id, folder, ${stage}, or {path, dtype, revision, ...}",
+    "data": "training data: datasets.load_dataset arguments (path, name, data_files, split)",
+    "eval_data": "optional held-out data, same form; eval_loss is reported",
+    "training": "trl.SFTConfig fields (learning_rate, max_steps, packing, ...)",
+    "lora": "peft.LoraConfig fields (r, lora_alpha, target_modules, ...); omit for full fine-tuning",
+}
+
+
+def data_format(ds, text_field: str, where: str) -> str:
+    """Which of TRL's formats a dataset is in; a one-line error when none."""
+    columns = ds.column_names
+    if text_field in columns:
+        return "text"
+    if "messages" in columns:
+        return "messages"
+    if "prompt" in columns and "completion" in columns:
+        return "prompt-completion"
+    raise TunelabError(
+        f"'{where}' needs a '{text_field}' column, a 'messages' column, or 'prompt' and 'completion' columns "
+        f"for SFT; its columns are {', '.join(columns)}"
+    )
+
+
+def _lora(values: dict[str, Any] | None, where: str, task_type: str = "CAUSAL_LM"):
+    if values is None:
+        return None
+    from peft import LoraConfig
+
+    from tunelab.config import build
+
+    return build(LoraConfig, {"task_type": task_type, **values}, where)
+
+
+def _args(spec: StageSpec, ctx: Context):
+    from trl import SFTConfig
+
+    from tunelab.training import training_args
+
+    return training_args(SFTConfig, spec.cfg.get("training"), f"{spec.where}.training", spec.out_dir, ctx.seed)
+
+
+def _model_path(spec: StageSpec, ctx: Context) -> dict[str, Any] | None:
+    """The model to load, or None while checking a pipeline whose earlier stage has not run."""
+    from tunelab.hub import resolve_model
+    from tunelab.models import model_spec
+
+    if "model" not in spec.cfg:
+        raise TunelabError(f"'{spec.where}' has no `model:`: name a hub id, a folder, or an earlier stage (${{name}})")
+    mspec = model_spec(spec.cfg["model"], f"{spec.where}.model")
+    if ctx.checking and ctx.is_pending(mspec["path"]):
+        return None
+    mspec["path"] = resolve_model(ctx.resolve_ref(mspec["path"]), f"{spec.where}.model")
+    return mspec
+
+
+def _datasets(spec: StageSpec, text_field: str):
+    from tunelab.data import load_split
+
+    if "data" not in spec.cfg:
+        raise TunelabError(f"'{spec.where}' has no `data:`: name a dataset folder, file or hub id")
+    train = load_split(spec.cfg["data"], f"{spec.where}.data", "train")
+    data_format(train, text_field, f"{spec.where}.data")
+    evaluation = None
+    if spec.cfg.get("eval_data") is not None:
+        evaluation = load_split(spec.cfg["eval_data"], f"{spec.where}.eval_data", "test")
+        data_format(evaluation, text_field, f"{spec.where}.eval_data")
+    return train, evaluation
+
+
+def check(spec: StageSpec, ctx: Context) -> None:
+    args = _args(spec, ctx)
+    _lora(spec.cfg.get("lora"), f"{spec.where}.lora")
+    _model_path(spec, ctx)
+    _datasets(spec, args.dataset_text_field)
+
+
+def run(spec: StageSpec, ctx: Context) -> StageResult:
+    from trl import SFTTrainer
+
+    from tunelab.data import fingerprint
+    from tunelab.models import load_causal_lm, load_tokenizer
+    from tunelab.training import train
+
+    args = _args(spec, ctx)
+    peft_config = _lora(spec.cfg.get("lora"), f"{spec.where}.lora")
+    mspec = _model_path(spec, ctx)
+    train_ds, eval_ds = _datasets(spec, args.dataset_text_field)
+    tokenizer = load_tokenizer(mspec["path"])
+    if data_format(train_ds, args.dataset_text_field, spec.where) == "messages" and not tokenizer.chat_template:
+        raise TunelabError(
+            f"'{spec.where}.data' is conversational (messages) but the tokenizer of '{mspec['path']}' "
+            "has no chat template: use a chat model, or prompt/completion data"
+        )
+    model = load_causal_lm(mspec)
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+    )
+    metrics = train(trainer, spec.out_dir, ctx.resume)
+    if eval_ds is not None:
+        metrics.update({k: float(v) for k, v in trainer.evaluate().items() if isinstance(v, (int, float))})
+    trainer.save_model(str(spec.out_dir))
+    tokenizer.save_pretrained(str(spec.out_dir))
+    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    metrics["trainable_params"] = float(trainable)
+    prints = {"data": fingerprint(train_ds)} | ({"eval_data": fingerprint(eval_ds)} if eval_ds is not None else {})
+    return StageResult(metrics=metrics, model=spec.out_dir, fingerprints=prints)

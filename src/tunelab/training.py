@@ -1,0 +1,106 @@
+"""What every training stage shares: TRL/transformers args with sane device defaults,
+quiet logs with readable progress lines, and checkpoint resume.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+from tunelab.config import build
+
+# Stages write their files where tunelab says; these keys would break that.
+MANAGED_KEYS = ("output_dir",)
+
+
+def quiet() -> None:
+    """Silence the libraries' known noise; keep progress bars, warnings that matter, errors."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    import datasets
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    datasets.logging.set_verbosity_error()
+    for name in ("trl", "peft", "accelerate", "torch.distributed", "httpx", "huggingface_hub"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    for pattern in (
+        ".*attention implementation is not set to a supported Flash Attention.*",
+        ".*Padding-free training is enabled.*",
+        ".*use_cache=True.*is incompatible with gradient checkpointing.*",
+        ".*torch.utils.checkpoint.*use_reentrant.*",
+        ".*is deprecated.*",
+        ".*Trainer.tokenizer is now deprecated.*",
+        ".*The tokenizer has new PAD/BOS/EOS tokens.*",
+        ".*does not have many workers.*",
+        ".*pin_memory.*",
+    ):
+        warnings.filterwarnings("ignore", message=pattern)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+
+def on_cpu() -> bool:
+    import torch
+
+    return not torch.cuda.is_available()
+
+
+def training_args(cls: type, values: dict[str, Any] | None, where: str, out_dir: Path, seed: int) -> Any:
+    """Build `cls` (SFTConfig, ...) from a `training:` section.
+
+    Defaults that differ from the library's, each because the library's would
+    surprise here: CPU machines train in fp32 on the CPU (TRL defaults to
+    bf16=True); the recipe's seed; TensorBoard logs (they work offline).
+    """
+    values = dict(values or {})
+    fixed: dict[str, Any] = {"output_dir": str(out_dir)}
+    values.setdefault("seed", seed)
+    values.setdefault("report_to", "tensorboard")
+    if on_cpu():
+        values.setdefault("use_cpu", True)
+        values.setdefault("bf16", False)
+        values.setdefault("dataloader_pin_memory", False)
+    return build(cls, values, where, fixed=fixed, exclude=MANAGED_KEYS)
+
+
+def last_checkpoint(out_dir: Path) -> str | None:
+    """Newest complete `checkpoint-N` folder in `out_dir` (Trainer's own convention)."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    return get_last_checkpoint(str(out_dir)) if out_dir.is_dir() else None
+
+
+def readable_progress(trainer: Any) -> None:
+    """Replace the Trainer's dict-per-log printing with one compact line per log."""
+    from transformers.trainer_callback import ProgressCallback
+
+    class _Progress(ProgressCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if not (state.is_world_process_zero and self.training_bar is not None and logs):
+                return
+            keys = ("loss", "eval_loss", "grad_norm", "learning_rate", "mean_token_accuracy", "epoch")
+            parts = [f"step {state.global_step}/{state.max_steps}"]
+            for key in keys:
+                if isinstance(logs.get(key), (int, float)):
+                    parts.append(f"{key.replace('learning_rate', 'lr')} {logs[key]:.4g}")
+            if len(parts) > 1:
+                self.training_bar.write("  ".join(parts))
+
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(_Progress())
+
+
+def train(trainer: Any, out_dir: Path, resume: bool) -> dict[str, float]:
+    """Train (from the newest checkpoint when resuming); return the train metrics."""
+    checkpoint = last_checkpoint(out_dir) if resume else None
+    readable_progress(trainer)
+    result = trainer.train(resume_from_checkpoint=checkpoint)
+    metrics = {k: float(v) for k, v in result.metrics.items() if isinstance(v, (int, float))}
+    metrics["global_step"] = float(result.global_step)
+    if checkpoint:
+        metrics["resumed_from_step"] = float(Path(checkpoint).name.split("-")[-1])
+    return metrics

@@ -65,7 +65,6 @@ def run(
     from tunelab.pipeline import run as run_recipe
 
     parsed = load_recipe(recipe, overrides or [])
-    typer.secho(f"tunelab: {parsed.data['name']} ({', '.join(parsed.stages)}) -> {parsed.output_dir}", bold=True)
     result = run_recipe(parsed, overwrite=overwrite, resume=resume)
     print_summary(result)
 

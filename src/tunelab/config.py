@@ -171,7 +171,17 @@ def check_keys(values: dict[str, Any], cls: type, where: str, exclude: tuple[str
         if key not in fields:
             raise unknown_key(where, key, [f for f in fields if f not in exclude], f"not a field of {source}")
         out[key] = coerce(value, fields[key], f"{where}.{key}")
+        choices = _choices(cls).get(key)
+        if choices and out[key] not in choices:
+            raise TunelabError(f"'{where}.{key}' is {value!r}; expected one of {', '.join(map(str, choices))}")
     return out
+
+
+def _choices(cls: type) -> dict[str, list[Any]]:
+    """Allowed values declared in dataclass field metadata (TRL and transformers use `choices`)."""
+    if not dataclasses.is_dataclass(cls):
+        return {}
+    return {f.name: list(f.metadata["choices"]) for f in dataclasses.fields(cls) if f.metadata.get("choices")}
 
 
 def build(cls: type, values: dict[str, Any], where: str, fixed: dict[str, Any] | None = None,

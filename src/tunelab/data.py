@@ -73,7 +73,6 @@ def load_split(value: Any, where: str, default_split: str = "train"):
 
     spec = data_spec(value, where, default_split)
     path, kwargs = _load_args(spec, where)
-    datasets.disable_progress_bars()
     try:
         ds = datasets.load_dataset(path, **kwargs)
     except ValueError as exc:
@@ -86,8 +85,6 @@ def load_split(value: Any, where: str, default_split: str = "train"):
     except Exception as exc:  # malformed files surface as many different library errors
         msg = " ".join(str(exc).split())[:300]
         raise TunelabError(f"'{where}': cannot read '{spec['path']}' ({type(exc).__name__}): {msg}") from None
-    finally:
-        datasets.enable_progress_bars()
     if isinstance(ds, datasets.DatasetDict):
         raise TunelabError(f"'{where}' loads several splits ({', '.join(ds)}): choose one with `split:`")
     if len(ds) == 0:

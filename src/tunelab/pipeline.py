@@ -95,6 +95,8 @@ def _check_resumable(recipe: Recipe) -> None:
 def run(recipe: Recipe, overwrite: bool = False, resume: bool = False) -> RunResult:
     """Check the recipe, then run its stages; returns metrics and output folders."""
     mode = check(recipe, overwrite=overwrite, resume=resume)
+    print(f"tunelab: {recipe.data['name']} ({', '.join(recipe.stages)}) -> {recipe.output_dir}"
+          + {"resume": " (resuming)", "overwrite": " (replacing the previous run)"}.get(mode, ""), flush=True)
     run_dir = recipe.output_dir
     if mode == "overwrite":
         runs.clear(run_dir)
@@ -162,6 +164,7 @@ def _run_stage(spec: StageSpec, ctx: Context, fp: str, manifest: dict[str, Any],
     manifest["stages"][spec.name] = {"status": "running"}
     runs.write_json(run_dir / "run.json", manifest)
     set_seed(ctx.seed)
+    print(f"-- {spec.name} ({spec.kind}) -> {spec.out_dir}", flush=True)
     start = time.perf_counter()
     try:
         out = stage_module(spec.kind).run(spec, ctx)

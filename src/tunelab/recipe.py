@@ -143,10 +143,12 @@ def apply_override(data: dict[str, Any], override: str) -> None:
         targets = [(data, parts)]
     elif parts[0] in stages:
         targets = [(stages[parts[0]], parts[1:])]
+    elif len(stages) == 1:
+        targets = [(next(iter(stages.values())), parts)]
     else:
         targets = [(s, parts) for s in stages.values() if isinstance(s, dict) and parts[0] in s]
         if not targets:
-            guess = closest(parts[0], [*TOP_LEVEL_KEYS, *stages])
+            guess = closest(parts[0], [*TOP_LEVEL_KEYS, *stages, *_section_names(stages)])
             hint = f"did you mean '{guess}'?" if guess else f"start it with a stage name ({', '.join(stages)})"
             raise TunelabError(f"override '{override}': no stage has a '{parts[0]}' section; {hint}")
     for node, path in targets:
@@ -160,6 +162,13 @@ def apply_override(data: dict[str, Any], override: str) -> None:
                 raise TunelabError(f"override '{override}': '{part}' is {child!r}, not a section with keys")
             node = child
         node[path[-1]] = value
+
+
+def _section_names(stages: dict[str, Any]) -> set[str]:
+    from tunelab.stages import STAGES, stage_module
+
+    kinds = {s.get("stage") for s in stages.values() if isinstance(s, dict)} & set(STAGES)
+    return {key for kind in kinds for key in stage_module(kind).SECTIONS}
 
 
 def _normalise(data: dict[str, Any], origin: str) -> dict[str, Any]:
@@ -209,6 +218,9 @@ def check_structure(data: dict[str, Any]) -> None:
         sections = stage_module(kind).SECTIONS
         for key in stage:
             if key != "stage" and key not in sections:
+                if closest(key, TOP_LEVEL_KEYS - {"stages"}) and not closest(key, sections):
+                    raise TunelabError(f"unknown key '{where}.{key}': did you mean the top-level key "
+                                       f"'{closest(key, TOP_LEVEL_KEYS)}'?")
                 raise unknown_key(where, key, sections, f"sections of a `{kind}` stage")
         for ref_where, ref in iter_refs(stage, where):
             if ref not in data["stages"]:

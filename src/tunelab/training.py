@@ -24,7 +24,9 @@ def quiet() -> None:
     import transformers
 
     transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()  # "Loading weights" bars; training bars stay
     datasets.logging.set_verbosity_error()
+    datasets.disable_progress_bars()  # TRL's per-map "Tokenizing..." bars
     for name in ("trl", "peft", "accelerate", "torch.distributed", "httpx", "huggingface_hub"):
         logging.getLogger(name).setLevel(logging.ERROR)
     for pattern in (
@@ -60,6 +62,7 @@ def training_args(cls: type, values: dict[str, Any] | None, where: str, out_dir:
     fixed: dict[str, Any] = {"output_dir": str(out_dir)}
     values.setdefault("seed", seed)
     values.setdefault("report_to", "tensorboard")
+    values.setdefault("disable_tqdm", False)  # else decided by the log level, which quiet() raises
     if on_cpu():
         values.setdefault("use_cpu", True)
         values.setdefault("bf16", False)
@@ -76,22 +79,31 @@ def last_checkpoint(out_dir: Path) -> str | None:
 
 def readable_progress(trainer: Any) -> None:
     """Replace the Trainer's dict-per-log printing with one compact line per log."""
-    from transformers.trainer_callback import ProgressCallback
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    keys = ("loss", "eval_loss", "grad_norm", "learning_rate", "mean_token_accuracy", "epoch")
+
+    def line(state: Any, logs: dict[str, Any]) -> str | None:
+        parts = [f"step {state.global_step}/{state.max_steps}"]
+        parts += [f"{k.replace('learning_rate', 'lr')} {logs[k]:.4g}" for k in keys
+                  if isinstance(logs.get(k), (int, float))]
+        return "  ".join(parts) if any(k in logs for k in keys[:-1]) else None
 
     class _Progress(ProgressCallback):
         def on_log(self, args, state, control, logs=None, **kwargs):
-            if not (state.is_world_process_zero and self.training_bar is not None and logs):
-                return
-            keys = ("loss", "eval_loss", "grad_norm", "learning_rate", "mean_token_accuracy", "epoch")
-            parts = [f"step {state.global_step}/{state.max_steps}"]
-            for key in keys:
-                if isinstance(logs.get(key), (int, float)):
-                    parts.append(f"{key.replace('learning_rate', 'lr')} {logs[key]:.4g}")
-            if len(parts) > 1:
-                self.training_bar.write("  ".join(parts))
+            text = line(state, logs or {}) if state.is_world_process_zero else None
+            if text and self.training_bar is not None:
+                self.training_bar.write(text)
 
-    trainer.remove_callback(ProgressCallback)
-    trainer.add_callback(_Progress())
+    class _Printer(PrinterCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            text = line(state, logs or {}) if state.is_world_process_zero else None
+            if text:
+                print(text, flush=True)
+
+    handler = trainer.callback_handler
+    handler.callbacks = [cb for cb in handler.callbacks if not isinstance(cb, (ProgressCallback, PrinterCallback))]
+    trainer.add_callback(_Printer() if trainer.args.disable_tqdm else _Progress())
 
 
 def train(trainer: Any, out_dir: Path, resume: bool) -> dict[str, float]:

@@ -1,0 +1,48 @@
+"""Shared fixtures: tiny models trained in seconds, offline, from the bundled data."""
+
+from __future__ import annotations
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # tests never reach for the network
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+import pytest  # noqa: E402
+
+import tunelab  # noqa: E402
+
+TINY_LLAMA = {
+    "model_type": "llama",
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 128,
+}
+CORPUS = {"path": "recipes/data/arith_corpus", "split": "train[:64]"}
+QA_TRAIN = {"path": "recipes/data/arith_qa", "split": "train[:64]"}
+QA_TEST = {"path": "recipes/data/arith_qa", "split": "test[:16]"}
+
+
+def tiny_training(**overrides: Any) -> dict[str, Any]:
+    """A few optimizer steps, no checkpoints, no loggers: seconds on one core."""
+    return {"max_steps": 2, "per_device_train_batch_size": 4, "max_length": 64, "logging_steps": 1,
+            "save_strategy": "no", "report_to": "none", **overrides}
+
+
+def pretrain_stage(**training: Any) -> dict[str, Any]:
+    return {"stage": "pretrain", "data": CORPUS, "tokenizer": {"vocab_size": 300}, "config": dict(TINY_LLAMA),
+            "training": tiny_training(**training)}
+
+
+@pytest.fixture(scope="session")
+def tiny_lm(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Llama and its BPE tokenizer, pre-trained for a few steps by the pretrain stage."""
+    out = tmp_path_factory.mktemp("tiny") / "run"
+    recipe = tunelab.recipe_from_dict({"output_dir": str(out), "stages": {"pretrain": pretrain_stage(max_steps=4)}})
+    result = tunelab.run(recipe)
+    return result.outputs["pretrain"]

@@ -1,0 +1,198 @@
+"""Every bad input gets one line naming the problem and the fix, exit code 2, no traceback,
+before any model loads, and nothing is overwritten."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from tests.conftest import CORPUS, QA_TRAIN, TINY_LLAMA, tiny_training
+from tunelab.cli import app
+
+runner = CliRunner()
+
+
+def write(tmp_path: Path, recipe: dict, name: str = "recipe.yaml") -> Path:
+    path = tmp_path / name
+    recipe.setdefault("output_dir", str(tmp_path / "out"))
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def sft(model: str, **extra) -> dict:
+    return {"stage": "sft", "model": model, "data": QA_TRAIN, "training": tiny_training(), **extra}
+
+
+def fails(args: list[str], message: str) -> str:
+    """Run the CLI, expect exit 2 and a single `error:` line matching `message`."""
+    result = runner.invoke(app, args)
+    output = result.output.strip()
+    assert result.exit_code == 2, output
+    assert "Traceback" not in output
+    lines = [line for line in output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), output
+    assert message in lines[0] or __import__("re").search(message, lines[0]), lines[0]
+    return lines[0]
+
+
+def test_malformed_yaml(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("stage: sft\ntraining: {learning_rate: 1\n")
+    fails(["validate", str(path)], "not valid YAML at line")
+
+
+def test_missing_recipe() -> None:
+    fails(["run", "no/such/recipe.yaml"], "not found")
+
+
+def test_unknown_training_key_names_the_closest(tmp_path: Path, tiny_lm: Path) -> None:
+    path = write(tmp_path, sft(str(tiny_lm)))
+    fails(["validate", str(path), "training.learnin_rate=1e-4"],
+          "unknown key 'stages.sft.training.learnin_rate' (not a field of trl.SFTConfig): did you mean 'learning_rate'?")
+
+
+def test_unknown_lora_key(tmp_path: Path, tiny_lm: Path) -> None:
+    path = write(tmp_path, sft(str(tiny_lm), lora={"rank": 8}))
+    fails(["validate", str(path)], "not a field of peft.LoraConfig")
+
+
+def test_wrong_type(tmp_path: Path, tiny_lm: Path) -> None:
+    path = write(tmp_path, sft(str(tiny_lm)))
+    fails(["validate", str(path), "training.learning_rate=fast"],
+          "'stages.sft.training.learning_rate' is 'fast' (str); expected float")
+    fails(["validate", str(path), "training.packing=maybe"], "expected bool")
+
+
+def test_yaml_scientific_notation_is_accepted(tmp_path: Path, tiny_lm: Path) -> None:
+    path = write(tmp_path, sft(str(tiny_lm)))
+    result = runner.invoke(app, ["validate", str(path), "training.learning_rate=1e-4"])
+    assert result.exit_code == 0, result.output
+
+
+def test_library_rejects_a_value(tmp_path: Path, tiny_lm: Path) -> None:
+    path = write(tmp_path, sft(str(tiny_lm)))
+    fails(["validate", str(path), "training.packing_strategy=zigzag"], "expected one of bfd, bfd_split, wrapped")
+    fails(["validate", str(path), "training.lr_scheduler_type=bogus"],
+          "rejected by SFTConfig: bogus is not a valid SchedulerType")
+
+
+def test_missing_data_path(tmp_path: Path, tiny_lm: Path) -> None:
+    path = write(tmp_path, sft(str(tiny_lm)))
+    fails(["validate", str(path), "data.path=./no/such/data.jsonl"], "no such file or folder")
+
+
+def test_missing_model_path(tmp_path: Path) -> None:
+    path = write(tmp_path, sft("./no/such/model"))
+    fails(["validate", str(path)], "no such folder")
+
+
+def test_folder_that_is_not_a_model(tmp_path: Path) -> None:
+    (tmp_path / "empty_model").mkdir()
+    path = write(tmp_path, sft(str(tmp_path / "empty_model")))
+    fails(["validate", str(path)], "without config.json")
+
+
+def test_hub_id_while_offline(tmp_path: Path) -> None:
+    path = write(tmp_path, sft("Qwen/Qwen2.5-0.5B"))
+    fails(["validate", str(path)], "Hub is unreachable (offline) and it is not in the local cache")
+
+
+def test_hub_dataset_while_offline(tmp_path: Path, tiny_lm: Path) -> None:
+    path = write(tmp_path, sft(str(tiny_lm), data="trl-lib/Capybara"))
+    fails(["validate", str(path)], "Hub is unreachable (offline)")
+
+
+def test_dataset_without_needed_columns(tmp_path: Path, tiny_lm: Path) -> None:
+    data = tmp_path / "wrong.jsonl"
+    data.write_text('{"question": "1+1?", "answer": "2"}\n')
+    path = write(tmp_path, sft(str(tiny_lm), data=str(data)))
+    fails(["validate", str(path)], "needs a 'text' column, a 'messages' column, or 'prompt' and 'completion' "
+                                   "columns for SFT; its columns are question, answer")
+
+
+def test_pretrain_corpus_without_text_column(tmp_path: Path) -> None:
+    path = write(tmp_path, {"stage": "pretrain", "data": QA_TRAIN, "config": TINY_LLAMA})
+    fails(["validate", str(path)], "has no column 'text'")
+
+
+def test_empty_dataset(tmp_path: Path, tiny_lm: Path) -> None:
+    data = tmp_path / "empty.jsonl"
+    data.write_text("")
+    path = write(tmp_path, sft(str(tiny_lm), data=str(data)))
+    fails(["validate", str(path)], "empty")
+
+
+def test_unknown_model_type(tmp_path: Path) -> None:
+    path = write(tmp_path, {"stage": "pretrain", "data": CORPUS, "config": {**TINY_LLAMA, "model_type": "lama"}})
+    fails(["validate", str(path)], "unknown to transformers; did you mean 'llama'")
+
+
+def test_unknown_model_config_field(tmp_path: Path) -> None:
+    path = write(tmp_path, {"stage": "pretrain", "data": CORPUS, "config": {**TINY_LLAMA, "hiden_size": 8}})
+    fails(["validate", str(path)], "did you mean 'hidden_size'")
+
+
+def test_output_dir_is_managed(tmp_path: Path, tiny_lm: Path) -> None:
+    path = write(tmp_path, sft(str(tiny_lm)))
+    fails(["validate", str(path), "training.output_dir=/tmp/x"], "is set by tunelab")
+
+
+def test_finished_run_is_never_overwritten(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    manifest = {"status": "completed"}
+    (out / "run.json").write_text(json.dumps(manifest))
+    (out / "weights.bin").write_text("precious")
+    path = write(tmp_path, {"stage": "pretrain", "data": CORPUS, "config": TINY_LLAMA})
+    fails(["run", str(path)], "holds a finished run: pass --overwrite")
+    assert (out / "weights.bin").read_text() == "precious"
+    assert json.loads((out / "run.json").read_text()) == manifest
+
+
+def test_unfinished_run_needs_resume_or_overwrite(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "run.json").write_text(json.dumps({"status": "interrupted"}))
+    path = write(tmp_path, {"stage": "pretrain", "data": CORPUS, "config": TINY_LLAMA})
+    fails(["run", str(path)], "unfinished run (status: interrupted): pass --resume")
+
+
+def test_foreign_folder_is_left_alone(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    path = write(tmp_path, {"stage": "pretrain", "data": CORPUS, "config": TINY_LLAMA})
+    fails(["run", str(path), "--overwrite"], "holds no tunelab run")
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_resume_without_a_run(tmp_path: Path) -> None:
+    path = write(tmp_path, {"stage": "pretrain", "data": CORPUS, "config": TINY_LLAMA})
+    fails(["run", str(path), "--resume"], "holds no run to resume")
+
+
+def test_eval_missing_reference_column(tmp_path: Path, tiny_lm: Path) -> None:
+    path = write(tmp_path, {"stage": "eval", "model": str(tiny_lm), "data": QA_TRAIN, "reference_column": "answer"})
+    fails(["validate", str(path)], "has no column 'answer' (reference answers")
+
+
+def test_eval_unknown_generation_field(tmp_path: Path, tiny_lm: Path) -> None:
+    path = write(tmp_path, {"stage": "eval", "model": str(tiny_lm), "data": QA_TRAIN,
+                            "generation": {"max_new_token": 4}})
+    fails(["validate", str(path)], "did you mean 'max_new_tokens'")
+
+
+@pytest.mark.parametrize("command", [["merge", "/no/adapter", "/tmp/out"]])
+def test_merge_without_adapter(command: list[str]) -> None:
+    fails(command, "is not a LoRA adapter folder")
+
+
+def test_validate_ok(tmp_path: Path, tiny_lm: Path) -> None:
+    path = write(tmp_path, sft(str(tiny_lm), lora={"r": 4, "target_modules": "all-linear"}))
+    result = runner.invoke(app, ["validate", str(path)])
+    assert result.exit_code == 0, result.output
+    assert "ok: 1 stage(s) (sft)" in result.output

@@ -137,6 +137,8 @@ def _coerce(value: Any, tp: Any) -> Any:  # noqa: C901 - one branch per kind of 
         if isinstance(value, tp):
             return value
         values = [m.value for m in tp]
+        if isinstance(value, bool):  # YAML 1.1 reads `save_strategy: no` as False
+            value = {False: "no", True: "yes"}[value]
         return value if value in values else _MISSING
     if isinstance(tp, type):
         # A class we cannot build from YAML (a tokenizer, a callable...): only exact instances.

@@ -35,6 +35,7 @@ import yaml
 from tunelab.errors import TunelabError, closest, unknown_key
 
 TOP_LEVEL_KEYS = {"name", "description", "output_dir", "seed", "stages"}
+PATH_SHORTHANDS = {"data", "eval_data", "model"}
 REF = re.compile(r"^\$\{([A-Za-z_][\w-]*)\}$")
 
 
@@ -158,6 +159,8 @@ def apply_override(data: dict[str, Any], override: str) -> None:
             child = node.get(part)
             if child is None:
                 child = node[part] = {}
+            elif isinstance(child, str) and part in PATH_SHORTHANDS:
+                child = node[part] = {"path": child}  # `data: x` is short for `data: {path: x}`
             elif not isinstance(child, dict):
                 raise TunelabError(f"override '{override}': '{part}' is {child!r}, not a section with keys")
             node = child

@@ -118,6 +118,11 @@ def run(spec: StageSpec, ctx: Context) -> StageResult:
         processing_class=tokenizer,
         peft_config=peft_config,
     )
+    if len(trainer.train_dataset) == 0:
+        raise TunelabError(
+            f"'{spec.where}.data': no example has a trainable token left after truncation to "
+            f"max_length={args.max_length}: raise training.max_length"
+        )
     metrics = train(trainer, spec.out_dir, ctx.resume)
     if eval_ds is not None:
         metrics.update({k: float(v) for k, v in trainer.evaluate().items() if isinstance(v, (int, float))})

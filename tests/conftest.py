@@ -30,13 +30,25 @@ QA_TEST = {"path": "recipes/data/arith_qa", "split": "test[:16]"}
 
 def tiny_training(**overrides: Any) -> dict[str, Any]:
     """A few optimizer steps, no checkpoints, no loggers: seconds on one core."""
-    return {"max_steps": 2, "per_device_train_batch_size": 4, "max_length": 64, "logging_steps": 1,
-            "save_strategy": "no", "report_to": "none", **overrides}
+    return {
+        "max_steps": 2,
+        "per_device_train_batch_size": 4,
+        "max_length": 64,
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "report_to": "none",
+        **overrides,
+    }
 
 
 def pretrain_stage(**training: Any) -> dict[str, Any]:
-    return {"stage": "pretrain", "data": CORPUS, "tokenizer": {"vocab_size": 300}, "config": dict(TINY_LLAMA),
-            "training": tiny_training(**training)}
+    return {
+        "stage": "pretrain",
+        "data": CORPUS,
+        "tokenizer": {"vocab_size": 300},
+        "config": dict(TINY_LLAMA),
+        "training": tiny_training(**training),
+    }
 
 
 @pytest.fixture(scope="session")

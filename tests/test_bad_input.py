@@ -51,8 +51,10 @@ def test_missing_recipe() -> None:
 
 def test_unknown_training_key_names_the_closest(tmp_path: Path, tiny_lm: Path) -> None:
     path = write(tmp_path, sft(str(tiny_lm)))
-    fails(["validate", str(path), "training.learnin_rate=1e-4"],
-          "unknown key 'stages.sft.training.learnin_rate' (not a field of trl.SFTConfig): did you mean 'learning_rate'?")
+    fails(
+        ["validate", str(path), "training.learnin_rate=1e-4"],
+        "unknown key 'stages.sft.training.learnin_rate' (not a field of trl.SFTConfig): did you mean 'learning_rate'?",
+    )
 
 
 def test_unknown_lora_key(tmp_path: Path, tiny_lm: Path) -> None:
@@ -62,8 +64,10 @@ def test_unknown_lora_key(tmp_path: Path, tiny_lm: Path) -> None:
 
 def test_wrong_type(tmp_path: Path, tiny_lm: Path) -> None:
     path = write(tmp_path, sft(str(tiny_lm)))
-    fails(["validate", str(path), "training.learning_rate=fast"],
-          "'stages.sft.training.learning_rate' is 'fast' (str); expected float")
+    fails(
+        ["validate", str(path), "training.learning_rate=fast"],
+        "'stages.sft.training.learning_rate' is 'fast' (str); expected float",
+    )
     fails(["validate", str(path), "training.packing=maybe"], "expected bool")
 
 
@@ -76,8 +80,10 @@ def test_yaml_scientific_notation_is_accepted(tmp_path: Path, tiny_lm: Path) -> 
 def test_library_rejects_a_value(tmp_path: Path, tiny_lm: Path) -> None:
     path = write(tmp_path, sft(str(tiny_lm)))
     fails(["validate", str(path), "training.packing_strategy=zigzag"], "expected one of bfd, bfd_split, wrapped")
-    fails(["validate", str(path), "training.lr_scheduler_type=bogus"],
-          "rejected by SFTConfig: bogus is not a valid SchedulerType")
+    fails(
+        ["validate", str(path), "training.lr_scheduler_type=bogus"],
+        "rejected by SFTConfig: bogus is not a valid SchedulerType",
+    )
 
 
 def test_missing_data_path(tmp_path: Path, tiny_lm: Path) -> None:
@@ -110,8 +116,11 @@ def test_dataset_without_needed_columns(tmp_path: Path, tiny_lm: Path) -> None:
     data = tmp_path / "wrong.jsonl"
     data.write_text('{"question": "1+1?", "answer": "2"}\n')
     path = write(tmp_path, sft(str(tiny_lm), data=str(data)))
-    fails(["validate", str(path)], "needs a 'text' column, a 'messages' column, or 'prompt' and 'completion' "
-                                   "columns for SFT; its columns are question, answer")
+    fails(
+        ["validate", str(path)],
+        "needs a 'text' column, a 'messages' column, or 'prompt' and 'completion' "
+        "columns for SFT; its columns are question, answer",
+    )
 
 
 def test_pretrain_corpus_without_text_column(tmp_path: Path) -> None:
@@ -181,8 +190,9 @@ def test_eval_missing_reference_column(tmp_path: Path, tiny_lm: Path) -> None:
 
 
 def test_eval_unknown_generation_field(tmp_path: Path, tiny_lm: Path) -> None:
-    path = write(tmp_path, {"stage": "eval", "model": str(tiny_lm), "data": QA_TRAIN,
-                            "generation": {"max_new_token": 4}})
+    path = write(
+        tmp_path, {"stage": "eval", "model": str(tiny_lm), "data": QA_TRAIN, "generation": {"max_new_token": 4}}
+    )
     fails(["validate", str(path)], "did you mean 'max_new_tokens'")
 
 

@@ -22,8 +22,10 @@ TUNELAB = [sys.executable, "-m", "tunelab.cli"]
 
 
 def test_help_imports_no_heavy_library() -> None:
-    code = ("import sys, tunelab.cli;"
-            "print([m for m in ('torch', 'transformers', 'trl', 'datasets', 'peft') if m in sys.modules])")
+    code = (
+        "import sys, tunelab.cli;"
+        "print([m for m in ('torch', 'transformers', 'trl', 'datasets', 'peft') if m in sys.modules])"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
     help_out = subprocess.run([*TUNELAB, "--help"], capture_output=True, text=True, check=True)
@@ -57,10 +59,17 @@ def test_copied_recipe_runs_from_another_directory(tmp_path: Path, monkeypatch: 
     assert result.exit_code == 0, result.output
 
 
-QUICK = ["training.max_steps=3", "training.save_strategy=no", "training.report_to=none",
-         "pretrain.config.hidden_size=64", "pretrain.config.intermediate_size=128",
-         "pretrain.config.num_hidden_layers=2", "pretrain.data.split=train[:64]", "sft.data=recipes/data/arith_qa",
-         "eval.data.split=test[:8]"]
+QUICK = [
+    "training.max_steps=3",
+    "training.save_strategy=no",
+    "training.report_to=none",
+    "pretrain.config.hidden_size=64",
+    "pretrain.config.intermediate_size=128",
+    "pretrain.config.num_hidden_layers=2",
+    "pretrain.data.split=train[:64]",
+    "sft.data=recipes/data/arith_qa",
+    "eval.data.split=test[:8]",
+]
 
 
 def test_quickstart_runs_then_refuses_to_overwrite(tmp_path: Path) -> None:
@@ -84,12 +93,26 @@ def test_interrupted_run_resumes_from_its_checkpoint(tmp_path: Path) -> None:
     out = tmp_path / "run"
     recipe = tmp_path / "pre.yaml"
     training = tiny_training(max_steps=150, save_strategy="steps", save_steps=10, logging_steps=50)
-    recipe.write_text(yaml.safe_dump({"output_dir": str(out), "stages": {"pretrain": {
-        "stage": "pretrain", "data": CORPUS, "tokenizer": {"vocab_size": 300}, "config": TINY_LLAMA,
-        "training": training}}}))
+    recipe.write_text(
+        yaml.safe_dump(
+            {
+                "output_dir": str(out),
+                "stages": {
+                    "pretrain": {
+                        "stage": "pretrain",
+                        "data": CORPUS,
+                        "tokenizer": {"vocab_size": 300},
+                        "config": TINY_LLAMA,
+                        "training": training,
+                    }
+                },
+            }
+        )
+    )
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([*TUNELAB, "run", str(recipe)], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [*TUNELAB, "run", str(recipe)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     deadline = time.time() + 120
     while not list((out / "pretrain").glob("checkpoint-*")) and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)

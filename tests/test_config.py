@@ -28,16 +28,21 @@ def test_coerce_accepts(value, tp, expected) -> None:
     assert coerce(value, tp, "x") == expected
 
 
-@pytest.mark.parametrize(("value", "tp"), [("fast", float), (True, int), (1.5, int), ("yes", bool), (3, str),
-                                          ([1, "a"], list[int])])
+@pytest.mark.parametrize(
+    ("value", "tp"), [("fast", float), (True, int), (1.5, int), ("yes", bool), (3, str), ([1, "a"], list[int])]
+)
 def test_coerce_rejects(value, tp) -> None:
     with pytest.raises(TunelabError, match="'x' is"):
         coerce(value, tp, "x")
 
 
 def test_yaml_no_means_the_string_no_for_strategies() -> None:
-    args = build(SFTConfig, {"save_strategy": False, "eval_strategy": False, "use_cpu": True, "bf16": False},
-                 "training", fixed={"output_dir": "/tmp/tunelab-test"})
+    args = build(
+        SFTConfig,
+        {"save_strategy": False, "eval_strategy": False, "use_cpu": True, "bf16": False},
+        "training",
+        fixed={"output_dir": "/tmp/tunelab-test"},
+    )
     assert args.save_strategy == "no" and args.eval_strategy == "no"
 
 

@@ -29,8 +29,9 @@ def test_single_stage_recipe_becomes_a_pipeline(tmp_path: Path) -> None:
 
 
 def test_overrides_address_stages_sections_and_top_level() -> None:
-    recipe = recipe_from_dict(PIPELINE, ["sft.training.max_steps=5", "training.use_cpu=true", "seed=7",
-                                         "output_dir=runs/y"])
+    recipe = recipe_from_dict(
+        PIPELINE, ["sft.training.max_steps=5", "training.use_cpu=true", "seed=7", "output_dir=runs/y"]
+    )
     assert recipe.stages["sft"]["training"] == {"max_steps": 5, "use_cpu": True}
     assert recipe.stages["pretrain"]["training"] == {"max_steps": 10, "use_cpu": True}
     assert recipe.seed == 7 and recipe.output_dir == Path("runs/y")

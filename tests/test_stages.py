@@ -35,8 +35,9 @@ def test_pretrain_writes_a_standard_model_folder(tiny_lm: Path) -> None:
     assert model.config.vocab_size == len(tokenizer) <= 300
     assert tokenizer.decode(tokenizer("Mia has 7 pears.")["input_ids"]) == "Mia has 7 pears."
     assert tokenizer.eos_token == "<|endoftext|>" and tokenizer.pad_token == "<|pad|>"
-    chat = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
-                                         add_generation_prompt=True)
+    chat = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
+    )
     assert chat == "<|user|>\nhi<|endoftext|>\n<|assistant|>\n"
     stage = json.loads((tiny_lm / "stage.json").read_text())
     assert stage["status"] == "completed" and stage["metrics"]["global_step"] == 4
@@ -44,11 +45,17 @@ def test_pretrain_writes_a_standard_model_folder(tiny_lm: Path) -> None:
 
 
 def test_sft_lora_adapter_reloads_and_merges_exactly(tmp_path: Path, tiny_lm: Path) -> None:
-    result = run_stage(tmp_path, {
-        "stage": "sft", "model": str(tiny_lm), "data": QA_TRAIN,
-        "lora": {"r": 8, "lora_alpha": 16, "target_modules": "all-linear"},
-        "training": tiny_training(max_steps=3, learning_rate=1e-2),
-    }, name="sft")
+    result = run_stage(
+        tmp_path,
+        {
+            "stage": "sft",
+            "model": str(tiny_lm),
+            "data": QA_TRAIN,
+            "lora": {"r": 8, "lora_alpha": 16, "target_modules": "all-linear"},
+            "training": tiny_training(max_steps=3, learning_rate=1e-2),
+        },
+        name="sft",
+    )
     adapter = result.outputs["sft"]
     assert (adapter / "adapter_config.json").exists() and (adapter / "tokenizer.json").exists()
     assert not (adapter / "model.safetensors").exists()  # only the adapter is saved
@@ -66,17 +73,23 @@ def test_sft_lora_adapter_reloads_and_merges_exactly(tmp_path: Path, tiny_lm: Pa
     assert out.exit_code == 0, out.output
     merged = AutoModelForCausalLM.from_pretrained(merged_dir)
     assert not any("lora" in name for name, _ in merged.named_parameters())
-    torch.testing.assert_close(logits(merged, AutoTokenizer.from_pretrained(merged_dir)), adapter_logits,
-                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        logits(merged, AutoTokenizer.from_pretrained(merged_dir)), adapter_logits, atol=1e-5, rtol=1e-5
+    )
     again = CliRunner().invoke(app, ["merge", str(adapter), str(merged_dir)])
     assert again.exit_code == 2 and "exists and is not empty" in again.output
 
 
 def test_sft_full_fine_tuning_saves_a_full_model(tmp_path: Path, tiny_lm: Path) -> None:
-    result = run_stage(tmp_path, {
-        "stage": "sft", "model": str(tiny_lm), "data": QA_TRAIN,
-        "training": tiny_training(max_steps=2, learning_rate=1e-3),
-    })
+    result = run_stage(
+        tmp_path,
+        {
+            "stage": "sft",
+            "model": str(tiny_lm),
+            "data": QA_TRAIN,
+            "training": tiny_training(max_steps=2, learning_rate=1e-3),
+        },
+    )
     out = result.outputs["stage"]
     tuned = AutoModelForCausalLM.from_pretrained(out)
     base = AutoModelForCausalLM.from_pretrained(tiny_lm)
@@ -91,27 +104,35 @@ def test_sft_conversational_and_packed_text(tmp_path: Path, tiny_lm: Path, fmt: 
     with data.open("w") as f:
         for row in rows:
             if fmt == "messages":
-                record = {"messages": [{"role": "user", "content": row["prompt"]},
-                                       {"role": "assistant", "content": row["completion"].strip()}]}
+                record = {
+                    "messages": [
+                        {"role": "user", "content": row["prompt"]},
+                        {"role": "assistant", "content": row["completion"].strip()},
+                    ]
+                }
             else:
                 record = {"text": row["prompt"] + row["completion"]}
             f.write(json.dumps(record) + "\n")
     training = tiny_training(packing=fmt == "text-packed", max_length=128)
     if fmt == "messages":
         training["assistant_only_loss"] = True
-    result = run_stage(tmp_path, {"stage": "sft", "model": str(tiny_lm), "data": str(data),
-                                  "lora": {"r": 4}, "training": training})
+    result = run_stage(
+        tmp_path, {"stage": "sft", "model": str(tiny_lm), "data": str(data), "lora": {"r": 4}, "training": training}
+    )
     metrics = result.metrics["stage"]
     assert metrics["global_step"] == 2 and metrics["train_loss"] > 0
 
 
 def test_eval_scores_exact_match_and_batching_does_not_change_answers(tmp_path: Path, tiny_lm: Path) -> None:
-    stage = {"stage": "eval", "models": {"tiny": str(tiny_lm)}, "data": QA_TEST,
-             "generation": {"max_new_tokens": 4}}
+    stage = {"stage": "eval", "models": {"tiny": str(tiny_lm)}, "data": QA_TEST, "generation": {"max_new_tokens": 4}}
     batched = run_stage(tmp_path / "a", {**stage, "batch_size": 8})
     single = run_stage(tmp_path / "b", {**stage, "batch_size": 1})
-    rows = [json.loads(line) for line in (batched.run_dir / "stage" / "predictions-tiny.jsonl").read_text().splitlines()]
-    rows1 = [json.loads(line) for line in (single.run_dir / "stage" / "predictions-tiny.jsonl").read_text().splitlines()]
+    rows = [
+        json.loads(line) for line in (batched.run_dir / "stage" / "predictions-tiny.jsonl").read_text().splitlines()
+    ]
+    rows1 = [
+        json.loads(line) for line in (single.run_dir / "stage" / "predictions-tiny.jsonl").read_text().splitlines()
+    ]
     assert [r["output"] for r in rows] == [r["output"] for r in rows1]
     assert len(rows) == 16
     score = sum(r["answer"] == r["reference"] for r in rows) / len(rows)
@@ -120,8 +141,9 @@ def test_eval_scores_exact_match_and_batching_does_not_change_answers(tmp_path: 
 
 def test_sft_reports_examples_truncated_to_nothing(tmp_path: Path, tiny_lm: Path) -> None:
     with pytest.raises(tunelab.TunelabError, match="raise training.max_length"):
-        run_stage(tmp_path, {"stage": "sft", "model": str(tiny_lm), "data": QA_TRAIN,
-                             "training": tiny_training(max_length=8)})
+        run_stage(
+            tmp_path, {"stage": "sft", "model": str(tiny_lm), "data": QA_TRAIN, "training": tiny_training(max_length=8)}
+        )
 
 
 def test_answer_extraction() -> None:
@@ -131,8 +153,10 @@ def test_answer_extraction() -> None:
 
 
 def test_run_writes_manifest_metrics_and_recipe(tmp_path: Path, tiny_lm: Path) -> None:
-    result = run_stage(tmp_path, {"stage": "sft", "model": str(tiny_lm), "data": QA_TRAIN, "lora": {"r": 4},
-                                  "training": tiny_training()})
+    result = run_stage(
+        tmp_path,
+        {"stage": "sft", "model": str(tiny_lm), "data": QA_TRAIN, "lora": {"r": 4}, "training": tiny_training()},
+    )
     run_dir = result.run_dir
     manifest = json.loads((run_dir / "run.json").read_text())
     assert manifest["status"] == "completed" and manifest["seed"] == 0

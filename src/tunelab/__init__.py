@@ -35,8 +35,9 @@ def validate(recipe: Recipe, overwrite: bool = False, resume: bool = False) -> s
     return check(recipe, overwrite=overwrite, resume=resume)
 
 
-def run(recipe: Recipe | str, overrides: list[str] | tuple[str, ...] = (), overwrite: bool = False,
-        resume: bool = False) -> RunResult:
+def run(
+    recipe: Recipe | str, overrides: list[str] | tuple[str, ...] = (), overwrite: bool = False, resume: bool = False
+) -> RunResult:
     """Run a recipe (a Recipe, a path or a shipped name) and return its metrics and outputs."""
     from tunelab.pipeline import run as _run
 

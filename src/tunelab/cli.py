@@ -84,8 +84,10 @@ def validate(
     parsed = load_recipe(recipe, overrides or [])
     mode = check(parsed, overwrite=overwrite, resume=resume)
     fate = {"new": "will be created", "resume": "will be resumed", "overwrite": "will be replaced"}[mode]
-    typer.secho(f"ok: {len(parsed.stages)} stage(s) ({', '.join(parsed.stages)}); "
-                f"output_dir {parsed.output_dir} {fate}", fg=typer.colors.GREEN)
+    typer.secho(
+        f"ok: {len(parsed.stages)} stage(s) ({', '.join(parsed.stages)}); output_dir {parsed.output_dir} {fate}",
+        fg=typer.colors.GREEN,
+    )
 
 
 @app.command("list")

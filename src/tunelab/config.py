@@ -66,9 +66,7 @@ def coerce(value: Any, tp: Any, where: str) -> Any:
     """Return `value` converted to annotation `tp`, or raise a one-line TunelabError."""
     result = _coerce(value, tp)
     if result is _MISSING:
-        raise TunelabError(
-            f"'{where}' is {value!r} ({type(value).__name__}); expected {_describe(tp)}"
-        )
+        raise TunelabError(f"'{where}' is {value!r} ({type(value).__name__}); expected {_describe(tp)}")
     return result
 
 
@@ -186,8 +184,9 @@ def _choices(cls: type) -> dict[str, list[Any]]:
     return {f.name: list(f.metadata["choices"]) for f in dataclasses.fields(cls) if f.metadata.get("choices")}
 
 
-def build(cls: type, values: dict[str, Any], where: str, fixed: dict[str, Any] | None = None,
-          exclude: tuple[str, ...] = ()) -> Any:
+def build(
+    cls: type, values: dict[str, Any], where: str, fixed: dict[str, Any] | None = None, exclude: tuple[str, ...] = ()
+) -> Any:
     """Instantiate `cls` from a recipe section, turning its own validation errors into one line."""
     kwargs = check_keys(values or {}, cls, where, exclude=exclude)
     kwargs.update(fixed or {})

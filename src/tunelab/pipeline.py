@@ -41,8 +41,9 @@ class RunResult:
 def _specs(recipe: Recipe) -> list[StageSpec]:
     run_dir = recipe.output_dir
     return [
-        StageSpec(name=name, kind=cfg["stage"], cfg={k: v for k, v in cfg.items() if k != "stage"},
-                  out_dir=run_dir / name)
+        StageSpec(
+            name=name, kind=cfg["stage"], cfg={k: v for k, v in cfg.items() if k != "stage"}, out_dir=run_dir / name
+        )
         for name, cfg in recipe.stages.items()
     ]
 
@@ -95,8 +96,11 @@ def _check_resumable(recipe: Recipe) -> None:
 def run(recipe: Recipe, overwrite: bool = False, resume: bool = False) -> RunResult:
     """Check the recipe, then run its stages; returns metrics and output folders."""
     mode = check(recipe, overwrite=overwrite, resume=resume)
-    print(f"tunelab: {recipe.data['name']} ({', '.join(recipe.stages)}) -> {recipe.output_dir}"
-          + {"resume": " (resuming)", "overwrite": " (replacing the previous run)"}.get(mode, ""), flush=True)
+    print(
+        f"tunelab: {recipe.data['name']} ({', '.join(recipe.stages)}) -> {recipe.output_dir}"
+        + {"resume": " (resuming)", "overwrite": " (replacing the previous run)"}.get(mode, ""),
+        flush=True,
+    )
     run_dir = recipe.output_dir
     if mode == "overwrite":
         runs.clear(run_dir)
@@ -126,8 +130,9 @@ def run(recipe: Recipe, overwrite: bool = False, resume: bool = False) -> RunRes
             fp = _fingerprint(spec, recipe.seed, fingerprints)
             record = runs.read_json(spec.out_dir / "stage.json") or {}
             if record.get("status") == "completed" and record.get("fingerprint") == fp:
-                stage_result = StageResult(metrics=record.get("metrics", {}),
-                                           model=Path(record["model"]) if record.get("model") else None)
+                stage_result = StageResult(
+                    metrics=record.get("metrics", {}), model=Path(record["model"]) if record.get("model") else None
+                )
                 result.skipped.append(spec.name)
                 seconds = record.get("seconds", 0.0)
             else:
@@ -138,8 +143,7 @@ def run(recipe: Recipe, overwrite: bool = False, resume: bool = False) -> RunRes
             if stage_result.model is not None:
                 result.outputs[spec.name] = stage_result.model
                 ctx.outputs[spec.name] = stage_result.model
-            manifest["stages"][spec.name] = {"status": "completed", "seconds": round(seconds, 2),
-                                             "fingerprint": fp}
+            manifest["stages"][spec.name] = {"status": "completed", "seconds": round(seconds, 2), "fingerprint": fp}
             runs.write_json(run_dir / "metrics.json", result.metrics)
             runs.write_json(run_dir / "run.json", manifest)
     except BaseException as exc:
@@ -153,12 +157,18 @@ def run(recipe: Recipe, overwrite: bool = False, resume: bool = False) -> RunRes
     return result
 
 
-def _run_stage(spec: StageSpec, ctx: Context, fp: str, manifest: dict[str, Any],
-               run_dir: Path) -> tuple[StageResult, float]:
+def _run_stage(
+    spec: StageSpec, ctx: Context, fp: str, manifest: dict[str, Any], run_dir: Path
+) -> tuple[StageResult, float]:
     from transformers import set_seed
 
-    record: dict[str, Any] = {"stage": spec.kind, "status": "running", "fingerprint": fp, "cfg": spec.cfg,
-                              "started": runs.now()}
+    record: dict[str, Any] = {
+        "stage": spec.kind,
+        "status": "running",
+        "fingerprint": fp,
+        "cfg": spec.cfg,
+        "started": runs.now(),
+    }
     spec.out_dir.mkdir(parents=True, exist_ok=True)
     runs.write_json(spec.out_dir / "stage.json", record)
     manifest["stages"][spec.name] = {"status": "running"}
@@ -169,13 +179,19 @@ def _run_stage(spec: StageSpec, ctx: Context, fp: str, manifest: dict[str, Any],
     try:
         out = stage_module(spec.kind).run(spec, ctx)
     except BaseException as exc:
-        record.update(status="interrupted" if isinstance(exc, KeyboardInterrupt) else "failed",
-                      ended=runs.now())
+        record.update(status="interrupted" if isinstance(exc, KeyboardInterrupt) else "failed", ended=runs.now())
         runs.write_json(spec.out_dir / "stage.json", record)
         raise
     seconds = time.perf_counter() - start
-    record.update(status="completed", ended=runs.now(), seconds=round(seconds, 2), metrics=out.metrics,
-                  model=str(out.model) if out.model else None, files=out.files, data=out.fingerprints)
+    record.update(
+        status="completed",
+        ended=runs.now(),
+        seconds=round(seconds, 2),
+        metrics=out.metrics,
+        model=str(out.model) if out.model else None,
+        files=out.files,
+        data=out.fingerprints,
+    )
     runs.write_json(spec.out_dir / "stage.json", record)
     manifest.setdefault("data", {})[spec.name] = out.fingerprints
     return out, seconds

@@ -222,8 +222,9 @@ def check_structure(data: dict[str, Any]) -> None:
         for key in stage:
             if key != "stage" and key not in sections:
                 if closest(key, TOP_LEVEL_KEYS - {"stages"}) and not closest(key, sections):
-                    raise TunelabError(f"unknown key '{where}.{key}': did you mean the top-level key "
-                                       f"'{closest(key, TOP_LEVEL_KEYS)}'?")
+                    raise TunelabError(
+                        f"unknown key '{where}.{key}': did you mean the top-level key '{closest(key, TOP_LEVEL_KEYS)}'?"
+                    )
                 raise unknown_key(where, key, sections, f"sections of a `{kind}` stage")
         for ref_where, ref in iter_refs(stage, where):
             if ref not in data["stages"]:

@@ -14,6 +14,7 @@ leaves `running`). Finished runs are never overwritten without `--overwrite`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -26,8 +27,19 @@ from typing import Any
 
 from tunelab.errors import TunelabError
 
-LIBRARIES = ("tunelab", "torch", "transformers", "trl", "peft", "accelerate", "datasets", "tokenizers",
-             "bitsandbytes", "diffusers", "evaluate")
+LIBRARIES = (
+    "tunelab",
+    "torch",
+    "transformers",
+    "trl",
+    "peft",
+    "accelerate",
+    "datasets",
+    "tokenizers",
+    "bitsandbytes",
+    "diffusers",
+    "evaluate",
+)
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -59,10 +71,8 @@ def read_json(path: Path) -> dict[str, Any] | None:
 def versions() -> dict[str, str]:
     out = {"python": platform.python_version()}
     for name in LIBRARIES:
-        try:
+        with contextlib.suppress(metadata.PackageNotFoundError):
             out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            pass
     return out
 
 

@@ -85,8 +85,9 @@ def readable_progress(trainer: Any) -> None:
 
     def line(state: Any, logs: dict[str, Any]) -> str | None:
         parts = [f"step {state.global_step}/{state.max_steps}"]
-        parts += [f"{k.replace('learning_rate', 'lr')} {logs[k]:.4g}" for k in keys
-                  if isinstance(logs.get(k), (int, float))]
+        parts += [
+            f"{k.replace('learning_rate', 'lr')} {logs[k]:.4g}" for k in keys if isinstance(logs.get(k), (int, float))
+        ]
         return "  ".join(parts) if any(k in logs for k in keys[:-1]) else None
 
     class _Progress(ProgressCallback):

@@ -50,8 +50,9 @@ def _generation(spec: StageSpec):
     fields = GenerationConfig().to_dict()
     for key in values:
         if key not in fields or key.startswith("_"):
-            raise unknown_key(where, key, [f for f in fields if not f.startswith("_")],
-                              "not a field of transformers.GenerationConfig")
+            raise unknown_key(
+                where, key, [f for f in fields if not f.startswith("_")], "not a field of transformers.GenerationConfig"
+            )
     try:
         config = GenerationConfig(**values)
         config.validate(strict=True)

@@ -42,8 +42,10 @@ def _config(spec: StageSpec, overrides: dict[str, Any] | None = None):
         from tunelab.errors import closest
 
         guess = closest(str(model_type), list(CONFIG_MAPPING.keys()))
-        raise TunelabError(f"'{where}.model_type' is '{model_type}', unknown to transformers"
-                           + (f"; did you mean '{guess}'?" if guess else ""))
+        raise TunelabError(
+            f"'{where}.model_type' is '{model_type}', unknown to transformers"
+            + (f"; did you mean '{guess}'?" if guess else "")
+        )
     cls = CONFIG_MAPPING[model_type]
     return build(cls, values, where, fixed=overrides)
 
@@ -82,8 +84,7 @@ def _tokenizer_source(spec: StageSpec) -> str | None:
     from tunelab.config import check_keys
     from tunelab.models import _BpeTrainerArgs
 
-    check_keys({k: v for k, v in value.items() if k != "special_tokens"}, _BpeTrainerArgs,
-               f"{spec.where}.tokenizer")
+    check_keys({k: v for k, v in value.items() if k != "special_tokens"}, _BpeTrainerArgs, f"{spec.where}.tokenizer")
     return None
 
 
@@ -110,16 +111,20 @@ def run(spec: StageSpec, ctx: Context) -> StageResult:
     else:
         texts = (t for t in train_ds[args.dataset_text_field] if t)
         tokenizer = train_tokenizer(texts, spec.cfg.get("tokenizer") or {}, f"{spec.where}.tokenizer")
-    config = _config(spec, overrides={
-        "vocab_size": len(tokenizer),
-        "bos_token_id": tokenizer.bos_token_id,
-        "eos_token_id": tokenizer.eos_token_id,
-        "pad_token_id": tokenizer.pad_token_id,
-    })
+    config = _config(
+        spec,
+        overrides={
+            "vocab_size": len(tokenizer),
+            "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+            "pad_token_id": tokenizer.pad_token_id,
+        },
+    )
     set_seed(ctx.seed)  # the initial weights depend on it
     model = AutoModelForCausalLM.from_config(config)
-    trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                         processing_class=tokenizer)
+    trainer = SFTTrainer(
+        model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer
+    )
     metrics = train(trainer, spec.out_dir, ctx.resume)
     if eval_ds is not None:
         evaluated = trainer.evaluate()

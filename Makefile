@@ -1,0 +1,39 @@
+# Every target creates .venv and installs tunelab into it when needed.
+# On a CUDA machine: make setup TORCH=torch  (the default pins the CPU wheel).
+VENV  ?= .venv
+PY    := $(VENV)/bin/python
+TORCH ?= torch==2.13.0
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: setup demo test test-all lint bench sft clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)"   # torch first: an unpinned torch pulls CUDA packages
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: setup  ## the quickstart: pretrain, LoRA SFT, exact match before/after (offline, CPU, ~4 min)
+	$(VENV)/bin/tunelab run quickstart --overwrite
+
+test: setup  ## the fast suite (what CI runs)
+	$(PY) -m pytest -q
+
+test-all: setup  ## including slow tests (the full quickstart)
+	$(PY) -m pytest -q -m ""
+
+lint: setup
+	$(VENV)/bin/ruff check src tests benchmarks recipes
+
+bench: setup  ## measure and write docs/BENCHMARKS.md
+	$(PY) benchmarks/run_all.py
+
+sft: setup  ## LoRA SFT of the quickstart's pre-trained model (runs the quickstart first if needed)
+	test -f runs/quickstart/pretrain/config.json || $(MAKE) demo
+	$(VENV)/bin/tunelab run recipes/sft/lora-arith.yaml --overwrite
+
+clean:
+	rm -rf runs .pytest_cache .ruff_cache

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,8 +60,10 @@ def check(recipe: Recipe, overwrite: bool = False, resume: bool = False) -> str:
     if mode == "resume":
         _check_resumable(recipe)
     for spec in _specs(recipe):
-        stage_module(spec.kind).check(spec, ctx)
-        ctx.outputs[spec.name] = spec.out_dir
+        module = stage_module(spec.kind)
+        module.check(spec, ctx)
+        if module.PRODUCES_MODEL:
+            ctx.outputs[spec.name] = spec.out_dir
     return mode
 
 
@@ -129,7 +132,11 @@ def run(recipe: Recipe, overwrite: bool = False, resume: bool = False) -> RunRes
         for spec in _specs(recipe):
             fp = _fingerprint(spec, recipe.seed, fingerprints)
             record = runs.read_json(spec.out_dir / "stage.json") or {}
-            if record.get("status") == "completed" and record.get("fingerprint") == fp:
+            if record and record.get("fingerprint") != fp:
+                # Config or inputs changed since this folder was written: its checkpoints do not apply.
+                shutil.rmtree(spec.out_dir)
+                record = {}
+            if record.get("status") == "completed":
                 stage_result = StageResult(
                     metrics=record.get("metrics", {}), model=Path(record["model"]) if record.get("model") else None
                 )

@@ -236,6 +236,8 @@ def check_structure(data: dict[str, Any]) -> None:
                     f"'{ref_where}' refers to stage '{ref}', which runs later (or is this stage): "
                     "a stage can only use outputs of the stages above it"
                 )
+            if not stage_module(data["stages"][ref]["stage"]).PRODUCES_MODEL:
+                raise TunelabError(f"'{ref_where}' refers to stage '{ref}', which produces no model")
         seen.append(name)
 
 

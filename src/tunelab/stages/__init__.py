@@ -2,6 +2,7 @@
 
 A stage module defines
 
+- ``PRODUCES_MODEL``: whether later stages can name its output (``${name}``);
 - ``SECTIONS``: the keys a stage of this kind accepts, each with a one-line
   description (used by `tunelab validate` and for "did you mean" hints);
 - ``check(spec, ctx) -> None``: everything that can be verified without

@@ -17,6 +17,7 @@ from typing import Any
 from tunelab.errors import TunelabError, unknown_key
 from tunelab.stages import Context, StageResult, StageSpec
 
+PRODUCES_MODEL = False
 SECTIONS = {
     "model": "model to evaluate: hub id, folder, adapter folder, or ${stage}",
     "models": "several models to compare, as {label: model}",

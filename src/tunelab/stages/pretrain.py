@@ -17,6 +17,7 @@ from typing import Any
 from tunelab.errors import TunelabError
 from tunelab.stages import Context, StageResult, StageSpec
 
+PRODUCES_MODEL = True
 SECTIONS = {
     "config": "transformers config of the new model: model_type plus its fields (hidden_size, ...)",
     "tokenizer": "tokenizers.trainers.BpeTrainer arguments (vocab_size, min_frequency), or a tokenizer to reuse",

@@ -15,6 +15,7 @@ from typing import Any
 from tunelab.errors import TunelabError
 from tunelab.stages import Context, StageResult, StageSpec
 
+PRODUCES_MODEL = True
 SECTIONS = {
     "model": "model to fine-tune: hub id, folder, ${stage}, or {path, dtype, revision, ...}",
     "data": "training data: datasets.load_dataset arguments (path, name, data_files, split)",

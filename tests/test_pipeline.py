@@ -1,0 +1,52 @@
+"""Pipelines: references between stages, skipping finished stages, rerunning changed ones."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import tunelab
+from tests.conftest import QA_TEST, QA_TRAIN, pretrain_stage, tiny_training
+
+
+def test_reference_to_a_stage_without_a_model() -> None:
+    with pytest.raises(tunelab.TunelabError, match="which produces no model"):
+        tunelab.recipe_from_dict(
+            {
+                "stages": {
+                    "ev": {"stage": "eval", "model": "x", "data": QA_TEST},
+                    "sft": {"stage": "sft", "model": "${ev}", "data": QA_TRAIN},
+                }
+            }
+        )
+
+
+def test_resume_skips_unchanged_stages_and_reruns_changed_ones(tmp_path: Path) -> None:
+    data = {
+        "output_dir": str(tmp_path / "run"),
+        "stages": {
+            "pretrain": pretrain_stage(),
+            "sft": {
+                "stage": "sft",
+                "model": "${pretrain}",
+                "data": QA_TRAIN,
+                "lora": {"r": 4},
+                "training": tiny_training(),
+            },
+        },
+    }
+    first = tunelab.run(tunelab.recipe_from_dict(data))
+    assert first.skipped == [] and (first.outputs["sft"] / "adapter_config.json").exists()
+    pretrain_weights = (first.outputs["pretrain"] / "model.safetensors").read_bytes()
+
+    same = tunelab.run(tunelab.recipe_from_dict(data), resume=True)
+    assert same.skipped == ["pretrain", "sft"] and same.metrics == first.metrics
+
+    changed = tunelab.run(tunelab.recipe_from_dict(data, ["sft.training.max_steps=3"]), resume=True)
+    assert changed.skipped == ["pretrain"]
+    assert changed.metrics["sft"]["global_step"] == 3
+    assert (changed.outputs["pretrain"] / "model.safetensors").read_bytes() == pretrain_weights
+
+    upstream = tunelab.run(tunelab.recipe_from_dict(data, ["pretrain.training.max_steps=3"]), resume=True)
+    assert upstream.skipped == []  # a new pretrained model invalidates the SFT built on it

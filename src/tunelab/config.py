@@ -28,7 +28,7 @@ _MISSING = object()
 
 def accepted_fields(cls: type) -> dict[str, Any]:
     """Field name -> type annotation for the keyword arguments `cls` accepts."""
-    if dataclasses.is_dataclass(cls):
+    if dataclasses.is_dataclass(cls) and _generated_init(cls):
         hints = _type_hints(cls)
         return {f.name: hints.get(f.name, Any) for f in dataclasses.fields(cls) if f.init}
     params = inspect.signature(cls.__init__).parameters
@@ -38,6 +38,15 @@ def accepted_fields(cls: type) -> dict[str, Any]:
         for name, p in params.items()
         if name != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
     }
+
+
+def _generated_init(cls: type) -> bool:
+    """True when `cls.__init__` is the one @dataclass wrote (its fields are its arguments).
+
+    Some library dataclasses (BitsAndBytesConfig) keep a hand-written __init__ instead.
+    """
+    code = getattr(cls.__init__, "__code__", None)
+    return code is not None and code.co_filename.startswith("<")
 
 
 def _type_hints(obj: Any) -> dict[str, Any]:

@@ -52,6 +52,34 @@ def adapter_base(path: str | Path) -> str:
     return base
 
 
+def model_config(value: Any, ctx: Any, where: str):
+    """The transformers config of the model `value` names, without loading weights.
+
+    For `${stage}` references to a model not built yet, the config that stage
+    plans to build (None when it cannot be known before it runs).
+    """
+    from transformers import AutoConfig
+
+    from tunelab.hub import resolve_model
+    from tunelab.recipe import REF
+
+    spec = model_spec(value, where)
+    match = REF.match(spec["path"].strip())
+    if match and ctx.is_pending(spec["path"]):
+        return ctx.configs.get(match.group(1))
+    path = resolve_model(ctx.resolve_ref(spec["path"]), where)
+    if is_adapter(path):
+        path = resolve_model(adapter_base(path), f"{where} (base model of the adapter)")
+    try:
+        return AutoConfig.from_pretrained(
+            path, revision=spec.get("revision"), trust_remote_code=spec.get("trust_remote_code", False)
+        )
+    except (OSError, ValueError) as exc:
+        raise TunelabError(
+            f"'{where}': cannot read the config of '{path}': {' '.join(str(exc).split())[:200]}"
+        ) from None
+
+
 def _kwargs(spec: dict[str, Any]) -> dict[str, Any]:
     kwargs = {k: v for k, v in spec.items() if k != "path"}
     if isinstance(kwargs.get("dtype"), str) and kwargs["dtype"] != "auto":
@@ -149,7 +177,10 @@ def merge(adapter_dir: str | Path, out_dir: str | Path, base: str | None = None,
         raise TunelabError(f"'{adapter_dir}' is not a LoRA adapter folder (no adapter_config.json)")
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise TunelabError(f"'{out_dir}' exists and is not empty: choose another folder or pass --overwrite")
-    base_ref = resolve_model(base or adapter_base(adapter_dir), "base model of the adapter")
+    try:
+        base_ref = resolve_model(base or adapter_base(adapter_dir), "base model of the adapter")
+    except TunelabError as exc:
+        raise TunelabError(f"{exc}; name the base with --base PATH_OR_HUB_ID") from None
 
     import torch
     from peft import PeftModel

@@ -27,7 +27,7 @@ def quiet() -> None:
     transformers.logging.disable_progress_bar()  # "Loading weights" bars; training bars stay
     datasets.logging.set_verbosity_error()
     datasets.disable_progress_bars()  # TRL's per-map "Tokenizing..." bars
-    for name in ("trl", "peft", "accelerate", "torch.distributed", "httpx", "huggingface_hub"):
+    for name in ("trl", "peft", "accelerate", "torch.distributed", "httpx", "huggingface_hub", "bitsandbytes"):
         logging.getLogger(name).setLevel(logging.ERROR)
     for pattern in (
         ".*attention implementation is not set to a supported Flash Attention.*",
@@ -67,7 +67,15 @@ def training_args(cls: type, values: dict[str, Any] | None, where: str, out_dir:
         values.setdefault("use_cpu", True)
         values.setdefault("bf16", False)
         values.setdefault("dataloader_pin_memory", False)
+    elif not _gpu_has_bf16():
+        values.setdefault("bf16", False)  # e.g. T4, V100: TRL's bf16 default would refuse to start
     return build(cls, values, where, fixed=fixed, exclude=MANAGED_KEYS)
+
+
+def _gpu_has_bf16() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_bf16_supported())
 
 
 def last_checkpoint(out_dir: Path) -> str | None:

@@ -64,6 +64,8 @@ class Context:
     run_dir: Path
     outputs: dict[str, Path] = field(default_factory=dict)
     """Model folder of each stage that ran (or will run, during checks) before this one."""
+    configs: dict[str, Any] = field(default_factory=dict)
+    """Planned transformers config of models that earlier stages will build (for checks and plans)."""
     checking: bool = False
     """True during `validate`: earlier stages' outputs may not exist yet."""
     resume: bool = False

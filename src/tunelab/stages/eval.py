@@ -27,6 +27,7 @@ SECTIONS = {
     "generation": "transformers.GenerationConfig fields (max_new_tokens, do_sample, num_beams, ...)",
     "batch_size": "prompts generated together (left-padded, sorted by length); default 32",
     "metrics": "metrics to compute; available: exact_match",
+    "quantization": "transformers.BitsAndBytesConfig fields: evaluate the model loaded in 4 or 8 bits",
 }
 METRICS = ("exact_match",)
 GENERATION_DEFAULTS = {"max_new_tokens": 16, "do_sample": False}
@@ -91,15 +92,20 @@ def _data(spec: StageSpec, prompt: str, reference: str):
 
 def check(spec: StageSpec, ctx: Context) -> None:
     from tunelab.hub import resolve_model
-    from tunelab.models import model_spec
+    from tunelab.models import model_config, model_spec
+    from tunelab.quant import check_cpu_shapes, quant_config
 
     prompt, reference, _, _ = _options(spec)
     _generation(spec)
+    quant = quant_config(spec.cfg.get("quantization"), f"{spec.where}.quantization")
     for label, value in _models(spec).items():
         where = f"{spec.where}.models.{label}" if "models" in spec.cfg else f"{spec.where}.model"
         mspec = model_spec(value, where)
         if not ctx.is_pending(mspec["path"]):
             resolve_model(ctx.resolve_ref(mspec["path"]), where)
+        config = model_config(value, ctx, where) if quant is not None else None
+        if config is not None:
+            check_cpu_shapes(config, spec.cfg["quantization"], f"{spec.where}.quantization")
     _data(spec, prompt, reference)
 
 
@@ -137,10 +143,12 @@ def run(spec: StageSpec, ctx: Context) -> StageResult:
     from tunelab.data import fingerprint
     from tunelab.hub import resolve_model
     from tunelab.models import load_causal_lm, load_tokenizer, model_spec
+    from tunelab.quant import quant_config
     from tunelab.runs import write_atomic
 
     prompt_col, ref_col, batch_size, _ = _options(spec)
     config = _generation(spec)
+    quant = quant_config(spec.cfg.get("quantization"), f"{spec.where}.quantization")
     ds = _data(spec, prompt_col, ref_col)
     prompts = [str(p) for p in ds[prompt_col]]
     references = [str(r).strip() for r in ds[ref_col]]
@@ -152,7 +160,7 @@ def run(spec: StageSpec, ctx: Context) -> StageResult:
         mspec["path"] = resolve_model(ctx.resolve_ref(mspec["path"]), f"{spec.where}.models.{label}")
         set_seed(ctx.seed)
         tokenizer = load_tokenizer(mspec["path"])
-        model = load_causal_lm(mspec)
+        model = load_causal_lm(mspec, quantization=quant, merge_adapter=quant is None)
         model.eval()
         texts = generate(model, tokenizer, prompts, config, batch_size)
         scores = [float(answer(t) == r) for t, r in zip(texts, references, strict=True)]

@@ -92,7 +92,10 @@ def _tokenizer_source(spec: StageSpec) -> str | None:
 def check(spec: StageSpec, ctx: Context) -> None:
     args = _args(spec, ctx)
     _config(spec)
-    _tokenizer_source(spec)
+    source = _tokenizer_source(spec)
+    if source is None:  # the vocabulary size is known before training: plan with it
+        vocab = (spec.cfg.get("tokenizer") or {}).get("vocab_size", 1024)
+        ctx.configs[spec.name] = _config(spec, overrides={"vocab_size": vocab})
     _data(spec, args.dataset_text_field)
 
 

@@ -22,6 +22,7 @@ SECTIONS = {
     "eval_data": "optional held-out data, same form; eval_loss is reported",
     "training": "trl.SFTConfig fields (learning_rate, max_steps, packing, ...)",
     "lora": "peft.LoraConfig fields (r, lora_alpha, target_modules, ...); omit for full fine-tuning",
+    "quantization": "transformers.BitsAndBytesConfig fields (load_in_4bit, bnb_4bit_quant_type, ...): QLoRA",
 }
 
 
@@ -86,10 +87,30 @@ def _datasets(spec: StageSpec, text_field: str):
     return train, evaluation
 
 
+def _quantization(spec: StageSpec):
+    from tunelab.quant import quant_config
+
+    quant = quant_config(spec.cfg.get("quantization"), f"{spec.where}.quantization")
+    if quant is not None and spec.cfg.get("lora") is None:
+        raise TunelabError(
+            f"'{spec.where}' quantizes the model but has no `lora:`: a 4/8-bit model cannot be fully "
+            "fine-tuned; add a `lora:` section (QLoRA) or remove `quantization:`"
+        )
+    return quant
+
+
 def check(spec: StageSpec, ctx: Context) -> None:
+    from tunelab.models import model_config
+    from tunelab.quant import check_cpu_shapes
+
     args = _args(spec, ctx)
     _lora(spec.cfg.get("lora"), f"{spec.where}.lora")
+    quant = _quantization(spec)
     _model_path(spec, ctx)
+    if quant is not None:
+        config = model_config(spec.cfg["model"], ctx, f"{spec.where}.model")
+        if config is not None:
+            check_cpu_shapes(config, spec.cfg["quantization"], f"{spec.where}.quantization")
     _datasets(spec, args.dataset_text_field)
 
 
@@ -110,7 +131,13 @@ def run(spec: StageSpec, ctx: Context) -> StageResult:
             f"'{spec.where}.data' is conversational (messages) but the tokenizer of '{mspec['path']}' "
             "has no chat template: use a chat model, or prompt/completion data"
         )
-    model = load_causal_lm(mspec)
+    quant = _quantization(spec)
+    model = load_causal_lm(mspec, quantization=quant)
+    if quant is not None:
+        from peft import prepare_model_for_kbit_training
+
+        # Norms and embeddings to fp32, input gradients on: what QLoRA training needs.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.gradient_checkpointing)
     trainer = SFTTrainer(
         model=model,
         args=args,

@@ -90,6 +90,62 @@ def validate(
     )
 
 
+@app.command()
+@friendly
+def plan(
+    recipe: RecipeArg,
+    overrides: Overrides = None,
+    devices: Annotated[int, typer.Option(help="Devices to share the work (DDP, ZeRO-2, ZeRO-3/FSDP columns).")] = 0,
+) -> None:
+    """Memory each stage needs per device, from model configs only (no weights load)."""
+    from tunelab import load_recipe
+    from tunelab.pipeline import plan as plan_recipe
+
+    parsed = load_recipe(recipe, overrides or [])
+    plans = plan_recipe(parsed)
+    print_plans(plans, devices)
+
+
+def print_plans(plans: list[Any], devices: int = 0) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from tunelab.plan import device_memory, fmt_bytes, suggestions
+
+    console = Console()
+    memory = device_memory()
+    if devices <= 0:
+        import torch
+
+        devices = max(torch.cuda.device_count(), 1)
+    for p in plans:
+        console.print(
+            f"[bold]{p.stage}[/bold] ({p.kind}, {p.mode}): {p.params / 1e6:.1f}M parameters, "
+            f"{p.trainable / 1e6:.2f}M trainable"
+        )
+        table = Table()
+        table.add_column("part")
+        table.add_column("per device", justify="right")
+        for part, value in p.parts.items():
+            table.add_row(part, fmt_bytes(value))
+        table.add_row("[bold]total[/bold]", f"[bold]{fmt_bytes(p.total)}[/bold]")
+        if devices > 1:
+            for strategy, label in (("ddp", "DDP"), ("zero2", "ZeRO-2"), ("zero3", "ZeRO-3 / FSDP")):
+                table.add_row(f"{label} x{devices}", fmt_bytes(p.sharded(devices, strategy)))
+        console.print(table)
+        for note in p.notes:
+            console.print(f"  note: {note}")
+        if memory and p.sharded(devices, "ddp") > memory[1]:
+            console.print(
+                f"  [yellow]warning: needs {fmt_bytes(p.total)} but {memory[0]} has "
+                f"{fmt_bytes(memory[1])}; what would fit:[/yellow]"
+            )
+            for tip in suggestions(p, memory[1]):
+                console.print(f"    - {tip}")
+    if memory:
+        console.print(f"device: {memory[0]}, {fmt_bytes(memory[1])}")
+
+
 @app.command("list")
 @friendly
 def list_recipes() -> None:

@@ -67,6 +67,45 @@ def check(recipe: Recipe, overwrite: bool = False, resume: bool = False) -> str:
     return mode
 
 
+def plan(recipe: Recipe) -> list[Any]:
+    """Memory plans of the recipe's stages, from configs only (no weights load; the output folder is not checked)."""
+    configure_offline()
+    from tunelab.training import quiet
+
+    quiet()
+    ctx = Context(seed=recipe.seed, run_dir=recipe.output_dir, checking=True)
+    plans = []
+    for spec in _specs(recipe):
+        module = stage_module(spec.kind)
+        module.check(spec, ctx)
+        stage_plan = module.plan(spec, ctx) if hasattr(module, "plan") else None
+        if stage_plan is not None:
+            plans.append(stage_plan)
+        if module.PRODUCES_MODEL:
+            ctx.outputs[spec.name] = spec.out_dir
+    return plans
+
+
+def _warn_memory(recipe: Recipe) -> None:
+    """Before anything loads: one line per stage whose plan exceeds the device's memory. Advisory only."""
+    from tunelab.plan import device_memory, fmt_bytes
+
+    memory = device_memory()
+    if memory is None:
+        return
+    try:
+        plans = plan(recipe)
+    except (TunelabError, ValueError, TypeError, AttributeError, OSError):
+        return  # a plan we cannot make must not stop a run the checks accepted
+    for p in plans:
+        if p.total > memory[1]:
+            print(
+                f"warning: stage '{p.stage}' may need {fmt_bytes(p.total)} per device but {memory[0]} has "
+                f"{fmt_bytes(memory[1])}; `tunelab plan` shows the parts and what would fit",
+                flush=True,
+            )
+
+
 def _fingerprint(spec: StageSpec, seed: int, upstream: dict[str, str]) -> str:
     refs = sorted({ref for _, ref in iter_refs(spec.cfg, spec.where)})
     payload = {"kind": spec.kind, "cfg": spec.cfg, "seed": seed, "inputs": {r: upstream.get(r) for r in refs}}
@@ -99,6 +138,7 @@ def _check_resumable(recipe: Recipe) -> None:
 def run(recipe: Recipe, overwrite: bool = False, resume: bool = False) -> RunResult:
     """Check the recipe, then run its stages; returns metrics and output folders."""
     mode = check(recipe, overwrite=overwrite, resume=resume)
+    _warn_memory(recipe)
     print(
         f"tunelab: {recipe.data['name']} ({', '.join(recipe.stages)}) -> {recipe.output_dir}"
         + {"resume": " (resuming)", "overwrite": " (replacing the previous run)"}.get(mode, ""),

@@ -173,3 +173,27 @@ def run(spec: StageSpec, ctx: Context) -> StageResult:
         write_atomic(path, "".join(json.dumps(row) + "\n" for row in rows))
         files[f"predictions-{label}"] = str(path)
     return StageResult(metrics=metrics, files=files, fingerprints={"data": fingerprint(ds)})
+
+
+PROMPT_TOKENS = 512  # planning assumption for prompt length when generation.max_length is not set
+
+
+def plan(spec: StageSpec, ctx: Context):
+    """Memory plan of generation with the largest of the evaluated models."""
+    from tunelab.models import model_config, model_spec
+    from tunelab.plan import plan_generation
+
+    _, _, batch, _ = _options(spec)
+    gen = _generation(spec)
+    tokens = (
+        gen.max_length
+        if "max_length" in (spec.cfg.get("generation") or {})
+        else PROMPT_TOKENS + (gen.max_new_tokens or 0)
+    )
+    plans = []
+    for label, value in _models(spec).items():
+        config = model_config(value, ctx, f"{spec.where}.models.{label}")
+        if config is not None:
+            dtype = model_spec(value, f"{spec.where}.models.{label}").get("dtype")
+            plans.append(plan_generation(spec.name, config, batch, tokens, spec.cfg.get("quantization"), dtype))
+    return max(plans, key=lambda p: p.total) if plans else None

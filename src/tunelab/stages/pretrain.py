@@ -139,3 +139,11 @@ def run(spec: StageSpec, ctx: Context) -> StageResult:
     metrics["params"] = float(sum(p.numel() for p in model.parameters()))
     prints = {"data": fingerprint(train_ds)} | ({"eval_data": fingerprint(eval_ds)} if eval_ds is not None else {})
     return StageResult(metrics=metrics, model=spec.out_dir, fingerprints=prints)
+
+
+def plan(spec: StageSpec, ctx: Context):
+    """Memory plan of pre-training the configured model (vocabulary size from the tokenizer section)."""
+    from tunelab.plan import plan_training
+
+    config = ctx.configs.get(spec.name) or _config(spec)
+    return plan_training(spec.name, spec.kind, config, _args(spec, ctx), load_dtype="float32")

@@ -160,3 +160,23 @@ def run(spec: StageSpec, ctx: Context) -> StageResult:
     metrics["trainable_params"] = float(trainable)
     prints = {"data": fingerprint(train_ds)} | ({"eval_data": fingerprint(eval_ds)} if eval_ds is not None else {})
     return StageResult(metrics=metrics, model=spec.out_dir, fingerprints=prints)
+
+
+def plan(spec: StageSpec, ctx: Context):
+    """Memory plan from the model's config (None when the model cannot be known before earlier stages run)."""
+    from tunelab.models import model_config, model_spec
+    from tunelab.plan import plan_training
+
+    config = model_config(spec.cfg["model"], ctx, f"{spec.where}.model")
+    if config is None:
+        return None
+    dtype = model_spec(spec.cfg["model"], f"{spec.where}.model").get("dtype")
+    return plan_training(
+        spec.name,
+        spec.kind,
+        config,
+        _args(spec, ctx),
+        lora=spec.cfg.get("lora"),
+        quantization=spec.cfg.get("quantization"),
+        load_dtype=dtype,
+    )

@@ -167,6 +167,7 @@ def main() -> str:
             rows.append((size, mode, batch, seq, planned(data), got["peak"], got["step_s"]))
             print(rows[-1], file=sys.stderr, flush=True)
             if (size, batch) == ("95M", 1):
+                data["output_dir"] = str(tmp / f"run{i}-rss")
                 default_rss[mode] = measure(data, live=False)["peak"]
     lines = [
         "| model | mode | batch x seq | planned | measured peak | planned / measured | s / step |",

@@ -15,15 +15,17 @@ from common import ROOT, machine  # noqa: E402
 
 
 def main() -> None:
-    sections = [cli_startup.main(), sft_overhead.main(), quickstart.main(), memory_plan.main()]
-    text = (
+    header = (
         "# Benchmarks\n\n"
         f"Written by `make bench` (`benchmarks/run_all.py`) on {time.strftime('%Y-%m-%d')}.\n\n"
-        f"Machine: {machine()}.\n\n" + "\n".join(sections)
+        f"Machine: {machine()}.\n\n"
     )
     path = ROOT / "docs" / "BENCHMARKS.md"
-    path.write_text(text)
-    print(text)
+    sections: list[str] = []
+    for module in (cli_startup, sft_overhead, quickstart, memory_plan):
+        sections.append(module.main())
+        path.write_text(header + "\n".join(sections))  # after each section: a failure later keeps these
+    print(path.read_text())
 
 
 if __name__ == "__main__":

@@ -108,6 +108,20 @@ def _structure(config) -> tuple[list[tuple[str, int, int]], int, set[str]]:
     return linears, params, heads
 
 
+def _dims(config) -> tuple[int, int, int, int, int, int]:
+    """(hidden, intermediate, layers, query heads, kv heads, head dim) from a decoder's config."""
+    h = int(config.hidden_size)
+    heads_q = int(config.num_attention_heads)
+    return (
+        h,
+        int(getattr(config, "intermediate_size", None) or 4 * h),
+        int(config.num_hidden_layers),
+        heads_q,
+        int(getattr(config, "num_key_value_heads", None) or heads_q),
+        int(getattr(config, "head_dim", None) or h // heads_q),
+    )
+
+
 def _lora_targets(linears: list[tuple[str, int, int]], heads: set[str], lora: dict[str, Any]) -> list[tuple]:
     targets = lora.get("target_modules")
     if targets in (None, "all-linear"):
@@ -173,9 +187,9 @@ def plan_training(
     # prepare_model_for_kbit_training upcasts what stays unquantized (embeddings, norms, head) to fp32.
     parts["weights"] = _weight_bytes(linears, params, heads, quantization, 4 if bits else wbytes)
 
+    targets = _lora_targets(linears, heads, lora) if lora is not None else []
     if lora is not None:
         r = int(lora.get("r", 8))
-        targets = _lora_targets(linears, heads, lora)
         trainable = sum(r * (i + o) for _, i, o in targets)
         shapes = [s for _, i, o in targets for s in ((r, i), (o, r))]
         # TRL keeps QLoRA adapters in bf16; otherwise peft holds them in fp32.
@@ -193,15 +207,10 @@ def plan_training(
     tokens = int(args.per_device_train_batch_size) * int(args.max_length or 1024)
     mixed = bool(getattr(args, "bf16", False) or getattr(args, "fp16", False))
     abytes = 2 if (mixed or wbytes == 2) else 4
-    h = int(config.hidden_size)
-    inter = int(getattr(config, "intermediate_size", None) or 4 * h)
-    layers = int(config.num_hidden_layers)
-    heads_q = int(config.num_attention_heads)
-    head_dim = int(getattr(config, "head_dim", None) or h // heads_q)
-    kv = int(getattr(config, "num_key_value_heads", None) or heads_q)
+    h, inter, layers, heads_q, kv, head_dim = _dims(config)
     per_layer = abytes * tokens * (ACT_HIDDEN * h + ACT_INTER * inter + ACT_HEADS * (heads_q + 2 * kv) * head_dim)
-    if lora is not None:
-        per_layer += abytes * tokens * int(lora.get("r", 8)) * len(_lora_targets(linears, heads, lora)) / layers
+    if lora is not None:  # the rank-r intermediate of every adapter
+        per_layer += abytes * tokens * int(lora.get("r", 8)) * len(targets) / layers
     logits = tokens * int(config.vocab_size) * 4 * LOGIT_COPIES
     if getattr(args, "activation_checkpointing", False) or getattr(args, "gradient_checkpointing", False):
         # Layer inputs stay; one layer is recomputed at a time, after the logits' memory is released.
@@ -230,11 +239,8 @@ def plan_generation(stage: str, config, batch: int, max_tokens: int, quantizatio
     wbytes = DTYPE_BYTES[_dtype_name(load_dtype or getattr(config, "dtype", None))]
     bits = _bits(quantization)
     weights = _weight_bytes(linears, params, heads, quantization, wbytes)
-    h = int(config.hidden_size)
-    heads_q = int(config.num_attention_heads)
-    head_dim = int(getattr(config, "head_dim", None) or h // heads_q)
-    kv = int(getattr(config, "num_key_value_heads", None) or heads_q)
-    cache = 2 * int(config.num_hidden_layers) * kv * head_dim * batch * max_tokens * wbytes
+    _, _, layers, _, kv, head_dim = _dims(config)
+    cache = 2 * layers * kv * head_dim * batch * max_tokens * wbytes
     logits = batch * int(config.vocab_size) * 4 * 2
     parts = {"weights": weights, "kv_cache": cache, "logits": logits}
     return StagePlan(stage, "eval", f"generate-{bits}bit" if bits else "generate", params, 0, parts)

@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
-demo: setup  ## the quickstart: pretrain, LoRA SFT, exact match before/after (offline, CPU, ~4 min)
+demo: setup  ## the quickstart: pretrain, LoRA SFT, exact match before/after (offline, CPU, ~3 min)
 	$(VENV)/bin/tunelab run quickstart --overwrite
 
 test: setup  ## the fast suite (what CI runs)

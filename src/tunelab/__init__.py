@@ -50,8 +50,10 @@ def merge(adapter_dir: str | Path, out_dir: str | Path, base: str | None = None,
     """Merge a LoRA adapter into its base model; saves a full model with its tokenizer."""
     from tunelab.hub import configure_offline
     from tunelab.models import merge as _merge
+    from tunelab.training import quiet
 
     configure_offline()
+    quiet()
     return _merge(adapter_dir, out_dir, base=base, overwrite=overwrite)
 
 

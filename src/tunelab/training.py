@@ -20,6 +20,8 @@ def quiet() -> None:
     """Silence the libraries' known noise; keep progress bars, warnings that matter, errors."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    for name in ("bitsandbytes",):  # before its import: it logs a Hub kernel it cannot fetch offline
+        logging.getLogger(name).setLevel(logging.ERROR)
     import datasets
     import transformers
 
@@ -39,6 +41,7 @@ def quiet() -> None:
         ".*The tokenizer has new PAD/BOS/EOS tokens.*",
         ".*does not have many workers.*",
         ".*pin_memory.*",
+        ".*is_gradient_checkpointing.*",
     ):
         warnings.filterwarnings("ignore", message=pattern)
     warnings.filterwarnings("ignore", category=FutureWarning)

@@ -42,6 +42,7 @@ def quiet() -> None:
         ".*does not have many workers.*",
         ".*pin_memory.*",
         ".*is_gradient_checkpointing.*",
+        ".*MatMul8bitLt: inputs will be cast.*",
     ):
         warnings.filterwarnings("ignore", message=pattern)
     warnings.filterwarnings("ignore", category=FutureWarning)

@@ -5,10 +5,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+import yaml
 from transformers import LlamaConfig
 from trl import SFTConfig
 from typer.testing import CliRunner
 
+from tests.conftest import QA_TRAIN, tiny_training
 from tunelab.cli import app
 from tunelab.plan import plan_generation, plan_training
 
@@ -126,3 +129,22 @@ def write_recipe(tmp_path: Path, model: Path, data: Path) -> Path:
         )
     )
     return path
+
+
+def test_run_warns_before_loading_when_the_plan_exceeds_the_device(
+    tmp_path: Path, tiny_lm: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("tunelab.plan.device_memory", lambda: ("a 1 MiB device", float(2**20)))
+    recipe = {
+        "stage": "sft",
+        "model": str(tiny_lm),
+        "data": QA_TRAIN,
+        "training": tiny_training(),
+        "output_dir": str(tmp_path / "run"),
+    }
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    result = CliRunner().invoke(app, ["run", str(path)])
+    assert result.exit_code == 0, result.output
+    warning = result.output.index("warning: stage 'sft' may need")
+    assert "a 1 MiB device" in result.output and warning < result.output.index("-- sft (sft)")

@@ -51,25 +51,26 @@ def _specs(recipe: Recipe) -> list[StageSpec]:
 
 def check(recipe: Recipe, overwrite: bool = False, resume: bool = False) -> str:
     """Everything `tunelab validate` checks. Returns what would happen to the output folder."""
+    return _check(recipe, overwrite, resume)[0]
+
+
+def _check(recipe: Recipe, overwrite: bool, resume: bool) -> tuple[str, list[Any]]:
+    """Checks, and the memory plans made on the way (advisory: a plan that fails is skipped)."""
     configure_offline()
     mode = runs.check_output_dir(recipe.output_dir, overwrite, resume)
-    from tunelab.training import quiet
-
-    quiet()
-    ctx = Context(seed=recipe.seed, run_dir=recipe.output_dir, checking=True, resume=mode == "resume")
     if mode == "resume":
         _check_resumable(recipe)
-    for spec in _specs(recipe):
-        module = stage_module(spec.kind)
-        module.check(spec, ctx)
-        if module.PRODUCES_MODEL:
-            ctx.outputs[spec.name] = spec.out_dir
-    return mode
+    return mode, _inspect(recipe, strict_plans=False)
 
 
 def plan(recipe: Recipe) -> list[Any]:
     """Memory plans of the recipe's stages, from configs only (no weights load; the output folder is not checked)."""
     configure_offline()
+    return _inspect(recipe, strict_plans=True)
+
+
+def _inspect(recipe: Recipe, strict_plans: bool) -> list[Any]:
+    """Run every stage's checks in order, planning each stage's memory with what the checks learnt."""
     from tunelab.training import quiet
 
     quiet()
@@ -78,7 +79,12 @@ def plan(recipe: Recipe) -> list[Any]:
     for spec in _specs(recipe):
         module = stage_module(spec.kind)
         module.check(spec, ctx)
-        stage_plan = module.plan(spec, ctx) if hasattr(module, "plan") else None
+        try:
+            stage_plan = module.plan(spec, ctx)
+        except (TunelabError, ValueError, TypeError, AttributeError, OSError):
+            if strict_plans:
+                raise
+            stage_plan = None  # a plan we cannot make must not stop a run the checks accepted
         if stage_plan is not None:
             plans.append(stage_plan)
         if module.PRODUCES_MODEL:
@@ -86,18 +92,12 @@ def plan(recipe: Recipe) -> list[Any]:
     return plans
 
 
-def _warn_memory(recipe: Recipe) -> None:
-    """Before anything loads: one line per stage whose plan exceeds the device's memory. Advisory only."""
+def _warn_memory(plans: list[Any]) -> None:
+    """Before anything loads: one line per stage whose plan exceeds the device's memory."""
     from tunelab.plan import device_memory, fmt_bytes
 
     memory = device_memory()
-    if memory is None:
-        return
-    try:
-        plans = plan(recipe)
-    except (TunelabError, ValueError, TypeError, AttributeError, OSError):
-        return  # a plan we cannot make must not stop a run the checks accepted
-    for p in plans:
+    for p in plans if memory else []:
         if p.total > memory[1]:
             print(
                 f"warning: stage '{p.stage}' may need {fmt_bytes(p.total)} per device but {memory[0]} has "
@@ -137,8 +137,8 @@ def _check_resumable(recipe: Recipe) -> None:
 
 def run(recipe: Recipe, overwrite: bool = False, resume: bool = False) -> RunResult:
     """Check the recipe, then run its stages; returns metrics and output folders."""
-    mode = check(recipe, overwrite=overwrite, resume=resume)
-    _warn_memory(recipe)
+    mode, plans = _check(recipe, overwrite, resume)
+    _warn_memory(plans)
     print(
         f"tunelab: {recipe.data['name']} ({', '.join(recipe.stages)}) -> {recipe.output_dir}"
         + {"resume": " (resuming)", "overwrite": " (replacing the previous run)"}.get(mode, ""),

@@ -7,7 +7,8 @@ A stage module defines
   description (used by `tunelab validate` and for "did you mean" hints);
 - ``check(spec, ctx) -> None``: everything that can be verified without
   training (config classes, files, dataset columns); raises ``TunelabError``;
-- ``run(spec, ctx) -> StageResult``: do the work, write into ``spec.out_dir``.
+- ``run(spec, ctx) -> StageResult``: do the work, write into ``spec.out_dir``;
+- ``plan(spec, ctx) -> StagePlan | None``: memory per device, from model configs only.
 
 Modules import torch and friends inside their functions only, so listing or
 structurally checking stages stays fast.

@@ -206,3 +206,15 @@ def test_validate_ok(tmp_path: Path, tiny_lm: Path) -> None:
     result = runner.invoke(app, ["validate", str(path)])
     assert result.exit_code == 0, result.output
     assert "ok: 1 stage(s) (sft)" in result.output
+
+
+def test_eval_metric_unknown_offline_or_not_for_text(tmp_path: Path, tiny_lm: Path) -> None:
+    stage = {"stage": "eval", "model": str(tiny_lm), "data": QA_TRAIN}
+    fails(
+        ["validate", str(write(tmp_path, {**stage, "metrics": ["exact_match", "bleuu"]}))],
+        "metric 'bleuu' is not shipped with tunelab and the Hub is unreachable (offline); did you mean 'bleu'?",
+    )
+    fails(
+        ["validate", str(write(tmp_path, {**stage, "metrics": ["f1"]}))],
+        "'f1' does not score generated text against a reference; generation metrics: exact_match, bleu",
+    )

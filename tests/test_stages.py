@@ -146,6 +146,24 @@ def test_sft_reports_examples_truncated_to_nothing(tmp_path: Path, tiny_lm: Path
         )
 
 
+def test_eval_computes_evaluate_metrics_on_the_answers(tmp_path: Path, tiny_lm: Path) -> None:
+    stage = {
+        "stage": "eval",
+        "models": {"tiny": str(tiny_lm)},
+        "data": QA_TEST,
+        "generation": {"max_new_tokens": 4},
+        "metrics": ["exact_match", "bleu", {"rouge": {"rouge_types": ["rouge1"]}}, "chrf"],
+    }
+    result = run_stage(tmp_path, stage)
+    got = result.metrics["stage"]["tiny"]
+    assert set(got) == {"exact_match", "bleu", "bleu_brevity_penalty", "rouge1", "chrf", "examples"}
+    rows = [json.loads(line) for line in (result.run_dir / "stage" / "predictions-tiny.jsonl").read_text().splitlines()]
+    import sacrebleu
+
+    expected = sacrebleu.corpus_bleu([r["answer"] for r in rows], [[r["reference"] for r in rows]]).score
+    assert got["bleu"] == pytest.approx(expected)
+
+
 def test_answer_extraction() -> None:
     assert answer(" 17\nQuestion: more") == "17"
     assert answer("\n\n 5 ") == "5"

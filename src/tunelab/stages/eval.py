@@ -5,8 +5,10 @@ pipeline shows the effect of a stage side by side; `model` is the one-model
 form. `generation` is `transformers.GenerationConfig`. Each model's answers
 go to `predictions-LABEL.jsonl` with a per-example score.
 
-Metric: `exact_match`, the share of answers whose first line equals the
-reference after stripping whitespace.
+Metrics are `evaluate` modules (tunelab ships them, so they work offline; see
+`tunelab.metrics`), computed on each answer's first non-empty line against the
+reference: `exact_match` (with its normalisation options), `bleu`, `chrf`,
+`rouge`. A metric is a name or `{name: {option: value}}`.
 """
 
 from __future__ import annotations
@@ -26,10 +28,11 @@ SECTIONS = {
     "reference_column": "column holding the reference answer (default: completion)",
     "generation": "transformers.GenerationConfig fields (max_new_tokens, do_sample, num_beams, ...)",
     "batch_size": "prompts generated together (left-padded, sorted by length); default 32",
-    "metrics": "metrics to compute; available: exact_match",
+    "metrics": "evaluate metrics on the answers: exact_match, bleu, chrf, rouge (name or {name: options})",
     "quantization": "transformers.BitsAndBytesConfig fields: evaluate the model loaded in 4 or 8 bits",
 }
-METRICS = ("exact_match",)
+GENERATION_METRICS = ("exact_match", "bleu", "chrf", "rouge")  # shipped metrics that score text against text
+MULTI_REFERENCE = ("bleu", "chrf")
 GENERATION_DEFAULTS = {"max_new_tokens": 16, "do_sample": False}
 
 
@@ -63,20 +66,41 @@ def _generation(spec: StageSpec):
     return config
 
 
-def _options(spec: StageSpec) -> tuple[str, str, int, list[str]]:
+def _metrics(spec: StageSpec) -> list[tuple[str, dict[str, Any]]]:
+    """(name, options) of each metric; names checked against the shipped ones (or the Hub when online)."""
+    from tunelab.metrics import SHIPPED, check_name
+
+    where = f"{spec.where}.metrics"
+    entries = spec.cfg.get("metrics", ["exact_match"])
+    entries = [entries] if isinstance(entries, (str, dict)) else entries
+    if not isinstance(entries, list) or not entries:
+        raise TunelabError(f"'{where}' must list metrics, e.g. [exact_match, bleu]")
+    out = []
+    for entry in entries:
+        if isinstance(entry, dict) and len(entry) == 1:
+            name, options = next(iter(entry.items()))
+        else:
+            name, options = entry, {}
+        check_name(name, where)
+        if name in SHIPPED and name not in GENERATION_METRICS:
+            raise TunelabError(
+                f"'{where}': '{name}' does not score generated text against a reference; "
+                f"generation metrics: {', '.join(GENERATION_METRICS)}"
+            )
+        if not isinstance(options, dict):
+            raise TunelabError(f"'{where}.{name}' options must be a mapping, got {options!r}")
+        out.append((name, options))
+    return out
+
+
+def _options(spec: StageSpec) -> tuple[str, str, int]:
     cfg = spec.cfg
     prompt = cfg.get("prompt_column", "prompt")
     reference = cfg.get("reference_column", "completion")
     batch = cfg.get("batch_size", 32)
-    metrics = cfg.get("metrics", ["exact_match"])
     if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
         raise TunelabError(f"'{spec.where}.batch_size' must be a positive integer, got {batch!r}")
-    if isinstance(metrics, str):
-        metrics = [metrics]
-    for name in metrics:
-        if name not in METRICS:
-            raise TunelabError(f"'{spec.where}.metrics': unknown metric '{name}'; available: {', '.join(METRICS)}")
-    return prompt, reference, batch, metrics
+    return prompt, reference, batch
 
 
 def _data(spec: StageSpec, prompt: str, reference: str):
@@ -95,7 +119,8 @@ def check(spec: StageSpec, ctx: Context) -> None:
     from tunelab.models import model_config, model_spec
     from tunelab.quant import check_cpu_shapes, quant_config
 
-    prompt, reference, _, _ = _options(spec)
+    prompt, reference, _ = _options(spec)
+    _metrics(spec)
     _generation(spec)
     quant = quant_config(spec.cfg.get("quantization"), f"{spec.where}.quantization")
     for label, value in _models(spec).items():
@@ -142,11 +167,13 @@ def run(spec: StageSpec, ctx: Context) -> StageResult:
 
     from tunelab.data import fingerprint
     from tunelab.hub import resolve_model
+    from tunelab.metrics import load as load_metric
     from tunelab.models import load_causal_lm, load_tokenizer, model_spec
     from tunelab.quant import quant_config
     from tunelab.runs import write_atomic
 
-    prompt_col, ref_col, batch_size, _ = _options(spec)
+    prompt_col, ref_col, batch_size = _options(spec)
+    scorers = [(name, options, load_metric(name, f"{spec.where}.metrics")) for name, options in _metrics(spec)]
     config = _generation(spec)
     quant = quant_config(spec.cfg.get("quantization"), f"{spec.where}.quantization")
     ds = _data(spec, prompt_col, ref_col)
@@ -163,8 +190,14 @@ def run(spec: StageSpec, ctx: Context) -> StageResult:
         model = load_causal_lm(mspec, quantization=quant, merge_adapter=quant is None)
         model.eval()
         texts = generate(model, tokenizer, prompts, config, batch_size)
-        scores = [float(answer(t) == r) for t, r in zip(texts, references, strict=True)]
-        metrics[label] = {"exact_match": sum(scores) / len(scores), "examples": len(scores)}
+        answers = [answer(t) for t in texts]
+        scores = [float(a == r) for a, r in zip(answers, references, strict=True)]
+        metrics[label] = {}
+        for name, options, scorer in scorers:
+            refs = [[r] for r in references] if name in MULTI_REFERENCE else references
+            result = scorer.compute(predictions=answers, references=refs, **options)
+            metrics[label].update({k: float(v) for k, v in result.items() if isinstance(v, (int, float))})
+        metrics[label]["examples"] = len(scores)
         rows = [
             {"prompt": p, "output": t, "answer": answer(t), "reference": r, "exact_match": s}
             for p, t, r, s in zip(prompts, texts, references, scores, strict=True)
@@ -183,7 +216,7 @@ def plan(spec: StageSpec, ctx: Context):
     from tunelab.models import model_config, model_spec
     from tunelab.plan import plan_generation
 
-    _, _, batch, _ = _options(spec)
+    _, _, batch = _options(spec)
     gen = _generation(spec)
     tokens = (
         gen.max_length

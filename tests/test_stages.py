@@ -164,6 +164,38 @@ def test_eval_computes_evaluate_metrics_on_the_answers(tmp_path: Path, tiny_lm: 
     assert got["bleu"] == pytest.approx(expected)
 
 
+def test_generation_strategies_are_deterministic_under_a_seed(tmp_path: Path, tiny_lm: Path) -> None:
+    def outputs(name: str, generation: dict) -> list[str]:
+        stage = {"stage": "eval", "models": {"m": str(tiny_lm)}, "data": QA_TEST, "generation": generation}
+        result = run_stage(tmp_path / name, stage)
+        path = result.run_dir / "stage" / "predictions-m.jsonl"
+        return [json.loads(line)["output"] for line in path.read_text().splitlines()]
+
+    sampling = {"do_sample": True, "temperature": 1.5, "top_k": 50, "top_p": 0.95, "max_new_tokens": 6}
+    first, second = outputs("s1", sampling), outputs("s2", sampling)
+    assert first == second  # same recipe seed, same samples
+    assert first != outputs("greedy", {"max_new_tokens": 6})  # and sampling is really on
+    beams = outputs("beam", {"num_beams": 3, "max_new_tokens": 6})
+    assert len(beams) == 16 and beams == outputs("beam2", {"num_beams": 3, "max_new_tokens": 6})
+    stopped = outputs("stop", {"max_new_tokens": 12, "stop_strings": ["."]})
+    assert all(o.count(".") <= 1 for o in stopped)
+
+
+def test_compare_tabulates_runs(tmp_path: Path) -> None:
+    for name, em in (("a", 0.25), ("b", 0.75)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.json").write_text(
+            json.dumps({"sft": {"train_loss": 1.5, "epoch": 2.0}, "eval": {"sft": {"exact_match": em, "examples": 4}}})
+        )
+    out = CliRunner().invoke(app, ["compare", str(tmp_path / "a"), str(tmp_path / "b")])
+    assert out.exit_code == 0, out.output
+    assert "0.25" in out.output and "0.75" in out.output and "train_loss" in out.output and "epoch" not in out.output
+    everything = CliRunner().invoke(app, ["compare", "--all", str(tmp_path / "a")])
+    assert "epoch" in everything.output
+    missing = CliRunner().invoke(app, ["compare", str(tmp_path / "nope")])
+    assert missing.exit_code == 2 and "no readable metrics.json" in missing.output
+
+
 def test_answer_extraction() -> None:
     assert answer(" 17\nQuestion: more") == "17"
     assert answer("\n\n 5 ") == "5"

@@ -146,6 +146,27 @@ def print_plans(plans: list[Any], devices: int = 0) -> None:
         console.print(f"device: {memory[0]}, {fmt_bytes(memory[1])}")
 
 
+@app.command()
+@friendly
+def compare(
+    run_dirs: Annotated[list[Path], typer.Argument(help="Run folders (each with a metrics.json).")],
+    everything: Annotated[bool, typer.Option("--all", help="Every metric, trainer bookkeeping included.")] = False,
+) -> None:
+    """A table of metrics across runs: one row per run, stage and model, one column per metric."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from tunelab.runs import compare_rows
+
+    rows, names = compare_rows(run_dirs, everything)
+    table = Table(title="metrics across runs", title_justify="left")
+    for col in ("run", "stage", "model", *names):
+        table.add_column(col, justify="right" if col in names else "left")
+    for row in rows:
+        table.add_row(row["run"], row["stage"], row["model"], *[_fmt(row["metrics"].get(n, "")) for n in names])
+    Console().print(table)
+
+
 @app.command("list")
 @friendly
 def list_recipes() -> None:

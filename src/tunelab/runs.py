@@ -128,3 +128,29 @@ def clear(run_dir: Path) -> None:
     """Remove a previous run (only folders holding a tunelab run.json get here)."""
     if (run_dir / "run.json").exists():
         shutil.rmtree(run_dir)
+
+
+def compare_rows(run_dirs: list[Path], everything: bool = False) -> tuple[list[dict[str, Any]], list[str]]:
+    """Flatten the metrics.json of several runs into rows (run, stage, model, metrics) and metric names.
+
+    Eval stages nest metrics per model (`{model: {metric: value}}`); other stages are one row.
+    """
+    rows: list[dict[str, Any]] = []
+    for run_dir in run_dirs:
+        metrics = read_json(Path(run_dir) / "metrics.json")
+        if metrics is None:
+            raise TunelabError(f"'{run_dir}' has no readable metrics.json: is it a tunelab run folder?")
+        for stage, values in metrics.items():
+            nested = {k: v for k, v in values.items() if isinstance(v, dict)}
+            flat = {k: v for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+            if flat:
+                rows.append({"run": str(run_dir), "stage": stage, "model": "", "metrics": flat})
+            for model, inner in nested.items():
+                numbers = {k: v for k, v in inner.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+                rows.append({"run": str(run_dir), "stage": stage, "model": model, "metrics": numbers})
+    preferred = ("exact_match", "bleu", "chrf", "rouge1", "rougeL", "eval_loss", "perplexity", "train_loss")
+    seen = {name for row in rows for name in row["metrics"]}
+    scored = {name for row in rows if row["model"] for name in row["metrics"]} - {"examples"}
+    rest = (seen if everything else scored) - set(preferred) - {"examples"}
+    names = [n for n in preferred if n in seen] + sorted(rest)
+    return rows, names

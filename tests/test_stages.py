@@ -196,7 +196,31 @@ def test_compare_tabulates_runs(tmp_path: Path) -> None:
     assert missing.exit_code == 2 and "no readable metrics.json" in missing.output
 
 
+def test_fewshot_prompts_and_answer_patterns(tmp_path: Path, tiny_lm: Path) -> None:
+    stage = {
+        "stage": "eval",
+        "models": {"m": str(tiny_lm)},
+        "data": QA_TEST,
+        "generation": {"max_new_tokens": 3},
+        "fewshot": {"k": 2},
+        "prompt_template": "{prompt}",
+        "answer_pattern": r"(\d+)",
+    }
+    result = run_stage(tmp_path / "a", stage)
+    rows = [json.loads(line) for line in (result.run_dir / "stage" / "predictions-m.jsonl").read_text().splitlines()]
+    shots = rows[0]["prompt"].split("\n\n")
+    assert len(shots) == 3 and all(r["prompt"].startswith("\n\n".join(shots[:2])) for r in rows)  # same 2 shots
+    assert shots[0].startswith("Question:") and shots[0].split("Answer:")[1].strip().isdigit()
+    again = run_stage(tmp_path / "b", stage)
+    rows2 = (again.run_dir / "stage" / "predictions-m.jsonl").read_text()
+    assert rows2 == (result.run_dir / "stage" / "predictions-m.jsonl").read_text()  # deterministic choice
+    with pytest.raises(tunelab.TunelabError, match="k=99 examples asked for, but .* has only 16"):
+        run_stage(tmp_path / "c", {**stage, "fewshot": {"k": 99, "data": QA_TEST}})
+
+
 def test_answer_extraction() -> None:
+    assert answer("so the answer is 12.", r"answer is (\d+)") == "12"
+    assert answer("no number", r"(\d+)") == ""
     assert answer(" 17\nQuestion: more") == "17"
     assert answer("\n\n 5 ") == "5"
     assert answer("") == ""

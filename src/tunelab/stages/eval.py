@@ -14,6 +14,7 @@ reference: `exact_match` (with its normalisation options), `bleu`, `chrf`,
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from tunelab.errors import TunelabError, unknown_key
@@ -30,7 +31,11 @@ SECTIONS = {
     "batch_size": "prompts generated together (left-padded, sorted by length); default 32",
     "metrics": "evaluate metrics on the answers: exact_match, bleu, chrf, rouge (name or {name: options})",
     "quantization": "transformers.BitsAndBytesConfig fields: evaluate the model loaded in 4 or 8 bits",
+    "fewshot": "k-shot prompting: {k: 3, data: {path, split} (default: data's path, split train), separator}",
+    "prompt_template": 'format string around each prompt, e.g. "{prompt} Let\'s think step by step."',
+    "answer_pattern": "regex whose first group is the answer in the output (chain of thought); default: first line",
 }
+FEWSHOT_KEYS = ("k", "data", "separator")
 GENERATION_METRICS = ("exact_match", "bleu", "chrf", "rouge")  # shipped metrics that score text against text
 MULTI_REFERENCE = ("bleu", "chrf")
 GENERATION_DEFAULTS = {"max_new_tokens": 16, "do_sample": False}
@@ -132,14 +137,54 @@ def check(spec: StageSpec, ctx: Context) -> None:
         if config is not None:
             check_cpu_shapes(config, spec.cfg["quantization"], f"{spec.where}.quantization")
     _data(spec, prompt, reference)
+    _prompting(spec, ctx, prompt, reference)
 
 
-def answer(text: str) -> str:
-    """The answer part of a generation: its first non-empty line, stripped."""
+def answer(text: str, pattern: str | None = None) -> str:
+    """The answer part of a generation: the first group of `pattern`, else its first non-empty line."""
+    if pattern is not None:
+        match = re.search(pattern, text)
+        return (match.group(1) if match.groups() else match.group(0)).strip() if match else ""
     for line in text.strip().splitlines():
         if line.strip():
             return line.strip()
     return ""
+
+
+def _prompting(spec: StageSpec, ctx: Context, prompt_col: str, ref_col: str):
+    """(prompt builder, answer pattern) from fewshot / prompt_template / answer_pattern; checked here."""
+    from tunelab.data import load_split, require_columns
+
+    cfg = spec.cfg
+    template = cfg.get("prompt_template", "{prompt}")
+    if not isinstance(template, str) or "{prompt}" not in template:
+        raise TunelabError(f"'{spec.where}.prompt_template' must be a string containing {{prompt}}, got {template!r}")
+    pattern = cfg.get("answer_pattern")
+    if pattern is not None:
+        try:
+            re.compile(pattern)
+        except (re.error, TypeError) as exc:
+            raise TunelabError(f"'{spec.where}.answer_pattern' is not a valid regex: {exc}") from None
+    prefix = ""
+    fewshot = cfg.get("fewshot")
+    if fewshot is not None:
+        where = f"{spec.where}.fewshot"
+        if not isinstance(fewshot, dict) or not isinstance(fewshot.get("k"), int) or fewshot["k"] < 1:
+            raise TunelabError(f"'{where}' needs `k:` (a positive integer), e.g. {{k: 3}}")
+        for key in fewshot:
+            if key not in FEWSHOT_KEYS:
+                raise unknown_key(where, key, FEWSHOT_KEYS, "keys of fewshot")
+        base = spec.cfg["data"]
+        source = fewshot.get("data", {"path": base if isinstance(base, str) else base["path"], "split": "train"})
+        shots = load_split(source, f"{where}.data", "train")
+        require_columns(shots, [prompt_col, ref_col], f"{where}.data", "examples to show")
+        k = fewshot["k"]
+        if len(shots) < k:
+            raise TunelabError(f"'{where}': k={k} examples asked for, but '{where}.data' has only {len(shots)}")
+        picked = shots.shuffle(seed=ctx.seed).select(range(k))  # deterministic: the recipe's seed
+        separator = fewshot.get("separator", "\n\n")
+        prefix = "".join(template.format(prompt=row[prompt_col]) + str(row[ref_col]) + separator for row in picked)
+    return (lambda p: prefix + template.format(prompt=p)), pattern
 
 
 def generate(model, tokenizer, prompts: list[str], config, batch_size: int) -> list[str]:
@@ -177,7 +222,8 @@ def run(spec: StageSpec, ctx: Context) -> StageResult:
     config = _generation(spec)
     quant = quant_config(spec.cfg.get("quantization"), f"{spec.where}.quantization")
     ds = _data(spec, prompt_col, ref_col)
-    prompts = [str(p) for p in ds[prompt_col]]
+    build_prompt, pattern = _prompting(spec, ctx, prompt_col, ref_col)
+    prompts = [build_prompt(str(p)) for p in ds[prompt_col]]
     references = [str(r).strip() for r in ds[ref_col]]
     metrics: dict[str, Any] = {}
     files: dict[str, str] = {}
@@ -190,7 +236,7 @@ def run(spec: StageSpec, ctx: Context) -> StageResult:
         model = load_causal_lm(mspec, quantization=quant, merge_adapter=quant is None)
         model.eval()
         texts = generate(model, tokenizer, prompts, config, batch_size)
-        answers = [answer(t) for t in texts]
+        answers = [answer(t, pattern) for t in texts]
         scores = [float(a == r) for a, r in zip(answers, references, strict=True)]
         metrics[label] = {}
         for name, options, scorer in scorers:

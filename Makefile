@@ -5,7 +5,7 @@ PY    := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: setup demo test test-all lint bench sft qlora clean
+.PHONY: setup demo test test-all lint bench sft qlora classify clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -38,6 +38,9 @@ sft: setup  ## LoRA SFT of the quickstart's pre-trained model (runs the quicksta
 qlora: setup  ## QLoRA (4-bit base + LoRA) of the quickstart's model
 	test -f runs/quickstart/pretrain/config.json || $(MAKE) demo
 	$(VENV)/bin/tunelab run recipes/sft/qlora-arith.yaml --overwrite
+
+classify: setup  ## fine-tune the MiniLM-L6 encoder (installed by the dev extra) to classify word problems
+	$(VENV)/bin/tunelab run classify/minilm-arith --overwrite
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache

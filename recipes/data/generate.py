@@ -13,6 +13,8 @@ model's answer can be checked exactly. Three datasets share one small world
   arithmetic facts, but never the question/answer format.
 - ``arith_qa/``: ``prompt``/``completion`` pairs (``train`` and a held-out
   ``test`` split) for supervised fine-tuning and exact-match evaluation.
+- ``arith_kind/``: ``text``/``label`` rows (``train``, ``test``) for text
+  classification: which kind of problem a question is (0 buy, 1 give, 2 total).
 
 Held-out questions never appear in the training split (checked below).
 """
@@ -34,8 +36,11 @@ def _pronoun(name: str) -> str:
     return "She" if name in {"Mia", "Ava", "Zoe", "Ivy", "Ada", "Eva"} else "He"
 
 
-def _problem(rng: random.Random) -> tuple[str, str, int]:
-    """Return (question, story, answer) for one random problem."""
+KINDS = ["buy", "give", "total"]
+
+
+def _problem(rng: random.Random, with_kind: bool = False):
+    """Return (question, story, answer) for one random problem (and its kind index, if asked)."""
     name, other = rng.sample(NAMES, 2)
     obj = rng.choice(OBJECTS)
     pron = _pronoun(name)
@@ -54,7 +59,7 @@ def _problem(rng: random.Random) -> tuple[str, str, int]:
         c = a + b
         q = f"{name} has {a} {obj} and {other} has {b} {obj}. How many {obj} do they have together?"
         s = f"{name} had {a} {obj} and {other} had {b} {obj}, so together they have {c} {obj}."
-    return q, s, c
+    return (q, s, c, KINDS.index(kind)) if with_kind else (q, s, c)
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
@@ -83,6 +88,12 @@ def main() -> None:
     assert not {r["prompt"] for r in train} & {r["prompt"] for r in test}
     _write_jsonl(HERE / "arith_qa" / "train.jsonl", train)
     _write_jsonl(HERE / "arith_qa" / "test.jsonl", test)
+
+    # A separate stream, so adding this set left the files above byte-identical.
+    kind_rng = random.Random(SEED + 1)
+    rows = [dict(zip(("text", "label"), _problem(kind_rng, with_kind=True)[::3], strict=True)) for _ in range(1200)]
+    _write_jsonl(HERE / "arith_kind" / "train.jsonl", rows[:1000])
+    _write_jsonl(HERE / "arith_kind" / "test.jsonl", rows[1000:])
 
 
 if __name__ == "__main__":

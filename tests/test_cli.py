@@ -114,9 +114,11 @@ def test_interrupted_run_resumes_from_its_checkpoint(tmp_path: Path) -> None:
         [*TUNELAB, "run", str(recipe)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
     deadline = time.time() + 120
-    while not list((out / "pretrain").glob("checkpoint-*")) and time.time() < deadline and proc.poll() is None:
+    while not list((out / "pretrain").glob("checkpoint-*/trainer_state.json")) and time.time() < deadline:
+        if proc.poll() is not None:
+            break
         time.sleep(0.05)
-    time.sleep(0.2)
+    time.sleep(0.2)  # the signal may land mid-save of a later checkpoint: resume must skip a torn one
     proc.send_signal(signal.SIGINT)
     output, _ = proc.communicate(timeout=120)
     assert proc.returncode == 130, output

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -50,3 +51,18 @@ def test_resume_skips_unchanged_stages_and_reruns_changed_ones(tmp_path: Path) -
 
     upstream = tunelab.run(tunelab.recipe_from_dict(data, ["pretrain.training.max_steps=3"]), resume=True)
     assert upstream.skipped == []  # a new pretrained model invalidates the SFT built on it
+
+
+def test_resume_skips_a_checkpoint_torn_by_a_kill(tmp_path: Path) -> None:
+    from tunelab.training import last_checkpoint
+
+    assert last_checkpoint(tmp_path / "none") is None
+    for step, complete in ((10, True), (20, True), (30, False)):
+        folder = tmp_path / f"checkpoint-{step}"
+        folder.mkdir()
+        (folder / "model.safetensors").write_text("x")
+        if complete:
+            (folder / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    (tmp_path / "checkpoint-40").mkdir()
+    (tmp_path / "checkpoint-40" / "trainer_state.json").write_text('{"global_st')  # torn mid-write
+    assert last_checkpoint(tmp_path) == str(tmp_path / "checkpoint-20")

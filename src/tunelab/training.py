@@ -83,10 +83,24 @@ def _gpu_has_bf16() -> bool:
 
 
 def last_checkpoint(out_dir: Path) -> str | None:
-    """Newest complete `checkpoint-N` folder in `out_dir` (Trainer's own convention)."""
-    from transformers.trainer_utils import get_last_checkpoint
+    """Newest *complete* `checkpoint-N` folder in `out_dir`.
 
-    return get_last_checkpoint(str(out_dir)) if out_dir.is_dir() else None
+    The Trainer writes trainer_state.json last, so a folder without a readable one was torn by a
+    kill mid-save; transformers' own get_last_checkpoint would pick it and the resume would crash.
+    """
+    import json
+    import re
+
+    if not out_dir.is_dir():
+        return None
+    found = [(int(m.group(1)), p) for p in out_dir.iterdir() if (m := re.fullmatch(r"checkpoint-(\d+)", p.name))]
+    for _, path in sorted(found, reverse=True):
+        try:
+            json.loads((path / "trainer_state.json").read_text())
+        except (OSError, ValueError):
+            continue
+        return str(path)
+    return None
 
 
 def readable_progress(trainer: Any) -> None:

@@ -218,3 +218,14 @@ def test_eval_metric_unknown_offline_or_not_for_text(tmp_path: Path, tiny_lm: Pa
         ["validate", str(write(tmp_path, {**stage, "metrics": ["f1"]}))],
         "'f1' does not score generated text against a reference; generation metrics: exact_match, bleu",
     )
+
+
+def test_eval_of_a_model_without_tokenizer(tmp_path: Path, tiny_lm: Path) -> None:
+    import shutil
+
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(tiny_lm / name, bare / name)
+    fails(["validate", str(write(tmp_path, {"stage": "eval", "model": str(bare), "data": QA_TRAIN}))],
+          "has no tokenizer files")

@@ -89,6 +89,24 @@ def load_kwargs(spec: dict[str, Any]) -> dict[str, Any]:
     return kwargs
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "tokenizer.model", "vocab.json")
+
+
+def check_tokenizer(path: str, where: str) -> None:
+    """A local model (or adapter and its base) must carry a tokenizer; hub ids are checked on load."""
+    from tunelab.hub import local_path
+
+    folders = [path] + ([adapter_base(path)] if is_adapter(path) else [])
+    local = [local_path(f) for f in folders]
+    if any(p is None for p in local):
+        return
+    if not any((p / name).exists() for p in local for name in TOKENIZER_FILES):
+        raise TunelabError(
+            f"'{where}' is '{path}', which has no tokenizer files ({', '.join(TOKENIZER_FILES[:2])}): "
+            "save the tokenizer beside the model (tokenizer.save_pretrained(folder))"
+        )
+
+
 def load_tokenizer(path: str, **kwargs: Any):
     """The tokenizer of a model or adapter folder (adapter folders may hold their own)."""
     from transformers import AutoTokenizer

@@ -121,7 +121,7 @@ def _data(spec: StageSpec, prompt: str, reference: str):
 
 def check(spec: StageSpec, ctx: Context) -> None:
     from tunelab.hub import resolve_model
-    from tunelab.models import model_config, model_spec
+    from tunelab.models import check_tokenizer, model_config, model_spec
     from tunelab.quant import check_cpu_shapes, quant_config
 
     prompt, reference, _ = _options(spec)
@@ -132,7 +132,7 @@ def check(spec: StageSpec, ctx: Context) -> None:
         where = f"{spec.where}.models.{label}" if "models" in spec.cfg else f"{spec.where}.model"
         mspec = model_spec(value, where)
         if not ctx.is_pending(mspec["path"]):
-            resolve_model(ctx.resolve_ref(mspec["path"]), where)
+            check_tokenizer(resolve_model(ctx.resolve_ref(mspec["path"]), where), where)
         config = model_config(value, ctx, where) if quant is not None else None
         if config is not None:
             check_cpu_shapes(config, spec.cfg["quantization"], f"{spec.where}.quantization")

@@ -227,5 +227,7 @@ def test_eval_of_a_model_without_tokenizer(tmp_path: Path, tiny_lm: Path) -> Non
     bare.mkdir()
     for name in ("config.json", "model.safetensors"):
         shutil.copy(tiny_lm / name, bare / name)
-    fails(["validate", str(write(tmp_path, {"stage": "eval", "model": str(bare), "data": QA_TRAIN}))],
-          "has no tokenizer files")
+    fails(
+        ["validate", str(write(tmp_path, {"stage": "eval", "model": str(bare), "data": QA_TRAIN}))],
+        "has no tokenizer files",
+    )

@@ -218,6 +218,25 @@ def test_fewshot_prompts_and_answer_patterns(tmp_path: Path, tiny_lm: Path) -> N
         run_stage(tmp_path / "c", {**stage, "fewshot": {"k": 99, "data": QA_TEST}})
 
 
+def test_eval_command_without_a_recipe(tmp_path: Path, tiny_lm: Path) -> None:
+    out = CliRunner().invoke(
+        app,
+        [
+            "eval",
+            str(tiny_lm),
+            "recipes/data/arith_qa",
+            "data.split=test[:8]",
+            "generation.max_new_tokens=3",
+            "metrics=[exact_match, chrf]",
+            "--output-dir",
+            str(tmp_path / "ev"),
+        ],
+    )
+    assert out.exit_code == 0, out.output
+    metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())["eval"]["model"]
+    assert metrics["examples"] == 8 and "chrf" in metrics and "exact_match" in metrics
+
+
 def test_answer_extraction() -> None:
     assert answer("so the answer is 12.", r"answer is (\d+)") == "12"
     assert answer("no number", r"(\d+)") == ""

@@ -69,6 +69,31 @@ def run(
     print_summary(result)
 
 
+@app.command("eval")
+@friendly
+def eval_model(
+    model: Annotated[str, typer.Argument(help="Model folder, adapter folder, hub id, or pkg:PACKAGE/folder.")],
+    data: Annotated[str, typer.Argument(help="Dataset folder, file or hub id (split: test unless overridden).")],
+    overrides: Overrides = None,
+    output_dir: Annotated[str | None, typer.Option(help="Run folder (default: runs/eval-MODELNAME).")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a finished run in output_dir.")] = False,
+) -> None:
+    """Evaluate one model on a dataset: an eval stage without writing a recipe (overrides as in `run`)."""
+    from tunelab import recipe_from_dict
+    from tunelab.pipeline import run as run_recipe
+
+    name = Path(model.rstrip("/")).name or "model"
+    recipe = recipe_from_dict(
+        {
+            "name": f"eval-{name}",
+            "output_dir": output_dir or f"runs/eval-{name}",
+            "stages": {"eval": {"stage": "eval", "model": model, "data": data}},
+        },
+        overrides or [],
+    )
+    print_summary(run_recipe(recipe, overwrite=overwrite))
+
+
 @app.command()
 @friendly
 def validate(

@@ -58,3 +58,27 @@ def tiny_lm(tmp_path_factory: pytest.TempPathFactory) -> Path:
     recipe = tunelab.recipe_from_dict({"output_dir": str(out), "stages": {"pretrain": pretrain_stage(max_steps=4)}})
     result = tunelab.run(recipe)
     return result.outputs["pretrain"]
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder(tmp_path_factory: pytest.TempPathFactory, tiny_lm: Path) -> Path:
+    """A 2-layer BERT built from a config, with the tiny LM's tokenizer."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_lm)
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=128,
+        max_position_embeddings=128,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    path = tmp_path_factory.mktemp("encoder") / "bert"
+    BertModel(config).save_pretrained(path)
+    tokenizer.model_max_length = 128
+    tokenizer.save_pretrained(path)
+    return path

@@ -8,34 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 from peft import PeftModel
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertConfig, BertModel
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 import tunelab
 from tests.conftest import tiny_training
 
 KIND_TRAIN = {"path": "recipes/data/arith_kind", "split": "train[:96]"}
 KIND_TEST = {"path": "recipes/data/arith_kind", "split": "test[:48]"}
-
-
-@pytest.fixture(scope="module")
-def tiny_encoder(tmp_path_factory: pytest.TempPathFactory, tiny_lm: Path) -> Path:
-    """A 2-layer BERT built from a config, with the tiny LM's tokenizer."""
-    tokenizer = AutoTokenizer.from_pretrained(tiny_lm)
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=128,
-        max_position_embeddings=128,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    path = tmp_path_factory.mktemp("encoder") / "bert"
-    BertModel(config).save_pretrained(path)
-    tokenizer.model_max_length = 128
-    tokenizer.save_pretrained(path)
-    return path
 
 
 def classify(tmp_path: Path, model: str, **extra) -> tunelab.RunResult:

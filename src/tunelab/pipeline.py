@@ -201,7 +201,18 @@ def run(recipe: Recipe, overwrite: bool = False, resume: bool = False) -> RunRes
     manifest.update(status="completed", ended=runs.now())
     runs.write_json(run_dir / "run.json", manifest)
     result.status = "completed"
+    _report(run_dir)
     return result
+
+
+def _report(run_dir: Path) -> None:
+    """report.md and its plots. A finished run stays finished if drawing fails: say so, go on."""
+    from tunelab.reports import write_report
+
+    try:
+        write_report(run_dir)
+    except (ImportError, OSError, ValueError, TypeError, KeyError) as exc:
+        print(f"warning: report.md not written ({type(exc).__name__}: {exc})", flush=True)
 
 
 def _run_stage(

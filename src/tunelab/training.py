@@ -140,6 +140,9 @@ def train(trainer: Any, out_dir: Path, resume: bool) -> dict[str, float]:
     result = trainer.train(resume_from_checkpoint=checkpoint)
     metrics = {k: float(v) for k, v in result.metrics.items() if isinstance(v, (int, float))}
     metrics["global_step"] = float(result.global_step)
+    from tunelab.runs import write_json
+
+    write_json(out_dir / "log_history.json", trainer.state.log_history)  # loss curves for report.md
     if checkpoint:
         metrics["resumed_from_step"] = float(Path(checkpoint).name.split("-")[-1])
     return metrics

@@ -98,6 +98,17 @@ def _score(trainer, dataset) -> dict[str, float]:
     return {k.removeprefix("eval_"): float(v) for k, v in out.items() if k in ("eval_accuracy", "eval_f1")}
 
 
+def _confusion(trainer, dataset, names: list[str], out_dir) -> None:
+    """Counts of (true label, predicted label) on the held-out data, for the report's confusion matrix."""
+    from tunelab.runs import write_json
+
+    out = trainer.predict(dataset)
+    matrix = [[0] * len(names) for _ in names]
+    for true, pred in zip(out.label_ids.tolist(), out.predictions.argmax(-1).tolist(), strict=True):
+        matrix[true][pred] += 1
+    write_json(out_dir / "confusion.json", {"labels": names, "matrix": matrix})
+
+
 def run(spec: StageSpec, ctx: Context) -> StageResult:
     from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding, Trainer, set_seed
 
@@ -159,6 +170,7 @@ def run(spec: StageSpec, ctx: Context) -> StageResult:
     metrics.update(train(trainer, spec.out_dir, ctx.resume))
     if eval_enc is not None:
         metrics.update(_score(trainer, eval_enc))
+        _confusion(trainer, eval_enc, names, spec.out_dir)
     trainer.save_model(str(spec.out_dir))
     tokenizer.save_pretrained(str(spec.out_dir))
     prints = {"data": fingerprint(train_ds)} | ({"eval_data": fingerprint(eval_ds)} if eval_ds is not None else {})

@@ -1,0 +1,136 @@
+"""`report.md` with PNG plots beside it, written at the end of every run.
+
+What a person wants to see first: each stage's main numbers, the loss (and eval loss) against
+steps for training stages, the evaluated models' metrics side by side, and a confusion matrix for
+classifiers. Everything is read back from the run folder, so `write_report(run_dir)` can also
+redraw the report of an older run.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from tunelab.runs import read_json, write_atomic
+
+HEADLINE = ("train_loss", "eval_loss", "perplexity", "untrained_accuracy", "accuracy", "f1", "global_step")
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _loss_plot(history: list[dict[str, Any]], path: Path, title: str) -> bool:
+    series = {key: [(h["step"], h[key]) for h in history if key in h and "step" in h] for key in ("loss", "eval_loss")}
+    if not any(series.values()):
+        return False
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for key, points in series.items():
+        if points:
+            ax.plot(*zip(*points, strict=True), marker="." if len(points) < 30 else None, label=key)
+    ax.set(xlabel="step", ylabel="loss", title=title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def _metrics_plot(per_model: dict[str, dict[str, float]], path: Path, title: str) -> bool:
+    names = sorted({m for v in per_model.values() for m in v if m != "examples"})
+    if not names:
+        return False
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(names), figsize=(3 * len(names), 3.2), squeeze=False)
+    for ax, name in zip(axes[0], names, strict=True):
+        labels = list(per_model)
+        ax.bar(labels, [per_model[label].get(name, 0.0) for label in labels], color="tab:blue")
+        ax.set_title(name)
+        ax.tick_params(axis="x", rotation=30)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def _confusion_plot(confusion: dict[str, Any], path: Path, title: str) -> bool:
+    plt = _plt()
+    labels, matrix = confusion["labels"], confusion["matrix"]
+    fig, ax = plt.subplots(figsize=(1.2 * len(labels) + 2, 1.2 * len(labels) + 1.5))
+    ax.imshow(matrix, cmap="Blues")
+    ax.set(
+        xticks=range(len(labels)),
+        yticks=range(len(labels)),
+        xticklabels=labels,
+        yticklabels=labels,
+        xlabel="predicted",
+        ylabel="true",
+        title=title,
+    )
+    for i, row in enumerate(matrix):
+        for j, count in enumerate(row):
+            ax.text(j, i, str(count), ha="center", va="center")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def write_report(run_dir: Path) -> Path:
+    """Write `run_dir/report.md` (and PNGs in the stage folders) from the run's files."""
+    run_dir = Path(run_dir)
+    manifest = read_json(run_dir / "run.json") or {}
+    metrics = read_json(run_dir / "metrics.json") or {}
+    lines = [
+        f"# {manifest.get('name', run_dir.name)}",
+        "",
+        f"Status **{manifest.get('status')}**, seed {manifest.get('seed')}, "
+        f"started {manifest.get('started')}, ended {manifest.get('ended')}; "
+        f"device {manifest.get('device', {}).get('type')}.",
+        "",
+        "| stage | seconds | " + " | ".join(HEADLINE) + " |",
+        "|---" * (len(HEADLINE) + 2) + "|",
+    ]
+    stages = manifest.get("stages", {})
+    for stage, values in metrics.items():
+        row = [stage, _fmt(stages.get(stage, {}).get("seconds", ""))]
+        row += [_fmt(values.get(k, "")) for k in HEADLINE]
+        lines.append("| " + " | ".join(row) + " |")
+    lines.append("")
+    for stage, values in metrics.items():
+        folder = run_dir / stage
+        history = read_json(folder / "log_history.json")
+        if isinstance(history, list) and _loss_plot(history, folder / "loss.png", f"{stage}: loss"):
+            lines += [f"## {stage}: loss", "", f"![{stage} loss]({stage}/loss.png)", ""]
+        per_model = {k: v for k, v in values.items() if isinstance(v, dict)}
+        if per_model and _metrics_plot(per_model, folder / "metrics.png", f"{stage}: metrics by model"):
+            names = sorted({m for v in per_model.values() for m in v})
+            lines += [
+                f"## {stage}: metrics by model",
+                "",
+                "| model | " + " | ".join(names) + " |",
+                "|---" * (len(names) + 1) + "|",
+            ]
+            lines += [
+                "| " + " | ".join([label] + [_fmt(v.get(n, "")) for n in names]) + " |"
+                for label, v in per_model.items()
+            ]
+            lines += ["", f"![{stage} metrics]({stage}/metrics.png)", ""]
+        confusion = read_json(folder / "confusion.json")
+        if confusion and _confusion_plot(confusion, folder / "confusion.png", f"{stage}: confusion matrix"):
+            lines += [f"## {stage}: confusion matrix", "", f"![{stage} confusion]({stage}/confusion.png)", ""]
+    path = run_dir / "report.md"
+    write_atomic(path, "\n".join(lines) + "\n")
+    return path

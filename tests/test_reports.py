@@ -1,0 +1,47 @@
+"""report.md and its plots: written at the end of a run, from the run's own files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import tunelab
+from tests.conftest import QA_TEST, pretrain_stage
+from tests.test_classify import classify
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def test_pipeline_report_has_loss_curves_and_metrics_by_model(tmp_path: Path) -> None:
+    result = tunelab.run(
+        tunelab.recipe_from_dict(
+            {
+                "output_dir": str(tmp_path / "run"),
+                "stages": {
+                    "pretrain": pretrain_stage(max_steps=4),
+                    "eval": {
+                        "stage": "eval",
+                        "models": {"a": "${pretrain}", "b": "${pretrain}"},
+                        "data": QA_TEST,
+                        "generation": {"max_new_tokens": 2},
+                    },
+                },
+            }
+        )
+    )
+    report = (result.run_dir / "report.md").read_text()
+    assert "| pretrain |" in report and "## pretrain: loss" in report and "## eval: metrics by model" in report
+    for png in ("pretrain/loss.png", "eval/metrics.png"):
+        assert f"]({png})" in report and (result.run_dir / png).read_bytes().startswith(PNG)
+    history = json.loads((result.run_dir / "pretrain" / "log_history.json").read_text())
+    assert [h["step"] for h in history if "loss" in h] == [1, 2, 3, 4]
+
+
+def test_classifier_report_has_a_confusion_matrix(tmp_path: Path, tiny_encoder: Path) -> None:
+    result = classify(tmp_path, str(tiny_encoder))
+    confusion = json.loads((result.run_dir / "cls" / "confusion.json").read_text())
+    assert confusion["labels"] == ["buy", "give", "total"]
+    assert sum(map(sum, confusion["matrix"])) == 48  # every held-out example counted once
+    assert sum(confusion["matrix"][i][i] for i in range(3)) / 48 == result.metrics["cls"]["accuracy"]
+    assert (result.run_dir / "cls" / "confusion.png").read_bytes().startswith(PNG)
+    assert "## cls: confusion matrix" in (result.run_dir / "report.md").read_text()

@@ -192,6 +192,33 @@ def compare(
     Console().print(table)
 
 
+@app.command()
+@friendly
+def attention(
+    model: Annotated[str, typer.Argument(help="Model folder, adapter folder or hub id.")],
+    text: Annotated[str, typer.Argument(help="The text to look at.")],
+    layers: Annotated[str, typer.Option(help="Comma-separated layer indices (default: all; -1 is the last).")] = "",
+    heads: Annotated[str, typer.Option(help="Comma-separated head indices (default: all).")] = "",
+    out: Annotated[Path, typer.Option(help="PNG file to write.")] = Path("attention.png"),
+) -> None:
+    """Draw the attention weights of chosen layers and heads for one text as heatmaps (PNG)."""
+    from tunelab.attention import draw
+    from tunelab.errors import TunelabError
+    from tunelab.hub import configure_offline
+    from tunelab.training import quiet
+
+    def ints(value: str, what: str) -> list[int] | None:
+        try:
+            return [int(v) for v in value.split(",") if v.strip()] or None
+        except ValueError:
+            raise TunelabError(f"--{what} must be comma-separated integers, got {value!r}") from None
+
+    configure_offline()
+    quiet()
+    path = draw(model, text, out, ints(layers, "layers"), ints(heads, "heads"))
+    typer.echo(f"attention heatmaps written to {path}")
+
+
 @app.command("list")
 @friendly
 def list_recipes() -> None:

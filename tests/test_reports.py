@@ -45,3 +45,17 @@ def test_classifier_report_has_a_confusion_matrix(tmp_path: Path, tiny_encoder: 
     assert sum(confusion["matrix"][i][i] for i in range(3)) / 48 == result.metrics["cls"]["accuracy"]
     assert (result.run_dir / "cls" / "confusion.png").read_bytes().startswith(PNG)
     assert "## cls: confusion matrix" in (result.run_dir / "report.md").read_text()
+
+
+def test_reward_and_kl_curves_are_drawn_when_logged(tmp_path: Path) -> None:
+    from tunelab.reports import write_report
+
+    run = tmp_path / "run"
+    (run / "ppo").mkdir(parents=True)
+    (run / "run.json").write_text(json.dumps({"name": "r", "status": "completed", "stages": {}}))
+    (run / "metrics.json").write_text(json.dumps({"ppo": {"train_loss": 0.5}}))
+    history = [{"step": s, "loss": 1 / s, "objective/kl": 0.1 * s, "env/reward_mean": s} for s in (1, 2, 3)]
+    (run / "ppo" / "log_history.json").write_text(json.dumps(history))
+    report = write_report(run).read_text()
+    assert "## ppo: reward and KL" in report and (run / "ppo" / "signals.png").read_bytes().startswith(PNG)
+    assert "## ppo: loss" in report

@@ -25,8 +25,18 @@ def _plt():
     return plt
 
 
-def _loss_plot(history: list[dict[str, Any]], path: Path, title: str) -> bool:
-    series = {key: [(h["step"], h[key]) for h in history if key in h and "step" in h] for key in ("loss", "eval_loss")}
+SIGNAL_WORDS = ("reward", "kl")  # what preference and RL trainers log beside the loss
+
+
+def _signal_keys(history: list[dict[str, Any]]) -> tuple[str, ...]:
+    keys = {k for h in history for k, v in h.items() if isinstance(v, (int, float)) and k not in ("step", "epoch")}
+    return tuple(sorted(k for k in keys if any(w in k.lower() for w in SIGNAL_WORDS)))
+
+
+def _loss_plot(
+    history: list[dict[str, Any]], path: Path, title: str, keys=("loss", "eval_loss"), ylabel: str = "loss"
+) -> bool:
+    series = {key: [(h["step"], h[key]) for h in history if key in h and "step" in h] for key in keys}
     if not any(series.values()):
         return False
     plt = _plt()
@@ -34,7 +44,7 @@ def _loss_plot(history: list[dict[str, Any]], path: Path, title: str) -> bool:
     for key, points in series.items():
         if points:
             ax.plot(*zip(*points, strict=True), marker="." if len(points) < 30 else None, label=key)
-    ax.set(xlabel="step", ylabel="loss", title=title)
+    ax.set(xlabel="step", ylabel=ylabel, title=title)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -114,6 +124,9 @@ def write_report(run_dir: Path) -> Path:
         history = read_json(folder / "log_history.json")
         if isinstance(history, list) and _loss_plot(history, folder / "loss.png", f"{stage}: loss"):
             lines += [f"## {stage}: loss", "", f"![{stage} loss]({stage}/loss.png)", ""]
+        signals = _signal_keys(history) if isinstance(history, list) else ()
+        if signals and _loss_plot(history, folder / "signals.png", f"{stage}: reward / KL", signals, "value"):
+            lines += [f"## {stage}: reward and KL", "", f"![{stage} signals]({stage}/signals.png)", ""]
         per_model = {k: v for k, v in values.items() if isinstance(v, dict)}
         if per_model and _metrics_plot(per_model, folder / "metrics.png", f"{stage}: metrics by model"):
             names = sorted({m for v in per_model.values() for m in v})

@@ -39,6 +39,22 @@ def model_spec(value: Any, where: str) -> dict[str, Any]:
     return dict(spec)
 
 
+def stage_model(spec: Any, ctx: Any, hint: str = "a hub id, a folder, or an earlier stage (${name})"):
+    """A stage's `model:` as from_pretrained arguments with a loadable path.
+
+    None while checking a pipeline whose earlier stage, named by `${stage}`, has not run yet.
+    """
+    from tunelab.hub import resolve_model
+
+    if "model" not in spec.cfg:
+        raise TunelabError(f"'{spec.where}' has no `model:`: name {hint}")
+    mspec = model_spec(spec.cfg["model"], f"{spec.where}.model")
+    if ctx.checking and ctx.is_pending(mspec["path"]):
+        return None
+    mspec["path"] = resolve_model(ctx.resolve_ref(mspec["path"]), f"{spec.where}.model")
+    return mspec
+
+
 def is_adapter(path: str | Path) -> bool:
     return Path(path, "adapter_config.json").is_file()
 

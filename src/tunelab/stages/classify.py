@@ -64,16 +64,9 @@ def _data(spec: StageSpec):
 
 
 def _model_path(spec: StageSpec, ctx: Context) -> dict[str, Any] | None:
-    from tunelab.hub import resolve_model
-    from tunelab.models import model_spec
+    from tunelab.models import stage_model
 
-    if "model" not in spec.cfg:
-        raise TunelabError(f"'{spec.where}' has no `model:`: name an encoder (folder, hub id or pkg:...)")
-    mspec = model_spec(spec.cfg["model"], f"{spec.where}.model")
-    if ctx.checking and ctx.is_pending(mspec["path"]):
-        return None
-    mspec["path"] = resolve_model(ctx.resolve_ref(mspec["path"]), f"{spec.where}.model")
-    return mspec
+    return stage_model(spec, ctx, "an encoder (folder, hub id or pkg:PACKAGE/folder)")
 
 
 def _lora(spec: StageSpec):

@@ -60,17 +60,9 @@ def _args(spec: StageSpec, ctx: Context):
 
 
 def _model_path(spec: StageSpec, ctx: Context) -> dict[str, Any] | None:
-    """The model to load, or None while checking a pipeline whose earlier stage has not run."""
-    from tunelab.hub import resolve_model
-    from tunelab.models import model_spec
+    from tunelab.models import stage_model
 
-    if "model" not in spec.cfg:
-        raise TunelabError(f"'{spec.where}' has no `model:`: name a hub id, a folder, or an earlier stage (${{name}})")
-    mspec = model_spec(spec.cfg["model"], f"{spec.where}.model")
-    if ctx.checking and ctx.is_pending(mspec["path"]):
-        return None
-    mspec["path"] = resolve_model(ctx.resolve_ref(mspec["path"]), f"{spec.where}.model")
-    return mspec
+    return stage_model(spec, ctx)
 
 
 def _datasets(spec: StageSpec, text_field: str):

@@ -19,7 +19,7 @@ runner = CliRunner()
 def write(tmp_path: Path, recipe: dict, name: str = "recipe.yaml") -> Path:
     path = tmp_path / name
     recipe.setdefault("output_dir", str(tmp_path / "out"))
-    path.write_text(yaml.safe_dump(recipe))
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     return path
 
 

@@ -15,6 +15,11 @@ model's answer can be checked exactly. Three datasets share one small world
   ``test`` split) for supervised fine-tuning and exact-match evaluation.
 - ``arith_kind/``: ``text``/``label`` rows (``train``, ``test``) for text
   classification: which kind of problem a question is (0 buy, 1 give, 2 total).
+- ``arith_pref/``: ``prompt``/``chosen``/``rejected`` preference pairs for reward
+  modelling and DPO: chosen is the correct answer, rejected a wrong one of the
+  kinds a small model makes (off by a little, the other operation, an operand
+  repeated, a random number). ``test`` asks the 300 held-out ``arith_qa``
+  questions; ``train`` never does.
 
 Held-out questions never appear in the training split (checked below).
 """
@@ -23,6 +28,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from pathlib import Path
 
 SEED = 1234
@@ -94,6 +100,37 @@ def main() -> None:
     rows = [dict(zip(("text", "label"), _problem(kind_rng, with_kind=True)[::3], strict=True)) for _ in range(1200)]
     _write_jsonl(HERE / "arith_kind" / "train.jsonl", rows[:1000])
     _write_jsonl(HERE / "arith_kind" / "test.jsonl", rows[1000:])
+
+    # Preference pairs, from their own stream too.
+    pref_rng = random.Random(SEED + 2)
+    held_out = {r["prompt"] for r in test}
+    pref_train: list[dict] = []
+    while len(pref_train) < 2000:
+        q, _, c = _problem(pref_rng)
+        prompt = f"Question: {q}\nAnswer:"
+        if prompt in held_out:
+            continue
+        pref_train.append(_pair(pref_rng, prompt, c))
+    pref_test = [_pair(pref_rng, r["prompt"], int(r["completion"])) for r in test]
+    _write_jsonl(HERE / "arith_pref" / "train.jsonl", pref_train)
+    _write_jsonl(HERE / "arith_pref" / "test.jsonl", pref_test)
+
+
+def _pair(rng: random.Random, prompt: str, c: int) -> dict:
+    """A preference pair: the correct answer against a plausible wrong one."""
+    a, b = (int(n) for n in re.findall(r"\d+", prompt.split("How many")[0])[:2])
+    while True:
+        kind = rng.random()
+        if kind < 0.4:
+            wrong = c + rng.choice([-3, -2, -1, 1, 2, 3])
+        elif kind < 0.6:
+            wrong = abs(a - b) if c == a + b else a + b  # the other operation
+        elif kind < 0.8:
+            wrong = rng.choice([a, b])  # an operand repeated
+        else:
+            wrong = rng.randint(0, 2 * MAX_N)
+        if wrong >= 0 and wrong != c:
+            return {"prompt": prompt, "chosen": f" {c}", "rejected": f" {wrong}"}
 
 
 if __name__ == "__main__":

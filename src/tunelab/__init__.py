@@ -36,14 +36,21 @@ def validate(recipe: Recipe, overwrite: bool = False, resume: bool = False) -> s
 
 
 def run(
-    recipe: Recipe | str, overrides: list[str] | tuple[str, ...] = (), overwrite: bool = False, resume: bool = False
+    recipe: Recipe | str,
+    overrides: list[str] | tuple[str, ...] = (),
+    overwrite: bool = False,
+    resume: bool = False,
+    from_stage: str | None = None,
 ) -> RunResult:
-    """Run a recipe (a Recipe, a path or a shipped name) and return its metrics and outputs."""
+    """Run a recipe (a Recipe, a path or a shipped name) and return its metrics and outputs.
+
+    `from_stage` reruns that stage and the ones after it in an existing run (`tunelab run --from`).
+    """
     from tunelab.pipeline import run as _run
 
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe, overrides)
-    return _run(recipe, overwrite=overwrite, resume=resume)
+    return _run(recipe, overwrite=overwrite, resume=resume, from_stage=from_stage)
 
 
 def merge(adapter_dir: str | Path, out_dir: str | Path, base: str | None = None, overwrite: bool = False) -> Path:

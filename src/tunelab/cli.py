@@ -59,13 +59,20 @@ def run(
     overrides: Overrides = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a finished run in output_dir.")] = False,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an unfinished run from its checkpoints.")] = False,
+    from_stage: Annotated[
+        str | None,
+        typer.Option("--from", help="Rerun this stage and the ones after it in an existing run (keeps earlier ones)."),
+    ] = None,
 ) -> None:
-    """Run a recipe: every stage in order, then a summary of metrics and files."""
+    """Run a recipe: every stage in order, then a summary of metrics and files.
+
+    Rerunning a pipeline with --resume skips stages that finished with the same config and inputs.
+    """
     from tunelab import load_recipe
     from tunelab.pipeline import run as run_recipe
 
     parsed = load_recipe(recipe, overrides or [])
-    result = run_recipe(parsed, overwrite=overwrite, resume=resume)
+    result = run_recipe(parsed, overwrite=overwrite, resume=resume, from_stage=from_stage)
     print_summary(result)
 
 
@@ -101,13 +108,14 @@ def validate(
     overrides: Overrides = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Validate as for `run --overwrite`.")] = False,
     resume: Annotated[bool, typer.Option("--resume", help="Validate as for `run --resume`.")] = False,
+    from_stage: Annotated[str | None, typer.Option("--from", help="Validate as for `run --from STAGE`.")] = None,
 ) -> None:
     """Check a recipe without training: keys, types, files, dataset columns, output folder."""
     from tunelab import load_recipe
     from tunelab.pipeline import check
 
     parsed = load_recipe(recipe, overrides or [])
-    mode = check(parsed, overwrite=overwrite, resume=resume)
+    mode = check(parsed, overwrite=overwrite, resume=resume, from_stage=from_stage)
     fate = {"new": "will be created", "resume": "will be resumed", "overwrite": "will be replaced"}[mode]
     typer.secho(
         f"ok: {len(parsed.stages)} stage(s) ({', '.join(parsed.stages)}); output_dir {parsed.output_dir} {fate}",
@@ -299,6 +307,14 @@ SUMMARY_KEYS = (
     "untrained_accuracy",
     "accuracy",
     "f1",
+    "untrained_pairwise_accuracy",
+    "pairwise_accuracy",
+    "first_score",
+    "last_score",
+    "last_kl",
+    "first_reward",
+    "last_reward",
+    "eval_rewards/accuracies",
     "params",
     "trainable_params",
 )

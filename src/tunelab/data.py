@@ -105,3 +105,13 @@ def require_columns(ds, needed: Iterable[str], where: str, purpose: str) -> None
 def fingerprint(ds) -> str:
     """datasets' own content fingerprint, recorded in run.json."""
     return str(getattr(ds, "_fingerprint", ""))
+
+
+def require_preferences(ds, where: str) -> None:
+    """Preference pairs: `chosen` and `rejected` columns, with or without `prompt` (plain text or messages)."""
+    missing = [c for c in ("chosen", "rejected") if c not in ds.column_names]
+    if missing:
+        raise TunelabError(
+            f"'{where}' is not preference data: it has no {' or '.join(repr(m) for m in missing)} column "
+            f"(pairs need 'chosen' and 'rejected', optionally 'prompt'); its columns are {', '.join(ds.column_names)}"
+        )

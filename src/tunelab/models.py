@@ -155,7 +155,10 @@ def load_causal_lm(spec: dict[str, Any], quantization: Any = None, merge_adapter
 
         base = AutoModelForCausalLM.from_pretrained(adapter_base(path), **kwargs)
         model = PeftModel.from_pretrained(base, path)
-        return model.merge_and_unload() if merge_adapter else model
+        if not merge_adapter:
+            return model
+        # PeftModel froze the base for inference; the merged model is trained on by later stages.
+        return model.merge_and_unload().requires_grad_(True)
     return AutoModelForCausalLM.from_pretrained(path, **kwargs)
 
 
@@ -231,3 +234,110 @@ def merge(adapter_dir: str | Path, out_dir: str | Path, base: str | None = None,
         shutil.rmtree(out_dir)
     tmp.rename(out_dir)
     return out_dir
+
+
+def load_sequence_classifier(spec: dict[str, Any], num_labels: int = 1, quantization: Any = None):
+    """A sequence classifier (a reward model when `num_labels=1`) from a model, adapter or classifier folder.
+
+    A causal LM (or an SFT adapter on one) gets a new, seeded score head on its
+    backbone: the usual start of a reward model. A classifier adapter (task type
+    SEQ_CLS, saved with its head) is loaded on its base; merged unless quantized.
+    """
+    from transformers import AutoModelForSequenceClassification
+
+    path, kwargs = spec["path"], load_kwargs(spec)
+    if is_adapter(path) and _adapter_task(path) == "SEQ_CLS":
+        from peft import PeftModel
+
+        base = load_sequence_classifier({**spec, "path": adapter_base(path)}, num_labels, quantization)
+        model = PeftModel.from_pretrained(base, path)
+        return model if quantization is not None else model.merge_and_unload()
+    if is_adapter(path):
+        return _classifier_on_adapter(spec, num_labels, quantization)
+    if quantization is not None:
+        kwargs["quantization_config"] = quantization
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, **kwargs)
+    return _with_pad(model, path)
+
+
+def _adapter_task(path: str | Path) -> str | None:
+    return json.loads(Path(path, "adapter_config.json").read_text()).get("task_type")
+
+
+def _classifier_on_adapter(spec: dict[str, Any], num_labels: int, quantization: Any):
+    """A classifier whose backbone is a causal LM adapter merged into its base."""
+    import tempfile
+
+    from transformers import AutoModelForSequenceClassification
+
+    causal = load_causal_lm({**spec, "path": spec["path"]})
+    if quantization is not None:
+        # Quantization happens at load time: materialise the merged model, then load it quantized.
+        with tempfile.TemporaryDirectory(prefix="tunelab-merged-") as tmp:
+            causal.save_pretrained(tmp)
+            del causal
+            kwargs = {**load_kwargs(spec), "quantization_config": quantization}
+            model = AutoModelForSequenceClassification.from_pretrained(tmp, num_labels=num_labels, **kwargs)
+    else:
+        config = causal.config
+        config.num_labels = num_labels
+        model = AutoModelForSequenceClassification.from_config(config, dtype=causal.dtype)
+        prefix = causal.base_model_prefix
+        getattr(model, prefix).load_state_dict(getattr(causal, prefix).state_dict())
+    model.config.name_or_path = str(spec["path"])
+    return _with_pad(model, spec["path"])
+
+
+def _with_pad(model: Any, path: str):
+    """Classifiers find each sequence's last token through pad_token_id; take the tokenizer's."""
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = load_tokenizer(path).pad_token_id
+    return model
+
+
+def reward_scores(model: Any, tokenizer: Any, texts: list[str], batch_size: int = 32) -> list[float]:
+    """A reward model's score of each full text (prompt + answer).
+
+    Texts end with the EOS token, as `trl.RewardTrainer` trains on them and as
+    PPO scores a response that stopped at EOS.
+    """
+    import torch
+
+    tokenizer.padding_side = "right"
+    eos = tokenizer.eos_token or ""
+    out: list[float] = []
+    model.eval()
+    for start in range(0, len(texts), batch_size):
+        batch = [t if t.endswith(eos) else t + eos for t in texts[start : start + batch_size]]
+        enc = tokenizer(batch, return_tensors="pt", padding=True).to(model.device)
+        with torch.no_grad():
+            out += model(**enc).logits[:, 0].float().tolist()
+    return out
+
+
+def tokenizer_origin(value: Any, ctx: Any, where: str) -> str:
+    """Where the tokenizer of the model `value` names comes from: a folder or hub id, or the stage that makes it.
+
+    Lets a pipeline compare two models' tokenizers before the stages that make them have run.
+    """
+    from tunelab.hub import resolve_model
+    from tunelab.recipe import REF
+
+    path = model_spec(value, where)["path"]
+    match = REF.match(path.strip())
+    if match and ctx.is_pending(path):
+        return ctx.tokenizers.get(match.group(1), f"stage '{match.group(1)}'")
+    path = resolve_model(ctx.resolve_ref(path), where)
+    if is_adapter(path) and not Path(path, "tokenizer_config.json").exists():
+        path = adapter_base(path)
+    return path
+
+
+def same_tokenizer(a: str, b: str) -> bool:
+    """Whether two tokenizer origins (see `tokenizer_origin`) give the same token ids."""
+    if a == b:
+        return True
+    if a.startswith("stage '") or b.startswith("stage '"):
+        return False
+    first, second = load_tokenizer(a), load_tokenizer(b)
+    return first.get_vocab() == second.get_vocab() and first.pad_token_id == second.pad_token_id

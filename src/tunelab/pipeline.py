@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -24,7 +25,7 @@ from tunelab import runs
 from tunelab.errors import TunelabError
 from tunelab.hub import configure_offline
 from tunelab.recipe import Recipe, iter_refs
-from tunelab.stages import Context, StageResult, StageSpec, stage_module
+from tunelab.stages import Context, StageResult, StageSpec, stage_module, tokenizer_origin
 
 
 @dataclass
@@ -49,18 +50,37 @@ def _specs(recipe: Recipe) -> list[StageSpec]:
     ]
 
 
-def check(recipe: Recipe, overwrite: bool = False, resume: bool = False) -> str:
+def check(recipe: Recipe, overwrite: bool = False, resume: bool = False, from_stage: str | None = None) -> str:
     """Everything `tunelab validate` checks. Returns what would happen to the output folder."""
-    return _check(recipe, overwrite, resume)[0]
+    return _check(recipe, overwrite, resume, from_stage)[0]
 
 
-def _check(recipe: Recipe, overwrite: bool, resume: bool) -> tuple[str, list[Any]]:
+def _check(recipe: Recipe, overwrite: bool, resume: bool, from_stage: str | None = None) -> tuple[str, list[Any]]:
     """Checks, and the memory plans made on the way (advisory: a plan that fails is skipped)."""
     configure_offline()
+    if from_stage is not None:
+        _check_from(recipe, from_stage, overwrite)
+        resume = True
     mode = runs.check_output_dir(recipe.output_dir, overwrite, resume)
     if mode == "resume":
-        _check_resumable(recipe)
+        _check_resumable(recipe, from_stage)
     return mode, _inspect(recipe, strict_plans=False)
+
+
+def _check_from(recipe: Recipe, from_stage: str, overwrite: bool) -> None:
+    """`--from STAGE` reruns STAGE and the stages after it in an existing run."""
+    from tunelab.errors import closest
+
+    if overwrite:
+        raise TunelabError("--from and --overwrite contradict each other: --from keeps the stages before it")
+    if from_stage not in recipe.stages:
+        guess = closest(from_stage, recipe.stages)
+        hint = f"did you mean '{guess}'?" if guess else f"stages: {', '.join(recipe.stages)}"
+        raise TunelabError(f"--from: the recipe has no stage '{from_stage}'; {hint}")
+    if runs.read_json(recipe.output_dir / "run.json") is None:
+        raise TunelabError(
+            f"--from {from_stage}: '{recipe.output_dir}' holds no run to continue; run the whole recipe without --from"
+        )
 
 
 def plan(recipe: Recipe) -> list[Any]:
@@ -88,6 +108,9 @@ def _inspect(recipe: Recipe, strict_plans: bool) -> list[Any]:
         if stage_plan is not None:
             plans.append(stage_plan)
         if module.PRODUCES_MODEL:
+            origin = tokenizer_origin(module, spec, ctx)
+            if origin is not None:
+                ctx.tokenizers[spec.name] = origin
             ctx.outputs[spec.name] = spec.out_dir
     return plans
 
@@ -121,9 +144,11 @@ def _diff(old: Any, new: Any, where: str) -> list[str]:
     return [] if old == new else [f"{where}: {old!r} -> {new!r}"]
 
 
-def _check_resumable(recipe: Recipe) -> None:
+def _check_resumable(recipe: Recipe, from_stage: str | None = None) -> None:
     """An interrupted stage can only continue from its checkpoint with the same config."""
     for spec in _specs(recipe):
+        if spec.name == from_stage:
+            return  # this stage and the ones after it start again
         record = runs.read_json(spec.out_dir / "stage.json")
         if not record or record.get("status") == "completed":
             continue
@@ -135,9 +160,13 @@ def _check_resumable(recipe: Recipe) -> None:
             )
 
 
-def run(recipe: Recipe, overwrite: bool = False, resume: bool = False) -> RunResult:
-    """Check the recipe, then run its stages; returns metrics and output folders."""
-    mode, plans = _check(recipe, overwrite, resume)
+def run(recipe: Recipe, overwrite: bool = False, resume: bool = False, from_stage: str | None = None) -> RunResult:
+    """Check the recipe, then run its stages; returns metrics and output folders.
+
+    `resume` skips stages that completed with the same fingerprint and continues interrupted ones;
+    `from_stage` also reruns that stage and every stage after it.
+    """
+    mode, plans = _check(recipe, overwrite, resume, from_stage)
     _warn_memory(plans)
     print(
         f"tunelab: {recipe.data['name']} ({', '.join(recipe.stages)}) -> {recipe.output_dir}"
@@ -168,11 +197,13 @@ def run(recipe: Recipe, overwrite: bool = False, resume: bool = False) -> RunRes
     result = RunResult(run_dir=run_dir, status="running")
     ctx = Context(seed=recipe.seed, run_dir=run_dir, resume=mode == "resume")
     fingerprints: dict[str, str] = {}
+    rerun = False
     try:
         for spec in _specs(recipe):
             fp = _fingerprint(spec, recipe.seed, fingerprints)
             record = runs.read_json(spec.out_dir / "stage.json") or {}
-            if record and record.get("fingerprint") != fp:
+            rerun = rerun or spec.name == from_stage
+            if record and (rerun or record.get("fingerprint") != fp):
                 # Config or inputs changed since this folder was written: its checkpoints do not apply.
                 shutil.rmtree(spec.out_dir)
                 record = {}
@@ -234,12 +265,21 @@ def _run_stage(
     set_seed(ctx.seed)
     print(f"-- {spec.name} ({spec.kind}) -> {spec.out_dir}", flush=True)
     start = time.perf_counter()
+    # TensorBoard events in the stage folder; transformers would otherwise write `./runs/DATE` when a
+    # trainer logs before training (an evaluation first).
+    tb_dir = os.environ.get("TENSORBOARD_LOGGING_DIR")
+    os.environ["TENSORBOARD_LOGGING_DIR"] = tb_dir or str(spec.out_dir / "runs")
     try:
         out = stage_module(spec.kind).run(spec, ctx)
     except BaseException as exc:
         record.update(status="interrupted" if isinstance(exc, KeyboardInterrupt) else "failed", ended=runs.now())
+        if not isinstance(exc, KeyboardInterrupt):
+            record["error"] = f"{type(exc).__name__}: {exc}"[:500]
         runs.write_json(spec.out_dir / "stage.json", record)
         raise
+    finally:
+        if tb_dir is None:
+            os.environ.pop("TENSORBOARD_LOGGING_DIR", None)
     seconds = time.perf_counter() - start
     record.update(
         status="completed",

@@ -291,3 +291,21 @@ def suggestions(plan: StagePlan, budget: float) -> list[str]:
 
 def ceil_gib(value: float) -> float:
     return math.ceil(value / GiB * 10) / 10
+
+
+def policy_plan(spec: Any, ctx: Any, args: Any) -> StagePlan | None:
+    """The training plan of a stage's `model:` with its `lora:` and `quantization:` (None if not knowable yet)."""
+    from tunelab.models import model_config, model_spec
+
+    config = model_config(spec.cfg["model"], ctx, f"{spec.where}.model")
+    if config is None:
+        return None
+    return plan_training(
+        spec.name,
+        spec.kind,
+        config,
+        args,
+        lora=spec.cfg.get("lora"),
+        quantization=spec.cfg.get("quantization"),
+        load_dtype=model_spec(spec.cfg["model"], f"{spec.where}.model").get("dtype"),
+    )

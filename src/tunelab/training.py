@@ -20,6 +20,7 @@ def quiet() -> None:
     """Silence the libraries' known noise; keep progress bars, warnings that matter, errors."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # PPO lives in trl.experimental (TRL 1.12); we know
     for name in ("bitsandbytes",):  # before its import: it logs a Hub kernel it cannot fetch offline
         logging.getLogger(name).setLevel(logging.ERROR)
     import datasets
@@ -103,18 +104,32 @@ def last_checkpoint(out_dir: Path) -> str | None:
     return None
 
 
+PROGRESS_KEYS = ("loss", "eval_loss", "grad_norm", "learning_rate", "mean_token_accuracy", "accuracy", "epoch")
+RL_KEYS = {  # what PPO and GRPO log per step, in the order people read them
+    "objective/scores": "score",
+    "objective/kl": "kl",
+    "objective/entropy": "entropy",
+    "loss/value_avg": "value_loss",
+    "reward": "reward",
+    "kl": "kl",
+    "rewards/chosen": "chosen",
+    "rewards/accuracies": "pref_acc",
+}
+
+
 def readable_progress(trainer: Any) -> None:
     """Replace the Trainer's dict-per-log printing with one compact line per log."""
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-    keys = ("loss", "eval_loss", "grad_norm", "learning_rate", "mean_token_accuracy", "epoch")
+    keys = PROGRESS_KEYS
 
     def line(state: Any, logs: dict[str, Any]) -> str | None:
         parts = [f"step {state.global_step}/{state.max_steps}"]
+        parts += [f"{label} {logs[k]:.4g}" for k, label in RL_KEYS.items() if isinstance(logs.get(k), (int, float))]
         parts += [
             f"{k.replace('learning_rate', 'lr')} {logs[k]:.4g}" for k in keys if isinstance(logs.get(k), (int, float))
         ]
-        return "  ".join(parts) if any(k in logs for k in keys[:-1]) else None
+        return "  ".join(parts) if any(k in logs for k in (*keys[:-1], *RL_KEYS)) else None
 
     class _Progress(ProgressCallback):
         def on_log(self, args, state, control, logs=None, **kwargs):
@@ -146,3 +161,45 @@ def train(trainer: Any, out_dir: Path, resume: bool) -> dict[str, float]:
     if checkpoint:
         metrics["resumed_from_step"] = float(Path(checkpoint).name.split("-")[-1])
     return metrics
+
+
+class Diverged(Exception):
+    """Training stopped by `divergence_guard`; the message says why and at which step."""
+
+
+def divergence_guard(trainer: Any, kl_limit: float | None, kl_keys: tuple[str, ...] = ("objective/kl", "kl")) -> None:
+    """Stop training when a logged loss or reward turns NaN/inf, or the KL to the reference passes `kl_limit`.
+
+    It raises from `on_log`, which TRL's trainers call before the step's checkpoint is
+    saved, so the checkpoints on disk are all from before the blow-up.
+    """
+    import math
+
+    from transformers import TrainerCallback
+
+    class _Guard(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            for key, value in (logs or {}).items():
+                if not isinstance(value, float) or key in ("learning_rate", "lr"):
+                    continue
+                if not math.isfinite(value):
+                    raise Diverged(f"'{key}' became {value} at step {state.global_step}")
+                if kl_limit is not None and key in kl_keys and value > kl_limit:
+                    raise Diverged(
+                        f"KL to the reference model reached {value:.3g} at step {state.global_step}, "
+                        f"past kl_limit={kl_limit:g}"
+                    )
+
+    trainer.add_callback(_Guard())
+
+
+def diverged_error(where: str, reason: Diverged, out_dir: Path):
+    """The one-line error for a diverged run, naming the newest checkpoint that is still good."""
+    from tunelab.errors import TunelabError
+
+    good = last_checkpoint(out_dir)
+    kept = f"the last good checkpoint is {good}" if good else "no checkpoint was saved before it (set save_steps)"
+    return TunelabError(
+        f"'{where}' stopped: {reason}; {kept}. Lower training.learning_rate, raise training.kl_coef/beta, "
+        "or raise kl_limit"
+    )

@@ -27,6 +27,10 @@ STAGES: dict[str, str] = {
     "sft": "tunelab.stages.sft",
     "eval": "tunelab.stages.eval",
     "classify": "tunelab.stages.classify",
+    "reward": "tunelab.stages.reward",
+    "ppo": "tunelab.stages.ppo",
+    "dpo": "tunelab.stages.dpo",
+    "grpo": "tunelab.stages.grpo",
 }
 
 
@@ -68,6 +72,8 @@ class Context:
     """Model folder of each stage that ran (or will run, during checks) before this one."""
     configs: dict[str, Any] = field(default_factory=dict)
     """Planned transformers config of models that earlier stages will build (for checks and plans)."""
+    tokenizers: dict[str, str] = field(default_factory=dict)
+    """Where each earlier stage's tokenizer comes from (see `models.tokenizer_origin`), for checks."""
     checking: bool = False
     """True during `validate`: earlier stages' outputs may not exist yet."""
     resume: bool = False
@@ -90,3 +96,14 @@ class Context:
             return False
         folder = Path(self.resolve_ref(value))
         return not any((folder / name).exists() for name in ("config.json", "adapter_config.json"))
+
+
+def tokenizer_origin(module: ModuleType, spec: StageSpec, ctx: Context) -> str | None:
+    """Where the tokenizer in a model-producing stage's folder comes from: the stage's own rule, else its model's."""
+    if hasattr(module, "tokenizer_origin"):
+        return module.tokenizer_origin(spec, ctx)
+    if "model" not in spec.cfg:
+        return None
+    from tunelab.models import tokenizer_origin as origin
+
+    return origin(spec.cfg["model"], ctx, f"{spec.where}.model")

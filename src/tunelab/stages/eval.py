@@ -9,6 +9,10 @@ Metrics are `evaluate` modules (tunelab ships them, so they work offline; see
 `tunelab.metrics`), computed on each answer's first non-empty line against the
 reference: `exact_match` (with its normalisation options), `bleu`, `chrf`,
 `rouge`. A metric is a name or `{name: {option: value}}`.
+
+With `reward_model:` (a reward stage's output), each prompt + output is also scored by that
+reward model, as PPO scores it, and `reward_mean` is reported per model: the number RLHF
+optimises, next to the exact match it is meant to improve.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ SECTIONS = {
     "fewshot": "k-shot prompting: {k: 3, data: {path, split} (default: data's path, split train), separator}",
     "prompt_template": 'format string around each prompt, e.g. "{prompt} Let\'s think step by step."',
     "answer_pattern": "regex whose first group is the answer in the output (chain of thought); default: first line",
+    "reward_model": "a reward model (${reward} or folder) that scores prompt + output: reward_mean per model",
 }
 FEWSHOT_KEYS = ("k", "data", "separator")
 GENERATION_METRICS = ("exact_match", "bleu", "chrf", "rouge")  # shipped metrics that score text against text
@@ -138,6 +143,16 @@ def check(spec: StageSpec, ctx: Context) -> None:
             check_cpu_shapes(config, spec.cfg["quantization"], f"{spec.where}.quantization")
     _data(spec, prompt, reference)
     _prompting(spec, ctx, prompt, reference)
+    _reward_model(spec, ctx)
+
+
+def _reward_model(spec: StageSpec, ctx: Context) -> dict[str, Any] | None:
+    """The `reward_model:` as from_pretrained arguments (None when absent or its stage is pending)."""
+    if spec.cfg.get("reward_model") is None:
+        return None
+    from tunelab.stages.ppo import _reward_spec
+
+    return _reward_spec(spec, ctx, "reward_model")
 
 
 def answer(text: str, pattern: str | None = None) -> str:
@@ -228,6 +243,11 @@ def run(spec: StageSpec, ctx: Context) -> StageResult:
     metrics: dict[str, Any] = {}
     files: dict[str, str] = {}
     spec.out_dir.mkdir(parents=True, exist_ok=True)
+    rspec = _reward_model(spec, ctx)
+    if rspec is not None:
+        from tunelab.models import load_sequence_classifier
+
+        reward_model, reward_tokenizer = load_sequence_classifier(rspec), load_tokenizer(rspec["path"])
     for label, value in _models(spec).items():
         mspec = model_spec(value, f"{spec.where}.models.{label}")
         mspec["path"] = resolve_model(ctx.resolve_ref(mspec["path"]), f"{spec.where}.models.{label}")
@@ -248,6 +268,14 @@ def run(spec: StageSpec, ctx: Context) -> StageResult:
             {"prompt": p, "output": t, "answer": answer(t), "reference": r, "exact_match": s}
             for p, t, r, s in zip(prompts, texts, references, scores, strict=True)
         ]
+        if rspec is not None:
+            from tunelab.models import reward_scores
+
+            plain = [str(p) for p in ds[prompt_col]]
+            rewards = reward_scores(reward_model, reward_tokenizer, [p + t for p, t in zip(plain, texts, strict=True)])
+            metrics[label]["reward_mean"] = sum(rewards) / len(rewards)
+            for row, value in zip(rows, rewards, strict=True):
+                row["reward"] = value
         path = spec.out_dir / f"predictions-{label}.jsonl"
         write_atomic(path, "".join(json.dumps(row) + "\n" for row in rows))
         files[f"predictions-{label}"] = str(path)

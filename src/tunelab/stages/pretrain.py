@@ -89,6 +89,16 @@ def _tokenizer_source(spec: StageSpec) -> str | None:
     return None
 
 
+def tokenizer_origin(spec: StageSpec, ctx: Context) -> str:
+    """The tokenizer this stage saves: the one it reuses, or the one it trains (known by the stage's name)."""
+    value = spec.cfg.get("tokenizer")
+    if isinstance(value, str):
+        from tunelab.models import tokenizer_origin as origin
+
+        return origin(value, ctx, f"{spec.where}.tokenizer")
+    return f"stage '{spec.name}'"
+
+
 def check(spec: StageSpec, ctx: Context) -> None:
     args = _args(spec, ctx)
     _config(spec)

@@ -1,0 +1,98 @@
+"""Direct preference optimisation with `trl.DPOTrainer`: the policy learns from preference pairs
+directly, without a reward model or sampling.
+
+`training` is `trl.DPOConfig` (`beta`, `loss_type`, `max_length`, ...), `lora` is
+`peft.LoraConfig`, `quantization` is `BitsAndBytesConfig`. Data are the same preference pairs as
+the reward stage. The reference model is the starting model: with LoRA, the base with the
+adapter switched off (no second copy in memory); without, a frozen copy loaded from the same
+folder. (TRL would otherwise rebuild it from `config._name_or_path`, which for a merged SFT
+adapter names the pre-SFT base.)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tunelab.stages import Context, StageResult, StageSpec
+
+PRODUCES_MODEL = True
+SECTIONS = {
+    "model": "policy to train: usually ${sft} (adapter folders are merged first)",
+    "data": "preference pairs: prompt, chosen, rejected (datasets.load_dataset arguments)",
+    "eval_data": "held-out pairs (default split: test); DPO's eval reward accuracy is reported",
+    "training": "trl.DPOConfig fields (beta, loss_type, learning_rate, max_steps, max_length, ...)",
+    "lora": "peft.LoraConfig fields; omit for full fine-tuning against a frozen copy",
+    "quantization": "transformers.BitsAndBytesConfig fields: DPO with QLoRA",
+}
+
+
+def _args(spec: StageSpec, ctx: Context):
+    from trl import DPOConfig
+
+    from tunelab.training import training_args
+
+    return training_args(DPOConfig, spec.cfg.get("training"), f"{spec.where}.training", spec.out_dir, ctx.seed)
+
+
+def check(spec: StageSpec, ctx: Context) -> None:
+    from tunelab.stages import reward, sft
+
+    _args(spec, ctx)
+    sft._lora(spec.cfg.get("lora"), f"{spec.where}.lora")
+    sft._quantization(spec)
+    from tunelab.models import stage_model
+
+    stage_model(spec, ctx)
+    reward.preference_data(spec)
+
+
+def run(spec: StageSpec, ctx: Context) -> StageResult:
+    from trl import DPOTrainer
+
+    from tunelab.data import fingerprint
+    from tunelab.models import load_causal_lm, load_tokenizer, stage_model
+    from tunelab.stages import reward, sft
+    from tunelab.training import Diverged, diverged_error, divergence_guard, train
+
+    args = _args(spec, ctx)
+    peft_config = sft._lora(spec.cfg.get("lora"), f"{spec.where}.lora")
+    quant = sft._quantization(spec)
+    mspec = stage_model(spec, ctx)
+    train_ds, eval_ds = reward.preference_data(spec)
+    tokenizer = load_tokenizer(mspec["path"])
+    model = load_causal_lm(mspec, quantization=quant)
+    if quant is not None:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.gradient_checkpointing)
+    ref_model = None if peft_config is not None else load_causal_lm(mspec)
+    trainer = DPOTrainer(
+        model=model,
+        ref_model=ref_model,
+        args=args,
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+    )
+    divergence_guard(trainer, None)
+    try:
+        metrics: dict[str, Any] = train(trainer, spec.out_dir, ctx.resume)
+    except Diverged as exc:
+        raise diverged_error(spec.where, exc, spec.out_dir) from None
+    if eval_ds is not None:
+        out = trainer.evaluate()
+        keep = ("eval_loss", "eval_rewards/accuracies", "eval_rewards/margins")
+        metrics.update({k: float(v) for k, v in out.items() if k in keep})
+    trainer.save_model(str(spec.out_dir))
+    tokenizer.save_pretrained(str(spec.out_dir))
+    prints = {"data": fingerprint(train_ds)} | ({"eval_data": fingerprint(eval_ds)} if eval_ds is not None else {})
+    return StageResult(metrics=metrics, model=spec.out_dir, fingerprints=prints)
+
+
+def plan(spec: StageSpec, ctx: Context):
+    """Memory plan of the policy's training (approximate: chosen and rejected share a batch; without
+    LoRA the frozen reference adds one more copy of the weights)."""
+    from tunelab.plan import policy_plan
+
+    return policy_plan(spec, ctx, _args(spec, ctx))

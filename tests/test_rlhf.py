@@ -1,0 +1,363 @@
+"""Reward modelling, PPO, DPO and GRPO on tiny models: outputs reloaded with the libraries' loaders,
+the numbers they report recomputed, and every bad input named before training."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+from typer.testing import CliRunner
+
+import tunelab
+from tests.conftest import QA_TRAIN, pretrain_stage, tiny_training
+from tests.test_bad_input import fails, write
+from tunelab.cli import app
+
+PREF_TRAIN = {"path": "recipes/data/arith_pref", "split": "train[:32]"}
+PREF_TEST = {"path": "recipes/data/arith_pref", "split": "test[:16]"}
+PPO_TRAINING = {
+    "total_episodes": 8,
+    "per_device_train_batch_size": 4,
+    "local_rollout_forward_batch_size": 4,
+    "response_length": 4,
+    "logging_steps": 1,
+    "save_strategy": "no",
+    "report_to": "none",
+}
+
+
+def run_stages(tmp_path: Path, stages: dict, name: str = "run") -> tunelab.RunResult:
+    recipe = tunelab.recipe_from_dict({"output_dir": str(tmp_path / name), "seed": 0, "stages": stages})
+    return tunelab.run(recipe)
+
+
+def reward_stage(model: str, **extra) -> dict:
+    return {
+        "stage": "reward",
+        "model": model,
+        "data": PREF_TRAIN,
+        "eval_data": PREF_TEST,
+        "training": tiny_training(max_steps=3, learning_rate=1e-3, max_length=128),
+        **extra,
+    }
+
+
+@pytest.fixture(scope="module")
+def reward_model(tmp_path_factory: pytest.TempPathFactory, tiny_lm: Path) -> Path:
+    out = tmp_path_factory.mktemp("reward")
+    return run_stages(out, {"reward": reward_stage(str(tiny_lm))}).outputs["reward"]
+
+
+def scores(model, tokenizer, texts: list[str]) -> list[float]:
+    """Reward of each text, one at a time (no padding), ending in EOS as RewardTrainer trains."""
+    model.eval()
+    out = []
+    with torch.no_grad():
+        for text in texts:
+            ids = tokenizer(text + tokenizer.eos_token, return_tensors="pt")
+            out.append(model(**ids).logits[0, 0].item())
+    return out
+
+
+def test_reward_model_loads_as_a_classifier_and_reports_exact_pairwise_accuracy(reward_model: Path) -> None:
+    model = AutoModelForSequenceClassification.from_pretrained(reward_model)
+    tokenizer = AutoTokenizer.from_pretrained(reward_model)
+    assert model.config.num_labels == 1 and not (reward_model / "adapter_config.json").exists()
+    rows = [json.loads(line) for line in Path("recipes/data/arith_pref/test.jsonl").read_text().splitlines()[:16]]
+    chosen = scores(model, tokenizer, [r["prompt"] + r["chosen"] for r in rows])
+    rejected = scores(model, tokenizer, [r["prompt"] + r["rejected"] for r in rows])
+    metrics = json.loads((reward_model / "stage.json").read_text())["metrics"]
+    expected = sum(c > r for c, r in zip(chosen, rejected, strict=True)) / len(rows)
+    assert metrics["pairwise_accuracy"] == pytest.approx(expected)
+    margin = sum(c - r for c, r in zip(chosen, rejected, strict=True)) / len(rows)
+    assert metrics["margin"] == pytest.approx(margin, abs=1e-5)
+    assert metrics["pairs"] == 16 and "untrained_pairwise_accuracy" in metrics
+
+
+def test_reward_model_learns_its_pairs(tmp_path: Path, tiny_lm: Path) -> None:
+    pairs = {"path": "recipes/data/arith_pref", "split": "train[:8]"}
+    stage = reward_stage(str(tiny_lm), data=pairs, eval_data=pairs)
+    stage["training"] = tiny_training(max_steps=30, learning_rate=3e-3, per_device_train_batch_size=8, max_length=128)
+    metrics = run_stages(tmp_path, {"reward": stage}).metrics["reward"]
+    assert metrics["pairwise_accuracy"] >= 0.875 > metrics["untrained_pairwise_accuracy"]
+
+
+def test_lora_reward_model_on_an_sft_adapter_is_saved_merged(tmp_path: Path, tiny_lm: Path) -> None:
+    result = run_stages(
+        tmp_path,
+        {
+            "sft": {
+                "stage": "sft",
+                "model": str(tiny_lm),
+                "data": QA_TRAIN,
+                "lora": {"r": 4},
+                "training": tiny_training(),
+            },
+            "reward": reward_stage("${sft}", lora={"r": 4, "target_modules": "all-linear"}),
+        },
+    )
+    folder = result.outputs["reward"]
+    assert not (folder / "adapter_config.json").exists()
+    model = AutoModelForSequenceClassification.from_pretrained(folder)
+    base = AutoModelForCausalLM.from_pretrained(tiny_lm)
+    # The backbone is the SFT model's (LoRA touched no embedding), not a fresh initialisation.
+    assert torch.equal(model.model.embed_tokens.weight, base.model.embed_tokens.weight)
+    assert model.score.weight.shape == (1, base.config.hidden_size)
+
+
+def test_ppo_trains_the_policy_and_logs_reward_kl_entropy_value_loss(
+    tmp_path: Path, tiny_lm: Path, reward_model: Path
+) -> None:
+    stage = {
+        "stage": "ppo",
+        "model": str(tiny_lm),
+        "reward_model": str(reward_model),
+        "data": QA_TRAIN,
+        "training": {**PPO_TRAINING, "learning_rate": 1e-3},
+    }
+    result = run_stages(tmp_path, {"ppo": stage})
+    folder = result.outputs["ppo"]
+    policy = AutoModelForCausalLM.from_pretrained(folder)
+    start = AutoModelForCausalLM.from_pretrained(tiny_lm)
+    assert not torch.equal(policy.model.embed_tokens.weight, start.model.embed_tokens.weight)
+    history = [h for h in json.loads((folder / "log_history.json").read_text()) if "objective/kl" in h]
+    assert len(history) == 2  # 8 episodes in batches of 4
+    for key in ("objective/scores", "objective/kl", "objective/entropy", "loss/value_avg"):
+        assert all(math.isfinite(h[key]) for h in history), key
+    metrics = result.metrics["ppo"]
+    assert metrics["global_step"] == 2 and metrics["last_score"] == pytest.approx(history[-1]["objective/scores"])
+    assert not (folder / "adapter_config.json").exists()
+
+
+def test_ppo_with_lora_saves_an_adapter(tmp_path: Path, tiny_lm: Path, reward_model: Path) -> None:
+    stage = {
+        "stage": "ppo",
+        "model": str(tiny_lm),
+        "reward_model": str(reward_model),
+        "data": QA_TRAIN,
+        "lora": {"r": 4, "target_modules": "all-linear"},
+        "training": {**PPO_TRAINING, "learning_rate": 1e-2},
+    }
+    folder = run_stages(tmp_path, {"ppo": stage}).outputs["ppo"]
+    assert (folder / "adapter_config.json").exists()
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_lm), folder)
+    assert any("lora_B" in n and p.abs().sum() > 0 for n, p in model.named_parameters())
+
+
+def test_ppo_stops_when_kl_runs_away_and_names_the_last_good_checkpoint(
+    tmp_path: Path, tiny_lm: Path, reward_model: Path
+) -> None:
+    training = {**PPO_TRAINING, "total_episodes": 16, "learning_rate": 0.5, "save_strategy": "steps", "save_steps": 1}
+    stage = {
+        "stage": "ppo",
+        "model": str(tiny_lm),
+        "reward_model": str(reward_model),
+        "data": QA_TRAIN,
+        "kl_limit": 0.01,
+        "training": training,
+    }
+    path = write(tmp_path, {"output_dir": str(tmp_path / "run"), "stages": {"ppo": stage}})
+    result = CliRunner().invoke(app, ["run", str(path)])
+    errors = [line[line.index("error: ") :] for line in result.output.splitlines() if "error: " in line]
+    assert result.exit_code == 2 and "Traceback" not in result.output and len(errors) == 1, result.output
+    line = errors[0]
+    stopped = r"error: 'stages.ppo' stopped: (KL to the reference model reached .* past kl_limit=0.01|'.*' became nan)"
+    assert re.search(stopped, line), line
+    assert re.search(r"the last good checkpoint is .*checkpoint-\d+\. Lower training.learning_rate", line), line
+    record = json.loads((tmp_path / "run" / "ppo" / "stage.json").read_text())
+    assert record["status"] == "failed" and not (tmp_path / "run" / "ppo" / "model.safetensors").exists()
+
+
+def test_dpo_reference_is_the_starting_model(tmp_path: Path, tiny_lm: Path) -> None:
+    # Full DPO on a merged SFT adapter: the reference must be that merged model, so the first loss is ln 2.
+    sft = {"stage": "sft", "model": str(tiny_lm), "data": QA_TRAIN, "lora": {"r": 4}, "training": tiny_training()}
+    dpo = {
+        "stage": "dpo",
+        "model": "${sft}",
+        "data": PREF_TRAIN,
+        "eval_data": PREF_TEST,
+        "training": tiny_training(max_steps=3, learning_rate=1e-3, max_length=128),
+    }
+    result = run_stages(tmp_path, {"sft": sft, "dpo": dpo})
+    history = json.loads((result.outputs["dpo"] / "log_history.json").read_text())
+    assert history[0]["loss"] == pytest.approx(math.log(2), abs=1e-4)
+    assert history[0]["grad_norm"] > 0  # the merged SFT model trains (PeftModel had frozen it)
+    policy = AutoModelForCausalLM.from_pretrained(result.outputs["dpo"])
+    assert policy.config.model_type == "llama"
+    assert "eval_rewards/accuracies" in result.metrics["dpo"]
+
+
+def test_dpo_with_lora_saves_an_adapter(tmp_path: Path, tiny_lm: Path) -> None:
+    dpo = {
+        "stage": "dpo",
+        "model": str(tiny_lm),
+        "data": PREF_TRAIN,
+        "lora": {"r": 4},
+        "training": tiny_training(max_steps=2, learning_rate=1e-3, max_length=128),
+    }
+    folder = run_stages(tmp_path, {"dpo": dpo}).outputs["dpo"]
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_lm), folder)
+
+
+def test_grpo_with_a_python_reward_and_a_reward_model(tmp_path: Path, tiny_lm: Path, reward_model: Path) -> None:
+    grpo = {
+        "stage": "grpo",
+        "model": str(tiny_lm),
+        "data": QA_TRAIN,
+        "rewards": ["tunelab.rewards:exact_match", str(reward_model)],
+        "training": {
+            "max_steps": 2,
+            "per_device_train_batch_size": 4,
+            "num_generations": 4,
+            "max_completion_length": 4,
+            "learning_rate": 1e-3,
+            "logging_steps": 1,
+            "save_strategy": "no",
+            "report_to": "none",
+        },
+    }
+    result = run_stages(tmp_path, {"grpo": grpo})
+    history = json.loads((result.outputs["grpo"] / "log_history.json").read_text())
+    assert "rewards/exact_match/mean" in history[0] and "rewards/reward/mean" in history[0]
+    assert AutoModelForCausalLM.from_pretrained(result.outputs["grpo"]).config.model_type == "llama"
+    assert "first_reward" in result.metrics["grpo"]
+
+
+def test_shipped_rewards() -> None:
+    from tunelab.rewards import close, exact_match, numeric
+
+    assert exact_match([" 7\nmore", "8", [{"role": "assistant", "content": "7"}]], ["7", " 7", 7]) == [1.0, 0.0, 1.0]
+    assert numeric([" 12", "twelve", ""]) == [1.0, 0.0, 0.0]
+    assert close(["7", "9", "x"], ["7", "7", "7"]) == [1.0, 1 / 3, 0.0]
+
+
+def test_eval_scores_outputs_with_a_reward_model(tmp_path: Path, tiny_lm: Path, reward_model: Path) -> None:
+    stage = {
+        "stage": "eval",
+        "model": str(tiny_lm),
+        "data": {"path": "recipes/data/arith_qa", "split": "test[:4]"},
+        "reward_model": str(reward_model),
+        "generation": {"max_new_tokens": 3},
+    }
+    result = run_stages(tmp_path, {"eval": stage})
+    rows = [
+        json.loads(line) for line in (tmp_path / "run" / "eval" / "predictions-model.jsonl").read_text().splitlines()
+    ]
+    model = AutoModelForSequenceClassification.from_pretrained(reward_model)
+    tokenizer = AutoTokenizer.from_pretrained(reward_model)
+    expected = scores(model, tokenizer, [r["prompt"] + r["output"] for r in rows])
+    assert [r["reward"] for r in rows] == pytest.approx(expected, abs=1e-4)
+    assert result.metrics["eval"]["model"]["reward_mean"] == pytest.approx(sum(expected) / 4, abs=1e-4)
+
+
+# Bad input: one line, exit 2, before training.
+
+
+def test_preference_data_without_chosen_rejected(tmp_path: Path, tiny_lm: Path) -> None:
+    for kind in ("reward", "dpo"):
+        stage = {"stage": kind, "model": str(tiny_lm), "data": QA_TRAIN}
+        fails(
+            ["validate", str(write(tmp_path, {"stages": {kind: stage}}))],
+            "is not preference data: it has no 'chosen' or 'rejected'",
+        )
+
+
+def test_ppo_without_a_reward_model(tmp_path: Path, tiny_lm: Path) -> None:
+    stage = {"stage": "ppo", "model": str(tiny_lm), "data": QA_TRAIN}
+    fails(
+        ["validate", str(write(tmp_path, {"stages": {"ppo": stage}}))], "has no `reward_model:`.*add a `reward` stage"
+    )
+
+
+def test_ppo_reward_model_that_is_not_a_classifier(tmp_path: Path, tiny_lm: Path) -> None:
+    stage = {"stage": "ppo", "model": str(tiny_lm), "reward_model": str(tiny_lm), "data": QA_TRAIN}
+    fails(["validate", str(write(tmp_path, {"stages": {"ppo": stage}}))], "a LlamaForCausalLM, not a reward model")
+
+
+def test_ppo_reward_model_with_another_tokenizer(tmp_path: Path, tiny_lm: Path, reward_model: Path) -> None:
+    from tunelab.models import train_tokenizer
+
+    other = tmp_path / "other-reward"
+    shutil.copytree(reward_model, other)
+    texts = [
+        json.loads(line)["text"] for line in Path("recipes/data/arith_corpus/train.jsonl").read_text().splitlines()
+    ]
+    train_tokenizer(texts[:200], {"vocab_size": 280}, "t").save_pretrained(other)
+    stage = {"stage": "ppo", "model": str(tiny_lm), "reward_model": str(other), "data": QA_TRAIN}
+    fails(
+        ["validate", str(write(tmp_path, {"stages": {"ppo": stage}}))],
+        "uses a different tokenizer .* PPO scores the policy's token ids",
+    )
+
+
+def test_pipeline_reward_model_from_another_pretrain_has_another_tokenizer(tmp_path: Path) -> None:
+    stages = {
+        "a": pretrain_stage(),
+        "b": pretrain_stage(),
+        "reward": {"stage": "reward", "model": "${b}", "data": PREF_TRAIN},
+        "ppo": {"stage": "ppo", "model": "${a}", "reward_model": "${reward}", "data": QA_TRAIN},
+    }
+    fails(
+        ["validate", str(write(tmp_path, {"stages": stages}))],
+        r"different tokenizer \(stage 'b'\) from the policy \(stage 'a'\)",
+    )
+
+
+def test_pipeline_reference_to_a_later_stage(tmp_path: Path, tiny_lm: Path) -> None:
+    stages = {
+        "ppo": {"stage": "ppo", "model": str(tiny_lm), "reward_model": "${reward}", "data": QA_TRAIN},
+        "reward": {"stage": "reward", "model": str(tiny_lm), "data": PREF_TRAIN},
+    }
+    fails(["validate", str(write(tmp_path, {"stages": stages}))], "refers to stage 'reward', which runs later")
+    stages = {"ppo": {"stage": "ppo", "model": str(tiny_lm), "reward_model": "${rewrd}", "data": QA_TRAIN}}
+    fails(["validate", str(write(tmp_path, {"stages": stages}))], "unknown stage 'rewrd'")
+
+
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        ("no_such_module_xyz:score", "module 'no_such_module_xyz' cannot be imported"),
+        ("tunelab.rewards:exact_mach", "has no 'exact_mach'; did you mean 'tunelab.rewards:exact_match'"),
+        ("bad_rewards:raises", "reward function 'bad_rewards:raises' raised ZeroDivisionError"),
+        ("bad_rewards:wrong_length", "must return one number per completion"),
+    ],
+)
+def test_grpo_reward_function_that_cannot_be_used(
+    tmp_path: Path, tiny_lm: Path, monkeypatch: pytest.MonkeyPatch, entry: str, message: str
+) -> None:
+    (tmp_path / "bad_rewards.py").write_text(
+        "def raises(completions, **kwargs):\n    return [1 / 0 for _ in completions]\n\n"
+        "def wrong_length(completions, **kwargs):\n    return [1.0]\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    data = {"path": str(Path(__file__).parents[1] / "recipes/data/arith_qa"), "split": "train[:8]"}
+    stage = {"stage": "grpo", "model": str(tiny_lm), "data": data, "rewards": [entry]}
+    fails(["validate", str(write(tmp_path, {"stages": {"grpo": stage}}))], message)
+
+
+def test_run_from_a_stage_reruns_it_and_keeps_the_ones_before(tmp_path: Path) -> None:
+    data = {
+        "output_dir": str(tmp_path / "run"),
+        "stages": {
+            "pretrain": pretrain_stage(),
+            "sft": {"stage": "sft", "model": "${pretrain}", "data": QA_TRAIN, "training": tiny_training()},
+        },
+    }
+    first = tunelab.run(tunelab.recipe_from_dict(data))
+    (first.outputs["sft"] / "marker").write_text("from the first run")
+    weights = (first.outputs["pretrain"] / "model.safetensors").read_bytes()
+    again = tunelab.run(tunelab.recipe_from_dict(data), from_stage="sft")
+    assert again.skipped == ["pretrain"]
+    assert not (again.outputs["sft"] / "marker").exists()  # its folder was replaced
+    assert (again.outputs["pretrain"] / "model.safetensors").read_bytes() == weights
+    path = write(tmp_path, data)
+    fails(["run", str(path), "--from", "sf"], "--from: the recipe has no stage 'sf'; did you mean 'sft'")
+    fails(["run", str(path), "--from", "sft", "output_dir=" + str(tmp_path / "empty")], "holds no run to continue")

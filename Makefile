@@ -5,7 +5,7 @@ PY    := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: setup demo test test-all lint bench sft qlora classify clean
+.PHONY: setup demo test test-all lint bench sft qlora classify rlhf clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -41,6 +41,9 @@ qlora: setup  ## QLoRA (4-bit base + LoRA) of the quickstart's model
 
 classify: setup  ## fine-tune the MiniLM-L6 encoder (installed by the dev extra) to classify word problems
 	$(VENV)/bin/tunelab run classify/minilm-arith --overwrite
+
+rlhf: setup  ## pretrain -> SFT -> reward model -> PPO, plus DPO and GRPO, evaluated side by side (CPU)
+	$(VENV)/bin/tunelab run rlhf/arith --overwrite
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache

@@ -66,3 +66,16 @@ def test_resume_skips_a_checkpoint_torn_by_a_kill(tmp_path: Path) -> None:
     (tmp_path / "checkpoint-40").mkdir()
     (tmp_path / "checkpoint-40" / "trainer_state.json").write_text('{"global_st')  # torn mid-write
     assert last_checkpoint(tmp_path) == str(tmp_path / "checkpoint-20")
+
+
+def test_resume_reruns_a_stage_whose_data_changed(tmp_path: Path) -> None:
+    corpus = tmp_path / "corpus.jsonl"
+    lines = Path("recipes/data/arith_corpus/train.jsonl").read_text().splitlines()
+    corpus.write_text("\n".join(lines[:64]) + "\n")
+    stage = pretrain_stage()
+    stage["data"] = str(corpus)
+    data = {"output_dir": str(tmp_path / "run"), "stages": {"pretrain": stage}}
+    tunelab.run(tunelab.recipe_from_dict(data))
+    assert tunelab.run(tunelab.recipe_from_dict(data), resume=True).skipped == ["pretrain"]
+    corpus.write_text("\n".join(lines[64:128]) + "\n")  # same file name, other contents
+    assert tunelab.run(tunelab.recipe_from_dict(data), resume=True).skipped == []

@@ -115,3 +115,34 @@ def require_preferences(ds, where: str) -> None:
             f"'{where}' is not preference data: it has no {' or '.join(repr(m) for m in missing)} column "
             f"(pairs need 'chosen' and 'rejected', optionally 'prompt'); its columns are {', '.join(ds.column_names)}"
         )
+
+
+SIGNATURE_MAX_BYTES = 512 * 2**20  # hash contents up to this much data; beyond it, sizes and times
+
+
+def signature(value: Any) -> str:
+    """What a `data:` value holds now, for run fingerprints: a hash of its local files' contents.
+
+    Folders over SIGNATURE_MAX_BYTES are summarised by file sizes and modification times, so a
+    pipeline over a large local corpus does not reread it on every `--resume`. Hub datasets are
+    known by their arguments (path, name, revision) alone, already part of the stage's config.
+    """
+    import hashlib
+
+    spec = {"path": value} if isinstance(value, str) else value
+    if not isinstance(spec, dict) or not isinstance(spec.get("path"), str):
+        return ""
+    root = local_path(spec["path"])
+    if root is None:
+        return ""
+    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+    total = sum(f.stat().st_size for f in files)
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(f.name.encode() if f == root else str(f.relative_to(root)).encode())
+        if total <= SIGNATURE_MAX_BYTES:
+            digest.update(f.read_bytes())
+        else:
+            stat = f.stat()
+            digest.update(f"{stat.st_size}:{stat.st_mtime_ns}".encode())
+    return digest.hexdigest()[:16]

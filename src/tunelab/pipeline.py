@@ -129,9 +129,21 @@ def _warn_memory(plans: list[Any]) -> None:
             )
 
 
+DATA_KEYS = ("data", "eval_data")
+
+
 def _fingerprint(spec: StageSpec, seed: int, upstream: dict[str, str]) -> str:
+    """Config, seed, the fingerprints of the stages it reads from, and the contents of its local data."""
+    from tunelab.data import signature
+
     refs = sorted({ref for _, ref in iter_refs(spec.cfg, spec.where)})
-    payload = {"kind": spec.kind, "cfg": spec.cfg, "seed": seed, "inputs": {r: upstream.get(r) for r in refs}}
+    payload = {
+        "kind": spec.kind,
+        "cfg": spec.cfg,
+        "seed": seed,
+        "inputs": {r: upstream.get(r) for r in refs},
+        "data": {key: signature(spec.cfg[key]) for key in DATA_KEYS if key in spec.cfg},
+    }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -203,6 +215,8 @@ def run(recipe: Recipe, overwrite: bool = False, resume: bool = False, from_stag
             fp = _fingerprint(spec, recipe.seed, fingerprints)
             record = runs.read_json(spec.out_dir / "stage.json") or {}
             rerun = rerun or spec.name == from_stage
+            if record and not rerun and record.get("fingerprint") != fp:
+                print(f"-- {spec.name}: its config, data or upstream stages changed since it ran: running it again")
             if record and (rerun or record.get("fingerprint") != fp):
                 # Config or inputs changed since this folder was written: its checkpoints do not apply.
                 shutil.rmtree(spec.out_dir)

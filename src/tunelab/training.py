@@ -124,6 +124,9 @@ def readable_progress(trainer: Any) -> None:
     keys = PROGRESS_KEYS
 
     def line(state: Any, logs: dict[str, Any]) -> str | None:
+        every = getattr(state, "logging_steps", 0)
+        if "objective/kl" in logs and every and state.global_step % every and state.global_step != state.max_steps:
+            return None  # TRL's PPO logs every step whatever logging_steps says; print as asked
         parts = [f"step {state.global_step}/{state.max_steps}"]
         parts += [f"{label} {logs[k]:.4g}" for k, label in RL_KEYS.items() if isinstance(logs.get(k), (int, float))]
         parts += [

@@ -41,3 +41,29 @@ def machine() -> str:
 
 def median(values: list[float]) -> float:
     return statistics.median(values)
+
+
+def run_recipe(recipe: str) -> tuple[float, dict, dict[str, float]]:
+    """Run a recipe with the `tunelab` CLI into a temporary folder, as a user would.
+
+    Returns (wall seconds from the shell, metrics.json, seconds per stage).
+    """
+    import json
+    import sys
+    import tempfile
+    import time
+
+    tunelab = str(Path(sys.executable).with_name("tunelab"))
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "run"
+        start = time.perf_counter()
+        subprocess.run(
+            [tunelab, "run", recipe, f"output_dir={out}"],
+            check=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wall = time.perf_counter() - start
+        metrics = json.loads((out / "metrics.json").read_text())
+        stages = json.loads((out / "run.json").read_text())["stages"]
+    return wall, metrics, {name: info["seconds"] for name, info in stages.items()}

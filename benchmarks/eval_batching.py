@@ -25,10 +25,20 @@ REPS = 3
 def evaluate(model: Path, batch: int, out: Path) -> tuple[float, float, list[str]]:
     import tunelab
 
-    recipe = tunelab.recipe_from_dict({"output_dir": str(out), "stages": {"eval": {
-        "stage": "eval", "models": {"m": str(model)}, "data": {"path": str(ROOT / "recipes/data/arith_qa"),
-                                                               "split": "test"},
-        "generation": {"max_new_tokens": 6}, "batch_size": batch}}})
+    recipe = tunelab.recipe_from_dict(
+        {
+            "output_dir": str(out),
+            "stages": {
+                "eval": {
+                    "stage": "eval",
+                    "models": {"m": str(model)},
+                    "data": {"path": str(ROOT / "recipes/data/arith_qa"), "split": "test"},
+                    "generation": {"max_new_tokens": 6},
+                    "batch_size": batch,
+                }
+            },
+        }
+    )
     start = time.perf_counter()
     result = tunelab.run(recipe)
     seconds = time.perf_counter() - start

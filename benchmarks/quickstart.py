@@ -2,30 +2,13 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-import tempfile
-import time
-from pathlib import Path
-
 
 def main() -> str:
-    tunelab = str(Path(sys.executable).with_name("tunelab"))
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "quickstart"
-        start = time.perf_counter()
-        subprocess.run(
-            [tunelab, "run", "quickstart", f"output_dir={out}"],
-            check=True,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        wall = time.perf_counter() - start
-        metrics = json.loads((out / "metrics.json").read_text())
-        stages = json.loads((out / "run.json").read_text())["stages"]
+    from common import run_recipe
+
+    wall, metrics, seconds = run_recipe("quickstart")
     before, after = metrics["eval"]["pretrained"], metrics["eval"]["sft"]
-    times = ", ".join(f"{name} {info['seconds']:.0f} s" for name, info in stages.items())
+    times = ", ".join(f"{name} {value:.0f} s" for name, value in seconds.items())
     return (
         "## Quickstart\n\n"
         "`tunelab run quickstart` (the command `make demo` runs), one run, wall time from the shell "

@@ -7,37 +7,48 @@ Standalone (`python benchmarks/rlhf.py`) it replaces its own section of docs/BEN
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 TITLE = "## RLHF pipeline"
 
 
 def main() -> str:
-    tunelab = str(Path(sys.executable).with_name("tunelab"))
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "rlhf"
-        start = time.perf_counter()
-        subprocess.run(
-            [tunelab, "run", "rlhf/arith", f"output_dir={out}"],
-            check=True,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        wall = time.perf_counter() - start
-        metrics = json.loads((out / "metrics.json").read_text())
-        stages = json.loads((out / "run.json").read_text())["stages"]
-    return report(metrics, {name: info["seconds"] for name, info in stages.items()}, wall)
+    from common import run_recipe
+
+    wall, metrics, seconds = run_recipe("rlhf/arith")
+    return report(metrics, seconds, wall)
+
+
+def from_run(run_dir: Path) -> str:
+    """The same report from a finished run folder (wall time from its manifest)."""
+    from datetime import datetime
+
+    manifest = json.loads((run_dir / "run.json").read_text())
+    if manifest["status"] != "completed":
+        raise SystemExit(f"{run_dir}: the run is {manifest['status']}, not completed")
+    for name in manifest["stages"]:
+        started = json.loads((run_dir / name / "stage.json").read_text())["started"]
+        if started < manifest["started"]:
+            raise SystemExit(f"{run_dir}: stage {name} was skipped (ran before this invocation): not one run")
+    start, end = (datetime.fromisoformat(manifest[k]) for k in ("started", "ended"))
+    seconds = {name: info["seconds"] for name, info in manifest["stages"].items()}
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    return report(metrics, seconds, (end - start).total_seconds())
 
 
 def report(metrics: dict, seconds: dict[str, float], wall: float) -> str:
     reward, ppo, ev = metrics["reward"], metrics["ppo"], metrics["eval"]
+    sampled = metrics.get("eval_sampled", {})
     core = sum(seconds[s] for s in ("pretrain", "sft", "reward", "ppo", "eval"))
     rows = "".join(
-        f"| {label} | {ev[label]['exact_match']:.3f} | {ev[label]['reward_mean']:.3f} |\n" for label in ev
+        f"| {label} | {ev[label]['exact_match']:.3f} | {ev[label]['reward_mean']:.3f} | "
+        + (
+            f"{sampled[label]['exact_match']:.3f} | {sampled[label]['reward_mean']:.3f} |\n"
+            if label in sampled
+            else "| |\n"
+        )
+        for label in ev
     )
     times = " | ".join(f"{seconds[s]:.0f} s" for s in seconds)
     gain = ev["ppo"]["reward_mean"] - ev["sft"]["reward_mean"]
@@ -51,9 +62,12 @@ def report(metrics: dict, seconds: dict[str, float], wall: float) -> str:
         f"(untrained head {reward['untrained_pairwise_accuracy']:.3f}; mean margin {reward['margin']:.2f}).\n\n"
         f"PPO: mean reward-model score of sampled answers {ppo['first_score']:.2f} in the first tenth of the "
         f"steps, {ppo['last_score']:.2f} in the last; KL to the reference {ppo['last_kl']:.3f} at the end.\n\n"
-        "| policy | exact match | mean reward-model score |\n|---|---|---|\n"
+        "| policy | exact match, greedy | reward-model score, greedy | exact match, sampled (T=0.7) | "
+        "reward-model score, sampled |\n|---|---|---|---|---|\n"
         f"{rows}\n"
-        f"PPO minus SFT, mean reward-model score on the held-out questions: **{gain:+.3f}**.\n\n"
+        f"PPO minus SFT, mean reward-model score on the held-out questions: **{gain:+.3f}** greedy"
+        + (f", **{sampled['ppo']['reward_mean'] - sampled['sft']['reward_mean']:+.3f}** sampled" if sampled else "")
+        + ".\n\n"
         f"| {' | '.join(seconds)} | total |\n|{'---|' * (len(seconds) + 1)}\n| {times} | {wall:.0f} s |\n\n"
         f"SFT -> reward -> PPO -> eval with its pretrain: {core / 60:.1f} min of stage time "
         f"(the issue's budget: 15 min); the whole recipe with DPO and GRPO: {wall / 60:.1f} min.\n"
@@ -77,6 +91,7 @@ def update_doc(section: str) -> None:
 
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    result = main()
+    # `python benchmarks/rlhf.py runs/rlhf-arith` reports a run already made with `make rlhf`.
+    result = from_run(Path(sys.argv[1])) if len(sys.argv) > 1 else main()
     update_doc(result)
     print(result)

@@ -11,6 +11,7 @@ import cli_startup  # noqa: E402
 import eval_batching  # noqa: E402
 import memory_plan  # noqa: E402
 import quickstart  # noqa: E402
+import rlhf  # noqa: E402
 import sft_overhead  # noqa: E402
 from common import ROOT, machine  # noqa: E402
 
@@ -23,7 +24,7 @@ def main() -> None:
     )
     path = ROOT / "docs" / "BENCHMARKS.md"
     sections: list[str] = []
-    for module in (cli_startup, sft_overhead, quickstart, eval_batching, memory_plan):
+    for module in (cli_startup, sft_overhead, quickstart, eval_batching, memory_plan, rlhf):
         sections.append(module.main())
         path.write_text(header + "\n".join(sections))  # after each section: a failure later keeps these
     print(path.read_text())

@@ -361,3 +361,22 @@ def test_run_from_a_stage_reruns_it_and_keeps_the_ones_before(tmp_path: Path) ->
     path = write(tmp_path, data)
     fails(["run", str(path), "--from", "sf"], "--from: the recipe has no stage 'sf'; did you mean 'sft'")
     fails(["run", str(path), "--from", "sft", "output_dir=" + str(tmp_path / "empty")], "holds no run to continue")
+
+
+def test_shipped_rlhf_recipe_runs_end_to_end_when_shrunk(tmp_path: Path) -> None:
+    overrides = [
+        f"output_dir={tmp_path / 'rlhf'}",
+        "training.max_steps=2",
+        "training.save_strategy=no",
+        "training.report_to=none",
+        "pretrain.config.num_hidden_layers=1",
+        "ppo.training.total_episodes=64",
+        "data.split=train[:64]",
+        "eval.data.split=test[:8]",
+        "reward.eval_data.split=test[:8]",
+    ]
+    result = tunelab.run(tunelab.load_recipe("rlhf/arith", overrides))
+    assert list(result.outputs) == ["pretrain", "sft", "reward", "ppo", "dpo", "grpo"]
+    assert set(result.metrics["eval"]) == {"sft", "ppo", "dpo", "grpo"}
+    assert all("reward_mean" in m and m["examples"] == 8 for m in result.metrics["eval"].values())
+    assert result.metrics["ppo"]["global_step"] == 2  # 64 episodes in batches of 32

@@ -17,8 +17,8 @@ model's answer can be checked exactly. Three datasets share one small world
   classification: which kind of problem a question is (0 buy, 1 give, 2 total).
 - ``arith_pref/``: ``prompt``/``chosen``/``rejected`` preference pairs for reward
   modelling and DPO: chosen is the correct answer, rejected a wrong one of the
-  kinds a small model makes (half off by one, then off by 2-3, the other
-  operation, an operand repeated, a random number). ``test`` asks the 300 held-out ``arith_qa``
+  kinds a small model makes (off by a little, the other operation, an operand
+  repeated, a random number). ``test`` asks the 300 held-out ``arith_qa``
   questions; ``train`` (6,000 pairs: with 2,000 the reward model's held-out
   accuracy swung between 0.72 and 0.83 from seed to seed) never does.
 
@@ -118,22 +118,15 @@ def main() -> None:
 
 
 def _pair(rng: random.Random, prompt: str, c: int) -> dict:
-    """A preference pair: the correct answer against a plausible wrong one.
-
-    Half the wrong answers are off by one, the mistake a small model makes most and the one a
-    reward model finds hardest to see; a reward model that cannot tell c from c-1 teaches PPO to
-    answer c-1.
-    """
+    """A preference pair: the correct answer against a plausible wrong one."""
     a, b = (int(n) for n in re.findall(r"\d+", prompt.split("How many")[0])[:2])
     while True:
         kind = rng.random()
-        if kind < 0.5:
-            wrong = c + rng.choice([-1, 1])
-        elif kind < 0.65:
-            wrong = c + rng.choice([-3, -2, 2, 3])
-        elif kind < 0.8:
+        if kind < 0.4:
+            wrong = c + rng.choice([-3, -2, -1, 1, 2, 3])
+        elif kind < 0.6:
             wrong = abs(a - b) if c == a + b else a + b  # the other operation
-        elif kind < 0.9:
+        elif kind < 0.8:
             wrong = rng.choice([a, b])  # an operand repeated
         else:
             wrong = rng.randint(0, 2 * MAX_N)

@@ -162,6 +162,15 @@ def load_causal_lm(spec: dict[str, Any], quantization: Any = None, merge_adapter
     return AutoModelForCausalLM.from_pretrained(path, **kwargs)
 
 
+def prepare_kbit(model: Any, quantization: Any, gradient_checkpointing: bool):
+    """For QLoRA: norms and embeddings to fp32, input gradients on (a no-op without quantization)."""
+    if quantization is None:
+        return model
+    from peft import prepare_model_for_kbit_training
+
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+
+
 def train_tokenizer(texts, options: dict[str, Any], where: str):
     """A byte-level BPE tokenizer trained on `texts`, wrapped for transformers.
 

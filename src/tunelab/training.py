@@ -206,3 +206,12 @@ def diverged_error(where: str, reason: Diverged, out_dir: Path):
         f"'{where}' stopped: {reason}; {kept}. Lower training.learning_rate, raise training.kl_coef/beta, "
         "or raise kl_limit"
     )
+
+
+def guarded_train(trainer: Any, spec: Any, resume: bool, kl_limit: float | None = None, kl_keys=("kl",)):
+    """`train` with `divergence_guard`: a NaN loss (or KL past `kl_limit`) ends in one line naming the checkpoint."""
+    divergence_guard(trainer, kl_limit, kl_keys)
+    try:
+        return train(trainer, spec.out_dir, resume)
+    except Diverged as exc:
+        raise diverged_error(spec.where, exc, spec.out_dir) from None

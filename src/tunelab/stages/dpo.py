@@ -50,9 +50,9 @@ def run(spec: StageSpec, ctx: Context) -> StageResult:
     from trl import DPOTrainer
 
     from tunelab.data import fingerprint
-    from tunelab.models import load_causal_lm, load_tokenizer, stage_model
+    from tunelab.models import load_causal_lm, load_tokenizer, prepare_kbit, stage_model
     from tunelab.stages import reward, sft
-    from tunelab.training import Diverged, diverged_error, divergence_guard, train
+    from tunelab.training import guarded_train
 
     args = _args(spec, ctx)
     peft_config = sft._lora(spec.cfg.get("lora"), f"{spec.where}.lora")
@@ -60,11 +60,7 @@ def run(spec: StageSpec, ctx: Context) -> StageResult:
     mspec = stage_model(spec, ctx)
     train_ds, eval_ds = reward.preference_data(spec)
     tokenizer = load_tokenizer(mspec["path"])
-    model = load_causal_lm(mspec, quantization=quant)
-    if quant is not None:
-        from peft import prepare_model_for_kbit_training
-
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.gradient_checkpointing)
+    model = prepare_kbit(load_causal_lm(mspec, quantization=quant), quant, args.gradient_checkpointing)
     ref_model = None if peft_config is not None else load_causal_lm(mspec)
     trainer = DPOTrainer(
         model=model,
@@ -75,11 +71,7 @@ def run(spec: StageSpec, ctx: Context) -> StageResult:
         processing_class=tokenizer,
         peft_config=peft_config,
     )
-    divergence_guard(trainer, None)
-    try:
-        metrics: dict[str, Any] = train(trainer, spec.out_dir, ctx.resume)
-    except Diverged as exc:
-        raise diverged_error(spec.where, exc, spec.out_dir) from None
+    metrics: dict[str, Any] = guarded_train(trainer, spec, ctx.resume)
     if eval_ds is not None:
         out = trainer.evaluate()
         keep = ("eval_loss", "eval_rewards/accuracies", "eval_rewards/margins")

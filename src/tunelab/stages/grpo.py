@@ -203,10 +203,10 @@ def run(spec: StageSpec, ctx: Context) -> StageResult:
     from trl import GRPOTrainer
 
     from tunelab.data import fingerprint
-    from tunelab.models import load_causal_lm, load_sequence_classifier, load_tokenizer, stage_model
+    from tunelab.models import load_causal_lm, load_sequence_classifier, load_tokenizer, prepare_kbit, stage_model
     from tunelab.stages.ppo import _kl_limit
     from tunelab.stages.sft import _lora, _quantization
-    from tunelab.training import Diverged, diverged_error, divergence_guard, train
+    from tunelab.training import guarded_train
 
     args = _args(spec, ctx)
     peft_config = _lora(spec.cfg.get("lora"), f"{spec.where}.lora")
@@ -223,11 +223,7 @@ def run(spec: StageSpec, ctx: Context) -> StageResult:
         name = entry.strip().strip("${}") if REF.match(entry.strip()) else Path(value["path"]).name
         funcs.append(reward_model_function(model, load_tokenizer(value["path"]), name))
     tokenizer = load_tokenizer(mspec["path"])
-    model = load_causal_lm(mspec, quantization=quant)
-    if quant is not None:
-        from peft import prepare_model_for_kbit_training
-
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.gradient_checkpointing)
+    model = prepare_kbit(load_causal_lm(mspec, quantization=quant), quant, args.gradient_checkpointing)
     trainer = GRPOTrainer(
         model=model,
         reward_funcs=funcs,
@@ -236,11 +232,7 @@ def run(spec: StageSpec, ctx: Context) -> StageResult:
         processing_class=tokenizer,
         peft_config=peft_config,
     )
-    divergence_guard(trainer, _kl_limit(spec), kl_keys=("kl",))
-    try:
-        metrics: dict[str, Any] = train(trainer, spec.out_dir, ctx.resume)
-    except Diverged as exc:
-        raise diverged_error(spec.where, exc, spec.out_dir) from None
+    metrics: dict[str, Any] = guarded_train(trainer, spec, ctx.resume, _kl_limit(spec))
     rewards = [h["reward"] for h in trainer.state.log_history if "reward" in h]
     if rewards:
         n = max(1, len(rewards) // 10)

@@ -116,7 +116,7 @@ def run(spec: StageSpec, ctx: Context) -> StageResult:
     from trl import RewardTrainer
 
     from tunelab.data import fingerprint
-    from tunelab.models import load_sequence_classifier, load_tokenizer, stage_model
+    from tunelab.models import load_sequence_classifier, load_tokenizer, prepare_kbit, stage_model
     from tunelab.training import train
 
     args = _args(spec, ctx)
@@ -127,10 +127,7 @@ def run(spec: StageSpec, ctx: Context) -> StageResult:
     tokenizer = load_tokenizer(mspec["path"])
     set_seed(ctx.seed)  # the new score head's initial weights
     model = load_sequence_classifier(mspec, num_labels=1, quantization=quant)
-    if quant is not None:
-        from peft import prepare_model_for_kbit_training
-
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.gradient_checkpointing)
+    model = prepare_kbit(model, quant, args.gradient_checkpointing)
     trainer = RewardTrainer(
         model=model,
         args=args,

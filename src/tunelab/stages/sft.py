@@ -110,7 +110,7 @@ def run(spec: StageSpec, ctx: Context) -> StageResult:
     from trl import SFTTrainer
 
     from tunelab.data import fingerprint
-    from tunelab.models import load_causal_lm, load_tokenizer
+    from tunelab.models import load_causal_lm, load_tokenizer, prepare_kbit
     from tunelab.training import train
 
     args = _args(spec, ctx)
@@ -124,12 +124,7 @@ def run(spec: StageSpec, ctx: Context) -> StageResult:
             "has no chat template: use a chat model, or prompt/completion data"
         )
     quant = _quantization(spec)
-    model = load_causal_lm(mspec, quantization=quant)
-    if quant is not None:
-        from peft import prepare_model_for_kbit_training
-
-        # Norms and embeddings to fp32, input gradients on: what QLoRA training needs.
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.gradient_checkpointing)
+    model = prepare_kbit(load_causal_lm(mspec, quantization=quant), quant, args.gradient_checkpointing)
     trainer = SFTTrainer(
         model=model,
         args=args,

@@ -43,10 +43,11 @@ def median(values: list[float]) -> float:
     return statistics.median(values)
 
 
-def run_recipe(recipe: str) -> tuple[float, dict, dict[str, float]]:
+def run_recipe(recipe: str, inspect=None) -> tuple[float, dict, dict[str, float]]:
     """Run a recipe with the `tunelab` CLI into a temporary folder, as a user would.
 
-    Returns (wall seconds from the shell, metrics.json, seconds per stage).
+    Returns (wall seconds from the shell, metrics.json, seconds per stage); `inspect(run_dir)`, if
+    given, runs before the folder is removed and its result is added to the metrics as "inspect".
     """
     import json
     import sys
@@ -66,4 +67,6 @@ def run_recipe(recipe: str) -> tuple[float, dict, dict[str, float]]:
         wall = time.perf_counter() - start
         metrics = json.loads((out / "metrics.json").read_text())
         stages = json.loads((out / "run.json").read_text())["stages"]
+        if inspect is not None:
+            metrics["inspect"] = inspect(out)
     return wall, metrics, {name: info["seconds"] for name, info in stages.items()}

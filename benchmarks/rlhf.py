@@ -10,14 +10,32 @@ import json
 import sys
 from pathlib import Path
 
+from common import ROOT
+
 TITLE = "## RLHF pipeline"
 
 
 def main() -> str:
     from common import run_recipe
 
-    wall, metrics, seconds = run_recipe("rlhf/arith")
+    wall, metrics, seconds = run_recipe("rlhf/arith", inspect=near_misses)
     return report(metrics, seconds, wall)
+
+
+def near_misses(run_dir: Path) -> dict[str, float]:
+    """How often the reward model scores the right answer c above c-1 and above c+1, per held-out question."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from tunelab.models import reward_scores
+
+    model = AutoModelForSequenceClassification.from_pretrained(run_dir / "reward")
+    tokenizer = AutoTokenizer.from_pretrained(run_dir / "reward")
+    rows = [json.loads(line) for line in (ROOT / "recipes/data/arith_qa/test.jsonl").read_text().splitlines()]
+    scores = {
+        d: reward_scores(model, tokenizer, [r["prompt"] + f" {int(r['completion']) + d}" for r in rows])
+        for d in (-1, 0, 1)
+    }
+    return {f"c{d:+d}": sum(c > o for c, o in zip(scores[0], scores[d], strict=True)) / len(rows) for d in (-1, 1)}
 
 
 def from_run(run_dir: Path) -> str:
@@ -34,12 +52,14 @@ def from_run(run_dir: Path) -> str:
     start, end = (datetime.fromisoformat(manifest[k]) for k in ("started", "ended"))
     seconds = {name: info["seconds"] for name, info in manifest["stages"].items()}
     metrics = json.loads((run_dir / "metrics.json").read_text())
+    metrics["inspect"] = near_misses(run_dir)
     return report(metrics, seconds, (end - start).total_seconds())
 
 
 def report(metrics: dict, seconds: dict[str, float], wall: float) -> str:
     reward, ppo, ev = metrics["reward"], metrics["ppo"], metrics["eval"]
     sampled = metrics.get("eval_sampled", {})
+    near = metrics["inspect"]
     core = sum(seconds[s] for s in ("pretrain", "sft", "reward", "ppo", "eval"))
     rows = "".join(
         f"| {label} | {ev[label]['exact_match']:.3f} | {ev[label]['reward_mean']:.3f} | "
@@ -56,8 +76,8 @@ def report(metrics: dict, seconds: dict[str, float], wall: float) -> str:
         f"{TITLE}\n\n"
         "`tunelab run rlhf/arith` (`make rlhf`), one run, wall time from the shell (`benchmarks/rlhf.py`): "
         "pretrain a 1.1M-parameter Llama, full SFT, a reward model on the SFT model, PPO against it, DPO and "
-        "GRPO from the same SFT model, then greedy answers of every policy on the 300 held-out questions, "
-        "scored by exact match and by the reward model.\n\n"
+        "GRPO from the same SFT model, then every policy's answers to the 300 held-out questions, greedy and "
+        "sampled at PPO's temperature, scored by exact match and by the reward model.\n\n"
         f"Reward model: pairwise accuracy on the 300 held-out pairs **{reward['pairwise_accuracy']:.3f}** "
         f"(untrained head {reward['untrained_pairwise_accuracy']:.3f}; mean margin {reward['margin']:.2f}).\n\n"
         f"PPO: mean reward-model score of sampled answers {ppo['first_score']:.2f} in the first tenth of the "
@@ -70,7 +90,11 @@ def report(metrics: dict, seconds: dict[str, float], wall: float) -> str:
         + ".\n\n"
         f"| {' | '.join(seconds)} | total |\n|{'---|' * (len(seconds) + 1)}\n| {times} | {wall:.0f} s |\n\n"
         f"SFT -> reward -> PPO -> eval with its pretrain: {core / 60:.1f} min of stage time "
-        f"(the issue's budget: 15 min); the whole recipe with DPO and GRPO: {wall / 60:.1f} min.\n"
+        f"(target: at most 15 min); the whole recipe with DPO and GRPO: {wall / 60:.1f} min.\n\n"
+        "Where exact match falls while the reward-model score rises, that is reward hacking: the reward model "
+        f"scores the right answer c above c-1 on {near['c-1']:.0%} of the held-out questions and above c+1 on "
+        f"{near['c+1']:.0%}, so PPO gains by answering c-1 where the reward model prefers it. DPO uses TRL's "
+        "`loss_type: [sigmoid, sft]` (RPO): plain sigmoid DPO lowered exact match (0.69 in one run).\n"
     )
 
 

@@ -380,3 +380,25 @@ def test_shipped_rlhf_recipe_runs_end_to_end_when_shrunk(tmp_path: Path) -> None
     assert set(result.metrics["eval"]) == {"sft", "ppo", "dpo", "grpo"}
     assert all("reward_mean" in m and m["examples"] == 8 for m in result.metrics["eval"].values())
     assert result.metrics["ppo"]["global_step"] == 2  # 64 episodes in batches of 32
+
+
+def test_qlora_reward_model_saves_an_adapter_that_scores_like_the_stage(tmp_path: Path, tiny_lm: Path) -> None:
+    from tunelab.models import load_sequence_classifier
+
+    quant = {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_compute_dtype": "float32"}
+    stage = reward_stage(str(tiny_lm), lora={"r": 4, "target_modules": "all-linear"}, quantization=quant)
+    result = run_stages(tmp_path, {"reward": stage})
+    folder = result.outputs["reward"]
+    config = json.loads((folder / "adapter_config.json").read_text())
+    assert config["task_type"] == "SEQ_CLS" and "score" in config["modules_to_save"]
+    # Reloaded on the 4-bit base, the adapter gives the held-out accuracy the stage reported.
+    from transformers import BitsAndBytesConfig
+
+    from tunelab.data import load_split
+    from tunelab.stages.reward import pairwise_accuracy
+
+    model = load_sequence_classifier({"path": str(folder)}, quantization=BitsAndBytesConfig(**quant))
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    ds = load_split(PREF_TEST, "t", "test")
+    again = pairwise_accuracy(model, tokenizer, ds)
+    assert again["pairwise_accuracy"] == pytest.approx(result.metrics["reward"]["pairwise_accuracy"])

@@ -136,6 +136,12 @@ def run(spec: StageSpec, ctx: Context) -> StageResult:
         processing_class=tokenizer,
         peft_config=peft_config,
     )
+    if quant is not None:
+        # TRL casts every trainable parameter to bf16 for QLoRA; the new score head then meets the fp32
+        # hidden states (norms are fp32 after kbit preparation) outside autocast: a dtype error. Keep it fp32.
+        for name, param in trainer.model.named_parameters():
+            if param.requires_grad and "lora_" not in name:
+                param.data = param.data.float()
     metrics: dict[str, Any] = {}
     if eval_ds is not None:
         before = pairwise_accuracy(trainer.model, tokenizer, eval_ds, args.per_device_eval_batch_size)

@@ -382,7 +382,9 @@ def test_shipped_rlhf_recipe_runs_end_to_end_when_shrunk(tmp_path: Path) -> None
     assert result.metrics["ppo"]["global_step"] == 2  # 64 episodes in batches of 32
 
 
-def test_qlora_reward_model_trains_and_saves_an_adapter_that_scores_like_the_stage(tmp_path: Path, tiny_lm: Path) -> None:
+def test_qlora_reward_model_trains_and_saves_an_adapter_that_scores_like_the_stage(
+    tmp_path: Path, tiny_lm: Path
+) -> None:
     from tunelab.models import load_sequence_classifier
 
     quant = {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_compute_dtype": "float32"}

@@ -60,3 +60,8 @@ def test_bad_data_specs(tmp_path: Path) -> None:
         load_split(str(tmp_path / "empty_dir"), "data")
     with pytest.raises(TunelabError, match="single file, which has only a 'train' split"):
         load_split({"path": str(write(tmp_path / "d.jsonl", "jsonl")), "split": "test"}, "data")
+
+
+def test_a_single_file_is_its_only_split_whatever_the_stage_default(tmp_path: Path) -> None:
+    path = str(write(tmp_path / "d.jsonl", "jsonl"))
+    assert len(load_split(path, "eval_data", "test")) == len(load_split(path, "data", "train")) > 0

@@ -407,3 +407,35 @@ def test_qlora_reward_model_trains_and_saves_an_adapter_that_scores_like_the_sta
     # TRL trains the adapter in bf16 and peft reloads it in fp32: near-ties may flip, nothing more.
     assert abs(again["pairwise_accuracy"] - reported["pairwise_accuracy"]) <= 1 / 16
     assert again["margin"] == pytest.approx(reported["margin"], abs=0.01)
+
+
+def test_conversational_preference_pairs(tmp_path: Path, tiny_lm: Path) -> None:
+    rows = [json.loads(line) for line in Path("recipes/data/arith_pref/train.jsonl").read_text().splitlines()[:16]]
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "prompt": [{"role": "user", "content": r["prompt"]}],
+                    "chosen": [{"role": "assistant", "content": r["chosen"]}],
+                    "rejected": [{"role": "assistant", "content": r["rejected"]}],
+                }
+            )
+            + "\n"
+            for r in rows
+        )
+    )
+    training = tiny_training(max_steps=2, max_length=128)
+    stages = {
+        "reward": {
+            "stage": "reward",
+            "model": str(tiny_lm),
+            "data": str(chat),
+            "eval_data": str(chat),
+            "training": training,
+        },
+        "dpo": {"stage": "dpo", "model": str(tiny_lm), "data": str(chat), "training": training},
+    }
+    result = run_stages(tmp_path, stages)
+    assert result.metrics["reward"]["pairs"] == 16  # every pair scored through the chat template
+    assert AutoModelForCausalLM.from_pretrained(result.outputs["dpo"]).config.model_type == "llama"

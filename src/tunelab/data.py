@@ -31,7 +31,7 @@ def data_spec(value: Any, where: str, default_split: str) -> dict[str, Any]:
     return {"split": default_split, **spec}
 
 
-def _load_args(spec: dict[str, Any], where: str) -> tuple[str, dict[str, Any]]:
+def _load_args(spec: dict[str, Any], where: str, split_given: bool = True) -> tuple[str, dict[str, Any]]:
     ref = spec["path"]
     kwargs = {k: v for k, v in spec.items() if k != "path" and v is not None}
     local = local_path(ref)
@@ -44,6 +44,8 @@ def _load_args(spec: dict[str, Any], where: str) -> tuple[str, dict[str, Any]]:
                     f"use one of {', '.join(sorted(BUILDERS))}"
                 )
             kwargs["data_files"] = {"train": str(local)}
+            if not split_given:
+                kwargs["split"] = "train"  # a single file is one split, whatever the stage's default
             if str(kwargs.get("split", "")).split("[")[0] != "train":
                 raise TunelabError(
                     f"'{where}' is a single file, which has only a 'train' split; "
@@ -72,7 +74,7 @@ def load_split(value: Any, where: str, default_split: str = "train"):
     import datasets
 
     spec = data_spec(value, where, default_split)
-    path, kwargs = _load_args(spec, where)
+    path, kwargs = _load_args(spec, where, split_given=isinstance(value, dict) and "split" in value)
     try:
         ds = datasets.load_dataset(path, **kwargs)
     except ValueError as exc:

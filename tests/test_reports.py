@@ -57,5 +57,5 @@ def test_reward_and_kl_curves_are_drawn_when_logged(tmp_path: Path) -> None:
     history = [{"step": s, "loss": 1 / s, "objective/kl": 0.1 * s, "env/reward_mean": s} for s in (1, 2, 3)]
     (run / "ppo" / "log_history.json").write_text(json.dumps(history))
     report = write_report(run).read_text()
-    assert "## ppo: reward and KL" in report and (run / "ppo" / "signals.png").read_bytes().startswith(PNG)
+    assert "## ppo: training signals" in report and (run / "ppo" / "signals.png").read_bytes().startswith(PNG)
     assert "## ppo: loss" in report

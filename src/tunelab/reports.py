@@ -13,7 +13,34 @@ from typing import Any
 
 from tunelab.runs import read_json, write_atomic
 
-HEADLINE = ("train_loss", "eval_loss", "perplexity", "untrained_accuracy", "accuracy", "f1", "global_step")
+HEADLINE = (  # columns of the stage table; a column no stage reports is left out
+    "train_loss",
+    "eval_loss",
+    "perplexity",
+    "untrained_accuracy",
+    "accuracy",
+    "f1",
+    "pairwise_accuracy",
+    "last_score",
+    "last_kl",
+    "last_reward",
+    "eval_rewards/accuracies",
+    "global_step",
+)
+# Per-step signals worth a plot, by trainer: PPO, GRPO, DPO, reward modelling; the first found are drawn.
+SIGNALS = (
+    "objective/scores",
+    "objective/kl",
+    "objective/entropy",
+    "loss/value_avg",
+    "reward",
+    "kl",
+    "entropy",
+    "rewards/margins",
+    "rewards/accuracies",
+    "accuracy",
+    "margin",
+)
 
 
 def _plt():
@@ -30,7 +57,8 @@ SIGNAL_WORDS = ("reward", "kl")  # what preference and RL trainers log beside th
 
 def _signal_keys(history: list[dict[str, Any]]) -> tuple[str, ...]:
     keys = {k for h in history for k, v in h.items() if isinstance(v, (int, float)) and k not in ("step", "epoch")}
-    return tuple(sorted(k for k in keys if any(w in k.lower() for w in SIGNAL_WORDS)))
+    known = tuple(k for k in SIGNALS if k in keys)
+    return known[:4] or tuple(sorted(k for k in keys if any(w in k.lower() for w in SIGNAL_WORDS)))
 
 
 def _loss_plot(
@@ -110,13 +138,13 @@ def write_report(run_dir: Path) -> Path:
         f"started {manifest.get('started')}, ended {manifest.get('ended')}; "
         f"device {manifest.get('device', {}).get('type')}.",
         "",
-        "| stage | seconds | " + " | ".join(HEADLINE) + " |",
-        "|---" * (len(HEADLINE) + 2) + "|",
     ]
+    columns = [k for k in HEADLINE if any(k in values for values in metrics.values())]
+    lines += ["| stage | seconds | " + " | ".join(columns) + " |", "|---" * (len(columns) + 2) + "|"]
     stages = manifest.get("stages", {})
     for stage, values in metrics.items():
         row = [stage, _fmt(stages.get(stage, {}).get("seconds", ""))]
-        row += [_fmt(values.get(k, "")) for k in HEADLINE]
+        row += [_fmt(values.get(k, "")) for k in columns]
         lines.append("| " + " | ".join(row) + " |")
     lines.append("")
     for stage, values in metrics.items():
@@ -125,8 +153,8 @@ def write_report(run_dir: Path) -> Path:
         if isinstance(history, list) and _loss_plot(history, folder / "loss.png", f"{stage}: loss"):
             lines += [f"## {stage}: loss", "", f"![{stage} loss]({stage}/loss.png)", ""]
         signals = _signal_keys(history) if isinstance(history, list) else ()
-        if signals and _loss_plot(history, folder / "signals.png", f"{stage}: reward / KL", signals, "value"):
-            lines += [f"## {stage}: reward and KL", "", f"![{stage} signals]({stage}/signals.png)", ""]
+        if signals and _loss_plot(history, folder / "signals.png", f"{stage}: training signals", signals, "value"):
+            lines += [f"## {stage}: training signals", "", f"![{stage} signals]({stage}/signals.png)", ""]
         per_model = {k: v for k, v in values.items() if isinstance(v, dict)}
         if per_model and _metrics_plot(per_model, folder / "metrics.png", f"{stage}: metrics by model"):
             names = sorted({m for v in per_model.values() for m in v})

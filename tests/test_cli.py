@@ -123,7 +123,8 @@ def test_interrupted_run_resumes_from_its_checkpoint(tmp_path: Path) -> None:
     output, _ = proc.communicate(timeout=120)
     assert proc.returncode == 130, output
     assert "continue it with --resume" in output
-    assert json.loads((out / "run.json").read_text())["status"] == "interrupted"
+    manifest = json.loads((out / "run.json").read_text())
+    assert manifest["status"] == "interrupted" and manifest["stages"]["pretrain"]["status"] == "interrupted"
     assert json.loads((out / "pretrain" / "stage.json").read_text())["status"] == "interrupted"
 
     changed = runner.invoke(app, ["run", str(recipe), "--resume", "training.learning_rate=0.5"])

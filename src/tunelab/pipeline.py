@@ -240,6 +240,9 @@ def run(recipe: Recipe, overwrite: bool = False, resume: bool = False, from_stag
             runs.write_json(run_dir / "run.json", manifest)
     except BaseException as exc:
         status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
+        for entry in manifest["stages"].values():
+            if entry.get("status") == "running":
+                entry["status"] = status  # the stage that was running when it stopped
         manifest.update(status=status, ended=runs.now(), error=f"{type(exc).__name__}: {exc}"[:500])
         runs.write_json(run_dir / "run.json", manifest)
         raise

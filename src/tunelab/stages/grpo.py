@@ -146,9 +146,7 @@ def probe(func, entry: str, ds, where: str) -> None:
 
 def _check_rewards(spec: StageSpec, ctx: Context, ds) -> list[tuple[str, Any]]:
     """(entry, callable or from_pretrained spec) for each reward; None specs while a stage is pending."""
-    from tunelab.hub import local_path, resolve_model
-    from tunelab.models import model_spec
-    from tunelab.stages.ppo import check_reward_model
+    from tunelab.stages.ppo import reward_model_spec
 
     out = []
     for i, entry in enumerate(_entries(spec)):
@@ -158,13 +156,7 @@ def _check_rewards(spec: StageSpec, ctx: Context, ds) -> list[tuple[str, Any]]:
             probe(func, entry, ds, where)
             out.append((entry, func))
             continue
-        mspec = model_spec(entry, where)
-        if ctx.checking and ctx.is_pending(entry):
-            out.append((entry, None))
-            continue
-        mspec["path"] = resolve_model(ctx.resolve_ref(entry), where)
-        check_reward_model(mspec["path"], where, local_path(mspec["path"]))
-        out.append((entry, mspec))
+        out.append((entry, reward_model_spec(entry, ctx, where)))
     return out
 
 

@@ -75,11 +75,15 @@ def _prompts(spec: StageSpec):
 
 def _reward_spec(spec: StageSpec, ctx: Context, key: str) -> dict[str, Any] | None:
     """`reward_model` / `value_model` as from_pretrained arguments (None while its stage is pending)."""
+    return reward_model_spec(spec.cfg[key], ctx, f"{spec.where}.{key}")
+
+
+def reward_model_spec(value: Any, ctx: Context, where: str) -> dict[str, Any] | None:
+    """A reward model named by a recipe (folder, hub id, ${stage}, or mapping), checked to be one."""
     from tunelab.hub import local_path, resolve_model
     from tunelab.models import model_spec
 
-    where = f"{spec.where}.{key}"
-    mspec = model_spec(spec.cfg[key], where)
+    mspec = model_spec(value, where)
     if ctx.checking and ctx.is_pending(mspec["path"]):
         return None
     mspec["path"] = resolve_model(ctx.resolve_ref(mspec["path"]), where)

@@ -65,3 +65,11 @@ def test_bad_data_specs(tmp_path: Path) -> None:
 def test_a_single_file_is_its_only_split_whatever_the_stage_default(tmp_path: Path) -> None:
     path = str(write(tmp_path / "d.jsonl", "jsonl"))
     assert len(load_split(path, "eval_data", "test")) == len(load_split(path, "data", "train")) > 0
+
+
+def test_missing_and_empty_data_files(tmp_path: Path) -> None:
+    with pytest.raises(TunelabError, match="'data' is 'nope.jsonl': no such file or folder"):
+        load_split("nope.jsonl", "data")
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(TunelabError, match="an empty file: it holds no examples"):
+        load_split(str(tmp_path / "empty.jsonl"), "data")

@@ -439,3 +439,12 @@ def test_conversational_preference_pairs(tmp_path: Path, tiny_lm: Path) -> None:
     result = run_stages(tmp_path, stages)
     assert result.metrics["reward"]["pairs"] == 16  # every pair scored through the chat template
     assert AutoModelForCausalLM.from_pretrained(result.outputs["dpo"]).config.model_type == "llama"
+
+
+def test_pipeline_reward_model_that_names_a_stage_of_another_kind(tmp_path: Path) -> None:
+    stages = {
+        "a": pretrain_stage(),
+        "sft": {"stage": "sft", "model": "${a}", "data": QA_TRAIN},
+        "ppo": {"stage": "ppo", "model": "${sft}", "reward_model": "${sft}", "data": QA_TRAIN},
+    }
+    fails(["validate", str(write(tmp_path, {"stages": stages}))], r"is \$\{sft\}, a `sft` stage, not a reward model")

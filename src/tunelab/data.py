@@ -9,6 +9,7 @@ syntax: ``split: "train[:200]"``.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 from tunelab.errors import TunelabError, unknown_key
@@ -37,6 +38,8 @@ def _load_args(spec: dict[str, Any], where: str, split_given: bool = True) -> tu
     local = local_path(ref)
     if local is not None:
         if local.is_file():
+            if local.stat().st_size == 0:
+                raise TunelabError(f"'{where}' is '{ref}', an empty file: it holds no examples")
             builder = BUILDERS.get(local.suffix.lower())
             if builder is None:
                 raise TunelabError(
@@ -55,7 +58,7 @@ def _load_args(spec: dict[str, Any], where: str, split_given: bool = True) -> tu
         if local.is_dir() and not any(p.suffix.lower() in BUILDERS for p in local.rglob("*") if p.is_file()):
             raise TunelabError(f"'{where}' is '{ref}', a folder with no data files ({', '.join(sorted(BUILDERS))})")
         return str(local), kwargs
-    if not HUB_ID.match(ref) or ref.startswith((".", "/", "~")):
+    if not HUB_ID.match(ref) or ref.startswith((".", "/", "~")) or Path(ref).suffix.lower() in BUILDERS:
         raise TunelabError(f"'{where}' is '{ref}': no such file or folder (and not a hub dataset id)")
     if not hub_reachable() and not _dataset_cached(ref):
         raise TunelabError(

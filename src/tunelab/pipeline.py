@@ -94,7 +94,8 @@ def _inspect(recipe: Recipe, strict_plans: bool) -> list[Any]:
     from tunelab.training import quiet
 
     quiet()
-    ctx = Context(seed=recipe.seed, run_dir=recipe.output_dir, checking=True)
+    kinds = {name: cfg["stage"] for name, cfg in recipe.stages.items()}
+    ctx = Context(seed=recipe.seed, run_dir=recipe.output_dir, checking=True, kinds=kinds)
     plans = []
     for spec in _specs(recipe):
         module = stage_module(spec.kind)

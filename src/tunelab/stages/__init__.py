@@ -72,6 +72,8 @@ class Context:
     """Model folder of each stage that ran (or will run, during checks) before this one."""
     configs: dict[str, Any] = field(default_factory=dict)
     """Planned transformers config of models that earlier stages will build (for checks and plans)."""
+    kinds: dict[str, str] = field(default_factory=dict)
+    """Stage kind of each stage in the recipe (`reward`, `sft`, ...), so checks can say what a ${ref} is."""
     tokenizers: dict[str, str] = field(default_factory=dict)
     """Where each earlier stage's tokenizer comes from (see `models.tokenizer_origin`), for checks."""
     checking: bool = False

@@ -82,9 +82,16 @@ def reward_model_spec(value: Any, ctx: Context, where: str) -> dict[str, Any] | 
     """A reward model named by a recipe (folder, hub id, ${stage}, or mapping), checked to be one."""
     from tunelab.hub import local_path, resolve_model
     from tunelab.models import model_spec
+    from tunelab.recipe import REF
 
     mspec = model_spec(value, where)
     if ctx.checking and ctx.is_pending(mspec["path"]):
+        ref = REF.match(mspec["path"].strip()).group(1)
+        if ctx.kinds.get(ref, "reward") != "reward":
+            raise TunelabError(
+                f"'{where}' is ${{{ref}}}, a `{ctx.kinds[ref]}` stage, not a reward model: "
+                "name a `reward` stage (a sequence classifier with num_labels=1)"
+            )
         return None
     mspec["path"] = resolve_model(ctx.resolve_ref(mspec["path"]), where)
     check_reward_model(mspec["path"], where, local_path(mspec["path"]))

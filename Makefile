@@ -5,7 +5,7 @@ PY    := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: setup demo test test-all lint bench sft qlora classify rlhf clean
+.PHONY: setup demo test test-all lint bench sft qlora classify rlhf diffusion clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -34,6 +34,9 @@ bench: setup  ## measure and write docs/BENCHMARKS.md
 sft: setup  ## LoRA SFT of the quickstart's pre-trained model (runs the quickstart first if needed)
 	test -f runs/quickstart/pretrain/config.json || $(MAKE) demo
 	$(VENV)/bin/tunelab run recipes/sft/lora-arith.yaml --overwrite
+
+diffusion: setup  ## DDPM on handwritten digits from scratch, samples, quality measure (offline, CPU, ~10 min)
+	$(VENV)/bin/tunelab run recipes/diffusion/ddpm-digits.yaml --overwrite
 
 qlora: setup  ## QLoRA (4-bit base + LoRA) of the quickstart's model
 	test -f runs/quickstart/pretrain/config.json || $(MAKE) demo

@@ -70,3 +70,16 @@ def run_recipe(recipe: str, inspect=None) -> tuple[float, dict, dict[str, float]
         if inspect is not None:
             metrics["inspect"] = inspect(out)
     return wall, metrics, {name: info["seconds"] for name, info in stages.items()}
+
+
+def update_doc(title: str, section: str) -> None:
+    """Replace the section headed `title` in docs/BENCHMARKS.md (or append it)."""
+    path = ROOT / "docs" / "BENCHMARKS.md"
+    text = path.read_text()
+    if title in text:
+        start = text.index(title)
+        end = text.find("\n## ", start + len(title))
+        text = text[:start] + section + (text[end + 1 :] if end != -1 else "")
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    path.write_text(text)

@@ -98,24 +98,11 @@ def report(metrics: dict, seconds: dict[str, float], wall: float) -> str:
     )
 
 
-def update_doc(section: str) -> None:
-    """Replace this script's section of docs/BENCHMARKS.md (or append it)."""
-    from common import ROOT
-
-    path = ROOT / "docs" / "BENCHMARKS.md"
-    text = path.read_text()
-    if TITLE in text:
-        start = text.index(TITLE)
-        end = text.find("\n## ", start + len(TITLE))
-        text = text[:start] + section + (text[end + 1 :] if end != -1 else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.write_text(text)
-
-
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     # `python benchmarks/rlhf.py runs/rlhf-arith` reports a run already made with `make rlhf`.
+    from common import update_doc
+
     result = from_run(Path(sys.argv[1])) if len(sys.argv) > 1 else main()
-    update_doc(result)
+    update_doc(TITLE, result)
     print(result)

@@ -103,6 +103,46 @@ def eval_model(
 
 @app.command()
 @friendly
+def sample(
+    model: Annotated[str, typer.Argument(help="Diffusers pipeline folder or hub id (or a tunelab LoRA folder).")],
+    scheduler: Annotated[
+        str, typer.Option(help="DDPM, DDIM, DPM-Solver++, UniPC, Euler, ... (or a class name).")
+    ] = "DDIM",
+    steps: Annotated[int | None, typer.Option(help="Denoising steps (default: 1000 for DDPM, else 50).")] = None,
+    num_images: Annotated[int, typer.Option(help="How many images.")] = 16,
+    seed: Annotated[int, typer.Option(help="Image i is drawn from seed + i.")] = 0,
+    batch_size: Annotated[int, typer.Option(help="Images generated together.")] = 64,
+    prompt: Annotated[str | None, typer.Option(help="Prompt, for text-to-image pipelines.")] = None,
+    output_dir: Annotated[str | None, typer.Option(help="Run folder (default: runs/sample-MODELNAME).")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a finished run in output_dir.")] = False,
+) -> None:
+    """Sample images from a diffusion pipeline: a diffusion_sample stage without a recipe."""
+    from tunelab import recipe_from_dict
+    from tunelab.pipeline import run as run_recipe
+
+    name = Path(model.rstrip("/")).name or "model"
+    stage: dict[str, Any] = {
+        "stage": "diffusion_sample",
+        "model": model,
+        "scheduler": scheduler,
+        "num_images": num_images,
+        "seed": seed,
+        "batch_size": batch_size,
+    }
+    if steps is not None:
+        stage["num_inference_steps"] = steps
+    if prompt is not None:
+        stage["prompt"] = prompt
+    recipe = recipe_from_dict(
+        {"name": f"sample-{name}", "output_dir": output_dir or f"runs/sample-{name}", "stages": {"sample": stage}}
+    )
+    result = run_recipe(recipe, overwrite=overwrite)
+    print_summary(result)
+    typer.echo(f"grid: {result.run_dir / 'sample' / 'grid.png'}")
+
+
+@app.command()
+@friendly
 def validate(
     recipe: RecipeArg,
     overrides: Overrides = None,
@@ -317,6 +357,8 @@ SUMMARY_KEYS = (
     "eval_rewards/accuracies",
     "params",
     "trainable_params",
+    "num_images",
+    "seconds_per_image",
 )
 
 

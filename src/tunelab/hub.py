@@ -94,6 +94,11 @@ def looks_like_path(ref: str) -> bool:
     return ref.startswith((".", "/", "~")) or ref.count("/") > 1 or bool(Path(ref).suffix and "/" not in ref)
 
 
+# Files that mark a folder as something from_pretrained loads: a transformers model, a peft adapter,
+# a diffusers pipeline, a diffusers LoRA.
+MODEL_FILES = ("config.json", "adapter_config.json", "model_index.json", "pytorch_lora_weights.safetensors")
+
+
 def is_cached(repo_id: str, filename: str, repo_type: str = "model") -> bool:
     from huggingface_hub import try_to_load_from_cache
 
@@ -110,7 +115,7 @@ def resolve_model(ref: str, where: str) -> str:
     if path is not None:
         if not path.is_dir():
             raise TunelabError(f"'{where}' is '{ref}', a file: point it at a model folder or a hub id")
-        if not any((path / f).exists() for f in ("config.json", "adapter_config.json", "model_index.json")):
+        if not any((path / f).exists() for f in MODEL_FILES):
             raise TunelabError(
                 f"'{where}' is '{ref}', a folder without config.json: "
                 "it is not a saved model (save one with save_pretrained, or use a hub id)"
@@ -124,7 +129,7 @@ def resolve_model(ref: str, where: str) -> str:
         )
     if looks_like_path(ref) or not HUB_ID.match(ref):
         raise TunelabError(f"'{where}' is '{ref}': no such folder (and not a valid hub id)")
-    if not hub_reachable() and not is_cached(ref, "config.json") and not is_cached(ref, "adapter_config.json"):
+    if not hub_reachable() and not any(is_cached(ref, f) for f in MODEL_FILES):
         raise TunelabError(
             f"'{where}' is hub id '{ref}', but the Hub is unreachable (offline) and it is not in the local "
             "cache: download it on a connected machine (`hf download` ...) or set it to a local model folder"

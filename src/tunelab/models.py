@@ -350,3 +350,15 @@ def same_tokenizer(a: str, b: str) -> bool:
         return False
     first, second = load_tokenizer(a), load_tokenizer(b)
     return first.get_vocab() == second.get_vocab() and first.pad_token_id == second.pad_token_id
+
+
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+def parse_dtype(value: Any, where: str):
+    """`float16` -> torch.float16, for the few dtypes weights are loaded in."""
+    import torch
+
+    if value not in DTYPES:
+        raise TunelabError(f"'{where}' is {value!r}; expected one of {', '.join(DTYPES)}")
+    return getattr(torch, value)

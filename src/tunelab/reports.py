@@ -122,6 +122,26 @@ def _confusion_plot(confusion: dict[str, Any], path: Path, title: str) -> bool:
     return True
 
 
+def _image_sections(run_dir: Path, stage: str, values: dict[str, Any]) -> list[str]:
+    """Diffusion stages: the newest training sample grid, the sample grid, each evaluated model's grid."""
+    folder = run_dir / stage
+    found = []
+    grids = sorted((folder / "samples").glob("step-*.png")) if (folder / "samples").is_dir() else []
+    if grids:
+        found.append((f"samples at {grids[-1].stem.replace('-', ' ')}", grids[-1]))
+    if (folder / "grid.png").is_file():
+        found.append(("samples", folder / "grid.png"))
+    found += [
+        (f"samples of {label}", folder / label / "grid.png")
+        for label in values
+        if (folder / label / "grid.png").is_file()
+    ]
+    lines = []
+    for title, path in found:
+        lines += [f"## {stage}: {title}", "", f"![{stage} {title}]({path.relative_to(run_dir).as_posix()})", ""]
+    return lines
+
+
 def _fmt(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
@@ -169,6 +189,7 @@ def write_report(run_dir: Path) -> Path:
                 for label, v in per_model.items()
             ]
             lines += ["", f"![{stage} metrics]({stage}/metrics.png)", ""]
+        lines += _image_sections(run_dir, stage, values)
         confusion = read_json(folder / "confusion.json")
         if confusion and _confusion_plot(confusion, folder / "confusion.png", f"{stage}: confusion matrix"):
             lines += [f"## {stage}: confusion matrix", "", f"![{stage} confusion]({stage}/confusion.png)", ""]

@@ -31,6 +31,8 @@ STAGES: dict[str, str] = {
     "ppo": "tunelab.stages.ppo",
     "dpo": "tunelab.stages.dpo",
     "grpo": "tunelab.stages.grpo",
+    "diffusion_train": "tunelab.stages.diffusion_train",
+    "diffusion_sample": "tunelab.stages.diffusion_sample",
 }
 
 
@@ -96,8 +98,10 @@ class Context:
 
         if not (isinstance(value, str) and REF.match(value.strip())):
             return False
+        from tunelab.hub import MODEL_FILES
+
         folder = Path(self.resolve_ref(value))
-        return not any((folder / name).exists() for name in ("config.json", "adapter_config.json"))
+        return not any((folder / name).exists() for name in MODEL_FILES)
 
 
 def tokenizer_origin(module: ModuleType, spec: StageSpec, ctx: Context) -> str | None:

@@ -10,6 +10,12 @@ Metrics are `evaluate` modules (tunelab ships them, so they work offline; see
 reference: `exact_match` (with its normalisation options), `bleu`, `chrf`,
 `rouge`. A metric is a name or `{name: {option: value}}`.
 
+Diffusion pipelines (a `diffusion_train` stage, or a folder with model_index.json) are evaluated
+by sampling (`sampling:`, the settings of `diffusion_sample`) and scoring the images against the
+held-out real images of `data` with `frechet_distance` (see `tunelab.image_quality`): Fréchet
+distance in the feature space of a small classifier trained on `classifier_data` (default: the
+same dataset's train split), its confidence, and the spread of predicted classes.
+
 With `reward_model:` (a reward stage's output), each prompt + output is also scored by that
 reward model, as PPO scores it, and `reward_mean` is reported per model: the number RLHF
 optimises, next to the exact match it is meant to improve.
@@ -39,7 +45,24 @@ SECTIONS = {
     "prompt_template": 'format string around each prompt, e.g. "{prompt} Let\'s think step by step."',
     "answer_pattern": "regex whose first group is the answer in the output (chain of thought); default: first line",
     "reward_model": "a reward model (${reward} or folder) that scores prompt + output: reward_mean per model",
+    "sampling": "diffusion pipelines: diffusion_sample settings (scheduler, num_inference_steps, num_images, seed)",
+    "classifier_data": "diffusion: labelled images the feature classifier trains on (default: data's train split)",
+    "image_column": "diffusion: column holding the images (default: image)",
+    "label_column": "diffusion: column holding integer class labels in classifier_data (default: label)",
 }
+IMAGE_KEYS = ("sampling", "classifier_data", "image_column", "label_column")
+TEXT_KEYS = (
+    "prompt_column",
+    "reference_column",
+    "generation",
+    "quantization",
+    "fewshot",
+    "prompt_template",
+    "answer_pattern",
+    "reward_model",
+    "batch_size",
+)
+IMAGE_METRICS = ("frechet_distance",)
 FEWSHOT_KEYS = ("k", "data", "separator")
 GENERATION_METRICS = ("exact_match", "bleu", "chrf", "rouge")  # shipped metrics that score text against text
 MULTI_REFERENCE = ("bleu", "chrf")
@@ -92,7 +115,7 @@ def _metrics(spec: StageSpec) -> list[tuple[str, dict[str, Any]]]:
         else:
             name, options = entry, {}
         check_name(name, where)
-        if name in SHIPPED and name not in GENERATION_METRICS:
+        if name in SHIPPED and name not in GENERATION_METRICS + IMAGE_METRICS:
             raise TunelabError(
                 f"'{where}': '{name}' does not score generated text against a reference; "
                 f"generation metrics: {', '.join(GENERATION_METRICS)}"
@@ -124,7 +147,146 @@ def _data(spec: StageSpec, prompt: str, reference: str):
     return ds
 
 
+def _is_diffusion(value: Any, ctx: Context, where: str) -> bool:
+    """Whether a model to evaluate is a diffusion pipeline (pending diffusion_train stage, or model_index.json)."""
+    from tunelab.diffusion import is_lora_folder
+    from tunelab.hub import local_path
+
+    path = value.get("path") if isinstance(value, dict) else value
+    if not isinstance(path, str):
+        return False
+    if ctx.is_pending(path):
+        return ctx.kinds.get(path.strip()[2:-1]) == "diffusion_train"
+    local = local_path(ctx.resolve_ref(path))
+    return local is not None and ((local / "model_index.json").is_file() or is_lora_folder(local))
+
+
+def _image_mode(spec: StageSpec, ctx: Context) -> bool:
+    """True for an eval of diffusion pipelines; one line for a mix, or for keys of the other kind."""
+    models = _models(spec)
+    flags = {label: _is_diffusion(v, ctx, spec.where) for label, v in models.items()}
+    if len(set(flags.values())) > 1:
+        raise TunelabError(f"'{spec.where}' mixes diffusion pipelines and language models; use one eval stage each")
+    images = next(iter(flags.values()))
+    for key in TEXT_KEYS if images else IMAGE_KEYS:
+        if key in spec.cfg:
+            kind = "language models" if images else "diffusion pipelines"
+            raise TunelabError(f"'{spec.where}.{key}' applies to {kind}; these models are not")
+    return images
+
+
+def _image_settings(spec: StageSpec, ctx: Context) -> dict[str, Any]:
+    from tunelab.diffusion import pipeline_kind, sampling_spec
+
+    kinds = set()
+    for label, value in _models(spec).items():
+        path = value.get("path") if isinstance(value, dict) else value
+        if not ctx.is_pending(path):
+            kinds.add(pipeline_kind(ctx.resolve_ref(path), f"{spec.where}.models.{label}"))
+    kind = kinds.pop() if len(kinds) == 1 else None
+    return sampling_spec(spec.cfg.get("sampling") or {}, f"{spec.where}.sampling", kind, ctx.seed, num_images=None)
+
+
+def _image_data(spec: StageSpec):
+    """(held-out real images, labelled classifier training images) as datasets."""
+    from tunelab.data import require_columns
+    from tunelab.diffusion import DIGITS, image_spec, load_images
+
+    image_col = spec.cfg.get("image_column", "image")
+    label_col = spec.cfg.get("label_column", "label")
+    value = spec.cfg.get("data", DIGITS)
+    image_spec({"data": value, "resolution": 16}, spec.where)  # folders: images exist and are readable
+    real = load_images(value, f"{spec.where}.data", "test", image_col)
+    if "classifier_data" in spec.cfg:
+        source = spec.cfg["classifier_data"]
+    else:
+        source = {"path": value if isinstance(value, str) else value["path"], "split": "train"}
+    labelled = load_images(source, f"{spec.where}.classifier_data", "train", image_col)
+    require_columns(labelled, [label_col], f"{spec.where}.classifier_data", "class labels for the feature classifier")
+    return real, labelled
+
+
+def _image_metrics(spec: StageSpec) -> list[str]:
+    names = [name for name, _ in _metrics(spec)] if "metrics" in spec.cfg else list(IMAGE_METRICS)
+    for name in names:
+        if name not in IMAGE_METRICS:
+            raise TunelabError(
+                f"'{spec.where}.metrics': '{name}' scores text; for diffusion pipelines use {', '.join(IMAGE_METRICS)}"
+            )
+    return names
+
+
+def _image_check(spec: StageSpec, ctx: Context) -> None:
+    _image_settings(spec, ctx)
+    _image_metrics(spec)
+    from tunelab.diffusion import _is_digits, _local_folder, image_spec
+
+    for key, default in (("data", "digits"), ("classifier_data", None)):
+        value = spec.cfg.get(key, default)
+        if value is not None and (_is_digits(value) or _local_folder(value) is not None):
+            image_spec({key: value, "resolution": 16}, spec.where, key)
+
+
+def _image_run(spec: StageSpec, ctx: Context) -> StageResult:
+    """Sample from each pipeline, score against held-out real images in a tunelab-trained feature space."""
+    import torch
+
+    from tunelab.data import fingerprint
+    from tunelab.diffusion import generate, load_pipeline, write_images
+    from tunelab.image_quality import CLASSIFIER_CONFIG, load_classifier, quality, to_batch, train_classifier
+
+    settings = _image_settings(spec, ctx)
+    _image_metrics(spec)
+    real, labelled = _image_data(spec)
+    image_col, label_col = spec.cfg.get("image_column", "image"), spec.cfg.get("label_column", "label")
+    n = settings["num_images"] or len(real)
+    if n > len(real):
+        raise TunelabError(
+            f"'{spec.where}.sampling.num_images' is {n} but '{spec.where}.data' has {len(real)} real images; "
+            "the Fréchet distance compares equal counts: lower num_images or use a larger split"
+        )
+    settings["num_images"] = n
+    real = real.shuffle(seed=ctx.seed).select(range(n)) if n < len(real) else real
+    metrics: dict[str, Any] = {}
+    files: dict[str, str] = {}
+    folder = spec.out_dir / "classifier"
+    net = None
+    for label, value in _models(spec).items():
+        where = f"{spec.where}.models.{label}" if "models" in spec.cfg else f"{spec.where}.model"
+        path = value.get("path") if isinstance(value, dict) else value
+        pipe = load_pipeline(ctx.resolve_ref(path), where)
+        if torch.cuda.is_available():
+            pipe = pipe.to("cuda")
+        if net is None:
+            size = pipe.unet.config.sample_size * getattr(pipe, "vae_scale_factor", 1)
+            channels = 3 if hasattr(pipe, "vae") else pipe.unet.config.in_channels
+            if not (folder / CLASSIFIER_CONFIG).is_file():
+                images = to_batch(labelled[image_col], size, channels)
+                train_classifier(images, [int(v) for v in labelled[label_col]], folder, ctx.seed)
+            net, config = load_classifier(folder)
+            real_batch = to_batch(real[image_col], config["resolution"], config["channels"])
+            others = labelled.shuffle(seed=ctx.seed).select(range(min(n, len(labelled))))
+            reference = quality(net, to_batch(others[image_col], config["resolution"], config["channels"]), real_batch)
+            floor = reference["frechet_distance"]  # real vs real: the best a model can score here
+        images, seconds = generate(pipe, settings, where)
+        files.update({f"{k}-{label}": v for k, v in write_images(images, spec.out_dir / label).items()})
+        result = quality(net, to_batch(images, config["resolution"], config["channels"]), real_batch)
+        metrics[label] = {
+            **result,
+            "real_frechet_distance": floor,
+            "num_images": float(n),
+            "seconds_per_image": seconds / n,
+        }
+    return StageResult(metrics=metrics, files=files, fingerprints={"data": fingerprint(real)})
+
+
 def check(spec: StageSpec, ctx: Context) -> None:
+    if _image_mode(spec, ctx):
+        return _image_check(spec, ctx)
+    _check_text(spec, ctx)
+
+
+def _check_text(spec: StageSpec, ctx: Context) -> None:
     from tunelab.hub import resolve_model
     from tunelab.models import check_tokenizer, model_config, model_spec
     from tunelab.quant import check_cpu_shapes, quant_config
@@ -223,6 +385,12 @@ def generate(model, tokenizer, prompts: list[str], config, batch_size: int) -> l
 
 
 def run(spec: StageSpec, ctx: Context) -> StageResult:
+    if _image_mode(spec, ctx):
+        return _image_run(spec, ctx)
+    return _run_text(spec, ctx)
+
+
+def _run_text(spec: StageSpec, ctx: Context) -> StageResult:
     from transformers import set_seed
 
     from tunelab.data import fingerprint
@@ -289,6 +457,9 @@ def plan(spec: StageSpec, ctx: Context):
     """Memory plan of generation with the largest of the evaluated models."""
     from tunelab.models import model_config, model_spec
     from tunelab.plan import plan_generation
+
+    if _image_mode(spec, ctx):
+        return None
 
     _, _, batch = _options(spec)
     gen = _generation(spec)

@@ -387,9 +387,12 @@ def print_summary(result: Any) -> None:
         cmp.add_column("model")
         for name in names:
             cmp.add_column(name, justify="right")
-        cmp.add_column("examples", justify="right")
+        counted = any("examples" in v for v in nested.values())
+        if counted:
+            cmp.add_column("examples", justify="right")
         for label, values in nested.items():
-            cmp.add_row(label, *[_fmt(values.get(n, "")) for n in names], _fmt(values.get("examples", "")))
+            count = [_fmt(values.get("examples", ""))] if counted else []
+            cmp.add_row(label, *[_fmt(values.get(n, "")) for n in names], *count)
         console.print(cmp)
     for stage, path in result.outputs.items():
         console.print(f"  {stage}: {path}")

@@ -8,6 +8,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import cli_startup  # noqa: E402
+import diffusion  # noqa: E402
+import distributed  # noqa: E402
 import eval_batching  # noqa: E402
 import memory_plan  # noqa: E402
 import quickstart  # noqa: E402
@@ -24,7 +26,7 @@ def main() -> None:
     )
     path = ROOT / "docs" / "BENCHMARKS.md"
     sections: list[str] = []
-    for module in (cli_startup, sft_overhead, quickstart, eval_batching, memory_plan, rlhf):
+    for module in (cli_startup, sft_overhead, quickstart, eval_batching, memory_plan, rlhf, diffusion, distributed):
         sections.append(module.main())
         path.write_text(header + "\n".join(sections))  # after each section: a failure later keeps these
     print(path.read_text())

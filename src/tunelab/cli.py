@@ -7,6 +7,7 @@ Only standard-library and light modules are imported at the top: `tunelab
 from __future__ import annotations
 
 import functools
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -45,9 +46,11 @@ def friendly(fn):
             return fn(*args, **kwargs)
         except TunelabError as exc:
             _fail(str(exc), exc.exit_code)
-        except KeyboardInterrupt:
-            typer.secho("interrupted: the run is marked 'interrupted'; continue it with --resume", err=True)
-            raise typer.Exit(130) from None
+        except KeyboardInterrupt as exc:
+            saved = getattr(exc, "checkpoint", None)
+            where = f" (checkpoint saved: {saved})" if saved else ""
+            typer.secho(f"interrupted: the run is marked 'interrupted'{where}; continue it with --resume", err=True)
+            raise typer.Exit(128 + getattr(exc, "signum", 2)) from None
 
     return wrapper
 
@@ -74,6 +77,54 @@ def run(
     parsed = load_recipe(recipe, overrides or [])
     result = run_recipe(parsed, overwrite=overwrite, resume=resume, from_stage=from_stage)
     print_summary(result)
+
+
+@app.command()
+@friendly
+def launch(
+    recipe: RecipeArg,
+    overrides: Overrides = None,
+    num_processes: Annotated[int | None, typer.Option(help="Processes in all (one per GPU; on CPU, gloo).")] = None,
+    num_machines: Annotated[int | None, typer.Option(help="Hosts taking part.")] = None,
+    machine_rank: Annotated[int | None, typer.Option(help="This host's rank (0 is the main host).")] = None,
+    main_process_ip: Annotated[str | None, typer.Option(help="Address of the main host.")] = None,
+    main_process_port: Annotated[int | None, typer.Option(help="Port on the main host.")] = None,
+    mixed_precision: Annotated[str | None, typer.Option(help="no, fp16, bf16 (default: the recipe's).")] = None,
+    config_file: Annotated[str | None, typer.Option(help="Accelerate config (see recipes/accelerate/).")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a finished run in output_dir.")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue an unfinished run from its checkpoints.")] = False,
+    from_stage: Annotated[str | None, typer.Option("--from", help="Rerun this stage and the ones after it.")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the accelerate command; run nothing.")] = False,
+) -> None:
+    """`tunelab run` on several processes, GPUs or hosts through `accelerate launch` (checks the recipe first)."""
+    import shlex
+    import signal
+    import subprocess
+
+    from tunelab import load_recipe
+    from tunelab.distributed import launch_command
+    from tunelab.pipeline import check
+
+    options = {
+        "num_processes": num_processes,
+        "num_machines": num_machines,
+        "machine_rank": machine_rank,
+        "main_process_ip": main_process_ip,
+        "main_process_port": main_process_port,
+        "mixed_precision": mixed_precision,
+        "config_file": config_file,
+    }
+    flags = ["--overwrite"] * overwrite + ["--resume"] * resume + (["--from", from_stage] if from_stage else [])
+    argv, env = launch_command(options, [recipe, *(overrides or []), *flags])
+    if dry_run:
+        typer.echo(("ACCELERATE_USE_CPU=1 " if env.get("ACCELERATE_USE_CPU") else "") + shlex.join(argv))
+        return
+    check(load_recipe(recipe, overrides or []), overwrite=overwrite, resume=resume, from_stage=from_stage)
+    proc = subprocess.Popen(argv, env=env, start_new_session=True)
+    forward = lambda signum, frame: os.killpg(proc.pid, signum)  # noqa: E731 - every rank checkpoints
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, forward)
+    raise typer.Exit(proc.wait())
 
 
 @app.command("eval")

@@ -12,6 +12,7 @@ fingerprint and continues an interrupted stage from its newest checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -21,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tunelab import runs
+from tunelab import distributed, runs
 from tunelab.errors import TunelabError
 from tunelab.hub import configure_offline
 from tunelab.recipe import Recipe, iter_refs
@@ -62,9 +63,15 @@ def _check(recipe: Recipe, overwrite: bool, resume: bool, from_stage: str | None
         _check_from(recipe, from_stage, overwrite)
         resume = True
     mode = runs.check_output_dir(recipe.output_dir, overwrite, resume)
+    holder = runs.lock_holder(recipe.output_dir)
+    if holder is not None:
+        raise runs.in_use_error(recipe.output_dir, holder)
+    runs.check_writable(recipe.output_dir)
     if mode == "resume":
         _check_resumable(recipe, from_stage)
-    return mode, _inspect(recipe, strict_plans=False)
+    plans = _inspect(recipe, strict_plans=False)
+    runs.check_disk(recipe.output_dir, recipe.stages, plans)
+    return mode, plans
 
 
 def _check_from(recipe: Recipe, from_stage: str, overwrite: bool) -> None:
@@ -179,18 +186,30 @@ def run(recipe: Recipe, overwrite: bool = False, resume: bool = False, from_stag
     `resume` skips stages that completed with the same fingerprint and continues interrupted ones;
     `from_stage` also reruns that stage and every stage after it.
     """
-    mode, plans = _check(recipe, overwrite, resume, from_stage)
+    distributed.init()
+    mode, plans = _check(recipe, overwrite, resume, from_stage)  # every rank, before any rank writes
+    distributed.barrier("the recipe checks")
     _warn_memory(plans)
-    print(
-        f"tunelab: {recipe.data['name']} ({', '.join(recipe.stages)}) -> {recipe.output_dir}"
-        + {"resume": " (resuming)", "overwrite": " (replacing the previous run)"}.get(mode, ""),
-        flush=True,
-    )
+    rank, size = distributed.world()
+    if rank == 0:
+        print(
+            f"tunelab: {recipe.data['name']} ({', '.join(recipe.stages)}) -> {recipe.output_dir}"
+            + {"resume": " (resuming)", "overwrite": " (replacing the previous run)"}.get(mode, "")
+            + (f" on {size} processes" if size > 1 else ""),
+            flush=True,
+        )
+        with runs.locked(recipe.output_dir):
+            return _run_locked(recipe, mode, from_stage)
+    return _run_locked(recipe, mode, from_stage)
+
+
+def _run_locked(recipe: Recipe, mode: str, from_stage: str | None) -> RunResult:
     run_dir = recipe.output_dir
-    if mode == "overwrite":
+    main = distributed.is_main()
+    previous = runs.read_json(run_dir / "run.json") or {}
+    if mode == "overwrite" and main:
         runs.clear(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    previous = runs.read_json(run_dir / "run.json") or {}
     manifest: dict[str, Any] = {
         "name": recipe.data.get("name"),
         "status": "running",
@@ -205,23 +224,71 @@ def run(recipe: Recipe, overwrite: bool = False, resume: bool = False, from_stag
         "first_started": previous.get("first_started") or previous.get("started") or runs.now(),
         "stages": {},
     }
-    runs.write_atomic(run_dir / "recipe.yaml", recipe.to_yaml())
-    runs.write_json(run_dir / "run.json", manifest)
+    if main:
+        runs.write_atomic(run_dir / "recipe.yaml", recipe.to_yaml())
+        _write(run_dir / "run.json", manifest)
+    distributed.barrier("the run folder")
     result = RunResult(run_dir=run_dir, status="running")
     ctx = Context(seed=recipe.seed, run_dir=run_dir, resume=mode == "resume")
+    with _sigterm_interrupts():
+        _run_stages(recipe, run_dir, ctx, manifest, result, from_stage)
+    manifest.update(status="completed", ended=runs.now())
+    _write(run_dir / "run.json", manifest)
+    result.status = "completed"
+    if main:
+        _report(run_dir)
+    return result
+
+
+def _write(path: Path, data: Any) -> None:
+    """Pipeline bookkeeping (run.json, stage.json, metrics.json): the main process writes it, alone."""
+    if distributed.is_main():
+        runs.write_json(path, data)
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts():
+    """SIGTERM (a scheduler's kill, `timeout`) ends the run like Ctrl-C: marked interrupted, resumable.
+
+    During training `training.stop_on_signals` takes over and saves a checkpoint first.
+    """
+    import signal
+    import threading
+
+    from tunelab.training import Interrupted
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        raise Interrupted(signum, None)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _run_stages(
+    recipe: Recipe, run_dir: Path, ctx: Context, manifest: dict[str, Any], result: RunResult, from_stage: str | None
+) -> None:
     fingerprints: dict[str, str] = {}
     rerun = False
     try:
         for spec in _specs(recipe):
             fp = _fingerprint(spec, recipe.seed, fingerprints)
-            record = runs.read_json(spec.out_dir / "stage.json") or {}
+            record = distributed.broadcast(runs.read_json(spec.out_dir / "stage.json") or {})
             rerun = rerun or spec.name == from_stage
-            if record and not rerun and record.get("fingerprint") != fp:
+            if record and not rerun and record.get("fingerprint") != fp and distributed.is_main():
                 print(f"-- {spec.name}: its config, data or upstream stages changed since it ran: running it again")
             if record and (rerun or record.get("fingerprint") != fp):
                 # Config or inputs changed since this folder was written: its checkpoints do not apply.
-                shutil.rmtree(spec.out_dir)
+                if distributed.is_main():
+                    shutil.rmtree(spec.out_dir)
                 record = {}
+                distributed.barrier(f"clearing stage '{spec.name}'")
             if record.get("status") == "completed":
                 stage_result = StageResult(
                     metrics=record.get("metrics", {}), model=Path(record["model"]) if record.get("model") else None
@@ -237,21 +304,16 @@ def run(recipe: Recipe, overwrite: bool = False, resume: bool = False, from_stag
                 result.outputs[spec.name] = stage_result.model
                 ctx.outputs[spec.name] = stage_result.model
             manifest["stages"][spec.name] = {"status": "completed", "seconds": round(seconds, 2), "fingerprint": fp}
-            runs.write_json(run_dir / "metrics.json", result.metrics)
-            runs.write_json(run_dir / "run.json", manifest)
+            _write(run_dir / "metrics.json", result.metrics)
+            _write(run_dir / "run.json", manifest)
     except BaseException as exc:
         status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
         for entry in manifest["stages"].values():
             if entry.get("status") == "running":
                 entry["status"] = status  # the stage that was running when it stopped
         manifest.update(status=status, ended=runs.now(), error=f"{type(exc).__name__}: {exc}"[:500])
-        runs.write_json(run_dir / "run.json", manifest)
+        _write(run_dir / "run.json", manifest)
         raise
-    manifest.update(status="completed", ended=runs.now())
-    runs.write_json(run_dir / "run.json", manifest)
-    result.status = "completed"
-    _report(run_dir)
-    return result
 
 
 def _report(run_dir: Path) -> None:
@@ -276,24 +338,30 @@ def _run_stage(
         "cfg": spec.cfg,
         "started": runs.now(),
     }
+    main = distributed.is_main()
+    module = stage_module(spec.kind)
+    everywhere = getattr(module, "RANKS", "main") == "all"  # training stages run on every rank
     spec.out_dir.mkdir(parents=True, exist_ok=True)
-    runs.write_json(spec.out_dir / "stage.json", record)
+    _write(spec.out_dir / "stage.json", record)
     manifest["stages"][spec.name] = {"status": "running"}
-    runs.write_json(run_dir / "run.json", manifest)
+    _write(run_dir / "run.json", manifest)
     set_seed(ctx.seed)
-    print(f"-- {spec.name} ({spec.kind}) -> {spec.out_dir}", flush=True)
+    if main:
+        where = "" if everywhere or not distributed.distributed() else " (main process; the others wait)"
+        print(f"-- {spec.name} ({spec.kind}) -> {spec.out_dir}{where}", flush=True)
     start = time.perf_counter()
     # TensorBoard events in the stage folder; transformers would otherwise write `./runs/DATE` when a
     # trainer logs before training (an evaluation first).
     tb_dir = os.environ.get("TENSORBOARD_LOGGING_DIR")
     os.environ["TENSORBOARD_LOGGING_DIR"] = tb_dir or str(spec.out_dir / "runs")
     try:
-        out = stage_module(spec.kind).run(spec, ctx)
+        out = module.run(spec, ctx) if everywhere or main else StageResult(model=None)
+        distributed.barrier(f"the end of stage '{spec.name}'")
     except BaseException as exc:
         record.update(status="interrupted" if isinstance(exc, KeyboardInterrupt) else "failed", ended=runs.now())
         if not isinstance(exc, KeyboardInterrupt):
             record["error"] = f"{type(exc).__name__}: {exc}"[:500]
-        runs.write_json(spec.out_dir / "stage.json", record)
+        _write(spec.out_dir / "stage.json", record)
         raise
     finally:
         if tb_dir is None:
@@ -308,6 +376,6 @@ def _run_stage(
         files=out.files,
         data=out.fingerprints,
     )
-    runs.write_json(spec.out_dir / "stage.json", record)
+    _write(spec.out_dir / "stage.json", record)
     manifest.setdefault("data", {})[spec.name] = out.fingerprints
     return out, seconds

@@ -98,7 +98,7 @@ def check_output_dir(run_dir: Path, overwrite: bool, resume: bool) -> str:
         raise TunelabError("--overwrite and --resume contradict each other: choose one")
     if run_dir.exists() and not run_dir.is_dir():
         raise TunelabError(f"output_dir '{run_dir}' is a file: choose a folder path")
-    if not run_dir.exists() or not any(run_dir.iterdir()):
+    if not run_dir.exists() or not any(p.name != LOCK for p in run_dir.iterdir()):
         if resume:
             raise TunelabError(f"--resume: '{run_dir}' holds no run to resume; run without --resume")
         return "new"
@@ -125,9 +125,70 @@ def check_output_dir(run_dir: Path, overwrite: bool, resume: bool) -> str:
 
 
 def clear(run_dir: Path) -> None:
-    """Remove a previous run (only folders holding a tunelab run.json get here)."""
+    """Remove a previous run (only folders holding a tunelab run.json get here); the lock we hold stays."""
     if (run_dir / "run.json").exists():
-        shutil.rmtree(run_dir)
+        for entry in run_dir.iterdir():
+            if entry.name == LOCK:
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+
+
+LOCK = ".tunelab.lock"
+
+
+def lock_holder(run_dir: Path) -> str | None:
+    """Who holds the run folder's lock ('pid 123 on host, since ...'), or None when it is free."""
+    import fcntl
+
+    path = run_dir / LOCK
+    if not path.is_file():
+        return None
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            return f.read().strip() or "another process"
+        fcntl.flock(f, fcntl.LOCK_UN)
+    return None
+
+
+def in_use_error(run_dir: Path, holder: str) -> TunelabError:
+    return TunelabError(
+        f"output_dir '{run_dir}' is in use by tunelab ({holder}); wait for it, or choose another output_dir. "
+        "Several processes started on one recipe are not one distributed run: use `tunelab launch --num-processes N`"
+    )
+
+
+@contextlib.contextmanager
+def locked(run_dir: Path):
+    """Hold an exclusive lock on the run folder while a run writes to it.
+
+    A second `tunelab run` on the same folder (or N copies that believe they are distributed but
+    never joined one process group) fails in one line instead of interleaving checkpoints. The
+    kernel drops the lock when the holder dies, so a killed run does not block `--resume`.
+    """
+    import fcntl
+    import socket
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    f = open(run_dir / LOCK, "a+")  # noqa: SIM115 - held open for the whole run
+    try:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            raise in_use_error(run_dir, f.read().strip() or "another process") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}, since {now()}")
+        f.flush()
+        yield
+    finally:
+        f.close()  # closing releases the lock
 
 
 def compare_rows(run_dirs: list[Path], everything: bool = False) -> tuple[list[dict[str, Any]], list[str]]:
@@ -154,3 +215,66 @@ def compare_rows(run_dirs: list[Path], everything: bool = False) -> tuple[list[d
     rest = (seen if everything else scored) - set(preferred) - {"examples"}
     names = [n for n in preferred if n in seen] + sorted(rest)
     return rows, names
+
+
+def existing_ancestor(path: Path) -> Path:
+    path = path.absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def check_writable(run_dir: Path) -> None:
+    """Write (and remove) a probe file where the run will go: permissions, read-only mounts, a full disk."""
+    base = existing_ancestor(run_dir)
+    if not base.is_dir():
+        raise TunelabError(f"output_dir '{run_dir}': '{base}' is a file, not a folder; choose another output_dir")
+    try:
+        fd, probe = tempfile.mkstemp(dir=base, prefix=".tunelab-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise TunelabError(
+            f"output_dir '{run_dir}' cannot be written ({exc.strerror or exc} in '{base}'); choose another output_dir"
+        ) from None
+
+
+def checkpoint_bytes(plan: Any) -> float:
+    """Bytes one checkpoint of a stage takes on disk: saved weights (the adapter alone for LoRA) and optimizer."""
+    parts = plan.parts
+    weights = plan.trainable * 4 if plan.trainable < plan.params else parts.get("weights", plan.params * 4)
+    return weights + parts.get("optimizer", 0.0)
+
+
+def planned_disk(stages: dict[str, dict[str, Any]], plans: list[Any]) -> dict[str, float]:
+    """Bytes each training stage will leave on disk: kept checkpoints plus its final model."""
+    out = {}
+    for plan in plans:
+        if not plan.trainable or plan.stage not in stages:
+            continue
+        training = stages[plan.stage].get("training") or {}
+        kept = 0
+        if training.get("save_strategy", "steps") != "no":
+            limit = training.get("save_total_limit")
+            steps, every = training.get("max_steps"), training.get("save_steps", 500)
+            count = steps // every if isinstance(steps, int) and isinstance(every, int) and every > 0 else 3
+            kept = min(count, limit) if isinstance(limit, int) else count
+        final = plan.trainable * 4 if plan.trainable < plan.params else plan.parts.get("weights", plan.params * 4)
+        out[plan.stage] = kept * checkpoint_bytes(plan) + final
+    return out
+
+
+def check_disk(run_dir: Path, stages: dict[str, dict[str, Any]], plans: list[Any]) -> None:
+    """Fail before training when the output file system cannot hold the planned checkpoints and models."""
+    need = planned_disk(stages, plans)
+    if not need:
+        return
+    free = shutil.disk_usage(existing_ancestor(run_dir)).free
+    total = sum(need.values())
+    if total > free:
+        biggest = max(need, key=need.get)
+        raise TunelabError(
+            f"output_dir '{run_dir}': {free / 1e9:.2f} GB free, but the run plans {total / 1e9:.2f} GB of checkpoints "
+            f"and models (most in stage '{biggest}': {need[biggest] / 1e9:.2f} GB); free space, lower "
+            "training.save_total_limit, or choose another output_dir"
+        )

@@ -4,6 +4,7 @@ quiet logs with readable progress lines, and checkpoint resume.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import warnings
@@ -151,19 +152,105 @@ def readable_progress(trainer: Any) -> None:
     trainer.add_callback(_Printer() if trainer.args.disable_tqdm else _Progress())
 
 
+class Interrupted(KeyboardInterrupt):
+    """Training stopped by SIGINT/SIGTERM after saving a checkpoint; `signum` says which."""
+
+    def __init__(self, signum: int, checkpoint: str | None) -> None:
+        super().__init__(f"stopped by signal {signum}; checkpoint {checkpoint}")
+        self.signum, self.checkpoint = signum, checkpoint
+
+
+@contextlib.contextmanager
+def stop_on_signals(trainer: Any, out_dir: Path):
+    """The first SIGINT/SIGTERM ends training after the current step with a checkpoint; a second stops at once.
+
+    The Trainer saves when a callback sets `control.should_save` and stops at `should_training_stop`,
+    so the checkpoint holds model, optimizer, scheduler, RNG states and data position like any other.
+    On leaving, `Interrupted` (a KeyboardInterrupt) tells the pipeline to mark the run interrupted.
+    """
+    import signal
+    import threading
+
+    from transformers import TrainerCallback
+
+    caught: list[int] = []
+
+    class _Stop(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if caught:
+                control.should_save = True
+                control.should_training_stop = True
+
+    def handler(signum: int, frame: Any) -> None:
+        if caught:
+            raise KeyboardInterrupt  # second signal: stop now, keep the checkpoints already written
+        caught.append(signum)
+        print(
+            f"\nsignal {signum}: saving a checkpoint after this step, then stopping (again to stop at once)", flush=True
+        )
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    trainer.add_callback(_Stop())
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+    if caught:
+        raise Interrupted(caught[0], last_checkpoint(out_dir))
+
+
 def train(trainer: Any, out_dir: Path, resume: bool) -> dict[str, float]:
-    """Train (from the newest checkpoint when resuming); return the train metrics."""
+    """Train (from the newest checkpoint when resuming); return the train metrics.
+
+    SIGINT/SIGTERM save a checkpoint and raise `Interrupted` (see `stop_on_signals`).
+    """
     checkpoint = last_checkpoint(out_dir) if resume else None
     readable_progress(trainer)
-    result = trainer.train(resume_from_checkpoint=checkpoint)
+    with stop_on_signals(trainer, out_dir):
+        result = trainer.train(resume_from_checkpoint=checkpoint)
     metrics = {k: float(v) for k, v in result.metrics.items() if isinstance(v, (int, float))}
     metrics["global_step"] = float(result.global_step)
+    metrics.update(check_ranks_in_sync(trainer))
     from tunelab.runs import write_json
 
-    write_json(out_dir / "log_history.json", trainer.state.log_history)  # loss curves for report.md
+    if trainer.args.should_save:
+        write_json(out_dir / "log_history.json", trainer.state.log_history)  # loss curves for report.md
     if checkpoint:
         metrics["resumed_from_step"] = float(Path(checkpoint).name.split("-")[-1])
     return metrics
+
+
+def check_ranks_in_sync(trainer: Any) -> dict[str, float]:
+    """After distributed training, every rank must hold the same trainable weights; prove it, or fail.
+
+    A checksum of the trainable parameters is gathered from all ranks. A mismatch (a parameter
+    outside DDP's reach, a rank that trained on different settings) is an error, not a silent
+    divergence the saved model would hide. Returns {"world_size", "ranks_in_sync"} for metrics.
+    """
+    import torch
+
+    from tunelab import distributed
+
+    rank, size = distributed.world()
+    if size == 1:
+        return {}
+    import torch.distributed as dist
+
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    params = [p.detach().float().flatten().cpu() for p in model.parameters() if p.requires_grad]
+    local = torch.stack([torch.cat(params).sum(), torch.cat(params).abs().sum()]).double()
+    gathered = [torch.zeros_like(local) for _ in range(size)]
+    dist.all_gather(gathered, local.to(trainer.args.device))
+    sums = torch.stack([g.cpu() for g in gathered])
+    if not torch.allclose(sums, sums[0].expand_as(sums), rtol=1e-6, atol=0):
+        from tunelab.errors import TunelabError
+
+        raise TunelabError(f"after training, the ranks hold different weights (checksums {sums[:, 0].tolist()})")
+    return {"world_size": float(size), "ranks_in_sync": 1.0}
 
 
 class Diverged(Exception):

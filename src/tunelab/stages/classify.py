@@ -15,6 +15,7 @@ from tunelab.errors import TunelabError
 from tunelab.stages import Context, StageResult, StageSpec
 
 PRODUCES_MODEL = True
+RANKS = "all"  # trains on every process of a distributed run (the Trainer shards the data)
 SECTIONS = {
     "model": "encoder to fine-tune: folder, hub id, pkg:PACKAGE/folder, ${stage}, or {path, ...}",
     "data": "labelled training data: datasets.load_dataset arguments",
@@ -163,8 +164,10 @@ def run(spec: StageSpec, ctx: Context) -> StageResult:
     metrics.update(train(trainer, spec.out_dir, ctx.resume))
     if eval_enc is not None:
         metrics.update(_score(trainer, eval_enc))
-        _confusion(trainer, eval_enc, names, spec.out_dir)
+        if trainer.args.should_save:
+            _confusion(trainer, eval_enc, names, spec.out_dir)
     trainer.save_model(str(spec.out_dir))
-    tokenizer.save_pretrained(str(spec.out_dir))
+    if trainer.args.should_save:  # the main process (several write the same files otherwise)
+        tokenizer.save_pretrained(str(spec.out_dir))
     prints = {"data": fingerprint(train_ds)} | ({"eval_data": fingerprint(eval_ds)} if eval_ds is not None else {})
     return StageResult(metrics=metrics, model=spec.out_dir, fingerprints=prints)

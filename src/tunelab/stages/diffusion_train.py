@@ -27,6 +27,7 @@ from tunelab.errors import TunelabError
 from tunelab.stages import Context, StageResult, StageSpec
 
 PRODUCES_MODEL = True
+RANKS = "all"  # trains on every process of a distributed run (the Trainer shards the data)
 SECTIONS = {
     "model": "pipeline to start from: a text-to-image pipeline for LoRA, or a DDPM pipeline; omit to build `unet:`",
     "unet": "diffusers.UNet2DModel fields for a model trained from scratch (block_out_channels, ...)",
@@ -218,7 +219,45 @@ def check(spec: StageSpec, ctx: Context) -> None:
 
 
 def plan(spec: StageSpec, ctx: Context):
-    return None  # the memory planner covers causal LMs
+    """Weights, gradients and AdamW state of the UNet (activations of UNets are not modelled).
+
+    Enough for the disk check (checkpoint sizes) and a lower bound on memory.
+    """
+    from tunelab.plan import StagePlan
+
+    mode = _mode(spec, ctx)
+    if "model" not in spec.cfg:
+        unet = _build_unet(_unet_config(spec, _image(spec, mode)), f"{spec.where}.unet", meta=True)
+        params = trainable = sum(p.numel() for p in unet.parameters())
+    else:
+        from tunelab.hub import local_path
+
+        if ctx.is_pending(spec.cfg["model"]):
+            return None
+        folder = local_path(ctx.resolve_ref(spec.cfg["model"]))
+        if folder is None or not (folder / "unet" / "config.json").is_file():
+            return None  # a hub pipeline: its config is not read before download
+        import torch
+        from diffusers import UNet2DConditionModel, UNet2DModel
+
+        cls = UNet2DConditionModel if mode == "text" else UNet2DModel
+        with torch.device("meta"):
+            unet = cls.from_config(cls.load_config(folder / "unet"))
+        params = sum(p.numel() for p in unet.parameters())
+        trainable = params
+        if mode == "text":
+            unet.add_adapter(_lora(spec))
+            trainable = sum(p.numel() for n, p in unet.named_parameters() if "lora_" in n)
+    parts = {"weights": params * 4.0, "gradients": trainable * 4.0, "optimizer": trainable * 8.0}
+    return StagePlan(
+        spec.name,
+        "train",
+        "lora" if mode == "text" else "full",
+        params,
+        trainable,
+        parts,
+        ["activations of UNets are not modelled"],
+    )
 
 
 def tokenizer_origin(spec: StageSpec, ctx: Context) -> str | None:
@@ -252,9 +291,10 @@ def _trainer_class():
                 with torch.no_grad():
                     latents = self.vae.encode(latents.to(self.vae.dtype)).latent_dist.sample()
                     latents = latents * self.vae.config.scaling_factor
-            noise = torch.randn_like(latents)
+            gen = self._noise_generator(latents.device)
+            noise = torch.randn(latents.shape, generator=gen, device=latents.device, dtype=latents.dtype)
             steps = self.noise_scheduler.config.num_train_timesteps
-            timesteps = torch.randint(0, steps, (latents.shape[0],), device=latents.device).long()
+            timesteps = torch.randint(0, steps, (latents.shape[0],), generator=gen, device=latents.device).long()
             noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
             kind = self.noise_scheduler.config.prediction_type
             if kind == "epsilon":
@@ -271,6 +311,33 @@ def _trainer_class():
                 pred = model(noisy, timesteps, return_dict=False)[0]
             loss = F.mse_loss(pred.float(), target.float())
             return (loss, {"pred": pred}) if return_outputs else loss
+
+        def _noise_generator(self, device):
+            """Noise and timesteps from a generator seeded per rank (seed + rank), saved with each checkpoint.
+
+            Ranks see different images; with one global seed they would also draw the same noise
+            and timesteps for them, which correlates the gradient each rank contributes.
+            """
+            if getattr(self, "_gen", None) is None:
+                self._gen = torch.Generator(device=device).manual_seed(self.args.seed + self.args.process_index)
+                if getattr(self, "_gen_state", None) is not None:
+                    self._gen.set_state(self._gen_state)
+            return self._gen
+
+        def _noise_file(self, folder) -> Path:
+            return Path(folder) / f"noise_rng_{self.args.process_index}.pth"
+
+        def _save_rng_state(self, output_dir: str) -> None:
+            super()._save_rng_state(output_dir)
+            if getattr(self, "_gen", None) is not None:
+                Path(output_dir).mkdir(parents=True, exist_ok=True)
+                torch.save(self._gen.get_state(), self._noise_file(output_dir))
+
+        def _load_rng_state(self, checkpoint) -> None:
+            super()._load_rng_state(checkpoint)
+            if checkpoint is not None and self._noise_file(checkpoint).is_file():
+                self._gen_state = torch.load(self._noise_file(checkpoint))
+                self._gen = None
 
         def _save(self, output_dir: str | None = None, state_dict=None) -> None:
             from safetensors.torch import save_file

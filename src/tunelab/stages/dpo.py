@@ -16,6 +16,7 @@ from typing import Any
 from tunelab.stages import Context, StageResult, StageSpec
 
 PRODUCES_MODEL = True
+RANKS = "all"  # trains on every process of a distributed run (the Trainer shards the data)
 SECTIONS = {
     "model": "policy to train: usually ${sft} (adapter folders are merged first)",
     "data": "preference pairs: prompt, chosen, rejected (datasets.load_dataset arguments)",
@@ -77,7 +78,8 @@ def run(spec: StageSpec, ctx: Context) -> StageResult:
         keep = ("eval_loss", "eval_rewards/accuracies", "eval_rewards/margins")
         metrics.update({k: float(v) for k, v in out.items() if k in keep})
     trainer.save_model(str(spec.out_dir))
-    tokenizer.save_pretrained(str(spec.out_dir))
+    if trainer.args.should_save:  # the main process (several write the same files otherwise)
+        tokenizer.save_pretrained(str(spec.out_dir))
     prints = {"data": fingerprint(train_ds)} | ({"eval_data": fingerprint(eval_ds)} if eval_ds is not None else {})
     return StageResult(metrics=metrics, model=spec.out_dir, fingerprints=prints)
 

@@ -26,6 +26,7 @@ from tunelab.recipe import REF
 from tunelab.stages import Context, StageResult, StageSpec
 
 PRODUCES_MODEL = True
+RANKS = "all"  # trains on every process of a distributed run (the Trainer shards the data)
 SECTIONS = {
     "model": "policy to train: usually ${sft} (adapter folders are merged first)",
     "data": "prompts (a `prompt` column) and any columns the rewards read: datasets.load_dataset arguments",
@@ -230,7 +231,8 @@ def run(spec: StageSpec, ctx: Context) -> StageResult:
         n = max(1, len(rewards) // 10)
         metrics.update(first_reward=sum(rewards[:n]) / n, last_reward=sum(rewards[-n:]) / n)
     trainer.save_model(str(spec.out_dir))
-    tokenizer.save_pretrained(str(spec.out_dir))
+    if trainer.args.should_save:  # the main process (several write the same files otherwise)
+        tokenizer.save_pretrained(str(spec.out_dir))
     return StageResult(metrics=metrics, model=spec.out_dir, fingerprints={"data": fingerprint(ds)})
 
 

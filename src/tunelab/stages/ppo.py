@@ -133,8 +133,15 @@ def _check_tokenizers(spec: StageSpec, ctx: Context) -> None:
 
 
 def check(spec: StageSpec, ctx: Context) -> None:
+    from tunelab.distributed import distributed
     from tunelab.models import stage_model
     from tunelab.stages.sft import _lora
+
+    if distributed():
+        raise TunelabError(
+            f"'{spec.where}': tunelab runs PPO in one process (TRL 1.12's PPO loop is neither sharded nor "
+            "resumable through tunelab yet); run this stage with `tunelab run`, not `launch`"
+        )
 
     _args(spec, ctx)
     _kl_limit(spec)

@@ -18,6 +18,7 @@ from tunelab.errors import TunelabError
 from tunelab.stages import Context, StageResult, StageSpec
 
 PRODUCES_MODEL = True
+RANKS = "all"  # trains on every process of a distributed run (the Trainer shards the data)
 SECTIONS = {
     "config": "transformers config of the new model: model_type plus its fields (hidden_size, ...)",
     "tokenizer": "tokenizers.trainers.BpeTrainer arguments (vocab_size, min_frequency), or a tokenizer to reuse",
@@ -145,7 +146,8 @@ def run(spec: StageSpec, ctx: Context) -> StageResult:
         metrics["eval_loss"] = float(evaluated["eval_loss"])
         metrics["perplexity"] = math.exp(min(metrics["eval_loss"], 50.0))
     trainer.save_model(str(spec.out_dir))
-    tokenizer.save_pretrained(str(spec.out_dir))
+    if trainer.args.should_save:  # the main process (several write the same files otherwise)
+        tokenizer.save_pretrained(str(spec.out_dir))
     metrics["params"] = float(sum(p.numel() for p in model.parameters()))
     prints = {"data": fingerprint(train_ds)} | ({"eval_data": fingerprint(eval_ds)} if eval_ds is not None else {})
     return StageResult(metrics=metrics, model=spec.out_dir, fingerprints=prints)

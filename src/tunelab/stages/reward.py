@@ -21,6 +21,7 @@ from tunelab.errors import TunelabError
 from tunelab.stages import Context, StageResult, StageSpec
 
 PRODUCES_MODEL = True
+RANKS = "all"  # trains on every process of a distributed run (the Trainer shards the data)
 SECTIONS = {
     "model": "starting model: usually ${sft}; a causal LM (or adapter) gets a new score head",
     "data": "preference pairs: chosen and rejected columns, optional prompt (datasets.load_dataset arguments)",
@@ -157,8 +158,9 @@ def run(spec: StageSpec, ctx: Context) -> StageResult:
         model = model.merge_and_unload()  # a plain classifier: PPO, GRPO and eval load it as is
     if eval_ds is not None:
         metrics.update(pairwise_accuracy(model, tokenizer, eval_ds, args.per_device_eval_batch_size))
-    model.save_pretrained(str(spec.out_dir))
-    tokenizer.save_pretrained(str(spec.out_dir))
+    if trainer.args.should_save:  # the main process
+        model.save_pretrained(str(spec.out_dir))
+        tokenizer.save_pretrained(str(spec.out_dir))
     prints = {"data": fingerprint(train_ds)} | ({"eval_data": fingerprint(eval_ds)} if eval_ds is not None else {})
     return StageResult(metrics=metrics, model=spec.out_dir, fingerprints=prints)
 

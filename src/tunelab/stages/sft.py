@@ -16,6 +16,7 @@ from tunelab.errors import TunelabError
 from tunelab.stages import Context, StageResult, StageSpec
 
 PRODUCES_MODEL = True
+RANKS = "all"  # trains on every process of a distributed run (the Trainer shards the data)
 SECTIONS = {
     "model": "model to fine-tune: hub id, folder, ${stage}, or {path, dtype, revision, ...}",
     "data": "training data: datasets.load_dataset arguments (path, name, data_files, split)",
@@ -142,7 +143,8 @@ def run(spec: StageSpec, ctx: Context) -> StageResult:
     if eval_ds is not None:
         metrics.update({k: float(v) for k, v in trainer.evaluate().items() if isinstance(v, (int, float))})
     trainer.save_model(str(spec.out_dir))
-    tokenizer.save_pretrained(str(spec.out_dir))
+    if trainer.args.should_save:  # the main process (several write the same files otherwise)
+        tokenizer.save_pretrained(str(spec.out_dir))
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     metrics["trainable_params"] = float(trainable)
     prints = {"data": fingerprint(train_ds)} | ({"eval_data": fingerprint(eval_ds)} if eval_ds is not None else {})

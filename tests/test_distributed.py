@@ -1,0 +1,163 @@
+"""Several processes through `tunelab launch`: real 2-process gloo runs on CPU for SFT and diffusion,
+weights equal across ranks, loss curves against one process with the same global batch; the
+launcher's command and its one-line errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from tests.conftest import QA_TRAIN, tiny_training
+from tests.test_bad_input import fails
+from tests.test_diffusion import ddpm_stage
+
+LAUNCH = [sys.executable, "-m", "tunelab", "launch"]
+RUN = [sys.executable, "-m", "tunelab", "run"]
+
+
+def _recipe(tmp_path: Path, name: str, stage: dict) -> Path:
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump({"output_dir": str(tmp_path / name), "seed": 1, "stages": {"s": stage}}))
+    return path
+
+
+def _losses(tmp_path: Path, name: str) -> list[float]:
+    history = json.loads((tmp_path / name / "s" / "log_history.json").read_text())
+    return [h["loss"] for h in history if "loss" in h]
+
+
+def _run(argv: list[str]) -> str:
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out.stdout + out.stderr
+
+
+def _one_and_two(tmp_path: Path, stage_for: callable) -> tuple[list[float], list[float], dict]:
+    """Train with 1 process at batch 8, and with 2 processes at 4 each (same global batch)."""
+    _run([*RUN, str(_recipe(tmp_path, "one", stage_for(8)))])
+    output = _run([*LAUNCH, "--num-processes", "2", str(_recipe(tmp_path, "two", stage_for(4)))])
+    assert "on 2 processes" in output
+    metrics = json.loads((tmp_path / "two" / "metrics.json").read_text())["s"]
+    return _losses(tmp_path, "one"), _losses(tmp_path, "two"), metrics
+
+
+def test_two_process_sft_matches_one_process(tmp_path: Path, tiny_lm: Path) -> None:
+    def stage(batch: int) -> dict:
+        training = tiny_training(max_steps=8, per_device_train_batch_size=batch, learning_rate=1e-3)
+        return {"stage": "sft", "model": str(tiny_lm), "data": QA_TRAIN, "lora": {"r": 4}, "training": training}
+
+    one, two, metrics = _one_and_two(tmp_path, stage)
+    assert metrics["world_size"] == 2 and metrics["ranks_in_sync"] == 1  # checksums of every rank's weights agree
+    assert len(one) == len(two) == 8
+    # The same 8 examples per step (accelerate gives each rank half of the seeded global batch), so the
+    # curves agree; the logged loss of 2 ranks is the mean of their means, which differs from the
+    # token-weighted mean of 1 process when the halves hold different token counts (up to ~3% here).
+    rel = np.abs(np.array(one) - np.array(two)) / np.array(one)
+    assert np.median(rel) < 1e-3 and rel.max() < 0.05, (one, two)
+    from safetensors.torch import load_file
+
+    a, b = (load_file(tmp_path / n / "s" / "adapter_model.safetensors") for n in ("one", "two"))
+    diff = sum(float(((a[k] - b[k]) ** 2).sum()) for k in a) ** 0.5 / sum(float((a[k] ** 2).sum()) for k in a) ** 0.5
+    assert diff < 0.02, diff  # 8 Adam steps from float-order differences in the all-reduced gradients
+    assert not list((tmp_path / "two").rglob("*rank1*"))  # one writer
+
+
+def test_two_process_diffusion_matches_one_process(tmp_path: Path) -> None:
+    def stage(batch: int) -> dict:
+        s = ddpm_stage(max_steps=8, per_device_train_batch_size=batch, logging_steps=1)
+        s["samples"] = None
+        return s
+
+    one, two, metrics = _one_and_two(tmp_path, stage)
+    assert metrics["world_size"] == 2 and metrics["ranks_in_sync"] == 1
+    assert len(one) == len(two) == 8
+    # the same images per step, but each rank draws its own noise and timesteps: the curves agree in level
+    assert abs(np.mean(one) - np.mean(two)) < 0.15 * np.mean(one), (one, two)
+    assert (tmp_path / "two" / "s" / "model_index.json").is_file()
+
+
+def test_launch_command_on_cpu_really_distributes() -> None:
+    from tunelab.distributed import launch_command
+
+    argv, env = launch_command({"num_processes": 2}, ["quickstart"])
+    assert env["ACCELERATE_USE_CPU"] == "1"
+    assert "--multi_gpu" in argv and "--cpu" not in argv  # --cpu --num_processes 2 would start one process
+    assert argv[argv.index("--num_processes") + 1] == "2"
+    assert argv[-4:] == ["-m", "tunelab", "run", "quickstart"]
+    argv, env = launch_command({"config_file": "recipes/accelerate/multi_cpu.yaml"}, ["quickstart"])
+    assert "--multi_gpu" in argv and env["ACCELERATE_USE_CPU"] == "1"
+
+
+def test_shipped_accelerate_configs_parse() -> None:
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    from tunelab.distributed import check_accelerate_config
+
+    kinds = {}
+    for path in sorted(Path("recipes/accelerate").glob("*.yaml")):
+        if "deepspeed" not in path.name:
+            check_accelerate_config(str(path))
+        kinds[path.stem] = ClusterConfig.from_yaml_file(str(path)).distributed_type.value
+    assert kinds == {
+        "deepspeed_zero2": "DEEPSPEED",
+        "deepspeed_zero3": "DEEPSPEED",
+        "fsdp": "FSDP",
+        "multi_cpu": "MULTI_CPU",
+        "multi_gpu": "MULTI_GPU",
+        "single_gpu": "NO",
+    }
+
+
+def test_bad_accelerate_config(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("distributed_type: [MULTI_GPU\n")
+    fails(["launch", "--config-file", str(bad), "quickstart"], "is not valid YAML at line")
+    bad.write_text("distributed_type: MULTI_GPUS\nnum_processes: 2\n")
+    fails(
+        ["launch", "--config-file", str(bad), "quickstart"],
+        "unknown distributed_type 'MULTI_GPUS'; did you mean 'MULTI_GPU'?",
+    )
+    fails(["launch", "--config-file", str(tmp_path / "none.yaml"), "quickstart"], "no such file")
+
+
+def test_deepspeed_config_without_deepspeed() -> None:
+    pytest.importorskip("accelerate")
+    import importlib.util
+
+    if importlib.util.find_spec("deepspeed") is not None:
+        pytest.skip("deepspeed is installed")
+    fails(
+        ["launch", "--config-file", "recipes/accelerate/deepspeed_zero2.yaml", "quickstart"],
+        "uses DeepSpeed, which is not installed: pip install 'tunelab[deepspeed]'",
+    )
+
+
+def test_more_processes_than_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from tunelab.distributed import launch_command
+    from tunelab.errors import TunelabError
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(TunelabError, match="4 processes on this machine but it has 2 GPU"):
+        launch_command({"num_processes": 4}, ["quickstart"])
+    argv, env = launch_command({"num_processes": 2}, ["quickstart"])  # two GPUs: DDP over NCCL
+    assert "--multi_gpu" in argv and env.get("ACCELERATE_USE_CPU") == os.environ.get("ACCELERATE_USE_CPU")
+
+
+def test_ppo_refuses_several_processes(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tunelab.errors import TunelabError
+    from tunelab.stages import Context, StageSpec
+    from tunelab.stages.ppo import check
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    spec = StageSpec("ppo", "ppo", {}, Path("x"))
+    with pytest.raises(TunelabError, match="tunelab runs PPO in one process"):
+        check(spec, Context(seed=0, run_dir=Path("x")))

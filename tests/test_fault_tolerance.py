@@ -1,0 +1,159 @@
+"""Runs that stop (SIGTERM, SIGKILL) resume to the weights an uninterrupted run ends with; a run folder
+has one writer; a disk that cannot hold the run, or a folder that cannot be written, fails first."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from safetensors.torch import load_file
+
+from tests.conftest import CORPUS, QA_TRAIN, TINY_LLAMA, tiny_training
+from tests.test_bad_input import fails
+from tests.test_rlhf import PREF_TEST, PREF_TRAIN
+from tunelab import runs
+
+CLI = [sys.executable, "-m", "tunelab.cli", "run"]
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
+
+
+def _recipe(tmp_path: Path, name: str, stage: dict) -> Path:
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump({"output_dir": str(tmp_path / name), "seed": 5, "stages": {"s": stage}}))
+    return path
+
+
+def _stop_after_checkpoint(path: Path, sig: int, stage_dir: Path, first: str = "checkpoint-*") -> int:
+    """Start a run, send `sig` once a complete checkpoint (or, with first='', once training) has started."""
+    proc = subprocess.Popen([*CLI, str(path)], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen = ""
+    if first:
+        deadline = time.time() + 180
+        while (
+            time.time() < deadline and proc.poll() is None and not list(stage_dir.glob(f"{first}/trainer_state.json"))
+        ):
+            time.sleep(0.02)
+    else:
+        for line in proc.stdout:  # the first progress line: training is under way
+            seen += line
+            if "step " in line and "loss" in line:
+                break
+    proc.send_signal(sig)
+    out, _ = proc.communicate(timeout=180)
+    return proc.returncode, seen + out
+
+
+def _weights(folder: Path) -> dict:
+    name = "adapter_model.safetensors" if (folder / "adapter_model.safetensors").is_file() else "model.safetensors"
+    return load_file(folder / name)
+
+
+def _same(a: dict, b: dict, atol: float = 1e-6) -> bool:
+    return a.keys() == b.keys() and all(np.allclose(a[k].float().numpy(), b[k].float().numpy(), atol=atol) for k in a)
+
+
+def sft(model: Path, **training) -> dict:
+    return {
+        "stage": "sft",
+        "model": str(model),
+        "data": QA_TRAIN,
+        "lora": {"r": 4, "lora_alpha": 8},
+        "training": tiny_training(learning_rate=1e-3, **training),
+    }
+
+
+def test_sigterm_saves_a_checkpoint_and_resume_matches(tmp_path: Path, tiny_lm: Path) -> None:
+    """SIGTERM mid-SFT: a checkpoint at that step (none was due), status interrupted, exit 143; --resume
+    ends with the uninterrupted run's adapter."""
+    stage = sft(tiny_lm, max_steps=400, save_strategy="steps", save_steps=1000, logging_steps=5)
+    subprocess.run([*CLI, str(_recipe(tmp_path, "straight", stage))], env=ENV, check=True, capture_output=True)
+    path = _recipe(tmp_path, "stopped", stage)
+    code, out = _stop_after_checkpoint(path, signal.SIGTERM, tmp_path / "stopped" / "s", first="")
+    assert code == 143, out
+    assert "checkpoint saved" in out and "continue it with --resume" in out
+    saved = list((tmp_path / "stopped" / "s").glob("checkpoint-*"))
+    assert len(saved) == 1 and 0 < int(saved[0].name.split("-")[1]) < 400, out  # the signal's own checkpoint
+    manifest = json.loads((tmp_path / "stopped" / "run.json").read_text())
+    assert manifest["status"] == "interrupted" and manifest["stages"]["s"]["status"] == "interrupted"
+    resumed = subprocess.run([*CLI, str(path), "--resume"], env=ENV, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert _same(_weights(tmp_path / "straight" / "s"), _weights(tmp_path / "stopped" / "s"))
+
+
+@pytest.mark.parametrize("kind", ["sft", "reward"])
+def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path: Path, tiny_lm: Path, kind: str) -> None:
+    if kind == "sft":
+        stage = sft(tiny_lm, max_steps=40, save_strategy="steps", save_steps=5, logging_steps=5)
+    else:
+        training = tiny_training(max_steps=30, learning_rate=1e-3, max_length=128, save_strategy="steps")
+        stage = {"stage": "reward", "model": str(tiny_lm), "data": PREF_TRAIN, "eval_data": PREF_TEST}
+        stage["training"] = {**training, "save_steps": 5, "logging_steps": 5}
+    subprocess.run([*CLI, str(_recipe(tmp_path, "straight", stage))], env=ENV, check=True, capture_output=True)
+    path = _recipe(tmp_path, "killed", stage)
+    _stop_after_checkpoint(path, signal.SIGKILL, tmp_path / "killed" / "s")
+    assert json.loads((tmp_path / "killed" / "run.json").read_text())["status"] == "running"  # killed: no say
+    resumed = subprocess.run([*CLI, str(path), "--resume"], env=ENV, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    record = json.loads((tmp_path / "killed" / "s" / "stage.json").read_text())
+    assert record["metrics"]["resumed_from_step"] >= 5
+    assert _same(_weights(tmp_path / "straight" / "s"), _weights(tmp_path / "killed" / "s"), atol=1e-5)
+    if kind == "reward":
+        straight = json.loads((tmp_path / "straight" / "s" / "stage.json").read_text())["metrics"]
+        assert record["metrics"]["pairwise_accuracy"] == straight["pairwise_accuracy"]
+
+
+def test_a_run_folder_has_one_writer(tmp_path: Path, tiny_lm: Path) -> None:
+    """A second process on the same output_dir (or N copies that never formed one distributed run) stops."""
+    path = _recipe(tmp_path, "busy", sft(tiny_lm))
+    with runs.locked(tmp_path / "busy"):
+        fails(["validate", str(path)], "is in use by tunelab (pid")
+        fails(["run", str(path), "--overwrite"], "not one distributed run: use `tunelab launch")
+    assert runs.lock_holder(tmp_path / "busy") is None  # released when the holder ends
+
+
+def test_full_disk_fails_before_training(tmp_path: Path, tiny_lm: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+    from collections import namedtuple
+
+    import tunelab
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
+    stage = {
+        "stage": "pretrain",
+        "data": CORPUS,
+        "tokenizer": {"vocab_size": 300},
+        "config": dict(TINY_LLAMA),
+        "training": tiny_training(max_steps=10, save_strategy="steps", save_steps=5),
+    }
+    recipe = tunelab.recipe_from_dict({"output_dir": str(tmp_path / "full"), "stages": {"pretrain": stage}})
+    with pytest.raises(tunelab.TunelabError, match=r"0.00 GB free, but the run plans .* stage 'pretrain'"):
+        tunelab.run(recipe)
+    assert not (tmp_path / "full").exists()  # nothing written
+
+
+def test_unwritable_output_dir(tmp_path: Path, tiny_lm: Path) -> None:
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump({"output_dir": "/proc/tunelab-cannot-write", "stages": {"s": sft(tiny_lm)}}))
+    fails(["validate", str(path)], "output_dir '/proc/tunelab-cannot-write' cannot be written")
+
+
+def test_planned_disk_counts_kept_checkpoints() -> None:
+    from tunelab.plan import StagePlan
+
+    full = StagePlan("a", "train", "full", params=1000, trainable=1000, parts={"weights": 4000.0, "optimizer": 8000.0})
+    lora = StagePlan("b", "train", "lora", params=1000, trainable=10, parts={"weights": 4000.0, "optimizer": 80.0})
+    stages = {
+        "a": {"training": {"max_steps": 100, "save_steps": 10, "save_total_limit": 2}},
+        "b": {"training": {"max_steps": 100, "save_steps": 50}},
+    }
+    need = runs.planned_disk(stages, [full, lora])
+    assert need == {"a": 2 * 12000 + 4000, "b": 2 * (40 + 80) + 40}

@@ -64,7 +64,10 @@ def main() -> str:
         "",
         f"`python benchmarks/distributed.py` on {machine()}. Training samples per second (the Trainer's "
         f"`train_samples_per_second`), same global batch, interleaved, median of {REPEATS}; 2 processes are "
-        "`tunelab launch --num-processes 2` (gloo). Two cores: each process gets one, so 2x is the ceiling.",
+        "`tunelab launch --num-processes 2` (gloo). On 2 cores one process already uses both (PyTorch intra-op "
+        "threads); two processes get one core each (torchrun sets OMP_NUM_THREADS=1), so there is no compute to "
+        "add: the ratio shows what splitting the batch and all-reducing gradients over gloo costs or gains. "
+        "On a GPU machine each process has its own device.",
         "",
         "| workload | global batch | 1 process | 2 processes | speed-up |",
         "|---|---:|---:|---:|---:|",

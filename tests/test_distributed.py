@@ -161,3 +161,57 @@ def test_ppo_refuses_several_processes(monkeypatch: pytest.MonkeyPatch) -> None:
     spec = StageSpec("ppo", "ppo", {}, Path("x"))
     with pytest.raises(TunelabError, match="tunelab runs PPO in one process"):
         check(spec, Context(seed=0, run_dir=Path("x")))
+
+
+def test_a_rank_that_never_arrives_is_named(tmp_path: Path) -> None:
+    """A barrier that times out says which rank did not arrive, instead of hanging."""
+    script = tmp_path / "late.py"
+    script.write_text(
+        "import os, sys, time\n"
+        "from tunelab import distributed\n"
+        "from tunelab.errors import TunelabError\n"
+        "distributed.init()\n"
+        "if distributed.world()[0] == 1:\n"
+        "    time.sleep(8)\n"
+        "try:\n"
+        "    distributed.barrier('the end of stage s', timeout_s=2)\n"
+        "except TunelabError as exc:\n"
+        "    print('ERROR', exc, flush=True)\n"
+        "    sys.exit(2)\n"
+    )
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "MASTER_PORT": "29533"}
+    argv = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script)]
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=120, env=env)
+    text = out.stdout + out.stderr
+    assert "ERROR rank 0: not every process reached 'the end of stage s' within 2 s" in text, text[-2000:]
+    assert "Rank 1" in text or "rank 1" in text.lower(), text[-2000:]
+
+
+def test_two_process_pipeline_hands_models_on(tmp_path: Path, tiny_lm: Path) -> None:
+    """pretrain -> sft -> eval under 2 processes: the eval (main process only) reads the SFT adapter."""
+    from tests.conftest import QA_TEST, pretrain_stage
+
+    recipe = tmp_path / "pipe.yaml"
+    stages = {
+        "pretrain": pretrain_stage(max_steps=4),
+        "sft": {
+            "stage": "sft",
+            "model": "${pretrain}",
+            "data": QA_TRAIN,
+            "lora": {"r": 4},
+            "training": tiny_training(max_steps=4),
+        },
+        "eval": {
+            "stage": "eval",
+            "models": {"base": "${pretrain}", "sft": "${sft}"},
+            "data": QA_TEST,
+            "generation": {"max_new_tokens": 4},
+        },
+    }
+    recipe.write_text(yaml.safe_dump({"output_dir": str(tmp_path / "p"), "seed": 0, "stages": stages}, sort_keys=False))
+    output = _run([*LAUNCH, "--num-processes", "2", str(recipe)])
+    assert "eval (eval) ->" in output and "(main process; the others wait)" in output
+    metrics = json.loads((tmp_path / "p" / "metrics.json").read_text())
+    assert metrics["pretrain"]["ranks_in_sync"] == 1 and metrics["sft"]["ranks_in_sync"] == 1
+    assert metrics["eval"]["sft"]["examples"] == 16
+    assert json.loads((tmp_path / "p" / "run.json").read_text())["status"] == "completed"

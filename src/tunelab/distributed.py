@@ -35,9 +35,18 @@ def init() -> None:
     """Join the process group (gloo on CPU, NCCL on GPU) before the pipeline needs its first barrier."""
     if not distributed():
         return
+    global _MONITOR
+    import torch.distributed as dist
     from accelerate import PartialState
 
     PartialState(timeout=timedelta(seconds=BARRIER_TIMEOUT_S))
+    if _MONITOR is None:
+        # A gloo group of all ranks just for barriers: monitored_barrier (which times out and names the
+        # missing rank) exists only for gloo, and the default group may be NCCL or device-mapped.
+        _MONITOR = dist.new_group(backend="gloo", timeout=timedelta(seconds=BARRIER_TIMEOUT_S))
+
+
+_MONITOR = None
 
 
 def barrier(what: str, timeout_s: int | None = None) -> None:
@@ -47,9 +56,9 @@ def barrier(what: str, timeout_s: int | None = None) -> None:
     import torch.distributed as dist
 
     timeout = timedelta(seconds=timeout_s or BARRIER_TIMEOUT_S)
-    if dist.get_backend() == "gloo":
+    if _MONITOR is not None:
         try:
-            dist.monitored_barrier(timeout=timeout, wait_all_ranks=True)
+            dist.monitored_barrier(group=_MONITOR, timeout=timeout, wait_all_ranks=True)
         except RuntimeError as exc:
             raise TunelabError(
                 f"rank {world()[0]}: not every process reached '{what}' within {timeout.total_seconds():.0f} s "

@@ -157,3 +157,18 @@ def test_planned_disk_counts_kept_checkpoints() -> None:
     }
     need = runs.planned_disk(stages, [full, lora])
     assert need == {"a": 2 * 12000 + 4000, "b": 2 * (40 + 80) + 40}
+
+
+def test_checkpoints_are_renamed_into_place_and_rotated(tmp_path: Path, tiny_lm: Path) -> None:
+    """Each checkpoint is written under .partial/ and renamed when complete; save_total_limit still applies."""
+    import tunelab
+
+    stage = sft(tiny_lm, max_steps=6, save_strategy="steps", save_steps=2, save_total_limit=2)
+    (tmp_path / "r" / "s" / ".partial" / "checkpoint-99").mkdir(parents=True)  # torn, from an earlier kill
+    (tmp_path / "r" / "run.json").write_text('{"status": "interrupted", "stages": {}}')
+    recipe = tunelab.recipe_from_dict({"output_dir": str(tmp_path / "r"), "seed": 5, "stages": {"s": stage}})
+    tunelab.run(recipe, resume=True)
+    folder = tmp_path / "r" / "s"
+    assert sorted(p.name for p in folder.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-6"]
+    assert all((p / "trainer_state.json").is_file() for p in folder.glob("checkpoint-*"))
+    assert not list((folder / ".partial").iterdir())  # nothing half-written left, the torn one cleared

@@ -203,6 +203,52 @@ def stop_on_signals(trainer: Any, out_dir: Path):
         raise Interrupted(caught[0], last_checkpoint(out_dir))
 
 
+STAGING = ".partial"  # checkpoints are written here, then renamed into place
+
+
+def atomic_checkpoints(trainer: Any, out_dir: Path) -> None:
+    """Make the Trainer write each `checkpoint-N` under `out_dir/.partial/` and rename it into place when complete.
+
+    A kill at any moment leaves the previous complete checkpoints and, at worst, a torn folder in
+    `.partial/` that nothing reads (it is cleared when training starts again). Rotation
+    (`save_total_limit`) then runs on the real folder.
+    """
+    import shutil
+
+    from transformers.trainer import rotate_checkpoints
+
+    staging = out_dir / STAGING
+    original = trainer._save_checkpoint
+    if trainer.args.should_save and staging.exists():
+        shutil.rmtree(staging, ignore_errors=True)
+
+    def save(model: Any, trial: Any) -> None:
+        trainer._get_output_dir = lambda trial=None: str(staging)  # where _save_checkpoint writes
+        try:
+            original(model, trial)
+        finally:
+            del trainer._get_output_dir
+        trainer.accelerator.wait_for_everyone()  # sharded saves: every rank has written its part
+        if trainer.args.should_save:
+            name = f"checkpoint-{trainer.state.global_step}"
+            target = out_dir / name
+            if target.exists():
+                shutil.rmtree(target)
+            os.replace(staging / name, target)
+            best = trainer.state.best_model_checkpoint
+            if best and Path(best).parent == staging:
+                trainer.state.best_model_checkpoint = str(out_dir / Path(best).name)
+            rotate_checkpoints(
+                output_dir=str(out_dir),
+                save_total_limit=trainer.args.save_total_limit,
+                best_model_checkpoint=trainer.state.best_model_checkpoint,
+                use_mtime=True,
+            )
+        trainer.accelerator.wait_for_everyone()
+
+    trainer._save_checkpoint = save
+
+
 def train(trainer: Any, out_dir: Path, resume: bool) -> dict[str, float]:
     """Train (from the newest checkpoint when resuming); return the train metrics.
 
@@ -210,6 +256,7 @@ def train(trainer: Any, out_dir: Path, resume: bool) -> dict[str, float]:
     """
     checkpoint = last_checkpoint(out_dir) if resume else None
     readable_progress(trainer)
+    atomic_checkpoints(trainer, out_dir)
     with stop_on_signals(trainer, out_dir):
         result = trainer.train(resume_from_checkpoint=checkpoint)
     metrics = {k: float(v) for k, v in result.metrics.items() if isinstance(v, (int, float))}

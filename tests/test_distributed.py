@@ -215,3 +215,62 @@ def test_two_process_pipeline_hands_models_on(tmp_path: Path, tiny_lm: Path) -> 
     assert metrics["pretrain"]["ranks_in_sync"] == 1 and metrics["sft"]["ranks_in_sync"] == 1
     assert metrics["eval"]["sft"]["examples"] == 16
     assert json.loads((tmp_path / "p" / "run.json").read_text())["status"] == "completed"
+
+
+def test_two_process_reward_dpo_grpo_classify(tmp_path: Path, tiny_lm: Path, tiny_encoder: Path) -> None:
+    """The other training stages under 2 processes: weights in sync, one writer, models that load."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from tests.test_classify import KIND_TEST, KIND_TRAIN
+    from tests.test_rlhf import PREF_TEST, PREF_TRAIN
+
+    training = tiny_training(max_steps=3, learning_rate=1e-3, max_length=128, per_device_train_batch_size=2)
+    stages = {
+        "reward": {
+            "stage": "reward",
+            "model": str(tiny_lm),
+            "data": PREF_TRAIN,
+            "eval_data": PREF_TEST,
+            "training": training,
+        },
+        "dpo": {"stage": "dpo", "model": str(tiny_lm), "data": PREF_TRAIN, "training": training},
+        "classify": {
+            "stage": "classify",
+            "model": str(tiny_encoder),
+            "data": KIND_TRAIN,
+            "eval_data": KIND_TEST,
+            "training": {
+                **{
+                    k: v
+                    for k, v in tiny_training(max_steps=3, per_device_train_batch_size=4).items()
+                    if k != "max_length"
+                },
+                "eval_strategy": "no",
+            },
+        },
+        "grpo": {
+            "stage": "grpo",
+            "model": str(tiny_lm),
+            "data": QA_TRAIN,
+            "rewards": ["tunelab.rewards:exact_match", "${reward}"],
+            "training": {
+                "max_steps": 2,
+                "per_device_train_batch_size": 4,
+                "num_generations": 4,
+                "max_completion_length": 4,
+                "learning_rate": 1e-3,
+                "save_strategy": "no",
+                "report_to": "none",
+            },
+        },
+    }
+    recipe = tmp_path / "pref.yaml"
+    recipe.write_text(yaml.safe_dump({"output_dir": str(tmp_path / "p"), "seed": 0, "stages": stages}, sort_keys=False))
+    _run([*LAUNCH, "--num-processes", "2", str(recipe)])
+    metrics = json.loads((tmp_path / "p" / "metrics.json").read_text())
+    assert all(metrics[s]["ranks_in_sync"] == 1 for s in ("reward", "dpo", "classify", "grpo"))
+    assert 0 <= metrics["classify"]["accuracy"] <= 1
+    assert 0 <= metrics["reward"]["pairwise_accuracy"] <= 1
+    AutoModelForSequenceClassification.from_pretrained(tmp_path / "p" / "reward")
+    AutoModelForCausalLM.from_pretrained(tmp_path / "p" / "dpo")
+    AutoModelForCausalLM.from_pretrained(tmp_path / "p" / "grpo")

@@ -414,7 +414,11 @@ SUMMARY_KEYS = (
 
 
 def print_summary(result: Any) -> None:
-    """A table of each stage's main metrics, eval comparisons, and where the files are."""
+    """A table of each stage's main metrics, eval comparisons, and where the files are (main process only)."""
+    from tunelab.distributed import is_main
+
+    if not is_main():
+        return
     from rich.console import Console
     from rich.table import Table
 

@@ -87,6 +87,28 @@ def plan(spec: StageSpec, ctx: Context):
     return None  # the planner covers causal LMs; encoders of this size fit anywhere
 
 
+def _score_untrained(model, dataset, collator, batch_size: int, device, compute_metrics) -> dict[str, float]:
+    """Accuracy and F1 of the model before training, in plain forward passes on this process.
+
+    Not `Trainer.evaluate`: under several processes an evaluation before `train` leaves the ranks
+    training apart (transformers 5.23; caught by `training.check_ranks_in_sync`).
+    """
+    import numpy as np
+    import torch
+    from transformers import EvalPrediction
+
+    model.to(device).eval()
+    logits, labels = [], []
+    with torch.no_grad():
+        for start in range(0, len(dataset), batch_size):
+            batch = collator([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+            labels.append(batch.pop("labels").numpy())
+            logits.append(model(**{k: v.to(device) for k, v in batch.items()}).logits.float().cpu().numpy())
+    model.train()
+    out = compute_metrics(EvalPrediction(predictions=np.concatenate(logits), label_ids=np.concatenate(labels)))
+    return {k: float(v) for k, v in out.items() if k in ("accuracy", "f1")}
+
+
 def _score(trainer, dataset) -> dict[str, float]:
     out = trainer.evaluate(dataset)
     return {k.removeprefix("eval_"): float(v) for k, v in out.items() if k in ("eval_accuracy", "eval_f1")}
@@ -100,7 +122,8 @@ def _confusion(trainer, dataset, names: list[str], out_dir) -> None:
     matrix = [[0] * len(names) for _ in names]
     for true, pred in zip(out.label_ids.tolist(), out.predictions.argmax(-1).tolist(), strict=True):
         matrix[true][pred] += 1
-    write_json(out_dir / "confusion.json", {"labels": names, "matrix": matrix})
+    if trainer.args.should_save:  # predict gathers from every rank; one of them writes
+        write_json(out_dir / "confusion.json", {"labels": names, "matrix": matrix})
 
 
 def run(spec: StageSpec, ctx: Context) -> StageResult:
@@ -150,22 +173,25 @@ def run(spec: StageSpec, ctx: Context) -> StageResult:
             "f1": f1.compute(predictions=predictions, references=pred.label_ids, average="macro")["f1"],
         }
 
+    collator = DataCollatorWithPadding(tokenizer)
+    metrics: dict[str, Any] = {}
+    if eval_enc is not None:
+        untrained = _score_untrained(
+            model, eval_enc, collator, args.per_device_eval_batch_size, args.device, compute_metrics
+        )
+        metrics.update({f"untrained_{k}": v for k, v in untrained.items()})
     trainer = Trainer(
         model=model,
         args=args,
         train_dataset=train_enc,
         eval_dataset=eval_enc,
-        data_collator=DataCollatorWithPadding(tokenizer),
+        data_collator=collator,
         compute_metrics=compute_metrics,
     )
-    metrics: dict[str, Any] = {}
-    if eval_enc is not None:
-        metrics.update({f"untrained_{k}": v for k, v in _score(trainer, eval_enc).items()})
     metrics.update(train(trainer, spec.out_dir, ctx.resume))
     if eval_enc is not None:
         metrics.update(_score(trainer, eval_enc))
-        if trainer.args.should_save:
-            _confusion(trainer, eval_enc, names, spec.out_dir)
+        _confusion(trainer, eval_enc, names, spec.out_dir)
     trainer.save_model(str(spec.out_dir))
     if trainer.args.should_save:  # the main process (several write the same files otherwise)
         tokenizer.save_pretrained(str(spec.out_dir))

@@ -222,7 +222,7 @@ def test_two_process_reward_dpo_grpo_classify(tmp_path: Path, tiny_lm: Path, tin
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     from tests.test_classify import KIND_TEST, KIND_TRAIN
-    from tests.test_rlhf import PREF_TEST, PREF_TRAIN
+    from tests.test_rlhf import PREF_TEST, PREF_TRAIN, grpo_stage
 
     training = tiny_training(max_steps=3, learning_rate=1e-3, max_length=128, per_device_train_batch_size=2)
     stages = {
@@ -248,21 +248,7 @@ def test_two_process_reward_dpo_grpo_classify(tmp_path: Path, tiny_lm: Path, tin
                 "eval_strategy": "no",
             },
         },
-        "grpo": {
-            "stage": "grpo",
-            "model": str(tiny_lm),
-            "data": QA_TRAIN,
-            "rewards": ["tunelab.rewards:exact_match", "${reward}"],
-            "training": {
-                "max_steps": 2,
-                "per_device_train_batch_size": 4,
-                "num_generations": 4,
-                "max_completion_length": 4,
-                "learning_rate": 1e-3,
-                "save_strategy": "no",
-                "report_to": "none",
-            },
-        },
+        "grpo": grpo_stage(str(tiny_lm), "${reward}"),
     }
     recipe = tmp_path / "pref.yaml"
     recipe.write_text(yaml.safe_dump({"output_dir": str(tmp_path / "p"), "seed": 0, "stages": stages}, sort_keys=False))

@@ -206,12 +206,13 @@ def test_dpo_with_lora_saves_an_adapter(tmp_path: Path, tiny_lm: Path) -> None:
     PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_lm), folder)
 
 
-def test_grpo_with_a_python_reward_and_a_reward_model(tmp_path: Path, tiny_lm: Path, reward_model: Path) -> None:
-    grpo = {
+def grpo_stage(model: str, reward_model: str) -> dict:
+    """Two GRPO steps of 4 prompts x 4 completions, rewarded by exact match and a reward model."""
+    return {
         "stage": "grpo",
-        "model": str(tiny_lm),
+        "model": model,
         "data": QA_TRAIN,
-        "rewards": ["tunelab.rewards:exact_match", str(reward_model)],
+        "rewards": ["tunelab.rewards:exact_match", reward_model],
         "training": {
             "max_steps": 2,
             "per_device_train_batch_size": 4,
@@ -223,6 +224,10 @@ def test_grpo_with_a_python_reward_and_a_reward_model(tmp_path: Path, tiny_lm: P
             "report_to": "none",
         },
     }
+
+
+def test_grpo_with_a_python_reward_and_a_reward_model(tmp_path: Path, tiny_lm: Path, reward_model: Path) -> None:
+    grpo = grpo_stage(str(tiny_lm), str(reward_model))
     result = run_stages(tmp_path, {"grpo": grpo})
     history = json.loads((result.outputs["grpo"] / "log_history.json").read_text())
     assert "rewards/exact_match/mean" in history[0] and "rewards/reward/mean" in history[0]

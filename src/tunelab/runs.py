@@ -239,11 +239,14 @@ def check_writable(run_dir: Path) -> None:
         ) from None
 
 
+def saved_weight_bytes(plan: Any) -> float:
+    """Bytes of the weights a stage saves: the adapter alone for LoRA, else the whole model."""
+    return plan.trainable * 4 if plan.trainable < plan.params else plan.parts.get("weights", plan.params * 4)
+
+
 def checkpoint_bytes(plan: Any) -> float:
-    """Bytes one checkpoint of a stage takes on disk: saved weights (the adapter alone for LoRA) and optimizer."""
-    parts = plan.parts
-    weights = plan.trainable * 4 if plan.trainable < plan.params else parts.get("weights", plan.params * 4)
-    return weights + parts.get("optimizer", 0.0)
+    """Bytes one checkpoint of a stage takes on disk: saved weights and optimizer state."""
+    return saved_weight_bytes(plan) + plan.parts.get("optimizer", 0.0)
 
 
 def planned_disk(stages: dict[str, dict[str, Any]], plans: list[Any]) -> dict[str, float]:
@@ -259,8 +262,7 @@ def planned_disk(stages: dict[str, dict[str, Any]], plans: list[Any]) -> dict[st
             steps, every = training.get("max_steps"), training.get("save_steps", 500)
             count = steps // every if isinstance(steps, int) and isinstance(every, int) and every > 0 else 3
             kept = min(count, limit) if isinstance(limit, int) else count
-        final = plan.trainable * 4 if plan.trainable < plan.params else plan.parts.get("weights", plan.params * 4)
-        out[plan.stage] = kept * checkpoint_bytes(plan) + final
+        out[plan.stage] = kept * checkpoint_bytes(plan) + saved_weight_bytes(plan)
     return out
 
 

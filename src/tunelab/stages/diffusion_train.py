@@ -193,8 +193,6 @@ def _lora(spec: StageSpec):
 def _image(spec: StageSpec, mode: str) -> dict[str, Any]:
     from tunelab.diffusion import image_spec
 
-    if mode == "text" and "resolution" not in spec.cfg:
-        pass  # the pipeline's own sample size decides (read at run time)
     flip = spec.cfg.get("random_flip", False)
     if not isinstance(flip, bool):
         raise TunelabError(f"'{spec.where}.random_flip' must be true or false, got {flip!r}")

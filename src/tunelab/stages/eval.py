@@ -147,7 +147,7 @@ def _data(spec: StageSpec, prompt: str, reference: str):
     return ds
 
 
-def _is_diffusion(value: Any, ctx: Context, where: str) -> bool:
+def _is_diffusion(value: Any, ctx: Context) -> bool:
     """Whether a model to evaluate is a diffusion pipeline (pending diffusion_train stage, or model_index.json)."""
     from tunelab.diffusion import is_lora_folder
     from tunelab.hub import local_path
@@ -164,7 +164,7 @@ def _is_diffusion(value: Any, ctx: Context, where: str) -> bool:
 def _image_mode(spec: StageSpec, ctx: Context) -> bool:
     """True for an eval of diffusion pipelines; one line for a mix, or for keys of the other kind."""
     models = _models(spec)
-    flags = {label: _is_diffusion(v, ctx, spec.where) for label, v in models.items()}
+    flags = {label: _is_diffusion(v, ctx) for label, v in models.items()}
     if len(set(flags.values())) > 1:
         raise TunelabError(f"'{spec.where}' mixes diffusion pipelines and language models; use one eval stage each")
     images = next(iter(flags.values()))
@@ -190,12 +190,11 @@ def _image_settings(spec: StageSpec, ctx: Context) -> dict[str, Any]:
 def _image_data(spec: StageSpec):
     """(held-out real images, labelled classifier training images) as datasets."""
     from tunelab.data import require_columns
-    from tunelab.diffusion import DIGITS, image_spec, load_images
+    from tunelab.diffusion import DIGITS, load_images
 
     image_col = spec.cfg.get("image_column", "image")
     label_col = spec.cfg.get("label_column", "label")
     value = spec.cfg.get("data", DIGITS)
-    image_spec({"data": value, "resolution": 16}, spec.where)  # folders: images exist and are readable
     real = load_images(value, f"{spec.where}.data", "test", image_col)
     if "classifier_data" in spec.cfg:
         source = spec.cfg["classifier_data"]

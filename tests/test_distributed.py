@@ -127,6 +127,18 @@ def test_bad_accelerate_config(tmp_path: Path) -> None:
     fails(["launch", "--config-file", str(tmp_path / "none.yaml"), "quickstart"], "no such file")
 
 
+def test_gpu_config_on_a_machine_without_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A DDP/FSDP config on CPUs would quietly become N CPU processes of plain DDP: say so instead."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    for name, kind in (("fsdp", "FSDP"), ("multi_gpu", "MULTI_GPU")):
+        fails(
+            ["launch", "--config-file", f"recipes/accelerate/{name}.yaml", "quickstart", "--dry-run"],
+            f"distributes over GPUs (distributed_type {kind}) but this machine has none; on CPUs use",
+        )
+
+
 def test_deepspeed_config_without_deepspeed() -> None:
     pytest.importorskip("accelerate")
     import importlib.util

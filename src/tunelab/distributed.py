@@ -149,6 +149,11 @@ def launch_command(options: dict[str, Any], run_args: list[str]) -> tuple[list[s
         raise TunelabError(f"--num-processes must be a positive integer, got {n!r}")
     gpus = torch.cuda.device_count()
     kind = config.get("distributed_type", "NO")
+    if gpus == 0 and kind in ("MULTI_GPU", "DEEPSPEED", "FSDP") and config.get("use_cpu") is not True:
+        raise TunelabError(
+            f"--config-file '{config_file}' distributes over GPUs (distributed_type {kind}) but this machine has "
+            "none; on CPUs use recipes/accelerate/multi_cpu.yaml or --num-processes N"
+        )
     on_cpu = gpus == 0 or config.get("use_cpu") is True or kind == "MULTI_CPU"
     local = -(-n // machines)  # processes on this machine
     if not on_cpu and local > gpus:

@@ -392,6 +392,11 @@ def test_image_folder_without_images(tmp_path: Path) -> None:
     fails(["validate", _recipe(tmp_path, stage)], r"no images in '.*imgs' \(looked for .png")
 
 
+def test_missing_image_folder(tmp_path: Path) -> None:
+    stage = {**ddpm_stage(), "data": str(tmp_path / "no" / "such")}
+    fails(["validate", _recipe(tmp_path, stage)], "no such file or folder (and not a hub dataset id)")
+
+
 def test_image_folder_mixed_sizes(tmp_path: Path) -> None:
     stage = {**ddpm_stage(), "data": _folder(tmp_path, [("L", (8, 8)), ("L", (12, 12))])}
     stage.pop("resolution")

@@ -68,6 +68,12 @@ def _load_args(spec: dict[str, Any], where: str, split_given: bool = True) -> tu
     return ref, kwargs
 
 
+def check_source(value: Any, where: str, default_split: str = "train") -> None:
+    """The checks of `load_split` that need no loading: keys, local paths, hub ids while offline."""
+    spec = data_spec(value, where, default_split)
+    _load_args(spec, where, split_given=isinstance(value, dict) and "split" in value)
+
+
 def _dataset_cached(ref: str) -> bool:
     return is_cached(ref, "README.md", repo_type="dataset")
 

@@ -103,7 +103,7 @@ def image_spec(cfg: dict[str, Any], where: str, data_key: str = "data") -> dict[
 
     Returns {resolution, channels}: what the model will see.
     """
-    from tunelab.data import data_spec
+    from tunelab.data import check_source, data_spec
 
     resolution, channels = cfg.get("resolution"), cfg.get("channels")
     if resolution is not None and (not isinstance(resolution, int) or isinstance(resolution, bool) or resolution < 4):
@@ -125,7 +125,7 @@ def image_spec(cfg: dict[str, Any], where: str, data_key: str = "data") -> dict[
     if folder is not None:
         size, chans = check_image_folder(folder, dwhere, resolution, channels)
         return {"resolution": size, "channels": chans}
-    data_spec(value, dwhere, "train")
+    check_source(value, dwhere, "train")
     if resolution is None:
         raise TunelabError(f"'{where}' needs `resolution:` for a dataset that is not a local folder")
     return {"resolution": resolution, "channels": channels or 3}

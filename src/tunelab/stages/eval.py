@@ -218,11 +218,11 @@ def _image_metrics(spec: StageSpec) -> list[str]:
 def _image_check(spec: StageSpec, ctx: Context) -> None:
     _image_settings(spec, ctx)
     _image_metrics(spec)
-    from tunelab.diffusion import _is_digits, _local_folder, image_spec
+    from tunelab.diffusion import image_spec
 
     for key, default in (("data", "digits"), ("classifier_data", None)):
         value = spec.cfg.get(key, default)
-        if value is not None and (_is_digits(value) or _local_folder(value) is not None):
+        if value is not None:  # digits, a readable image folder, or a loadable dataset source
             image_spec({key: value, "resolution": 16}, spec.where, key)
 
 

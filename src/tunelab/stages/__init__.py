@@ -8,7 +8,9 @@ A stage module defines
 - ``check(spec, ctx) -> None``: everything that can be verified without
   training (config classes, files, dataset columns); raises ``TunelabError``;
 - ``run(spec, ctx) -> StageResult``: do the work, write into ``spec.out_dir``;
-- ``plan(spec, ctx) -> StagePlan | None``: memory per device, from model configs only.
+- ``plan(spec, ctx) -> StagePlan | None``: memory per device, from model configs only;
+- ``RANKS`` (optional): ``"all"`` for stages that train on every process of a distributed run
+  (the Trainer shards the data); others run on the main process while the rest wait.
 
 Modules import torch and friends inside their functions only, so listing or
 structurally checking stages stays fast.

@@ -164,17 +164,6 @@ def test_more_processes_than_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
     assert "--multi_gpu" in argv and env.get("ACCELERATE_USE_CPU") == os.environ.get("ACCELERATE_USE_CPU")
 
 
-def test_ppo_refuses_several_processes(monkeypatch: pytest.MonkeyPatch) -> None:
-    from tunelab.errors import TunelabError
-    from tunelab.stages import Context, StageSpec
-    from tunelab.stages.ppo import check
-
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    spec = StageSpec("ppo", "ppo", {}, Path("x"))
-    with pytest.raises(TunelabError, match="tunelab runs PPO in one process"):
-        check(spec, Context(seed=0, run_dir=Path("x")))
-
-
 def test_a_rank_that_never_arrives_is_named(tmp_path: Path) -> None:
     """A barrier that times out says which rank did not arrive, instead of hanging."""
     script = tmp_path / "late.py"
@@ -231,12 +220,15 @@ def test_two_process_pipeline_hands_models_on(tmp_path: Path, tiny_lm: Path) -> 
 
 def test_two_process_reward_dpo_grpo_classify(tmp_path: Path, tiny_lm: Path, tiny_encoder: Path) -> None:
     """The other training stages under 2 processes: weights in sync, one writer, models that load."""
+    import torch
+    from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     from tests.test_classify import KIND_TEST, KIND_TRAIN
-    from tests.test_rlhf import PREF_TEST, PREF_TRAIN, grpo_stage
+    from tests.test_rlhf import PPO_TRAINING, PREF_TEST, PREF_TRAIN, grpo_stage
 
     training = tiny_training(max_steps=3, learning_rate=1e-3, max_length=128, per_device_train_batch_size=2)
+    ppo = {**PPO_TRAINING, "per_device_train_batch_size": 2, "local_rollout_forward_batch_size": 2}
     stages = {
         "reward": {
             "stage": "reward",
@@ -261,14 +253,58 @@ def test_two_process_reward_dpo_grpo_classify(tmp_path: Path, tiny_lm: Path, tin
             },
         },
         "grpo": grpo_stage(str(tiny_lm), "${reward}"),
+        # 2 updates of 2 x 2 prompts; the LoRA policy's reference is itself with the adapter off (DDP hides it)
+        "ppo": {"stage": "ppo", "model": str(tiny_lm), "reward_model": "${reward}", "data": QA_TRAIN, "training": ppo},
+        "ppo_lora": {
+            "stage": "ppo",
+            "model": str(tiny_lm),
+            "reward_model": "${reward}",
+            "data": QA_TRAIN,
+            "lora": {"r": 4, "target_modules": "all-linear"},
+            "training": {**ppo, "learning_rate": 1e-2},
+        },
     }
     recipe = tmp_path / "pref.yaml"
     recipe.write_text(yaml.safe_dump({"output_dir": str(tmp_path / "p"), "seed": 0, "stages": stages}, sort_keys=False))
     _run([*LAUNCH, "--num-processes", "2", str(recipe)])
     metrics = json.loads((tmp_path / "p" / "metrics.json").read_text())
-    assert all(metrics[s]["ranks_in_sync"] == 1 for s in ("reward", "dpo", "classify", "grpo"))
+    assert all(metrics[s]["ranks_in_sync"] == 1 for s in ("reward", "dpo", "classify", "grpo", "ppo", "ppo_lora"))
+    assert metrics["ppo"]["global_step"] == 2 and metrics["ppo"]["episodes"] == 8  # 8 episodes, 4 per update
     assert 0 <= metrics["classify"]["accuracy"] <= 1
     assert 0 <= metrics["reward"]["pairwise_accuracy"] <= 1
     AutoModelForSequenceClassification.from_pretrained(tmp_path / "p" / "reward")
     AutoModelForCausalLM.from_pretrained(tmp_path / "p" / "dpo")
     AutoModelForCausalLM.from_pretrained(tmp_path / "p" / "grpo")
+    policy = AutoModelForCausalLM.from_pretrained(tmp_path / "p" / "ppo")  # the policy alone, not DDP's wrapper
+    assert not torch.equal(policy.lm_head.weight, AutoModelForCausalLM.from_pretrained(tiny_lm).lm_head.weight)
+    assert PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_lm), tmp_path / "p" / "ppo_lora")
+
+
+def test_each_rank_trains_with_its_own_seed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rank r reseeds with seed + r when training begins (the Trainer seeds every rank alike)."""
+    import torch
+    from transformers import TrainingArguments
+
+    from tunelab import distributed
+    from tunelab.training import seed_per_rank
+
+    class Fake:
+        callbacks: list = []
+
+        def add_callback(self, callback) -> None:
+            self.callbacks.append(callback)
+
+    args = TrainingArguments(output_dir="unused", seed=5, use_cpu=True, report_to="none")
+    for rank, expected in ((0, 5), (1, 6)):
+        trainer = Fake()
+        trainer.callbacks = []
+        monkeypatch.setattr(distributed, "world", lambda rank=rank: (rank, 2))
+        seed_per_rank(trainer)
+        torch.manual_seed(0)
+        trainer.callbacks[0].on_train_begin(args, None, None)
+        assert torch.initial_seed() == expected
+    monkeypatch.setattr(distributed, "world", lambda: (0, 1))
+    alone = Fake()
+    alone.callbacks = []
+    seed_per_rank(alone)
+    assert alone.callbacks == []  # one process: the Trainer's own seeding stands

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from tests.conftest import CORPUS, QA_TRAIN, TINY_LLAMA, tiny_training
 from tests.test_bad_input import fails
-from tests.test_rlhf import PREF_TEST, PREF_TRAIN
+from tests.test_rlhf import PPO_TRAINING, PREF_TEST, PREF_TRAIN, reward_model  # noqa: F401 (a fixture)
 from tunelab import runs
 
 CLI = [sys.executable, "-m", "tunelab.cli", "run"]
@@ -88,10 +88,27 @@ def test_sigterm_saves_a_checkpoint_and_resume_matches(tmp_path: Path, tiny_lm: 
     assert _same(_weights(tmp_path / "straight" / "s"), _weights(tmp_path / "stopped" / "s"))
 
 
-@pytest.mark.parametrize("kind", ["sft", "reward"])
-def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path: Path, tiny_lm: Path, kind: str) -> None:
+def ppo(model: Path, reward: Path, **extra) -> dict:
+    training = {**PPO_TRAINING, "total_episodes": 64, "learning_rate": 1e-3, "save_strategy": "steps"}
+    return {
+        "stage": "ppo",
+        "model": str(model),
+        "reward_model": str(reward),
+        "data": QA_TRAIN,
+        "training": {**training, "save_steps": 5},
+        **extra,
+    }
+
+
+@pytest.mark.parametrize("kind", ["sft", "reward", "ppo", "ppo-lora"])
+def test_sigkill_then_resume_matches_an_uninterrupted_run(
+    tmp_path: Path, tiny_lm: Path, kind: str, request: pytest.FixtureRequest
+) -> None:
     if kind == "sft":
         stage = sft(tiny_lm, max_steps=40, save_strategy="steps", save_steps=5, logging_steps=5)
+    elif kind.startswith("ppo"):  # 16 updates of 4 prompts; the value model and data order must resume too
+        lora = {"lora": {"r": 4, "target_modules": "all-linear"}} if kind == "ppo-lora" else {}
+        stage = ppo(tiny_lm, request.getfixturevalue("reward_model"), **lora)
     else:
         training = tiny_training(max_steps=30, learning_rate=1e-3, max_length=128, save_strategy="steps")
         stage = {"stage": "reward", "model": str(tiny_lm), "data": PREF_TRAIN, "eval_data": PREF_TEST}
@@ -105,9 +122,15 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path: Path, tiny_l
     record = json.loads((tmp_path / "killed" / "s" / "stage.json").read_text())
     assert record["metrics"]["resumed_from_step"] >= 5
     assert _same(_weights(tmp_path / "straight" / "s"), _weights(tmp_path / "killed" / "s"), atol=1e-5)
+    straight = json.loads((tmp_path / "straight" / "s" / "stage.json").read_text())["metrics"]
     if kind == "reward":
-        straight = json.loads((tmp_path / "straight" / "s" / "stage.json").read_text())["metrics"]
         assert record["metrics"]["pairwise_accuracy"] == straight["pairwise_accuracy"]
+    if kind.startswith("ppo"):  # the same rollouts: the same scores and KL, update for update
+        logs = [tmp_path / run / "s" / "log_history.json" for run in ("straight", "killed")]
+        history = [json.loads(log.read_text()) for log in logs]
+        curves = [[(h["episode"], h["objective/scores"], h["objective/kl"]) for h in hist] for hist in history]
+        assert len(curves[0]) == 16 and np.allclose(curves[0], curves[1], atol=1e-5), curves
+        assert record["metrics"]["last_score"] == pytest.approx(straight["last_score"], abs=1e-5)
 
 
 def test_a_run_folder_has_one_writer(tmp_path: Path, tiny_lm: Path) -> None:

@@ -281,6 +281,22 @@ def test_ppo_without_a_reward_model(tmp_path: Path, tiny_lm: Path) -> None:
     )
 
 
+@pytest.mark.parametrize(
+    ("training", "message"),
+    [
+        # TRL's loader drops the ragged last batch, so a rollout batch larger than the data never ends
+        ({"per_device_train_batch_size": 128}, r"has 64 prompts, fewer than one rollout batch of 128"),
+        ({"per_device_train_batch_size": 6, "num_mini_batches": 4}, r"= 6 is not a multiple of num_mini_batches=4"),
+    ],
+)
+def test_ppo_batches_that_cannot_work(
+    tmp_path: Path, tiny_lm: Path, reward_model: Path, training: dict, message: str
+) -> None:
+    stage = {"stage": "ppo", "model": str(tiny_lm), "reward_model": str(reward_model), "data": QA_TRAIN}
+    stage["training"] = training
+    fails(["validate", str(write(tmp_path, {"stages": {"ppo": stage}}))], message)
+
+
 def test_ppo_reward_model_that_is_not_a_classifier(tmp_path: Path, tiny_lm: Path) -> None:
     stage = {"stage": "ppo", "model": str(tiny_lm), "reward_model": str(tiny_lm), "data": QA_TRAIN}
     fails(["validate", str(write(tmp_path, {"stages": {"ppo": stage}}))], "a LlamaForCausalLM, not a reward model")

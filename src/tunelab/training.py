@@ -257,6 +257,7 @@ def train(trainer: Any, out_dir: Path, resume: bool) -> dict[str, float]:
     checkpoint = last_checkpoint(out_dir) if resume else None
     readable_progress(trainer)
     atomic_checkpoints(trainer, out_dir)
+    seed_per_rank(trainer)
     with stop_on_signals(trainer, out_dir):
         result = trainer.train(resume_from_checkpoint=checkpoint)
     metrics = {k: float(v) for k, v in result.metrics.items() if isinstance(v, (int, float))}
@@ -269,6 +270,29 @@ def train(trainer: Any, out_dir: Path, resume: bool) -> dict[str, float]:
     if checkpoint:
         metrics["resumed_from_step"] = float(Path(checkpoint).name.split("-")[-1])
     return metrics
+
+
+def seed_per_rank(trainer: Any) -> None:
+    """Under N processes, rank r trains with seed + r: its own dropout masks and sampled generations.
+
+    The Trainer seeds every rank alike, so ranks draw the same dropout masks (and GRPO/PPO the same
+    samples for a repeated prompt). Reseeding when training begins is safe for the data order:
+    the sampler's generator was made when the dataloader was, and accelerate broadcasts rank 0's
+    to every rank at each epoch. A resumed run then restores each rank's saved RNG states.
+    """
+    from transformers import TrainerCallback, set_seed
+
+    from tunelab import distributed
+
+    rank, size = distributed.world()
+    if size == 1:
+        return
+
+    class _Seed(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            set_seed(args.seed + rank)
+
+    trainer.add_callback(_Seed())
 
 
 def check_ranks_in_sync(trainer: Any) -> dict[str, float]:

@@ -13,8 +13,10 @@ Every step logs the reward-model score, KL to the reference, entropy and value l
 `log_history.json`, plotted in report.md). A NaN/inf loss or score, or KL past `kl_limit`, stops
 the run with one line naming the step and the last good checkpoint.
 
-PPO's loop cannot continue from a checkpoint (TRL's PPOTrainer has no resume): an interrupted
-ppo stage starts again from its beginning on `--resume`.
+The loop is `tunelab.ppo_trainer.ResumablePPOTrainer`: TRL's algorithm with checkpoints that
+hold the value model too, a prompt order fixed by the seed, and `--resume` that continues from the
+newest checkpoint; it runs on every process of `tunelab launch` (each rank answers its slice of
+every rollout batch, with its own sampling seed).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from tunelab.errors import TunelabError
 from tunelab.stages import Context, StageResult, StageSpec
 
 PRODUCES_MODEL = True
+RANKS = "all"  # every process rolls out and trains on its slice of each batch
 SECTIONS = {
     "model": "policy to optimise: usually ${sft} (adapter folders are merged first)",
     "reward_model": "reward model: ${reward} or a folder/hub id of a classifier with num_labels=1",
@@ -133,17 +136,10 @@ def _check_tokenizers(spec: StageSpec, ctx: Context) -> None:
 
 
 def check(spec: StageSpec, ctx: Context) -> None:
-    from tunelab.distributed import distributed
     from tunelab.models import stage_model
     from tunelab.stages.sft import _lora
 
-    if distributed():
-        raise TunelabError(
-            f"'{spec.where}': tunelab runs PPO in one process (TRL 1.12's PPO loop is neither sharded nor "
-            "resumable through tunelab yet); run this stage with `tunelab run`, not `launch`"
-        )
-
-    _args(spec, ctx)
+    args = _args(spec, ctx)
     _kl_limit(spec)
     _lora(spec.cfg.get("lora"), f"{spec.where}.lora")
     stage_model(spec, ctx, "the policy to optimise (usually ${sft})")
@@ -156,7 +152,29 @@ def check(spec: StageSpec, ctx: Context) -> None:
         if key in spec.cfg:
             _reward_spec(spec, ctx, key)
     _check_tokenizers(spec, ctx)
-    _prompts(spec)
+    ds, _ = _prompts(spec)
+    _check_batches(spec, args, len(ds))
+
+
+def _check_batches(spec: StageSpec, args: Any, n: int) -> None:
+    """The batch arithmetic TRL checks only once the models are loaded, and an empty epoch it never checks."""
+    from tunelab.distributed import world
+
+    size = world()[1]
+    local = args.per_device_train_batch_size * args.gradient_accumulation_steps
+    where = f"{spec.where}.training"
+    if local % args.num_mini_batches:
+        raise TunelabError(
+            f"'{where}': per_device_train_batch_size x gradient_accumulation_steps = {local} is not a multiple "
+            f"of num_mini_batches={args.num_mini_batches}"
+        )
+    batch = local * size
+    if n < batch:
+        on = f" x {size} processes" if size > 1 else ""
+        raise TunelabError(
+            f"'{spec.where}.data' has {n} prompts, fewer than one rollout batch of {batch} "
+            f"(per_device_train_batch_size x gradient_accumulation_steps{on}): add prompts or lower the batch size"
+        )
 
 
 def _tokenized(ds, column: str, tokenizer):
@@ -186,15 +204,11 @@ def _summary(history: list[dict[str, Any]]) -> dict[str, float]:
 
 
 def run(spec: StageSpec, ctx: Context) -> StageResult:
-    import time
-
-    from trl.experimental.ppo import PPOTrainer
-
     from tunelab.data import fingerprint
     from tunelab.models import load_causal_lm, load_sequence_classifier, load_tokenizer, stage_model
-    from tunelab.runs import write_json
+    from tunelab.ppo_trainer import ResumablePPOTrainer
     from tunelab.stages.sft import _lora
-    from tunelab.training import Diverged, diverged_error, divergence_guard, readable_progress
+    from tunelab.training import guarded_train
 
     args = _args(spec, ctx)
     peft_config = _lora(spec.cfg.get("lora"), f"{spec.where}.lora")
@@ -210,7 +224,7 @@ def run(spec: StageSpec, ctx: Context) -> StageResult:
     reward_model = load_sequence_classifier(rspec, num_labels=1)
     value_model = load_sequence_classifier(vspec, num_labels=1)
     train_ds = _tokenized(ds, column, tokenizer)
-    trainer = PPOTrainer(
+    trainer = ResumablePPOTrainer(
         args=args,
         processing_class=tokenizer,
         model=policy,
@@ -221,22 +235,12 @@ def run(spec: StageSpec, ctx: Context) -> StageResult:
         eval_dataset=train_ds.select(range(min(len(train_ds), args.per_device_eval_batch_size))),
         peft_config=peft_config,
     )
-    readable_progress(trainer)
-    divergence_guard(trainer, _kl_limit(spec))
-    start = time.perf_counter()
-    try:
-        trainer.train()
-    except Diverged as exc:
-        write_json(spec.out_dir / "log_history.json", trainer.state.log_history)
-        raise diverged_error(spec.where, exc, spec.out_dir) from None
-    seconds = time.perf_counter() - start
-    write_json(spec.out_dir / "log_history.json", trainer.state.log_history)
-    metrics: dict[str, Any] = {"train_runtime": seconds, "global_step": float(trainer.state.global_step)}
-    metrics["episodes"] = float(trainer.state.episode)
+    metrics = guarded_train(trainer, spec, ctx.resume, _kl_limit(spec), kl_keys=("objective/kl",))
     metrics.update(_summary(trainer.state.log_history))
     trainer.save_model(str(spec.out_dir))
-    tokenizer.padding_side = "right"
-    tokenizer.save_pretrained(str(spec.out_dir))
+    if trainer.args.should_save:
+        tokenizer.padding_side = "right"
+        tokenizer.save_pretrained(str(spec.out_dir))
     return StageResult(metrics=metrics, model=spec.out_dir, fingerprints={"data": fingerprint(ds)})
 
 

@@ -469,3 +469,54 @@ def test_pipeline_reward_model_that_names_a_stage_of_another_kind(tmp_path: Path
         "ppo": {"stage": "ppo", "model": "${sft}", "reward_model": "${sft}", "data": QA_TRAIN},
     }
     fails(["validate", str(write(tmp_path, {"stages": stages}))], r"is \$\{sft\}, a `sft` stage, not a reward model")
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_tunelab_ppo_loop_is_trls_step_for_step(tmp_path: Path, tiny_lm: Path, reward_model: Path, lora: bool) -> None:
+    """With one prompt repeated (so prompt order cannot differ) and the same seeds, tunelab's resumable
+    loop ends with TRL 1.12's PPOTrainer's weights and logs the same scores, KL and losses."""
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import set_seed
+    from trl.experimental.ppo import PPOConfig, PPOTrainer
+
+    from tunelab.ppo_trainer import ResumablePPOTrainer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_lm, padding_side="left")
+    prompts = Dataset.from_dict({"input_ids": [tokenizer("12+7=", add_special_tokens=False)["input_ids"]] * 8})
+    results = []
+    for cls in (PPOTrainer, ResumablePPOTrainer):
+        set_seed(3)
+        args = PPOConfig(
+            output_dir=str(tmp_path / cls.__name__),
+            **{**PPO_TRAINING, "learning_rate": 1e-2, "seed": 3, "use_cpu": True, "bf16": False},
+            stop_token="eos",
+            num_sample_generations=0,
+            disable_tqdm=True,
+        )
+        policy = AutoModelForCausalLM.from_pretrained(tiny_lm)
+        trainer = cls(
+            args=args,
+            processing_class=tokenizer,
+            model=policy,
+            ref_model=None if lora else AutoModelForCausalLM.from_pretrained(tiny_lm),
+            reward_model=AutoModelForSequenceClassification.from_pretrained(reward_model),
+            value_model=AutoModelForSequenceClassification.from_pretrained(reward_model),
+            train_dataset=prompts,
+            peft_config=LoraConfig(r=4, target_modules="all-linear") if lora else None,
+        )
+        if cls is PPOTrainer:  # a DataLoader draws from torch's global RNG as it starts; the prompts are all alike
+            trainer.dataloader = [trainer.data_collator([prompts[i] for i in range(4)])]
+        set_seed(3)  # as tunelab's loop does when it starts (TRL draws from the RNGs after its last seeding)
+        trainer.train()
+        logs = [h for h in trainer.state.log_history if "objective/kl" in h]
+        weights = {n: p.detach().clone() for n, p in trainer.model.policy.named_parameters() if p.requires_grad}
+        results.append((weights, logs))
+    (trl_weights, trl_logs), (our_weights, our_logs) = results
+    assert len(trl_logs) == len(our_logs) == 2
+    for key in ("objective/scores", "objective/kl", "loss/policy_avg", "loss/value_avg", "objective/entropy"):
+        assert [h[key] for h in our_logs] == pytest.approx([h[key] for h in trl_logs], abs=1e-6), key
+    assert trl_weights.keys() == our_weights.keys()
+    assert all(torch.allclose(trl_weights[n], our_weights[n], atol=1e-6) for n in trl_weights)
+    start = AutoModelForCausalLM.from_pretrained(tiny_lm).state_dict()
+    assert lora or not torch.equal(our_weights["lm_head.weight"], start["lm_head.weight"])  # it trained

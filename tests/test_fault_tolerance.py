@@ -70,24 +70,6 @@ def sft(model: Path, **training) -> dict:
     }
 
 
-def test_sigterm_saves_a_checkpoint_and_resume_matches(tmp_path: Path, tiny_lm: Path) -> None:
-    """SIGTERM mid-SFT: a checkpoint at that step (none was due), status interrupted, exit 143; --resume
-    ends with the uninterrupted run's adapter."""
-    stage = sft(tiny_lm, max_steps=400, save_strategy="steps", save_steps=1000, logging_steps=5)
-    subprocess.run([*CLI, str(_recipe(tmp_path, "straight", stage))], env=ENV, check=True, capture_output=True)
-    path = _recipe(tmp_path, "stopped", stage)
-    code, out = _stop_after_checkpoint(path, signal.SIGTERM, tmp_path / "stopped" / "s", first="")
-    assert code == 143, out
-    assert "checkpoint saved" in out and "continue it with --resume" in out
-    saved = list((tmp_path / "stopped" / "s").glob("checkpoint-*"))
-    assert len(saved) == 1 and 0 < int(saved[0].name.split("-")[1]) < 400, out  # the signal's own checkpoint
-    manifest = json.loads((tmp_path / "stopped" / "run.json").read_text())
-    assert manifest["status"] == "interrupted" and manifest["stages"]["s"]["status"] == "interrupted"
-    resumed = subprocess.run([*CLI, str(path), "--resume"], env=ENV, capture_output=True, text=True)
-    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-    assert _same(_weights(tmp_path / "straight" / "s"), _weights(tmp_path / "stopped" / "s"))
-
-
 def ppo(model: Path, reward: Path, **extra) -> dict:
     training = {**PPO_TRAINING, "total_episodes": 64, "learning_rate": 1e-3, "save_strategy": "steps"}
     return {
@@ -98,6 +80,31 @@ def ppo(model: Path, reward: Path, **extra) -> dict:
         "training": {**training, "save_steps": 5},
         **extra,
     }
+
+
+@pytest.mark.parametrize("kind", ["sft", "ppo"])
+def test_sigterm_saves_a_checkpoint_and_resume_matches(
+    tmp_path: Path, tiny_lm: Path, kind: str, request: pytest.FixtureRequest
+) -> None:
+    """SIGTERM mid-training: a checkpoint at that step (none was due), status interrupted, exit 143;
+    --resume ends with the uninterrupted run's weights."""
+    if kind == "sft":
+        stage, total = sft(tiny_lm, max_steps=400, save_strategy="steps", save_steps=1000, logging_steps=5), 400
+    else:  # 200 updates of 4 prompts
+        stage, total = ppo(tiny_lm, request.getfixturevalue("reward_model")), 200
+        stage["training"].update(total_episodes=800, save_steps=1000)
+    subprocess.run([*CLI, str(_recipe(tmp_path, "straight", stage))], env=ENV, check=True, capture_output=True)
+    path = _recipe(tmp_path, "stopped", stage)
+    code, out = _stop_after_checkpoint(path, signal.SIGTERM, tmp_path / "stopped" / "s", first="")
+    assert code == 143, out
+    assert "checkpoint saved" in out and "continue it with --resume" in out
+    saved = list((tmp_path / "stopped" / "s").glob("checkpoint-*"))
+    assert len(saved) == 1 and 0 < int(saved[0].name.split("-")[1]) < total, out  # the signal's own checkpoint
+    manifest = json.loads((tmp_path / "stopped" / "run.json").read_text())
+    assert manifest["status"] == "interrupted" and manifest["stages"]["s"]["status"] == "interrupted"
+    resumed = subprocess.run([*CLI, str(path), "--resume"], env=ENV, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert _same(_weights(tmp_path / "straight" / "s"), _weights(tmp_path / "stopped" / "s"), atol=1e-5)
 
 
 @pytest.mark.parametrize("kind", ["sft", "reward", "ppo", "ppo-lora"])

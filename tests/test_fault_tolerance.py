@@ -90,9 +90,9 @@ def test_sigterm_saves_a_checkpoint_and_resume_matches(
     --resume ends with the uninterrupted run's weights."""
     if kind == "sft":
         stage, total = sft(tiny_lm, max_steps=400, save_strategy="steps", save_steps=1000, logging_steps=5), 400
-    else:  # 200 updates of 4 prompts
-        stage, total = ppo(tiny_lm, request.getfixturevalue("reward_model")), 200
-        stage["training"].update(total_episodes=800, save_steps=1000)
+    else:  # 100 updates of 4 prompts
+        stage, total = ppo(tiny_lm, request.getfixturevalue("reward_model")), 100
+        stage["training"].update(total_episodes=400, save_steps=1000)
     subprocess.run([*CLI, str(_recipe(tmp_path, "straight", stage))], env=ENV, check=True, capture_output=True)
     path = _recipe(tmp_path, "stopped", stage)
     code, out = _stop_after_checkpoint(path, signal.SIGTERM, tmp_path / "stopped" / "s", first="")

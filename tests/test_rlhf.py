@@ -520,3 +520,20 @@ def test_tunelab_ppo_loop_is_trls_step_for_step(tmp_path: Path, tiny_lm: Path, r
     assert all(torch.allclose(trl_weights[n], our_weights[n], atol=1e-6) for n in trl_weights)
     start = AutoModelForCausalLM.from_pretrained(tiny_lm).state_dict()
     assert lora or not torch.equal(our_weights["lm_head.weight"], start["lm_head.weight"])  # it trained
+
+
+def test_ppo_disk_plan_matches_its_checkpoints(tmp_path: Path, tiny_lm: Path, reward_model: Path) -> None:
+    """A PPO checkpoint holds the policy, the value model and both models' optimizer states: the disk
+    check plans that size (within 15%), not the policy's alone (about half of it)."""
+    from tunelab import pipeline, runs
+
+    training = {**PPO_TRAINING, "save_strategy": "steps", "save_steps": 1}
+    stage = {"stage": "ppo", "model": str(tiny_lm), "reward_model": str(reward_model), "data": QA_TRAIN}
+    stage["training"] = training
+    recipe = tunelab.recipe_from_dict({"output_dir": str(tmp_path / "r"), "stages": {"ppo": stage}})
+    (planned,) = pipeline.plan(recipe)
+    tunelab.run(recipe)
+    folder = tmp_path / "r" / "ppo" / "checkpoint-1"
+    actual = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+    assert (folder / "value_model" / "model.safetensors").is_file()
+    assert runs.checkpoint_bytes(planned) == pytest.approx(actual, rel=0.15)

@@ -245,8 +245,8 @@ def saved_weight_bytes(plan: Any) -> float:
 
 
 def checkpoint_bytes(plan: Any) -> float:
-    """Bytes one checkpoint of a stage takes on disk: saved weights and optimizer state."""
-    return saved_weight_bytes(plan) + plan.parts.get("optimizer", 0.0)
+    """Bytes one checkpoint of a stage takes on disk: saved weights (PPO: and its value model) and optimizer state."""
+    return saved_weight_bytes(plan) + plan.parts.get("value_model", 0.0) + plan.parts.get("optimizer", 0.0)
 
 
 def planned_disk(stages: dict[str, dict[str, Any]], plans: list[Any]) -> dict[str, float]:

@@ -245,10 +245,31 @@ def run(spec: StageSpec, ctx: Context) -> StageResult:
 
 
 def plan(spec: StageSpec, ctx: Context):
-    """Memory plan of the policy's training (approximate: the reference, reward and value models add
-    their weights, and rollouts are short)."""
-    from tunelab.plan import policy_plan
+    """Memory plan of PPO: the policy's training, plus the value model trained in full (weights,
+    gradients, optimizer states, all saved in every checkpoint), the frozen reward model and, without
+    LoRA, the frozen reference. Approximate: rollouts are short, so activations are the policy's."""
+    from tunelab.models import model_config
+    from tunelab.plan import _optimizer_bytes, _structure, policy_plan
 
     args = _args(spec, ctx)
     args.max_length = args.response_length + 128
-    return policy_plan(spec, ctx, args)
+    plan = policy_plan(spec, ctx, args)
+    if plan is None:
+        return None
+    configs = {key: model_config(spec.cfg[key], ctx, f"{spec.where}.{key}") for key in ("reward_model",)}
+    configs["value_model"] = (
+        model_config(spec.cfg["value_model"], ctx, f"{spec.where}.value_model")
+        if "value_model" in spec.cfg
+        else configs["reward_model"]
+    )
+    if None in configs.values():
+        return plan  # a reward stage not planned yet: the policy's part
+    value = _structure(configs["value_model"])[1]
+    plan.parts["value_model"] = value * 4.0
+    plan.parts["gradients"] = plan.parts.get("gradients", 0.0) + value * 4.0
+    plan.parts["optimizer"] = plan.parts.get("optimizer", 0.0) + _optimizer_bytes(args.optim, value, 4, [])
+    plan.parts["reward_model"] = _structure(configs["reward_model"])[1] * 4.0
+    if "lora" not in spec.cfg:
+        plan.parts["reference"] = plan.parts["weights"]
+    plan.notes.append("value model trained in full in fp32; reward model (and reference) frozen")
+    return plan

@@ -129,6 +129,11 @@ def test_interrupted_run_resumes_from_its_checkpoint(tmp_path: Path) -> None:
 
     changed = runner.invoke(app, ["run", str(recipe), "--resume", "training.learning_rate=0.5"])
     assert changed.exit_code == 2 and "recipe changed since it was interrupted" in changed.output
+    # Its checkpoints hold one process's RNG state and data position: 2 processes cannot continue them.
+    wider = runner.invoke(app, ["launch", "--num-processes", "2", str(recipe), "--resume"])
+    assert wider.exit_code == 2, wider.output
+    assert "cannot resume stage 'pretrain' on 2 process(es): it was interrupted running on 1" in wider.output
+    assert "resume with `tunelab run ... --resume`, or pass --overwrite" in wider.output
 
     resumed = subprocess.run([*TUNELAB, "run", str(recipe), "--resume"], env=env, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr

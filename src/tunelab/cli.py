@@ -119,7 +119,8 @@ def launch(
     if dry_run:
         typer.echo(("ACCELERATE_USE_CPU=1 " if env.get("ACCELERATE_USE_CPU") else "") + shlex.join(argv))
         return
-    check(load_recipe(recipe, overrides or []), overwrite=overwrite, resume=resume, from_stage=from_stage)
+    processes = int(argv[argv.index("--num_processes") + 1])
+    check(load_recipe(recipe, overrides or []), overwrite, resume, from_stage, processes=processes)
     proc = subprocess.Popen(argv, env=env, start_new_session=True)
     forward = lambda signum, frame: os.killpg(proc.pid, signum)  # noqa: E731 - every rank checkpoints
     for sig in (signal.SIGINT, signal.SIGTERM):

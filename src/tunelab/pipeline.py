@@ -51,12 +51,24 @@ def _specs(recipe: Recipe) -> list[StageSpec]:
     ]
 
 
-def check(recipe: Recipe, overwrite: bool = False, resume: bool = False, from_stage: str | None = None) -> str:
-    """Everything `tunelab validate` checks. Returns what would happen to the output folder."""
-    return _check(recipe, overwrite, resume, from_stage)[0]
+def check(
+    recipe: Recipe,
+    overwrite: bool = False,
+    resume: bool = False,
+    from_stage: str | None = None,
+    processes: int | None = None,
+) -> str:
+    """Everything `tunelab validate` checks. Returns what would happen to the output folder.
+
+    `processes`: how many processes the run will have (default: this one's world size); `tunelab
+    launch` checks before it starts them.
+    """
+    return _check(recipe, overwrite, resume, from_stage, processes)[0]
 
 
-def _check(recipe: Recipe, overwrite: bool, resume: bool, from_stage: str | None = None) -> tuple[str, list[Any]]:
+def _check(
+    recipe: Recipe, overwrite: bool, resume: bool, from_stage: str | None = None, processes: int | None = None
+) -> tuple[str, list[Any]]:
     """Checks, and the memory plans made on the way (advisory: a plan that fails is skipped)."""
     configure_offline()
     if from_stage is not None:
@@ -68,7 +80,7 @@ def _check(recipe: Recipe, overwrite: bool, resume: bool, from_stage: str | None
         raise runs.in_use_error(recipe.output_dir, holder)
     runs.check_writable(recipe.output_dir)
     if mode == "resume":
-        _check_resumable(recipe, from_stage)
+        _check_resumable(recipe, from_stage, processes or distributed.world()[1])
     plans = _inspect(recipe, strict_plans=False)
     runs.check_disk(recipe.output_dir, recipe.stages, plans)
     return mode, plans
@@ -164,8 +176,12 @@ def _diff(old: Any, new: Any, where: str) -> list[str]:
     return [] if old == new else [f"{where}: {old!r} -> {new!r}"]
 
 
-def _check_resumable(recipe: Recipe, from_stage: str | None = None) -> None:
-    """An interrupted stage can only continue from its checkpoint with the same config."""
+def _check_resumable(recipe: Recipe, from_stage: str | None, processes: int) -> None:
+    """An interrupted stage can only continue from its checkpoint with the same config, and with the
+    same number of processes: its checkpoints hold one RNG state per rank, and its data position
+    counts batches of the global batch that many processes made."""
+    from tunelab.training import last_checkpoint
+
     for spec in _specs(recipe):
         if spec.name == from_stage:
             return  # this stage and the ones after it start again
@@ -177,6 +193,14 @@ def _check_resumable(recipe: Recipe, from_stage: str | None = None) -> None:
             raise TunelabError(
                 f"cannot resume stage '{spec.name}': its recipe changed since it was interrupted "
                 f"({'; '.join(changes[:3])}); undo the change or pass --overwrite"
+            )
+        ran = record.get("processes", 1)
+        if ran != processes and last_checkpoint(spec.out_dir):
+            how = f"tunelab launch --num-processes {ran} ... --resume" if ran > 1 else "tunelab run ... --resume"
+            raise TunelabError(
+                f"cannot resume stage '{spec.name}' on {processes} process(es): it was interrupted running on "
+                f"{ran}, and its checkpoints hold that many ranks' RNG states and a data position in that "
+                f"global batch; resume with `{how}`, or pass --overwrite"
             )
 
 
@@ -336,6 +360,7 @@ def _run_stage(
         "status": "running",
         "fingerprint": fp,
         "cfg": spec.cfg,
+        "processes": distributed.world()[1],
         "started": runs.now(),
     }
     main = distributed.is_main()

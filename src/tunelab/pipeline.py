@@ -194,7 +194,7 @@ def _check_resumable(recipe: Recipe, from_stage: str | None, processes: int) -> 
                 f"cannot resume stage '{spec.name}': its recipe changed since it was interrupted "
                 f"({'; '.join(changes[:3])}); undo the change or pass --overwrite"
             )
-        ran = record.get("processes", 1)
+        ran = record.get("processes", processes)  # unknown in folders from before it was recorded
         if ran != processes and last_checkpoint(spec.out_dir):
             how = f"tunelab launch --num-processes {ran} ... --resume" if ran > 1 else "tunelab run ... --resume"
             raise TunelabError(

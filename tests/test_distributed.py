@@ -308,3 +308,39 @@ def test_each_rank_trains_with_its_own_seed(monkeypatch: pytest.MonkeyPatch) -> 
     alone.callbacks = []
     seed_per_rank(alone)
     assert alone.callbacks == []  # one process: the Trainer's own seeding stands
+
+
+def test_sigterm_to_the_launcher_checkpoints_every_rank_and_resume_matches(tmp_path: Path, tiny_lm: Path) -> None:
+    """SIGTERM to `tunelab launch` reaches both ranks: one checkpoint (all ranks' RNG states), run marked
+    interrupted; `launch --resume` ends with the weights of an uninterrupted 2-process run."""
+    import signal
+
+    from safetensors.torch import load_file
+
+    training = tiny_training(max_steps=300, learning_rate=1e-3, save_strategy="steps", save_steps=1000)
+    stage = {"stage": "sft", "model": str(tiny_lm), "data": QA_TRAIN, "lora": {"r": 4}, "training": training}
+    _run([*LAUNCH, "--num-processes", "2", str(_recipe(tmp_path, "straight", stage))])
+    path = _recipe(tmp_path, "stopped", stage)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    argv = [*LAUNCH, "--num-processes", "2", str(path)]
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen = ""
+    for line in proc.stdout:  # the first progress line: both ranks are training
+        seen += line
+        if "step " in line and "loss" in line:
+            break
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 143, seen + out  # 128 + SIGTERM, as `tunelab run` exits
+    assert out.count("interrupted: the run is marked 'interrupted'") == 1, out  # said once, by rank 0
+    assert out.count("saving a checkpoint after this step") == 2, out  # each rank got the signal once
+    saved = list((tmp_path / "stopped" / "s").glob("checkpoint-*"))
+    assert len(saved) == 1 and 0 < int(saved[0].name.split("-")[1]) < 300, seen + out
+    assert {p.name for p in saved[0].glob("rng_state_*.pth")} == {"rng_state_0.pth", "rng_state_1.pth"}
+    assert json.loads((tmp_path / "stopped" / "run.json").read_text())["status"] == "interrupted"
+    _run([*LAUNCH, "--num-processes", "2", str(path), "--resume"])
+    record = json.loads((tmp_path / "stopped" / "s" / "stage.json").read_text())
+    assert record["status"] == "completed" and record["metrics"]["resumed_from_step"] > 0
+    assert record["metrics"]["ranks_in_sync"] == 1
+    a, b = (load_file(tmp_path / run / "s" / "adapter_model.safetensors") for run in ("straight", "stopped"))
+    assert a.keys() == b.keys() and all(np.allclose(a[k].numpy(), b[k].numpy(), atol=1e-5) for k in a)

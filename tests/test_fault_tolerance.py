@@ -149,6 +149,17 @@ def test_a_run_folder_has_one_writer(tmp_path: Path, tiny_lm: Path) -> None:
     assert runs.lock_holder(tmp_path / "busy") is None  # released when the holder ends
 
 
+def test_ranks_checking_the_lock_at_once_do_not_see_each_other(tmp_path: Path) -> None:
+    """Every rank of one run checks the lock before rank 0 takes it; a check in progress is not a holder."""
+    import fcntl
+
+    with runs.locked(tmp_path):  # a finished run leaves its text in the lock file
+        pass
+    with open(tmp_path / runs.LOCK) as other_rank:
+        fcntl.flock(other_rank, fcntl.LOCK_SH | fcntl.LOCK_NB)  # another rank, mid-check
+        assert runs.lock_holder(tmp_path) is None
+
+
 def test_full_disk_fails_before_training(tmp_path: Path, tiny_lm: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import shutil
     from collections import namedtuple

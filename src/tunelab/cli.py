@@ -7,7 +7,6 @@ Only standard-library and light modules are imported at the top: `tunelab
 from __future__ import annotations
 
 import functools
-import os
 import shutil
 import sys
 from pathlib import Path
@@ -47,9 +46,12 @@ def friendly(fn):
         except TunelabError as exc:
             _fail(str(exc), exc.exit_code)
         except KeyboardInterrupt as exc:
+            from tunelab.distributed import is_main
+
             saved = getattr(exc, "checkpoint", None)
             where = f" (checkpoint saved: {saved})" if saved else ""
-            typer.secho(f"interrupted: the run is marked 'interrupted'{where}; continue it with --resume", err=True)
+            if is_main():  # one line for the run, not one per rank
+                typer.secho(f"interrupted: the run is marked 'interrupted'{where}; continue it with --resume", err=True)
             raise typer.Exit(128 + getattr(exc, "signum", 2)) from None
 
     return wrapper
@@ -102,7 +104,7 @@ def launch(
     import subprocess
 
     from tunelab import load_recipe
-    from tunelab.distributed import launch_command
+    from tunelab.distributed import launch_command, signal_ranks
     from tunelab.pipeline import check
 
     options = {
@@ -122,10 +124,16 @@ def launch(
     processes = int(argv[argv.index("--num_processes") + 1])
     check(load_recipe(recipe, overrides or []), overwrite, resume, from_stage, processes=processes)
     proc = subprocess.Popen(argv, env=env, start_new_session=True)
-    forward = lambda signum, frame: os.killpg(proc.pid, signum)  # noqa: E731 - every rank checkpoints
+    caught: list[int] = []
+
+    def forward(signum: int, frame: Any) -> None:
+        caught.append(signum)
+        signal_ranks(proc.pid, signum)
+
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, forward)
-    raise typer.Exit(proc.wait())
+    code = proc.wait()
+    raise typer.Exit(128 + caught[0] if caught and code else code)
 
 
 @app.command("eval")

@@ -9,8 +9,10 @@ train (eval, diffusion_sample) run on the main process while the others wait at 
 
 from __future__ import annotations
 
+import contextlib
 import os
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 from tunelab.errors import TunelabError
@@ -179,3 +181,27 @@ def launch_command(options: dict[str, Any], run_args: list[str]) -> tuple[list[s
     argv += ["--dynamo_backend", "no"] if not config else []
     argv += ["-m", "tunelab", "run", *run_args]
     return argv, env
+
+
+def signal_ranks(launcher_pid: int, signum: int) -> None:
+    """Send `signum` to the ranks `accelerate launch` (pid `launcher_pid`) started, not to it.
+
+    Each rank checkpoints on the first SIGINT/SIGTERM and stops at once on a second. Signalling
+    the launcher too would make torchrun send its own SIGTERM to every rank right after ours: a
+    second signal that cuts the checkpoint short. torchrun sees the ranks exit and exits itself.
+    Without /proc (not Linux), the whole process group gets the signal.
+    """
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[1]) == launcher_pid:  # field 4 of /proc/PID/stat: the parent's pid
+            children.append(int(stat.parent.name))
+    if not children:
+        os.killpg(launcher_pid, signum)
+        return
+    for pid in children:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signum)

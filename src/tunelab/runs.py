@@ -140,7 +140,11 @@ LOCK = ".tunelab.lock"
 
 
 def lock_holder(run_dir: Path) -> str | None:
-    """Who holds the run folder's lock ('pid 123 on host, since ...'), or None when it is free."""
+    """Who holds the run folder's lock ('pid 123 on host, since ...'), or None when it is free.
+
+    It probes with a shared lock: the ranks of one distributed run all check at once, and
+    exclusive probes would find each other and report the lock's stale text as its holder.
+    """
     import fcntl
 
     path = run_dir / LOCK
@@ -148,7 +152,7 @@ def lock_holder(run_dir: Path) -> str | None:
         return None
     with open(path, "a+") as f:
         try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except OSError:
             f.seek(0)
             return f.read().strip() or "another process"

@@ -9,13 +9,13 @@ the clipped policy and value losses are TRL's code, step for step (Apache-2.0, t
 What changes is what an interrupted or distributed run needs:
 
 - prompts follow a schedule fixed by (seed, epoch): update u reads global batch u of it and rank r
-  the r-th slice of that batch, so a resumed run, and a run on any number of processes, answers the
-  same prompts at every update (`prompt_indices`);
+  the r-th slice of that batch, so a resumed run, and a run on any number of processes with the
+  same global batch, answers the same prompts at every update (`prompt_indices`);
 - a checkpoint holds the policy (or its adapter), the value model (`value_model/`), optimizer,
   scheduler, each rank's RNG states and the trainer state (update, episode, log history), and
   `train(resume_from_checkpoint=...)` restores all of it and continues with the next update;
-- one garbage collection per update, and none on CPU (TRL runs two per update, about 0.3 s each
-  in a process holding models and datasets, to hand memory back to the GPU);
+- one garbage collection per update on GPUs, to hand memory back, and none on CPU (TRL runs two
+  per update everywhere, about 0.3 s each in a process holding four models and datasets);
 - a callback that sets `should_training_stop` (tunelab's signal handler) ends the loop after the
   checkpoint it asked for;
 - rank r seeds torch, numpy and `random` with seed + r when training begins (TRL seeded torch

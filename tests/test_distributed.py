@@ -229,6 +229,7 @@ def test_two_process_reward_dpo_grpo_classify(tmp_path: Path, tiny_lm: Path, tin
 
     training = tiny_training(max_steps=3, learning_rate=1e-3, max_length=128, per_device_train_batch_size=2)
     ppo = {**PPO_TRAINING, "per_device_train_batch_size": 2, "local_rollout_forward_batch_size": 2}
+    ppo.update(save_strategy="steps", save_steps=1)  # checkpoints under DDP: policy, value model, both ranks' RNG
     stages = {
         "reward": {
             "stage": "reward",
@@ -278,6 +279,10 @@ def test_two_process_reward_dpo_grpo_classify(tmp_path: Path, tiny_lm: Path, tin
     policy = AutoModelForCausalLM.from_pretrained(tmp_path / "p" / "ppo")  # the policy alone, not DDP's wrapper
     assert not torch.equal(policy.lm_head.weight, AutoModelForCausalLM.from_pretrained(tiny_lm).lm_head.weight)
     assert PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_lm), tmp_path / "p" / "ppo_lora")
+    for name in ("ppo", "ppo_lora"):
+        checkpoint = tmp_path / "p" / name / "checkpoint-1"
+        assert {p.name for p in checkpoint.glob("rng_state_*.pth")} == {"rng_state_0.pth", "rng_state_1.pth"}
+        AutoModelForSequenceClassification.from_pretrained(checkpoint / "value_model")
 
 
 def test_each_rank_trains_with_its_own_seed(monkeypatch: pytest.MonkeyPatch) -> None:

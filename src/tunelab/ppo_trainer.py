@@ -107,7 +107,12 @@ class ResumablePPOTrainer(PPOTrainer):
         folder = Path(self._get_output_dir(trial)) / f"checkpoint-{self.state.global_step}"
         if self.args.should_save:  # before trainer_state.json, which marks a checkpoint complete
             self._unwrapped().value_model.save_pretrained(folder / VALUE_DIR)
-        super()._save_checkpoint(model, trial)
+        wrapped = self.model
+        self.model = self._unwrapped()  # TRL's model card reads `.config`, which DDP's wrapper hides
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.model = wrapped
 
     def _resume(self, checkpoint: str) -> None:
         """Policy (or adapter), value model, optimizer, scheduler and trainer state from `checkpoint`."""

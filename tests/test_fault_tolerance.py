@@ -196,8 +196,10 @@ def test_planned_disk_counts_kept_checkpoints() -> None:
         "a": {"training": {"max_steps": 100, "save_steps": 10, "save_total_limit": 2}},
         "b": {"training": {"max_steps": 100, "save_steps": 50}},
     }
-    need = runs.planned_disk(stages, [full, lora])
-    assert need == {"a": 2 * 12000 + 4000, "b": 2 * (40 + 80) + 40}
+    ppo = StagePlan("c", "ppo", "full", params=1000, trainable=1000, parts={"weights": 4000.0}, steps=20)
+    stages["c"] = {"training": {"total_episodes": 80, "save_steps": 5}}  # no max_steps: 20 updates, planned
+    need = runs.planned_disk(stages, [full, lora, ppo])
+    assert need == {"a": 2 * 12000 + 4000, "b": 2 * (40 + 80) + 40, "c": 4 * 4000 + 4000}
 
 
 def test_checkpoints_are_renamed_into_place_and_rotated(tmp_path: Path, tiny_lm: Path) -> None:

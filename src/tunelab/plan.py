@@ -54,6 +54,8 @@ class StagePlan:
     trainable: int
     parts: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    steps: int | None = None
+    """Optimizer steps, when the stage knows them without `max_steps` (PPO: from total_episodes)."""
 
     @property
     def total(self) -> float:

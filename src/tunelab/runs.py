@@ -263,7 +263,7 @@ def planned_disk(stages: dict[str, dict[str, Any]], plans: list[Any]) -> dict[st
         kept = 0
         if training.get("save_strategy", "steps") != "no":
             limit = training.get("save_total_limit")
-            steps, every = training.get("max_steps"), training.get("save_steps", 500)
+            steps, every = plan.steps or training.get("max_steps"), training.get("save_steps", 500)
             count = steps // every if isinstance(steps, int) and isinstance(every, int) and every > 0 else 3
             kept = min(count, limit) if isinstance(limit, int) else count
         out[plan.stage] = kept * checkpoint_bytes(plan) + saved_weight_bytes(plan)

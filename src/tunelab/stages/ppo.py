@@ -248,6 +248,7 @@ def plan(spec: StageSpec, ctx: Context):
     """Memory plan of PPO: the policy's training, plus the value model trained in full (weights,
     gradients, optimizer states, all saved in every checkpoint), the frozen reward model and, without
     LoRA, the frozen reference. Approximate: rollouts are short, so activations are the policy's."""
+    from tunelab.distributed import world
     from tunelab.models import model_config
     from tunelab.plan import _optimizer_bytes, _structure, policy_plan
 
@@ -256,6 +257,9 @@ def plan(spec: StageSpec, ctx: Context):
     plan = policy_plan(spec, ctx, args)
     if plan is None:
         return None
+    if args.total_episodes:  # PPO's updates, for the checkpoints the disk check counts
+        batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * world()[1]
+        plan.steps = -(-args.total_episodes // batch)
     configs = {key: model_config(spec.cfg[key], ctx, f"{spec.where}.{key}") for key in ("reward_model",)}
     configs["value_model"] = (
         model_config(spec.cfg["value_model"], ctx, f"{spec.where}.value_model")

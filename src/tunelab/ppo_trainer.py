@@ -94,25 +94,27 @@ class ResumablePPOTrainer(PPOTrainer):
             if self.ref_adapter_name:
                 policy.set_adapter(self.model_adapter_name or "default")
 
-    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        """Save the policy only; TRL finds it on the unwrapped model (under DDP it saved the wrapper's state)."""
+    @contextmanager
+    def _model_unwrapped(self):
+        """`self.model` without DDP's wrapper, for TRL code that reads `.policy` or `.config` from it."""
         wrapped = self.model
         self.model = self._unwrapped()
         try:
-            super().save_model(output_dir, _internal_call)
+            yield
         finally:
             self.model = wrapped
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Save the policy only; TRL finds it on the unwrapped model (under DDP it saved the wrapper's state)."""
+        with self._model_unwrapped():
+            super().save_model(output_dir, _internal_call)
 
     def _save_checkpoint(self, model: Any, trial: Any) -> None:
         folder = Path(self._get_output_dir(trial)) / f"checkpoint-{self.state.global_step}"
         if self.args.should_save:  # before trainer_state.json, which marks a checkpoint complete
             self._unwrapped().value_model.save_pretrained(folder / VALUE_DIR)
-        wrapped = self.model
-        self.model = self._unwrapped()  # TRL's model card reads `.config`, which DDP's wrapper hides
-        try:
+        with self._model_unwrapped():  # TRL's model card reads `.config`
             super()._save_checkpoint(model, trial)
-        finally:
-            self.model = wrapped
 
     def _resume(self, checkpoint: str) -> None:
         """Policy (or adapter), value model, optimizer, scheduler and trainer state from `checkpoint`."""

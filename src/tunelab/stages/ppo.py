@@ -260,19 +260,19 @@ def plan(spec: StageSpec, ctx: Context):
     if args.total_episodes:  # PPO's updates, for the checkpoints the disk check counts
         batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * world()[1]
         plan.steps = -(-args.total_episodes // batch)
-    configs = {key: model_config(spec.cfg[key], ctx, f"{spec.where}.{key}") for key in ("reward_model",)}
-    configs["value_model"] = (
+    reward_config = model_config(spec.cfg["reward_model"], ctx, f"{spec.where}.reward_model")
+    value_config = (
         model_config(spec.cfg["value_model"], ctx, f"{spec.where}.value_model")
         if "value_model" in spec.cfg
-        else configs["reward_model"]
+        else reward_config
     )
-    if None in configs.values():
+    if reward_config is None or value_config is None:
         return plan  # a reward stage not planned yet: the policy's part
-    value = _structure(configs["value_model"])[1]
+    value = _structure(value_config)[1]
     plan.parts["value_model"] = value * 4.0
     plan.parts["gradients"] = plan.parts.get("gradients", 0.0) + value * 4.0
     plan.parts["optimizer"] = plan.parts.get("optimizer", 0.0) + _optimizer_bytes(args.optim, value, 4, [])
-    plan.parts["reward_model"] = _structure(configs["reward_model"])[1] * 4.0
+    plan.parts["reward_model"] = _structure(reward_config)[1] * 4.0
     if "lora" not in spec.cfg:
         plan.parts["reference"] = plan.parts["weights"]
     plan.notes.append("value model trained in full in fp32; reward model (and reference) frozen")

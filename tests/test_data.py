@@ -60,6 +60,9 @@ def test_bad_data_specs(tmp_path: Path) -> None:
         load_split(str(tmp_path / "empty_dir"), "data")
     with pytest.raises(TunelabError, match="single file, which has only a 'train' split"):
         load_split({"path": str(write(tmp_path / "d.jsonl", "jsonl")), "split": "test"}, "data")
+    (tmp_path / "blank.jsonl").write_text("\n")
+    with pytest.raises(TunelabError, match=r"^'data': dataset '.*blank.jsonl' \(split train\) is empty$"):
+        load_split(str(tmp_path / "blank.jsonl"), "data")
 
 
 def test_a_single_file_is_its_only_split_whatever_the_stage_default(tmp_path: Path) -> None:

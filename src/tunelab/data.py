@@ -88,6 +88,8 @@ def load_split(value: Any, where: str, default_split: str = "train"):
         ds = datasets.load_dataset(path, **kwargs)
     except ValueError as exc:
         msg = " ".join(str(exc).split())
+        if "corresponds to no data" in msg:  # datasets' words for a file with no rows
+            raise TunelabError(f"'{where}': dataset '{spec['path']}' (split {spec['split']}) is empty") from None
         if "split" in msg.lower():
             raise TunelabError(f"'{where}': split '{kwargs.get('split')}' not found ({msg[:200]})") from None
         raise TunelabError(f"'{where}': cannot load '{spec['path']}': {msg[:300]}") from None

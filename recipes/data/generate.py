@@ -21,6 +21,11 @@ model's answer can be checked exactly. Three datasets share one small world
   repeated, a random number). ``test`` asks the 300 held-out ``arith_qa``
   questions; ``train`` (6,000 pairs: with 2,000 the reward model's held-out
   accuracy swung between 0.72 and 0.83 from seed to seed) never does.
+- ``arith_chat/``: the ``arith_qa`` questions as chats for instruct models: ``messages`` (a user
+  turn with the bare question, an assistant turn with the bare number) beside ``prompt`` and
+  ``completion`` columns holding the same question and answer, so one file serves SFT (messages),
+  eval (prompt/completion, prompted through the model's chat template) and GRPO (prompt,
+  completion as the reference). ``arith_chat_pref/``: ``arith_pref``'s pairs in the same form.
 
 Held-out questions never appear in the training split (checked below).
 """
@@ -115,6 +120,27 @@ def main() -> None:
     pref_test = [_pair(pref_rng, r["prompt"], int(r["completion"])) for r in test]
     _write_jsonl(HERE / "arith_pref" / "train.jsonl", pref_train)
     _write_jsonl(HERE / "arith_pref" / "test.jsonl", pref_test)
+
+    # Chat forms of the same questions (no new random draws: the files above stay byte-identical).
+    for split, rows in (("train", train), ("test", test)):
+        _write_jsonl(HERE / "arith_chat" / f"{split}.jsonl", [_chat(r) for r in rows])
+    for split, rows in (("train", pref_train[:2000]), ("test", pref_test)):
+        _write_jsonl(HERE / "arith_chat_pref" / f"{split}.jsonl", [_chat_pair(r) for r in rows])
+
+
+def _question(prompt: str) -> str:
+    return prompt.removeprefix("Question: ").removesuffix("\nAnswer:")
+
+
+def _chat(row: dict) -> dict:
+    """A prompt/completion row as a chat (and as bare prompt/completion strings beside it)."""
+    question, answer = _question(row["prompt"]), row["completion"].strip()
+    messages = [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+    return {"messages": messages, "prompt": question, "completion": answer}
+
+
+def _chat_pair(row: dict) -> dict:
+    return {"prompt": _question(row["prompt"]), "chosen": row["chosen"].strip(), "rejected": row["rejected"].strip()}
 
 
 def _pair(rng: random.Random, prompt: str, c: int) -> dict:

@@ -18,9 +18,9 @@ def attention_maps(model_ref: str, text: str) -> tuple[list[str], list[Any]]:
     from transformers import AutoModel
 
     from tunelab.hub import resolve_model
-    from tunelab.models import adapter_base, is_adapter, load_tokenizer
+    from tunelab.models import adapter_base, is_adapter, load_tokenizer, model_spec, resolve_spec
 
-    path = resolve_model(model_ref, "model")
+    path = resolve_spec(model_spec(model_ref, "model"), "model")["path"]
     tokenizer = load_tokenizer(path)
     if is_adapter(path):
         import json

@@ -13,30 +13,98 @@ from typing import Any
 
 from tunelab.errors import TunelabError
 
-# Keyword arguments of `from_pretrained` a recipe's `model:` mapping may carry.
-LOAD_KEYS = ("path", "revision", "dtype", "attn_implementation", "trust_remote_code", "subfolder", "device_map")
-SPECIAL_TOKENS = {"eos_token": "<|endoftext|>", "bos_token": "<|endoftext|>", "pad_token": "<|pad|>"}
-# A minimal chat template for tokenizers tunelab trains, with generation markers
-# so TRL can mask everything but the assistant's turns (`assistant_only_loss`).
-CHAT_TEMPLATE = (
-    "{%- for message in messages %}{{ '<|' + message['role'] + '|>\n' }}"
-    "{%- if message['role'] == 'assistant' %}{% generation %}{{ message['content'] + '<|endoftext|>' }}"
-    "{% endgeneration %}{%- else %}{{ message['content'] + '<|endoftext|>' }}{%- endif %}{{ '\n' }}"
-    "{%- endfor %}{%- if add_generation_prompt %}{{ '<|assistant|>\n' }}{%- endif %}"
+# Keyword arguments of `from_pretrained` a recipe's `model:` mapping may carry (checked against
+# transformers' signature in tests). `quantization_config` has its own section, `quantization:`.
+LOAD_KEYS = (
+    "path",
+    "revision",
+    "dtype",
+    "attn_implementation",
+    "trust_remote_code",
+    "subfolder",
+    "device_map",
+    "gguf_file",
+    "variant",
+    "cache_dir",
+    "force_download",
+    "local_files_only",
+    "token",
+    "use_safetensors",
+    "weights_only",
+    "max_memory",
+    "offload_folder",
+    "offload_buffers",
+    "key_mapping",
+    "ignore_mismatched_sizes",
+    "experts_implementation",
+    "use_kernels",
+    "tp_plan",
+    "tp_size",
+    "disable_mmap",
 )
-
-
+REDIRECTED_KEYS = {
+    "quantization_config": "use the stage's `quantization:` section (BitsAndBytesConfig fields)",
+    "torch_dtype": "it is called `dtype` in transformers 5",
+    "pretrained_model_name_or_path": "it is called `path` here",
+}
+ATTENTION = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention", "paged|sdpa", "paged|eager")
+SPECIAL_TOKENS = {"eos_token": "<|endoftext|>", "bos_token": "<|endoftext|>", "pad_token": "<|pad|>"}
 def model_spec(value: Any, where: str) -> dict[str, Any]:
     """Normalise a `model:` value (string or mapping) and check its keys."""
     from tunelab.errors import unknown_key
+    from tunelab.gguf_models import split_file
 
     spec = {"path": value} if isinstance(value, str) else value
     if not isinstance(spec, dict) or not isinstance(spec.get("path"), str):
         raise TunelabError(f"'{where}' must be a model folder, a hub id, ${{stage}}, or a mapping with `path:`")
     for key in spec:
+        if key in REDIRECTED_KEYS:
+            raise TunelabError(f"'{where}.{key}' is not taken here: {REDIRECTED_KEYS[key]}")
         if key not in LOAD_KEYS:
-            raise unknown_key(where, key, LOAD_KEYS, "keyword arguments of from_pretrained")
-    return dict(spec)
+            raise unknown_key(where, str(key), LOAD_KEYS, "keyword arguments of from_pretrained")
+    _check_values(spec, where)
+    return split_file(dict(spec))
+
+
+def _check_values(spec: dict[str, Any], where: str) -> None:
+    """Values from_pretrained would only reject after reading the weights."""
+    dtype = spec.get("dtype")
+    if dtype is not None and dtype != "auto":
+        import torch
+
+        if not isinstance(dtype, str) or not isinstance(getattr(torch, dtype, None), torch.dtype):
+            raise TunelabError(
+                f"'{where}.dtype' is {dtype!r}: use auto or a torch dtype name (float32, bfloat16, float16)"
+            )
+    attn = spec.get("attn_implementation")
+    if attn is not None and attn not in ATTENTION and not (isinstance(attn, str) and "/" in attn):
+        raise TunelabError(
+            f"'{where}.attn_implementation' is {attn!r}: use one of {', '.join(ATTENTION)} (or a hub kernel repo id)"
+        )
+
+
+def resolve_spec(mspec: dict[str, Any], where: str, materialize: bool = True) -> dict[str, Any]:
+    """`mspec` with a loadable `path`: local folders resolved, hub ids checked, GGUF files checked.
+
+    A GGUF source becomes its plain copy (converted now when `materialize`, else only if already
+    cached); while checking it stays {path: folder, gguf_file} so no weights are read.
+    """
+    from tunelab.gguf_models import cached, gguf_file, plain_copy
+    from tunelab.hub import local_path, resolve_model
+
+    mspec = dict(mspec)
+    if "gguf_file" not in mspec:
+        mspec["path"] = resolve_model(mspec["path"], where)
+        return mspec
+    folder = local_path(mspec["path"])
+    if folder is None or not folder.is_dir():
+        raise TunelabError(f"'{where}.path' is '{mspec['path']}': no such folder holding the GGUF file")
+    path = gguf_file(folder, mspec["gguf_file"], where)
+    plain = plain_copy(path, mspec["path"]) if materialize else cached(path)
+    if plain is None:
+        return {**mspec, "path": str(folder), "gguf_file": str(path)}
+    mspec.pop("gguf_file")
+    return {**mspec, "path": str(plain)}
 
 
 def stage_model(spec: Any, ctx: Any, hint: str = "a hub id, a folder, or an earlier stage (${name})"):
@@ -44,28 +112,51 @@ def stage_model(spec: Any, ctx: Any, hint: str = "a hub id, a folder, or an earl
 
     None while checking a pipeline whose earlier stage, named by `${stage}`, has not run yet.
     """
-    from tunelab.hub import resolve_model
-
     if "model" not in spec.cfg:
         raise TunelabError(f"'{spec.where}' has no `model:`: name {hint}")
     mspec = model_spec(spec.cfg["model"], f"{spec.where}.model")
     if ctx.checking and ctx.is_pending(mspec["path"]):
         return None
-    mspec["path"] = resolve_model(ctx.resolve_ref(mspec["path"]), f"{spec.where}.model")
-    return mspec
+    mspec["path"] = ctx.resolve_ref(mspec["path"])
+    return resolve_spec(mspec, f"{spec.where}.model", materialize=not ctx.checking)
 
 
 def is_adapter(path: str | Path) -> bool:
     return Path(path, "adapter_config.json").is_file()
 
 
+BASE_FILE = "tunelab_base.json"
+
+
 def adapter_base(path: str | Path) -> str:
-    """The base model an adapter folder was trained on."""
+    """The base model an adapter folder was trained on.
+
+    When the base was a GGUF file's plain copy and the copy is gone (a cleared cache, another
+    machine), it is made again from the GGUF file recorded in `tunelab_base.json`.
+    """
     config = json.loads(Path(path, "adapter_config.json").read_text())
     base = config.get("base_model_name_or_path")
     if not base:
         raise TunelabError(f"adapter '{path}' does not record its base model (base_model_name_or_path)")
+    recorded = Path(path, BASE_FILE)
+    if not Path(base).exists() and recorded.is_file():
+        source = json.loads(recorded.read_text())
+        spec = {"path": str(Path(source["gguf_file"]).parent), "gguf_file": Path(source["gguf_file"]).name}
+        return resolve_spec(spec, f"base model of '{path}'")["path"]
     return base
+
+
+def record_base(folder: str | Path) -> None:
+    """Beside an adapter trained on a GGUF plain copy, write where that GGUF file is (see `adapter_base`)."""
+    from tunelab.gguf_models import origin
+
+    if not is_adapter(folder):
+        return
+    base = json.loads(Path(folder, "adapter_config.json").read_text()).get("base_model_name_or_path")
+    found = origin(base) if base else None
+    if found is not None:
+        text = json.dumps({**found, "plain_copy": base}, indent=2) + "\n"
+        Path(folder, BASE_FILE).write_text(text)
 
 
 def model_config(value: Any, ctx: Any, where: str):
@@ -83,7 +174,12 @@ def model_config(value: Any, ctx: Any, where: str):
     match = REF.match(spec["path"].strip())
     if match and ctx.is_pending(spec["path"]):
         return ctx.configs.get(match.group(1))
-    path = resolve_model(ctx.resolve_ref(spec["path"]), where)
+    spec = resolve_spec({**spec, "path": ctx.resolve_ref(spec["path"])}, where, materialize=False)
+    path = spec["path"]
+    if "gguf_file" in spec:
+        config = AutoConfig.from_pretrained(path, gguf_file=spec["gguf_file"])
+        del config.quantization_config  # tunelab trains and writes the dequantized weights
+        return config
     if is_adapter(path):
         path = resolve_model(adapter_base(path), f"{where} (base model of the adapter)")
     try:
@@ -112,6 +208,8 @@ def check_tokenizer(path: str, where: str) -> None:
     """A local model (or adapter and its base) must carry a tokenizer; hub ids are checked on load."""
     from tunelab.hub import local_path
 
+    if str(path).lower().endswith(".gguf"):
+        return
     folders = [path] + ([adapter_base(path)] if is_adapter(path) else [])
     local = [local_path(f) for f in folders]
     if any(p is None for p in local):
@@ -128,7 +226,9 @@ def load_tokenizer(path: str, **kwargs: Any):
     from transformers import AutoTokenizer
 
     source = path
-    if is_adapter(path) and not Path(path, "tokenizer_config.json").exists():
+    if str(path).lower().endswith(".gguf"):  # a GGUF file carries its tokenizer (see tokenizer_origin)
+        source, kwargs = str(Path(path).parent), {**kwargs, "gguf_file": Path(path).name}
+    elif is_adapter(path) and not Path(path, "tokenizer_config.json").exists():
         source = adapter_base(path)
     try:
         tok = AutoTokenizer.from_pretrained(source, **kwargs)
@@ -193,7 +293,9 @@ def train_tokenizer(texts, options: dict[str, Any], where: str):
         special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False, **options
     )
     tokenizer.train_from_iterator(texts, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, chat_template=CHAT_TEMPLATE, **SPECIAL_TOKENS)
+    # No chat template: a model pre-trained here is a base model, prompted with plain text (an SFT stage
+    # can give it one with `chat_template:`).
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, **SPECIAL_TOKENS)
 
 
 class _BpeTrainerArgs:
@@ -216,15 +318,19 @@ def merge(adapter_dir: str | Path, out_dir: str | Path, base: str | None = None,
     The base is loaded in full precision (never quantized), so the merged weights
     are exact and the result loads with `AutoModelForCausalLM.from_pretrained`.
     """
-    from tunelab.hub import resolve_model
+    import tempfile
 
     adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
     if not is_adapter(adapter_dir):
         raise TunelabError(f"'{adapter_dir}' is not a LoRA adapter folder (no adapter_config.json)")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise TunelabError(f"'{out_dir}' is a file: name a folder to write the merged model to")
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise TunelabError(f"'{out_dir}' exists and is not empty: choose another folder or pass --overwrite")
+    if out_dir.exists() and overwrite and not _is_model_folder(out_dir):
+        raise TunelabError(f"'{out_dir}' is not a model folder tunelab wrote (no config.json): it is left alone")
     try:
-        base_ref = resolve_model(base or adapter_base(adapter_dir), "base model of the adapter")
+        base_spec = resolve_spec(model_spec(base or adapter_base(adapter_dir), "--base"), "base model of the adapter")
     except TunelabError as exc:
         raise TunelabError(f"{exc}; name the base with --base PATH_OR_HUB_ID") from None
 
@@ -232,17 +338,28 @@ def merge(adapter_dir: str | Path, out_dir: str | Path, base: str | None = None,
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(base_ref, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(base_spec["path"], dtype=torch.float32)
     merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
     tokenizer = load_tokenizer(str(adapter_dir))
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    merged.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    tmp.rename(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))  # ours alone: removed on failure
+    try:
+        merged.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if out_dir.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old.", dir=out_dir.parent))
+            out_dir.rename(old / "model")
+            tmp.rename(out_dir)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
+
+
+def _is_model_folder(path: Path) -> bool:
+    return (path / "config.json").is_file() or not any(path.iterdir())
 
 
 def load_sequence_classifier(spec: dict[str, Any], num_labels: int = 1, quantization: Any = None):
@@ -329,14 +446,16 @@ def tokenizer_origin(value: Any, ctx: Any, where: str) -> str:
 
     Lets a pipeline compare two models' tokenizers before the stages that make them have run.
     """
-    from tunelab.hub import resolve_model
     from tunelab.recipe import REF
 
-    path = model_spec(value, where)["path"]
-    match = REF.match(path.strip())
-    if match and ctx.is_pending(path):
+    spec = model_spec(value, where)
+    match = REF.match(spec["path"].strip())
+    if match and ctx.is_pending(spec["path"]):
         return ctx.tokenizers.get(match.group(1), f"stage '{match.group(1)}'")
-    path = resolve_model(ctx.resolve_ref(path), where)
+    spec = resolve_spec({**spec, "path": ctx.resolve_ref(spec["path"])}, where, materialize=False)
+    if "gguf_file" in spec:
+        return spec["gguf_file"]  # the file path; load_tokenizer reads the tokenizer inside it
+    path = spec["path"]
     if is_adapter(path) and not Path(path, "tokenizer_config.json").exists():
         path = adapter_base(path)
     return path

@@ -392,6 +392,10 @@ def _run_stage(
         if tb_dir is None:
             os.environ.pop("TENSORBOARD_LOGGING_DIR", None)
     seconds = time.perf_counter() - start
+    if main and out.model is not None:
+        from tunelab.models import record_base
+
+        record_base(out.model)  # an adapter on a GGUF file's plain copy says where that file is
     record.update(
         status="completed",
         ended=runs.now(),

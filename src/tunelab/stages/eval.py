@@ -286,8 +286,7 @@ def check(spec: StageSpec, ctx: Context) -> None:
 
 
 def _check_text(spec: StageSpec, ctx: Context) -> None:
-    from tunelab.hub import resolve_model
-    from tunelab.models import check_tokenizer, model_config, model_spec
+    from tunelab.models import check_tokenizer, model_config, model_spec, resolve_spec
     from tunelab.quant import check_cpu_shapes, quant_config
 
     prompt, reference, _ = _options(spec)
@@ -298,7 +297,8 @@ def _check_text(spec: StageSpec, ctx: Context) -> None:
         where = f"{spec.where}.models.{label}" if "models" in spec.cfg else f"{spec.where}.model"
         mspec = model_spec(value, where)
         if not ctx.is_pending(mspec["path"]):
-            check_tokenizer(resolve_model(ctx.resolve_ref(mspec["path"]), where), where)
+            resolved = resolve_spec({**mspec, "path": ctx.resolve_ref(mspec["path"])}, where, materialize=False)
+            check_tokenizer(resolved.get("gguf_file", resolved["path"]), where)
         config = model_config(value, ctx, where) if quant is not None else None
         if config is not None:
             check_cpu_shapes(config, spec.cfg["quantization"], f"{spec.where}.quantization")
@@ -393,9 +393,8 @@ def _run_text(spec: StageSpec, ctx: Context) -> StageResult:
     from transformers import set_seed
 
     from tunelab.data import fingerprint
-    from tunelab.hub import resolve_model
     from tunelab.metrics import load as load_metric
-    from tunelab.models import load_causal_lm, load_tokenizer, model_spec
+    from tunelab.models import load_causal_lm, load_tokenizer, model_spec, resolve_spec
     from tunelab.quant import quant_config
     from tunelab.runs import write_atomic
 
@@ -417,7 +416,7 @@ def _run_text(spec: StageSpec, ctx: Context) -> StageResult:
         reward_model, reward_tokenizer = load_sequence_classifier(rspec), load_tokenizer(rspec["path"])
     for label, value in _models(spec).items():
         mspec = model_spec(value, f"{spec.where}.models.{label}")
-        mspec["path"] = resolve_model(ctx.resolve_ref(mspec["path"]), f"{spec.where}.models.{label}")
+        mspec = resolve_spec({**mspec, "path": ctx.resolve_ref(mspec["path"])}, f"{spec.where}.models.{label}")
         set_seed(ctx.seed)
         tokenizer = load_tokenizer(mspec["path"])
         model = load_causal_lm(mspec, quantization=quant, merge_adapter=quant is None)

@@ -83,8 +83,8 @@ def _reward_spec(spec: StageSpec, ctx: Context, key: str) -> dict[str, Any] | No
 
 def reward_model_spec(value: Any, ctx: Context, where: str) -> dict[str, Any] | None:
     """A reward model named by a recipe (folder, hub id, ${stage}, or mapping), checked to be one."""
-    from tunelab.hub import local_path, resolve_model
-    from tunelab.models import model_spec
+    from tunelab.hub import local_path
+    from tunelab.models import model_spec, resolve_spec
     from tunelab.recipe import REF
 
     mspec = model_spec(value, where)
@@ -96,7 +96,9 @@ def reward_model_spec(value: Any, ctx: Context, where: str) -> dict[str, Any] | 
                 "name a `reward` stage (a sequence classifier with num_labels=1)"
             )
         return None
-    mspec["path"] = resolve_model(ctx.resolve_ref(mspec["path"]), where)
+    if "gguf_file" in mspec:
+        raise TunelabError(f"'{where}' is a GGUF file, a causal LM: a reward model is a classifier (a `reward` stage)")
+    mspec = resolve_spec({**mspec, "path": ctx.resolve_ref(mspec["path"])}, where)
     check_reward_model(mspec["path"], where, local_path(mspec["path"]))
     return mspec
 

@@ -4,6 +4,9 @@ Sections map onto the libraries: `training` is `trl.SFTConfig`, `lora` is
 `peft.LoraConfig`. The data format is TRL's: a `text` column (plain language
 modelling), a `messages` column (chat, via the tokenizer's chat template), or
 `prompt` and `completion` columns (loss on the completion only, TRL's default).
+`assistant_only_loss` works with any chat template: where the template has no `{% generation %}`
+markers (ChatML, Llama 3, Qwen, Gemma), tunelab derives the mask itself (`tunelab.chat`) and hands
+TRL pre-tokenized rows. `chat_template:` gives the tokenizer a template (or `false` refuses chats).
 The stage folder ends up holding the adapter (with LoRA) or the full model,
 plus the tokenizer, so it loads with `PeftModel` / `AutoModelForCausalLM`.
 """
@@ -24,6 +27,7 @@ SECTIONS = {
     "training": "trl.SFTConfig fields (learning_rate, max_steps, packing, ...)",
     "lora": "peft.LoraConfig fields (r, lora_alpha, target_modules, ...); omit for full fine-tuning",
     "quantization": "transformers.BitsAndBytesConfig fields (load_in_4bit, bnb_4bit_quant_type, ...): QLoRA",
+    "chat_template": "a Jinja template for `messages` data (`tunelab`: a minimal one); false refuses chat data",
 }
 
 
@@ -92,24 +96,56 @@ def _quantization(spec: StageSpec):
     return quant
 
 
+def _chat_tokenizer(spec: StageSpec, args: Any, train_ds: Any, tokenizer: Any) -> bool:
+    """Apply `chat_template:`; check chat data can be rendered (and masked) as run will. True for chat data."""
+    from tunelab.chat import check_rows, setting, use_template
+
+    fmt = data_format(train_ds, args.dataset_text_field, f"{spec.where}.data")
+    value = setting(spec.cfg, spec.where)
+    templated = use_template(tokenizer, value)
+    if args.assistant_only_loss and fmt != "messages":
+        raise TunelabError(
+            f"'{spec.where}.training.assistant_only_loss' needs conversational data (a `messages` column); "
+            f"'{spec.where}.data' is {fmt} data (prompt/completion data trains on completions only already)"
+        )
+    if fmt != "messages":
+        return False
+    if value is False:
+        raise TunelabError(
+            f"'{spec.where}' sets chat_template: false, but its data is conversational (messages): "
+            "drop chat_template: false, or use prompt/completion data"
+        )
+    if not templated:
+        raise TunelabError(
+            f"'{spec.where}.data' is conversational (messages) but the tokenizer of the model has no chat "
+            "template: use a chat model, set `chat_template:` (a Jinja template, or `tunelab`), or use "
+            "prompt/completion data"
+        )
+    check_rows(train_ds, tokenizer, f"{spec.where}.data", args.assistant_only_loss)
+    return True
+
+
 def check(spec: StageSpec, ctx: Context) -> None:
-    from tunelab.models import model_config
+    from tunelab.models import load_tokenizer, model_config
     from tunelab.quant import check_cpu_shapes
 
     args = _args(spec, ctx)
     _lora(spec.cfg.get("lora"), f"{spec.where}.lora")
     quant = _quantization(spec)
-    _model_path(spec, ctx)
+    mspec = _model_path(spec, ctx)
     if quant is not None:
         config = model_config(spec.cfg["model"], ctx, f"{spec.where}.model")
         if config is not None:
             check_cpu_shapes(config, spec.cfg["quantization"], f"{spec.where}.quantization")
-    _datasets(spec, args.dataset_text_field)
+    train_ds, _ = _datasets(spec, args.dataset_text_field)
+    if mspec is not None:
+        _chat_tokenizer(spec, args, train_ds, load_tokenizer(mspec.get("gguf_file", mspec["path"])))
 
 
 def run(spec: StageSpec, ctx: Context) -> StageResult:
     from trl import SFTTrainer
 
+    from tunelab.chat import has_markers, tokenize_assistant_only
     from tunelab.data import fingerprint
     from tunelab.models import load_causal_lm, load_tokenizer, prepare_kbit
     from tunelab.training import train
@@ -119,11 +155,13 @@ def run(spec: StageSpec, ctx: Context) -> StageResult:
     mspec = _model_path(spec, ctx)
     train_ds, eval_ds = _datasets(spec, args.dataset_text_field)
     tokenizer = load_tokenizer(mspec["path"])
-    if data_format(train_ds, args.dataset_text_field, spec.where) == "messages" and not tokenizer.chat_template:
-        raise TunelabError(
-            f"'{spec.where}.data' is conversational (messages) but the tokenizer of '{mspec['path']}' "
-            "has no chat template: use a chat model, or prompt/completion data"
-        )
+    chat = _chat_tokenizer(spec, args, train_ds, tokenizer)
+    if chat and args.assistant_only_loss and not has_markers(tokenizer.chat_template):
+        # TRL needs {% generation %} markers; derive the mask here and hand TRL tokenized rows.
+        train_ds = tokenize_assistant_only(train_ds, tokenizer, f"{spec.where}.data")
+        if eval_ds is not None:
+            eval_ds = tokenize_assistant_only(eval_ds, tokenizer, f"{spec.where}.eval_data")
+        args.assistant_only_loss = False  # the masks are in the rows; TRL builds labels from them
     quant = _quantization(spec)
     model = prepare_kbit(load_causal_lm(mspec, quantization=quant), quant, args.gradient_checkpointing)
     trainer = SFTTrainer(

@@ -159,3 +159,40 @@ def check_rows(ds: Any, tokenizer: Any, where: str, assistant_only: bool, rows: 
                 )
         else:
             render(tokenizer, turns, where, i, add_generation_prompt=False)
+
+
+def conversational(
+    ds: Any, tokenizer: Any, value: bool | str, system: str | None, prompt: str = "prompt", answers: tuple = ()
+) -> Any:
+    """Plain-text prompts (and answers) as chat turns when the tokenizer has a chat template.
+
+    TRL's trainers (DPO, GRPO, reward) apply the template to conversational rows themselves, so the
+    policy is prompted the way it reads prompts everywhere else in tunelab.
+    """
+    if not use_template(tokenizer, value) or prompt not in ds.column_names or not isinstance(ds[0][prompt], str):
+        return ds
+    columns = [prompt, *(c for c in answers if c in ds.column_names and isinstance(ds[0][c], str))]
+
+    def convert(row: dict[str, Any]) -> dict[str, Any]:
+        out = {prompt: messages(row[prompt], system)}
+        for c in columns[1:]:
+            out[c] = [{"role": "assistant", "content": row[c].strip()}]
+        return out
+
+    return ds.map(convert, remove_columns=columns)
+
+
+def reward_texts(tokenizer: Any, prompts: list[Any], answers: list[str], value: bool | str = True) -> list[str]:
+    """Prompt + answer as a reward model reads them: one chat through its template when it has one."""
+    if value is not False and getattr(tokenizer, "chat_template", None):
+        return [
+            render(
+                tokenizer,
+                messages(p) + [{"role": "assistant", "content": a}],
+                "reward_model",
+                i,
+                add_generation_prompt=False,
+            )
+            for i, (p, a) in enumerate(zip(prompts, answers, strict=True))
+        ]
+    return [str(p) + a for p, a in zip(prompts, answers, strict=True)]

@@ -45,6 +45,8 @@ SECTIONS = {
     "prompt_template": 'format string around each prompt, e.g. "{prompt} Let\'s think step by step."',
     "answer_pattern": "regex whose first group is the answer in the output (chain of thought); default: first line",
     "reward_model": "a reward model (${reward} or folder) that scores prompt + output: reward_mean per model",
+    "chat_template": "prompts through each model's chat template: true (default, if it has one), false, or a template",
+    "system": "system prompt for chat-templated prompts (few-shot examples become earlier turns)",
     "sampling": "diffusion pipelines: diffusion_sample settings (scheduler, num_inference_steps, num_images, seed)",
     "classifier_data": "diffusion: labelled images the feature classifier trains on (default: data's train split)",
     "image_column": "diffusion: column holding the images (default: image)",
@@ -61,6 +63,8 @@ TEXT_KEYS = (
     "answer_pattern",
     "reward_model",
     "batch_size",
+    "chat_template",
+    "system",
 )
 IMAGE_METRICS = ("frechet_distance",)
 FEWSHOT_KEYS = ("k", "data", "separator")
@@ -286,24 +290,27 @@ def check(spec: StageSpec, ctx: Context) -> None:
 
 
 def _check_text(spec: StageSpec, ctx: Context) -> None:
-    from tunelab.models import check_tokenizer, model_config, model_spec, resolve_spec
+    from tunelab.models import check_tokenizer, load_tokenizer, model_config, model_spec, resolve_spec
     from tunelab.quant import check_cpu_shapes, quant_config
 
     prompt, reference, _ = _options(spec)
     _metrics(spec)
     _generation(spec)
     quant = quant_config(spec.cfg.get("quantization"), f"{spec.where}.quantization")
+    ds = _data(spec, prompt, reference)
+    prompting, _ = _prompting(spec, ctx, prompt, reference)
+    first = [str(p) for p in ds.select(range(min(2, len(ds))))[prompt]]
     for label, value in _models(spec).items():
         where = f"{spec.where}.models.{label}" if "models" in spec.cfg else f"{spec.where}.model"
         mspec = model_spec(value, where)
         if not ctx.is_pending(mspec["path"]):
             resolved = resolve_spec({**mspec, "path": ctx.resolve_ref(mspec["path"])}, where, materialize=False)
-            check_tokenizer(resolved.get("gguf_file", resolved["path"]), where)
+            tokenizer_path = resolved.get("gguf_file", resolved["path"])
+            check_tokenizer(tokenizer_path, where)
+            prompting.build(load_tokenizer(tokenizer_path), first, where)  # the template renders the first rows
         config = model_config(value, ctx, where) if quant is not None else None
         if config is not None:
             check_cpu_shapes(config, spec.cfg["quantization"], f"{spec.where}.quantization")
-    _data(spec, prompt, reference)
-    _prompting(spec, ctx, prompt, reference)
     _reward_model(spec, ctx)
 
 
@@ -327,8 +334,34 @@ def answer(text: str, pattern: str | None = None) -> str:
     return ""
 
 
-def _prompting(spec: StageSpec, ctx: Context, prompt_col: str, ref_col: str):
-    """(prompt builder, answer pattern) from fewshot / prompt_template / answer_pattern; checked here."""
+class Prompting:
+    """How raw prompts become what a model reads: few-shot examples, a template around the prompt,
+    and, for a tokenizer with a chat template, chat turns (system, shots as earlier turns, the
+    prompt as the user turn) rendered with the generation prompt."""
+
+    def __init__(self, template: str, shots: list[tuple[str, str]], separator: str, chat: bool | str, system: Any):
+        self.template, self.shots, self.separator, self.chat, self.system = template, shots, separator, chat, system
+
+    def build(self, tokenizer: Any, prompts: list[str], where: str) -> tuple[list[str], bool]:
+        """(texts, templated): templated texts hold their special tokens, so tokenize them without adding more."""
+        from tunelab.chat import messages, render, use_template
+
+        if use_template(tokenizer, self.chat):
+            shots = [(self.template.format(prompt=q), a.strip()) for q, a in self.shots]
+            turns = [messages(self.template.format(prompt=p), self.system, shots) for p in prompts]
+            return [render(tokenizer, t, where, i) for i, t in enumerate(turns)], True
+        if self.system is not None:
+            raise TunelabError(
+                f"'{where}.system' is set, but the model's tokenizer has no chat template to put it in: "
+                "drop `system:` or give `chat_template:`"
+            )
+        prefix = "".join(self.template.format(prompt=q) + a + self.separator for q, a in self.shots)
+        return [prefix + self.template.format(prompt=p) for p in prompts], False
+
+
+def _prompting(spec: StageSpec, ctx: Context, prompt_col: str, ref_col: str) -> tuple[Prompting, str | None]:
+    """(prompt builder, answer pattern) from fewshot / prompt_template / answer_pattern / chat settings."""
+    from tunelab.chat import setting, system_prompt
     from tunelab.data import load_split, require_columns
 
     cfg = spec.cfg
@@ -341,7 +374,8 @@ def _prompting(spec: StageSpec, ctx: Context, prompt_col: str, ref_col: str):
             re.compile(pattern)
         except (re.error, TypeError) as exc:
             raise TunelabError(f"'{spec.where}.answer_pattern' is not a valid regex: {exc}") from None
-    prefix = ""
+    shots: list[tuple[str, str]] = []
+    separator = "\n\n"
     fewshot = cfg.get("fewshot")
     if fewshot is not None:
         where = f"{spec.where}.fewshot"
@@ -352,29 +386,37 @@ def _prompting(spec: StageSpec, ctx: Context, prompt_col: str, ref_col: str):
                 raise unknown_key(where, key, FEWSHOT_KEYS, "keys of fewshot")
         base = spec.cfg["data"]
         source = fewshot.get("data", {"path": base if isinstance(base, str) else base["path"], "split": "train"})
-        shots = load_split(source, f"{where}.data", "train")
-        require_columns(shots, [prompt_col, ref_col], f"{where}.data", "examples to show")
+        shots_ds = load_split(source, f"{where}.data", "train")
+        require_columns(shots_ds, [prompt_col, ref_col], f"{where}.data", "examples to show")
         k = fewshot["k"]
-        if len(shots) < k:
-            raise TunelabError(f"'{where}': k={k} examples asked for, but '{where}.data' has only {len(shots)}")
-        picked = shots.shuffle(seed=ctx.seed).select(range(k))  # deterministic: the recipe's seed
-        separator = fewshot.get("separator", "\n\n")
-        prefix = "".join(template.format(prompt=row[prompt_col]) + str(row[ref_col]) + separator for row in picked)
-    return (lambda p: prefix + template.format(prompt=p)), pattern
+        if len(shots_ds) < k:
+            raise TunelabError(f"'{where}': k={k} examples asked for, but '{where}.data' has only {len(shots_ds)}")
+        picked = shots_ds.shuffle(seed=ctx.seed).select(range(k))  # deterministic: the recipe's seed
+        separator = fewshot.get("separator", separator)
+        shots = [(str(row[prompt_col]), str(row[ref_col])) for row in picked]
+    chat = setting(cfg, spec.where)
+    return Prompting(template, shots, separator, chat, system_prompt(cfg, spec.where)), pattern
 
 
-def generate(model, tokenizer, prompts: list[str], config, batch_size: int) -> list[str]:
-    """Batched generation: left padding, prompts sorted by length so batches waste little."""
+def generate(model, tokenizer, prompts: list[str], config, batch_size: int, templated: bool = False) -> list[str]:
+    """Batched generation: left padding, prompts sorted by length so batches waste little.
+
+    Chat-templated prompts carry their special tokens already (a BOS among them, for templates that
+    write one), so they are tokenized without adding more.
+    """
     import torch
 
     tokenizer.padding_side = "left"
-    order = sorted(range(len(prompts)), key=lambda i: len(tokenizer(prompts[i])["input_ids"]))
+    special = not templated
+    lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=special)["input_ids"]]
+    order = sorted(range(len(prompts)), key=lambda i: lengths[i])
     outputs: list[str] = [""] * len(prompts)
     config.pad_token_id = tokenizer.pad_token_id
     config.eos_token_id = config.eos_token_id or tokenizer.eos_token_id
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
-        enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True).to(model.device)
+        batch = [prompts[i] for i in idx]
+        enc = tokenizer(batch, return_tensors="pt", padding=True, add_special_tokens=special).to(model.device)
         with torch.no_grad():
             out = model.generate(**enc, generation_config=config, tokenizer=tokenizer)
         texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
@@ -403,17 +445,19 @@ def _run_text(spec: StageSpec, ctx: Context) -> StageResult:
     config = _generation(spec)
     quant = quant_config(spec.cfg.get("quantization"), f"{spec.where}.quantization")
     ds = _data(spec, prompt_col, ref_col)
-    build_prompt, pattern = _prompting(spec, ctx, prompt_col, ref_col)
-    prompts = [build_prompt(str(p)) for p in ds[prompt_col]]
+    prompting, pattern = _prompting(spec, ctx, prompt_col, ref_col)
+    raw = [str(p) for p in ds[prompt_col]]
     references = [str(r).strip() for r in ds[ref_col]]
     metrics: dict[str, Any] = {}
     files: dict[str, str] = {}
     spec.out_dir.mkdir(parents=True, exist_ok=True)
     rspec = _reward_model(spec, ctx)
     if rspec is not None:
+        from tunelab.chat import reward_texts, setting
         from tunelab.models import load_sequence_classifier
 
         reward_model, reward_tokenizer = load_sequence_classifier(rspec), load_tokenizer(rspec["path"])
+        chat = setting(spec.cfg, spec.where)
     for label, value in _models(spec).items():
         mspec = model_spec(value, f"{spec.where}.models.{label}")
         mspec = resolve_spec({**mspec, "path": ctx.resolve_ref(mspec["path"])}, f"{spec.where}.models.{label}")
@@ -421,7 +465,10 @@ def _run_text(spec: StageSpec, ctx: Context) -> StageResult:
         tokenizer = load_tokenizer(mspec["path"])
         model = load_causal_lm(mspec, quantization=quant, merge_adapter=quant is None)
         model.eval()
-        texts = generate(model, tokenizer, prompts, config, batch_size)
+        prompts, templated = prompting.build(tokenizer, raw, f"{spec.where}.models.{label}")
+        how = "through its chat template" if templated else "as plain text"
+        print(f"   {label}: prompts {how}; the first reads:\n{_indent(prompts[0])}", flush=True)
+        texts = generate(model, tokenizer, prompts, config, batch_size, templated)
         answers = [answer(t, pattern) for t in texts]
         scores = [float(a == r) for a, r in zip(answers, references, strict=True)]
         metrics[label] = {}
@@ -431,14 +478,13 @@ def _run_text(spec: StageSpec, ctx: Context) -> StageResult:
             metrics[label].update({k: float(v) for k, v in result.items() if isinstance(v, (int, float))})
         metrics[label]["examples"] = len(scores)
         rows = [
-            {"prompt": p, "output": t, "answer": answer(t), "reference": r, "exact_match": s}
-            for p, t, r, s in zip(prompts, texts, references, scores, strict=True)
+            {"prompt": p, "output": t, "answer": a, "reference": r, "exact_match": s}
+            for p, t, a, r, s in zip(prompts, texts, answers, references, scores, strict=True)
         ]
         if rspec is not None:
             from tunelab.models import reward_scores
 
-            plain = [str(p) for p in ds[prompt_col]]
-            rewards = reward_scores(reward_model, reward_tokenizer, [p + t for p, t in zip(plain, texts, strict=True)])
+            rewards = reward_scores(reward_model, reward_tokenizer, reward_texts(reward_tokenizer, raw, texts, chat))
             metrics[label]["reward_mean"] = sum(rewards) / len(rewards)
             for row, value in zip(rows, rewards, strict=True):
                 row["reward"] = value
@@ -446,6 +492,11 @@ def _run_text(spec: StageSpec, ctx: Context) -> StageResult:
         write_atomic(path, "".join(json.dumps(row) + "\n" for row in rows))
         files[f"predictions-{label}"] = str(path)
     return StageResult(metrics=metrics, files=files, fingerprints={"data": fingerprint(ds)})
+
+
+def _indent(text: str, limit: int = 600) -> str:
+    text = text if len(text) <= limit else text[:limit] + " ..."
+    return "\n".join("     | " + line for line in text.splitlines() or [""])
 
 
 PROMPT_TOKENS = 512  # planning assumption for prompt length when generation.max_length is not set

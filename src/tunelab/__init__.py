@@ -20,7 +20,18 @@ from tunelab.errors import TunelabError
 from tunelab.recipe import Recipe, load_recipe, recipe_from_dict
 
 __version__ = "0.1.0"
-__all__ = ["Recipe", "RunResult", "TunelabError", "load_recipe", "merge", "recipe_from_dict", "run", "validate"]
+__all__ = [
+    "Recipe",
+    "RunResult",
+    "TunelabError",
+    "chat",
+    "generate",
+    "load_recipe",
+    "merge",
+    "recipe_from_dict",
+    "run",
+    "validate",
+]
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -62,6 +73,20 @@ def merge(adapter_dir: str | Path, out_dir: str | Path, base: str | None = None,
     configure_offline()
     quiet()
     return _merge(adapter_dir, out_dir, base=base, overwrite=overwrite)
+
+
+def chat(model: str, prompt: str, system: str | None = None, history: list | None = None, **generation: Any) -> str:
+    """One reply from a model (folder, adapter, stage folder, hub id, .gguf) through its chat template."""
+    from tunelab.talk import chat as _chat
+
+    return _chat(model, prompt, system=system, history=history, **generation)
+
+
+def generate(model: str, prompts: list[str], batch_size: int = 16, system: str | None = None, **generation: Any):
+    """Replies to many prompts, batched (left padding, sorted by length), through the chat template."""
+    from tunelab.talk import generate as _generate
+
+    return _generate(model, prompts, batch_size=batch_size, system=system, **generation)
 
 
 def __getattr__(name: str) -> Any:

@@ -327,6 +327,59 @@ def attention(
     typer.echo(f"attention heatmaps written to {path}")
 
 
+@app.command("chat")
+@friendly
+def chat_command(
+    model: Annotated[str, typer.Argument(help="Model, adapter or stage folder, hub id, or a .gguf file.")],
+    generation: Annotated[
+        list[str] | None, typer.Argument(help="GenerationConfig fields as key=value: max_new_tokens=64 do_sample=true")
+    ] = None,
+    prompt: Annotated[str | None, typer.Option(help="Answer this one prompt on stdout and exit.")] = None,
+    system: Annotated[str | None, typer.Option(help="System prompt (needs a chat template).")] = None,
+    load_in_4bit: Annotated[
+        bool, typer.Option("--load-in-4bit", help="Load the base in 4 bits (bitsandbytes).")
+    ] = False,
+    load_in_8bit: Annotated[
+        bool, typer.Option("--load-in-8bit", help="Load the base in 8 bits (bitsandbytes).")
+    ] = False,
+) -> None:
+    """Talk to a model: an interactive loop with history (/reset, /system TEXT, /exit), or one --prompt."""
+    from tunelab.talk import Chat, generation_config, load, parse_overrides
+
+    config = generation_config(parse_overrides(generation or []), "generation")
+    quant = {"load_in_4bit": True} if load_in_4bit else {"load_in_8bit": True} if load_in_8bit else None
+    lm, tokenizer = load(model, quant)
+    session = Chat(lm, tokenizer, config, system)
+    if prompt is not None:
+        typer.echo(session.say(prompt))
+        return
+    typer.echo(
+        f"chatting with {model} ({'chat template' if session.templated else 'plain text'}); "
+        "/reset, /system TEXT, /exit",
+        err=True,
+    )
+    while True:
+        try:
+            text = input("you> ")
+        except EOFError:
+            break
+        if text.strip() in ("/exit", "/quit"):
+            break
+        if text.strip() == "/reset":
+            session.reset()
+            typer.echo("(history cleared)", err=True)
+            continue
+        if text.startswith("/system"):
+            session.reset(text.removeprefix("/system").strip() or None)
+            typer.echo("(system prompt set; history cleared)", err=True)
+            continue
+        if not text.strip():
+            continue
+        typer.echo("model> ", nl=False)
+        session.say(text, on_token=lambda piece: typer.echo(piece, nl=False))
+        typer.echo()
+
+
 @app.command("list")
 @friendly
 def list_recipes() -> None:

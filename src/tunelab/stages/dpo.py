@@ -24,6 +24,8 @@ SECTIONS = {
     "training": "trl.DPOConfig fields (beta, loss_type, learning_rate, max_steps, max_length, ...)",
     "lora": "peft.LoraConfig fields; omit for full fine-tuning against a frozen copy",
     "quantization": "transformers.BitsAndBytesConfig fields: DPO with QLoRA",
+    "chat_template": "prompts through the model's chat template: true (default, when it has one), false, or a template",
+    "system": "system prompt for chat-templated prompts",
 }
 
 
@@ -45,6 +47,9 @@ def check(spec: StageSpec, ctx: Context) -> None:
 
     stage_model(spec, ctx)
     reward.preference_data(spec)
+    from tunelab.chat import setting, system_prompt
+
+    setting(spec.cfg, spec.where), system_prompt(spec.cfg, spec.where)
 
 
 def run(spec: StageSpec, ctx: Context) -> StageResult:
@@ -61,6 +66,7 @@ def run(spec: StageSpec, ctx: Context) -> StageResult:
     mspec = stage_model(spec, ctx)
     train_ds, eval_ds = reward.preference_data(spec)
     tokenizer = load_tokenizer(mspec["path"])
+    train_ds, eval_ds = reward.chat_pairs(spec, tokenizer, train_ds, eval_ds)
     model = prepare_kbit(load_causal_lm(mspec, quantization=quant), quant, args.gradient_checkpointing)
     ref_model = None if peft_config is not None else load_causal_lm(mspec)
     trainer = DPOTrainer(

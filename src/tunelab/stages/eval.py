@@ -85,22 +85,9 @@ def _models(spec: StageSpec) -> dict[str, Any]:
 
 
 def _generation(spec: StageSpec):
-    from transformers import GenerationConfig
+    from tunelab.talk import generation_config
 
-    where = f"{spec.where}.generation"
-    values = {**GENERATION_DEFAULTS, **(spec.cfg.get("generation") or {})}
-    fields = GenerationConfig().to_dict()
-    for key in values:
-        if key not in fields or key.startswith("_"):
-            raise unknown_key(
-                where, key, [f for f in fields if not f.startswith("_")], "not a field of transformers.GenerationConfig"
-            )
-    try:
-        config = GenerationConfig(**values)
-        config.validate(strict=True)
-    except (ValueError, TypeError) as exc:
-        raise TunelabError(f"'{where}' is rejected by GenerationConfig: {' '.join(str(exc).split())[:300]}") from None
-    return config
+    return generation_config(spec.cfg.get("generation") or {}, f"{spec.where}.generation", GENERATION_DEFAULTS)
 
 
 def _metrics(spec: StageSpec) -> list[tuple[str, dict[str, Any]]]:

@@ -36,6 +36,8 @@ SECTIONS = {
     "lora": "peft.LoraConfig fields; omit for full fine-tuning",
     "quantization": "transformers.BitsAndBytesConfig fields: GRPO with QLoRA",
     "kl_limit": "stop when the logged KL to the reference passes this value (needs training.beta > 0)",
+    "chat_template": "prompts through the model's chat template: true (default, when it has one), false, or a template",
+    "system": "system prompt for chat-templated prompts",
 }
 PROBE_ROWS = 2
 
@@ -162,11 +164,13 @@ def _check_rewards(spec: StageSpec, ctx: Context, ds) -> list[tuple[str, Any]]:
 
 
 def check(spec: StageSpec, ctx: Context) -> None:
+    from tunelab.chat import setting, system_prompt
     from tunelab.models import stage_model
     from tunelab.stages.ppo import _kl_limit
     from tunelab.stages.sft import _lora, _quantization
 
     _args(spec, ctx)
+    setting(spec.cfg, spec.where), system_prompt(spec.cfg, spec.where)
     _kl_limit(spec)
     _lora(spec.cfg.get("lora"), f"{spec.where}.lora")
     _quantization(spec)
@@ -195,6 +199,7 @@ def run(spec: StageSpec, ctx: Context) -> StageResult:
     from accelerate import PartialState
     from trl import GRPOTrainer
 
+    from tunelab.chat import conversational, setting, system_prompt
     from tunelab.data import fingerprint
     from tunelab.models import load_causal_lm, load_sequence_classifier, load_tokenizer, prepare_kbit, stage_model
     from tunelab.stages.ppo import _kl_limit
@@ -216,6 +221,7 @@ def run(spec: StageSpec, ctx: Context) -> StageResult:
         name = entry.strip().strip("${}") if REF.match(entry.strip()) else Path(value["path"]).name
         funcs.append(reward_model_function(model, load_tokenizer(value["path"]), name))
     tokenizer = load_tokenizer(mspec["path"])
+    ds = conversational(ds, tokenizer, setting(spec.cfg, spec.where), system_prompt(spec.cfg, spec.where))
     model = prepare_kbit(load_causal_lm(mspec, quantization=quant), quant, args.gradient_checkpointing)
     trainer = GRPOTrainer(
         model=model,

@@ -38,6 +38,8 @@ SECTIONS = {
     "training": "trl.experimental.ppo.PPOConfig fields (learning_rate, total_episodes, kl_coef, response_length, ...)",
     "lora": "peft.LoraConfig fields: train a LoRA policy (the reference is the policy without its adapter)",
     "kl_limit": "stop when the KL to the reference passes this value (objective/kl); NaN always stops",
+    "chat_template": "prompts through the model's chat template: true (default, when it has one), false, or a template",
+    "system": "system prompt for chat-templated prompts",
 }
 # PPOConfig fields used by TRL's example script, not by the trainer: the recipe names these models.
 NOT_TRAINER_KEYS = ("sft_model_path", "reward_model_path")
@@ -138,10 +140,12 @@ def _check_tokenizers(spec: StageSpec, ctx: Context) -> None:
 
 
 def check(spec: StageSpec, ctx: Context) -> None:
+    from tunelab.chat import setting, system_prompt
     from tunelab.models import stage_model
     from tunelab.stages.sft import _lora
 
     args = _args(spec, ctx)
+    setting(spec.cfg, spec.where), system_prompt(spec.cfg, spec.where)
     _kl_limit(spec)
     _lora(spec.cfg.get("lora"), f"{spec.where}.lora")
     stage_model(spec, ctx, "the policy to optimise (usually ${sft})")
@@ -206,6 +210,7 @@ def _summary(history: list[dict[str, Any]]) -> dict[str, float]:
 
 
 def run(spec: StageSpec, ctx: Context) -> StageResult:
+    from tunelab.chat import conversational, setting, system_prompt
     from tunelab.data import fingerprint
     from tunelab.models import load_causal_lm, load_sequence_classifier, load_tokenizer, stage_model
     from tunelab.ppo_trainer import ResumablePPOTrainer
@@ -221,6 +226,7 @@ def run(spec: StageSpec, ctx: Context) -> StageResult:
     ds, column = _prompts(spec)
     tokenizer = load_tokenizer(mspec["path"])
     tokenizer.padding_side = "left"  # responses are appended after the prompts
+    ds = conversational(ds, tokenizer, setting(spec.cfg, spec.where), system_prompt(spec.cfg, spec.where), column)
     policy = load_causal_lm(mspec)
     ref_model = None if peft_config is not None else load_causal_lm(mspec)
     reward_model = load_sequence_classifier(rspec, num_labels=1)

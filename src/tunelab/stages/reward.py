@@ -29,6 +29,8 @@ SECTIONS = {
     "training": "trl.RewardConfig fields (learning_rate, max_steps, max_length, center_rewards_coefficient, ...)",
     "lora": "peft.LoraConfig fields (task type SEQ_CLS); omit for full fine-tuning",
     "quantization": "transformers.BitsAndBytesConfig fields: train a LoRA reward model on a 4/8-bit base",
+    "chat_template": "prompts through the model's chat template: true (default, when it has one), false, or a template",
+    "system": "system prompt for chat-templated prompts",
 }
 
 
@@ -69,11 +71,13 @@ def preference_data(spec: StageSpec):
 
 
 def check(spec: StageSpec, ctx: Context) -> None:
+    from tunelab.chat import setting, system_prompt
     from tunelab.models import model_config, stage_model
     from tunelab.quant import check_cpu_shapes
 
     _args(spec, ctx)
     _lora(spec)
+    setting(spec.cfg, spec.where), system_prompt(spec.cfg, spec.where)
     quant = _quantization(spec)
     stage_model(spec, ctx)
     if quant is not None:
@@ -81,6 +85,17 @@ def check(spec: StageSpec, ctx: Context) -> None:
         if config is not None:
             check_cpu_shapes(config, spec.cfg["quantization"], f"{spec.where}.quantization")
     preference_data(spec)
+
+
+def chat_pairs(spec: StageSpec, tokenizer: Any, *datasets: Any) -> list[Any]:
+    """Plain-text pairs as chats when the tokenizer has a chat template (see `tunelab.chat.conversational`)."""
+    from tunelab.chat import conversational, setting, system_prompt
+
+    value, system = setting(spec.cfg, spec.where), system_prompt(spec.cfg, spec.where)
+    return [
+        None if ds is None else conversational(ds, tokenizer, value, system, answers=("chosen", "rejected"))
+        for ds in datasets
+    ]
 
 
 def _texts(ds, tokenizer) -> tuple[list[str], list[str]]:
@@ -126,6 +141,7 @@ def run(spec: StageSpec, ctx: Context) -> StageResult:
     mspec = stage_model(spec, ctx)
     train_ds, eval_ds = preference_data(spec)
     tokenizer = load_tokenizer(mspec["path"])
+    train_ds, eval_ds = chat_pairs(spec, tokenizer, train_ds, eval_ds)
     set_seed(ctx.seed)  # the new score head's initial weights
     model = load_sequence_classifier(mspec, num_labels=1, quantization=quant)
     model = prepare_kbit(model, quant, args.gradient_checkpointing)

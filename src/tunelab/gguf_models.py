@@ -140,6 +140,7 @@ def plain_copy(path: Path, source: str) -> Path:
 
     folder = cache_folder(path)
     folder.parent.mkdir(parents=True, exist_ok=True)
+    print(f"   {path.name}: converting the GGUF file to a plain float32 model (once) in {folder}", flush=True)
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     flagged = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
     config = flagged.config

@@ -207,3 +207,12 @@ def test_real_model_track_shrunk(tmp_path: Path) -> None:
     ]
     result = tunelab.run("real/smollm2-arith", overrides)
     assert set(result.metrics["eval"]) == {"base", "sft", "qlora", "dpo", "grpo"}
+
+
+def test_attention_on_a_gguf_file_reads_the_chat_turn(smollm2: Path) -> None:
+    from tunelab.attention import attention_maps
+
+    tokens, maps = attention_maps(f"{SMOLLM2['path']}/{SMOLLM2['gguf_file']}", "Hi")
+    assert tokens[0] == "<|im_start|>" and "Hi" in tokens and len(maps) == 30
+    plain, _ = attention_maps(str(smollm2), "Hi", chat=False)
+    assert plain == ["Hi"]

@@ -12,8 +12,12 @@ from typing import Any
 from tunelab.errors import TunelabError
 
 
-def attention_maps(model_ref: str, text: str) -> tuple[list[str], list[Any]]:
-    """(tokens, per-layer tensors of shape [heads, tokens, tokens]) for `text`."""
+def attention_maps(model_ref: str, text: str, chat: bool = True) -> tuple[list[str], list[Any]]:
+    """(tokens, per-layer tensors of shape [heads, tokens, tokens]) for `text`.
+
+    With `chat` and a tokenizer that has a chat template, `text` is a user turn rendered through it
+    (what an instruct model reads); else the plain text.
+    """
     import torch
     from transformers import AutoModel
 
@@ -34,7 +38,12 @@ def attention_maps(model_ref: str, text: str) -> tuple[list[str], list[Any]]:
         model = PeftModel.from_pretrained(base, path).merge_and_unload()
     else:
         model = AutoModel.from_pretrained(path, attn_implementation="eager")
-    enc = tokenizer(text, return_tensors="pt")
+    from tunelab.chat import messages, render, use_template
+
+    templated = chat and use_template(tokenizer, True)
+    if templated:
+        text = render(tokenizer, messages(text), "text")
+    enc = tokenizer(text, return_tensors="pt", add_special_tokens=not templated)
     with torch.no_grad():
         out = model.eval()(**enc, output_attentions=True)
     if not out.attentions:
@@ -51,14 +60,21 @@ def _pick(values: list[int] | None, count: int, what: str) -> list[int]:
     return [v % count for v in chosen]
 
 
-def draw(model_ref: str, text: str, out: Path, layers: list[int] | None = None, heads: list[int] | None = None) -> Path:
+def draw(
+    model_ref: str,
+    text: str,
+    out: Path,
+    layers: list[int] | None = None,
+    heads: list[int] | None = None,
+    chat: bool = True,
+) -> Path:
     """Draw one heatmap per (layer, head) into a PNG grid; rows are layers, columns heads."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    tokens, maps = attention_maps(model_ref, text)
+    tokens, maps = attention_maps(model_ref, text, chat)
     layer_ids = _pick(layers, len(maps), "layers")
     head_ids = _pick(heads, maps[0].shape[0], "heads")
     size = max(2.0, 0.35 * len(tokens))

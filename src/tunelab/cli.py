@@ -308,6 +308,9 @@ def attention(
     layers: Annotated[str, typer.Option(help="Comma-separated layer indices (default: all; -1 is the last).")] = "",
     heads: Annotated[str, typer.Option(help="Comma-separated head indices (default: all).")] = "",
     out: Annotated[Path, typer.Option(help="PNG file to write.")] = Path("attention.png"),
+    chat_template: Annotated[
+        bool, typer.Option(help="Render the text as a user turn through the model's chat template, if it has one.")
+    ] = True,
 ) -> None:
     """Draw the attention weights of chosen layers and heads for one text as heatmaps (PNG)."""
     from tunelab.attention import draw
@@ -323,7 +326,9 @@ def attention(
 
     configure_offline()
     quiet()
-    path = draw(model, text, out, ints(layers, "layers"), ints(heads, "heads"))
+    if not text.strip():
+        raise TunelabError("the text is empty: give the words to look at")
+    path = draw(model, text, out, ints(layers, "layers"), ints(heads, "heads"), chat_template)
     typer.echo(f"attention heatmaps written to {path}")
 
 

@@ -14,6 +14,7 @@ import eval_batching  # noqa: E402
 import memory_plan  # noqa: E402
 import ppo_loop  # noqa: E402
 import quickstart  # noqa: E402
+import real_model  # noqa: E402
 import rlhf  # noqa: E402
 import sft_overhead  # noqa: E402
 from common import ROOT, machine  # noqa: E402
@@ -28,7 +29,7 @@ def main() -> None:
     path = ROOT / "docs" / "BENCHMARKS.md"
     sections: list[str] = []
     modules = (cli_startup, sft_overhead, quickstart, eval_batching, memory_plan)
-    modules += (rlhf, ppo_loop, diffusion, distributed)
+    modules += (rlhf, ppo_loop, diffusion, distributed, real_model)
     for module in modules:
         sections.append(module.main())
         path.write_text(header + "\n".join(sections))  # after each section: a failure later keeps these

@@ -169,8 +169,8 @@ def chat(
 
 def generate(model: str, prompts: list[str], batch_size: int = 16, system: str | None = None, **generation: Any):
     """Replies to many prompts, batched as the eval stage batches them (through the chat template)."""
-    from tunelab.stages.eval import Prompting
-    from tunelab.stages.eval import generate as batched
+    from tunelab.prompting import Prompting
+    from tunelab.prompting import generate as batched
 
     lm, tokenizer = load(model)
     texts, templated = Prompting("{prompt}", [], "", True, system).build(tokenizer, list(prompts), "prompts")

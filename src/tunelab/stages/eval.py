@@ -28,6 +28,7 @@ import re
 from typing import Any
 
 from tunelab.errors import TunelabError, unknown_key
+from tunelab.prompting import Prompting, generate
 from tunelab.stages import Context, StageResult, StageSpec
 
 PRODUCES_MODEL = False
@@ -321,31 +322,6 @@ def answer(text: str, pattern: str | None = None) -> str:
     return ""
 
 
-class Prompting:
-    """How raw prompts become what a model reads: few-shot examples, a template around the prompt,
-    and, for a tokenizer with a chat template, chat turns (system, shots as earlier turns, the
-    prompt as the user turn) rendered with the generation prompt."""
-
-    def __init__(self, template: str, shots: list[tuple[str, str]], separator: str, chat: bool | str, system: Any):
-        self.template, self.shots, self.separator, self.chat, self.system = template, shots, separator, chat, system
-
-    def build(self, tokenizer: Any, prompts: list[str], where: str) -> tuple[list[str], bool]:
-        """(texts, templated): templated texts hold their special tokens, so tokenize them without adding more."""
-        from tunelab.chat import messages, render, use_template
-
-        if use_template(tokenizer, self.chat):
-            shots = [(self.template.format(prompt=q), a.strip()) for q, a in self.shots]
-            turns = [messages(self.template.format(prompt=p), self.system, shots) for p in prompts]
-            return [render(tokenizer, t, where, i) for i, t in enumerate(turns)], True
-        if self.system is not None:
-            raise TunelabError(
-                f"'{where}.system' is set, but the model's tokenizer has no chat template to put it in: "
-                "drop `system:` or give `chat_template:`"
-            )
-        prefix = "".join(self.template.format(prompt=q) + a + self.separator for q, a in self.shots)
-        return [prefix + self.template.format(prompt=p) for p in prompts], False
-
-
 def _prompting(spec: StageSpec, ctx: Context, prompt_col: str, ref_col: str) -> tuple[Prompting, str | None]:
     """(prompt builder, answer pattern) from fewshot / prompt_template / answer_pattern / chat settings."""
     from tunelab.chat import setting, system_prompt
@@ -383,33 +359,6 @@ def _prompting(spec: StageSpec, ctx: Context, prompt_col: str, ref_col: str) -> 
         shots = [(str(row[prompt_col]), str(row[ref_col])) for row in picked]
     chat = setting(cfg, spec.where)
     return Prompting(template, shots, separator, chat, system_prompt(cfg, spec.where)), pattern
-
-
-def generate(model, tokenizer, prompts: list[str], config, batch_size: int, templated: bool = False) -> list[str]:
-    """Batched generation: left padding, prompts sorted by length so batches waste little.
-
-    Chat-templated prompts carry their special tokens already (a BOS among them, for templates that
-    write one), so they are tokenized without adding more.
-    """
-    import torch
-
-    tokenizer.padding_side = "left"
-    special = not templated
-    lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=special)["input_ids"]]
-    order = sorted(range(len(prompts)), key=lambda i: lengths[i])
-    outputs: list[str] = [""] * len(prompts)
-    config.pad_token_id = tokenizer.pad_token_id
-    config.eos_token_id = config.eos_token_id or tokenizer.eos_token_id
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
-        batch = [prompts[i] for i in idx]
-        enc = tokenizer(batch, return_tensors="pt", padding=True, add_special_tokens=special).to(model.device)
-        with torch.no_grad():
-            out = model.generate(**enc, generation_config=config, tokenizer=tokenizer)
-        texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
-        for i, text in zip(idx, texts, strict=True):
-            outputs[i] = text
-    return outputs
 
 
 def run(spec: StageSpec, ctx: Context) -> StageResult:

@@ -153,7 +153,7 @@ def test_output_dir_is_managed(tmp_path: Path, tiny_lm: Path) -> None:
 def test_finished_run_is_never_overwritten(tmp_path: Path) -> None:
     out = tmp_path / "out"
     out.mkdir()
-    manifest = {"status": "completed"}
+    manifest = {"tool": "tunelab", "status": "completed"}
     (out / "run.json").write_text(json.dumps(manifest))
     (out / "weights.bin").write_text("precious")
     path = write(tmp_path, {"stage": "pretrain", "data": CORPUS, "config": TINY_LLAMA})
@@ -165,7 +165,7 @@ def test_finished_run_is_never_overwritten(tmp_path: Path) -> None:
 def test_unfinished_run_needs_resume_or_overwrite(tmp_path: Path) -> None:
     out = tmp_path / "out"
     out.mkdir()
-    (out / "run.json").write_text(json.dumps({"status": "interrupted"}))
+    (out / "run.json").write_text(json.dumps({"tool": "tunelab", "status": "interrupted"}))
     path = write(tmp_path, {"stage": "pretrain", "data": CORPUS, "config": TINY_LLAMA})
     fails(["run", str(path)], "unfinished run (status: interrupted): pass --resume")
 

@@ -208,7 +208,7 @@ def test_checkpoints_are_renamed_into_place_and_rotated(tmp_path: Path, tiny_lm:
 
     stage = sft(tiny_lm, max_steps=6, save_strategy="steps", save_steps=2, save_total_limit=2)
     (tmp_path / "r" / "s" / ".partial" / "checkpoint-99").mkdir(parents=True)  # torn, from an earlier kill
-    (tmp_path / "r" / "run.json").write_text('{"status": "interrupted", "stages": {}}')
+    (tmp_path / "r" / "run.json").write_text('{"tool": "tunelab", "status": "interrupted", "stages": {}}')
     recipe = tunelab.recipe_from_dict({"output_dir": str(tmp_path / "r"), "seed": 5, "stages": {"s": stage}})
     tunelab.run(recipe, resume=True)
     folder = tmp_path / "r" / "s"

@@ -182,11 +182,22 @@ def _check_resumable(recipe: Recipe, from_stage: str | None, processes: int) -> 
     counts batches of the global batch that many processes made."""
     from tunelab.training import last_checkpoint
 
+    fingerprints: dict[str, str] = {}
     for spec in _specs(recipe):
         if spec.name == from_stage:
             return  # this stage and the ones after it start again
+        fingerprints[spec.name] = fp = _fingerprint(spec, recipe.seed, fingerprints)
         record = runs.read_json(spec.out_dir / "stage.json")
-        if not record or record.get("status") == "completed":
+        if not record:
+            continue
+        if record.get("status") == "completed":
+            if record.get("fingerprint") != fp:  # --resume never replaces finished work
+                changes = _diff(record.get("cfg", {}), spec.cfg, spec.where) or ["its data or an earlier stage"]
+                raise TunelabError(
+                    f"--resume: stage '{spec.name}' finished, and its recipe changed since "
+                    f"({'; '.join(changes[:3])}); rerun it with --from {spec.name}, or replace the run with "
+                    "--overwrite (or undo the change)"
+                )
             continue
         changes = _diff(record.get("cfg", {}), spec.cfg, spec.where)
         if changes:
@@ -231,10 +242,29 @@ def _run_locked(recipe: Recipe, mode: str, from_stage: str | None) -> RunResult:
     run_dir = recipe.output_dir
     main = distributed.is_main()
     previous = runs.read_json(run_dir / "run.json") or {}
-    if mode == "overwrite" and main:
-        runs.clear(run_dir)
+    # --overwrite: the old run is moved aside, deleted once the new run's first stage completes, and put
+    # back if the new run fails before that (an error no check could foresee must not cost the old run).
+    backup = runs.set_aside(run_dir) if mode == "overwrite" and main else None
+    try:
+        return _run_new(recipe, mode, from_stage, previous, backup)
+    except BaseException as exc:
+        if backup is not None and backup.exists():
+            if isinstance(exc, KeyboardInterrupt):
+                runs.discard(backup)  # the new run is interrupted, and resumable: it is the run now
+            else:
+                runs.restore(run_dir, backup)
+                print(f"the previous run in {run_dir} was restored (the new one failed before its first stage ended)")
+        raise
+
+
+def _run_new(
+    recipe: Recipe, mode: str, from_stage: str | None, previous: dict[str, Any], backup: Path | None
+) -> RunResult:
+    run_dir = recipe.output_dir
+    main = distributed.is_main()
     run_dir.mkdir(parents=True, exist_ok=True)
     manifest: dict[str, Any] = {
+        "tool": runs.TOOL,
         "name": recipe.data.get("name"),
         "status": "running",
         "started": runs.now(),
@@ -255,7 +285,7 @@ def _run_locked(recipe: Recipe, mode: str, from_stage: str | None) -> RunResult:
     result = RunResult(run_dir=run_dir, status="running")
     ctx = Context(seed=recipe.seed, run_dir=run_dir, resume=mode == "resume")
     with _sigterm_interrupts():
-        _run_stages(recipe, run_dir, ctx, manifest, result, from_stage)
+        _run_stages(recipe, run_dir, ctx, manifest, result, from_stage, backup)
     manifest.update(status="completed", ended=runs.now())
     _write(run_dir / "run.json", manifest)
     result.status = "completed"
@@ -296,7 +326,13 @@ def _sigterm_interrupts():
 
 
 def _run_stages(
-    recipe: Recipe, run_dir: Path, ctx: Context, manifest: dict[str, Any], result: RunResult, from_stage: str | None
+    recipe: Recipe,
+    run_dir: Path,
+    ctx: Context,
+    manifest: dict[str, Any],
+    result: RunResult,
+    from_stage: str | None,
+    backup: Path | None = None,
 ) -> None:
     fingerprints: dict[str, str] = {}
     rerun = False
@@ -330,6 +366,9 @@ def _run_stages(
             manifest["stages"][spec.name] = {"status": "completed", "seconds": round(seconds, 2), "fingerprint": fp}
             _write(run_dir / "metrics.json", result.metrics)
             _write(run_dir / "run.json", manifest)
+            if backup is not None:
+                runs.discard(backup)  # the new run's first stage is done: the old run can go
+                backup = None
     except BaseException as exc:
         status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
         for entry in manifest["stages"].values():

@@ -62,10 +62,25 @@ def write_json(path: Path, data: Any) -> None:
 
 
 def read_json(path: Path) -> dict[str, Any] | None:
+    """A JSON object from `path`; None when missing, unreadable, or not an object (a list, a number)."""
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
+    return data if isinstance(data, dict) else None
+
+
+TOOL = "tunelab"  # run.json's `tool`: the mark of a folder tunelab made (and may replace)
+
+
+def is_tunelab_run(manifest: dict[str, Any] | None) -> bool:
+    """Whether a run.json is tunelab's: marked so, or (runs written before the mark) shaped so."""
+    if not isinstance(manifest, dict):
+        return False
+    if "tool" in manifest:
+        return manifest["tool"] == TOOL
+    versions = manifest.get("versions")
+    return isinstance(versions, dict) and "tunelab" in versions and isinstance(manifest.get("stages"), dict)
 
 
 def versions() -> dict[str, str]:
@@ -103,7 +118,7 @@ def check_output_dir(run_dir: Path, overwrite: bool, resume: bool) -> str:
             raise TunelabError(f"--resume: '{run_dir}' holds no run to resume; run without --resume")
         return "new"
     manifest = read_json(run_dir / "run.json")
-    if manifest is None:
+    if not is_tunelab_run(manifest):
         raise TunelabError(
             f"output_dir '{run_dir}' is not empty and holds no tunelab run: choose another output_dir "
             "(tunelab never writes into folders it did not create)"
@@ -124,16 +139,44 @@ def check_output_dir(run_dir: Path, overwrite: bool, resume: bool) -> str:
     )
 
 
-def clear(run_dir: Path) -> None:
-    """Remove a previous run (only folders holding a tunelab run.json get here); the lock we hold stays."""
-    if (run_dir / "run.json").exists():
-        for entry in run_dir.iterdir():
-            if entry.name == LOCK:
-                continue
-            if entry.is_dir() and not entry.is_symlink():
-                shutil.rmtree(entry)
-            else:
-                entry.unlink()
+RUN_FILES = ("recipe.yaml", "run.json", "metrics.json", "report.md")
+
+
+def own_entries(run_dir: Path) -> list[Path]:
+    """What tunelab wrote in a run folder: its files, and the stage folders its manifest names.
+
+    Anything else there (a user's notes, a data folder) is not tunelab's, and is never moved or deleted.
+    """
+    manifest = read_json(run_dir / "run.json") or {}
+    names = set(RUN_FILES) | set(manifest.get("stages") or {})
+    return [p for p in sorted(run_dir.iterdir()) if p.name in names and p.name != LOCK and not p.is_symlink()]
+
+
+def set_aside(run_dir: Path) -> Path:
+    """Move a previous run's own entries into a hidden folder beside it (renames: instant, same disk).
+
+    `--overwrite` replaces a run only once the new one has got going (see `discard` and `restore`).
+    """
+    backup = Path(tempfile.mkdtemp(prefix=f".{run_dir.name}.replaced-", dir=run_dir.parent))
+    for entry in own_entries(run_dir):
+        entry.rename(backup / entry.name)
+    return backup
+
+
+def restore(run_dir: Path, backup: Path) -> None:
+    """Put a set-aside run back, removing what the failed new run wrote in its place."""
+    for entry in sorted(backup.iterdir()):
+        target = run_dir / entry.name
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        elif target.exists() or target.is_symlink():
+            target.unlink()
+        entry.rename(target)
+    backup.rmdir()
+
+
+def discard(backup: Path) -> None:
+    shutil.rmtree(backup, ignore_errors=True)
 
 
 LOCK = ".tunelab.lock"

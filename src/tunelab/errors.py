@@ -31,3 +31,38 @@ def unknown_key(where: str, key: str, choices: Iterable[str], source: str) -> Tu
     if not guess and len(choices) > 40:
         hint += ", ..."
     return TunelabError(f"unknown key '{where}.{key}' ({source}): {hint}")
+
+
+def check_path(value: object, where: str) -> None:
+    """One line for a path the OS cannot take: a NUL character, or longer than the OS allows (ENAMETOOLONG).
+
+    Checked before any file system call, so that `Path.exists()` and friends never raise on user input.
+    """
+    import os
+
+    text = os.fspath(value) if isinstance(value, os.PathLike) else value
+    if not isinstance(text, str):
+        return
+    where = where if " " in where else f"'{where}'"  # a key path is quoted, words are not
+    if "\x00" in text:
+        raise TunelabError(f"{where} contains a NUL character, which no path can hold: remove it")
+    name_max, path_max = _path_limits()
+    longest = max((len(part.encode(errors="surrogateescape")) for part in text.split("/")), default=0)
+    if longest > name_max:
+        raise TunelabError(
+            f"{where} has a file name of {longest} bytes, longer than the OS allows ({name_max}): use a shorter path"
+        )
+    if len(text.encode(errors="surrogateescape")) >= path_max:
+        raise TunelabError(
+            f"{where} is a path of {len(text)} characters, longer than the OS allows ({path_max - 1}): "
+            "use a shorter path"
+        )
+
+
+def _path_limits() -> tuple[int, int]:
+    import os
+
+    try:
+        return os.pathconf("/", "PC_NAME_MAX"), os.pathconf("/", "PC_PATH_MAX")
+    except (OSError, ValueError, AttributeError):  # no pathconf (Windows): the common limits
+        return 255, 4096

@@ -24,7 +24,7 @@ or a pipeline, a mapping of stage names to stages, in order::
 
 from __future__ import annotations
 
-import copy
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,11 +32,32 @@ from typing import Any
 
 import yaml
 
-from tunelab.errors import TunelabError, closest, unknown_key
+from tunelab.errors import TunelabError, check_path, closest, unknown_key
 
 TOP_LEVEL_KEYS = {"name", "description", "output_dir", "seed", "stages"}
 PATH_SHORTHANDS = {"data", "eval_data", "model"}
 REF = re.compile(r"^\$\{([A-Za-z_][\w-]*)\}$")
+MAX_RECIPE_BYTES = 16 * 2**20  # a recipe is a few KiB; this bounds reading a device or a wrong file
+MAX_DEPTH = 64  # nesting of mappings and lists
+MAX_NODES = 200_000  # values in a recipe once YAML aliases are expanded (a "billion laughs" bomb has 10^9)
+# Sections that are the keyword arguments of a library class: a mapping (or null, for "absent").
+MAPPING_SECTIONS = {
+    "training": "{learning_rate: 2.0e-4, max_steps: 100}",
+    "lora": "{r: 8, target_modules: all-linear}",
+    "quantization": "{load_in_4bit: true}",
+    "config": "{model_type: llama, hidden_size: 64, ...}",
+    "generation": "{max_new_tokens: 32}",
+    "pipeline_args": "{guidance_scale: 7.5}",
+    "unet": "{block_out_channels: [32, 64]}",
+    "models": "{base: Qwen/Qwen2.5-0.5B, tuned: ${sft}}",
+    "sampling": "{scheduler: DDIM, num_inference_steps: 50}",
+}
+KIND_MAPPING_SECTIONS = {("diffusion_train", "scheduler"): "{num_train_timesteps: 1000}"}
+# Keys whose strings are (or may be) file system paths, at any depth of a stage.
+PATH_KEYS = {
+    "model", "data", "eval_data", "classifier_data", "tokenizer", "reward_model", "value_model", "models",
+    "rewards", "path", "data_dir", "data_files", "gguf_file",
+}
 
 
 def recipes_root() -> Path:
@@ -60,15 +81,25 @@ def shipped_recipes() -> dict[str, Path]:
 
 def find_recipe(name_or_path: str | Path) -> Path:
     """A recipe file from a path, or from a shipped recipe's name (`quickstart`, `sft/lora-arith`)."""
+    if not isinstance(name_or_path, (str, os.PathLike)):
+        raise TunelabError(
+            f"a recipe is a YAML file or the name of a shipped recipe, not {name_or_path!r} "
+            f"({type(name_or_path).__name__}): pass a path or a name like 'quickstart'"
+        )
+    if isinstance(name_or_path, str) and not name_or_path.strip():
+        raise TunelabError("the recipe name is empty: give a YAML file or a shipped name (see `tunelab list`)")
+    check_path(name_or_path, "the recipe path")
     path = Path(name_or_path)
     if path.is_file():
         return path
     shipped = shipped_recipes()
-    key = str(name_or_path).removesuffix(".yaml")
+    key = os.fspath(name_or_path).removesuffix(".yaml")
     if key in shipped:
         return shipped[key]
-    if path.exists():
-        raise TunelabError(f"recipe '{path}' is a folder, not a YAML file")
+    if path.is_dir():
+        raise TunelabError(f"recipe '{path}' is a folder, not a YAML file: name the .yaml file inside it")
+    if path.exists():  # a device, a pipe (`<(...)`): read like a file
+        return path
     guess = closest(key, shipped)
     hint = f"did you mean '{guess}'?" if guess else "see `tunelab list` for the shipped recipes"
     raise TunelabError(f"recipe '{name_or_path}' not found: no such file or shipped recipe; {hint}")
@@ -98,19 +129,74 @@ class Recipe:
         return yaml.safe_dump(self.data, sort_keys=False)
 
 
+class _KeyError(yaml.constructor.ConstructorError):
+    """A mapping key recipes cannot take (duplicate, not a string): an error even in an override's value."""
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML as recipes need it: each key of a mapping once, and keys that are names (strings)."""
+
+    def construct_mapping(self, node: yaml.Node, deep: bool = False) -> dict[Any, Any]:
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                line = key_node.start_mark.line + 1
+                if not isinstance(key_node, yaml.ScalarNode):
+                    raise _KeyError(
+                        None, None, "a key must be a plain name, not a list or mapping", key_node.start_mark
+                    )
+                key = self.construct_object(key_node)
+                if not isinstance(key, str):
+                    raise _KeyError(
+                        None,
+                        None,
+                        f"key '{key_node.value}' is read by YAML as {key!r} ({type(key).__name__}), not a name: "
+                        f"quote it ('{key_node.value}')",
+                        key_node.start_mark,
+                    )
+                if key in seen:
+                    raise _KeyError(
+                        None,
+                        None,
+                        f"duplicate key '{key}' (first at line {seen[key]}): YAML keeps only the last one; "
+                        "rename or remove one of them",
+                        key_node.start_mark,
+                    )
+                seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def _load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
-        text = path.read_text()
+        with open(path, "rb") as f:
+            raw = f.read(MAX_RECIPE_BYTES + 1)
     except OSError as exc:
-        raise TunelabError(f"cannot read recipe '{path}': {exc.strerror}") from None
+        raise TunelabError(f"cannot read recipe '{path}': {exc.strerror or exc}") from None
+    if len(raw) > MAX_RECIPE_BYTES:
+        raise TunelabError(f"recipe '{path}' is over {MAX_RECIPE_BYTES // 2**20} MiB: is it a YAML recipe?")
     try:
-        data = yaml.safe_load(text)
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise TunelabError(
+            f"recipe '{path}' is not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start}): "
+            "is it a YAML recipe? save it as UTF-8"
+        ) from None
+    try:
+        data = _load_yaml(text)
+    except RecursionError:
+        raise TunelabError(f"recipe '{path}' nests too deeply to read: flatten it") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        problem = getattr(exc, "problem", None) or (str(exc).splitlines() or [type(exc).__name__])[0]
         raise TunelabError(f"recipe '{path}' is not valid YAML{where}: {problem}") from None
-    if data is None:
+    if data is None or data == "":
         raise TunelabError(f"recipe '{path}' is empty: it needs at least a `stage:` or `stages:`")
     if not isinstance(data, dict):
         raise TunelabError(f"recipe '{path}' must be a YAML mapping (key: value), not {type(data).__name__}")
@@ -120,7 +206,11 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 def parse_value(text: str) -> Any:
     """An override's value, read as YAML (`1e-4`, `true`, `[q_proj, v_proj]`, `null`)."""
     try:
-        return yaml.safe_load(text) if text != "" else ""
+        return _load_yaml(text) if text != "" else ""
+    except _KeyError as exc:
+        raise TunelabError(f"value '{text}': {exc.problem}") from None
+    except RecursionError:
+        raise TunelabError(f"value '{text[:40]}...' nests too deeply: flatten it") from None
     except yaml.YAMLError:
         return text
 
@@ -138,7 +228,10 @@ def apply_override(data: dict[str, Any], override: str) -> None:
     parts = [p for p in key.strip().split(".") if p]
     if not parts:
         raise TunelabError(f"override '{override}' has an empty key")
-    value = parse_value(raw)
+    try:
+        value = _plain(parse_value(raw), "value")
+    except TunelabError as exc:
+        raise TunelabError(f"override '{override}': {exc}") from None
     stages = data.get("stages")
     if parts[0] in TOP_LEVEL_KEYS or not isinstance(stages, dict):
         targets = [(data, parts)]
@@ -153,6 +246,8 @@ def apply_override(data: dict[str, Any], override: str) -> None:
             hint = f"did you mean '{guess}'?" if guess else f"start it with a stage name ({', '.join(stages)})"
             raise TunelabError(f"override '{override}': no stage has a '{parts[0]}' section; {hint}")
     for node, path in targets:
+        if not isinstance(node, dict):
+            raise TunelabError(f"override '{override}': stage '{parts[0]}' is {node!r}, not a mapping with `stage:`")
         if not path:
             raise TunelabError(f"override '{override}' replaces a whole stage; set its keys one by one")
         for part in path[:-1]:
@@ -170,7 +265,8 @@ def apply_override(data: dict[str, Any], override: str) -> None:
 def _section_names(stages: dict[str, Any]) -> set[str]:
     from tunelab.stages import STAGES, stage_module
 
-    kinds = {s.get("stage") for s in stages.values() if isinstance(s, dict)} & set(STAGES)
+    kinds = {s.get("stage") for s in stages.values() if isinstance(s, dict) and isinstance(s.get("stage"), str)}
+    kinds &= set(STAGES)
     return {key for kind in kinds for key in stage_module(kind).SECTIONS}
 
 
@@ -180,6 +276,12 @@ def _normalise(data: dict[str, Any], origin: str) -> dict[str, Any]:
         if "stage" not in data:
             raise TunelabError(f"recipe '{origin}' names no stage: add `stage: sft` (or another stage) or `stages:`")
         kind = data["stage"]
+        if not isinstance(kind, str):
+            from tunelab.stages import STAGES
+
+            raise TunelabError(
+                f"'stage' is {kind!r} ({type(kind).__name__}); set it to one stage kind: {', '.join(STAGES)}"
+            )
         stage = {k: v for k, v in data.items() if k not in TOP_LEVEL_KEYS}
         data = {k: v for k, v in data.items() if k in TOP_LEVEL_KEYS}
         data["stages"] = {str(kind): stage}
@@ -189,14 +291,20 @@ def _normalise(data: dict[str, Any], origin: str) -> dict[str, Any]:
     stages = data["stages"]
     if not isinstance(stages, dict) or not stages:
         raise TunelabError("'stages' must be a non-empty mapping of stage names to stages")
+    for key in ("name", "description"):
+        if data.get(key) is not None and not isinstance(data[key], str):
+            raise TunelabError(f"'{key}' is {data[key]!r} ({type(data[key]).__name__}); set it to a string")
     name = data.get("name") or (Path(origin).stem if origin else "run")
+    check_path(name, "name")
     data.setdefault("name", name)
     data.setdefault("output_dir", f"runs/{name}")
     data.setdefault("seed", 42)
-    if not isinstance(data["seed"], int) or isinstance(data["seed"], bool):
-        raise TunelabError(f"'seed' must be an integer, got {data['seed']!r}")
-    if not isinstance(data["output_dir"], str) or not data["output_dir"]:
-        raise TunelabError(f"'output_dir' must be a path, got {data['output_dir']!r}")
+    seed = data["seed"]
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**32:
+        raise TunelabError(f"'seed' must be an integer from 0 to 2**32 - 1, got {seed!r}: set seed: 42 (or another)")
+    if not isinstance(data["output_dir"], str) or not data["output_dir"].strip():
+        raise TunelabError(f"'output_dir' must be a path, got {data['output_dir']!r}: set output_dir: runs/NAME")
+    check_path(data["output_dir"], "output_dir")
     return data
 
 
@@ -214,6 +322,10 @@ def check_structure(data: dict[str, Any]) -> None:
         kind = stage.get("stage")
         if kind is None:
             raise TunelabError(f"'{where}' has no `stage:` key; one of: {', '.join(STAGES)}")
+        if not isinstance(kind, str):
+            raise TunelabError(
+                f"'{where}.stage' is {kind!r} ({type(kind).__name__}); set it to one stage kind: {', '.join(STAGES)}"
+            )
         if kind not in STAGES:
             guess = closest(str(kind), STAGES)
             hint = f"did you mean '{guess}'?" if guess else f"one of: {', '.join(STAGES)}"
@@ -226,6 +338,8 @@ def check_structure(data: dict[str, Any]) -> None:
                         f"unknown key '{where}.{key}': did you mean the top-level key '{closest(key, TOP_LEVEL_KEYS)}'?"
                     )
                 raise unknown_key(where, key, sections, f"sections of a `{kind}` stage")
+        _check_shapes(stage, kind, where)
+        _check_paths(stage, where, False)
         for ref_where, ref in iter_refs(stage, where):
             if ref not in data["stages"]:
                 guess = closest(ref, data["stages"])
@@ -239,6 +353,85 @@ def check_structure(data: dict[str, Any]) -> None:
             if not stage_module(data["stages"][ref]["stage"]).PRODUCES_MODEL:
                 raise TunelabError(f"'{ref_where}' refers to stage '{ref}', which produces no model")
         seen.append(name)
+
+
+def _check_shapes(stage: dict[str, Any], kind: str, where: str) -> None:
+    """Sections that are a library class's keyword arguments must be mappings (or null, as if absent)."""
+    for key, value in stage.items():
+        example = KIND_MAPPING_SECTIONS.get((kind, key)) or MAPPING_SECTIONS.get(key)
+        if example is not None and value is not None and not isinstance(value, dict):
+            raise TunelabError(
+                f"'{where}.{key}' is {_short(value)} ({type(value).__name__}), not a mapping of keys: "
+                f"write it like `{key}: {example}`" + (" (or remove it for full fine-tuning)" if key == "lora" else "")
+            )
+
+
+def _check_paths(node: Any, where: str, is_path: bool) -> None:
+    """Strings that name files or folders must be paths the OS can take (checked before any `exists()`)."""
+    if isinstance(node, str):
+        if is_path:
+            check_path(node, where)
+    elif isinstance(node, dict):
+        for key, value in node.items():
+            _check_paths(value, f"{where}.{key}", is_path or key in PATH_KEYS)
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            _check_paths(value, f"{where}[{i}]", is_path)
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _plain(data: Any, where: str, budget: list[int] | None = None, stack: list[int] | None = None) -> Any:
+    """A tree-shaped copy of recipe data: mappings with string keys, lists, strings, numbers, booleans, null.
+
+    YAML aliases make shared (or recursive) nodes; copying expands them, so the copy is bounded by
+    MAX_NODES: a few hundred bytes of nested aliases ("billion laughs") fail at once, and everything
+    that walks a recipe later (`${ref}` scans, fingerprints, deep copies) walks a small tree.
+    Paths (os.PathLike) become strings, tuples lists.
+    """
+    budget = [MAX_NODES] if budget is None else budget
+    stack = [] if stack is None else stack
+    budget[0] -= 1
+    if budget[0] < 0:
+        raise TunelabError(
+            f"the recipe expands to more than {MAX_NODES} values (YAML aliases of aliases?): "
+            "write the values out instead of nesting aliases"
+        )
+    if isinstance(data, str):
+        if "\x00" in data:
+            raise TunelabError(f"'{where}' contains a NUL character: remove it")
+        return data
+    if data is None or isinstance(data, (bool, int, float)):
+        return data
+    if isinstance(data, os.PathLike):
+        return _plain(os.fspath(data), where, budget, stack)
+    if isinstance(data, (dict, list, tuple)):
+        if id(data) in stack:
+            raise TunelabError(f"'{where}' contains itself (a recursive YAML alias): write the value out")
+        if len(stack) >= MAX_DEPTH:
+            raise TunelabError(f"'{where}' nests more than {MAX_DEPTH} levels deep: flatten it")
+        stack.append(id(data))
+        try:
+            if isinstance(data, dict):
+                out = {}
+                for key, value in data.items():
+                    if not isinstance(key, str):
+                        raise TunelabError(
+                            f"key {key!r} ({type(key).__name__}) in '{where or 'the recipe'}' is not a name: "
+                            f"quote it ('{key}') so that YAML reads a string"
+                        )
+                    out[key] = _plain(value, f"{where}.{key}" if where else key, budget, stack)
+                return out
+            return [_plain(value, f"{where}[{i}]", budget, stack) for i, value in enumerate(data)]
+        finally:
+            stack.pop()
+    raise TunelabError(
+        f"'{where}' is {_short(data)} ({type(data).__name__}): a recipe holds only strings, numbers, "
+        "booleans, null, lists and mappings; quote it to make it a string"
+    )
 
 
 def iter_refs(node: Any, where: str):
@@ -265,11 +458,24 @@ def load_recipe(name_or_path: str | Path, overrides: list[str] | tuple[str, ...]
 
 
 def recipe_from_dict(
-    data: dict[str, Any], overrides: list[str] | tuple[str, ...] = (), path: Path | None = None
+    data: dict[str, Any], overrides: list[str] | tuple[str, ...] = (), path: str | os.PathLike | None = None
 ) -> Recipe:
     """Build a :class:`Recipe` from a mapping, as if it had been read from YAML."""
-    data = copy.deepcopy(data)
-    origin = str(path) if path else str(data.get("name", "run"))
+    if not isinstance(data, dict):
+        raise TunelabError(
+            f"a recipe must be a mapping (key: value), not {_short(data)} ({type(data).__name__}): "
+            "pass a dict with `stage:` or `stages:`"
+        )
+    if overrides is None:
+        overrides = ()
+    elif isinstance(overrides, str):
+        overrides = [overrides]
+    if not isinstance(overrides, (list, tuple)) or not all(isinstance(o, str) for o in overrides):
+        raise TunelabError(f"overrides must be a list of 'key.path=value' strings, not {_short(overrides)}")
+    path = Path(path) if path is not None else None
+    data = _plain(data, "")
+    name = data.get("name")
+    origin = str(path) if path else (name if isinstance(name, str) and name else "run")
     if "stages" not in data and "stage" in data:
         data = _normalise(data, origin)
     for override in overrides:

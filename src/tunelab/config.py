@@ -17,6 +17,8 @@ from __future__ import annotations
 import dataclasses
 import enum
 import inspect
+import math
+import re
 import types
 import typing
 from typing import Any
@@ -197,10 +199,80 @@ def build(
     cls: type, values: dict[str, Any], where: str, fixed: dict[str, Any] | None = None, exclude: tuple[str, ...] = ()
 ) -> Any:
     """Instantiate `cls` from a recipe section, turning its own validation errors into one line."""
-    kwargs = check_keys(values or {}, cls, where, exclude=exclude)
+    kwargs = check_keys(values if values is not None else {}, cls, where, exclude=exclude)
+    check_numbers(kwargs, cls, where)
     kwargs.update(fixed or {})
     try:
         return cls(**kwargs)
-    except (ValueError, TypeError, AssertionError) as exc:
-        message = " ".join(str(exc).split()) or type(exc).__name__
-        raise TunelabError(f"'{where}' is rejected by {cls.__name__}: {message}") from None
+    except ImportError as exc:  # importlib.metadata.PackageNotFoundError too: a feature needs a package
+        raise missing_package(exc, kwargs, where) from None
+    except (ValueError, TypeError, AssertionError, KeyError) as exc:
+        raise TunelabError(f"'{where}' is rejected by {cls.__name__}: {_message(exc)}") from None
+    except Exception as exc:
+        # Validators of huggingface_hub's strict dataclasses (transformers configs) wrap the
+        # config's own ValueError; anything else the class raises on these values is about them.
+        cause = exc.__cause__ if isinstance(exc.__cause__, (ValueError, TypeError, AssertionError)) else exc
+        if cause is exc and type(exc).__module__.split(".")[0] not in ("huggingface_hub", "transformers"):
+            raise
+        raise TunelabError(f"'{where}' is rejected by {cls.__name__}: {_message(cause)}") from None
+
+
+def _message(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:400] or type(exc).__name__
+
+
+EXTRAS = {"deepspeed": "tunelab[deepspeed]", "bitsandbytes": "tunelab[quant]", "diffusers": "tunelab[diffusion]"}
+
+
+def missing_package(exc: ImportError, values: dict[str, Any], where: str) -> TunelabError:
+    """One line for a library class that needs a package this environment lacks (deepspeed, ...)."""
+    text = _message(exc)
+    found = re.search(r"'([A-Za-z][\w.-]*?)(?:[<>=!~ ].*?)?'", text) or re.search(r"named '([\w.-]+)'", text)
+    name = getattr(exc, "name", None)
+    package = (found.group(1) if found else name if isinstance(name, str) and name.isidentifier() else "")
+    package = package.split(".")[0]
+    if not package:
+        return TunelabError(f"'{where}' needs a package that is not installed ({text})")
+    key = next((k for k in values if k == package or package in k), None)
+    setting = f"'{where}.{key}'" if key else f"'{where}'"
+    drop = f", or remove `{key}:`" if key else ""
+    return TunelabError(
+        f"{setting} needs the `{package}` package, which is not installed: "
+        f"pip install '{EXTRAS.get(package, package)}'{drop}"
+    )
+
+
+# Numbers that count or size things, and rates: never negative. A negative default (max_steps: -1)
+# is a sentinel and stays accepted.
+_COUNTS = re.compile(
+    r"^(num_|max_|min_)|(_steps|_epochs|batch_size|_size|_length|_limit|_workers|_rate|_ratio|_dropout|_epsilon)$"
+    r"|^(learning_rate|weight_decay|r|lora_alpha|vocab_size|gradient_accumulation_steps)$"
+)
+_POSITIVE = re.compile(r"(batch_size|_accumulation_steps)$|^r$")
+
+
+def check_numbers(values: dict[str, Any], cls: type, where: str) -> None:
+    """Finite numbers everywhere; counts, sizes and rates not negative (batch sizes, LoRA r: positive)."""
+    defaults = _defaults(cls)
+    for key, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        if isinstance(value, float) and not math.isfinite(value):
+            raise TunelabError(f"'{where}.{key}' is {value}: set it to a finite number")
+        default = defaults.get(key)
+        sentinel = isinstance(default, (int, float)) and not isinstance(default, bool) and default < 0
+        if _POSITIVE.search(key) and value <= 0:
+            raise TunelabError(f"'{where}.{key}' is {value}: set it to a positive number (1 or more)")
+        if _COUNTS.search(key) and value < 0 and not (sentinel and value == default):
+            also = f" (or {default}, its default)" if sentinel else ""
+            raise TunelabError(f"'{where}.{key}' is {value}, a negative number: set it to 0 or more{also}")
+
+
+def _defaults(cls: type) -> dict[str, Any]:
+    if dataclasses.is_dataclass(cls):
+        return {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
+    try:
+        params = inspect.signature(cls.__init__).parameters
+    except (TypeError, ValueError):
+        return {}
+    return {name: p.default for name, p in params.items() if p.default is not inspect.Parameter.empty}

@@ -8,15 +8,29 @@ syntax: ``split: "train[:200]"``.
 
 from __future__ import annotations
 
+import contextlib
+import json
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from tunelab.errors import TunelabError, unknown_key
+from tunelab.errors import TunelabError, check_path, unknown_key
 from tunelab.hub import HUB_ID, hub_reachable, is_cached, local_path
 
 DATA_KEYS = ("path", "name", "data_dir", "data_files", "split", "revision")
 BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
+# datasets' packaged builders (`path: json` with `data_files:`), if datasets cannot be asked.
+PACKAGED = {"arrow", "audiofolder", "csv", "imagefolder", "json", "pandas", "parquet", "text", "videofolder", "xml"}
+GLOB = set("*?[")
+
+
+def packaged_builders() -> set[str]:
+    """Names `load_dataset` reads as one of its own builders (json, csv, parquet, text, imagefolder...)."""
+    try:
+        from datasets.packaged_modules import _PACKAGED_DATASETS_MODULES
+    except ImportError:
+        return PACKAGED
+    return set(_PACKAGED_DATASETS_MODULES)
 
 
 def data_spec(value: Any, where: str, default_split: str) -> dict[str, Any]:
@@ -27,9 +41,31 @@ def data_spec(value: Any, where: str, default_split: str) -> dict[str, Any]:
     for key in spec:
         if key not in DATA_KEYS:
             raise unknown_key(where, key, DATA_KEYS, "arguments of datasets.load_dataset")
-    if not isinstance(spec.get("path"), str) or not spec["path"]:
+    if not isinstance(spec.get("path"), str) or not spec["path"].strip():
         raise TunelabError(f"'{where}.path' is missing: name a dataset folder, file or hub id")
+    for key in ("name", "data_dir", "split", "revision"):
+        if spec.get(key) is not None and not isinstance(spec[key], str):
+            raise TunelabError(f"'{where}.{key}' is {spec[key]!r} ({type(spec[key]).__name__}); set it to a string")
+    check_path(spec["path"], f"{where}.path" if isinstance(value, dict) else where)
+    if spec.get("data_dir") is not None:
+        check_path(spec["data_dir"], f"{where}.data_dir")
+    if spec.get("data_files") is not None:
+        for file, file_where in _data_files(spec["data_files"], f"{where}.data_files"):
+            check_path(file, file_where)
     return {"split": default_split, **spec}
+
+
+def _data_files(value: Any, where: str) -> list[tuple[str, str]]:
+    """(file, location) for each entry of `data_files`: a string, a list of them, or {split: those}."""
+    if isinstance(value, str):
+        return [(value, where)]
+    if isinstance(value, list) and all(isinstance(v, str) for v in value) and value:
+        return [(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, dict) and value:
+        return [pair for split, files in value.items() for pair in _data_files(files, f"{where}.{split}")]
+    raise TunelabError(
+        f"'{where}' is {value!r}: give a file, a list of files, or {{split: files}} (e.g. {{train: data/train.jsonl}})"
+    )
 
 
 def _load_args(spec: dict[str, Any], where: str, split_given: bool = True) -> tuple[str, dict[str, Any]]:
@@ -58,6 +94,8 @@ def _load_args(spec: dict[str, Any], where: str, split_given: bool = True) -> tu
         if local.is_dir() and not any(p.suffix.lower() in BUILDERS for p in local.rglob("*") if p.is_file()):
             raise TunelabError(f"'{where}' is '{ref}', a folder with no data files ({', '.join(sorted(BUILDERS))})")
         return str(local), kwargs
+    if "/" not in ref and ref in packaged_builders():
+        return ref, _builder_args(ref, kwargs, where, split_given)
     if not HUB_ID.match(ref) or ref.startswith((".", "/", "~")) or Path(ref).suffix.lower() in BUILDERS:
         raise TunelabError(f"'{where}' is '{ref}': no such file or folder (and not a hub dataset id)")
     if not hub_reachable() and not _dataset_cached(ref):
@@ -66,6 +104,51 @@ def _load_args(spec: dict[str, Any], where: str, split_given: bool = True) -> tu
             "download it on a connected machine or point the path at local files"
         )
     return ref, kwargs
+
+
+def _builder_args(builder: str, kwargs: dict[str, Any], where: str, split_given: bool) -> dict[str, Any]:
+    """`path: json` (a datasets builder) with `data_files:` or `data_dir:`: local files checked, splits matched."""
+    files, folder = kwargs.get("data_files"), kwargs.get("data_dir")
+    if files is None and folder is None:
+        raise TunelabError(
+            f"'{where}' names datasets' `{builder}` builder but no files: add `data_files:` (e.g. data/train.jsonl)"
+        )
+    if folder is not None:
+        local = local_path(folder)
+        if local is None or not local.is_dir():
+            raise TunelabError(f"'{where}.data_dir' is '{folder}': no such folder")
+        kwargs["data_dir"] = str(local)
+
+    def resolve(entry: str, entry_where: str) -> str:
+        if GLOB & set(entry) or "://" in entry:
+            return entry  # patterns and remote files: datasets resolves them
+        local = local_path(entry) if folder is None else local_path(Path(kwargs["data_dir"]) / entry)
+        if local is None:
+            raise TunelabError(f"'{entry_where}' is '{entry}': no such file")
+        if local.is_file() and local.stat().st_size == 0:
+            raise TunelabError(f"'{entry_where}' is '{entry}', an empty file: it holds no examples")
+        return str(local)
+
+    if files is not None:
+        where_files = f"{where}.data_files"
+        if isinstance(files, dict):
+            kwargs["data_files"] = {
+                split: [resolve(f, w) for f, w in _data_files(v, f"{where_files}.{split}")]
+                for split, v in files.items()
+            }
+            splits = list(files)
+        else:
+            kwargs["data_files"] = [resolve(f, w) for f, w in _data_files(files, where_files)]
+            splits = ["train"]
+            if not split_given:
+                kwargs["split"] = "train"  # files without split names are one split, whatever the stage's default
+        split = str(kwargs.get("split", "")).split("[")[0]
+        if split and split not in splits:
+            raise TunelabError(
+                f"'{where}': split '{split}' is not among the data_files splits ({', '.join(map(str, splits))}); "
+                f"set `split:` to one of them"
+            )
+    return kwargs
 
 
 def check_source(value: Any, where: str, default_split: str = "train") -> None:
@@ -85,24 +168,98 @@ def load_split(value: Any, where: str, default_split: str = "train"):
     spec = data_spec(value, where, default_split)
     path, kwargs = _load_args(spec, where, split_given=isinstance(value, dict) and "split" in value)
     try:
-        ds = datasets.load_dataset(path, **kwargs)
-    except ValueError as exc:
+        with _datasets_silent():
+            ds = datasets.load_dataset(path, **kwargs)
+    except Exception as exc:
+        bad = _bad_json_line(path, kwargs)
+        if bad is not None:
+            raise TunelabError(f"'{where}': {bad}: fix or remove that line") from None
+        _raise_load_error(exc, spec, kwargs, where)
+    if isinstance(ds, datasets.DatasetDict):
+        raise TunelabError(f"'{where}' loads several splits ({', '.join(ds)}): choose one with `split:`")
+    if len(ds) == 0:
+        raise TunelabError(f"'{where}': dataset '{spec['path']}' (split {spec['split']}) is empty")
+    return ds
+
+
+@contextlib.contextmanager
+def _datasets_silent():
+    """datasets logs its own line for a file it fails to read; the error we raise says it once."""
+    import logging
+
+    logger = logging.getLogger("datasets")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _json_files(path: str, kwargs: dict[str, Any]) -> list[Path]:
+    """The local JSON/JSONL files a load reads: a single file, a builder's data_files, or a folder's."""
+    files = kwargs.get("data_files")
+    if files is not None:
+        entries = [f for f, _ in _data_files(files, "data_files")]
+    elif Path(path).is_dir():
+        entries = [str(p) for p in sorted(Path(path).rglob("*")) if p.suffix.lower() in (".json", ".jsonl")]
+    else:
+        return []
+    out = [Path(f) for f in entries if not GLOB & set(f)]
+    return [f for f in out if f.is_file() and (path == "json" or f.suffix.lower() in (".json", ".jsonl"))]
+
+
+def _bad_json_line(path: str, kwargs: dict[str, Any]) -> str | None:
+    """'FILE' line N: what is wrong, for the first JSON file of a failed load that does not parse."""
+    for file in _json_files(path, kwargs):
+        try:
+            text = file.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            return f"'{file}' is not UTF-8 text (byte offset {exc.start})"
+        except OSError:
+            continue
+        try:
+            json.loads(text)
+            continue  # one JSON document (a list of rows): fine
+        except ValueError as whole:
+            document_error = whole
+        lines = text.splitlines()
+        first = next((i for i, line in enumerate(lines) if line.strip()), None)
+        if first is None:
+            continue
+        try:
+            json.loads(lines[first])
+        except ValueError:  # not JSON lines either: report the document's error
+            return f"'{file}' line {document_error.lineno} is not valid JSON ({document_error.msg})"
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError as exc:
+                return f"'{file}' line {number} is not valid JSON ({exc.msg}, column {exc.colno})"
+            if not isinstance(row, dict):
+                return f"'{file}' line {number} is {type(row).__name__} JSON, not an object ({{\"column\": value}})"
+    return None
+
+
+def _raise_load_error(exc: Exception, spec: dict[str, Any], kwargs: dict[str, Any], where: str) -> None:
+    import datasets
+
+    cause = exc.__cause__ or exc.__context__
+    if isinstance(exc, ValueError):
         msg = " ".join(str(exc).split())
         if "corresponds to no data" in msg:  # datasets' words for a file with no rows
             raise TunelabError(f"'{where}': dataset '{spec['path']}' (split {spec['split']}) is empty") from None
         if "split" in msg.lower():
             raise TunelabError(f"'{where}': split '{kwargs.get('split')}' not found ({msg[:200]})") from None
         raise TunelabError(f"'{where}': cannot load '{spec['path']}': {msg[:300]}") from None
-    except (FileNotFoundError, datasets.exceptions.DatasetNotFoundError) as exc:
+    if isinstance(exc, (FileNotFoundError, datasets.exceptions.DatasetNotFoundError)):
         raise TunelabError(f"'{where}': cannot load '{spec['path']}': {' '.join(str(exc).split())[:300]}") from None
-    except Exception as exc:  # malformed files surface as many different library errors
-        msg = " ".join(str(exc).split())[:300]
-        raise TunelabError(f"'{where}': cannot read '{spec['path']}' ({type(exc).__name__}): {msg}") from None
-    if isinstance(ds, datasets.DatasetDict):
-        raise TunelabError(f"'{where}' loads several splits ({', '.join(ds)}): choose one with `split:`")
-    if len(ds) == 0:
-        raise TunelabError(f"'{where}': dataset '{spec['path']}' (split {spec['split']}) is empty")
-    return ds
+    # Malformed files surface as many different library errors, the reason often in the cause.
+    shown = cause if isinstance(exc, datasets.exceptions.DatasetGenerationError) and cause is not None else exc
+    msg = " ".join(str(shown).split())[:300]
+    raise TunelabError(f"'{where}': cannot read '{spec['path']}' ({type(shown).__name__}): {msg}") from None
 
 
 def require_columns(ds, needed: Iterable[str], where: str, purpose: str) -> None:
@@ -146,9 +303,17 @@ def signature(value: Any) -> str:
     if not isinstance(spec, dict) or not isinstance(spec.get("path"), str):
         return ""
     root = local_path(spec["path"])
-    if root is None:
+    if root is None and spec.get("data_files") is not None and spec["path"] in packaged_builders():
+        try:  # `path: json` with `data_files:`: the files named (patterns match nothing here)
+            named = [local_path(f) for f, _ in _data_files(spec["data_files"], "data_files")]
+        except TunelabError:
+            return ""
+        files = sorted({f for f in named if f is not None and f.is_file()})
+        root = Path("/")
+    elif root is None:
         return ""
-    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+    else:
+        files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
     total = sum(f.stat().st_size for f in files)
     digest = hashlib.sha256()
     for f in files:

@@ -245,10 +245,22 @@ def compare_rows(run_dirs: list[Path], everything: bool = False) -> tuple[list[d
     """
     rows: list[dict[str, Any]] = []
     for run_dir in run_dirs:
-        metrics = read_json(Path(run_dir) / "metrics.json")
-        if metrics is None:
-            raise TunelabError(f"'{run_dir}' has no readable metrics.json: is it a tunelab run folder?")
+        file = Path(run_dir) / "metrics.json"
+        try:
+            metrics = json.loads(file.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            raise TunelabError(f"'{run_dir}' has no readable metrics.json: is it a tunelab run folder?") from None
+        if not isinstance(metrics, dict):
+            raise TunelabError(
+                f"'{file}' holds a JSON {type(metrics).__name__}, not {{stage: {{metric: value}}}}: "
+                "is it a tunelab run folder? compare the folders `tunelab run` wrote"
+            )
         for stage, values in metrics.items():
+            if not isinstance(values, dict):
+                raise TunelabError(
+                    f"'{file}': stage '{stage}' holds {str(values)[:40]!r}, not {{metric: value}}: "
+                    "is it a tunelab run folder? compare the folders `tunelab run` wrote"
+                )
             nested = {k: v for k, v in values.items() if isinstance(v, dict)}
             flat = {k: v for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
             if flat:

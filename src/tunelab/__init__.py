@@ -14,6 +14,7 @@ Heavy libraries (torch, transformers, TRL) load only when a run needs them.
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING, Any
 
 from tunelab.errors import TunelabError
@@ -39,15 +40,36 @@ if TYPE_CHECKING:
     from tunelab.pipeline import RunResult
 
 
-def validate(recipe: Recipe, overwrite: bool = False, resume: bool = False) -> str:
-    """Check a recipe without training. Returns 'new', 'resume' or 'overwrite' (the output folder's fate)."""
+def validate(
+    recipe: Recipe | str | os.PathLike,
+    overwrite: bool = False,
+    resume: bool = False,
+    *,
+    overrides: list[str] | tuple[str, ...] = (),
+    from_stage: str | None = None,
+) -> str:
+    """Check a recipe (a Recipe, a path or a shipped name) without training, as `tunelab validate` does.
+
+    Returns 'new', 'resume' or 'overwrite' (the output folder's fate); raises TunelabError with one line.
+    """
     from tunelab.pipeline import check
 
-    return check(recipe, overwrite=overwrite, resume=resume)
+    _flags(overwrite=overwrite, resume=resume)
+    if not isinstance(recipe, Recipe):
+        recipe = load_recipe(recipe, overrides)
+    elif overrides:
+        raise TunelabError("overrides apply to a recipe being loaded: pass a path or a name, or edit the Recipe")
+    return check(recipe, overwrite=overwrite, resume=resume, from_stage=from_stage)
+
+
+def _flags(**flags: Any) -> None:
+    for name, value in flags.items():
+        if not isinstance(value, bool):
+            raise TunelabError(f"{name} must be True or False, not {value!r}; pass overrides=[...] by name")
 
 
 def run(
-    recipe: Recipe | str,
+    recipe: Recipe | str | os.PathLike,
     overrides: list[str] | tuple[str, ...] = (),
     overwrite: bool = False,
     resume: bool = False,
@@ -59,6 +81,7 @@ def run(
     """
     from tunelab.pipeline import run as _run
 
+    _flags(overwrite=overwrite, resume=resume)
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe, overrides)
     return _run(recipe, overwrite=overwrite, resume=resume, from_stage=from_stage)

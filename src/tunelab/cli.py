@@ -34,11 +34,18 @@ def _fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
+# Commands that start runs: a Ctrl-C there leaves a run marked 'interrupted' (see tunelab.pipeline).
+RUNNING_COMMANDS = {"run", "launch", "eval_model", "sample"}
+
+
 def friendly(fn):
-    """Turn TunelabError into one red line and exit code 2; Ctrl-C into exit code 130."""
+    """TunelabError: one red line, exit code 2. Ctrl-C: exit code 130. Anything else: an internal error,
+    one line naming the file that holds the traceback, exit code 1. No traceback on the terminal."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        import click
+
         from tunelab.errors import TunelabError
 
         try:
@@ -48,13 +55,46 @@ def friendly(fn):
         except KeyboardInterrupt as exc:
             from tunelab.distributed import is_main
 
+            code = 128 + getattr(exc, "signum", 2)
+            if fn.__name__ not in RUNNING_COMMANDS:
+                typer.secho("interrupted", err=True)
+                raise typer.Exit(code) from None
             saved = getattr(exc, "checkpoint", None)
             where = f" (checkpoint saved: {saved})" if saved else ""
             if is_main():  # one line for the run, not one per rank
                 typer.secho(f"interrupted: the run is marked 'interrupted'{where}; continue it with --resume", err=True)
-            raise typer.Exit(128 + getattr(exc, "signum", 2)) from None
+            raise typer.Exit(code) from None
+        except (click.exceptions.Exit, click.exceptions.Abort, click.exceptions.ClickException):
+            raise
+        except Exception as exc:
+            import errno
+
+            if isinstance(exc, OSError) and exc.errno == errno.ENAMETOOLONG:  # always a path the user gave
+                _fail(f"path '{_short(exc.filename)}' is longer than the OS allows ({exc.strerror}): use a shorter one")
+            _fail(_internal_error(exc), 1)
 
     return wrapper
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    text = str(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _internal_error(exc: BaseException) -> str:
+    """Write the traceback to a file under the temp folder; the line that says where it is."""
+    import tempfile
+    import traceback
+
+    summary = _short(" ".join(f"{type(exc).__name__}: {exc}".split()), 200)
+    try:
+        fd, path = tempfile.mkstemp(prefix="tunelab-traceback-", suffix=".txt")
+        with open(fd, "w") as f:
+            f.write("".join(traceback.format_exception(exc)))
+        saved = f"the full traceback is in {path}"
+    except OSError as write_error:
+        saved = f"the traceback could not be written ({write_error.strerror})"
+    return f"internal error in tunelab ({summary}); {saved}: please report it"
 
 
 @app.command()
@@ -116,13 +156,14 @@ def launch(
         "mixed_precision": mixed_precision,
         "config_file": config_file,
     }
+    _check_launch_options(num_processes, num_machines, machine_rank, main_process_port)
     flags = ["--overwrite"] * overwrite + ["--resume"] * resume + (["--from", from_stage] if from_stage else [])
     argv, env = launch_command(options, [recipe, *(overrides or []), *flags])
+    processes = int(argv[argv.index("--num_processes") + 1])
+    check(load_recipe(recipe, overrides or []), overwrite, resume, from_stage, processes=processes)
     if dry_run:
         typer.echo(("ACCELERATE_USE_CPU=1 " if env.get("ACCELERATE_USE_CPU") else "") + shlex.join(argv))
         return
-    processes = int(argv[argv.index("--num_processes") + 1])
-    check(load_recipe(recipe, overrides or []), overwrite, resume, from_stage, processes=processes)
     proc = subprocess.Popen(argv, env=env, start_new_session=True)
     caught: list[int] = []
 
@@ -134,6 +175,24 @@ def launch(
         signal.signal(sig, forward)
     code = proc.wait()
     raise typer.Exit(128 + caught[0] if caught and code else code)
+
+
+def _check_launch_options(
+    num_processes: int | None, num_machines: int | None, machine_rank: int | None, port: int | None
+) -> None:
+    from tunelab.errors import TunelabError
+
+    if num_processes is not None and num_processes < 1:
+        raise TunelabError(f"--num-processes is {num_processes}: use 1 or more (one per GPU)")
+    if num_machines is not None and num_machines < 1:
+        raise TunelabError(f"--num-machines is {num_machines}: use 1 or more")
+    if machine_rank is not None and not 0 <= machine_rank < (num_machines or 1):
+        raise TunelabError(
+            f"--machine-rank is {machine_rank}: use 0 (the main host) to {(num_machines or 1) - 1} "
+            "(--num-machines minus one)"
+        )
+    if port is not None and not 0 < port < 65536:
+        raise TunelabError(f"--main-process-port is {port}: use a port from 1 to 65535 (e.g. 29500)")
 
 
 @app.command("eval")
@@ -232,8 +291,11 @@ def plan(
 ) -> None:
     """Memory each stage needs per device, from model configs only (no weights load)."""
     from tunelab import load_recipe
+    from tunelab.errors import TunelabError
     from tunelab.pipeline import plan as plan_recipe
 
+    if devices < 0:
+        raise TunelabError(f"--devices is {devices}: use the number of devices (1 or more), or 0 for this machine's")
     parsed = load_recipe(recipe, overrides or [])
     plans = plan_recipe(parsed)
     print_plans(plans, devices)
@@ -409,17 +471,28 @@ def cp(
     dest: Annotated[Path, typer.Argument(help="File or folder to copy it to.")],
 ) -> None:
     """Copy a shipped recipe to edit it."""
-    from tunelab.errors import TunelabError
+    from tunelab.errors import TunelabError, check_path
     from tunelab.recipe import find_recipe, shipped_recipes
 
     if name.removesuffix(".yaml") not in shipped_recipes():
         find_recipe(name)  # raises with a "did you mean"
     source = find_recipe(name)
+    check_path(dest, "the destination")
     target = dest / source.name if dest.is_dir() else dest
     if target.exists():
         raise TunelabError(f"'{target}' exists: choose another destination")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(source, target)
+    above = target.parent.absolute()
+    while not above.exists() and above != above.parent:
+        above = above.parent
+    if not above.is_dir():
+        raise TunelabError(f"cannot copy to '{target}': '{above}' is a file, not a folder; choose another destination")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, target)
+    except OSError as exc:
+        raise TunelabError(
+            f"cannot copy to '{target}': {exc.strerror or exc}; choose a destination you can write to"
+        ) from None
     typer.echo(f"copied {name} to {target}; run it with: tunelab run {target}")
 
 

@@ -324,3 +324,17 @@ def test_chat_on_a_folder_that_is_no_model(tmp_path: Path) -> None:
 
 def test_chat_generation_override_that_is_no_field(tiny_lm: Path) -> None:
     fails(["chat", str(tiny_lm), "--prompt", "hi", "max_new_tokns=3"], "did you mean 'max_new_tokens'?")
+
+
+def test_conversational_pairs_for_a_model_without_a_template(tmp_path: Path, tiny_lm: Path) -> None:
+    pairs = tmp_path / "pairs.jsonl"
+    turn = [{"role": "user", "content": "1+1?"}]
+    row = {
+        "prompt": turn,
+        "chosen": [{"role": "assistant", "content": "2"}],
+        "rejected": [{"role": "assistant", "content": "3"}],
+    }
+    pairs.write_text(json.dumps(row) + "\n")
+    for kind in ("dpo", "reward"):
+        path = write(tmp_path, {"stage": kind, "model": str(tiny_lm), "data": str(pairs), "training": tiny_training()})
+        fails(["validate", str(path)], "is conversational (prompt holds chat turns) but the tokenizer of the model")

@@ -454,8 +454,15 @@ def test_conversational_preference_pairs(tmp_path: Path, tiny_lm: Path) -> None:
             "data": str(chat),
             "eval_data": str(chat),
             "training": training,
+            "chat_template": "tunelab",  # the base model has none
         },
-        "dpo": {"stage": "dpo", "model": str(tiny_lm), "data": str(chat), "training": training},
+        "dpo": {
+            "stage": "dpo",
+            "model": str(tiny_lm),
+            "data": str(chat),
+            "training": training,
+            "chat_template": "tunelab",
+        },
     }
     result = run_stages(tmp_path, stages)
     assert result.metrics["reward"]["pairs"] == 16  # every pair scored through the chat template

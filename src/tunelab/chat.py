@@ -196,3 +196,28 @@ def reward_texts(tokenizer: Any, prompts: list[Any], answers: list[str], value: 
             for i, (p, a) in enumerate(zip(prompts, answers, strict=True))
         ]
     return [str(p) + a for p, a in zip(prompts, answers, strict=True)]
+
+
+def check_chat_data(ds: Any, columns: tuple[str, ...], spec: Any, ctx: Any) -> None:
+    """Conversational rows (a column of chat turns) need a chat template: say so at validate, not mid-run."""
+    chat = [c for c in columns if c in ds.column_names and isinstance(ds[0][c], list)]
+    value = setting(spec.cfg, spec.where)
+    if not chat or isinstance(value, str):
+        return
+    if value is False:
+        raise TunelabError(
+            f"'{spec.where}' sets chat_template: false, but its data is conversational ({chat[0]} holds chat "
+            "turns): drop chat_template: false, or use plain-text data"
+        )
+    from tunelab.models import load_tokenizer, stage_model
+
+    mspec = stage_model(spec, ctx)
+    if mspec is None:
+        return  # an earlier stage makes the model; its tokenizer is checked when that stage's output exists
+    tokenizer = load_tokenizer(mspec.get("gguf_file", mspec["path"]))
+    if not tokenizer.chat_template:
+        raise TunelabError(
+            f"'{spec.where}.data' is conversational ({chat[0]} holds chat turns) but the tokenizer of the model "
+            "has no chat template: use a chat model, set `chat_template:` (a Jinja template, or `tunelab`), "
+            "or use plain-text data"
+        )

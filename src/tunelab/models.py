@@ -6,6 +6,7 @@ recipe that loads a tiny local model in tests loads `Qwen/...` on a GPU.
 
 from __future__ import annotations
 
+import contextvars
 import json
 import shutil
 from pathlib import Path
@@ -95,6 +96,7 @@ def resolve_spec(mspec: dict[str, Any], where: str, materialize: bool = True) ->
     mspec = dict(mspec)
     if "gguf_file" not in mspec:
         mspec["path"] = resolve_model(mspec["path"], where)
+        check_weights(mspec["path"], where)
         return mspec
     folder = local_path(mspec["path"])
     if folder is None or not folder.is_dir():
@@ -123,6 +125,26 @@ def stage_model(spec: Any, ctx: Any, hint: str = "a hub id, a folder, or an earl
 
 def is_adapter(path: str | Path) -> bool:
     return Path(path, "adapter_config.json").is_file()
+
+
+# `tunelab plan` reads configs only (a 70B plan from a folder holding just config.json is fine);
+# validate and run need the weights to be there.
+WEIGHTS_NEEDED: contextvars.ContextVar[bool] = contextvars.ContextVar("weights_needed", default=True)
+WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json", "*.pt", "*.pth")
+
+
+def check_weights(path: str, where: str) -> None:
+    """A local model folder holds weight files (an adapter, a pipeline or a hub id is checked on load)."""
+    folder = Path(path)
+    if not WEIGHTS_NEEDED.get() or not folder.is_dir() or not (folder / "config.json").is_file() or is_adapter(folder):
+        return
+    if (folder / "model_index.json").is_file():
+        return
+    if not any(next(folder.glob(pattern), None) for pattern in WEIGHT_PATTERNS):
+        raise TunelabError(
+            f"'{where}' is '{path}', which has a config.json but no weight files (*.safetensors, *.bin): "
+            "the model was not saved there (save_pretrained writes both)"
+        )
 
 
 BASE_FILE = "tunelab_base.json"

@@ -104,8 +104,14 @@ def _check_from(recipe: Recipe, from_stage: str, overwrite: bool) -> None:
 
 def plan(recipe: Recipe) -> list[Any]:
     """Memory plans of the recipe's stages, from configs only (no weights load; the output folder is not checked)."""
+    from tunelab.models import WEIGHTS_NEEDED
+
     configure_offline()
-    return _inspect(recipe, strict_plans=True)
+    token = WEIGHTS_NEEDED.set(False)  # configs only
+    try:
+        return _inspect(recipe, strict_plans=True)
+    finally:
+        WEIGHTS_NEEDED.reset(token)
 
 
 def _inspect(recipe: Recipe, strict_plans: bool) -> list[Any]:
@@ -128,6 +134,12 @@ def _inspect(recipe: Recipe, strict_plans: bool) -> list[Any]:
         if stage_plan is not None:
             plans.append(stage_plan)
         if module.PRODUCES_MODEL:
+            if spec.name not in ctx.configs and "model" in spec.cfg:
+                # A fine-tuned model has its starting model's shape: later checks and plans can use it.
+                from tunelab.models import model_config
+
+                with contextlib.suppress(TunelabError):
+                    ctx.configs[spec.name] = model_config(spec.cfg["model"], ctx, f"{spec.where}.model")
             origin = tokenizer_origin(module, spec, ctx)
             if origin is not None:
                 ctx.tokenizers[spec.name] = origin

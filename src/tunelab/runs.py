@@ -111,6 +111,12 @@ def check_output_dir(run_dir: Path, overwrite: bool, resume: bool) -> str:
     """
     if overwrite and resume:
         raise TunelabError("--overwrite and --resume contradict each other: choose one")
+    if "\x00" in str(run_dir):
+        raise TunelabError(f"output_dir {str(run_dir)!r} holds a NUL byte: no file system takes it; choose another")
+    if run_dir.is_symlink() and not run_dir.exists():
+        raise TunelabError(
+            f"output_dir '{run_dir}' is a symbolic link to nowhere (dangling, or a loop): remove it or choose another"
+        )
     if run_dir.exists() and not run_dir.is_dir():
         raise TunelabError(f"output_dir '{run_dir}' is a file: choose a folder path")
     if not run_dir.exists() or not any(p.name != LOCK for p in run_dir.iterdir()):

@@ -77,9 +77,12 @@ def _lora(spec: StageSpec):
 
 
 def check(spec: StageSpec, ctx: Context) -> None:
-    _args(spec, ctx)
-    _lora(spec)
+    from tunelab.preflight import check_model, check_training
+
+    check_training(_args(spec, ctx), spec)
+    lora = _lora(spec)
     _model_path(spec, ctx)
+    check_model(spec, ctx, lora, task="SEQ_CLS")
     _data(spec)
 
 

@@ -38,18 +38,18 @@ def _args(spec: StageSpec, ctx: Context):
 
 
 def check(spec: StageSpec, ctx: Context) -> None:
+    from tunelab.chat import check_chat_data, setting, system_prompt
+    from tunelab.models import stage_model
+    from tunelab.preflight import check_model, check_training
     from tunelab.stages import reward, sft
 
-    _args(spec, ctx)
-    sft._lora(spec.cfg.get("lora"), f"{spec.where}.lora")
+    check_training(_args(spec, ctx), spec)
+    lora = sft._lora(spec.cfg.get("lora"), f"{spec.where}.lora")
     sft._quantization(spec)
-    from tunelab.models import stage_model
-
     stage_model(spec, ctx)
-    reward.preference_data(spec)
-    from tunelab.chat import setting, system_prompt
-
+    check_model(spec, ctx, lora)
     setting(spec.cfg, spec.where), system_prompt(spec.cfg, spec.where)
+    check_chat_data(reward.preference_data(spec)[0], ("prompt", "chosen", "rejected"), spec, ctx)
 
 
 def run(spec: StageSpec, ctx: Context) -> StageResult:

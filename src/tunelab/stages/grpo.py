@@ -164,18 +164,22 @@ def _check_rewards(spec: StageSpec, ctx: Context, ds) -> list[tuple[str, Any]]:
 
 
 def check(spec: StageSpec, ctx: Context) -> None:
-    from tunelab.chat import setting, system_prompt
+    from tunelab.chat import check_chat_data, setting, system_prompt
     from tunelab.models import stage_model
+    from tunelab.preflight import check_model, check_training
     from tunelab.stages.ppo import _kl_limit
     from tunelab.stages.sft import _lora, _quantization
 
-    _args(spec, ctx)
+    check_training(_args(spec, ctx), spec)
     setting(spec.cfg, spec.where), system_prompt(spec.cfg, spec.where)
     _kl_limit(spec)
-    _lora(spec.cfg.get("lora"), f"{spec.where}.lora")
+    lora = _lora(spec.cfg.get("lora"), f"{spec.where}.lora")
     _quantization(spec)
     stage_model(spec, ctx)
-    _check_rewards(spec, ctx, _data(spec))
+    check_model(spec, ctx, lora)
+    ds = _data(spec)
+    check_chat_data(ds, ("prompt",), spec, ctx)
+    _check_rewards(spec, ctx, ds)
 
 
 def reward_model_function(model, tokenizer, name: str):

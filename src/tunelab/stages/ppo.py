@@ -140,15 +140,17 @@ def _check_tokenizers(spec: StageSpec, ctx: Context) -> None:
 
 
 def check(spec: StageSpec, ctx: Context) -> None:
-    from tunelab.chat import setting, system_prompt
+    from tunelab.chat import check_chat_data, setting, system_prompt
     from tunelab.models import stage_model
+    from tunelab.preflight import check_model
     from tunelab.stages.sft import _lora
 
     args = _args(spec, ctx)
     setting(spec.cfg, spec.where), system_prompt(spec.cfg, spec.where)
     _kl_limit(spec)
-    _lora(spec.cfg.get("lora"), f"{spec.where}.lora")
+    lora = _lora(spec.cfg.get("lora"), f"{spec.where}.lora")
     stage_model(spec, ctx, "the policy to optimise (usually ${sft})")
+    check_model(spec, ctx, lora)
     if "reward_model" not in spec.cfg:
         raise TunelabError(
             f"'{spec.where}' has no `reward_model:`: PPO optimises a reward model's score; "
@@ -158,7 +160,8 @@ def check(spec: StageSpec, ctx: Context) -> None:
         if key in spec.cfg:
             _reward_spec(spec, ctx, key)
     _check_tokenizers(spec, ctx)
-    ds, _ = _prompts(spec)
+    ds, column = _prompts(spec)
+    check_chat_data(ds, (column,), spec, ctx)
     _check_batches(spec, args, len(ds))
 
 

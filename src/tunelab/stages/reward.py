@@ -71,20 +71,17 @@ def preference_data(spec: StageSpec):
 
 
 def check(spec: StageSpec, ctx: Context) -> None:
-    from tunelab.chat import setting, system_prompt
-    from tunelab.models import model_config, stage_model
-    from tunelab.quant import check_cpu_shapes
+    from tunelab.chat import check_chat_data, setting, system_prompt
+    from tunelab.models import stage_model
+    from tunelab.preflight import check_model, check_training
 
-    _args(spec, ctx)
-    _lora(spec)
+    check_training(_args(spec, ctx), spec)
+    lora = _lora(spec)
     setting(spec.cfg, spec.where), system_prompt(spec.cfg, spec.where)
-    quant = _quantization(spec)
+    _quantization(spec)
     stage_model(spec, ctx)
-    if quant is not None:
-        config = model_config(spec.cfg["model"], ctx, f"{spec.where}.model")
-        if config is not None:
-            check_cpu_shapes(config, spec.cfg["quantization"], f"{spec.where}.quantization")
-    preference_data(spec)
+    check_model(spec, ctx, lora, task="SEQ_CLS")
+    check_chat_data(preference_data(spec)[0], ("prompt", "chosen", "rejected"), spec, ctx)
 
 
 def chat_pairs(spec: StageSpec, tokenizer: Any, *datasets: Any) -> list[Any]:

@@ -46,6 +46,19 @@ def data_format(ds, text_field: str, where: str) -> str:
     )
 
 
+def check_text_columns(ds: Any, text_field: str, where: str, rows: int = 2) -> None:
+    """Text columns hold text: a column of numbers would reach the tokenizer and fail after the model loads."""
+    for column in (text_field, "prompt", "completion"):
+        if column not in ds.column_names:
+            continue
+        for i, value in enumerate(ds.select(range(min(rows, len(ds))))[column]):
+            if not isinstance(value, (str, list)):
+                raise TunelabError(
+                    f"'{where}' row {i}: column '{column}' holds {type(value).__name__} values, not text: "
+                    "store it as strings (or chat turns)"
+                )
+
+
 def _lora(values: dict[str, Any] | None, where: str, task_type: str = "CAUSAL_LM"):
     if values is None:
         return None
@@ -126,19 +139,19 @@ def _chat_tokenizer(spec: StageSpec, args: Any, train_ds: Any, tokenizer: Any) -
 
 
 def check(spec: StageSpec, ctx: Context) -> None:
-    from tunelab.models import load_tokenizer, model_config
-    from tunelab.quant import check_cpu_shapes
+    from tunelab.models import load_tokenizer
+    from tunelab.preflight import check_model, check_training
 
     args = _args(spec, ctx)
-    _lora(spec.cfg.get("lora"), f"{spec.where}.lora")
-    quant = _quantization(spec)
+    check_training(args, spec)
+    lora = _lora(spec.cfg.get("lora"), f"{spec.where}.lora")
+    _quantization(spec)
     mspec = _model_path(spec, ctx)
-    if quant is not None:
-        config = model_config(spec.cfg["model"], ctx, f"{spec.where}.model")
-        if config is not None:
-            check_cpu_shapes(config, spec.cfg["quantization"], f"{spec.where}.quantization")
+    check_model(spec, ctx, lora)
     train_ds, _ = _datasets(spec, args.dataset_text_field)
-    if mspec is not None:
+    check_text_columns(train_ds, args.dataset_text_field, f"{spec.where}.data")
+    chat = data_format(train_ds, args.dataset_text_field, f"{spec.where}.data") == "messages"
+    if mspec is not None and (chat or args.assistant_only_loss):  # the tokenizer matters for chats only
         _chat_tokenizer(spec, args, train_ds, load_tokenizer(mspec.get("gguf_file", mspec["path"])))
 
 

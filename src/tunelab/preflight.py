@@ -1,0 +1,129 @@
+"""Checks that make `validate` build what `run` builds, minus the weights.
+
+The library classes check their own fields (`TrainingArguments.__post_init__`, `LoraConfig`), but
+some mistakes only surface once the model is loaded or training starts: an evaluation schedule
+with nothing to evaluate, a logger that is not installed, LoRA target modules that match nothing.
+These functions catch them from the configs alone: the model is built on PyTorch's meta device
+(no memory, no weights) and the LoRA config applied to it, exactly as peft will apply it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Any
+
+from tunelab.errors import TunelabError
+
+# report_to names and the module each needs.
+INTEGRATIONS = {
+    "wandb": "wandb",
+    "mlflow": "mlflow",
+    "trackio": "trackio",
+    "comet_ml": "comet_ml",
+    "clearml": "clearml",
+    "neptune": "neptune",
+    "dvclive": "dvclive",
+    "swanlab": "swanlab",
+    "tensorboard": "tensorboard",
+    "codecarbon": "codecarbon",
+    "azure_ml": "azureml",
+    "flyte": "flytekit",
+}
+
+
+def check_training(args: Any, spec: Any) -> None:
+    """What a Trainer would only refuse after loading the model."""
+    where = f"{spec.where}.training"
+    strategy = str(getattr(args, "eval_strategy", "no")).split(".")[-1].lower()
+    if strategy != "no" and spec.cfg.get("eval_data") is None:
+        raise TunelabError(
+            f"'{where}.eval_strategy' is {strategy}, but '{spec.where}' has no `eval_data:`: add held-out data "
+            "or set eval_strategy: no"
+        )
+    for key in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+        value = getattr(args, key, 1)
+        if isinstance(value, int) and value < 1:
+            raise TunelabError(f"'{where}.{key}' is {value}: it must be at least 1")
+    if getattr(args, "seed", 0) < 0:
+        raise TunelabError(f"'{where}.seed' is {args.seed}: seeds are non-negative integers")
+    for name in getattr(args, "report_to", None) or []:
+        module = INTEGRATIONS.get(name)
+        if module is not None and importlib.util.find_spec(module) is None:
+            raise TunelabError(
+                f"'{where}.report_to' names {name}, which is not installed: pip install {module.replace('_', '-')}, "
+                "or use report_to: tensorboard (works offline)"
+            )
+    if getattr(args, "push_to_hub", False):
+        from tunelab.hub import hub_reachable
+
+        if not hub_reachable():
+            raise TunelabError(f"'{where}.push_to_hub' is set, but the Hub is unreachable (offline): set it to false")
+
+
+def check_lora(config: Any, lora: Any, where: str, task: str = "CAUSAL_LM") -> None:
+    """Apply the LoRA config to the model skeleton on the meta device: what peft would refuse, said first."""
+    if lora is None or config is None:
+        return
+    for key in ("r", "lora_alpha"):
+        value = getattr(lora, key, 1)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+            raise TunelabError(f"'{where}.{key}' is {value!r}: it must be a positive number (r: 8 to 64 is usual)")
+    model = skeleton(config, task, where)
+    widths = [min(m.in_features, m.out_features) for m in model.modules() if hasattr(m, "in_features")]
+    if widths and lora.r > max(widths):
+        raise TunelabError(
+            f"'{where}.r' is {lora.r}, more than any layer's width ({max(widths)}): the adapter would be larger "
+            "than the layers it adapts; use a rank well below that (8 to 64 is usual)"
+        )
+    import copy
+
+    from peft import get_peft_model
+
+    try:
+        get_peft_model(model, copy.deepcopy(lora))
+    except (ValueError, TypeError, KeyError) as exc:
+        names = sorted({name.split(".")[-1] for name, m in model.named_modules() if hasattr(m, "in_features")})
+        message = " ".join(str(exc).split())[:200]
+        raise TunelabError(
+            f"'{where}': peft cannot apply it to this model ({message}); its linear layers: "
+            f"{', '.join(names[:12])} (or all-linear)"
+        ) from None
+    missing = [
+        m for m in (lora.modules_to_save or []) if not any(n.split(".")[-1] == m for n, _ in model.named_modules())
+    ]
+    if missing:
+        raise TunelabError(f"'{where}.modules_to_save' names {', '.join(missing)}, which this model does not have")
+
+
+def skeleton(config: Any, task: str, where: str):
+    """The model `config` describes, on the meta device (no memory, no weights)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    cls = AutoModelForSequenceClassification if task == "SEQ_CLS" else AutoModelForCausalLM
+    try:
+        with init_empty_weights():
+            return cls.from_config(config)
+    except (ValueError, TypeError, KeyError) as exc:
+        raise TunelabError(
+            f"'{where}': cannot build the model from its config: {' '.join(str(exc).split())[:200]}"
+        ) from None
+
+
+def check_model(spec: Any, ctx: Any, lora: Any = None, task: str = "CAUSAL_LM", key: str = "model") -> Any:
+    """The stage's model from its config alone: it can be built, 4-bit CPU shapes fit, the LoRA config applies.
+
+    Returns the config (None for a model an earlier stage has yet to make and whose shape is unknown).
+    """
+    from tunelab.models import model_config
+    from tunelab.quant import check_cpu_shapes
+
+    if key not in spec.cfg:
+        return None
+    config = model_config(spec.cfg[key], ctx, f"{spec.where}.{key}")
+    if config is None:
+        return None
+    if spec.cfg.get("quantization") is not None:
+        check_cpu_shapes(config, spec.cfg["quantization"], f"{spec.where}.quantization")
+    check_lora(config, lora, f"{spec.where}.lora", task)
+    return config

@@ -338,3 +338,54 @@ def test_conversational_pairs_for_a_model_without_a_template(tmp_path: Path, tin
     for kind in ("dpo", "reward"):
         path = write(tmp_path, {"stage": kind, "model": str(tiny_lm), "data": str(pairs), "training": tiny_training()})
         fails(["validate", str(path)], "is conversational (prompt holds chat turns) but the tokenizer of the model")
+
+
+# --- validate builds what run builds, minus the weights ---------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("lora.target_modules=[nope]", r"peft cannot apply it to this model \(Target modules \{'nope'\} not found"),
+        ("lora.r=0", "lora.r' is 0: .*positive number"),
+        ("lora.r=-3", "lora.r' is -3: .*positive number"),
+        ("lora.r=100000", "more than any layer's width"),
+        ("lora.modules_to_save=[nohead]", "modules_to_save' names nohead, which this model does not have"),
+        ("training.eval_strategy=steps", "eval_strategy' is steps, but 'stages.sft' has no `eval_data:`"),
+        ("training.per_device_train_batch_size=0", "per_device_train_batch_size' is 0: .*(at least 1|positive)"),
+        ("training.seed=-1", "seed' is -1"),
+        ("training.report_to=[mlflow]", "names mlflow, which is not installed: pip install mlflow"),
+        ("training.push_to_hub=true", "push_to_hub' is set, but the Hub is unreachable"),
+        ("model.dtype=float64x", "dtype' is 'float64x'"),
+    ],
+)
+def test_what_only_failed_after_the_model_loaded(tmp_path: Path, tiny_lm: Path, override: str, message: str) -> None:
+    path = write(tmp_path, sft({"path": str(tiny_lm)}, lora={"r": 4}))
+    fails(["validate", str(path), override], message)
+
+
+def test_model_folder_without_weights(tmp_path: Path, tiny_lm: Path) -> None:
+    import shutil
+
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny_lm / name, bare / name)
+    path = write(tmp_path, sft(str(bare)))
+    fails(["validate", str(path)], "has a config.json but no weight files")
+
+
+def test_text_column_of_numbers(tmp_path: Path, tiny_lm: Path) -> None:
+    data = tmp_path / "nums.jsonl"
+    data.write_text('{"text": 1}\n{"text": 2}\n')
+    path = write(tmp_path, {"stage": "sft", "model": str(tiny_lm), "data": str(data), "training": tiny_training()})
+    fails(["validate", str(path)], "row 0: column 'text' holds int values, not text")
+
+
+def test_output_dir_that_is_a_dangling_or_looping_link(tmp_path: Path, tiny_lm: Path) -> None:
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    (tmp_path / "a").symlink_to(tmp_path / "b")
+    (tmp_path / "b").symlink_to(tmp_path / "a")
+    for name in ("dangling", "a"):
+        path = write(tmp_path, sft(str(tiny_lm), output_dir=str(tmp_path / name)))
+        fails(["validate", str(path)], "is a symbolic link to nowhere (dangling, or a loop)")

@@ -56,6 +56,11 @@ def test_batch_counts_padded_padding_free_and_plain() -> None:
     tokens, squares = training._batch_counts({"input_ids": torch.zeros(2, 4, dtype=torch.long)})
     assert (int(tokens), int(squares)) == (8, 2 * 16)
     assert training._batch_counts({"chosen_input_ids": mask}) is None and training._batch_counts([mask]) is None
+    counts = [[0, 0], None]
+    for value in training._batch_counts({"input_ids": mask, "attention_mask": mask.float()}):
+        counts[1] = value.long().reshape(1) if counts[1] is None else torch.cat([counts[1], value.long().reshape(1)])
+    counts[0] = [1, 2]  # host part (from shapes) adds to the device part
+    assert training._read(counts) == (9.0, 36.0)
 
 
 def test_peak_flops(monkeypatch: pytest.MonkeyPatch) -> None:

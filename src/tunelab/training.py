@@ -295,7 +295,11 @@ def _measure_cpu_peak(size: int = 2048, seconds: float = 0.5) -> float:
 
 
 def _batch_counts(inputs: Any):
-    """(tokens, sum of squared sequence lengths) of a language-model batch, as tensors on its device; else None."""
+    """(tokens, sum of squared sequence lengths) of a language-model batch; None for other batches.
+
+    Each is an int when the shapes tell it, else a 0-d tensor on the batch's device (from the
+    attention mask), so that counting never copies to or from the device.
+    """
     import torch
 
     if not hasattr(inputs, "get") or not isinstance(inputs.get("input_ids"), torch.Tensor):
@@ -305,9 +309,9 @@ def _batch_counts(inputs: Any):
         lengths = mask.sum(-1)
         return lengths.sum(), (lengths * lengths).sum()
     if isinstance(positions, torch.Tensor) and positions.shape == ids.shape:  # padding-free: rows flattened
-        return positions.new_tensor(positions.numel()), (2 * positions + 1).sum()  # sum(2p+1, p<L) = L**2
+        return positions.numel(), (2 * positions + 1).sum()  # sum of 2p+1 over p < L is L**2
     rows, length = (ids.shape[0], ids.shape[-1]) if ids.dim() == 2 else (1, ids.numel())
-    return ids.new_tensor(rows * length), ids.new_tensor(rows * length * length)
+    return rows * length, rows * length * length
 
 
 def track_throughput(trainer: Any):
@@ -323,12 +327,13 @@ def track_throughput(trainer: Any):
     """
     import time
 
+    import torch
     from transformers import TrainerCallback
 
     model = trainer.model
     n, trains_base = matmul_params(model)
     layers, width = attention_shape(getattr(model, "config", None))
-    counts: list[Any] = []  # one tensor [tokens, squared lengths], made from the first batch
+    counts: list[Any] = []  # [tokens, squared lengths] known on the host, then a device tensor of the rest
     clock: dict[str, float] = {}
     last = {"tokens": 0.0, "squares": 0.0}
     peak: list[float | None] = []
@@ -337,13 +342,17 @@ def track_throughput(trainer: Any):
     def training_step(model: Any, inputs: Any, *args: Any, **kwargs: Any):
         found = _batch_counts(inputs)
         if found is not None:
-            import torch
-
-            pair = torch.stack(found).to(torch.int64)
-            if counts:
-                counts[0] += pair
-            else:  # the first counted batch: find the peak now, off the clock (a CPU measures it, ~0.5 s)
-                counts.append(pair)
+            first = not counts
+            if first:
+                counts.extend([[0, 0], None])
+            for i, value in enumerate(found):
+                if isinstance(value, int):
+                    counts[0][i] += value
+                    continue
+                if counts[1] is None:
+                    counts[1] = value.new_zeros(2, dtype=torch.int64)
+                counts[1][i] += value.long()
+            if first:  # the first counted batch: find the peak now, off the clock (a CPU measures it, ~0.5 s)
                 start = time.perf_counter()
                 peak.append(peak_flops(trainer.args.device, dtype()))
                 for key in clock:
@@ -351,8 +360,6 @@ def track_throughput(trainer: Any):
         return original(model, inputs, *args, **kwargs)
 
     def dtype() -> str:
-        import torch
-
         if trainer.args.bf16 or trainer.args.fp16:
             return "half"
         return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "fp32"
@@ -365,7 +372,7 @@ def track_throughput(trainer: Any):
             if not counts or logs is None or "loss" not in logs or "last" not in clock:
                 return
             now = time.perf_counter()
-            tokens, squares = counts[0].tolist()
+            tokens, squares = _read(counts)
             took = max(now - clock["last"], 1e-9)
             new_tokens, new_squares = tokens - last["tokens"], squares - last["squares"]
             clock["last"], last["tokens"], last["squares"] = now, tokens, squares
@@ -388,11 +395,11 @@ def track_throughput(trainer: Any):
         if not counts or "begin" not in clock:
             return {}
         took = max(clock.get("end", time.perf_counter()) - clock["begin"], 1e-9)
-        summed = counts[0]
+        tokens, squares = _read(counts)
         processes = trainer.accelerator.num_processes
         if processes > 1:
-            summed = trainer.accelerator.reduce(summed.clone(), reduction="sum")
-        tokens, squares = summed.tolist()
+            local = torch.tensor([tokens, squares], dtype=torch.float64, device=trainer.args.device)
+            tokens, squares = trainer.accelerator.reduce(local, reduction="sum").tolist()
         result = {"tokens_per_second": tokens / took}
         if peak and peak[0]:
             flops = training_flops(n, trains_base, layers, width, tokens, squares)
@@ -400,6 +407,13 @@ def track_throughput(trainer: Any):
         return result
 
     return totals
+
+
+def _read(counts: list[Any]) -> tuple[float, float]:
+    """`track_throughput`'s running [tokens, squared lengths]: host part plus device part (one copy, at a log)."""
+    host, device = counts
+    extra = device.tolist() if device is not None else [0, 0]
+    return float(host[0] + extra[0]), float(host[1] + extra[1])
 
 
 class Interrupted(KeyboardInterrupt):

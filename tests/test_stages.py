@@ -264,3 +264,15 @@ def result_recipe_stages(run_dir: Path) -> dict:
     import yaml
 
     return yaml.safe_load((run_dir / "recipe.yaml").read_text())["stages"]
+
+
+def test_sft_packs_by_default_only_where_attention_keeps_rows_apart(tmp_path: Path) -> None:
+    from tunelab.stages import Context, StageSpec
+    from tunelab.stages.sft import _args
+
+    ctx = Context(seed=0, run_dir=tmp_path)
+    flash = StageSpec("s", "sft", {"model": {"path": "m", "attn_implementation": "flash_attention_2"}}, tmp_path)
+    sdpa = StageSpec("s", "sft", {"model": {"path": "m", "attn_implementation": "sdpa"}}, tmp_path)
+    asked = StageSpec("s", "sft", {"model": {"path": "m"}, "training": {"packing": False}}, tmp_path)
+    assert _args(flash, ctx).packing and _args(flash, ctx).packing_strategy == "bfd"
+    assert not _args(sdpa, ctx).packing and not _args(asked, ctx).packing

@@ -74,7 +74,25 @@ def _args(spec: StageSpec, ctx: Context):
 
     from tunelab.training import training_args
 
-    return training_args(SFTConfig, spec.cfg.get("training"), f"{spec.where}.training", spec.out_dir, ctx.seed)
+    values = dict(spec.cfg.get("training") or {})
+    if "packing" not in values and _flash_attention(spec):
+        # Padding-free packing (TRL's best-fit decreasing) is safe where attention keeps the packed
+        # rows apart, which the flash-attention kernels do (sdpa and eager would attend across them).
+        values.update(packing=True, packing_strategy=values.get("packing_strategy", "bfd"))
+    return training_args(SFTConfig, values, f"{spec.where}.training", spec.out_dir, ctx.seed)
+
+
+FLASH_ATTENTION = (
+    "flash_attention_2",
+    "flash_attention_3",
+    "kernels-community/flash-attn",
+    "kernels-community/vllm-flash-attn3",
+)
+
+
+def _flash_attention(spec: StageSpec) -> bool:
+    model = spec.cfg.get("model")
+    return isinstance(model, dict) and model.get("attn_implementation") in FLASH_ATTENTION
 
 
 def _model_path(spec: StageSpec, ctx: Context) -> dict[str, Any] | None:

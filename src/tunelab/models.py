@@ -50,6 +50,8 @@ REDIRECTED_KEYS = {
 }
 ATTENTION = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention", "paged|sdpa", "paged|eager")
 SPECIAL_TOKENS = {"eos_token": "<|endoftext|>", "bos_token": "<|endoftext|>", "pad_token": "<|pad|>"}
+
+
 def model_spec(value: Any, where: str) -> dict[str, Any]:
     """Normalise a `model:` value (string or mapping) and check its keys."""
     from tunelab.errors import unknown_key

@@ -389,3 +389,12 @@ def test_output_dir_that_is_a_dangling_or_looping_link(tmp_path: Path, tiny_lm: 
     for name in ("dangling", "a"):
         path = write(tmp_path, sft(str(tiny_lm), output_dir=str(tmp_path / name)))
         fails(["validate", str(path)], "is a symbolic link to nowhere (dangling, or a loop)")
+
+
+def test_chat_on_a_classifier(tmp_path: Path, tiny_lm: Path) -> None:
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(tiny_lm, num_labels=1)
+    AutoModelForSequenceClassification.from_config(config).save_pretrained(tmp_path / "rm")
+    AutoTokenizer.from_pretrained(tiny_lm).save_pretrained(tmp_path / "rm")
+    fails(["chat", str(tmp_path / "rm"), "--prompt", "hi"], "LlamaForSequenceClassification, which scores text")

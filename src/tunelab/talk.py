@@ -68,7 +68,15 @@ def model_source(ref: str, where: str = "model") -> dict[str, Any]:
             )
     if folder is not None and folder.is_dir() and (folder / "run.json").is_file():
         raise TunelabError(f"'{ref}' is a run folder: name one of its stage folders, e.g. '{Path(ref) / 'sft'}'")
-    return resolve_spec(spec, where)
+    resolved = resolve_spec(spec, where)
+    config = Path(resolved["path"], "config.json")
+    if config.is_file():
+        import json
+
+        arch = (json.loads(config.read_text()).get("architectures") or [""])[0]
+        if arch.endswith(("ForSequenceClassification", "ForTokenClassification")):
+            raise TunelabError(f"'{ref}' is a {arch}, which scores text but does not generate it: name a causal LM")
+    return resolved
 
 
 def load(ref: str, quantization: dict[str, Any] | None = None):

@@ -104,10 +104,15 @@ def _coerce(value: Any, tp: Any) -> Any:  # noqa: C901 - one branch per kind of 
         if not isinstance(value, list):
             return _MISSING
         args = typing.get_args(tp)
-        if args and origin is not tuple:
+        if origin is tuple and args and not (len(args) == 2 and args[1] is Ellipsis):
+            if len(value) != len(args):  # tuple[int, int]: one item per position
+                return _MISSING
+            items = [_coerce(v, a) for v, a in zip(value, args, strict=True)]
+        elif args:  # list[str], tuple[str, ...]
             items = [_coerce(v, args[0]) for v in value]
-            return _MISSING if any(i is _MISSING for i in items) else items
-        return value
+        else:
+            return value
+        return _MISSING if any(i is _MISSING for i in items) else items
     if origin is dict or tp is dict:
         return value if isinstance(value, dict) else _MISSING
     if tp is bool:

@@ -10,11 +10,18 @@ from __future__ import annotations
 import difflib
 from collections.abc import Iterable
 
+# Characters `str.splitlines` breaks at: a message quoting user input must stay one line.
+_LINE_BREAKS = {c: repr(chr(c))[1:-1] for c in (0x0A, 0x0B, 0x0C, 0x0D, 0x1C, 0x1D, 0x1E, 0x85, 0x2028, 0x2029)}
+
 
 class TunelabError(Exception):
     """A problem in the user's input, reported as one line (exit code 2)."""
 
     exit_code = 2
+
+    def __init__(self, message: object = "", *args: object) -> None:
+        # Keys and values quoted from a recipe may hold line breaks: shown escaped, the message stays one line.
+        super().__init__(str(message).translate(_LINE_BREAKS), *args)
 
 
 def closest(word: str, choices: Iterable[str]) -> str | None:

@@ -245,3 +245,8 @@ def test_python_api_takes_what_the_cli_takes(tmp_path: Path) -> None:
     assert recipe.output_dir == tmp_path / "out"
     assert yaml.safe_load(recipe.to_yaml())["output_dir"] == str(tmp_path / "out")
     assert math.isfinite(recipe.seed)
+
+
+def test_usage_errors_are_one_line() -> None:
+    fails(["validate", "quickstart", "--nope"], r"No such option: --nope \(see `tunelab validate --help`\)")
+    fails(["plan", "quickstart", "--devices", "x"], "Invalid value for '--devices'")

@@ -13,8 +13,38 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+import typer.core
+
+
+class _OneLineUsageErrors(typer.core.TyperGroup):
+    """Usage errors (an unknown option, a bad option value) as one `error:` line, exit code 2."""
+
+    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        click = typer.core._click  # typer's own copy of click
+
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            rv = super().main(*args, standalone_mode=False, **kwargs)
+        except click.exceptions.NoArgsIsHelpError as exc:
+            typer.echo(exc.ctx.get_help() if exc.ctx else str(exc))
+            sys.exit(exc.exit_code)
+        except click.exceptions.UsageError as exc:
+            where = f"`{exc.ctx.command_path} --help`" if exc.ctx else "`tunelab --help`"
+            message = " ".join(exc.format_message().split()).translate({c: repr(chr(c))[1:-1] for c in range(32)})
+            typer.secho(f"error: {message} (see {where})", fg=typer.colors.RED, err=True)
+            sys.exit(exc.exit_code)
+        except click.exceptions.ClickException as exc:
+            exc.show()
+            sys.exit(exc.exit_code)
+        except click.exceptions.Abort:
+            typer.echo("aborted", err=True)
+            sys.exit(1)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
 
 app = typer.Typer(
+    cls=_OneLineUsageErrors,
     name="tunelab",
     help="Fine-tune and evaluate foundation models from YAML recipes (SFT, LoRA, pre-training, eval).",
     no_args_is_help=True,
@@ -34,6 +64,14 @@ def _fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
+# Exceptions that typer turns into an exit code itself (typer.Exit from a command, usage errors).
+CLI_EXITS = tuple(
+    {
+        typer.Exit,
+        typer.Abort,
+        typer.core._click.exceptions.ClickException,
+    }
+)
 # Commands that start runs: a Ctrl-C there leaves a run marked 'interrupted' (see tunelab.pipeline).
 RUNNING_COMMANDS = {"run", "launch", "eval_model", "sample"}
 
@@ -44,8 +82,6 @@ def friendly(fn):
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        import click
-
         from tunelab.errors import TunelabError
 
         try:
@@ -64,7 +100,7 @@ def friendly(fn):
             if is_main():  # one line for the run, not one per rank
                 typer.secho(f"interrupted: the run is marked 'interrupted'{where}; continue it with --resume", err=True)
             raise typer.Exit(code) from None
-        except (click.exceptions.Exit, click.exceptions.Abort, click.exceptions.ClickException):
+        except CLI_EXITS:
             raise
         except Exception as exc:
             import errno

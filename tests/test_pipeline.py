@@ -23,7 +23,7 @@ def test_reference_to_a_stage_without_a_model() -> None:
         )
 
 
-def test_resume_skips_unchanged_stages_and_reruns_changed_ones(tmp_path: Path) -> None:
+def test_resume_skips_unchanged_stages_and_from_reruns_changed_ones(tmp_path: Path) -> None:
     data = {
         "output_dir": str(tmp_path / "run"),
         "stages": {
@@ -44,12 +44,14 @@ def test_resume_skips_unchanged_stages_and_reruns_changed_ones(tmp_path: Path) -
     same = tunelab.run(tunelab.recipe_from_dict(data), resume=True)
     assert same.skipped == ["pretrain", "sft"] and same.metrics == first.metrics
 
-    changed = tunelab.run(tunelab.recipe_from_dict(data, ["sft.training.max_steps=3"]), resume=True)
+    with pytest.raises(tunelab.TunelabError, match="stage 'sft' finished, and its recipe changed since"):
+        tunelab.run(tunelab.recipe_from_dict(data, ["sft.training.max_steps=3"]), resume=True)  # never replaced
+    changed = tunelab.run(tunelab.recipe_from_dict(data, ["sft.training.max_steps=3"]), from_stage="sft")
     assert changed.skipped == ["pretrain"]
     assert changed.metrics["sft"]["global_step"] == 3
     assert (changed.outputs["pretrain"] / "model.safetensors").read_bytes() == pretrain_weights
 
-    upstream = tunelab.run(tunelab.recipe_from_dict(data, ["pretrain.training.max_steps=3"]), resume=True)
+    upstream = tunelab.run(tunelab.recipe_from_dict(data, ["pretrain.training.max_steps=3"]), from_stage="pretrain")
     assert upstream.skipped == []  # a new pretrained model invalidates the SFT built on it
 
 
@@ -68,7 +70,7 @@ def test_resume_skips_a_checkpoint_torn_by_a_kill(tmp_path: Path) -> None:
     assert last_checkpoint(tmp_path) == str(tmp_path / "checkpoint-20")
 
 
-def test_resume_reruns_a_stage_whose_data_changed(tmp_path: Path) -> None:
+def test_resume_notices_a_stage_whose_data_changed(tmp_path: Path) -> None:
     corpus = tmp_path / "corpus.jsonl"
     lines = Path("recipes/data/arith_corpus/train.jsonl").read_text().splitlines()
     corpus.write_text("\n".join(lines[:64]) + "\n")
@@ -78,4 +80,6 @@ def test_resume_reruns_a_stage_whose_data_changed(tmp_path: Path) -> None:
     tunelab.run(tunelab.recipe_from_dict(data))
     assert tunelab.run(tunelab.recipe_from_dict(data), resume=True).skipped == ["pretrain"]
     corpus.write_text("\n".join(lines[64:128]) + "\n")  # same file name, other contents
-    assert tunelab.run(tunelab.recipe_from_dict(data), resume=True).skipped == []
+    with pytest.raises(tunelab.TunelabError, match="stage 'pretrain' finished.*its data or an earlier stage"):
+        tunelab.run(tunelab.recipe_from_dict(data), resume=True)
+    assert tunelab.run(tunelab.recipe_from_dict(data), from_stage="pretrain").skipped == []

@@ -169,7 +169,7 @@ def write_report(run_dir: Path) -> Path:
     lines.append("")
     for stage, values in metrics.items():
         folder = run_dir / stage
-        history = read_json(folder / "log_history.json")
+        history = read_json(folder / "log_history.json", list)
         if isinstance(history, list) and _loss_plot(history, folder / "loss.png", f"{stage}: loss"):
             lines += [f"## {stage}: loss", "", f"![{stage} loss]({stage}/loss.png)", ""]
         signals = _signal_keys(history) if isinstance(history, list) else ()

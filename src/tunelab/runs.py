@@ -61,13 +61,14 @@ def write_json(path: Path, data: Any) -> None:
     write_atomic(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
 
 
-def read_json(path: Path) -> dict[str, Any] | None:
-    """A JSON object from `path`; None when missing, unreadable, or not an object (a list, a number)."""
+def read_json(path: Path, kind: type = dict) -> Any:
+    """JSON of the expected `kind` (an object, by default) from `path`; None when missing, unreadable or
+    of another kind (a run.json holding a list is no run)."""
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    return data if isinstance(data, dict) else None
+    return data if isinstance(data, kind) else None
 
 
 TOOL = "tunelab"  # run.json's `tool`: the mark of a folder tunelab made (and may replace)

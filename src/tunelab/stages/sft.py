@@ -76,8 +76,9 @@ def _args(spec: StageSpec, ctx: Context):
 
     values = dict(spec.cfg.get("training") or {})
     if "packing" not in values and _flash_attention(spec):
-        # Padding-free packing (TRL's best-fit decreasing) is safe where attention keeps the packed
-        # rows apart, which the flash-attention kernels do (sdpa and eager would attend across them).
+        # Padding-free packing (TRL's best-fit decreasing) is safe where attention keeps the packed rows
+        # apart. Flash-attention kernels always do; sdpa and eager do only for models on transformers'
+        # masking utilities (the mask is rebuilt from position_ids), so there it stays the user's choice.
         values.update(packing=True, packing_strategy=values.get("packing_strategy", "bfd"))
     return training_args(SFTConfig, values, f"{spec.where}.training", spec.out_dir, ctx.seed)
 

@@ -88,3 +88,16 @@ def test_merge_leaves_folders_it_did_not_make(tmp_path: Path, tiny_lm: Path) -> 
     assert (tmp_path / "notes" / "a.txt").read_text() == "mine"
     onto_file = runner.invoke(app, ["merge", str(out / "sft"), str(mine / "keep.txt")])
     assert onto_file.exit_code == 2 and "is a file" in onto_file.output
+
+
+def test_ctrl_c_during_the_checks_of_a_run_claims_no_run(tmp_path: Path, tiny_lm: Path, monkeypatch) -> None:
+    from tunelab import pipeline
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "_check", interrupted)
+    result = runner.invoke(app, ["run", str(sft_recipe(tmp_path, tiny_lm, tmp_path / "run"))])
+    assert result.exit_code == 130
+    assert "before the run started: nothing was written" in result.output and "--resume" not in result.output
+    assert not (tmp_path / "run").exists()

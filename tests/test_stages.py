@@ -276,3 +276,32 @@ def test_sft_packs_by_default_only_where_attention_keeps_rows_apart(tmp_path: Pa
     asked = StageSpec("s", "sft", {"model": {"path": "m"}, "training": {"packing": False}}, tmp_path)
     assert _args(flash, ctx).packing and _args(flash, ctx).packing_strategy == "bfd"
     assert not _args(sdpa, ctx).packing and not _args(asked, ctx).packing
+
+
+def test_lora_on_a_merged_lora_names_it_as_its_base_and_reloads_exactly(tmp_path: Path, tiny_lm: Path) -> None:
+    """SFT LoRA, then a second LoRA stage on ${first} (as DPO or GRPO on ${sft} are): the second adapter
+    must load over base + first adapter, in tunelab's loaders and in `tunelab merge`."""
+    from tunelab.models import load_causal_lm
+
+    def lora_stage(model: str) -> dict:
+        training = tiny_training(max_steps=2, learning_rate=5e-2)
+        return {"stage": "sft", "model": model, "data": QA_TRAIN, "lora": {"r": 4}, "training": training}
+
+    recipe = tunelab.recipe_from_dict(
+        {"output_dir": str(tmp_path / "run"), "stages": {"a": lora_stage(str(tiny_lm)), "b": lora_stage("${a}")}}
+    )
+    result = tunelab.run(recipe)
+    first, second = result.outputs["a"], result.outputs["b"]
+    assert json.loads((second / "adapter_config.json").read_text())["base_model_name_or_path"] == str(first)
+    tokenizer = AutoTokenizer.from_pretrained(second)
+    manual = PeftModel.from_pretrained(
+        PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_lm), first).merge_and_unload(), second
+    )
+    expected = logits(manual, tokenizer)
+    torch.testing.assert_close(logits(load_causal_lm({"path": str(second)}), tokenizer), expected)
+    without_first = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_lm), second)
+    assert not torch.allclose(logits(without_first, tokenizer), expected, atol=1e-4)  # the first adapter matters
+    out = CliRunner().invoke(app, ["merge", str(second), str(tmp_path / "merged")])
+    assert out.exit_code == 0, out.output
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    torch.testing.assert_close(logits(merged, tokenizer), expected, atol=1e-5, rtol=1e-5)

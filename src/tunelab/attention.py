@@ -30,12 +30,17 @@ def attention_maps(model_ref: str, text: str, chat: bool = True) -> tuple[list[s
         import json
 
         from peft import PeftModel
-        from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+        from transformers import AutoModelForSequenceClassification
 
         task = json.loads(Path(path, "adapter_config.json").read_text()).get("task_type")
-        cls = {"CAUSAL_LM": AutoModelForCausalLM, "SEQ_CLS": AutoModelForSequenceClassification}.get(task, AutoModel)
-        base = cls.from_pretrained(resolve_model(adapter_base(path), "base model"), attn_implementation="eager")
-        model = PeftModel.from_pretrained(base, path).merge_and_unload()
+        if task == "CAUSAL_LM":  # through the loader that follows adapters trained on merged adapters
+            from tunelab.models import load_causal_lm
+
+            model = load_causal_lm({"path": path, "attn_implementation": "eager"})
+        else:
+            cls = {"SEQ_CLS": AutoModelForSequenceClassification}.get(task, AutoModel)
+            base = cls.from_pretrained(resolve_model(adapter_base(path), "base model"), attn_implementation="eager")
+            model = PeftModel.from_pretrained(base, path).merge_and_unload()
     else:
         model = AutoModel.from_pretrained(path, attn_implementation="eager")
     from tunelab.chat import messages, render, use_template

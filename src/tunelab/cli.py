@@ -92,8 +92,13 @@ def friendly(fn):
             from tunelab.distributed import is_main
 
             code = 128 + getattr(exc, "signum", 2)
-            if fn.__name__ not in RUNNING_COMMANDS:
-                typer.secho("interrupted", err=True)
+            if fn.__name__ not in RUNNING_COMMANDS or getattr(exc, "before_run", False):
+                typer.secho(
+                    "interrupted (before the run started: nothing was written)"
+                    if getattr(exc, "before_run", False)
+                    else "interrupted",
+                    err=True,
+                )
                 raise typer.Exit(code) from None
             saved = getattr(exc, "checkpoint", None)
             where = f" (checkpoint saved: {saved})" if saved else ""

@@ -204,7 +204,7 @@ def model_config(value: Any, ctx: Any, where: str):
         config = AutoConfig.from_pretrained(path, gguf_file=spec["gguf_file"])
         del config.quantization_config  # tunelab trains and writes the dequantized weights
         return config
-    if is_adapter(path):
+    while is_adapter(path):  # an adapter's base may be an adapter too (LoRA on a merged LoRA)
         path = resolve_model(adapter_base(path), f"{where} (base model of the adapter)")
     try:
         return AutoConfig.from_pretrained(
@@ -277,12 +277,19 @@ def load_causal_lm(spec: dict[str, Any], quantization: Any = None, merge_adapter
     if is_adapter(path):
         from peft import PeftModel
 
-        base = AutoModelForCausalLM.from_pretrained(adapter_base(path), **kwargs)
+        base_path = adapter_base(path)
+        if is_adapter(base_path):  # a LoRA trained on a merged LoRA (DPO after SFT): its base, merged, first
+            base = load_causal_lm({**spec, "path": base_path}, quantization, merge_adapter=True)
+        else:
+            base = AutoModelForCausalLM.from_pretrained(base_path, **kwargs)
         model = PeftModel.from_pretrained(base, path)
         if not merge_adapter:
             return model
         # PeftModel froze the base for inference; the merged model is trained on by later stages.
-        return model.merge_and_unload().requires_grad_(True)
+        merged = model.merge_and_unload().requires_grad_(True)
+        # An adapter trained on this model must name this adapter folder as its base, not the model under it.
+        merged.name_or_path = str(path)
+        return merged
     return AutoModelForCausalLM.from_pretrained(path, **kwargs)
 
 
@@ -362,8 +369,11 @@ def merge(adapter_dir: str | Path, out_dir: str | Path, base: str | None = None,
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(base_spec["path"], dtype=torch.float32)
-    merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
+    if base is None and is_adapter(base_spec["path"]):  # trained on a merged adapter: merge the chain
+        merged = load_causal_lm({"path": str(adapter_dir), "dtype": "float32"}, merge_adapter=True)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(base_spec["path"], dtype=torch.float32)
+        merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
     tokenizer = load_tokenizer(str(adapter_dir))
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))  # ours alone: removed on failure

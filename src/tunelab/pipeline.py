@@ -234,7 +234,11 @@ def run(recipe: Recipe, overwrite: bool = False, resume: bool = False, from_stag
     `from_stage` also reruns that stage and every stage after it.
     """
     distributed.init()
-    mode, plans = _check(recipe, overwrite, resume, from_stage)  # every rank, before any rank writes
+    try:
+        mode, plans = _check(recipe, overwrite, resume, from_stage)  # every rank, before any rank writes
+    except KeyboardInterrupt as exc:
+        exc.before_run = True  # nothing was written: there is no run to mark or resume
+        raise
     distributed.barrier("the recipe checks")
     _warn_memory(plans)
     rank, size = distributed.world()

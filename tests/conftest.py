@@ -6,6 +6,8 @@ import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # tests never reach for the network
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The MFU denominator: measured once per training process otherwise (~0.5 s, in every CLI subprocess).
+os.environ.setdefault("TUNELAB_PEAK_FLOPS", "1.8e11")
 
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402

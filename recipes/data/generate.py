@@ -26,6 +26,10 @@ model's answer can be checked exactly. Three datasets share one small world
   ``completion`` columns holding the same question and answer, so one file serves SFT (messages),
   eval (prompt/completion, prompted through the model's chat template) and GRPO (prompt,
   completion as the reference). ``arith_chat_pref/``: ``arith_pref``'s pairs in the same form.
+- ``arith_mc/``: the ``arith_qa`` questions as multiple choice, for log-likelihood scoring (tunelab's
+  eval with ``choices``, and the harness task ``tunelab_arith_mc``): ``prompt``, four ``choices``
+  (the answer and three wrong ones of ``arith_pref``'s kinds, each with its leading space, as a
+  completion), ``label`` (the index of the answer) and ``completion``.
 
 Held-out questions never appear in the training split (checked below).
 """
@@ -127,6 +131,11 @@ def main() -> None:
     for split, rows in (("train", pref_train[:2000]), ("test", pref_test)):
         _write_jsonl(HERE / "arith_chat_pref" / f"{split}.jsonl", [_chat_pair(r) for r in rows])
 
+    # Multiple choice over the same questions, from a stream of its own (train: few-shot examples).
+    mc_rng = random.Random(SEED + 3)
+    for split, rows in (("train", train[:200]), ("test", test)):
+        _write_jsonl(HERE / "arith_mc" / f"{split}.jsonl", [_choices(mc_rng, r) for r in rows])
+
 
 def _question(prompt: str) -> str:
     return prompt.removeprefix("Question: ").removesuffix("\nAnswer:")
@@ -158,6 +167,24 @@ def _pair(rng: random.Random, prompt: str, c: int) -> dict:
             wrong = rng.randint(0, 2 * MAX_N)
         if wrong >= 0 and wrong != c:
             return {"prompt": prompt, "chosen": f" {c}", "rejected": f" {wrong}"}
+
+
+def _choices(rng: random.Random, row: dict) -> dict:
+    """A multiple-choice row: the answer among three distinct wrong answers, in random order."""
+    c = int(row["completion"])
+    wrong: list[int] = []
+    while len(wrong) < 3:
+        value = int(_pair(rng, row["prompt"], c)["rejected"])
+        if value not in wrong:
+            wrong.append(value)
+    choices = [c, *wrong]
+    rng.shuffle(choices)
+    return {
+        "prompt": row["prompt"],
+        "choices": [f" {n}" for n in choices],
+        "label": choices.index(c),
+        "completion": row["completion"],
+    }
 
 
 if __name__ == "__main__":

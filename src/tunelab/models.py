@@ -111,6 +111,17 @@ def resolve_spec(mspec: dict[str, Any], where: str, materialize: bool = True) ->
     return {**mspec, "path": str(plain)}
 
 
+def labelled_models(cfg: dict[str, Any], where: str) -> dict[str, Any]:
+    """An evaluating stage's models as {label: model}: `model:` (labelled `model`) or `models:`."""
+    if ("model" in cfg) == ("models" in cfg):
+        raise TunelabError(f"'{where}' needs exactly one of `model:` or `models: {{label: model}}`")
+    if "model" in cfg:
+        return {"model": cfg["model"]}
+    if not isinstance(cfg["models"], dict) or not cfg["models"]:
+        raise TunelabError(f"'{where}.models' must map labels to models, e.g. {{before: ${{pretrain}}}}")
+    return dict(cfg["models"])
+
+
 def stage_model(spec: Any, ctx: Any, hint: str = "a hub id, a folder, or an earlier stage (${name})"):
     """A stage's `model:` as from_pretrained arguments with a loadable path.
 

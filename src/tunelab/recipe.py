@@ -56,7 +56,7 @@ KIND_MAPPING_SECTIONS = {("diffusion_train", "scheduler"): "{num_train_timesteps
 # Keys whose strings are (or may be) file system paths, at any depth of a stage.
 PATH_KEYS = {
     "model", "data", "eval_data", "classifier_data", "tokenizer", "reward_model", "value_model", "models",
-    "rewards", "path", "data_dir", "data_files", "gguf_file",
+    "rewards", "path", "data_dir", "data_files", "gguf_file", "include_path",
 }
 
 

@@ -28,6 +28,7 @@ STAGES: dict[str, str] = {
     "pretrain": "tunelab.stages.pretrain",
     "sft": "tunelab.stages.sft",
     "eval": "tunelab.stages.eval",
+    "lm_eval": "tunelab.stages.lm_eval",
     "classify": "tunelab.stages.classify",
     "reward": "tunelab.stages.reward",
     "ppo": "tunelab.stages.ppo",

@@ -75,14 +75,9 @@ GENERATION_DEFAULTS = {"max_new_tokens": 16, "do_sample": False}
 
 
 def _models(spec: StageSpec) -> dict[str, Any]:
-    cfg = spec.cfg
-    if ("model" in cfg) == ("models" in cfg):
-        raise TunelabError(f"'{spec.where}' needs exactly one of `model:` or `models: {{label: model}}`")
-    if "model" in cfg:
-        return {"model": cfg["model"]}
-    if not isinstance(cfg["models"], dict) or not cfg["models"]:
-        raise TunelabError(f"'{spec.where}.models' must map labels to models, e.g. {{before: ${{pretrain}}}}")
-    return dict(cfg["models"])
+    from tunelab.models import labelled_models
+
+    return labelled_models(spec.cfg, spec.where)
 
 
 def _generation(spec: StageSpec):

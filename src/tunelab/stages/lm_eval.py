@@ -1,0 +1,239 @@
+"""Score models on lm-evaluation-harness tasks: the field's benchmarks, through the tool people trust.
+
+The stage's keys are `lm_eval.simple_evaluate`'s own arguments (`tasks`, `num_fewshot`,
+`batch_size`, `limit`, `apply_chat_template`, `system_instruction`, `gen_kwargs`, ...), checked
+against its signature, plus what tunelab adds: `model:` or `models: {label: model}` (any source a
+stage takes: a folder, an earlier stage, an adapter over its base, a GGUF file, a hub id),
+`quantization:` (4/8-bit, as everywhere), `model_args:` (HFLM's own arguments: max_length,
+add_bos_token, ...), `include_path:` (folders of your own task YAMLs) and `think_end_token:`
+(the answer is what follows the model's reasoning).
+
+tunelab loads each model and hands it to the harness's `HFLM` as an object, so the scores are the
+harness's own. tunelab's bundled tasks (`tunelab_arith`, `tunelab_arith_fewshot`,
+`tunelab_arith_cot`, `tunelab_arith_mc`; tag `tunelab`) run offline; any other task runs where
+its dataset is reachable or cached. Each model's results go to `metrics.json` as `task/metric`
+(side by side for several models), the harness's full results to `harness-LABEL.json` with the
+`lm_eval` command that reproduces them, and every scored example to `samples-LABEL.jsonl`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from tunelab.errors import TunelabError
+from tunelab.stages import Context, StageResult, StageSpec
+
+PRODUCES_MODEL = False
+OWN = {
+    "model": "model to score: hub id, folder, adapter folder (loaded over its base), GGUF, or ${stage}",
+    "models": "several models to compare, as {label: model}",
+    "quantization": "transformers.BitsAndBytesConfig fields: score the model loaded in 4 or 8 bits",
+    "include_path": "folder (or list) of your own harness task YAMLs",
+    "model_args": "HFLM arguments (max_length, add_bos_token, truncation, softmax_dtype, enable_thinking, ...)",
+    "think_end_token": "end-of-reasoning marker (e.g. </think>): answers are scored on what follows it",
+}
+# lm_eval.simple_evaluate's keyword arguments (a test keeps this list equal to its signature).
+HARNESS = {
+    "tasks": "harness task names (or YAML files): [tunelab_arith_mc], `mmlu`, a group or a tag",
+    "num_fewshot": "examples shown before each question (default: the task's own)",
+    "batch_size": "examples scored together: a number, `auto` or `auto:N` (default 16)",
+    "max_batch_size": "the largest batch `auto` tries",
+    "use_cache": "a sqlite file that caches model answers between runs",
+    "cache_requests": "cache the built requests (inputs)",
+    "rewrite_requests_cache": "rebuild the requests cache",
+    "delete_requests_cache": "delete the requests cache first",
+    "limit": "examples per task: a count, or a fraction (< 1) of the task",
+    "samples": "which examples of each task, as {task: [indices]} (instead of limit)",
+    "bootstrap_iters": "bootstrap resamples for standard errors (0: none)",
+    "check_integrity": "run the tasks' own tests first",
+    "write_out": "print an example prompt of each task",
+    "log_samples": "keep each example's prompt, answer and score (default true; written to samples-LABEL.jsonl)",
+    "system_instruction": "system prompt (with apply_chat_template)",
+    "apply_chat_template": "prompt through the model's chat template (true, or a template name)",
+    "fewshot_as_multiturn": "few-shot examples as earlier chat turns (with apply_chat_template)",
+    "gen_kwargs": "generation settings for generate_until tasks (do_sample, temperature, max_gen_toks, ...)",
+    "predict_only": "generate answers without scoring them",
+    "random_seed": "Python's random seed",
+    "numpy_random_seed": "numpy's seed",
+    "torch_random_seed": "torch's seed",
+    "fewshot_random_seed": "seed of the few-shot sampler",
+    "confirm_run_unsafe_code": "allow tasks that execute model-written code",
+    "metadata": "extra settings passed to the tasks",
+}
+SECTIONS = {**OWN, **HARNESS}
+DEFAULT_BATCH = 16  # the harness's own default is 1: slow on every device
+PROMPT_TOKENS = 1024  # planning assumption: a few-shot prompt and its answer
+
+
+def _settings(spec: StageSpec) -> tuple[list[str], dict[str, Any], dict[str, Any]]:
+    """(task names, simple_evaluate arguments, HFLM arguments), checked; one line for the first problem."""
+    from tunelab.harness import check_arguments, check_model_args, require, task_names
+
+    require()
+    if "tasks" not in spec.cfg:
+        raise TunelabError(f"'{spec.where}' has no `tasks:`: name harness tasks, e.g. [tunelab_arith_mc]")
+    names = task_names(spec.cfg["tasks"], f"{spec.where}.tasks")
+    args = check_arguments({k: v for k, v in spec.cfg.items() if k in HARNESS and k != "tasks"}, spec.where)
+    if args.get("limit") is not None and args.get("samples") is not None:
+        raise TunelabError(f"'{spec.where}' sets both `limit` and `samples`: keep one")
+    model_args = check_model_args(spec.cfg.get("model_args"), f"{spec.where}.model_args")
+    think = spec.cfg.get("think_end_token")
+    if think is not None:
+        if not isinstance(think, (str, int)) or isinstance(think, bool) or think == "":
+            raise TunelabError(f"'{spec.where}.think_end_token' must be a token (e.g. </think>) or its id")
+        if "think_end_token" in model_args:
+            raise TunelabError(f"'{spec.where}' sets think_end_token twice (also in model_args): keep one")
+        model_args["think_end_token"] = think
+    args.setdefault("batch_size", DEFAULT_BATCH)
+    return names, args, model_args
+
+
+def _manager(spec: StageSpec, names: list[str], shipped=None):
+    from tunelab.harness import include_paths, task_manager
+
+    include = include_paths(spec.cfg.get("include_path"), f"{spec.where}.include_path")
+    return task_manager(names, include, f"{spec.where}.tasks", shipped)
+
+
+def _where(spec: StageSpec, label: str) -> str:
+    return f"{spec.where}.models.{label}" if "models" in spec.cfg else f"{spec.where}.model"
+
+
+def check(spec: StageSpec, ctx: Context) -> None:
+    from tunelab.harness import load_tasks
+    from tunelab.models import check_tokenizer, labelled_models, load_tokenizer, model_config, model_spec, resolve_spec
+    from tunelab.quant import check_cpu_shapes, quant_config
+
+    names, args, _ = _settings(spec)
+    quant = quant_config(spec.cfg.get("quantization"), f"{spec.where}.quantization")
+    for label, value in labelled_models(spec.cfg, spec.where).items():
+        where = _where(spec, label)
+        mspec = model_spec(value, where)
+        if not ctx.is_pending(mspec["path"]):
+            resolved = resolve_spec({**mspec, "path": ctx.resolve_ref(mspec["path"])}, where, materialize=False)
+            path = resolved.get("gguf_file", resolved["path"])
+            check_tokenizer(path, where)
+            if args.get("apply_chat_template") is True and not load_tokenizer(path).chat_template:
+                raise TunelabError(
+                    f"'{spec.where}.apply_chat_template' is true, but the tokenizer of '{where}' has no chat "
+                    "template: drop it for this model, or score a chat model"
+                )
+        config = model_config(value, ctx, where) if quant is not None else None
+        if config is not None:
+            check_cpu_shapes(config, spec.cfg["quantization"], f"{spec.where}.quantization")
+    load_tasks(_manager(spec, names), names, f"{spec.where}.tasks")  # reads each task's data, as run will
+
+
+def run(spec: StageSpec, ctx: Context) -> StageResult:
+    from tunelab.harness import flat_metrics, load_tasks, materialize
+    from tunelab.models import labelled_models, model_spec, resolve_spec
+    from tunelab.quant import quant_config
+    from tunelab.runs import write_atomic
+
+    names, args, model_args = _settings(spec)
+    quant = quant_config(spec.cfg.get("quantization"), f"{spec.where}.quantization")
+    spec.out_dir.mkdir(parents=True, exist_ok=True)
+    tasks_dir = materialize(spec.out_dir / "tasks")
+    manager = _manager(spec, names, shipped=tasks_dir)
+    load_tasks(manager, names, f"{spec.where}.tasks")
+    metrics: dict[str, Any] = {}
+    files: dict[str, str] = {}
+    for label, value in labelled_models(spec.cfg, spec.where).items():
+        where = _where(spec, label)
+        mspec = model_spec(value, where)
+        mspec = resolve_spec({**mspec, "path": ctx.resolve_ref(mspec["path"])}, where)
+        started = time.perf_counter()
+        results = _evaluate(mspec, quant, names, manager, args, model_args)
+        seconds = time.perf_counter() - started
+        samples = results.pop("samples", None) or {}
+        counted = sum(int(v.get("effective", 0)) for v in results.get("n-samples", {}).values())
+        metrics[label] = {**flat_metrics(results), "examples": counted, "examples_per_second": counted / seconds}
+        results["tunelab"] = {"model": mspec["path"], "command": _command(mspec, names, tasks_dir, args)}
+        path = spec.out_dir / f"harness-{label}.json"
+        write_atomic(path, json.dumps(results, indent=2, default=str) + "\n")
+        files[f"harness-{label}"] = str(path)
+        if samples:
+            rows = [json.dumps({"task": t, **row}, default=str) + "\n" for t, got in samples.items() for row in got]
+            write_atomic(spec.out_dir / f"samples-{label}.jsonl", "".join(rows))
+            files[f"samples-{label}"] = str(spec.out_dir / f"samples-{label}.jsonl")
+        _print_table(label, metrics[label])
+    return StageResult(metrics=metrics, files=files, fingerprints={"tasks": _fingerprint(tasks_dir, names)})
+
+
+def _evaluate(mspec, quant, names, manager, args, model_args) -> dict[str, Any]:
+    """One model through `simple_evaluate`, loaded by tunelab and handed to HFLM as an object."""
+    import logging
+
+    import lm_eval
+    import torch
+    from lm_eval.models.huggingface import HFLM
+
+    from tunelab.models import load_causal_lm, load_tokenizer
+
+    tokenizer = load_tokenizer(mspec["path"])
+    model = load_causal_lm(mspec, quantization=quant, merge_adapter=quant is None).eval()
+    if torch.cuda.is_available() and quant is None and "device_map" not in mspec:
+        model = model.to("cuda")
+    args = dict(args)
+    logger = logging.getLogger("lm_eval")
+    level = logger.level
+    # The harness warns that an object was passed as `pretrained` (tunelab's way) and logs each
+    # request's setup at INFO: errors only.
+    logger.setLevel(logging.ERROR)
+    try:
+        lm = HFLM(
+            pretrained=model,
+            tokenizer=tokenizer,
+            batch_size=args.pop("batch_size"),
+            max_batch_size=args.pop("max_batch_size", None) or 64,
+            **model_args,
+        )
+        return lm_eval.simple_evaluate(model=lm, tasks=names, task_manager=manager, **args)
+    finally:
+        logger.setLevel(level)
+
+
+def _command(mspec: dict[str, Any], names: list[str], tasks_dir, args: dict[str, Any]) -> str:
+    """The harness command that scores the same model without tunelab (adapters through `peft=`)."""
+    from tunelab.harness import direct_command
+    from tunelab.models import adapter_base, is_adapter
+
+    path = mspec["path"]
+    if not is_adapter(path):
+        return direct_command(path, None, names, tasks_dir, args)
+    base = adapter_base(path)
+    if is_adapter(base):
+        return "tunelab merge " + path + " MERGED, then " + direct_command("MERGED", None, names, tasks_dir, args)
+    return direct_command(base, path, names, tasks_dir, args)
+
+
+def _fingerprint(tasks_dir, names: list[str]) -> str:
+    import hashlib
+
+    digest = hashlib.sha256(",".join(names).encode())
+    for path in sorted(tasks_dir.glob("*.yaml")):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def _print_table(label: str, values: dict[str, Any]) -> None:
+    shown = ", ".join(f"{k} {v:.4g}" for k, v in values.items() if "/" in k)
+    print(f"   {label}: {shown} ({values['examples']} examples, {values['examples_per_second']:.3g}/s)", flush=True)
+
+
+def plan(spec: StageSpec, ctx: Context):
+    """Memory plan of scoring with the largest of the models (a batch of prompts of PROMPT_TOKENS)."""
+    from tunelab.models import labelled_models, model_config, model_spec
+    from tunelab.plan import plan_generation
+
+    batch = spec.cfg.get("batch_size", DEFAULT_BATCH)
+    batch = batch if isinstance(batch, int) and not isinstance(batch, bool) else spec.cfg.get("max_batch_size") or 64
+    plans = []
+    for label, value in labelled_models(spec.cfg, spec.where).items():
+        config = model_config(value, ctx, _where(spec, label))
+        if config is not None:
+            dtype = model_spec(value, _where(spec, label)).get("dtype")
+            plans.append(plan_generation(spec.name, config, batch, PROMPT_TOKENS, spec.cfg.get("quantization"), dtype))
+    return max(plans, key=lambda p: p.total) if plans else None

@@ -22,9 +22,9 @@ from typing import Any
 from tunelab.errors import TunelabError, closest
 
 INSTALL = "pip install 'tunelab[harness]' (lm-eval)"
-# simple_evaluate arguments tunelab sets itself: the model (loaded by tunelab), the task registry
-# (built from include_path), its own logging.
-OWNED = ("model", "model_args", "task_manager", "evaluation_tracker", "verbosity")
+# simple_evaluate arguments tunelab sets itself: the model (loaded and placed by tunelab), the task
+# registry (built from include_path), its own logging.
+OWNED = ("model", "model_args", "device", "task_manager", "evaluation_tracker", "verbosity")
 # HFLM arguments about loading the model, which tunelab does (`model:` takes from_pretrained's
 # arguments, `quantization:` the bits): given an object, HFLM ignores or refuses them.
 LOADING = (
@@ -97,7 +97,8 @@ def check_arguments(values: dict[str, Any], where: str) -> dict[str, Any]:
 
     out = check_keys(values, _as_class(lm_eval.simple_evaluate), where, exclude=OWNED)
     limit = out.get("limit")
-    if limit is not None and (isinstance(limit, bool) or not (limit >= 1 or 0 < limit < 1) or limit != limit):
+    number = isinstance(limit, (int, float)) and not isinstance(limit, bool)
+    if limit is not None and (not number or not (limit >= 1 or 0 < limit < 1)):
         raise TunelabError(f"'{where}.limit' is {limit!r}: give a count of examples (>= 1) or a fraction in (0, 1)")
     if isinstance(limit, float) and limit >= 1:
         if not limit.is_integer():

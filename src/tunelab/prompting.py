@@ -37,11 +37,15 @@ class Prompting:
         return [prefix + self.template.format(prompt=p) for p in prompts], False
 
 
-def generate(model, tokenizer, prompts: list[str], config, batch_size: int, templated: bool = False) -> list[str]:
+def generate(
+    model, tokenizer, prompts: list[str], config, batch_size: int, templated: bool = False, think: str | None = None
+) -> list[str]:
     """Batched generation: left padding, prompts sorted by length so batches waste little.
 
     Chat-templated prompts carry their special tokens already (a BOS among them, for templates that
-    write one), so they are tokenized without adding more.
+    write one), so they are tokenized without adding more. With `think` (an end-of-reasoning marker
+    such as `</think>`), the marker stays in the text even where it is a special token, so that
+    `strip_reasoning` can find it.
     """
     import torch
 
@@ -58,7 +62,25 @@ def generate(model, tokenizer, prompts: list[str], config, batch_size: int, temp
         enc = tokenizer(batch, return_tensors="pt", padding=True, add_special_tokens=special).to(model.device)
         with torch.no_grad():
             out = model.generate(**enc, generation_config=config, tokenizer=tokenizer)
-        texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+        new = out[:, enc["input_ids"].shape[1] :]
+        texts = tokenizer.batch_decode(new, skip_special_tokens=True)
+        if think is not None:
+            texts = [_keep_marker(tokenizer, row.tolist(), text, think) for row, text in zip(new, texts, strict=True)]
         for i, text in zip(idx, texts, strict=True):
             outputs[i] = text
     return outputs
+
+
+def _keep_marker(tokenizer, ids: list[int], text: str, think: str) -> str:
+    """`text` with the reasoning marker put back where decoding skipped it as a special token."""
+    marker = tokenizer.convert_tokens_to_ids(think)
+    if not isinstance(marker, int) or marker == tokenizer.unk_token_id or marker not in ids or think in text:
+        return text
+    last = len(ids) - 1 - ids[::-1].index(marker)
+    head = tokenizer.decode(ids[:last], skip_special_tokens=True)
+    return head + think + tokenizer.decode(ids[last + 1 :], skip_special_tokens=True)
+
+
+def strip_reasoning(text: str, think: str | None) -> str:
+    """What follows the last end-of-reasoning marker (the harness's rule); the whole text without one."""
+    return text.split(think)[-1].lstrip() if think else text

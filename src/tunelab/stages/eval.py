@@ -16,6 +16,13 @@ held-out real images of `data` with `frechet_distance` (see `tunelab.image_quali
 distance in the feature space of a small classifier trained on `classifier_data` (default: the
 same dataset's train split), its confidence, and the spread of predicted classes.
 
+With a `choices` column (or `choices_column:`), eval scores multiple choice by log-likelihood, as
+lm-evaluation-harness does for MMLU-style tasks (see `tunelab.loglik`): each choice's
+log-probability after the prompt (through the chat template where the model has one); `acc` and
+`acc_norm` (normalised by the choice's length), the reference being the right choice's index
+(`label` by default) or its text. `think_end_token:` scores generated answers on what follows the
+model's reasoning (`</think>`).
+
 With `reward_model:` (a reward stage's output), each prompt + output is also scored by that
 reward model, as PPO scores it, and `reward_mean` is reported per model: the number RLHF
 optimises, next to the exact match it is meant to improve.
@@ -28,7 +35,7 @@ import re
 from typing import Any
 
 from tunelab.errors import TunelabError, unknown_key
-from tunelab.prompting import Prompting, generate
+from tunelab.prompting import Prompting, generate, strip_reasoning
 from tunelab.stages import Context, StageResult, StageSpec
 
 PRODUCES_MODEL = False
@@ -37,7 +44,9 @@ SECTIONS = {
     "models": "several models to compare, as {label: model}",
     "data": "evaluation data: datasets.load_dataset arguments (default split: test)",
     "prompt_column": "column holding the prompt (default: prompt)",
-    "reference_column": "column holding the reference answer (default: completion)",
+    "reference_column": "column holding the reference answer (default: completion; with choices: label)",
+    "choices_column": "column of answer choices: score each by log-likelihood (acc, acc_norm); default: choices",
+    "think_end_token": "end-of-reasoning marker (e.g. </think>): answers are taken from what follows it",
     "generation": "transformers.GenerationConfig fields (max_new_tokens, do_sample, num_beams, ...)",
     "batch_size": "prompts generated together (left-padded, sorted by length); default 32",
     "metrics": "evaluate metrics on the answers: exact_match, bleu, chrf, rouge (name or {name: options})",
@@ -56,6 +65,8 @@ SECTIONS = {
 IMAGE_KEYS = ("sampling", "classifier_data", "image_column", "label_column")
 TEXT_KEYS = (
     "prompt_column",
+    "choices_column",
+    "think_end_token",
     "reference_column",
     "generation",
     "quantization",
@@ -72,6 +83,7 @@ FEWSHOT_KEYS = ("k", "data", "separator")
 GENERATION_METRICS = ("exact_match", "bleu", "chrf", "rouge")  # shipped metrics that score text against text
 MULTI_REFERENCE = ("bleu", "chrf")
 GENERATION_DEFAULTS = {"max_new_tokens": 16, "do_sample": False}
+GENERATION_ONLY = ("generation", "metrics", "answer_pattern", "reward_model", "think_end_token")
 
 
 def _models(spec: StageSpec) -> dict[str, Any]:
@@ -124,14 +136,30 @@ def _options(spec: StageSpec) -> tuple[str, str, int]:
 
 
 def _data(spec: StageSpec, prompt: str, reference: str):
+    """(dataset, reference column, choices column or None: multiple choice when there is one)."""
     from tunelab.data import load_split, require_columns
 
     if "data" not in spec.cfg:
         raise TunelabError(f"'{spec.where}' has no `data:`: name the dataset (and split) to evaluate on")
     ds = load_split(spec.cfg["data"], f"{spec.where}.data", "test")
     require_columns(ds, [prompt], f"{spec.where}.data", "prompts to answer; set prompt_column")
+    choices = spec.cfg.get("choices_column", "choices" if "choices" in ds.column_names else None)
+    if choices is not None:
+        require_columns(ds, [choices], f"{spec.where}.data", "answer choices; set choices_column")
+        for key in GENERATION_ONLY:
+            if key in spec.cfg:
+                raise TunelabError(
+                    f"'{spec.where}.{key}' applies to generated answers; this eval scores choices by "
+                    f"log-likelihood (its data has a '{choices}' column): remove `{key}`"
+                )
+        if "reference_column" not in spec.cfg:
+            reference = "label" if "label" in ds.column_names else reference
     require_columns(ds, [reference], f"{spec.where}.data", "reference answers; set reference_column")
-    return ds
+    if choices is not None:
+        from tunelab.loglik import check_choices
+
+        check_choices(ds, choices, reference, f"{spec.where}.data")
+    return ds, reference, choices
 
 
 def _is_diffusion(value: Any, ctx: Context) -> bool:
@@ -277,11 +305,13 @@ def _check_text(spec: StageSpec, ctx: Context) -> None:
     from tunelab.quant import check_cpu_shapes, quant_config
 
     prompt, reference, _ = _options(spec)
-    _metrics(spec)
-    _generation(spec)
     quant = quant_config(spec.cfg.get("quantization"), f"{spec.where}.quantization")
-    ds = _data(spec, prompt, reference)
-    prompting, _ = _prompting(spec, ctx, prompt, reference)
+    ds, reference, choices = _data(spec, prompt, reference)
+    if choices is None:
+        _metrics(spec)
+        _generation(spec)
+        _think_token(spec)
+    prompting, _ = _prompting(spec, ctx, prompt, reference, choices)
     first = [str(p) for p in ds.select(range(min(2, len(ds))))[prompt]]
     for label, value in _models(spec).items():
         where = f"{spec.where}.models.{label}" if "models" in spec.cfg else f"{spec.where}.model"
@@ -317,7 +347,9 @@ def answer(text: str, pattern: str | None = None) -> str:
     return ""
 
 
-def _prompting(spec: StageSpec, ctx: Context, prompt_col: str, ref_col: str) -> tuple[Prompting, str | None]:
+def _prompting(
+    spec: StageSpec, ctx: Context, prompt_col: str, ref_col: str, choices_col: str | None = None
+) -> tuple[Prompting, str | None]:
     """(prompt builder, answer pattern) from fewshot / prompt_template / answer_pattern / chat settings."""
     from tunelab.chat import setting, system_prompt
     from tunelab.data import load_split, require_columns
@@ -345,13 +377,25 @@ def _prompting(spec: StageSpec, ctx: Context, prompt_col: str, ref_col: str) -> 
         base = spec.cfg["data"]
         source = fewshot.get("data", {"path": base if isinstance(base, str) else base["path"], "split": "train"})
         shots_ds = load_split(source, f"{where}.data", "train")
-        require_columns(shots_ds, [prompt_col, ref_col], f"{where}.data", "examples to show")
+        require_columns(
+            shots_ds,
+            [prompt_col, ref_col, *([choices_col] if choices_col else [])],
+            f"{where}.data",
+            "examples to show",
+        )
         k = fewshot["k"]
         if len(shots_ds) < k:
             raise TunelabError(f"'{where}': k={k} examples asked for, but '{where}.data' has only {len(shots_ds)}")
         picked = shots_ds.shuffle(seed=ctx.seed).select(range(k))  # deterministic: the recipe's seed
         separator = fewshot.get("separator", separator)
-        shots = [(str(row[prompt_col]), str(row[ref_col])) for row in picked]
+        if choices_col is None:
+            shots = [(str(row[prompt_col]), str(row[ref_col])) for row in picked]
+        else:  # multiple choice: an example's answer is its right choice
+            from tunelab.loglik import gold
+
+            shots = [
+                (str(row[prompt_col]), row[choices_col][gold(row[ref_col], row[choices_col], where)]) for row in picked
+            ]
     chat = setting(cfg, spec.where)
     return Prompting(template, shots, separator, chat, system_prompt(cfg, spec.where)), pattern
 
@@ -372,10 +416,13 @@ def _run_text(spec: StageSpec, ctx: Context) -> StageResult:
     from tunelab.runs import write_atomic
 
     prompt_col, ref_col, batch_size = _options(spec)
+    quant = quant_config(spec.cfg.get("quantization"), f"{spec.where}.quantization")
+    ds, ref_col, choices_col = _data(spec, prompt_col, ref_col)
+    if choices_col is not None:
+        return _run_choices(spec, ctx, ds, prompt_col, ref_col, choices_col, quant)
     scorers = [(name, options, load_metric(name, f"{spec.where}.metrics")) for name, options in _metrics(spec)]
     config = _generation(spec)
-    quant = quant_config(spec.cfg.get("quantization"), f"{spec.where}.quantization")
-    ds = _data(spec, prompt_col, ref_col)
+    think = _think_token(spec)
     prompting, pattern = _prompting(spec, ctx, prompt_col, ref_col)
     raw = [str(p) for p in ds[prompt_col]]
     references = [str(r).strip() for r in ds[ref_col]]
@@ -399,8 +446,8 @@ def _run_text(spec: StageSpec, ctx: Context) -> StageResult:
         prompts, templated = prompting.build(tokenizer, raw, f"{spec.where}.models.{label}")
         how = "through its chat template" if templated else "as plain text"
         print(f"   {label}: prompts {how}; the first reads:\n{_indent(prompts[0])}", flush=True)
-        texts = generate(model, tokenizer, prompts, config, batch_size, templated)
-        answers = [answer(t, pattern) for t in texts]
+        texts = generate(model, tokenizer, prompts, config, batch_size, templated, think)
+        answers = [answer(strip_reasoning(t, think), pattern) for t in texts]
         scores = [float(a == r) for a, r in zip(answers, references, strict=True)]
         metrics[label] = {}
         for name, options, scorer in scorers:
@@ -419,6 +466,49 @@ def _run_text(spec: StageSpec, ctx: Context) -> StageResult:
             metrics[label]["reward_mean"] = sum(rewards) / len(rewards)
             for row, value in zip(rows, rewards, strict=True):
                 row["reward"] = value
+        path = spec.out_dir / f"predictions-{label}.jsonl"
+        write_atomic(path, "".join(json.dumps(row) + "\n" for row in rows))
+        files[f"predictions-{label}"] = str(path)
+    return StageResult(metrics=metrics, files=files, fingerprints={"data": fingerprint(ds)})
+
+
+def _think_token(spec: StageSpec) -> str | None:
+    value = spec.cfg.get("think_end_token")
+    if value is not None and (not isinstance(value, str) or not value.strip()):
+        raise TunelabError(f"'{spec.where}.think_end_token' must be the text that ends the reasoning, e.g. </think>")
+    return value
+
+
+def _run_choices(spec: StageSpec, ctx: Context, ds, prompt_col: str, ref_col: str, choices_col: str, quant):
+    """Multiple choice: each model's log-likelihood of every choice after each prompt (tunelab.loglik)."""
+    from transformers import set_seed
+
+    from tunelab.data import fingerprint
+    from tunelab.loglik import evaluate, gold
+    from tunelab.models import load_causal_lm, load_tokenizer, model_spec, resolve_spec
+    from tunelab.runs import write_atomic
+
+    _, _, batch_size = _options(spec)
+    raw = [str(p) for p in ds[prompt_col]]
+    choices = [list(c) for c in ds[choices_col]]
+    golds = [gold(r, c, f"{spec.where}.data") for r, c in zip(ds[ref_col], choices, strict=True)]
+    # Few-shot examples show the right choice as their answer.
+    prompting, _ = _prompting(spec, ctx, prompt_col, ref_col, choices_col)
+    metrics: dict[str, Any] = {}
+    files: dict[str, str] = {}
+    spec.out_dir.mkdir(parents=True, exist_ok=True)
+    for label, value in _models(spec).items():
+        where = f"{spec.where}.models.{label}" if "models" in spec.cfg else f"{spec.where}.model"
+        mspec = resolve_spec(
+            {**model_spec(value, where), "path": ctx.resolve_ref(model_spec(value, where)["path"])}, where
+        )
+        set_seed(ctx.seed)
+        tokenizer = load_tokenizer(mspec["path"])
+        model = load_causal_lm(mspec, quantization=quant, merge_adapter=quant is None).eval()
+        prompts, templated = prompting.build(tokenizer, raw, where)
+        how = "through its chat template" if templated else "as plain text"
+        print(f"   {label}: prompts {how}; the first reads:\n{_indent(prompts[0])}", flush=True)
+        metrics[label], rows = evaluate(model, tokenizer, prompts, choices, golds, batch_size, templated)
         path = spec.out_dir / f"predictions-{label}.jsonl"
         write_atomic(path, "".join(json.dumps(row) + "\n" for row in rows))
         files[f"predictions-{label}"] = str(path)

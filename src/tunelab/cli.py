@@ -240,22 +240,39 @@ def _check_launch_options(
 @friendly
 def eval_model(
     model: Annotated[str, typer.Argument(help="Model folder, adapter folder, hub id, or pkg:PACKAGE/folder.")],
-    data: Annotated[str, typer.Argument(help="Dataset folder, file or hub id (split: test unless overridden).")],
+    data: Annotated[
+        str | None, typer.Argument(help="Dataset folder, file or hub id (split: test unless overridden).")
+    ] = None,
     overrides: Overrides = None,
+    tasks: Annotated[
+        str | None,
+        typer.Option(
+            "--tasks",
+            help="lm-evaluation-harness tasks instead of DATA, comma-separated (tunelab_arith_mc, mmlu, ...).",
+        ),
+    ] = None,
     output_dir: Annotated[str | None, typer.Option(help="Run folder (default: runs/eval-MODELNAME).")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a finished run in output_dir.")] = False,
 ) -> None:
-    """Evaluate one model on a dataset: an eval stage without writing a recipe (overrides as in `run`)."""
+    """Evaluate one model on a dataset, or on harness tasks with --tasks: one stage without a recipe.
+
+    Overrides set the stage's keys as in `run` (`limit=50`, `num_fewshot=3`, `generation.max_new_tokens=32`).
+    """
     from tunelab import recipe_from_dict
+    from tunelab.errors import TunelabError
     from tunelab.pipeline import run as run_recipe
 
+    if tasks is not None and data is not None and "=" in data:  # `eval MODEL --tasks T limit=5`: an override
+        overrides, data = [data, *(overrides or [])], None
+    if (data is None) == (tasks is None):
+        raise TunelabError("give DATA (a dataset to generate answers for) or --tasks (harness tasks), not both")
     name = Path(model.rstrip("/")).name or "model"
+    if tasks is not None:
+        stage = {"stage": "lm_eval", "model": model, "tasks": tasks}
+    else:
+        stage = {"stage": "eval", "model": model, "data": data}
     recipe = recipe_from_dict(
-        {
-            "name": f"eval-{name}",
-            "output_dir": output_dir or f"runs/eval-{name}",
-            "stages": {"eval": {"stage": "eval", "model": model, "data": data}},
-        },
+        {"name": f"eval-{name}", "output_dir": output_dir or f"runs/eval-{name}", "stages": {"eval": stage}},
         overrides or [],
     )
     print_summary(run_recipe(recipe, overwrite=overwrite))

@@ -69,6 +69,7 @@ QUICK = [
     "pretrain.data.split=train[:64]",
     "sft.data=recipes/data/arith_qa",
     "eval.data.split=test[:8]",
+    "harness.limit=8",
 ]
 
 
@@ -78,15 +79,17 @@ def test_quickstart_runs_then_refuses_to_overwrite(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert "run completed" in result.output and "pretrained" in result.output and "exact_match" in result.output
     metrics = json.loads((out / "metrics.json").read_text())
-    assert set(metrics) == {"pretrain", "sft", "eval"}
+    assert set(metrics) == {"pretrain", "sft", "eval", "harness"}
     assert set(metrics["eval"]) == {"pretrained", "sft"} and metrics["eval"]["sft"]["examples"] == 8
+    assert metrics["harness"]["sft"]["examples"] == 16  # 8 of each task
+    assert {"tunelab_arith/exact_match,first-number", "tunelab_arith_mc/acc"} <= set(metrics["harness"]["sft"])
     assert json.loads((out / "run.json").read_text())["status"] == "completed"
     assert (out / "sft" / "adapter_config.json").exists() and (out / "eval" / "predictions-sft.jsonl").exists()
 
     again = runner.invoke(app, ["run", "quickstart", f"output_dir={out}", *QUICK])
     assert again.exit_code == 2 and "finished run" in again.output
     resumed = runner.invoke(app, ["run", "quickstart", f"output_dir={out}", *QUICK, "--resume"])
-    assert resumed.exit_code == 0 and resumed.output.count("skipped") == 3
+    assert resumed.exit_code == 0 and resumed.output.count("skipped") == 4
 
 
 def test_interrupted_run_resumes_from_its_checkpoint(tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ import cli_startup  # noqa: E402
 import diffusion  # noqa: E402
 import distributed  # noqa: E402
 import eval_batching  # noqa: E402
+import harness  # noqa: E402
 import memory_plan  # noqa: E402
 import ppo_loop  # noqa: E402
 import quickstart  # noqa: E402
@@ -28,7 +29,7 @@ def main() -> None:
     )
     path = ROOT / "docs" / "BENCHMARKS.md"
     sections: list[str] = []
-    modules = (cli_startup, sft_overhead, quickstart, eval_batching, memory_plan)
+    modules = (cli_startup, sft_overhead, quickstart, eval_batching, harness, memory_plan)
     modules += (rlhf, ppo_loop, diffusion, distributed, real_model)
     for module in modules:
         sections.append(module.main())

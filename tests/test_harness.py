@@ -117,6 +117,9 @@ def test_lm_eval_stage_scores_before_and_after_sft_and_the_harness_agrees(tmp_pa
     assert direct["results"]["tunelab_arith_mc"]["acc_norm,none"] == metrics["after"]["tunelab_arith_mc/acc_norm"]
     report = (result.run_dir / "report.md").read_text()
     assert "tunelab_arith_mc/acc" in report
+    merged = tunelab.merge(result.outputs["sft"], tmp_path / "merged")  # the merged model: pretrained= alone
+    direct = _harness({"pretrained": str(merged)}, ["tunelab_arith_mc"], folder / "tasks", limit=12, batch_size=8)
+    assert direct["results"]["tunelab_arith_mc"]["acc,none"] == metrics["after"]["tunelab_arith_mc/acc"]
 
 
 def test_think_end_token_scores_what_follows_the_reasoning(tmp_path: Path, tiny_lm: Path, monkeypatch) -> None:
@@ -217,6 +220,24 @@ def test_choices_of_unequal_types(tmp_path: Path, tiny_lm: Path) -> None:
     rows[1]["choices"] = [" 2", " 3"]
     data.write_text("".join(json.dumps({"label": 0, **r}) + "\n" for r in rows))
     fails(["validate", str(write(tmp_path, {"stages": {"mc": stage}}))], "applies to generated answers")
+
+
+def test_think_end_token_and_the_plan_reach_the_harness(tiny_lm: Path) -> None:
+    from tunelab.plan import plan_generation
+    from tunelab.stages import Context, StageSpec, lm_eval
+
+    cfg = {"stage": "lm_eval", "model": str(tiny_lm), "tasks": "tunelab_arith_mc", "think_end_token": "</think>"}
+    spec = StageSpec("score", "lm_eval", cfg, tiny_lm)
+    names, args, model_args = lm_eval._settings(spec)
+    assert names == ["tunelab_arith_mc"] and model_args == {"think_end_token": "</think>"}
+    assert args["batch_size"] == lm_eval.DEFAULT_BATCH
+    planned = lm_eval.plan(spec, Context(seed=0, run_dir=tiny_lm))
+    from transformers import AutoConfig
+
+    vocab = AutoConfig.from_pretrained(tiny_lm).vocab_size
+    # log-likelihood scoring keeps every position's logits (and their log-softmax), in float32
+    assert planned.parts["logits"] == lm_eval.DEFAULT_BATCH * lm_eval.PROMPT_TOKENS * vocab * 8
+    assert plan_generation("g", AutoConfig.from_pretrained(tiny_lm), 4, 64).parts["logits"] == 4 * vocab * 8
 
 
 def test_stage_keys_are_simple_evaluates_arguments() -> None:

@@ -235,15 +235,21 @@ def plan_training(
     return StagePlan(stage, kind, mode, params, trainable, parts, notes)
 
 
-def plan_generation(stage: str, config, batch: int, max_tokens: int, quantization=None, load_dtype=None) -> StagePlan:
-    """Per-device memory of generation: weights and the KV cache for `batch` sequences of `max_tokens`."""
+def plan_generation(
+    stage: str, config, batch: int, max_tokens: int, quantization=None, load_dtype=None, scored_tokens: int = 1
+) -> StagePlan:
+    """Per-device memory of generation: weights and the KV cache for `batch` sequences of `max_tokens`.
+
+    `scored_tokens`: positions whose logits are kept at once; log-likelihood scoring (multiple choice)
+    keeps every position's, generation only the last.
+    """
     linears, params, heads = _structure(config)
     wbytes = DTYPE_BYTES[_dtype_name(load_dtype or getattr(config, "dtype", None))]
     bits = _bits(quantization)
     weights = _weight_bytes(linears, params, heads, quantization, wbytes)
     _, _, layers, _, kv, head_dim = _dims(config)
     cache = 2 * layers * kv * head_dim * batch * max_tokens * wbytes
-    logits = batch * int(config.vocab_size) * 4 * 2
+    logits = batch * scored_tokens * int(config.vocab_size) * 4 * 2  # float32 logits and their log-softmax
     parts = {"weights": weights, "kv_cache": cache, "logits": logits}
     return StagePlan(stage, "eval", f"generate-{bits}bit" if bits else "generate", params, 0, parts)
 

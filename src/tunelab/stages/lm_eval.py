@@ -224,7 +224,8 @@ def _print_table(label: str, values: dict[str, Any]) -> None:
 
 
 def plan(spec: StageSpec, ctx: Context):
-    """Memory plan of scoring with the largest of the models (a batch of prompts of PROMPT_TOKENS)."""
+    """Memory plan of scoring with the largest of the models: a batch of PROMPT_TOKENS-token prompts, with
+    every position's logits kept (log-likelihood tasks do), so `batch_size` is planned as it will be used."""
     from tunelab.models import labelled_models, model_config, model_spec
     from tunelab.plan import plan_generation
 
@@ -235,5 +236,7 @@ def plan(spec: StageSpec, ctx: Context):
         config = model_config(value, ctx, _where(spec, label))
         if config is not None:
             dtype = model_spec(value, _where(spec, label)).get("dtype")
-            plans.append(plan_generation(spec.name, config, batch, PROMPT_TOKENS, spec.cfg.get("quantization"), dtype))
+            # Log-likelihood tasks keep the logits of every position (the harness's log_softmax over the batch).
+            quant = spec.cfg.get("quantization")
+            plans.append(plan_generation(spec.name, config, batch, PROMPT_TOKENS, quant, dtype, PROMPT_TOKENS))
     return max(plans, key=lambda p: p.total) if plans else None

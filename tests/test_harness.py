@@ -175,6 +175,7 @@ def test_unknown_harness_argument(tmp_path: Path, tiny_lm: Path) -> None:
     fails(["validate", str(_lm_eval(tmp_path, tiny_lm, num_fewshots=3))], "did you mean 'num_fewshot'")
     fails(["validate", str(_lm_eval(tmp_path, tiny_lm, limit="all"))], "limit")
     fails(["validate", str(_lm_eval(tmp_path, tiny_lm, batch_size="big"))], "auto")
+    fails(["validate", str(_lm_eval(tmp_path, tiny_lm, batch_size="auto"))], "on CPU give a number")
     fails(
         ["validate", str(_lm_eval(tmp_path, tiny_lm, model_args={"peft": "x"}))],
         "about loading the model, which tunelab does",

@@ -87,7 +87,18 @@ def _settings(spec: StageSpec) -> tuple[list[str], dict[str, Any], dict[str, Any
             raise TunelabError(f"'{spec.where}' sets think_end_token twice (also in model_args): keep one")
         model_args["think_end_token"] = think
     args.setdefault("batch_size", DEFAULT_BATCH)
+    if str(args["batch_size"]).startswith("auto") and not _on_gpu():
+        raise TunelabError(
+            f"'{spec.where}.batch_size' is {args['batch_size']!r}, which searches for the largest batch that fits "
+            "GPU memory by running out of it; on CPU give a number (e.g. 16)"
+        )
     return names, args, model_args
+
+
+def _on_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _manager(spec: StageSpec, names: list[str], shipped=None):

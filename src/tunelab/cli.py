@@ -467,14 +467,22 @@ def chat_command(
     load_in_8bit: Annotated[
         bool, typer.Option("--load-in-8bit", help="Load the base in 8 bits (bitsandbytes).")
     ] = False,
+    image: Annotated[
+        list[Path] | None, typer.Option("--image", help="Image(s) for the first turn (image+text models).")
+    ] = None,
 ) -> None:
     """Talk to a model: an interactive loop with history (/reset, /system TEXT, /exit), or one --prompt."""
     from tunelab.talk import Chat, generation_config, load, parse_overrides
 
     config = generation_config(parse_overrides(generation or []), "generation")
     quant = {"load_in_4bit": True} if load_in_4bit else {"load_in_8bit": True} if load_in_8bit else None
-    lm, tokenizer = load(model, quant)
-    session = Chat(lm, tokenizer, config, system)
+    if image:  # an image+text model: tunelab.vlm_prompting
+        from tunelab.vlm_prompting import open_chat
+
+        session = open_chat(model, config, system, image, quant)
+    else:
+        lm, tokenizer = load(model, quant)
+        session = Chat(lm, tokenizer, config, system)
     if prompt is not None:
         typer.echo(session.say(prompt))
         return

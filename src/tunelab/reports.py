@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from tunelab.runs import read_json, write_atomic
+from tunelab.vlm_prompting import report_section
 
 HEADLINE = (  # columns of the stage table; a column no stage reports is left out
     "train_loss",
@@ -190,6 +191,7 @@ def write_report(run_dir: Path) -> Path:
             ]
             lines += ["", f"![{stage} metrics]({stage}/metrics.png)", ""]
         lines += _image_sections(run_dir, stage, values)
+        lines += report_section(run_dir, stage)  # image+text evals: sample images with each model's answers
         confusion = read_json(folder / "confusion.json")
         if confusion and _confusion_plot(confusion, folder / "confusion.png", f"{stage}: confusion matrix"):
             lines += [f"## {stage}: confusion matrix", "", f"![{stage} confusion]({stage}/confusion.png)", ""]

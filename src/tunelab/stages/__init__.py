@@ -36,6 +36,8 @@ STAGES: dict[str, str] = {
     "grpo": "tunelab.stages.grpo",
     "diffusion_train": "tunelab.stages.diffusion_train",
     "diffusion_sample": "tunelab.stages.diffusion_sample",
+    "vlm_build": "tunelab.stages.vlm_build",
+    "vlm_sft": "tunelab.stages.vlm_sft",
 }
 
 

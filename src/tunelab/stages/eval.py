@@ -297,7 +297,36 @@ def _image_run(spec: StageSpec, ctx: Context) -> StageResult:
 def check(spec: StageSpec, ctx: Context) -> None:
     if _image_mode(spec, ctx):
         return _image_check(spec, ctx)
+    if _vision(spec, ctx):  # image+text models: tunelab.vlm_prompting
+        return _vision_check(spec, ctx)
     _check_text(spec, ctx)
+
+
+def _vision(spec: StageSpec, ctx: Context) -> bool:
+    from tunelab.vlm_prompting import vision_mode
+
+    return vision_mode(spec, ctx, _models(spec))
+
+
+def _vision_check(spec: StageSpec, ctx: Context) -> None:
+    from tunelab.vlm_prompting import check as vision_check
+
+    prompt, reference, _ = _options(spec)
+    _metrics(spec)
+    _generation(spec)
+    prompting, _ = _prompting(spec, ctx, prompt, reference)
+    vision_check(spec, ctx, _models(spec), prompt, reference, prompting.template, prompting.system)
+
+
+def _vision_run(spec: StageSpec, ctx: Context) -> StageResult:
+    from tunelab.metrics import load as load_metric
+    from tunelab.vlm_prompting import run as vision_run
+
+    prompt, reference, batch_size = _options(spec)
+    scorers = [(name, options, load_metric(name, f"{spec.where}.metrics")) for name, options in _metrics(spec)]
+    prompting, pattern = _prompting(spec, ctx, prompt, reference)
+    return vision_run(spec, ctx, _models(spec), prompt, reference, batch_size, scorers, _generation(spec), answer,
+                      pattern, prompting.template, prompting.system, MULTI_REFERENCE)
 
 
 def _check_text(spec: StageSpec, ctx: Context) -> None:
@@ -403,6 +432,8 @@ def _prompting(
 def run(spec: StageSpec, ctx: Context) -> StageResult:
     if _image_mode(spec, ctx):
         return _image_run(spec, ctx)
+    if _vision(spec, ctx):
+        return _vision_run(spec, ctx)
     return _run_text(spec, ctx)
 
 
@@ -528,7 +559,7 @@ def plan(spec: StageSpec, ctx: Context):
     from tunelab.models import model_config, model_spec
     from tunelab.plan import plan_generation
 
-    if _image_mode(spec, ctx):
+    if _image_mode(spec, ctx) or _vision(spec, ctx):
         return None
 
     _, _, batch = _options(spec)

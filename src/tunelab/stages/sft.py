@@ -108,6 +108,10 @@ def _datasets(spec: StageSpec, text_field: str):
     if "data" not in spec.cfg:
         raise TunelabError(f"'{spec.where}' has no `data:`: name a dataset folder, file or hub id")
     train = load_split(spec.cfg["data"], f"{spec.where}.data", "train")
+    if "images" in train.column_names or "image" in train.column_names:  # TRL would fail after the model loads
+        raise TunelabError(
+            f"'{spec.where}.data' holds images: train image+text models with the `vlm_sft` stage (sft is text-only)"
+        )
     data_format(train, text_field, f"{spec.where}.data")
     evaluation = None
     if spec.cfg.get("eval_data") is not None:

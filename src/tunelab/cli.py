@@ -476,10 +476,10 @@ def chat_command(
 
     config = generation_config(parse_overrides(generation or []), "generation")
     quant = {"load_in_4bit": True} if load_in_4bit else {"load_in_8bit": True} if load_in_8bit else None
-    if image:  # an image+text model: tunelab.vlm_prompting
-        from tunelab.vlm_prompting import open_chat
+    from tunelab.vlm_prompting import is_vlm_ref, open_chat
 
-        session = open_chat(model, config, system, image, quant)
+    if image or is_vlm_ref(model):  # an image+text model: tunelab.vlm_prompting
+        session = open_chat(model, config, system, image or [], quant)
     else:
         lm, tokenizer = load(model, quant)
         session = Chat(lm, tokenizer, config, system)

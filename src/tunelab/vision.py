@@ -567,9 +567,11 @@ def skeleton(config: Any, where: str):
 
     try:
         with init_empty_weights():
-            return AutoModelForImageTextToText.from_config(config)
+            model = AutoModelForImageTextToText.from_config(config)
     except (ValueError, TypeError, KeyError) as exc:
         raise TunelabError(f"'{where}': cannot build the image+text model from its config: {_short(exc)}") from None
+    model.tie_weights()  # init_empty_weights leaves tied embeddings as two tensors; loading ties them
+    return model
 
 
 def check_model(spec: Any, ctx: Any, lora: Any, freeze: bool) -> Any:
@@ -643,40 +645,53 @@ def _check_cpu_shapes(model: Any, values: dict[str, Any], where: str) -> None:
 
 
 def plan_vlm(stage: str, kind: str, config: Any, args: Any, lora: Any, quantization: Any, dtype: Any, freeze: bool):
-    """Memory of a vlm_sft stage: the language model as `sft` plans it, plus the vision tower and projector
-    (weights; gradients and AdamW states when they train; their activations for the batch's images)."""
-    from tunelab.plan import DTYPE_BYTES, _dtype_name, plan_training
+    """Memory of a vlm_sft stage: the language model's weights, activations and logits as `sft` plans them,
+    plus the vision tower and projector's weights and activations per image; what trains (LoRA adapters,
+    modules trained whole, everything but a frozen tower) counted on the model skeleton, as peft applies it."""
+    import copy
 
-    text = plan_training(stage, kind, config.text_config, args, lora=lora, quantization=quantization, load_dtype=dtype)
+    from tunelab.plan import DTYPE_BYTES, _dtype_name, _optimizer_bytes, plan_training
+
+    text = plan_training(stage, kind, config.text_config, args, lora=None, quantization=quantization, load_dtype=dtype)
     model = skeleton(config, "model")
     tower = vision_tower(model)
-    language = model.model.language_model if hasattr(model.model, "language_model") else None
-    lang_ids = {id(p) for p in language.parameters()} if language is not None else set()
+    language = getattr(model.model, "language_model", None)
+    text_ids = {id(p) for p in language.parameters()} if language is not None else set()
     head = model.get_output_embeddings()
-    lang_ids |= {id(p) for p in head.parameters()} if head is not None else set()
-    vision_params = [p for p in model.parameters() if id(p) not in lang_ids]
-    tower_ids = {id(p) for p in tower[1].parameters()} if tower is not None else set()
+    text_ids |= {id(p) for p in head.parameters()} if head is not None else set()
+    n_vision = sum(p.numel() for p in model.parameters() if id(p) not in text_ids)
+    n_all = sum(p.numel() for p in model.parameters())
+    adapters = 0
+    if lora is not None:
+        from peft import LoraConfig, get_peft_model
+
+        peft_model = get_peft_model(model, LoraConfig(**{"task_type": "CAUSAL_LM", **copy.deepcopy(lora)}))
+        named = [(n, p) for n, p in peft_model.named_parameters() if p.requires_grad]
+        adapters = sum(p.numel() for n, p in named if "lora_" in n)
+        trainable = sum(p.numel() for _, p in named)
+    else:
+        frozen = sum(p.numel() for p in tower[1].parameters()) if freeze and tower is not None else 0
+        trainable = n_all - frozen
     wbytes = DTYPE_BYTES[_dtype_name(dtype or getattr(config, "dtype", None))]
-    n_vision = sum(p.numel() for p in vision_params)
-    saved = set((lora or {}).get("modules_to_save") or [])
-    trains_tower = not freeze and (lora is None or bool(saved & {tower[0].split(".")[-1]} if tower else False))
-    trained = sum(p.numel() for p in vision_params if id(p) not in tower_ids or trains_tower)
-    if lora is not None and not saved:
-        trained = 0
+    tbytes = 2 if quantization and lora is not None else 4
     vcfg = config.vision_config
-    images = int(args.per_device_train_batch_size)
     patches = (int(vcfg.image_size) // int(vcfg.patch_size)) ** 2
-    width, inter, layers = int(vcfg.hidden_size), int(getattr(vcfg, "intermediate_size", 4 * vcfg.hidden_size)), int(
+    width = int(vcfg.hidden_size)
+    inter = int(getattr(vcfg, "intermediate_size", None) or 4 * width)
+    parts = dict(text.parts)
+    saved_copies = (trainable - adapters) * wbytes if lora is not None else 0  # modules_to_save keep a copy
+    parts["weights"] = parts.get("weights", 0) + n_vision * wbytes + saved_copies
+    parts["lora"] = adapters * tbytes
+    parts["gradients"] = trainable * tbytes
+    parts["optimizer"] = _optimizer_bytes(getattr(args, "optim", "adamw_torch"), trainable, tbytes, [])
+    images = int(args.per_device_train_batch_size)
+    parts["activations"] = parts.get("activations", 0) + 4 * images * patches * (7 * width + 3 * inter) * int(
         vcfg.num_hidden_layers
     )
-    parts = dict(text.parts)
-    parts["weights"] = parts.get("weights", 0) + n_vision * wbytes
-    parts["gradients"] = parts.get("gradients", 0) + trained * 4
-    parts["optimizer"] = parts.get("optimizer", 0) + trained * 8
-    parts["activations"] = parts.get("activations", 0) + 4 * images * patches * (7 * width + 3 * inter) * layers
-    text.parts = parts
-    text.params += n_vision
-    text.trainable += trained
-    state = "frozen" if freeze or not trained else "trained"
-    text.notes.append(f"vision tower + projector: {n_vision / 1e6:.1f}M parameters ({state}), {patches} patches/image")
+    text.parts, text.params, text.trainable = parts, n_all, trainable
+    text.mode = ("qlora" if quantization else "lora") if lora is not None else "full"
+    state = "frozen" if freeze else "trained" if lora is None or trainable > adapters else "frozen (LoRA elsewhere)"
+    text.notes.append(f"vision tower + projector: {n_vision / 1e6:.2f}M parameters ({state}), {patches} patches/image")
+    if args.max_length is None:
+        text.notes.append("max_length unset: activations planned for 1024 tokens per row")
     return text

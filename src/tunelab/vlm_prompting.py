@@ -258,6 +258,15 @@ class VisionChat:
         return reply
 
 
+def is_vlm_ref(ref: str) -> bool:
+    """Whether `tunelab chat REF` names a local image+text model (or an adapter over one)."""
+    from tunelab.hub import local_path
+    from tunelab.vision import is_vlm_folder
+
+    local = local_path(ref)
+    return local is not None and local.is_dir() and is_vlm_folder(local)
+
+
 def open_chat(ref: str, config: Any, system: str | None, image_paths: list[Path], quantization: Any = None):
     """A `VisionChat` over the model `ref` names with the images opened (one line for a missing one)."""
     from PIL import Image

@@ -184,6 +184,7 @@ def test_full_fine_tune_with_frozen_vision_reloads_with_the_family_class(tiny_vl
     assert all(tower) and not any(projector)
 
 
+@pytest.mark.slow  # 18 s: bitsandbytes' CPU 4-bit path
 def test_qlora_and_lora_on_the_vision_tower(tiny_vlm: Path, tmp_path: Path) -> None:
     """QLoRA (4-bit base on CPU) with LoRA on every linear layer, vision tower included."""
     from peft import PeftModel
@@ -246,6 +247,10 @@ def test_bad_input_is_one_line_at_validate(tiny_vlm: Path, tiny_text_lm: Path, t
     validate(_sft(str(tiny_vlm), training=tiny_training(packing=True)), "does not pack")
     lora = {"r": 4, "target_modules": "all-linear"}
     validate(_sft(str(tiny_vlm), lora=lora, freeze_vision=True), "trains the vision tower")
+    chat_test = {"path": "recipes/data/arith_chat", "split": "test[:4]"}
+    validate({"stage": "eval", "model": str(tiny_vlm), "data": chat_test}, "has no `images` column, but the models")
+    mixed = {"stage": "eval", "models": {"vlm": str(tiny_vlm), "text": str(tiny_text_lm)}, "data": VQA_TEST}
+    validate(mixed, "mixes image+text models and a text-only one ('text')")
     # A processor that cannot be found beside the model: a folder with the weights only.
     import shutil
 

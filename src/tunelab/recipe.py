@@ -75,8 +75,12 @@ def shipped_recipes() -> dict[str, Path]:
     return {
         str(p.relative_to(root).with_suffix("")): p
         for p in sorted(root.rglob("*.yaml"))
-        if "data" not in p.relative_to(root).parts[:1] and "accelerate" not in p.relative_to(root).parts[:1]
+        if p.relative_to(root).parts[0] not in NOT_RECIPES
     }
+
+
+# Folders of recipes/ that hold other YAML: data, Accelerate configs, lm-evaluation-harness tasks.
+NOT_RECIPES = ("data", "accelerate", "harness")
 
 
 def find_recipe(name_or_path: str | Path) -> Path:

@@ -19,7 +19,9 @@ its dataset is reachable or cached. Each model's results go to `metrics.json` as
 from __future__ import annotations
 
 import json
+import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 from tunelab.errors import TunelabError
@@ -113,7 +115,7 @@ def _where(spec: StageSpec, label: str) -> str:
 
 
 def check(spec: StageSpec, ctx: Context) -> None:
-    from tunelab.harness import load_tasks
+    from tunelab.harness import load_tasks, materialize
     from tunelab.models import check_tokenizer, labelled_models, load_tokenizer, model_config, model_spec, resolve_spec
     from tunelab.quant import check_cpu_shapes, quant_config
 
@@ -134,7 +136,9 @@ def check(spec: StageSpec, ctx: Context) -> None:
         config = model_config(value, ctx, where) if quant is not None else None
         if config is not None:
             check_cpu_shapes(config, spec.cfg["quantization"], f"{spec.where}.quantization")
-    load_tasks(_manager(spec, names), names, f"{spec.where}.tasks")  # reads each task's data, as run will
+    with tempfile.TemporaryDirectory() as tmp:  # the tasks as run writes them (absolute data paths)
+        manager = _manager(spec, names, shipped=materialize(Path(tmp)))
+        load_tasks(manager, names, f"{spec.where}.tasks")  # reads each task's data, as run will
 
 
 def run(spec: StageSpec, ctx: Context) -> StageResult:

@@ -661,7 +661,22 @@ def print_summary(result: Any) -> None:
 
 
 def main() -> None:
+    plain_progress()
     app()
+
+
+def plain_progress() -> None:
+    """Off a terminal (CI, nohup, a Slurm log), progress bars are floods of carriage returns: turn them off.
+
+    Training then prints one line per logging step instead (`training.training_args` reads TQDM_DISABLE).
+    Only the CLI decides this: a notebook's stderr is not a terminal either, and bars work there.
+    """
+    import os
+
+    if sys.stderr.isatty():
+        return
+    for name in ("TQDM_DISABLE", "HF_DATASETS_DISABLE_PROGRESS_BARS", "HF_HUB_DISABLE_PROGRESS_BARS"):
+        os.environ.setdefault(name, "1")
 
 
 if __name__ == "__main__":

@@ -68,7 +68,9 @@ def training_args(cls: type, values: dict[str, Any] | None, where: str, out_dir:
     fixed: dict[str, Any] = {"output_dir": str(out_dir)}
     values.setdefault("seed", seed)
     values.setdefault("report_to", "tensorboard")
-    values.setdefault("disable_tqdm", False)  # else decided by the log level, which quiet() raises
+    # Bars on a terminal, one printed line per log off it (the CLI sets TQDM_DISABLE there); not left to
+    # the log level, which quiet() raises.
+    values.setdefault("disable_tqdm", os.environ.get("TQDM_DISABLE", "") not in ("", "0", "false", "False"))
     if on_cpu():
         values.setdefault("use_cpu", True)
         values.setdefault("bf16", False)

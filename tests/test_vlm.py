@@ -82,6 +82,10 @@ def test_llava_built_from_a_causal_lm_keeps_its_text_logits(tiny_vlm: Path, tiny
     assert torch.allclose(a, b, atol=1e-5)
     assert type(vlm).__name__ == "LlavaForConditionalGeneration" and type(processor).__name__ == "LlavaProcessor"
     assert processor.tokenizer.convert_tokens_to_ids("<image>") == vlm.config.image_token_id
+    from tunelab.vlm_prompting import turns  # eval/chat prompts: images first, or where <image> marks them
+
+    assert turns("Q?", 1)[-1]["content"] == [{"type": "image"}, {"type": "text", "text": "Q?"}]
+    assert turns("Q?<image>", 1)[-1]["content"] == [{"type": "text", "text": "Q?"}, {"type": "image"}]
 
 
 def test_batches_of_mixed_image_sizes_carry_loss_on_assistant_tokens_only(tiny_vlm: Path, tmp_path: Path) -> None:

@@ -17,6 +17,7 @@ from tunelab.errors import TunelabError
 VLM_KINDS = ("vlm_build", "vlm_sft")
 UNSUPPORTED = ("fewshot", "reward_model", "quantization")  # eval keys the image+text path does not take (yet)
 SAMPLES = 6  # rows shown in report.md with their images
+IMAGE_MARK = "<image>"  # in a prompt: where its images go
 
 
 def model_path(value: Any) -> str | None:
@@ -76,9 +77,23 @@ def _data(spec: Any, prompt: str, reference: str):
 
 
 def turns(prompt: str, images: int, system: str | None = None) -> list[dict[str, Any]]:
-    """A user turn with `images` image parts before the prompt text (after an optional system turn)."""
+    """A user turn with `images` image parts and the prompt text (after an optional system turn).
+
+    The images go before the text (TRL's placement), unless the text marks where they go with `<image>`
+    (e.g. `prompt_template: "{prompt}<image>"` for a model trained with the image after the question).
+    """
     head = [{"role": "system", "content": [{"type": "text", "text": system}]}] if system is not None else []
-    parts = [{"type": "image"} for _ in range(images)] + [{"type": "text", "text": prompt}]
+    pieces = prompt.split(IMAGE_MARK)
+    if len(pieces) == 1:
+        parts = [{"type": "image"} for _ in range(images)] + [{"type": "text", "text": prompt}]
+        return head + [{"role": "user", "content": parts}]
+    if len(pieces) - 1 != images:
+        raise TunelabError(
+            f"the prompt marks {len(pieces) - 1} image place(s) with {IMAGE_MARK} but the row has {images} image(s)"
+        )
+    parts = [{"type": "text", "text": pieces[0]}] if pieces[0] else []
+    for piece in pieces[1:]:
+        parts += [{"type": "image"}] + ([{"type": "text", "text": piece}] if piece else [])
     return head + [{"role": "user", "content": parts}]
 
 

@@ -364,7 +364,10 @@ def test_shipped_recipe_gains_and_its_output_loads_and_chats(tmp_path: Path) -> 
                             capture_output=True, text=True, timeout=1200)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())["eval"]
-    assert metrics["after"]["exact_match"] >= metrics["before"]["exact_match"] + 0.3, metrics
+    assert metrics["after"]["exact_match"] >= metrics["before"]["exact_match"] + 0.4, metrics  # 0 -> 0.525 measured
+    digits = [json.loads(line) for line in (out / "eval" / "predictions-after.jsonl").read_text().splitlines()]
+    digits = [r["exact_match"] for r in digits if r["prompt"] == "Which digit is this?"]
+    assert sum(digits) / len(digits) > 0.2  # reads the image: chance is 0.10
     from peft import PeftModel
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 

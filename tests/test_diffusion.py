@@ -460,6 +460,7 @@ def test_lora_on_unconditional_pipeline(ddpm: Path, tmp_path: Path) -> None:
     fails(["validate", _recipe(tmp_path, stage)], "LoRA applies to text-to-image pipelines")
 
 
+@pytest.mark.slow  # ~35 s on 2 cores (two subprocess runs and a resume): in make test-all
 def test_killed_training_resumes_to_the_same_weights(tmp_path: Path) -> None:
     """SIGKILL mid-training, `--resume` from the newest complete checkpoint: the final pipeline (EMA
     weights included) equals an uninterrupted run's, since model, optimizer, schedule, RNG, data

@@ -69,6 +69,7 @@ def test_two_process_sft_matches_one_process(tmp_path: Path, tiny_lm: Path) -> N
     assert not list((tmp_path / "two").rglob("*rank1*"))  # one writer
 
 
+@pytest.mark.slow  # ~20 s on 2 cores; SFT, the pipeline and the preference stages keep 2-process cases by default
 def test_two_process_diffusion_matches_one_process(tmp_path: Path) -> None:
     def stage(batch: int) -> dict:
         s = ddpm_stage(max_steps=8, per_device_train_batch_size=batch, logging_steps=1)

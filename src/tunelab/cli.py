@@ -265,7 +265,7 @@ def eval_model(
     if tasks is not None and data is not None and "=" in data:  # `eval MODEL --tasks T limit=5`: an override
         overrides, data = [data, *(overrides or [])], None
     if (data is None) == (tasks is None):
-        raise TunelabError("give DATA (a dataset to generate answers for) or --tasks (harness tasks), not both")
+        raise TunelabError("give one of DATA (a dataset to generate answers for) or --tasks (harness tasks)")
     name = Path(model.rstrip("/")).name or "model"
     if tasks is not None:
         stage = {"stage": "lm_eval", "model": model, "tasks": tasks}

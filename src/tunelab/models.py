@@ -122,18 +122,18 @@ def labelled_models(cfg: dict[str, Any], where: str) -> dict[str, Any]:
     return dict(cfg["models"])
 
 
-def stage_model(spec: Any, ctx: Any, hint: str = "a hub id, a folder, or an earlier stage (${name})"):
-    """A stage's `model:` as from_pretrained arguments with a loadable path.
+def stage_model(spec: Any, ctx: Any, hint: str = "a hub id, a folder, or an earlier stage (${name})", key="model"):
+    """A stage's `model:` (or another `key`) as from_pretrained arguments with a loadable path.
 
     None while checking a pipeline whose earlier stage, named by `${stage}`, has not run yet.
     """
-    if "model" not in spec.cfg:
-        raise TunelabError(f"'{spec.where}' has no `model:`: name {hint}")
-    mspec = model_spec(spec.cfg["model"], f"{spec.where}.model")
+    if key not in spec.cfg:
+        raise TunelabError(f"'{spec.where}' has no `{key}:`: name {hint}")
+    mspec = model_spec(spec.cfg[key], f"{spec.where}.{key}")
     if ctx.checking and ctx.is_pending(mspec["path"]):
         return None
     mspec["path"] = ctx.resolve_ref(mspec["path"])
-    return resolve_spec(mspec, f"{spec.where}.model", materialize=not ctx.checking)
+    return resolve_spec(mspec, f"{spec.where}.{key}", materialize=not ctx.checking)
 
 
 def is_adapter(path: str | Path) -> bool:

@@ -643,3 +643,19 @@ def guarded_train(trainer: Any, spec: Any, resume: bool, kl_limit: float | None 
         return train(trainer, spec.out_dir, resume)
     except Diverged as exc:
         raise diverged_error(spec.where, exc, spec.out_dir) from None
+
+
+def train_and_save(trainer: Any, out_dir: Path, resume: bool, train_ds: Any, eval_ds: Any, processor: Any):
+    """The common end of a Trainer-backed stage: train (resumably), evaluate, save the model and, on the
+    main process only, its tokenizer or processor. Returns (metrics, data fingerprints)."""
+    from tunelab.data import fingerprint
+
+    metrics = train(trainer, out_dir, resume)
+    if eval_ds is not None:
+        metrics.update({k: float(v) for k, v in trainer.evaluate().items() if isinstance(v, (int, float))})
+    trainer.save_model(str(out_dir))
+    if trainer.args.should_save:  # the main process (several write the same files otherwise)
+        processor.save_pretrained(str(out_dir))
+    metrics["trainable_params"] = float(sum(p.numel() for p in trainer.model.parameters() if p.requires_grad))
+    prints = {"data": fingerprint(train_ds)} | ({"eval_data": fingerprint(eval_ds)} if eval_ds is not None else {})
+    return metrics, prints

@@ -182,9 +182,8 @@ def run(spec: StageSpec, ctx: Context) -> StageResult:
     from trl import SFTTrainer
 
     from tunelab.chat import has_markers, tokenize_assistant_only
-    from tunelab.data import fingerprint
     from tunelab.models import load_causal_lm, load_tokenizer, prepare_kbit
-    from tunelab.training import train
+    from tunelab.training import train_and_save
 
     args = _args(spec, ctx)
     peft_config = _lora(spec.cfg.get("lora"), f"{spec.where}.lora")
@@ -213,15 +212,7 @@ def run(spec: StageSpec, ctx: Context) -> StageResult:
             f"'{spec.where}.data': no example has a trainable token left after truncation to "
             f"max_length={args.max_length}: raise training.max_length"
         )
-    metrics = train(trainer, spec.out_dir, ctx.resume)
-    if eval_ds is not None:
-        metrics.update({k: float(v) for k, v in trainer.evaluate().items() if isinstance(v, (int, float))})
-    trainer.save_model(str(spec.out_dir))
-    if trainer.args.should_save:  # the main process (several write the same files otherwise)
-        tokenizer.save_pretrained(str(spec.out_dir))
-    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
-    metrics["trainable_params"] = float(trainable)
-    prints = {"data": fingerprint(train_ds)} | ({"eval_data": fingerprint(eval_ds)} if eval_ds is not None else {})
+    metrics, prints = train_and_save(trainer, spec.out_dir, ctx.resume, train_ds, eval_ds, tokenizer)
     return StageResult(metrics=metrics, model=spec.out_dir, fingerprints=prints)
 
 

@@ -22,15 +22,9 @@ SECTIONS = {
 
 
 def _language(spec: StageSpec, ctx: Context):
-    from tunelab.models import model_spec, resolve_spec
+    from tunelab.models import stage_model
 
-    if "language" not in spec.cfg:
-        raise TunelabError(f"'{spec.where}' has no `language:`: name the causal LM to give eyes to")
-    mspec = model_spec(spec.cfg["language"], f"{spec.where}.language")
-    if ctx.checking and ctx.is_pending(mspec["path"]):
-        return None
-    mspec["path"] = ctx.resolve_ref(mspec["path"])
-    return resolve_spec(mspec, f"{spec.where}.language", materialize=not ctx.checking)
+    return stage_model(spec, ctx, "the causal LM to give eyes to", key="language")
 
 
 def check(spec: StageSpec, ctx: Context) -> None:

@@ -171,9 +171,8 @@ def check(spec: StageSpec, ctx: Context) -> None:
 def run(spec: StageSpec, ctx: Context) -> StageResult:
     from trl import SFTTrainer
 
-    from tunelab.data import fingerprint
     from tunelab.models import prepare_kbit, stage_model
-    from tunelab.training import train
+    from tunelab.training import train_and_save
     from tunelab.vision import collator, freeze_vision, load_processor, load_vlm
 
     args, assistant_only = _args(spec, ctx)
@@ -199,15 +198,8 @@ def run(spec: StageSpec, ctx: Context) -> StageResult:
         for name, param in trainer.model.named_parameters():
             if param.requires_grad and "lora_" not in name:
                 param.data = param.data.float()
-    metrics = train(trainer, spec.out_dir, ctx.resume)
-    if eval_ds is not None:
-        metrics.update({k: float(v) for k, v in trainer.evaluate().items() if isinstance(v, (int, float))})
-    trainer.save_model(str(spec.out_dir))
-    if trainer.args.should_save:  # the main process (several write the same files otherwise)
-        processor.save_pretrained(str(spec.out_dir))
-    metrics["trainable_params"] = float(sum(p.numel() for p in trainer.model.parameters() if p.requires_grad))
+    metrics, prints = train_and_save(trainer, spec.out_dir, ctx.resume, train_ds, eval_ds, processor)
     metrics["frozen_vision_params"] = float(frozen)
-    prints = {"data": fingerprint(train_ds)} | ({"eval_data": fingerprint(eval_ds)} if eval_ds is not None else {})
     return StageResult(metrics=metrics, model=spec.out_dir, fingerprints=prints)
 
 

@@ -63,7 +63,7 @@ def main() -> str:
     from tunelab.harness import materialize
     from tunelab.hub import configure_offline
     from tunelab.models import resolve_spec
-    from tunelab.training import quiet
+    from tunelab.progress import quiet
 
     configure_offline()
     quiet()

@@ -89,7 +89,7 @@ def main() -> str:
     from trl.experimental.ppo import PPOTrainer
 
     from tunelab.ppo_trainer import ResumablePPOTrainer
-    from tunelab.training import quiet
+    from tunelab.progress import quiet
 
     quiet()
     runs: dict[str, list[float]] = {"trl": [], "tunelab": []}

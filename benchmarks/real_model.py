@@ -210,12 +210,12 @@ def packing(mixed: Path, tmp: Path) -> str:
 def mfu_section(mfus: list[float]) -> str:
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from tunelab import training
+    from tunelab import throughput
 
     model_dir = plain_model_dir()
-    n, _ = training.matmul_params(AutoModelForCausalLM.from_pretrained(model_dir))
-    layers, width = training.attention_shape(AutoConfig.from_pretrained(model_dir))
-    peak = training.peak_flops("cpu")
+    n, _ = throughput.matmul_params(AutoModelForCausalLM.from_pretrained(model_dir))
+    layers, width = throughput.attention_shape(AutoConfig.from_pretrained(model_dir))
+    peak = throughput.peak_flops("cpu")
     value = f"**{100 * median(mfus):.1f}%**" if mfus else "not reported"
     return (
         f"**c. MFU of the LoRA run (a)**, as tunelab reports it (`mfu` in the stage metrics): {value} "
@@ -271,7 +271,7 @@ def _eos(config) -> set[int]:
 def generation() -> str:
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-    from tunelab.stages.eval import generate
+    from tunelab.prompting import generate
 
     model_dir = plain_model_dir()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)

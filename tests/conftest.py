@@ -95,7 +95,7 @@ def smollm2() -> Path:
     """SmolLM2-135M-Instruct's plain copy (converted from its GGUF file once, then cached)."""
     from tunelab.hub import configure_offline
     from tunelab.models import resolve_spec
-    from tunelab.training import quiet
+    from tunelab.progress import quiet
 
     configure_offline()
     quiet()

@@ -292,7 +292,7 @@ def test_each_rank_trains_with_its_own_seed(monkeypatch: pytest.MonkeyPatch) -> 
     from transformers import TrainingArguments
 
     from tunelab import distributed
-    from tunelab.training import seed_per_rank
+    from tunelab.safeguards import seed_per_rank
 
     class Fake:
         callbacks: list = []

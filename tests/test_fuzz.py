@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from tunelab.cli import app
-from tunelab.recipe import recipes_root, shipped_recipes
+from tunelab.paths import recipes_root, shipped_recipes
 
 EXAMPLES = int(os.environ.get("TUNELAB_FUZZ_EXAMPLES", "30"))
 RECIPES = {name: path.read_text() for name, path in shipped_recipes().items()}

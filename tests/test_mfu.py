@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tests.conftest import QA_TRAIN, TINY_LLAMA, tiny_training
-from tunelab import training
+from tunelab import throughput
 
 
 def _tiny(tie: bool) -> torch.nn.Module:
@@ -33,49 +33,49 @@ def test_matmul_params_leave_out_embeddings_and_lora(tie: bool) -> None:
     from peft import LoraConfig, get_peft_model
 
     model = _tiny(tie)
-    assert training.matmul_params(model) == (_by_hand(tie), True)
+    assert throughput.matmul_params(model) == (_by_hand(tie), True)
     lora = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM"))
-    assert training.matmul_params(lora) == (_by_hand(tie), False)  # frozen base, LoRA weights left out
-    assert training.attention_shape(model.config) == (2, 64)
+    assert throughput.matmul_params(lora) == (_by_hand(tie), False)  # frozen base, LoRA weights left out
+    assert throughput.attention_shape(model.config) == (2, 64)
 
 
 def test_training_flops_formula() -> None:
     n, layers, width = 1000, 2, 64
     # two sequences of 3 and 5 tokens: 8 tokens, squared lengths 9 + 25
-    assert training.training_flops(n, True, layers, width, 8, 34) == 6 * 1000 * 8 + 12 * 2 * 64 * 34
-    assert training.training_flops(n, False, layers, width, 8, 34) == 4 * 1000 * 8 + 12 * 2 * 64 * 34
+    assert throughput.training_flops(n, True, layers, width, 8, 34) == 6 * 1000 * 8 + 12 * 2 * 64 * 34
+    assert throughput.training_flops(n, False, layers, width, 8, 34) == 4 * 1000 * 8 + 12 * 2 * 64 * 34
 
 
 def test_batch_counts_padded_padding_free_and_plain() -> None:
     mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
-    tokens, squares = training._batch_counts({"input_ids": torch.zeros_like(mask), "attention_mask": mask})
+    tokens, squares = throughput._batch_counts({"input_ids": torch.zeros_like(mask), "attention_mask": mask})
     assert (int(tokens), int(squares)) == (8, 9 + 25)
     positions = torch.tensor([[0, 1, 2, 0, 1, 2, 3, 4]])  # the same two rows, flattened
-    tokens, squares = training._batch_counts({"input_ids": torch.zeros_like(positions), "position_ids": positions})
+    tokens, squares = throughput._batch_counts({"input_ids": torch.zeros_like(positions), "position_ids": positions})
     assert (int(tokens), int(squares)) == (8, 9 + 25)
-    tokens, squares = training._batch_counts({"input_ids": torch.zeros(2, 4, dtype=torch.long)})
+    tokens, squares = throughput._batch_counts({"input_ids": torch.zeros(2, 4, dtype=torch.long)})
     assert (int(tokens), int(squares)) == (8, 2 * 16)
-    assert training._batch_counts({"chosen_input_ids": mask}) is None and training._batch_counts([mask]) is None
+    assert throughput._batch_counts({"chosen_input_ids": mask}) is None and throughput._batch_counts([mask]) is None
     counts = [[0, 0], None]
-    for value in training._batch_counts({"input_ids": mask, "attention_mask": mask.float()}):
+    for value in throughput._batch_counts({"input_ids": mask, "attention_mask": mask.float()}):
         counts[1] = value.long().reshape(1) if counts[1] is None else torch.cat([counts[1], value.long().reshape(1)])
     counts[0] = [1, 2]  # host part (from shapes) adds to the device part
-    assert training._read(counts) == (9.0, 36.0)
+    assert throughput._read(counts) == (9.0, 36.0)
 
 
 def test_peak_flops(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TUNELAB_PEAK_FLOPS", "1.5e12")
-    assert training.peak_flops("cpu") == 1.5e12
+    assert throughput.peak_flops("cpu") == 1.5e12
     monkeypatch.delenv("TUNELAB_PEAK_FLOPS")
-    first = training.peak_flops("cpu")
+    first = throughput.peak_flops("cpu")
     assert first is not None and 1e8 < first < 1e15
-    assert training.peak_flops("cpu") == first  # measured once per process
+    assert throughput.peak_flops("cpu") == first  # measured once per process
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
-    assert training.peak_flops("cuda:0", "half") == pytest.approx(989.4e12)
+    assert throughput.peak_flops("cuda:0", "half") == pytest.approx(989.4e12)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 PCIe")
-    assert training.peak_flops("cuda:0", "fp32") == pytest.approx(51.2e12)
+    assert throughput.peak_flops("cuda:0", "fp32") == pytest.approx(51.2e12)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Some Future GPU")
-    assert training.peak_flops("cuda:0", "half") is None
+    assert throughput.peak_flops("cuda:0", "half") is None
 
 
 def test_sft_run_reports_tokens_per_second_and_mfu(tmp_path: Path, tiny_lm: Path, capsys) -> None:

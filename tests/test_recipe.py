@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from tunelab import TunelabError, load_recipe, recipe_from_dict
-from tunelab.recipe import apply_override, shipped_recipes
+from tunelab.paths import shipped_recipes
+from tunelab.recipe import apply_override
 
 PIPELINE = {
     "output_dir": "runs/x",

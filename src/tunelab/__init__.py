@@ -91,7 +91,7 @@ def merge(adapter_dir: str | Path, out_dir: str | Path, base: str | None = None,
     """Merge a LoRA adapter into its base model; saves a full model with its tokenizer."""
     from tunelab.hub import configure_offline
     from tunelab.models import merge as _merge
-    from tunelab.training import quiet
+    from tunelab.progress import quiet
 
     configure_offline()
     quiet()

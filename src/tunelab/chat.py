@@ -182,6 +182,15 @@ def conversational(
     return ds.map(convert, remove_columns=columns)
 
 
+def chat_pairs(cfg: dict[str, Any], where: str, tokenizer: Any, *datasets: Any) -> list[Any]:
+    """Plain-text preference pairs as chats when the tokenizer has a chat template (see `conversational`)."""
+    value, system = setting(cfg, where), system_prompt(cfg, where)
+    return [
+        None if ds is None else conversational(ds, tokenizer, value, system, answers=("chosen", "rejected"))
+        for ds in datasets
+    ]
+
+
 def reward_texts(tokenizer: Any, prompts: list[Any], answers: list[str], value: bool | str = True) -> list[str]:
     """Prompt + answer as a reward model reads them: one chat through its template when it has one."""
     if value is not False and getattr(tokenizer, "chat_template", None):

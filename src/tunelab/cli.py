@@ -436,7 +436,7 @@ def attention(
     from tunelab.attention import draw
     from tunelab.errors import TunelabError
     from tunelab.hub import configure_offline
-    from tunelab.training import quiet
+    from tunelab.progress import quiet
 
     def ints(value: str, what: str) -> list[int] | None:
         try:
@@ -517,7 +517,7 @@ def chat_command(
 @friendly
 def list_recipes() -> None:
     """The shipped recipes, one line each."""
-    from tunelab.recipe import shipped_recipes
+    from tunelab.paths import shipped_recipes
 
     for name, path in shipped_recipes().items():
         typer.echo(f"{name:<28} {_first_comment(path)}")
@@ -538,7 +538,8 @@ def cp(
 ) -> None:
     """Copy a shipped recipe to edit it."""
     from tunelab.errors import TunelabError, check_path
-    from tunelab.recipe import find_recipe, shipped_recipes
+    from tunelab.paths import shipped_recipes
+    from tunelab.recipe import find_recipe
 
     if name.removesuffix(".yaml") not in shipped_recipes():
         find_recipe(name)  # raises with a "did you mean"
@@ -597,28 +598,6 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-SUMMARY_KEYS = (
-    "train_loss",
-    "eval_loss",
-    "perplexity",
-    "untrained_accuracy",
-    "accuracy",
-    "f1",
-    "untrained_pairwise_accuracy",
-    "pairwise_accuracy",
-    "first_score",
-    "last_score",
-    "last_kl",
-    "first_reward",
-    "last_reward",
-    "eval_rewards/accuracies",
-    "params",
-    "trainable_params",
-    "num_images",
-    "seconds_per_image",
-)
-
-
 def print_summary(result: Any) -> None:
     """A table of each stage's main metrics, eval comparisons, and where the files are (main process only)."""
     from tunelab.distributed import is_main
@@ -628,6 +607,8 @@ def print_summary(result: Any) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from tunelab.stages import metrics_of
+
     console = Console()
     table = Table(title=f"run {result.status}: {result.run_dir}", title_justify="left")
     for col in ("stage", "time", "metrics"):
@@ -635,7 +616,8 @@ def print_summary(result: Any) -> None:
     for stage, metrics in result.metrics.items():
         seconds = result.seconds.get(stage, 0.0)
         when = "skipped" if stage in result.skipped else f"{seconds:.0f}s"
-        flat = {k: v for k, v in metrics.items() if k in SUMMARY_KEYS}
+        keys = metrics_of(result.kinds.get(stage)).summary  # what the stage declares as its main numbers
+        flat = {k: metrics[k] for k in keys if k in metrics}
         text = "  ".join(f"{k} {_fmt(v)}" for k, v in flat.items())
         table.add_row(stage, when, text)
     console.print(table)

@@ -345,7 +345,7 @@ def pipeline_kind(value: str, where: str) -> str:
 
 
 def quiet() -> None:
-    """diffusers' share of `training.quiet`: warnings and errors only, no "Loading components" bars."""
+    """diffusers' share of `progress.quiet`: warnings and errors only, no "Loading components" bars."""
     from diffusers.utils import logging
 
     logging.set_verbosity_error()

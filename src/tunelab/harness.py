@@ -61,7 +61,7 @@ def require() -> None:
 
 def bundled_tasks() -> Path:
     """`recipes/harness/`: the task YAMLs tunelab ships (inside the wheel or the repository)."""
-    from tunelab.recipe import recipes_root
+    from tunelab.paths import recipes_root
 
     return recipes_root() / "harness"
 

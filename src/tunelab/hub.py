@@ -16,6 +16,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from tunelab.errors import TunelabError
+from tunelab.paths import recipes_root
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _TRUE = {"1", "true", "yes", "on"}
@@ -49,7 +50,6 @@ def configure_offline() -> bool:
 
 def bundled_root() -> Path:
     """The folder that bundled paths such as `recipes/data/arith_qa` are relative to."""
-    from tunelab.recipe import recipes_root
 
     return recipes_root().parent
 
@@ -82,7 +82,6 @@ def local_path(ref: str | os.PathLike) -> Path | None:
             return bundled.resolve()
         # Inside a wheel, `recipes/` is installed as `tunelab/recipes/`.
         if path.parts and path.parts[0] == "recipes":
-            from tunelab.recipe import recipes_root
 
             inner = recipes_root().joinpath(*path.parts[1:])
             if inner.exists():

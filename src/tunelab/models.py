@@ -203,7 +203,7 @@ def model_config(value: Any, ctx: Any, where: str):
     from transformers import AutoConfig
 
     from tunelab.hub import resolve_model
-    from tunelab.recipe import REF
+    from tunelab.refs import REF
 
     spec = model_spec(value, where)
     match = REF.match(spec["path"].strip())
@@ -491,7 +491,7 @@ def tokenizer_origin(value: Any, ctx: Any, where: str) -> str:
 
     Lets a pipeline compare two models' tokenizers before the stages that make them have run.
     """
-    from tunelab.recipe import REF
+    from tunelab.refs import REF
 
     spec = model_spec(value, where)
     match = REF.match(spec["path"].strip())

@@ -25,7 +25,8 @@ from typing import Any
 from tunelab import distributed, runs
 from tunelab.errors import TunelabError
 from tunelab.hub import configure_offline
-from tunelab.recipe import Recipe, iter_refs
+from tunelab.recipe import Recipe
+from tunelab.refs import iter_refs
 from tunelab.stages import Context, StageResult, StageSpec, stage_module, tokenizer_origin
 
 
@@ -39,6 +40,8 @@ class RunResult:
     outputs: dict[str, Path] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)
+    kinds: dict[str, str] = field(default_factory=dict)
+    """Each stage's kind (`sft`, `reward`, ...): what its metrics are declared by (`tunelab.stages.metrics_of`)."""
 
 
 def _specs(recipe: Recipe) -> list[StageSpec]:
@@ -116,7 +119,7 @@ def plan(recipe: Recipe) -> list[Any]:
 
 def _inspect(recipe: Recipe, strict_plans: bool) -> list[Any]:
     """Run every stage's checks in order, planning each stage's memory with what the checks learnt."""
-    from tunelab.training import quiet
+    from tunelab.progress import quiet
 
     quiet()
     kinds = {name: cfg["stage"] for name, cfg in recipe.stages.items()}
@@ -192,7 +195,7 @@ def _check_resumable(recipe: Recipe, from_stage: str | None, processes: int) -> 
     """An interrupted stage can only continue from its checkpoint with the same config, and with the
     same number of processes: its checkpoints hold one RNG state per rank, and its data position
     counts batches of the global batch that many processes made."""
-    from tunelab.training import last_checkpoint
+    from tunelab.safeguards import last_checkpoint
 
     fingerprints: dict[str, str] = {}
     for spec in _specs(recipe):
@@ -298,7 +301,7 @@ def _run_new(
         runs.write_atomic(run_dir / "recipe.yaml", recipe.to_yaml())
         _write(run_dir / "run.json", manifest)
     distributed.barrier("the run folder")
-    result = RunResult(run_dir=run_dir, status="running")
+    result = RunResult(run_dir=run_dir, status="running", kinds={n: c["stage"] for n, c in recipe.stages.items()})
     ctx = Context(seed=recipe.seed, run_dir=run_dir, resume=mode == "resume")
     with _sigterm_interrupts():
         _run_stages(recipe, run_dir, ctx, manifest, result, from_stage, backup)
@@ -320,12 +323,12 @@ def _write(path: Path, data: Any) -> None:
 def _sigterm_interrupts():
     """SIGTERM (a scheduler's kill, `timeout`) ends the run like Ctrl-C: marked interrupted, resumable.
 
-    During training `training.stop_on_signals` takes over and saves a checkpoint first.
+    During training `safeguards.stop_on_signals` takes over and saves a checkpoint first.
     """
     import signal
     import threading
 
-    from tunelab.training import Interrupted
+    from tunelab.safeguards import Interrupted
 
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -379,7 +382,12 @@ def _run_stages(
             if stage_result.model is not None:
                 result.outputs[spec.name] = stage_result.model
                 ctx.outputs[spec.name] = stage_result.model
-            manifest["stages"][spec.name] = {"status": "completed", "seconds": round(seconds, 2), "fingerprint": fp}
+            manifest["stages"][spec.name] = {
+                "status": "completed",
+                "kind": spec.kind,
+                "seconds": round(seconds, 2),
+                "fingerprint": fp,
+            }
             _write(run_dir / "metrics.json", result.metrics)
             _write(run_dir / "run.json", manifest)
             if backup is not None:
@@ -423,7 +431,7 @@ def _run_stage(
     everywhere = getattr(module, "RANKS", "main") == "all"  # training stages run on every rank
     spec.out_dir.mkdir(parents=True, exist_ok=True)
     _write(spec.out_dir / "stage.json", record)
-    manifest["stages"][spec.name] = {"status": "running"}
+    manifest["stages"][spec.name] = {"status": "running", "kind": spec.kind}
     _write(run_dir / "run.json", manifest)
     set_seed(ctx.seed)
     if main:

@@ -127,3 +127,36 @@ def check_model(spec: Any, ctx: Any, lora: Any = None, task: str = "CAUSAL_LM", 
         check_cpu_shapes(config, spec.cfg["quantization"], f"{spec.where}.quantization")
     check_lora(config, lora, f"{spec.where}.lora", task)
     return config
+
+
+def check_vllm(args: Any, where: str) -> None:
+    """`use_vllm: true` (GRPO, RLOO) needs a CUDA GPU and vLLM installed; in `server` mode, a reachable
+    `trl vllm-serve`. TRL would find out after the model has loaded, or hang waiting for the server."""
+    if not getattr(args, "use_vllm", False):
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        raise TunelabError(
+            f"'{where}.use_vllm' is true, but this machine has no CUDA GPU: vLLM generates on GPUs only; "
+            "set use_vllm: false (the trainer then generates with transformers)"
+        )
+    if importlib.util.find_spec("vllm") is None:
+        raise TunelabError(
+            f"'{where}.use_vllm' is true, but vLLM is not installed: pip install 'trl[vllm]' (the vLLM version "
+            "TRL supports), or set use_vllm: false"
+        )
+    if getattr(args, "vllm_mode", "colocate") == "server":
+        import socket
+        from urllib.parse import urlparse
+
+        url = getattr(args, "vllm_server_base_url", None)
+        parsed = urlparse(url) if url else None
+        host, port = (parsed.hostname, parsed.port) if parsed else (args.vllm_server_host, args.vllm_server_port)
+        try:
+            socket.create_connection((host, port or 8000), timeout=2).close()
+        except OSError:
+            raise TunelabError(
+                f"'{where}.vllm_mode' is server, but no vLLM server answers at {host}:{port}: start one with "
+                "`trl vllm-serve --model MODEL` on the GPUs left for generation, or use vllm_mode: colocate"
+            ) from None

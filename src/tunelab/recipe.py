@@ -33,10 +33,12 @@ from typing import Any
 import yaml
 
 from tunelab.errors import TunelabError, check_path, closest, unknown_key
+from tunelab.paths import shipped_recipes
+from tunelab.refs import iter_refs
+from tunelab.stages import STAGES, stage_module
 
 TOP_LEVEL_KEYS = {"name", "description", "output_dir", "seed", "stages"}
 PATH_SHORTHANDS = {"data", "eval_data", "model"}
-REF = re.compile(r"^\$\{([A-Za-z_][\w-]*)\}$")
 MAX_RECIPE_BYTES = 16 * 2**20  # a recipe is a few KiB; this bounds reading a device or a wrong file
 MAX_DEPTH = 64  # nesting of mappings and lists
 MAX_NODES = 200_000  # values in a recipe once YAML aliases are expanded (a "billion laughs" bomb has 10^9)
@@ -58,29 +60,6 @@ PATH_KEYS = {
     "model", "data", "eval_data", "classifier_data", "tokenizer", "reward_model", "value_model", "models",
     "rewards", "path", "data_dir", "data_files", "gguf_file", "include_path",
 }
-
-
-def recipes_root() -> Path:
-    """Folder of the shipped recipes: inside the wheel, or the repo's `recipes/`."""
-    here = Path(__file__).resolve().parent
-    for candidate in (here / "recipes", here.parents[1] / "recipes"):
-        if candidate.is_dir():
-            return candidate
-    raise TunelabError("the shipped recipes are missing from this installation: reinstall tunelab")
-
-
-def shipped_recipes() -> dict[str, Path]:
-    """Shipped recipe names (path under recipes/ without `.yaml`) to their files."""
-    root = recipes_root()
-    return {
-        str(p.relative_to(root).with_suffix("")): p
-        for p in sorted(root.rglob("*.yaml"))
-        if p.relative_to(root).parts[0] not in NOT_RECIPES
-    }
-
-
-# Folders of recipes/ that hold other YAML: data, Accelerate configs, lm-evaluation-harness tasks.
-NOT_RECIPES = ("data", "accelerate", "harness")
 
 
 def find_recipe(name_or_path: str | Path) -> Path:
@@ -267,7 +246,6 @@ def apply_override(data: dict[str, Any], override: str) -> None:
 
 
 def _section_names(stages: dict[str, Any]) -> set[str]:
-    from tunelab.stages import STAGES, stage_module
 
     kinds = {s.get("stage") for s in stages.values() if isinstance(s, dict) and isinstance(s.get("stage"), str)}
     kinds &= set(STAGES)
@@ -281,7 +259,6 @@ def _normalise(data: dict[str, Any], origin: str) -> dict[str, Any]:
             raise TunelabError(f"recipe '{origin}' names no stage: add `stage: sft` (or another stage) or `stages:`")
         kind = data["stage"]
         if not isinstance(kind, str):
-            from tunelab.stages import STAGES
 
             raise TunelabError(
                 f"'stage' is {kind!r} ({type(kind).__name__}); set it to one stage kind: {', '.join(STAGES)}"
@@ -314,7 +291,6 @@ def _normalise(data: dict[str, Any], origin: str) -> dict[str, Any]:
 
 def check_structure(data: dict[str, Any]) -> None:
     """Stage kinds, section names and `${stage}` references, without importing ML libraries."""
-    from tunelab.stages import STAGES, stage_module
 
     seen: list[str] = []
     for name, stage in data["stages"].items():
@@ -436,22 +412,6 @@ def _plain(data: Any, where: str, budget: list[int] | None = None, stack: list[i
         f"'{where}' is {_short(data)} ({type(data).__name__}): a recipe holds only strings, numbers, "
         "booleans, null, lists and mappings; quote it to make it a string"
     )
-
-
-def iter_refs(node: Any, where: str):
-    """Yield (location, stage name) for each `${stage}` reference inside a stage."""
-    if isinstance(node, str):
-        match = REF.match(node.strip())
-        if match:
-            yield where, match.group(1)
-        elif "${" in node:
-            raise TunelabError(f"'{where}' is '{node}': a reference must be the whole value, like ${{sft}}")
-    elif isinstance(node, dict):
-        for key, value in node.items():
-            yield from iter_refs(value, f"{where}.{key}")
-    elif isinstance(node, list):
-        for i, value in enumerate(node):
-            yield from iter_refs(value, f"{where}[{i}]")
 
 
 def load_recipe(name_or_path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:

@@ -12,36 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from tunelab.runs import read_json, write_atomic
+from tunelab.stages import metrics_of
 from tunelab.vlm_prompting import report_section
-
-HEADLINE = (  # columns of the stage table; a column no stage reports is left out
-    "train_loss",
-    "eval_loss",
-    "perplexity",
-    "untrained_accuracy",
-    "accuracy",
-    "f1",
-    "pairwise_accuracy",
-    "last_score",
-    "last_kl",
-    "last_reward",
-    "eval_rewards/accuracies",
-    "global_step",
-)
-# Per-step signals worth a plot, by trainer: PPO, GRPO, DPO, reward modelling; the first found are drawn.
-SIGNALS = (
-    "objective/scores",
-    "objective/kl",
-    "objective/entropy",
-    "loss/value_avg",
-    "reward",
-    "kl",
-    "entropy",
-    "rewards/margins",
-    "rewards/accuracies",
-    "accuracy",
-    "margin",
-)
 
 
 def _plt():
@@ -56,10 +28,19 @@ def _plt():
 SIGNAL_WORDS = ("reward", "kl")  # what preference and RL trainers log beside the loss
 
 
-def _signal_keys(history: list[dict[str, Any]]) -> tuple[str, ...]:
+def _signal_keys(history: list[dict[str, Any]], declared: tuple[str, ...]) -> tuple[str, ...]:
+    """The stage's declared per-step signals that its log holds (the first four), else any reward/KL key."""
     keys = {k for h in history for k, v in h.items() if isinstance(v, (int, float)) and k not in ("step", "epoch")}
-    known = tuple(k for k in SIGNALS if k in keys)
+    known = tuple(k for k in declared if k in keys)
     return known[:4] or tuple(sorted(k for k in keys if any(w in k.lower() for w in SIGNAL_WORDS)))
+
+
+def _kind(run_dir: Path, stage: str, manifest: dict[str, Any]) -> str | None:
+    """A stage's kind: from run.json, else (runs made before it was recorded there) its stage.json."""
+    kind = manifest.get("stages", {}).get(stage, {}).get("kind")
+    if kind is None:
+        kind = (read_json(run_dir / stage / "stage.json") or {}).get("stage")
+    return kind if isinstance(kind, str) else None
 
 
 def _loss_plot(
@@ -160,7 +141,10 @@ def write_report(run_dir: Path) -> Path:
         f"device {manifest.get('device', {}).get('type')}.",
         "",
     ]
-    columns = [k for k in HEADLINE if any(k in values for values in metrics.values())]
+    declared = {stage: metrics_of(_kind(run_dir, stage, manifest)) for stage in metrics}
+    # Columns: each stage's declared main numbers, in stage order, then the step count of training stages.
+    wanted = [k for m in declared.values() for k in m.summary] + ["global_step"]
+    columns = [k for k in dict.fromkeys(wanted) if any(k in values for values in metrics.values())]
     lines += ["| stage | seconds | " + " | ".join(columns) + " |", "|---" * (len(columns) + 2) + "|"]
     stages = manifest.get("stages", {})
     for stage, values in metrics.items():
@@ -173,7 +157,7 @@ def write_report(run_dir: Path) -> Path:
         history = read_json(folder / "log_history.json", list)
         if isinstance(history, list) and _loss_plot(history, folder / "loss.png", f"{stage}: loss"):
             lines += [f"## {stage}: loss", "", f"![{stage} loss]({stage}/loss.png)", ""]
-        signals = _signal_keys(history) if isinstance(history, list) else ()
+        signals = _signal_keys(history, tuple(declared[stage].progress)) if isinstance(history, list) else ()
         if signals and _loss_plot(history, folder / "signals.png", f"{stage}: training signals", signals, "value"):
             lines += [f"## {stage}: training signals", "", f"![{stage} signals]({stage}/signals.png)", ""]
         per_model = {k: v for k, v in values.items() if isinstance(v, dict)}

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from tunelab.stages.eval import answer
+from tunelab.answers import answer, matches
 
 
 def _text(completion: Any) -> str:
@@ -23,7 +23,7 @@ def _text(completion: Any) -> str:
 
 def exact_match(completions: list[Any], reference: list[Any], **kwargs: Any) -> list[float]:
     """1.0 when the answer (first non-empty line) equals the reference, else 0.0: the eval stage's exact match."""
-    return [float(answer(_text(c)) == str(r).strip()) for c, r in zip(completions, reference, strict=True)]
+    return [float(matches(answer(_text(c)), str(r))) for c, r in zip(completions, reference, strict=True)]
 
 
 def numeric(completions: list[Any], **kwargs: Any) -> list[float]:

@@ -83,8 +83,8 @@ def load(ref: str, quantization: dict[str, Any] | None = None):
     """(model, tokenizer) ready to generate: an adapter merged over its base unless the base is quantized."""
     from tunelab.hub import configure_offline
     from tunelab.models import load_causal_lm, load_tokenizer
+    from tunelab.progress import quiet
     from tunelab.quant import quant_config
-    from tunelab.training import quiet
 
     configure_offline()
     quiet()

@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from tunelab.answers import answer, matches
 from tunelab.errors import TunelabError
 
 VLM_KINDS = ("vlm_build", "vlm_sft")
@@ -164,7 +165,7 @@ def generate(model: Any, processor: Any, texts: list[str], images: list[list[Any
 
 
 def run(spec: Any, ctx: Any, models: dict[str, Any], prompt_col: str, ref_col: str, batch_size: int,
-        scorers: list[tuple[str, dict[str, Any], Any]], config: Any, answer: Any, pattern: str | None,
+        scorers: list[tuple[str, dict[str, Any], Any]], config: Any, pattern: str | None,
         template: str, system: str | None, multi_reference: tuple[str, ...]):
     """Score each image+text model on the held-out rows; predictions and report samples written beside."""
     from transformers import set_seed
@@ -182,6 +183,7 @@ def run(spec: Any, ctx: Any, models: dict[str, Any], prompt_col: str, ref_col: s
     files: dict[str, str] = {}
     samples: dict[str, Any] = {"images": _sample_images(images, spec.out_dir), "prompts": prompts[:SAMPLES],
                                "references": references[:SAMPLES], "answers": {}}
+    same = next((dict(o) for n, o, _ in scorers if n == "exact_match"), {})  # rows scored as metrics.json
     for label, value in models.items():
         where = f"{spec.where}.models.{label}" if "models" in spec.cfg else f"{spec.where}.model"
         set_seed(ctx.seed)
@@ -193,7 +195,7 @@ def run(spec: Any, ctx: Any, models: dict[str, Any], prompt_col: str, ref_col: s
               + texts[0].replace("\n", "\n     | "), flush=True)
         outputs = generate(model, processor, texts, images, config, batch_size)
         answers = [answer(t, pattern) for t in outputs]
-        scores = [float(a == r) for a, r in zip(answers, references, strict=True)]
+        scores = [float(matches(a, r, **same)) for a, r in zip(answers, references, strict=True)]
         metrics[label] = {}
         for name, options, scorer in scorers:
             refs = [[r] for r in references] if name in multi_reference else references
@@ -287,8 +289,8 @@ def open_chat(ref: str, config: Any, system: str | None, image_paths: list[Path]
     from PIL import Image
 
     from tunelab.hub import configure_offline
+    from tunelab.progress import quiet
     from tunelab.talk import model_source
-    from tunelab.training import quiet
     from tunelab.vision import is_vlm_folder
 
     configure_offline()

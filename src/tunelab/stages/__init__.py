@@ -9,11 +9,17 @@ A stage module defines
   training (config classes, files, dataset columns); raises ``TunelabError``;
 - ``run(spec, ctx) -> StageResult``: do the work, write into ``spec.out_dir``;
 - ``plan(spec, ctx) -> StagePlan | None``: memory per device, from model configs only;
+- ``METRICS``: a `Metrics` naming the stage's main numbers (CLI summary, report.md), its per-step
+  signals (progress lines, plots) and the ones summarised as first/last;
 - ``RANKS`` (optional): ``"all"`` for stages that train on every process of a distributed run
-  (the Trainer shards the data); others run on the main process while the rest wait.
+  (the Trainer shards the data); others run on the main process while the rest wait;
+- ``tokenizer_source(spec, ctx)`` (optional): where the tokenizer in the stage's folder comes from,
+  when not from its `model:` (pretrain trains one).
 
-Modules import torch and friends inside their functions only, so listing or
-structurally checking stages stays fast.
+Trainer-backed stages declare a `tunelab.stages.base.TrainerStage` (``STAGE``) and take all of the
+above from it. Stages import shared components (tunelab.adapters, .models, .data, .chat, .rewarding,
+.training, ...), never each other. Modules import torch and friends inside their functions only, so
+listing or structurally checking stages stays fast; tunelab's own modules are imported at the top.
 """
 
 from __future__ import annotations
@@ -23,6 +29,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 from typing import Any
+
+from tunelab.hub import MODEL_FILES
+from tunelab.refs import REF
 
 STAGES: dict[str, str] = {
     "pretrain": "tunelab.stages.pretrain",
@@ -43,6 +52,33 @@ STAGES: dict[str, str] = {
 
 def stage_module(kind: str) -> ModuleType:
     return importlib.import_module(STAGES[kind])
+
+
+@dataclass(frozen=True)
+class Metrics:
+    """The metric names a stage declares, so summaries, reports and progress lines show them.
+
+    - `summary`: keys of the stage's metrics shown in the CLI's run table and report.md's stage table;
+    - `progress`: per-step keys of the trainer's logs, with the short label the progress line prints
+      (report.md plots the first four);
+    - `trend`: per-step keys summarised in the stage's metrics as `first_NAME` / `last_NAME`;
+    - `throttle`: the loop logs every step; print only every `logging_steps` (PPO).
+    """
+
+    summary: tuple[str, ...] = ()
+    progress: dict[str, str] = field(default_factory=dict)
+    trend: dict[str, str] = field(default_factory=dict)
+    throttle: bool = False
+
+
+TRAINING = ("train_loss", "eval_loss")  # what every Trainer-backed stage reports first
+
+
+def metrics_of(kind: str | None) -> Metrics:
+    """The declared metrics of a stage kind (empty for an unknown kind, e.g. from an older run)."""
+    if kind not in STAGES:
+        return Metrics()
+    return getattr(stage_module(kind), "METRICS", Metrics())
 
 
 @dataclass
@@ -89,8 +125,6 @@ class Context:
 
     def resolve_ref(self, value: Any) -> Any:
         """Replace a `${stage}` reference with that stage's output folder."""
-        from tunelab.recipe import REF
-
         if isinstance(value, str):
             match = REF.match(value.strip())
             if match:
@@ -99,20 +133,16 @@ class Context:
 
     def is_pending(self, value: Any) -> bool:
         """True when `value` names an earlier stage's output that does not exist yet."""
-        from tunelab.recipe import REF
-
         if not (isinstance(value, str) and REF.match(value.strip())):
             return False
-        from tunelab.hub import MODEL_FILES
-
         folder = Path(self.resolve_ref(value))
         return not any((folder / name).exists() for name in MODEL_FILES)
 
 
 def tokenizer_origin(module: ModuleType, spec: StageSpec, ctx: Context) -> str | None:
     """Where the tokenizer in a model-producing stage's folder comes from: the stage's own rule, else its model's."""
-    if hasattr(module, "tokenizer_origin"):
-        return module.tokenizer_origin(spec, ctx)
+    if hasattr(module, "tokenizer_source"):
+        return module.tokenizer_source(spec, ctx)
     if "model" not in spec.cfg:
         return None
     from tunelab.models import tokenizer_origin as origin

@@ -12,9 +12,10 @@ from __future__ import annotations
 from typing import Any
 
 from tunelab.errors import TunelabError
-from tunelab.stages import Context, StageResult, StageSpec
+from tunelab.stages import TRAINING, Context, Metrics, StageResult, StageSpec
 
 PRODUCES_MODEL = True
+METRICS = Metrics(summary=(*TRAINING, "untrained_accuracy", "accuracy", "f1"))
 RANKS = "all"  # trains on every process of a distributed run (the Trainer shards the data)
 SECTIONS = {
     "model": "encoder to fine-tune: folder, hub id, pkg:PACKAGE/folder, ${stage}, or {path, ...}",
@@ -71,9 +72,9 @@ def _model_path(spec: StageSpec, ctx: Context) -> dict[str, Any] | None:
 
 
 def _lora(spec: StageSpec):
-    from tunelab.stages.sft import _lora
+    from tunelab.adapters import lora_config
 
-    return _lora(spec.cfg.get("lora"), f"{spec.where}.lora", task_type="SEQ_CLS")
+    return lora_config(spec.cfg.get("lora"), f"{spec.where}.lora", task_type="SEQ_CLS")
 
 
 def check(spec: StageSpec, ctx: Context) -> None:

@@ -13,9 +13,10 @@ from __future__ import annotations
 from typing import Any
 
 from tunelab.errors import TunelabError
-from tunelab.stages import Context, StageResult, StageSpec
+from tunelab.stages import Context, Metrics, StageResult, StageSpec
 
 PRODUCES_MODEL = False
+METRICS = Metrics(summary=("num_images", "seconds_per_image"))
 SECTIONS = {
     "model": "diffusers pipeline: folder, hub id, ${stage} (a diffusion_train output), or a LoRA folder",
     "scheduler": "sampler: DDPM, DDIM, DPM-Solver++, DPM-Solver, UniPC, DEIS, Euler, EulerAncestral, Heun, PNDM, LMS",

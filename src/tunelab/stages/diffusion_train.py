@@ -24,9 +24,10 @@ from pathlib import Path
 from typing import Any
 
 from tunelab.errors import TunelabError
-from tunelab.stages import Context, StageResult, StageSpec
+from tunelab.stages import TRAINING, Context, Metrics, StageResult, StageSpec
 
 PRODUCES_MODEL = True
+METRICS = Metrics(summary=(*TRAINING, "trainable_parameters"))
 RANKS = "all"  # trains on every process of a distributed run (the Trainer shards the data)
 SECTIONS = {
     "model": "pipeline to start from: a text-to-image pipeline for LoRA, or a DDPM pipeline; omit to build `unet:`",
@@ -258,7 +259,7 @@ def plan(spec: StageSpec, ctx: Context):
     )
 
 
-def tokenizer_origin(spec: StageSpec, ctx: Context) -> str | None:
+def tokenizer_source(spec: StageSpec, ctx: Context) -> str | None:
     return None  # a diffusion pipeline is not a tokenizer source for language stages
 
 

@@ -34,11 +34,15 @@ import json
 import re
 from typing import Any
 
+from tunelab import image_eval
+from tunelab.answers import answer, matches
 from tunelab.errors import TunelabError, unknown_key
+from tunelab.image_eval import IMAGE_METRICS
 from tunelab.prompting import Prompting, generate, strip_reasoning
-from tunelab.stages import Context, StageResult, StageSpec
+from tunelab.stages import Context, Metrics, StageResult, StageSpec
 
 PRODUCES_MODEL = False
+METRICS = Metrics()  # per-model metrics: the CLI and report.md show them as a table of their own
 SECTIONS = {
     "model": "model to evaluate: hub id, folder, adapter folder, or ${stage}",
     "models": "several models to compare, as {label: model}",
@@ -78,7 +82,6 @@ TEXT_KEYS = (
     "chat_template",
     "system",
 )
-IMAGE_METRICS = ("frechet_distance",)
 FEWSHOT_KEYS = ("k", "data", "separator")
 GENERATION_METRICS = ("exact_match", "bleu", "chrf", "rouge")  # shipped metrics that score text against text
 MULTI_REFERENCE = ("bleu", "chrf")
@@ -125,6 +128,16 @@ def _metrics(spec: StageSpec) -> list[tuple[str, dict[str, Any]]]:
     return out
 
 
+def exact_match_options(scorers: list[tuple[str, dict[str, Any], Any]]) -> dict[str, Any]:
+    """The normalisation options of `exact_match` in `metrics:` (none when it is not listed)."""
+    return next((dict(options) for name, options, _ in scorers if name == "exact_match"), {})
+
+
+def _metric_names(spec: StageSpec) -> list[str] | None:
+    """The names in `metrics:` (None when absent: each path has its default)."""
+    return [name for name, _ in _metrics(spec)] if "metrics" in spec.cfg else None
+
+
 def _options(spec: StageSpec) -> tuple[str, str, int]:
     cfg = spec.cfg
     prompt = cfg.get("prompt_column", "prompt")
@@ -162,24 +175,10 @@ def _data(spec: StageSpec, prompt: str, reference: str):
     return ds, reference, choices
 
 
-def _is_diffusion(value: Any, ctx: Context) -> bool:
-    """Whether a model to evaluate is a diffusion pipeline (pending diffusion_train stage, or model_index.json)."""
-    from tunelab.diffusion import is_lora_folder
-    from tunelab.hub import local_path
-
-    path = value.get("path") if isinstance(value, dict) else value
-    if not isinstance(path, str):
-        return False
-    if ctx.is_pending(path):
-        return ctx.kinds.get(path.strip()[2:-1]) == "diffusion_train"
-    local = local_path(ctx.resolve_ref(path))
-    return local is not None and ((local / "model_index.json").is_file() or is_lora_folder(local))
-
-
 def _image_mode(spec: StageSpec, ctx: Context) -> bool:
     """True for an eval of diffusion pipelines; one line for a mix, or for keys of the other kind."""
     models = _models(spec)
-    flags = {label: _is_diffusion(v, ctx) for label, v in models.items()}
+    flags = {label: image_eval.is_diffusion(v, ctx) for label, v in models.items()}
     if len(set(flags.values())) > 1:
         raise TunelabError(f"'{spec.where}' mixes diffusion pipelines and language models; use one eval stage each")
     images = next(iter(flags.values()))
@@ -190,113 +189,9 @@ def _image_mode(spec: StageSpec, ctx: Context) -> bool:
     return images
 
 
-def _image_settings(spec: StageSpec, ctx: Context) -> dict[str, Any]:
-    from tunelab.diffusion import pipeline_kind, sampling_spec
-
-    kinds = set()
-    for label, value in _models(spec).items():
-        path = value.get("path") if isinstance(value, dict) else value
-        if not ctx.is_pending(path):
-            kinds.add(pipeline_kind(ctx.resolve_ref(path), f"{spec.where}.models.{label}"))
-    kind = kinds.pop() if len(kinds) == 1 else None
-    return sampling_spec(spec.cfg.get("sampling") or {}, f"{spec.where}.sampling", kind, ctx.seed, num_images=None)
-
-
-def _image_data(spec: StageSpec):
-    """(held-out real images, labelled classifier training images) as datasets."""
-    from tunelab.data import require_columns
-    from tunelab.diffusion import DIGITS, load_images
-
-    image_col = spec.cfg.get("image_column", "image")
-    label_col = spec.cfg.get("label_column", "label")
-    value = spec.cfg.get("data", DIGITS)
-    real = load_images(value, f"{spec.where}.data", "test", image_col)
-    if "classifier_data" in spec.cfg:
-        source = spec.cfg["classifier_data"]
-    else:
-        source = {"path": value if isinstance(value, str) else value["path"], "split": "train"}
-    labelled = load_images(source, f"{spec.where}.classifier_data", "train", image_col)
-    require_columns(labelled, [label_col], f"{spec.where}.classifier_data", "class labels for the feature classifier")
-    return real, labelled
-
-
-def _image_metrics(spec: StageSpec) -> list[str]:
-    names = [name for name, _ in _metrics(spec)] if "metrics" in spec.cfg else list(IMAGE_METRICS)
-    for name in names:
-        if name not in IMAGE_METRICS:
-            raise TunelabError(
-                f"'{spec.where}.metrics': '{name}' scores text; for diffusion pipelines use {', '.join(IMAGE_METRICS)}"
-            )
-    return names
-
-
-def _image_check(spec: StageSpec, ctx: Context) -> None:
-    _image_settings(spec, ctx)
-    _image_metrics(spec)
-    from tunelab.diffusion import image_spec
-
-    for key, default in (("data", "digits"), ("classifier_data", None)):
-        value = spec.cfg.get(key, default)
-        if value is not None:  # digits, a readable image folder, or a loadable dataset source
-            image_spec({key: value, "resolution": 16}, spec.where, key)
-
-
-def _image_run(spec: StageSpec, ctx: Context) -> StageResult:
-    """Sample from each pipeline, score against held-out real images in a tunelab-trained feature space."""
-    import torch
-
-    from tunelab.data import fingerprint
-    from tunelab.diffusion import generate, load_pipeline, write_images
-    from tunelab.image_quality import CLASSIFIER_CONFIG, load_classifier, quality, to_batch, train_classifier
-
-    settings = _image_settings(spec, ctx)
-    _image_metrics(spec)
-    real, labelled = _image_data(spec)
-    image_col, label_col = spec.cfg.get("image_column", "image"), spec.cfg.get("label_column", "label")
-    n = settings["num_images"] or len(real)
-    if n > len(real):
-        raise TunelabError(
-            f"'{spec.where}.sampling.num_images' is {n} but '{spec.where}.data' has {len(real)} real images; "
-            "the Fréchet distance compares equal counts: lower num_images or use a larger split"
-        )
-    settings["num_images"] = n
-    real = real.shuffle(seed=ctx.seed).select(range(n)) if n < len(real) else real
-    metrics: dict[str, Any] = {}
-    files: dict[str, str] = {}
-    folder = spec.out_dir / "classifier"
-    net = None
-    for label, value in _models(spec).items():
-        where = f"{spec.where}.models.{label}" if "models" in spec.cfg else f"{spec.where}.model"
-        path = value.get("path") if isinstance(value, dict) else value
-        pipe = load_pipeline(ctx.resolve_ref(path), where)
-        if torch.cuda.is_available():
-            pipe = pipe.to("cuda")
-        if net is None:
-            size = pipe.unet.config.sample_size * getattr(pipe, "vae_scale_factor", 1)
-            channels = 3 if hasattr(pipe, "vae") else pipe.unet.config.in_channels
-            if not (folder / CLASSIFIER_CONFIG).is_file():
-                images = to_batch(labelled[image_col], size, channels)
-                train_classifier(images, [int(v) for v in labelled[label_col]], folder, ctx.seed)
-            net, config = load_classifier(folder)
-            real_batch = to_batch(real[image_col], config["resolution"], config["channels"])
-            others = labelled.shuffle(seed=ctx.seed).select(range(min(n, len(labelled))))
-            reference = quality(net, to_batch(others[image_col], config["resolution"], config["channels"]), real_batch)
-            floor = reference["frechet_distance"]  # real vs real: the best a model can score here
-        images, seconds = generate(pipe, settings, where)
-        files.update({f"{k}-{label}": v for k, v in write_images(images, spec.out_dir / label).items()})
-        result = quality(net, to_batch(images, config["resolution"], config["channels"]), real_batch)
-        metrics[label] = {
-            **result,
-            "real_frechet_distance": floor,
-            "num_images": float(n),
-            "seconds_per_image": seconds / n,
-        }
-    return StageResult(metrics=metrics, files=files, fingerprints={"data": fingerprint(real)})
-
-
 def check(spec: StageSpec, ctx: Context) -> None:
     if _image_mode(spec, ctx):
-        return _image_check(spec, ctx)
+        return image_eval.check(spec, ctx, _models(spec), _metric_names(spec))
     if _vision(spec, ctx):  # image+text models: tunelab.vlm_prompting
         return _vision_check(spec, ctx)
     _check_text(spec, ctx)
@@ -325,7 +220,7 @@ def _vision_run(spec: StageSpec, ctx: Context) -> StageResult:
     prompt, reference, batch_size = _options(spec)
     scorers = [(name, options, load_metric(name, f"{spec.where}.metrics")) for name, options in _metrics(spec)]
     prompting, pattern = _prompting(spec, ctx, prompt, reference)
-    return vision_run(spec, ctx, _models(spec), prompt, reference, batch_size, scorers, _generation(spec), answer,
+    return vision_run(spec, ctx, _models(spec), prompt, reference, batch_size, scorers, _generation(spec),
                       pattern, prompting.template, prompting.system, MULTI_REFERENCE)
 
 
@@ -360,20 +255,9 @@ def _reward_model(spec: StageSpec, ctx: Context) -> dict[str, Any] | None:
     """The `reward_model:` as from_pretrained arguments (None when absent or its stage is pending)."""
     if spec.cfg.get("reward_model") is None:
         return None
-    from tunelab.stages.ppo import _reward_spec
+    from tunelab.rewarding import reward_model_spec
 
-    return _reward_spec(spec, ctx, "reward_model")
-
-
-def answer(text: str, pattern: str | None = None) -> str:
-    """The answer part of a generation: the first group of `pattern`, else its first non-empty line."""
-    if pattern is not None:
-        match = re.search(pattern, text)
-        return (match.group(1) if match.groups() else match.group(0)).strip() if match else ""
-    for line in text.strip().splitlines():
-        if line.strip():
-            return line.strip()
-    return ""
+    return reward_model_spec(spec.cfg["reward_model"], ctx, f"{spec.where}.reward_model")
 
 
 def _prompting(
@@ -431,7 +315,7 @@ def _prompting(
 
 def run(spec: StageSpec, ctx: Context) -> StageResult:
     if _image_mode(spec, ctx):
-        return _image_run(spec, ctx)
+        return image_eval.run(spec, ctx, _models(spec), _metric_names(spec))
     if _vision(spec, ctx):
         return _vision_run(spec, ctx)
     return _run_text(spec, ctx)
@@ -452,6 +336,7 @@ def _run_text(spec: StageSpec, ctx: Context) -> StageResult:
     if choices_col is not None:
         return _run_choices(spec, ctx, ds, prompt_col, ref_col, choices_col, quant)
     scorers = [(name, options, load_metric(name, f"{spec.where}.metrics")) for name, options in _metrics(spec)]
+    same = exact_match_options(scorers)  # each row's exact_match is scored as metrics.json's is
     config = _generation(spec)
     think = _think_token(spec)
     prompting, pattern = _prompting(spec, ctx, prompt_col, ref_col)
@@ -479,7 +364,7 @@ def _run_text(spec: StageSpec, ctx: Context) -> StageResult:
         print(f"   {label}: prompts {how}; the first reads:\n{_indent(prompts[0])}", flush=True)
         texts = generate(model, tokenizer, prompts, config, batch_size, templated, think)
         answers = [answer(strip_reasoning(t, think), pattern) for t in texts]
-        scores = [float(a == r) for a, r in zip(answers, references, strict=True)]
+        scores = [float(matches(a, r, **same)) for a, r in zip(answers, references, strict=True)]
         metrics[label] = {}
         for name, options, scorer in scorers:
             refs = [[r] for r in references] if name in MULTI_REFERENCE else references

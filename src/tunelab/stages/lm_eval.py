@@ -25,9 +25,10 @@ from pathlib import Path
 from typing import Any
 
 from tunelab.errors import TunelabError
-from tunelab.stages import Context, StageResult, StageSpec
+from tunelab.stages import Context, Metrics, StageResult, StageSpec
 
 PRODUCES_MODEL = False
+METRICS = Metrics()  # per-model metrics: the CLI and report.md show them as a table of their own
 OWN = {
     "model": "model to score: hub id, folder, adapter folder (loaded over its base), GGUF, or ${stage}",
     "models": "several models to compare, as {label: model}",

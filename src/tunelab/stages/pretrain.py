@@ -15,9 +15,10 @@ import math
 from typing import Any
 
 from tunelab.errors import TunelabError
-from tunelab.stages import Context, StageResult, StageSpec
+from tunelab.stages import TRAINING, Context, Metrics, StageResult, StageSpec
 
 PRODUCES_MODEL = True
+METRICS = Metrics(summary=(*TRAINING, "perplexity", "params"))
 RANKS = "all"  # trains on every process of a distributed run (the Trainer shards the data)
 SECTIONS = {
     "config": "transformers config of the new model: model_type plus its fields (hidden_size, ...)",
@@ -90,7 +91,7 @@ def _tokenizer_source(spec: StageSpec) -> str | None:
     return None
 
 
-def tokenizer_origin(spec: StageSpec, ctx: Context) -> str:
+def tokenizer_source(spec: StageSpec, ctx: Context) -> str:
     """The tokenizer this stage saves: the one it reuses, or the one it trains (known by the stage's name)."""
     value = spec.cfg.get("tokenizer")
     if isinstance(value, str):

@@ -11,9 +11,10 @@ must train them. The folder loads with `LlavaForConditionalGeneration` /
 from __future__ import annotations
 
 from tunelab.errors import TunelabError
-from tunelab.stages import Context, StageResult, StageSpec
+from tunelab.stages import Context, Metrics, StageResult, StageSpec
 
 PRODUCES_MODEL = True
+METRICS = Metrics()  # it builds; vlm_sft trains
 SECTIONS = {
     "language": "the language model: hub id, folder, ${stage}, .gguf, or {path, gguf_file, ...}",
     "vision": "vision tower config: model_type (siglip_vision_model, clip_vision_model) and that config's fields",

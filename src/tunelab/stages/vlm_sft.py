@@ -29,10 +29,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from tunelab.adapters import lora_config, trainable_quantization
 from tunelab.errors import TunelabError
-from tunelab.stages import Context, StageResult, StageSpec
+from tunelab.stages import TRAINING, Context, Metrics, StageResult, StageSpec
 
 PRODUCES_MODEL = True
+METRICS = Metrics(summary=(*TRAINING, "trainable_params"), progress={"mean_token_accuracy": "tok_acc"})
 RANKS = "all"  # trains on every process of a distributed run (the Trainer shards the data)
 SECTIONS = {
     "model": "image+text model: hub id, folder, ${stage} (e.g. a vlm_build stage), or {path, dtype, ...}",
@@ -70,33 +72,11 @@ def _args(spec: StageSpec, ctx: Context):
 
 
 def _lora(spec: StageSpec):
-    values = spec.cfg.get("lora")
-    if values is None:
-        return None
-    from peft import LoraConfig
-
-    from tunelab.config import build
-
-    return build(LoraConfig, {"task_type": "CAUSAL_LM", **values}, f"{spec.where}.lora")
+    return lora_config(spec.cfg.get("lora"), f"{spec.where}.lora")
 
 
 def _quantization(spec: StageSpec):
-    from tunelab.quant import quant_config
-
-    values = spec.cfg.get("quantization")
-    saved = (spec.cfg.get("lora") or {}).get("modules_to_save") or []
-    if values is not None and saved:
-        # Modules trained whole (the new projector) must stay in full precision: a 4-bit weight cannot train.
-        skip = values.get("llm_int8_skip_modules") or ["lm_head"]
-        # transformers matches skip names from the start of a module's name (or as a regex): `.*projector`.
-        values = {**values, "llm_int8_skip_modules": list(dict.fromkeys([*skip, *(f".*{m}" for m in saved)]))}
-    quant = quant_config(values, f"{spec.where}.quantization")
-    if quant is not None and spec.cfg.get("lora") is None:
-        raise TunelabError(
-            f"'{spec.where}' quantizes the model but has no `lora:`: a 4/8-bit model cannot be fully "
-            "fine-tuned; add a `lora:` section (QLoRA) or remove `quantization:`"
-        )
-    return quant
+    return trainable_quantization(spec.cfg, spec.where)
 
 
 def _freeze(spec: StageSpec) -> bool:
@@ -130,7 +110,7 @@ def _datasets(spec: StageSpec):
 
 def _processor(spec: StageSpec, ctx: Context, mspec: dict[str, Any] | None):
     """The model's processor; while checking a pipeline, the one an earlier vlm_build stage plans (else None)."""
-    from tunelab.recipe import REF
+    from tunelab.refs import REF
     from tunelab.vision import load_processor
 
     if mspec is not None:

@@ -1,26 +1,14 @@
 """Exact match of generated strings against references, with normalisation options (tunelab, offline).
 
 Options (as in the Hub's exact_match): `ignore_case`, `ignore_punctuation`, `ignore_numbers`,
-`regexes_to_ignore` (removed before comparing); surrounding whitespace is always stripped.
+`regexes_to_ignore` (removed before comparing); surrounding whitespace is always stripped. The comparison is
+`tunelab.answers.matches`, which the eval stage also uses for each row of its predictions files.
 """
-
-import re
-import string
 
 import datasets
 import evaluate
 
-
-def normalise(text, ignore_case=False, ignore_punctuation=False, ignore_numbers=False, regexes_to_ignore=None):
-    for pattern in regexes_to_ignore or []:
-        text = re.sub(pattern, "", text)
-    if ignore_case:
-        text = text.lower()
-    if ignore_punctuation:
-        text = text.translate(str.maketrans("", "", string.punctuation))
-    if ignore_numbers:
-        text = text.translate(str.maketrans("", "", string.digits))
-    return text.strip()
+from tunelab.answers import matches
 
 
 class ExactMatch(evaluate.Metric):
@@ -35,7 +23,5 @@ class ExactMatch(evaluate.Metric):
         )
 
     def _compute(self, predictions, references, **options):
-        same = [
-            normalise(p, **options) == normalise(r, **options) for p, r in zip(predictions, references, strict=True)
-        ]
+        same = [matches(p, r, **options) for p, r in zip(predictions, references, strict=True)]
         return {"exact_match": sum(same) / len(same)}

@@ -1,0 +1,357 @@
+"""One base for the Trainer-backed stages: a stage is a declaration over shared components.
+
+A stage module declares a subclass of `TrainerStage` (its config class, its trainer class, its data,
+its metrics) and exposes it as the module interface of `tunelab.stages`:
+
+    class DPO(TrainerStage):
+        config_class = "trl:DPOConfig"
+        trainer_class = "trl:DPOTrainer"
+        sections = {...}
+        metrics = Metrics(summary=("train_loss", "eval_rewards/accuracies"), progress={"rewards/margins": "margin"})
+
+    STAGE = DPO()
+    PRODUCES_MODEL, RANKS, SECTIONS, METRICS = STAGE.produces_model, STAGE.ranks, STAGE.sections, STAGE.metrics
+    check, run, plan = STAGE.check, STAGE.run, STAGE.plan
+
+`settings()` parses the stage's sections once into a typed `Settings` (the config object built as the
+trainer will get it, the LoRA and quantization configs, the model's from_pretrained arguments, the chat
+settings); `check` and `run` both start from it, so validate checks exactly what run builds. `run` then
+reads top to bottom as the alignment-handbook scripts do: data, tokenizer, model, trainer, train,
+evaluate, save. A stage overrides only the steps it does differently (hooks below, in run order).
+
+Class attributes name library classes as "module:Name" strings, imported on first use, so listing and
+structurally checking stages never imports torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from tunelab.adapters import lora_config, trainable_quantization
+from tunelab.chat import chat_pairs, check_chat_data, conversational, setting, system_prompt
+from tunelab.data import load_split, preference_splits, require_columns
+from tunelab.errors import TunelabError
+from tunelab.models import load_causal_lm, load_tokenizer, prepare_kbit, stage_model
+from tunelab.preflight import check_model, check_training, check_vllm
+from tunelab.rewarding import check_rewards, reward_functions
+from tunelab.stages import TRAINING, Context, Metrics, StageResult, StageSpec
+from tunelab.training import fingerprints, guarded_train, kl_limit, save, training_args
+
+
+def import_name(path: str) -> Any:
+    """`"trl:DPOConfig"` -> the class (imported now)."""
+    module, _, name = path.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+@dataclass
+class Settings:
+    """A stage's sections parsed once, as the libraries' own objects; `check` and `run` share it."""
+
+    args: Any
+    """The config object (`trl.DPOConfig`, ...) exactly as the trainer gets it."""
+    lora: Any = None
+    """`peft.LoraConfig`, or None for full fine-tuning."""
+    quantization: Any = None
+    """`transformers.BitsAndBytesConfig`, or None."""
+    model: dict[str, Any] | None = None
+    """from_pretrained arguments of `model:`; None while checking, when an earlier stage makes it."""
+    chat: bool | str = True
+    """`chat_template:`: True (the model's own, when it has one), False, or a template."""
+    system: str | None = None
+    kl_limit: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+    """What a stage parses beyond the common sections (its `settings` hook fills it)."""
+
+
+COMMON_SECTIONS = {
+    "model": "model to train: a hub id, a folder, ${stage} (adapter folders are merged first), or {path, dtype, ...}",
+    "lora": "peft.LoraConfig fields (r, lora_alpha, target_modules, ...); omit for full fine-tuning",
+    "quantization": "transformers.BitsAndBytesConfig fields (load_in_4bit, ...): train a LoRA on a 4/8-bit model",
+    "chat_template": "prompts through the model's chat template: true (default, when it has one), false, or a template",
+    "system": "system prompt for chat-templated prompts",
+}
+
+
+def sections(own: dict[str, str], common: tuple[str, ...] = tuple(COMMON_SECTIONS)) -> dict[str, str]:
+    """A stage's keys: `model`, then its own (data, training, ...), then the `common` ones it takes."""
+    merged = {**{k: COMMON_SECTIONS[k] for k in common}, **own}
+    first = ["model"] if "model" in merged else []
+    return {k: merged[k] for k in [*first, *(k for k in own if k != "model"), *(k for k in common if k not in own)]}
+
+
+class TrainerStage:
+    """A stage that trains with a (TRL) Trainer. Subclasses declare; the base does the common work."""
+
+    # --- the declaration --------------------------------------------------------------------------
+    config_class: ClassVar[str]
+    """"module:Name" of the training config (`training:` holds its fields)."""
+    trainer_class: ClassVar[str]
+    """"module:Name" of the trainer."""
+    sections: ClassVar[dict[str, str]]
+    """Every key the stage accepts, with one line each (validate's "did you mean" and `tunelab list`)."""
+    metrics: ClassVar[Metrics] = Metrics()
+    produces_model: ClassVar[bool] = True
+    ranks: ClassVar[str] = "all"
+    """"all": trains on every process of a distributed run (the Trainer shards the data)."""
+    task_type: ClassVar[str] = "CAUSAL_LM"
+    """peft task type of `lora:`; SEQ_CLS for classifiers."""
+    defaults: ClassVar[dict[str, Any]] = {}
+    """`training:` values tunelab sets unless the recipe does (each with its reason where declared)."""
+    data_hint: ClassVar[str] = "name a dataset folder, file or hub id"
+    """What `data:` should be, for the "has no `data:`" error."""
+    chat_columns: ClassVar[tuple[str, ...]] = ("prompt",)
+    """Columns that may hold chat turns (checked against the model's chat template at validate)."""
+    model_hint: ClassVar[str | None] = None
+    """What `model:` should be, for the "has no `model:`" error (default: a hub id, folder or ${stage})."""
+    kl_keys: ClassVar[tuple[str, ...]] = ("kl",)
+    """Logged keys that `kl_limit:` watches."""
+    eval_keys: ClassVar[tuple[str, ...] | None] = None
+    """Keys of `trainer.evaluate()` kept in the metrics (None: every number)."""
+
+    # --- parsing, shared by check, plan and run --------------------------------------------------
+    def args(self, spec: StageSpec, ctx: Context) -> Any:
+        values = self.training_values(spec)
+        return training_args(import_name(self.config_class), values, f"{spec.where}.training", spec.out_dir, ctx.seed)
+
+    def training_values(self, spec: StageSpec) -> dict[str, Any]:
+        """`training:` with the stage's `defaults` under it: the keyword arguments of `config_class`."""
+        return {**self.defaults, **(spec.cfg.get("training") or {})}
+
+    def settings(self, spec: StageSpec, ctx: Context) -> Settings:
+        """Every section parsed into the libraries' objects; one-line errors name the bad key."""
+        s = Settings(args=self.args(spec, ctx))
+        s.chat, s.system = setting(spec.cfg, spec.where), system_prompt(spec.cfg, spec.where)
+        if "kl_limit" in self.sections:
+            s.kl_limit = kl_limit(spec.cfg, spec.where)
+        s.lora = lora_config(spec.cfg.get("lora"), f"{spec.where}.lora", self.task_type)
+        if "quantization" in self.sections:
+            s.quantization = trainable_quantization(spec.cfg, spec.where)
+        s.model = stage_model(spec, ctx, *([self.model_hint] if self.model_hint else []))
+        return s
+
+    # --- data -------------------------------------------------------------------------------------
+    def data(self, spec: StageSpec, s: Settings) -> tuple[Any, Any]:
+        """(train, eval) datasets, their columns checked; eval is None without `eval_data:`."""
+        train = load_split(self.require_data(spec), f"{spec.where}.data", "train")
+        self.check_columns(train, f"{spec.where}.data")
+        evaluation = None
+        if spec.cfg.get("eval_data") is not None:
+            evaluation = load_split(spec.cfg["eval_data"], f"{spec.where}.eval_data", "test")
+            self.check_columns(evaluation, f"{spec.where}.eval_data")
+        return train, evaluation
+
+    def require_data(self, spec: StageSpec) -> Any:
+        if "data" not in spec.cfg:
+            raise TunelabError(f"'{spec.where}' has no `data:`: {self.data_hint}")
+        return spec.cfg["data"]
+
+    def check_columns(self, ds: Any, where: str) -> None:
+        """The columns the trainer reads are there (raise a one-line error naming them otherwise)."""
+
+    def chat_columns_of(self, spec: StageSpec) -> tuple[str, ...]:
+        return self.chat_columns
+
+    def prepare(self, spec: StageSpec, ctx: Context, s: Settings, tokenizer: Any, train: Any, evaluation: Any):
+        """The datasets as the trainer takes them (chat turns, renamed columns): (train, eval)."""
+        return train, evaluation
+
+    # --- checks -----------------------------------------------------------------------------------
+    def check(self, spec: StageSpec, ctx: Context) -> None:
+        """What `run` builds, minus the weights: the config objects, the model skeleton on the meta device
+        with LoRA applied (and 4-bit CPU shapes), the data through the same loader, the chat template."""
+        s = self.settings(spec, ctx)
+        check_training(s.args, spec)
+        check_model(spec, ctx, s.lora, task=self.task_type)
+        train, _ = self.data(spec, s)
+        check_chat_data(train, self.chat_columns_of(spec), spec, ctx)
+        self.check_more(spec, ctx, s, train)
+
+    def check_more(self, spec: StageSpec, ctx: Context, s: Settings, train: Any) -> None:
+        """A stage's own checks beyond the common ones (reward functions, batch arithmetic, ...); `run`
+        calls it too, on the same data, so a check cannot be skipped by running without validating."""
+
+    # --- running ----------------------------------------------------------------------------------
+    def run(self, spec: StageSpec, ctx: Context) -> StageResult:
+        s = self.settings(spec, ctx)
+        train, evaluation = self.data(spec, s)
+        self.check_more(spec, ctx, s, train)
+        tokenizer = self.tokenizer(spec, s)
+        train, evaluation = self.prepare(spec, ctx, s, tokenizer, train, evaluation)
+        model = self.model(spec, ctx, s)
+        trainer = self.build(s, self.trainer_kwargs(spec, ctx, s, model, tokenizer, train, evaluation))
+        self.ready(spec, s, trainer)
+        metrics = self.before(spec, s, trainer, tokenizer, evaluation)
+        metrics.update(self.train(spec, ctx, s, trainer))
+        metrics.update(self.after(spec, s, trainer, tokenizer, evaluation))
+        self.save(spec, s, trainer, tokenizer)
+        return StageResult(metrics=metrics, model=spec.out_dir, fingerprints=fingerprints(train, evaluation))
+
+    def tokenizer(self, spec: StageSpec, s: Settings) -> Any:
+        return load_tokenizer(s.model["path"])
+
+    def model(self, spec: StageSpec, ctx: Context, s: Settings) -> Any:
+        """The model to train: loaded (quantized when asked) and prepared for k-bit training."""
+        model = load_causal_lm(s.model, quantization=s.quantization)
+        return prepare_kbit(model, s.quantization, s.args.gradient_checkpointing)
+
+    def trainer_kwargs(
+        self, spec: StageSpec, ctx: Context, s: Settings, model: Any, tokenizer: Any, train: Any, evaluation: Any
+    ) -> dict[str, Any]:
+        return {
+            "model": model,
+            "args": s.args,
+            "train_dataset": train,
+            "eval_dataset": evaluation,
+            "processing_class": tokenizer,
+            "peft_config": s.lora,
+        }
+
+    def build(self, s: Settings, kwargs: dict[str, Any]) -> Any:
+        """The trainer, from its keyword arguments."""
+        return import_name(self.trainer_class)(**kwargs)
+
+    def ready(self, spec: StageSpec, s: Settings, trainer: Any) -> None:
+        """After the trainer is built, before training: what it must not be left to find mid-run."""
+
+    def before(self, spec: StageSpec, s: Settings, trainer: Any, tokenizer: Any, evaluation: Any) -> dict[str, Any]:
+        """Metrics measured before training (an untrained baseline)."""
+        return {}
+
+    def train(self, spec: StageSpec, ctx: Context, s: Settings, trainer: Any) -> dict[str, Any]:
+        return guarded_train(
+            trainer, spec, ctx.resume, s.kl_limit, self.kl_keys, self.metrics.progress, self.metrics.throttle
+        )
+
+    def after(self, spec: StageSpec, s: Settings, trainer: Any, tokenizer: Any, evaluation: Any) -> dict[str, Any]:
+        """Metrics after training: `trainer.evaluate()` on `eval_data` (its `eval_keys`), plus the
+        first and last tenth of each `Metrics.trend` key of the log history."""
+        out: dict[str, Any] = {}
+        if evaluation is not None:
+            keep = self.eval_keys
+            out.update(
+                {
+                    k: float(v)
+                    for k, v in trainer.evaluate().items()
+                    if isinstance(v, (int, float)) and (keep is None or k in keep)
+                }
+            )
+        out.update(trend(trainer.state.log_history, self.metrics.trend))
+        return out
+
+    def save(self, spec: StageSpec, s: Settings, trainer: Any, tokenizer: Any) -> None:
+        save(trainer, spec.out_dir, tokenizer)
+
+    # --- planning ---------------------------------------------------------------------------------
+    def plan(self, spec: StageSpec, ctx: Context):
+        """Memory plan of the model's training from its config alone (None when an earlier stage makes it)."""
+        from tunelab.plan import policy_plan
+
+        return policy_plan(spec, ctx, self.plan_args(spec, ctx))
+
+    def plan_args(self, spec: StageSpec, ctx: Context) -> Any:
+        return self.args(spec, ctx)
+
+
+PREFERENCE_PROGRESS = {"rewards/margins": "margin", "rewards/accuracies": "pref_acc", "rewards/chosen": "chosen"}
+
+
+class PreferenceStage(TrainerStage):
+    """A Trainer on preference pairs (prompt, chosen, rejected): DPO and its kin (ORPO, CPO, KTO)."""
+
+    chat_columns = ("prompt", "chosen", "rejected")
+    data_hint = "name preference pairs (chosen and rejected columns)"
+    metrics = Metrics(summary=(*TRAINING, "eval_rewards/accuracies"), progress=PREFERENCE_PROGRESS)
+    eval_keys = ("eval_loss", "eval_rewards/accuracies", "eval_rewards/margins")
+    reference: ClassVar[bool] = False
+    """The trainer takes `ref_model`: a frozen copy of the start (with LoRA: the adapter switched off)."""
+
+    def data(self, spec: StageSpec, s: Settings) -> tuple[Any, Any]:
+        return preference_splits(spec.cfg, spec.where)
+
+    def prepare(self, spec: StageSpec, ctx: Context, s: Settings, tokenizer: Any, train: Any, evaluation: Any):
+        return chat_pairs(spec.cfg, spec.where, tokenizer, train, evaluation)
+
+    def trainer_kwargs(self, spec, ctx, s, model, tokenizer, train, evaluation) -> dict[str, Any]:
+        kwargs = super().trainer_kwargs(spec, ctx, s, model, tokenizer, train, evaluation)
+        if self.reference:
+            # TRL would rebuild the reference from config._name_or_path, which for a merged SFT adapter
+            # names the pre-SFT base: hand it the starting model itself.
+            kwargs["ref_model"] = None if s.lora is not None else load_causal_lm(s.model)
+        return kwargs
+
+
+ONLINE_PROGRESS = {"reward": "reward", "kl": "kl", "entropy": "entropy"}
+
+
+class OnlineStage(TrainerStage):
+    """A Trainer that samples answers to prompts and scores them with `rewards:` (GRPO, RLOO).
+
+    The reference answers reach the reward functions as `reference` (`reference_column`, default:
+    `reference`, else `completion`, which TRL itself withholds from them).
+    """
+
+    data_hint = "name a dataset with a `prompt` column"
+    metrics = Metrics(summary=("train_loss", "first_reward", "last_reward"), progress=ONLINE_PROGRESS,
+                      trend={"reward": "reward"})
+
+    def data(self, spec: StageSpec, s: Settings) -> tuple[Any, Any]:
+        ds = load_split(self.require_data(spec), f"{spec.where}.data", "train")
+        require_columns(ds, ["prompt"], f"{spec.where}.data", "prompts, which the trainer reads from 'prompt'")
+        column = spec.cfg.get("reference_column")
+        if column is None:
+            column = next((c for c in ("reference", "completion") if c in ds.column_names), None)
+        else:
+            require_columns(ds, [column], f"{spec.where}.data", "reference answers; set reference_column")
+        if column is not None and column != "reference":
+            if "reference" in ds.column_names:
+                ds = ds.remove_columns("reference")
+            ds = ds.rename_column(column, "reference")
+        return ds, None
+
+    def check_more(self, spec: StageSpec, ctx: Context, s: Settings, train: Any) -> None:
+        check_vllm(s.args, f"{spec.where}.training")
+        check_rewards(spec, ctx, train)
+
+    def prepare(self, spec: StageSpec, ctx: Context, s: Settings, tokenizer: Any, train: Any, evaluation: Any):
+        return conversational(train, tokenizer, s.chat, s.system), None
+
+    def trainer_kwargs(self, spec, ctx, s, model, tokenizer, train, evaluation) -> dict[str, Any]:
+        kwargs = super().trainer_kwargs(spec, ctx, s, model, tokenizer, train, evaluation)
+        del kwargs["eval_dataset"]
+        return {**kwargs, "reward_funcs": reward_functions(spec, ctx, train)}
+
+    def build(self, s: Settings, kwargs: dict[str, Any]) -> Any:
+        """With `beta > 0` and no LoRA, TRL loads the reference from `model.config._name_or_path`: for a
+        merged SFT adapter that is the adapter folder, not the merged weights. The reference is the model
+        the policy starts from, so the trainer is handed a frozen copy of it instead."""
+        cls = import_name(self.trainer_class)
+        if not getattr(s.args, "beta", 0.0) or s.lora is not None:
+            return cls(**kwargs)
+        import copy
+        import sys
+        from unittest import mock
+
+        start = copy.deepcopy(kwargs["model"]).eval().requires_grad_(False)
+        with mock.patch.object(sys.modules[cls.__module__], "create_model_from_path", lambda *a, **k: start):
+            return cls(**kwargs)
+
+    def plan_args(self, spec: StageSpec, ctx: Context) -> Any:
+        """Approximate: the policy trains on prompts of ~128 tokens plus its sampled completions."""
+        args = self.args(spec, ctx)
+        args.max_length = (args.max_completion_length or 256) + 128
+        return args
+
+
+def trend(history: list[dict[str, Any]], keys: dict[str, str]) -> dict[str, float]:
+    """`first_NAME` and `last_NAME`: the mean of `key` over the first and the last tenth of the logged steps."""
+    out: dict[str, float] = {}
+    for key, name in keys.items():
+        values = [h[key] for h in history if isinstance(h.get(key), (int, float))]
+        if values:
+            n = max(1, len(values) // 10)
+            out[f"first_{name}"] = sum(values[:n]) / n
+            out[f"last_{name}"] = sum(values[-n:]) / n
+    return out

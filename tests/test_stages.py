@@ -139,6 +139,24 @@ def test_eval_scores_exact_match_and_batching_does_not_change_answers(tmp_path: 
     assert batched.metrics["stage"]["tiny"] == {"exact_match": score, "examples": 16}
 
 
+def test_predictions_rows_are_scored_as_metrics_json_is(tmp_path: Path, tiny_lm: Path) -> None:
+    """Each row's `answer` is the pattern's match and its `exact_match` uses the metric's own options, so the
+    predictions file agrees with metrics.json (here every answer matches once digits are ignored)."""
+    stage = {
+        "stage": "eval",
+        "models": {"tiny": str(tiny_lm)},
+        "data": QA_TEST,
+        "generation": {"max_new_tokens": 4},
+        "answer_pattern": r"(\S*)",
+        "metrics": [{"exact_match": {"regexes_to_ignore": [r"\S"]}}],
+    }
+    result = run_stage(tmp_path, stage)
+    rows = [json.loads(line) for line in (result.run_dir / "stage" / "predictions-tiny.jsonl").read_text().splitlines()]
+    assert all(r["answer"] == answer(r["output"], r"(\S*)") for r in rows)
+    assert [r["exact_match"] for r in rows] == [1.0] * 16
+    assert result.metrics["stage"]["tiny"]["exact_match"] == 1.0
+
+
 def test_sft_reports_examples_truncated_to_nothing(tmp_path: Path, tiny_lm: Path) -> None:
     with pytest.raises(tunelab.TunelabError, match="raise training.max_length"):
         run_stage(

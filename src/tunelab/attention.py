@@ -9,7 +9,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from tunelab.chat import messages, render, use_template
 from tunelab.errors import TunelabError
+from tunelab.hub import resolve_model
+from tunelab.models import adapter_base, is_adapter, load_tokenizer, model_spec, resolve_spec
 
 
 def attention_maps(model_ref: str, text: str, chat: bool = True) -> tuple[list[str], list[Any]]:
@@ -20,9 +23,6 @@ def attention_maps(model_ref: str, text: str, chat: bool = True) -> tuple[list[s
     """
     import torch
     from transformers import AutoModel
-
-    from tunelab.hub import resolve_model
-    from tunelab.models import adapter_base, is_adapter, load_tokenizer, model_spec, resolve_spec
 
     path = resolve_spec(model_spec(model_ref, "model"), "model")["path"]
     tokenizer = load_tokenizer(path)
@@ -43,7 +43,6 @@ def attention_maps(model_ref: str, text: str, chat: bool = True) -> tuple[list[s
             model = PeftModel.from_pretrained(base, path).merge_and_unload()
     else:
         model = AutoModel.from_pretrained(path, attn_implementation="eager")
-    from tunelab.chat import messages, render, use_template
 
     templated = chat and use_template(tokenizer, True)
     if templated:

@@ -20,6 +20,7 @@ import re
 from typing import Any
 
 from tunelab.errors import TunelabError
+from tunelab.models import load_tokenizer, stage_model
 
 # A minimal chat template with generation markers, for tokenizers tunelab trains (`chat_template: tunelab`).
 TUNELAB_TEMPLATE = (
@@ -218,7 +219,6 @@ def check_chat_data(ds: Any, columns: tuple[str, ...], spec: Any, ctx: Any) -> N
             f"'{spec.where}' sets chat_template: false, but its data is conversational ({chat[0]} holds chat "
             "turns): drop chat_template: false, or use plain-text data"
         )
-    from tunelab.models import load_tokenizer, stage_model
 
     mspec = stage_model(spec, ctx)
     if mspec is None:

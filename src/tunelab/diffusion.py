@@ -17,7 +17,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from tunelab.errors import TunelabError, closest
+from tunelab.config import check_keys
+from tunelab.data import check_source, data_spec, load_split, require_columns
+from tunelab.errors import TunelabError, closest, unknown_key
+from tunelab.hub import local_path, resolve_model
+from tunelab.progress import quiet
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 DIGITS = "digits"
@@ -54,7 +58,6 @@ def image_files(folder: Path) -> list[Path]:
 
 
 def _local_folder(value: Any) -> Path | None:
-    from tunelab.hub import local_path
 
     path = value if isinstance(value, str) else value.get("path") if isinstance(value, dict) else None
     local = local_path(path) if isinstance(path, str) else None
@@ -103,7 +106,6 @@ def image_spec(cfg: dict[str, Any], where: str, data_key: str = "data") -> dict[
 
     Returns {resolution, channels}: what the model will see.
     """
-    from tunelab.data import check_source, data_spec
 
     resolution, channels = cfg.get("resolution"), cfg.get("channels")
     if resolution is not None and (not isinstance(resolution, int) or isinstance(resolution, bool) or resolution < 4):
@@ -167,8 +169,6 @@ def _slice(ds, split: str):
 def load_images(value: Any, where: str, split: str = "train", image_column: str = "image"):
     """An image split as a datasets.Dataset (digits, a local image folder, or load_dataset arguments)."""
     import datasets
-
-    from tunelab.data import data_spec, load_split, require_columns
 
     value = DIGITS if value is None else value
     if _is_digits(value):
@@ -273,7 +273,6 @@ def scheduler_spec(value: Any, where: str) -> tuple[type, dict[str, Any]]:
             f"'{where}': unknown scheduler '{name}'; {hint}valid: {', '.join(SCHEDULERS)} "
             "(or a diffusers class name such as DDIMScheduler)"
         )
-    from tunelab.config import check_keys
 
     cls = getattr(diffusers, cls_name)
     options = check_keys(options, cls, where)
@@ -315,8 +314,6 @@ def pipeline_kind(value: str, where: str) -> str:
     """
     import json
 
-    from tunelab.hub import local_path, resolve_model
-
     local = local_path(value)
     if local is not None and local.is_dir():
         if is_lora_folder(local):
@@ -344,20 +341,11 @@ def pipeline_kind(value: str, where: str) -> str:
     return "text" if "text_encoder" in components or "tokenizer" in components else "unconditional"
 
 
-def quiet() -> None:
-    """diffusers' share of `progress.quiet`: warnings and errors only, no "Loading components" bars."""
-    from diffusers.utils import logging
-
-    logging.set_verbosity_error()
-    logging.disable_progress_bar()
-
-
 def load_pipeline(value: str, where: str, dtype: Any = None):
     """A diffusers pipeline from a folder or hub id; a tunelab LoRA folder loads its base plus the LoRA."""
     from diffusers import DiffusionPipeline
 
-    quiet()
-    from tunelab.hub import resolve_model
+    quiet(diffusers=True)
 
     folder = Path(resolve_model(value, where))
     kwargs = {"dtype": dtype} if dtype is not None else {}
@@ -417,7 +405,6 @@ def sampling_spec(
     `kind` is the pipeline's ('unconditional' / 'text'), or None while it is not known yet.
     DDPM defaults to one step per training timestep (1000); the other samplers to 50.
     """
-    from tunelab.errors import unknown_key
 
     for key in values:
         if key not in SAMPLING_KEYS:
@@ -452,8 +439,6 @@ def generate(pipe, settings: dict[str, Any], where: str) -> tuple[list, float]:
     """Images from a loaded pipeline with checked settings; (images, seconds)."""
     import inspect
     import time
-
-    from tunelab.errors import unknown_key
 
     extra = dict(settings.get("pipeline_args") or {})
     accepted = [p for p in inspect.signature(pipe.__call__).parameters if p not in ("self", "kwargs")]

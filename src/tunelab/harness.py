@@ -19,7 +19,11 @@ import inspect
 from pathlib import Path
 from typing import Any
 
+from tunelab.config import accepted_fields, check_keys
 from tunelab.errors import TunelabError, closest
+from tunelab.hub import bundled_root, hub_reachable, local_path
+from tunelab.paths import recipes_root
+from tunelab.runs import write_atomic
 
 INSTALL = "pip install 'tunelab[harness]' (lm-eval)"
 # simple_evaluate arguments tunelab sets itself: the model (loaded and placed by tunelab), the task
@@ -61,7 +65,6 @@ def require() -> None:
 
 def bundled_tasks() -> Path:
     """`recipes/harness/`: the task YAMLs tunelab ships (inside the wheel or the repository)."""
-    from tunelab.paths import recipes_root
 
     return recipes_root() / "harness"
 
@@ -70,16 +73,12 @@ def evaluate_fields() -> dict[str, Any]:
     """simple_evaluate's keyword arguments (name -> annotation) that a recipe may set."""
     import lm_eval
 
-    from tunelab.config import accepted_fields
-
     return {k: v for k, v in accepted_fields(_as_class(lm_eval.simple_evaluate)).items() if k not in OWNED}
 
 
 def model_fields() -> dict[str, Any]:
     """HFLM's keyword arguments a recipe may set under `model_args` (those not about loading)."""
     from lm_eval.models.huggingface import HFLM
-
-    from tunelab.config import accepted_fields
 
     return {k: v for k, v in accepted_fields(HFLM).items() if k not in LOADING}
 
@@ -92,8 +91,6 @@ def _as_class(function: Any) -> type:
 def check_arguments(values: dict[str, Any], where: str) -> dict[str, Any]:
     """simple_evaluate's arguments, names and types checked; returned coerced."""
     import lm_eval
-
-    from tunelab.config import check_keys
 
     out = check_keys(values, _as_class(lm_eval.simple_evaluate), where, exclude=OWNED)
     limit = out.get("limit")
@@ -127,8 +124,6 @@ def check_model_args(values: Any, where: str) -> dict[str, Any]:
     """`model_args`: HFLM's arguments that are not about loading (max_length, think_end_token, ...)."""
     from lm_eval.models.huggingface import HFLM
 
-    from tunelab.config import check_keys
-
     if values is None:
         return {}
     if isinstance(values, dict):
@@ -154,7 +149,6 @@ def task_names(value: Any, where: str) -> list[str]:
 
 def include_paths(value: Any, where: str) -> list[Path]:
     """`include_path:` folders (or files) of the user's own task YAMLs, each parsed now."""
-    from tunelab.hub import local_path
 
     if value is None:
         return []
@@ -190,9 +184,6 @@ def materialize(folder: Path) -> Path:
     """Copy tunelab's task YAMLs into `folder` with absolute data paths: the harness runs them anywhere."""
     import yaml
 
-    from tunelab.hub import bundled_root
-    from tunelab.runs import write_atomic
-
     folder.mkdir(parents=True, exist_ok=True)
     root = bundled_root()
     for source in sorted(bundled_tasks().glob("*.yaml")):
@@ -210,7 +201,6 @@ def materialize(folder: Path) -> Path:
 
 
 def _bundled(root: Path, relative: Path) -> Path:
-    from tunelab.hub import local_path
 
     found = local_path(str(relative))
     return found if found is not None else root / relative
@@ -250,8 +240,6 @@ def _close_names(name: str, names: list[str]) -> list[str]:
 def load_tasks(manager: Any, names: list[str], where: str) -> dict[str, Any]:
     """The harness's Task objects for `names` (datasets read now); one line when a dataset is out of reach."""
     import logging
-
-    from tunelab.hub import hub_reachable
 
     offline = not hub_reachable()
     for leaf in _leaf_configs(manager, names):

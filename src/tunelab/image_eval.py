@@ -21,6 +21,7 @@ from tunelab.diffusion import (
 )
 from tunelab.errors import TunelabError
 from tunelab.hub import local_path
+from tunelab.image_quality import CLASSIFIER_CONFIG, load_classifier, quality, to_batch, train_classifier
 from tunelab.refs import ref_name
 from tunelab.stages import StageResult
 
@@ -86,8 +87,6 @@ def check(spec: Any, ctx: Any, models: dict[str, Any], metrics: list[str] | None
 def run(spec: Any, ctx: Any, models: dict[str, Any], metrics: list[str] | None) -> StageResult:
     """Sample from each pipeline, score against held-out real images in a tunelab-trained feature space."""
     import torch
-
-    from tunelab.image_quality import CLASSIFIER_CONFIG, load_classifier, quality, to_batch, train_classifier
 
     settings = _settings(spec, ctx, models)
     _metric_names(spec, metrics)

@@ -20,6 +20,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from tunelab.diffusion import to_tensor
+
 CLASSIFIER_CONFIG = "tunelab_image_classifier.json"
 
 
@@ -142,7 +144,5 @@ def quality(net, generated, real) -> dict[str, float]:
 def to_batch(images: list, resolution: int, channels: int):
     """PIL images -> (N, C, H, W) float tensor in [-1, 1] at the classifier's size."""
     import torch
-
-    from tunelab.diffusion import to_tensor
 
     return torch.stack([to_tensor(im, resolution, channels) for im in images])

@@ -12,7 +12,11 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from tunelab.errors import TunelabError
+from tunelab.config import check_keys
+from tunelab.errors import TunelabError, unknown_key
+from tunelab.gguf_models import cached, gguf_file, origin, plain_copy, split_file
+from tunelab.hub import local_path, resolve_model
+from tunelab.refs import REF
 
 # Keyword arguments of `from_pretrained` a recipe's `model:` mapping may carry (checked against
 # transformers' signature in tests). `quantization_config` has its own section, `quantization:`.
@@ -54,8 +58,6 @@ SPECIAL_TOKENS = {"eos_token": "<|endoftext|>", "bos_token": "<|endoftext|>", "p
 
 def model_spec(value: Any, where: str) -> dict[str, Any]:
     """Normalise a `model:` value (string or mapping) and check its keys."""
-    from tunelab.errors import unknown_key
-    from tunelab.gguf_models import split_file
 
     spec = {"path": value} if isinstance(value, str) else value
     if not isinstance(spec, dict) or not isinstance(spec.get("path"), str):
@@ -92,8 +94,6 @@ def resolve_spec(mspec: dict[str, Any], where: str, materialize: bool = True) ->
     A GGUF source becomes its plain copy (converted now when `materialize`, else only if already
     cached); while checking it stays {path: folder, gguf_file} so no weights are read.
     """
-    from tunelab.gguf_models import cached, gguf_file, plain_copy
-    from tunelab.hub import local_path, resolve_model
 
     mspec = dict(mspec)
     if "gguf_file" not in mspec:
@@ -183,7 +183,6 @@ def adapter_base(path: str | Path) -> str:
 
 def record_base(folder: str | Path) -> None:
     """Beside an adapter trained on a GGUF plain copy, write where that GGUF file is (see `adapter_base`)."""
-    from tunelab.gguf_models import origin
 
     if not is_adapter(folder):
         return
@@ -201,9 +200,6 @@ def model_config(value: Any, ctx: Any, where: str):
     plans to build (None when it cannot be known before it runs).
     """
     from transformers import AutoConfig
-
-    from tunelab.hub import resolve_model
-    from tunelab.refs import REF
 
     spec = model_spec(value, where)
     match = REF.match(spec["path"].strip())
@@ -241,7 +237,6 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "toke
 
 def check_tokenizer(path: str, where: str) -> None:
     """A local model (or adapter and its base) must carry a tokenizer; hub ids are checked on load."""
-    from tunelab.hub import local_path
 
     if str(path).lower().endswith(".gguf"):
         return
@@ -320,8 +315,6 @@ def train_tokenizer(texts, options: dict[str, Any], where: str):
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
-
-    from tunelab.config import check_keys
 
     options = dict(options)
     options.setdefault("vocab_size", 1024)
@@ -491,7 +484,6 @@ def tokenizer_origin(value: Any, ctx: Any, where: str) -> str:
 
     Lets a pipeline compare two models' tokenizers before the stages that make them have run.
     """
-    from tunelab.refs import REF
 
     spec = model_spec(value, where)
     match = REF.match(spec["path"].strip())

@@ -23,10 +23,16 @@ from pathlib import Path
 from typing import Any
 
 from tunelab import distributed, runs
-from tunelab.errors import TunelabError
+from tunelab.data import signature
+from tunelab.errors import TunelabError, closest
 from tunelab.hub import configure_offline
+from tunelab.models import WEIGHTS_NEEDED
+from tunelab.plan import device_memory, fmt_bytes
+from tunelab.progress import quiet
 from tunelab.recipe import Recipe
 from tunelab.refs import iter_refs
+from tunelab.reports import write_report
+from tunelab.safeguards import Interrupted, last_checkpoint
 from tunelab.stages import Context, StageResult, StageSpec, stage_module, tokenizer_origin
 
 
@@ -91,7 +97,6 @@ def _check(
 
 def _check_from(recipe: Recipe, from_stage: str, overwrite: bool) -> None:
     """`--from STAGE` reruns STAGE and the stages after it in an existing run."""
-    from tunelab.errors import closest
 
     if overwrite:
         raise TunelabError("--from and --overwrite contradict each other: --from keeps the stages before it")
@@ -107,7 +112,6 @@ def _check_from(recipe: Recipe, from_stage: str, overwrite: bool) -> None:
 
 def plan(recipe: Recipe) -> list[Any]:
     """Memory plans of the recipe's stages, from configs only (no weights load; the output folder is not checked)."""
-    from tunelab.models import WEIGHTS_NEEDED
 
     configure_offline()
     token = WEIGHTS_NEEDED.set(False)  # configs only
@@ -119,7 +123,6 @@ def plan(recipe: Recipe) -> list[Any]:
 
 def _inspect(recipe: Recipe, strict_plans: bool) -> list[Any]:
     """Run every stage's checks in order, planning each stage's memory with what the checks learnt."""
-    from tunelab.progress import quiet
 
     quiet()
     kinds = {name: cfg["stage"] for name, cfg in recipe.stages.items()}
@@ -152,7 +155,6 @@ def _inspect(recipe: Recipe, strict_plans: bool) -> list[Any]:
 
 def _warn_memory(plans: list[Any]) -> None:
     """Before anything loads: one line per stage whose plan exceeds the device's memory."""
-    from tunelab.plan import device_memory, fmt_bytes
 
     memory = device_memory()
     for p in plans if memory else []:
@@ -169,7 +171,6 @@ DATA_KEYS = ("data", "eval_data")
 
 def _fingerprint(spec: StageSpec, seed: int, upstream: dict[str, str]) -> str:
     """Config, seed, the fingerprints of the stages it reads from, and the contents of its local data."""
-    from tunelab.data import signature
 
     refs = sorted({ref for _, ref in iter_refs(spec.cfg, spec.where)})
     payload = {
@@ -195,7 +196,6 @@ def _check_resumable(recipe: Recipe, from_stage: str | None, processes: int) -> 
     """An interrupted stage can only continue from its checkpoint with the same config, and with the
     same number of processes: its checkpoints hold one RNG state per rank, and its data position
     counts batches of the global batch that many processes made."""
-    from tunelab.safeguards import last_checkpoint
 
     fingerprints: dict[str, str] = {}
     for spec in _specs(recipe):
@@ -328,8 +328,6 @@ def _sigterm_interrupts():
     import signal
     import threading
 
-    from tunelab.safeguards import Interrupted
-
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -405,7 +403,6 @@ def _run_stages(
 
 def _report(run_dir: Path) -> None:
     """report.md and its plots. A finished run stays finished if drawing fails: say so, go on."""
-    from tunelab.reports import write_report
 
     try:
         write_report(run_dir)

@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tunelab.errors import TunelabError
+from tunelab.models import model_config, model_spec
+from tunelab.quant import bits as quant_bits
 
 GiB = 2**30
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
@@ -134,16 +136,11 @@ def _lora_targets(linears: list[tuple[str, int, int]], heads: set[str], lora: di
     return [layer for layer in linears if layer[0].split(".")[-1] in names or layer[0] in names]
 
 
-def _bits(quantization: dict[str, Any] | None) -> int:
-    q = quantization or {}
-    return 4 if q.get("load_in_4bit") else 8 if q.get("load_in_8bit") else 0
-
-
 def _weight_bytes(
     linears, params: int, heads: set[str], quantization: dict[str, Any] | None, other_bytes: int
 ) -> float:
     """Weights in memory: quantized linear layers with their constants, the rest at `other_bytes` each."""
-    bits = _bits(quantization)
+    bits = quant_bits(quantization)
     if not bits:
         return params * other_bytes
     quantized = [layer for layer in linears if layer[0] not in heads]
@@ -181,7 +178,7 @@ def plan_training(
 ) -> StagePlan:
     """Per-device memory of a training stage (pretrain, sft) from its model config and SFTConfig."""
     linears, params, heads = _structure(config)
-    bits = _bits(quantization)
+    bits = quant_bits(quantization)
     dtype = _dtype_name(load_dtype or getattr(config, "dtype", None))
     wbytes = DTYPE_BYTES[dtype]
     parts: dict[str, float] = {}
@@ -245,7 +242,7 @@ def plan_generation(
     """
     linears, params, heads = _structure(config)
     wbytes = DTYPE_BYTES[_dtype_name(load_dtype or getattr(config, "dtype", None))]
-    bits = _bits(quantization)
+    bits = quant_bits(quantization)
     weights = _weight_bytes(linears, params, heads, quantization, wbytes)
     _, _, layers, _, kv, head_dim = _dims(config)
     cache = 2 * layers * kv * head_dim * batch * max_tokens * wbytes
@@ -303,7 +300,6 @@ def ceil_gib(value: float) -> float:
 
 def policy_plan(spec: Any, ctx: Any, args: Any) -> StagePlan | None:
     """The training plan of a stage's `model:` with its `lora:` and `quantization:` (None if not knowable yet)."""
-    from tunelab.models import model_config, model_spec
 
     config = model_config(spec.cfg["model"], ctx, f"{spec.where}.model")
     if config is None:

@@ -13,6 +13,8 @@ import importlib.util
 from typing import Any
 
 from tunelab.errors import TunelabError
+from tunelab.models import model_config
+from tunelab.quant import check_cpu_shapes
 
 # report_to names and the module each needs.
 INTEGRATIONS = {
@@ -115,8 +117,6 @@ def check_model(spec: Any, ctx: Any, lora: Any = None, task: str = "CAUSAL_LM", 
 
     Returns the config (None for a model an earlier stage has yet to make and whose shape is unknown).
     """
-    from tunelab.models import model_config
-    from tunelab.quant import check_cpu_shapes
 
     if key not in spec.cfg:
         return None

@@ -12,8 +12,11 @@ import warnings
 from typing import Any
 
 
-def quiet() -> None:
-    """Silence the libraries' known noise; keep progress bars, warnings that matter, errors."""
+def quiet(diffusers: bool = False) -> None:
+    """Silence the libraries' known noise; keep progress bars, warnings that matter, errors.
+
+    `diffusers`: also diffusers' (warnings and errors only, no "Loading components" bars), for the
+    diffusion stages; the others need not import it."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # PPO lives in trl.experimental (TRL 1.12); we know
@@ -44,6 +47,11 @@ def quiet() -> None:
         warnings.filterwarnings("ignore", message=pattern)
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
+    if diffusers:
+        from diffusers.utils import logging as diffusers_logging
+
+        diffusers_logging.set_verbosity_error()
+        diffusers_logging.disable_progress_bar()
 
 
 PROGRESS_KEYS = ("loss", "eval_loss", "grad_norm", "learning_rate", "mean_token_accuracy", "accuracy", "epoch")

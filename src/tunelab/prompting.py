@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from tunelab.chat import messages, render, use_template
 from tunelab.errors import TunelabError
 
 
@@ -22,7 +23,6 @@ class Prompting:
 
     def build(self, tokenizer: Any, prompts: list[str], where: str) -> tuple[list[str], bool]:
         """(texts, templated): templated texts hold their special tokens, so tokenize them without adding more."""
-        from tunelab.chat import messages, render, use_template
 
         if use_template(tokenizer, self.chat):
             shots = [(self.template.format(prompt=q), a.strip()) for q, a in self.shots]

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from tunelab.config import build
 from tunelab.errors import TunelabError
+from tunelab.models import DTYPES
 
 QUANT_TYPES = ("nf4", "fp4")
-DTYPES = ("float32", "float16", "bfloat16")
 DTYPE_KEYS = ("bnb_4bit_compute_dtype", "bnb_4bit_quant_storage")
 # bitsandbytes' packed CPU kernel (used for inference on CPUs with AVX512-BF16) reshapes
 # weights in blocks: in_features must divide by the 64-wide quantization block, out_features by 32.
@@ -51,8 +52,6 @@ def quant_config(values: dict[str, Any] | None, where: str):
         name = torch.cuda.get_device_name(0)
         raise TunelabError(f"'{where}.bnb_4bit_compute_dtype' is bfloat16, which {name} cannot compute in: use float16")
     from transformers import BitsAndBytesConfig
-
-    from tunelab.config import build
 
     values = {"bnb_4bit_quant_type": "nf4", **values} if bits(values) == 4 else dict(values)
     return build(BitsAndBytesConfig, values, where)

@@ -13,7 +13,7 @@ from typing import Any
 
 from tunelab.errors import TunelabError, closest
 from tunelab.hub import local_path
-from tunelab.models import is_adapter, model_spec, resolve_spec, reward_scores
+from tunelab.models import is_adapter, load_sequence_classifier, load_tokenizer, model_spec, resolve_spec, reward_scores
 from tunelab.refs import ref_name
 
 PROBE_ROWS = 2
@@ -164,8 +164,6 @@ def reward_functions(spec: Any, ctx: Any, ds: Any) -> list[Any]:
     process's device) and wrapped by `reward_model_function`. Logged as rewards/NAME/mean: a reward model's
     NAME is the stage it came from, or its folder's name."""
     from accelerate import PartialState
-
-    from tunelab.models import load_sequence_classifier, load_tokenizer
 
     funcs = []
     for entry, value in check_rewards(spec, ctx, ds):

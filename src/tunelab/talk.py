@@ -14,7 +14,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tunelab.errors import TunelabError
+from tunelab.chat import messages, render, use_template
+from tunelab.errors import TunelabError, unknown_key
+from tunelab.hub import configure_offline, local_path
+from tunelab.models import load_causal_lm, load_tokenizer, model_spec, resolve_spec
+from tunelab.progress import quiet
+from tunelab.prompting import Prompting
+from tunelab.prompting import generate as batched
+from tunelab.quant import quant_config
 
 DEFAULTS = {"max_new_tokens": 256, "do_sample": False}
 
@@ -22,8 +29,6 @@ DEFAULTS = {"max_new_tokens": 256, "do_sample": False}
 def generation_config(values: dict[str, Any], where: str, defaults: dict[str, Any] | None = None):
     """A `GenerationConfig` from recipe or command-line values; unknown fields and bad values in one line."""
     from transformers import GenerationConfig
-
-    from tunelab.errors import unknown_key
 
     values = {**(DEFAULTS if defaults is None else defaults), **values}
     fields = [f for f in GenerationConfig().to_dict() if not f.startswith("_")]
@@ -53,8 +58,6 @@ def parse_overrides(items: list[str], where: str = "generation") -> dict[str, An
 
 def model_source(ref: str, where: str = "model") -> dict[str, Any]:
     """The from_pretrained arguments of what `ref` names; one line when it is no model at all."""
-    from tunelab.hub import local_path
-    from tunelab.models import model_spec, resolve_spec
 
     spec = model_spec(ref, where)
     folder = local_path(spec["path"]) if "gguf_file" not in spec else None
@@ -81,10 +84,6 @@ def model_source(ref: str, where: str = "model") -> dict[str, Any]:
 
 def load(ref: str, quantization: dict[str, Any] | None = None):
     """(model, tokenizer) ready to generate: an adapter merged over its base unless the base is quantized."""
-    from tunelab.hub import configure_offline
-    from tunelab.models import load_causal_lm, load_tokenizer
-    from tunelab.progress import quiet
-    from tunelab.quant import quant_config
 
     configure_offline()
     quiet()
@@ -99,7 +98,6 @@ class Chat:
     """A conversation with one model: history, optional system prompt, streamed replies."""
 
     def __init__(self, model: Any, tokenizer: Any, config: Any, system: str | None = None, template: bool = True):
-        from tunelab.chat import use_template
 
         self.model, self.tokenizer, self.config, self.system = model, tokenizer, config, system
         self.templated = use_template(tokenizer, template)
@@ -114,7 +112,6 @@ class Chat:
 
     def prompt_text(self, text: str) -> str:
         """What the model reads for the next reply (the template's rendering, or the plain text)."""
-        from tunelab.chat import messages, render
 
         if not self.templated:
             return text
@@ -177,8 +174,6 @@ def chat(
 
 def generate(model: str, prompts: list[str], batch_size: int = 16, system: str | None = None, **generation: Any):
     """Replies to many prompts, batched as the eval stage batches them (through the chat template)."""
-    from tunelab.prompting import Prompting
-    from tunelab.prompting import generate as batched
 
     lm, tokenizer = load(model)
     texts, templated = Prompting("{prompt}", [], "", True, system).build(tokenizer, list(prompts), "prompts")

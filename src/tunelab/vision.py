@@ -25,7 +25,13 @@ import json
 from pathlib import Path
 from typing import Any
 
+from tunelab.chat import assistant_mask
+from tunelab.config import check_keys
 from tunelab.errors import TunelabError
+from tunelab.hub import local_path
+from tunelab.models import adapter_base, is_adapter, load_kwargs, model_config
+from tunelab.plan import DTYPE_BYTES, _dtype_name, _optimizer_bytes, plan_training
+from tunelab.quant import CPU_IN_BLOCK, CPU_OUT_BLOCK, bits, packed_cpu_kernel
 
 IMAGE_TOKEN = "<image>"
 # SmolLM2's ChatML template (its default system turn included) with content that may be a list of
@@ -63,7 +69,6 @@ def is_vlm_config(config: Any) -> bool:
 
 def is_vlm_folder(path: str | Path) -> bool:
     """A local model or adapter folder whose model (or base model) has a vision tower."""
-    from tunelab.models import adapter_base, is_adapter
 
     folder = Path(path)
     for _ in range(4):  # adapter -> base (-> base of a merged adapter)
@@ -81,7 +86,6 @@ def is_vlm_folder(path: str | Path) -> bool:
 
 def processor_source(path: str | Path) -> str:
     """The folder a model's processor is read from: the folder itself, or an adapter's base when it has none."""
-    from tunelab.models import adapter_base, is_adapter
 
     folder = Path(path)
     while is_adapter(folder) and not any((folder / f).is_file() for f in PROCESSOR_FILES):
@@ -121,8 +125,6 @@ def load_vlm(spec: dict[str, Any], quantization: Any = None, merge_adapter: bool
     With `merge_adapter` an adapter is merged, so a new LoRA can train on the result.
     """
     from transformers import AutoModelForImageTextToText
-
-    from tunelab.models import adapter_base, is_adapter, load_kwargs
 
     path, kwargs = spec["path"], load_kwargs(spec)
     if quantization is not None:
@@ -180,8 +182,6 @@ def build_llava(
     """
     import torch
     from transformers import AutoModelForCausalLM, LlavaForConditionalGeneration
-
-    from tunelab.models import load_kwargs
 
     torch.manual_seed(seed)
     lm = AutoModelForCausalLM.from_pretrained(language["path"], **{"dtype": torch.float32, **load_kwargs(language)})
@@ -245,8 +245,6 @@ def vision_config(values: dict[str, Any] | None, where: str):
     """The vision tower's transformers config (`model_type` + that config's fields), checked."""
     from transformers import AutoConfig
 
-    from tunelab.config import check_keys
-
     values = {**VISION_DEFAULTS, **(values or {})}
     kind = values.pop("model_type")
     try:
@@ -292,7 +290,6 @@ def _image_processor(vision_cfg: Any, kwargs: dict[str, Any]):
 
 def data_root(value: Any) -> Path | None:
     """Where relative image paths in a dataset resolve: its local folder (or its file's folder)."""
-    from tunelab.hub import local_path
 
     path = value if isinstance(value, str) else value.get("path") if isinstance(value, dict) else None
     if isinstance(value, dict) and value.get("data_files") is not None:
@@ -504,8 +501,6 @@ def collator(processor: Any, args: Any, assistant_only: bool, where: str):
         def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
             from trl.data_utils import prepare_multimodal_messages
 
-            from tunelab.chat import assistant_mask
-
             turns = [prepare_multimodal_messages(e["messages"], images=e["images"]) for e in examples]
             batch = super().torch_call(examples)
             if not assistant_only:
@@ -578,8 +573,6 @@ def check_model(spec: Any, ctx: Any, lora: Any, freeze: bool) -> Any:
     """From the config alone: an image+text model, freeze_vision possible, 4-bit CPU shapes, the LoRA applies."""
     import copy
 
-    from tunelab.models import model_config
-
     where = f"{spec.where}.model"
     config = model_config(spec.cfg["model"], ctx, where)
     if config is None:
@@ -625,8 +618,6 @@ def _check_cpu_shapes(model: Any, values: dict[str, Any], where: str) -> None:
     """The layers bitsandbytes' packed 4-bit CPU kernel cannot take, named (as `tunelab.quant` does for text)."""
     import torch
 
-    from tunelab.quant import CPU_IN_BLOCK, CPU_OUT_BLOCK, bits, packed_cpu_kernel
-
     if bits(values) != 4 or not packed_cpu_kernel():
         return
     skip = {"lm_head", *(values.get("llm_int8_skip_modules") or [])}
@@ -649,8 +640,6 @@ def plan_vlm(stage: str, kind: str, config: Any, args: Any, lora: Any, quantizat
     plus the vision tower and projector's weights and activations per image; what trains (LoRA adapters,
     modules trained whole, everything but a frozen tower) counted on the model skeleton, as peft applies it."""
     import copy
-
-    from tunelab.plan import DTYPE_BYTES, _dtype_name, _optimizer_bytes, plan_training
 
     text = plan_training(stage, kind, config.text_config, args, lora=None, quantization=quantization, load_dtype=dtype)
     model = skeleton(config, "model")

@@ -13,7 +13,17 @@ from pathlib import Path
 from typing import Any
 
 from tunelab.answers import answer, matches
+from tunelab.chat import render as render_text
+from tunelab.data import fingerprint, load_split, require_columns
 from tunelab.errors import TunelabError
+from tunelab.hub import configure_offline, local_path
+from tunelab.models import model_spec, resolve_spec
+from tunelab.progress import quiet
+from tunelab.quant import quant_config
+from tunelab.runs import write_atomic
+from tunelab.stages import StageResult
+from tunelab.talk import model_source
+from tunelab.vision import _Renderer, has_images, is_vlm_folder, load_images, load_processor, load_vlm
 
 VLM_KINDS = ("vlm_build", "vlm_sft")
 UNSUPPORTED = ("fewshot", "reward_model", "quantization")  # eval keys the image+text path does not take (yet)
@@ -28,8 +38,6 @@ def model_path(value: Any) -> str | None:
 
 def is_vlm(value: Any, ctx: Any) -> bool:
     """Whether an eval model is an image+text model: a pending vlm stage, or a folder with a vision tower."""
-    from tunelab.hub import local_path
-    from tunelab.vision import is_vlm_folder
 
     path = model_path(value)
     if path is None:
@@ -61,8 +69,6 @@ def vision_mode(spec: Any, ctx: Any, models: dict[str, Any]) -> bool:
 
 
 def _data(spec: Any, prompt: str, reference: str):
-    from tunelab.data import load_split, require_columns
-    from tunelab.vision import has_images, load_images
 
     if "data" not in spec.cfg:
         raise TunelabError(f"'{spec.where}' has no `data:`: name the dataset (and split) to evaluate on")
@@ -99,8 +105,6 @@ def turns(prompt: str, images: int, system: str | None = None) -> list[dict[str,
 
 
 def render(processor: Any, conversation: list[dict[str, Any]], where: str, row: int = 0) -> str:
-    from tunelab.chat import render as render_text
-    from tunelab.vision import _Renderer
 
     return render_text(_Renderer(processor), conversation, where, row)
 
@@ -108,8 +112,6 @@ def render(processor: Any, conversation: list[dict[str, Any]], where: str, row: 
 def check(spec: Any, ctx: Any, models: dict[str, Any], prompt: str, reference: str, template: str,
           system: str | None) -> None:
     """The data's images open and the first rows render and process for every model that exists already."""
-    from tunelab.models import model_spec, resolve_spec
-    from tunelab.vision import load_processor
 
     ds = _data(spec, prompt, reference)
     for label, value in models.items():
@@ -130,8 +132,6 @@ def check(spec: Any, ctx: Any, models: dict[str, Any], prompt: str, reference: s
 
 def load(ref: str | dict[str, Any], where: str, quantization: Any = None):
     """(model, processor) of an image+text model, adapter merged over its base (unless quantized)."""
-    from tunelab.models import model_spec, resolve_spec
-    from tunelab.vision import load_processor, load_vlm
 
     spec = resolve_spec(model_spec(ref, where), where)
     processor = load_processor(spec["path"], where)
@@ -169,10 +169,6 @@ def run(spec: Any, ctx: Any, models: dict[str, Any], prompt_col: str, ref_col: s
         template: str, system: str | None, multi_reference: tuple[str, ...]):
     """Score each image+text model on the held-out rows; predictions and report samples written beside."""
     from transformers import set_seed
-
-    from tunelab.data import fingerprint
-    from tunelab.runs import write_atomic
-    from tunelab.stages import StageResult
 
     ds = _data(spec, prompt_col, ref_col)
     prompts = [template.format(prompt=str(p)) for p in ds[prompt_col]]
@@ -277,8 +273,6 @@ class VisionChat:
 
 def is_vlm_ref(ref: str) -> bool:
     """Whether `tunelab chat REF` names a local image+text model (or an adapter over one)."""
-    from tunelab.hub import local_path
-    from tunelab.vision import is_vlm_folder
 
     local = local_path(ref)
     return local is not None and local.is_dir() and is_vlm_folder(local)
@@ -287,11 +281,6 @@ def is_vlm_ref(ref: str) -> bool:
 def open_chat(ref: str, config: Any, system: str | None, image_paths: list[Path], quantization: Any = None):
     """A `VisionChat` over the model `ref` names with the images opened (one line for a missing one)."""
     from PIL import Image
-
-    from tunelab.hub import configure_offline
-    from tunelab.progress import quiet
-    from tunelab.talk import model_source
-    from tunelab.vision import is_vlm_folder
 
     configure_offline()
     quiet()
@@ -305,7 +294,6 @@ def open_chat(ref: str, config: Any, system: str | None, image_paths: list[Path]
                 images.append(image.convert("RGB"))
         except (OSError, ValueError) as exc:
             raise TunelabError(f"--image '{path}' cannot be read ({' '.join(str(exc).split())[:150]})") from None
-    from tunelab.quant import quant_config
 
     model, processor = load(spec, "model", quant_config(quantization, "quantization"))
     return VisionChat(model, processor, config, system, images)

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from tunelab.errors import TunelabError, closest
+from tunelab.hub import hub_reachable
 
 ROOT = Path(__file__).resolve().parent
 SHIPPED = tuple(sorted(p.name for p in ROOT.iterdir() if (p / f"{p.name}.py").is_file()))
@@ -24,7 +25,6 @@ def path(name: str) -> Path:
 
 def check_name(name: Any, where: str) -> str:
     """A metric name that can be loaded here; a one-line error otherwise (no import of evaluate)."""
-    from tunelab.hub import hub_reachable
 
     if not isinstance(name, str):
         raise TunelabError(f"'{where}' must be a metric name, got {name!r}")

@@ -31,6 +31,7 @@ from types import ModuleType
 from typing import Any
 
 from tunelab.hub import MODEL_FILES
+from tunelab.models import tokenizer_origin as origin
 from tunelab.refs import REF
 
 STAGES: dict[str, str] = {
@@ -43,6 +44,11 @@ STAGES: dict[str, str] = {
     "ppo": "tunelab.stages.ppo",
     "dpo": "tunelab.stages.dpo",
     "grpo": "tunelab.stages.grpo",
+    "rloo": "tunelab.stages.rloo",
+    "kto": "tunelab.stages.kto",
+    "orpo": "tunelab.stages.orpo",
+    "cpo": "tunelab.stages.cpo",
+    "distill": "tunelab.stages.distill",
     "diffusion_train": "tunelab.stages.diffusion_train",
     "diffusion_sample": "tunelab.stages.diffusion_sample",
     "vlm_build": "tunelab.stages.vlm_build",
@@ -145,6 +151,5 @@ def tokenizer_origin(module: ModuleType, spec: StageSpec, ctx: Context) -> str |
         return module.tokenizer_source(spec, ctx)
     if "model" not in spec.cfg:
         return None
-    from tunelab.models import tokenizer_origin as origin
 
     return origin(spec.cfg["model"], ctx, f"{spec.where}.model")

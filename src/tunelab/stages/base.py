@@ -34,6 +34,7 @@ from tunelab.chat import chat_pairs, check_chat_data, conversational, setting, s
 from tunelab.data import load_split, preference_splits, require_columns
 from tunelab.errors import TunelabError
 from tunelab.models import load_causal_lm, load_tokenizer, prepare_kbit, stage_model
+from tunelab.plan import policy_plan
 from tunelab.preflight import check_model, check_training, check_vllm
 from tunelab.rewarding import check_rewards, reward_functions
 from tunelab.stages import TRAINING, Context, Metrics, StageResult, StageSpec
@@ -247,7 +248,6 @@ class TrainerStage:
     # --- planning ---------------------------------------------------------------------------------
     def plan(self, spec: StageSpec, ctx: Context):
         """Memory plan of the model's training from its config alone (None when an earlier stage makes it)."""
-        from tunelab.plan import policy_plan
 
         return policy_plan(spec, ctx, self.plan_args(spec, ctx))
 

@@ -11,8 +11,15 @@ from __future__ import annotations
 
 from typing import Any
 
+from tunelab.adapters import lora_config
+from tunelab.data import fingerprint, load_split, require_columns
 from tunelab.errors import TunelabError
+from tunelab.metrics import load as load_metric
+from tunelab.models import load_kwargs, load_tokenizer, stage_model
+from tunelab.preflight import check_model, check_training
+from tunelab.runs import write_json
 from tunelab.stages import TRAINING, Context, Metrics, StageResult, StageSpec
+from tunelab.training import train, training_args
 
 PRODUCES_MODEL = True
 METRICS = Metrics(summary=(*TRAINING, "untrained_accuracy", "accuracy", "f1"))
@@ -36,14 +43,11 @@ def _columns(spec: StageSpec) -> tuple[str, str]:
 def _args(spec: StageSpec, ctx: Context):
     from transformers import TrainingArguments
 
-    from tunelab.training import training_args
-
     values = {"eval_strategy": "epoch" if spec.cfg.get("eval_data") else "no", **(spec.cfg.get("training") or {})}
     return training_args(TrainingArguments, values, f"{spec.where}.training", spec.out_dir, ctx.seed)
 
 
 def _data(spec: StageSpec):
-    from tunelab.data import load_split, require_columns
 
     text, label = _columns(spec)
     if "data" not in spec.cfg:
@@ -66,19 +70,16 @@ def _data(spec: StageSpec):
 
 
 def _model_path(spec: StageSpec, ctx: Context) -> dict[str, Any] | None:
-    from tunelab.models import stage_model
 
     return stage_model(spec, ctx, "an encoder (folder, hub id or pkg:PACKAGE/folder)")
 
 
 def _lora(spec: StageSpec):
-    from tunelab.adapters import lora_config
 
     return lora_config(spec.cfg.get("lora"), f"{spec.where}.lora", task_type="SEQ_CLS")
 
 
 def check(spec: StageSpec, ctx: Context) -> None:
-    from tunelab.preflight import check_model, check_training
 
     check_training(_args(spec, ctx), spec)
     lora = _lora(spec)
@@ -120,7 +121,6 @@ def _score(trainer, dataset) -> dict[str, float]:
 
 def _confusion(trainer, dataset, names: list[str], out_dir) -> None:
     """Counts of (true label, predicted label) on the held-out data, for the report's confusion matrix."""
-    from tunelab.runs import write_json
 
     out = trainer.predict(dataset)
     matrix = [[0] * len(names) for _ in names]
@@ -132,11 +132,6 @@ def _confusion(trainer, dataset, names: list[str], out_dir) -> None:
 
 def run(spec: StageSpec, ctx: Context) -> StageResult:
     from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding, Trainer, set_seed
-
-    from tunelab.data import fingerprint
-    from tunelab.metrics import load as load_metric
-    from tunelab.models import load_kwargs, load_tokenizer
-    from tunelab.training import train
 
     args = _args(spec, ctx)
     train_ds, eval_ds, names = _data(spec)

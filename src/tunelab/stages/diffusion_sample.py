@@ -12,7 +12,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from tunelab.diffusion import generate, load_pipeline, pipeline_kind, sampling_spec, write_images
 from tunelab.errors import TunelabError
+from tunelab.models import parse_dtype
 from tunelab.stages import Context, Metrics, StageResult, StageSpec
 
 PRODUCES_MODEL = False
@@ -31,7 +33,6 @@ SECTIONS = {
 
 
 def _kind(spec: StageSpec, ctx: Context) -> str | None:
-    from tunelab.diffusion import pipeline_kind
 
     value = spec.cfg.get("model")
     if not isinstance(value, str):
@@ -47,14 +48,12 @@ def _kind(spec: StageSpec, ctx: Context) -> str | None:
 
 
 def _settings(spec: StageSpec, ctx: Context, kind: str | None) -> dict[str, Any]:
-    from tunelab.diffusion import sampling_spec
 
     values = {k: v for k, v in spec.cfg.items() if k not in ("model", "dtype")}
     return sampling_spec(values, spec.where, kind, ctx.seed)
 
 
 def _dtype(spec: StageSpec):
-    from tunelab.models import parse_dtype
 
     value = spec.cfg.get("dtype")
     return None if value is None else parse_dtype(value, f"{spec.where}.dtype")
@@ -71,8 +70,6 @@ def plan(spec: StageSpec, ctx: Context):
 
 def run(spec: StageSpec, ctx: Context) -> StageResult:
     import torch
-
-    from tunelab.diffusion import generate, load_pipeline, write_images
 
     settings = _settings(spec, ctx, _kind(spec, ctx))
     pipe = load_pipeline(ctx.resolve_ref(spec.cfg["model"]), f"{spec.where}.model", dtype=_dtype(spec))

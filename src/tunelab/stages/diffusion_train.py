@@ -23,8 +23,25 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from tunelab.config import build, check_keys
+from tunelab.data import fingerprint, require_columns
+from tunelab.diffusion import (
+    grid,
+    image_spec,
+    load_images,
+    load_pipeline,
+    make_scheduler,
+    pipeline_kind,
+    sample,
+    scheduler_spec,
+    to_tensor,
+)
 from tunelab.errors import TunelabError
+from tunelab.hub import local_path
+from tunelab.plan import StagePlan
+from tunelab.progress import quiet
 from tunelab.stages import TRAINING, Context, Metrics, StageResult, StageSpec
+from tunelab.training import guarded_train, training_args
 
 PRODUCES_MODEL = True
 METRICS = Metrics(summary=(*TRAINING, "trainable_parameters"))
@@ -55,7 +72,6 @@ LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
 
 def _mode(spec: StageSpec, ctx: Context) -> str:
     """'unconditional' or 'text', from `model:` (or its pending stage's kind) and `lora:`."""
-    from tunelab.diffusion import pipeline_kind
 
     if "model" not in spec.cfg:
         if "lora" in spec.cfg:
@@ -86,8 +102,6 @@ def _mode(spec: StageSpec, ctx: Context) -> str:
 
 def _unet_config(spec: StageSpec, image: dict[str, Any]) -> dict[str, Any]:
     from diffusers import UNet2DModel
-
-    from tunelab.config import check_keys
 
     where = f"{spec.where}.unet"
     values = check_keys(spec.cfg.get("unet") or {}, UNet2DModel, where)
@@ -126,15 +140,11 @@ def _build_unet(config: dict[str, Any], where: str, meta: bool = False):
 def _noise_scheduler(spec: StageSpec):
     from diffusers import DDPMScheduler
 
-    from tunelab.config import build
-
     return build(DDPMScheduler, spec.cfg.get("scheduler") or {}, f"{spec.where}.scheduler")
 
 
 def _ema(spec: StageSpec, mode: str) -> dict[str, Any] | None:
     from diffusers.training_utils import EMAModel
-
-    from tunelab.config import check_keys
 
     value = spec.cfg.get("ema")
     if value is False or (value is None and mode == "text"):
@@ -150,7 +160,6 @@ def _ema(spec: StageSpec, mode: str) -> dict[str, Any] | None:
 
 
 def _samples(spec: StageSpec, mode: str) -> dict[str, Any] | None:
-    from tunelab.diffusion import scheduler_spec
 
     value = spec.cfg.get("samples")
     if value is None or value is False:
@@ -176,8 +185,6 @@ def _samples(spec: StageSpec, mode: str) -> dict[str, Any] | None:
 def _args(spec: StageSpec, ctx: Context):
     from transformers import TrainingArguments
 
-    from tunelab.training import training_args
-
     values = {**TRAINING_DEFAULTS, **(spec.cfg.get("training") or {})}
     return training_args(TrainingArguments, values, f"{spec.where}.training", spec.out_dir, ctx.seed)
 
@@ -185,14 +192,11 @@ def _args(spec: StageSpec, ctx: Context):
 def _lora(spec: StageSpec):
     from peft import LoraConfig
 
-    from tunelab.config import build
-
     values = {"init_lora_weights": "gaussian", "target_modules": LORA_TARGETS, **(spec.cfg.get("lora") or {})}
     return build(LoraConfig, values, f"{spec.where}.lora")
 
 
 def _image(spec: StageSpec, mode: str) -> dict[str, Any]:
-    from tunelab.diffusion import image_spec
 
     flip = spec.cfg.get("random_flip", False)
     if not isinstance(flip, bool):
@@ -222,7 +226,6 @@ def plan(spec: StageSpec, ctx: Context):
 
     Enough for the disk check (checkpoint sizes) and a lower bound on memory.
     """
-    from tunelab.plan import StagePlan
 
     mode = _mode(spec, ctx)
     if "model" not in spec.cfg:
@@ -398,8 +401,6 @@ def _callbacks(ema, samples: dict[str, Any] | None, make_pipe, out_dir: Path):
     """EMA updates after each optimizer step; sample grids every `samples.every` steps (main process)."""
     from transformers import TrainerCallback
 
-    from tunelab.diffusion import grid, sample
-
     class _EMA(TrainerCallback):
         def on_step_end(self, args, state, control, model=None, **kwargs):
             ema.step(model.parameters())
@@ -446,9 +447,6 @@ def _dataset(spec: StageSpec, image: dict[str, Any], tokenizer=None):
 
     import torch
 
-    from tunelab.data import require_columns
-    from tunelab.diffusion import load_images, to_tensor
-
     image_column = spec.cfg.get("image_column", "image")
     caption_column = spec.cfg.get("caption_column", "text")
     ds = load_images(spec.cfg.get("data"), f"{spec.where}.data", "train", image_column)
@@ -488,11 +486,7 @@ def run(spec: StageSpec, ctx: Context) -> StageResult:
     import torch
     from transformers import set_seed
 
-    from tunelab.data import fingerprint
-    from tunelab.diffusion import load_pipeline, make_scheduler, quiet
-    from tunelab.training import guarded_train
-
-    quiet()
+    quiet(diffusers=True)
     mode = _mode(spec, ctx)
     args = _args(spec, ctx)
     image = _image(spec, mode)
@@ -580,8 +574,6 @@ def _save_lora(pipe, unet, spec: StageSpec, ctx: Context) -> None:
     """diffusers-format LoRA weights (what `load_lora_weights` reads) and a model card naming the base."""
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
-
-    from tunelab.hub import local_path
 
     layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
     type(pipe).save_lora_weights(str(spec.out_dir), unet_lora_layers=layers, safe_serialization=True)

@@ -36,10 +36,32 @@ from typing import Any
 
 from tunelab import image_eval
 from tunelab.answers import answer, matches
+from tunelab.chat import setting, system_prompt
+from tunelab.data import fingerprint, load_split, require_columns
 from tunelab.errors import TunelabError, unknown_key
 from tunelab.image_eval import IMAGE_METRICS
+from tunelab.loglik import evaluate, gold
+from tunelab.metrics import SHIPPED, check_name
+from tunelab.metrics import load as load_metric
+from tunelab.models import (
+    check_tokenizer,
+    labelled_models,
+    load_causal_lm,
+    load_tokenizer,
+    model_config,
+    model_spec,
+    resolve_spec,
+)
+from tunelab.plan import plan_generation
 from tunelab.prompting import Prompting, generate, strip_reasoning
+from tunelab.quant import check_cpu_shapes, quant_config
+from tunelab.rewarding import reward_model_spec
+from tunelab.runs import write_atomic
 from tunelab.stages import Context, Metrics, StageResult, StageSpec
+from tunelab.talk import generation_config
+from tunelab.vlm_prompting import check as vision_check
+from tunelab.vlm_prompting import run as vision_run
+from tunelab.vlm_prompting import vision_mode
 
 PRODUCES_MODEL = False
 METRICS = Metrics()  # per-model metrics: the CLI and report.md show them as a table of their own
@@ -90,20 +112,17 @@ GENERATION_ONLY = ("generation", "metrics", "answer_pattern", "reward_model", "t
 
 
 def _models(spec: StageSpec) -> dict[str, Any]:
-    from tunelab.models import labelled_models
 
     return labelled_models(spec.cfg, spec.where)
 
 
 def _generation(spec: StageSpec):
-    from tunelab.talk import generation_config
 
     return generation_config(spec.cfg.get("generation") or {}, f"{spec.where}.generation", GENERATION_DEFAULTS)
 
 
 def _metrics(spec: StageSpec) -> list[tuple[str, dict[str, Any]]]:
     """(name, options) of each metric; names checked against the shipped ones (or the Hub when online)."""
-    from tunelab.metrics import SHIPPED, check_name
 
     where = f"{spec.where}.metrics"
     entries = spec.cfg.get("metrics", ["exact_match"])
@@ -150,7 +169,6 @@ def _options(spec: StageSpec) -> tuple[str, str, int]:
 
 def _data(spec: StageSpec, prompt: str, reference: str):
     """(dataset, reference column, choices column or None: multiple choice when there is one)."""
-    from tunelab.data import load_split, require_columns
 
     if "data" not in spec.cfg:
         raise TunelabError(f"'{spec.where}' has no `data:`: name the dataset (and split) to evaluate on")
@@ -198,13 +216,11 @@ def check(spec: StageSpec, ctx: Context) -> None:
 
 
 def _vision(spec: StageSpec, ctx: Context) -> bool:
-    from tunelab.vlm_prompting import vision_mode
 
     return vision_mode(spec, ctx, _models(spec))
 
 
 def _vision_check(spec: StageSpec, ctx: Context) -> None:
-    from tunelab.vlm_prompting import check as vision_check
 
     prompt, reference, _ = _options(spec)
     _metrics(spec)
@@ -214,8 +230,6 @@ def _vision_check(spec: StageSpec, ctx: Context) -> None:
 
 
 def _vision_run(spec: StageSpec, ctx: Context) -> StageResult:
-    from tunelab.metrics import load as load_metric
-    from tunelab.vlm_prompting import run as vision_run
 
     prompt, reference, batch_size = _options(spec)
     scorers = [(name, options, load_metric(name, f"{spec.where}.metrics")) for name, options in _metrics(spec)]
@@ -225,8 +239,6 @@ def _vision_run(spec: StageSpec, ctx: Context) -> StageResult:
 
 
 def _check_text(spec: StageSpec, ctx: Context) -> None:
-    from tunelab.models import check_tokenizer, load_tokenizer, model_config, model_spec, resolve_spec
-    from tunelab.quant import check_cpu_shapes, quant_config
 
     prompt, reference, _ = _options(spec)
     quant = quant_config(spec.cfg.get("quantization"), f"{spec.where}.quantization")
@@ -255,7 +267,6 @@ def _reward_model(spec: StageSpec, ctx: Context) -> dict[str, Any] | None:
     """The `reward_model:` as from_pretrained arguments (None when absent or its stage is pending)."""
     if spec.cfg.get("reward_model") is None:
         return None
-    from tunelab.rewarding import reward_model_spec
 
     return reward_model_spec(spec.cfg["reward_model"], ctx, f"{spec.where}.reward_model")
 
@@ -264,8 +275,6 @@ def _prompting(
     spec: StageSpec, ctx: Context, prompt_col: str, ref_col: str, choices_col: str | None = None
 ) -> tuple[Prompting, str | None]:
     """(prompt builder, answer pattern) from fewshot / prompt_template / answer_pattern / chat settings."""
-    from tunelab.chat import setting, system_prompt
-    from tunelab.data import load_split, require_columns
 
     cfg = spec.cfg
     template = cfg.get("prompt_template", "{prompt}")
@@ -323,12 +332,6 @@ def run(spec: StageSpec, ctx: Context) -> StageResult:
 
 def _run_text(spec: StageSpec, ctx: Context) -> StageResult:
     from transformers import set_seed
-
-    from tunelab.data import fingerprint
-    from tunelab.metrics import load as load_metric
-    from tunelab.models import load_causal_lm, load_tokenizer, model_spec, resolve_spec
-    from tunelab.quant import quant_config
-    from tunelab.runs import write_atomic
 
     prompt_col, ref_col, batch_size = _options(spec)
     quant = quant_config(spec.cfg.get("quantization"), f"{spec.where}.quantization")
@@ -399,11 +402,6 @@ def _run_choices(spec: StageSpec, ctx: Context, ds, prompt_col: str, ref_col: st
     """Multiple choice: each model's log-likelihood of every choice after each prompt (tunelab.loglik)."""
     from transformers import set_seed
 
-    from tunelab.data import fingerprint
-    from tunelab.loglik import evaluate, gold
-    from tunelab.models import load_causal_lm, load_tokenizer, model_spec, resolve_spec
-    from tunelab.runs import write_atomic
-
     _, _, batch_size = _options(spec)
     raw = [str(p) for p in ds[prompt_col]]
     choices = [list(c) for c in ds[choices_col]]
@@ -441,8 +439,6 @@ PROMPT_TOKENS = 512  # planning assumption for prompt length when generation.max
 
 def plan(spec: StageSpec, ctx: Context):
     """Memory plan of generation with the largest of the evaluated models."""
-    from tunelab.models import model_config, model_spec
-    from tunelab.plan import plan_generation
 
     if _image_mode(spec, ctx) or _vision(spec, ctx):
         return None

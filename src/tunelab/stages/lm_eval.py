@@ -25,6 +25,32 @@ from pathlib import Path
 from typing import Any
 
 from tunelab.errors import TunelabError
+from tunelab.harness import (
+    check_arguments,
+    check_model_args,
+    direct_command,
+    flat_metrics,
+    include_paths,
+    load_tasks,
+    materialize,
+    require,
+    task_manager,
+    task_names,
+)
+from tunelab.models import (
+    adapter_base,
+    check_tokenizer,
+    is_adapter,
+    labelled_models,
+    load_causal_lm,
+    load_tokenizer,
+    model_config,
+    model_spec,
+    resolve_spec,
+)
+from tunelab.plan import plan_generation
+from tunelab.quant import check_cpu_shapes, quant_config
+from tunelab.runs import write_atomic
 from tunelab.stages import Context, Metrics, StageResult, StageSpec
 
 PRODUCES_MODEL = False
@@ -72,7 +98,6 @@ PROMPT_TOKENS = 1024  # planning assumption: a few-shot prompt and its answer
 
 def _settings(spec: StageSpec) -> tuple[list[str], dict[str, Any], dict[str, Any]]:
     """(task names, simple_evaluate arguments, HFLM arguments), checked; one line for the first problem."""
-    from tunelab.harness import check_arguments, check_model_args, require, task_names
 
     require()
     if "tasks" not in spec.cfg:
@@ -105,7 +130,6 @@ def _on_gpu() -> bool:
 
 
 def _manager(spec: StageSpec, names: list[str], shipped=None):
-    from tunelab.harness import include_paths, task_manager
 
     include = include_paths(spec.cfg.get("include_path"), f"{spec.where}.include_path")
     return task_manager(names, include, f"{spec.where}.tasks", shipped)
@@ -116,9 +140,6 @@ def _where(spec: StageSpec, label: str) -> str:
 
 
 def check(spec: StageSpec, ctx: Context) -> None:
-    from tunelab.harness import load_tasks, materialize
-    from tunelab.models import check_tokenizer, labelled_models, load_tokenizer, model_config, model_spec, resolve_spec
-    from tunelab.quant import check_cpu_shapes, quant_config
 
     names, args, _ = _settings(spec)
     quant = quant_config(spec.cfg.get("quantization"), f"{spec.where}.quantization")
@@ -143,10 +164,6 @@ def check(spec: StageSpec, ctx: Context) -> None:
 
 
 def run(spec: StageSpec, ctx: Context) -> StageResult:
-    from tunelab.harness import flat_metrics, include_paths, load_tasks, materialize
-    from tunelab.models import labelled_models, model_spec, resolve_spec
-    from tunelab.quant import quant_config
-    from tunelab.runs import write_atomic
 
     names, args, model_args = _settings(spec)
     quant = quant_config(spec.cfg.get("quantization"), f"{spec.where}.quantization")
@@ -187,8 +204,6 @@ def _evaluate(mspec, quant, names, manager, args, model_args) -> dict[str, Any]:
     import torch
     from lm_eval.models.huggingface import HFLM
 
-    from tunelab.models import load_causal_lm, load_tokenizer
-
     tokenizer = load_tokenizer(mspec["path"])
     model = load_causal_lm(mspec, quantization=quant, merge_adapter=quant is None).eval()
     if torch.cuda.is_available() and quant is None and "device_map" not in mspec:
@@ -214,8 +229,6 @@ def _evaluate(mspec, quant, names, manager, args, model_args) -> dict[str, Any]:
 
 def _command(mspec: dict[str, Any], names: list[str], tasks_dir, args: dict[str, Any]) -> str:
     """The harness command that scores the same model without tunelab (adapters through `peft=`)."""
-    from tunelab.harness import direct_command
-    from tunelab.models import adapter_base, is_adapter
 
     path = mspec["path"]
     if not is_adapter(path):
@@ -245,8 +258,6 @@ def _print_table(label: str, values: dict[str, Any]) -> None:
 def plan(spec: StageSpec, ctx: Context):
     """Memory plan of scoring with the largest of the models: a batch of PROMPT_TOKENS-token prompts, with
     every position's logits kept (log-likelihood tasks do), so `batch_size` is planned as it will be used."""
-    from tunelab.models import labelled_models, model_config, model_spec
-    from tunelab.plan import plan_generation
 
     batch = spec.cfg.get("batch_size", DEFAULT_BATCH)
     batch = batch if isinstance(batch, int) and not isinstance(batch, bool) else spec.cfg.get("max_batch_size") or 64

@@ -27,7 +27,15 @@ from tunelab.chat import conversational
 from tunelab.data import load_split, require_columns
 from tunelab.distributed import world
 from tunelab.errors import TunelabError
-from tunelab.models import load_causal_lm, load_sequence_classifier, load_tokenizer, same_tokenizer, tokenizer_origin
+from tunelab.models import (
+    load_causal_lm,
+    load_sequence_classifier,
+    load_tokenizer,
+    model_config,
+    same_tokenizer,
+    tokenizer_origin,
+)
+from tunelab.plan import _optimizer_bytes, _structure, policy_plan
 from tunelab.rewarding import reward_model_spec
 from tunelab.stages import Context, Metrics, StageSpec
 from tunelab.stages.base import Settings, TrainerStage, sections
@@ -208,8 +216,6 @@ class PPO(TrainerStage):
         """Memory plan of PPO: the policy's training, plus the value model trained in full (weights,
         gradients, optimizer states, all saved in every checkpoint), the frozen reward model and, without
         LoRA, the frozen reference. Approximate: rollouts are short, so activations are the policy's."""
-        from tunelab.models import model_config
-        from tunelab.plan import _optimizer_bytes, _structure, policy_plan
 
         args = self.args(spec, ctx)
         args.max_length = args.response_length + 128

@@ -14,8 +14,13 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from tunelab.config import build, check_keys
+from tunelab.data import fingerprint, load_split, require_columns
 from tunelab.errors import TunelabError
+from tunelab.models import _BpeTrainerArgs, load_tokenizer, train_tokenizer
+from tunelab.plan import plan_training
 from tunelab.stages import TRAINING, Context, Metrics, StageResult, StageSpec
+from tunelab.training import train, training_args
 
 PRODUCES_MODEL = True
 METRICS = Metrics(summary=(*TRAINING, "perplexity", "params"))
@@ -32,8 +37,6 @@ PACKING_DEFAULTS = {"packing": True, "packing_strategy": "wrapped"}
 
 def _config(spec: StageSpec, overrides: dict[str, Any] | None = None):
     from transformers import CONFIG_MAPPING
-
-    from tunelab.config import build
 
     where = f"{spec.where}.config"
     values = spec.cfg.get("config")
@@ -56,14 +59,11 @@ def _config(spec: StageSpec, overrides: dict[str, Any] | None = None):
 def _args(spec: StageSpec, ctx: Context):
     from trl import SFTConfig
 
-    from tunelab.training import training_args
-
     values = {**PACKING_DEFAULTS, **(spec.cfg.get("training") or {})}
     return training_args(SFTConfig, values, f"{spec.where}.training", spec.out_dir, ctx.seed)
 
 
 def _data(spec: StageSpec, text_field: str):
-    from tunelab.data import load_split, require_columns
 
     if "data" not in spec.cfg:
         raise TunelabError(f"'{spec.where}' has no `data:`: name a text corpus (folder, file or hub id)")
@@ -84,8 +84,6 @@ def _tokenizer_source(spec: StageSpec) -> str | None:
         return resolve_model(value, f"{spec.where}.tokenizer")
     if not isinstance(value, dict):
         raise TunelabError(f"'{spec.where}.tokenizer' must be BpeTrainer arguments or a tokenizer to reuse")
-    from tunelab.config import check_keys
-    from tunelab.models import _BpeTrainerArgs
 
     check_keys({k: v for k, v in value.items() if k != "special_tokens"}, _BpeTrainerArgs, f"{spec.where}.tokenizer")
     return None
@@ -114,10 +112,6 @@ def check(spec: StageSpec, ctx: Context) -> None:
 def run(spec: StageSpec, ctx: Context) -> StageResult:
     from transformers import AutoModelForCausalLM, set_seed
     from trl import SFTTrainer
-
-    from tunelab.data import fingerprint
-    from tunelab.models import load_tokenizer, train_tokenizer
-    from tunelab.training import train
 
     args = _args(spec, ctx)
     train_ds, eval_ds = _data(spec, args.dataset_text_field)
@@ -156,7 +150,6 @@ def run(spec: StageSpec, ctx: Context) -> StageResult:
 
 def plan(spec: StageSpec, ctx: Context):
     """Memory plan of pre-training the configured model (vocabulary size from the tokenizer section)."""
-    from tunelab.plan import plan_training
 
     config = ctx.configs.get(spec.name) or _config(spec)
     return plan_training(spec.name, spec.kind, config, _args(spec, ctx), load_dtype="float32")

@@ -18,7 +18,8 @@ from typing import Any
 from tunelab.chat import check_rows, has_markers, setting, tokenize_assistant_only, use_template
 from tunelab.data import load_split
 from tunelab.errors import TunelabError
-from tunelab.models import load_tokenizer
+from tunelab.models import load_tokenizer, model_config, model_spec
+from tunelab.plan import plan_training
 from tunelab.stages import TRAINING, Context, Metrics, StageSpec
 from tunelab.stages.base import Settings, TrainerStage, sections
 
@@ -165,8 +166,6 @@ class SFT(TrainerStage):
 
     def plan(self, spec: StageSpec, ctx: Context):
         """Memory plan from the model's config (None when the model cannot be known before earlier stages run)."""
-        from tunelab.models import model_config, model_spec
-        from tunelab.plan import plan_training
 
         config = model_config(spec.cfg["model"], ctx, f"{spec.where}.model")
         if config is None:

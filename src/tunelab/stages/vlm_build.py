@@ -11,7 +11,9 @@ must train them. The folder loads with `LlavaForConditionalGeneration` /
 from __future__ import annotations
 
 from tunelab.errors import TunelabError
+from tunelab.models import check_tokenizer, model_config, stage_model
 from tunelab.stages import Context, Metrics, StageResult, StageSpec
+from tunelab.vision import build_llava, image_processor_kwargs, llava_config, planned_processor, vision_config
 
 PRODUCES_MODEL = True
 METRICS = Metrics()  # it builds; vlm_sft trains
@@ -23,15 +25,12 @@ SECTIONS = {
 
 
 def _language(spec: StageSpec, ctx: Context):
-    from tunelab.models import stage_model
 
     return stage_model(spec, ctx, "the causal LM to give eyes to", key="language")
 
 
 def check(spec: StageSpec, ctx: Context) -> None:
     """The configs and the language model's tokenizer; the planned model and processor, for later stages' checks."""
-    from tunelab.models import check_tokenizer, model_config
-    from tunelab.vision import image_processor_kwargs, llava_config, planned_processor, vision_config
 
     vision = vision_config(spec.cfg.get("vision"), f"{spec.where}.vision")
     image_processor_kwargs(spec.cfg.get("image_processor"), vision, f"{spec.where}.image_processor")
@@ -52,7 +51,6 @@ def check(spec: StageSpec, ctx: Context) -> None:
 
 
 def run(spec: StageSpec, ctx: Context) -> StageResult:
-    from tunelab.vision import build_llava
 
     check(spec, ctx)
     mspec = _language(spec, ctx)

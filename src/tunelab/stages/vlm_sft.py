@@ -30,8 +30,24 @@ from __future__ import annotations
 from typing import Any
 
 from tunelab.adapters import lora_config, trainable_quantization
+from tunelab.data import load_split
 from tunelab.errors import TunelabError
+from tunelab.models import model_config, model_spec, prepare_kbit, stage_model
+from tunelab.preflight import check_training
+from tunelab.refs import REF
 from tunelab.stages import TRAINING, Context, Metrics, StageResult, StageSpec
+from tunelab.training import train_and_save, training_args
+from tunelab.vision import (
+    check_model,
+    check_rows,
+    collator,
+    freeze_vision,
+    has_images,
+    load_images,
+    load_processor,
+    load_vlm,
+    plan_vlm,
+)
 
 PRODUCES_MODEL = True
 METRICS = Metrics(summary=(*TRAINING, "trainable_params"), progress={"mean_token_accuracy": "tok_acc"})
@@ -50,8 +66,6 @@ SECTIONS = {
 def _args(spec: StageSpec, ctx: Context):
     """SFTConfig, and whether the loss is on assistant turns only (tunelab's mask; TRL's flag goes off)."""
     from trl import SFTConfig
-
-    from tunelab.training import training_args
 
     where = f"{spec.where}.training"
     values = dict(spec.cfg.get("training") or {})
@@ -87,8 +101,6 @@ def _freeze(spec: StageSpec) -> bool:
 
 
 def _datasets(spec: StageSpec):
-    from tunelab.data import load_split
-    from tunelab.vision import has_images, load_images
 
     if "data" not in spec.cfg:
         raise TunelabError(f"'{spec.where}' has no `data:`: name a dataset with `images` and `messages`")
@@ -110,8 +122,6 @@ def _datasets(spec: StageSpec):
 
 def _processor(spec: StageSpec, ctx: Context, mspec: dict[str, Any] | None):
     """The model's processor; while checking a pipeline, the one an earlier vlm_build stage plans (else None)."""
-    from tunelab.refs import REF
-    from tunelab.vision import load_processor
 
     if mspec is not None:
         return load_processor(mspec["path"], f"{spec.where}.model")
@@ -125,9 +135,6 @@ def _processor(spec: StageSpec, ctx: Context, mspec: dict[str, Any] | None):
 
 
 def check(spec: StageSpec, ctx: Context) -> None:
-    from tunelab.models import stage_model
-    from tunelab.preflight import check_training
-    from tunelab.vision import check_model, check_rows, collator
 
     args, assistant_only = _args(spec, ctx)
     check_training(args, spec)
@@ -150,10 +157,6 @@ def check(spec: StageSpec, ctx: Context) -> None:
 
 def run(spec: StageSpec, ctx: Context) -> StageResult:
     from trl import SFTTrainer
-
-    from tunelab.models import prepare_kbit, stage_model
-    from tunelab.training import train_and_save
-    from tunelab.vision import collator, freeze_vision, load_processor, load_vlm
 
     args, assistant_only = _args(spec, ctx)
     peft_config = _lora(spec)
@@ -185,8 +188,6 @@ def run(spec: StageSpec, ctx: Context) -> StageResult:
 
 def plan(spec: StageSpec, ctx: Context):
     """Memory plan: the language model as for `sft`, plus the vision tower and projector."""
-    from tunelab.models import model_config, model_spec
-    from tunelab.vision import plan_vlm
 
     config = model_config(spec.cfg["model"], ctx, f"{spec.where}.model")
     if config is None:

@@ -1,0 +1,116 @@
+"""On-policy distillation with `trl.DistillationTrainer`: the student answers the prompts itself, and
+learns the teacher's next-token distribution on its own answers (generalised JSD; Agarwal et al. 2024,
+GKD with every batch on-policy).
+
+`model` is the student, `teacher` any causal LM with the same vocabulary (a folder, a hub id, or an
+earlier stage: `${dpo}`). Data are prompts (a `prompt` column, plain or chat). `training` is
+`trl.DistillationConfig`: `beta` chooses the divergence (0: forward KL, 1: reverse KL, 0.5: JSD),
+`temperature` the sampling and the loss, `max_completion_length` the student's answers. The teacher is
+loaded as tunelab loads every model (adapters merged, GGUF files converted) and handed to the trainer.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tunelab.chat import conversational
+from tunelab.data import load_split, require_columns
+from tunelab.errors import TunelabError
+from tunelab.models import load_causal_lm, model_config, same_tokenizer, stage_model, tokenizer_origin
+from tunelab.stages import TRAINING, Context, Metrics, StageSpec
+from tunelab.stages.base import Settings, TrainerStage, sections
+
+# TRL's Trainer would not read these: the recipe names the teacher with `teacher:`.
+NOT_TRAINER_KEYS = ("teacher_model_name_or_path", "teacher_model_init_kwargs")
+
+
+class Distill(TrainerStage):
+    config_class = "trl:DistillationConfig"
+    trainer_class = "trl:DistillationTrainer"
+    data_hint = "name a dataset with a `prompt` column (the student answers the prompts)"
+    model_hint = "the student: a model smaller than the teacher, with its vocabulary (usually an SFT model)"
+    metrics = Metrics(summary=TRAINING, progress={"entropy": "entropy", "completions/mean_length": "length"})
+    sections = sections(
+        {
+            "model": "the student: a hub id, a folder or ${stage} (adapter folders are merged first)",
+            "teacher": "the teacher: a causal LM with the student's vocabulary (${stage}, folder, hub id, GGUF)",
+            "data": "prompts (a `prompt` column): datasets.load_dataset arguments",
+            "eval_data": "held-out prompts (default split: test); eval_loss is the divergence on them",
+            "training": "trl.DistillationConfig fields (beta, temperature, max_completion_length, learning_rate, "
+            "...)",
+        }
+    )
+
+    def training_values(self, spec: StageSpec) -> dict[str, Any]:
+        values = super().training_values(spec)
+        for key in NOT_TRAINER_KEYS:
+            if key in values:
+                raise TunelabError(f"'{spec.where}.training.{key}' is not read by the trainer: set `teacher:`")
+        return values
+
+    def settings(self, spec: StageSpec, ctx: Context) -> Settings:
+        s = super().settings(spec, ctx)
+        s.extra["teacher"] = stage_model(spec, ctx, "the teacher: a causal LM with the student's vocabulary", "teacher")
+        _check_vocabularies(spec, ctx)
+        return s
+
+    def data(self, spec: StageSpec, s: Settings) -> tuple[Any, Any]:
+        out = []
+        for key, split in (("data", "train"), ("eval_data", "test")):
+            if key == "eval_data" and spec.cfg.get(key) is None:
+                out.append(None)
+                continue
+            value = self.require_data(spec) if key == "data" else spec.cfg[key]
+            ds = load_split(value, f"{spec.where}.{key}", split)
+            require_columns(ds, ["prompt"], f"{spec.where}.{key}", "prompts for the student to answer")
+            out.append(ds.select_columns(["prompt"]))  # the student answers: reference answers are not used
+        return out[0], out[1]
+
+    def prepare(self, spec: StageSpec, ctx: Context, s: Settings, tokenizer: Any, train: Any, evaluation: Any):
+        return [None if ds is None else conversational(ds, tokenizer, s.chat, s.system) for ds in (train, evaluation)]
+
+    def trainer_kwargs(self, spec, ctx, s, model, tokenizer, train, evaluation) -> dict[str, Any]:
+        kwargs = super().trainer_kwargs(spec, ctx, s, model, tokenizer, train, evaluation)
+        return {**kwargs, "teacher_model": load_causal_lm(s.extra["teacher"]).eval()}
+
+
+    def plan(self, spec: StageSpec, ctx: Context):
+        """The student's training plan plus the frozen teacher's weights (approximate: answers are short,
+        so activations are the student's)."""
+        from tunelab.plan import _structure
+
+        plan = super().plan(spec, ctx)
+        teacher = model_config(spec.cfg["teacher"], ctx, f"{spec.where}.teacher")
+        if plan is not None and teacher is not None:
+            plan.parts["teacher"] = _structure(teacher)[1] * 4.0
+            plan.notes.append("teacher frozen, in fp32")
+        return plan
+
+    def plan_args(self, spec: StageSpec, ctx: Context) -> Any:
+        args = self.args(spec, ctx)
+        args.max_length = (args.max_completion_length or 256) + 128
+        return args
+
+
+def _check_vocabularies(spec: StageSpec, ctx: Context) -> None:
+    """The teacher scores the student's token ids: both need one vocabulary (TRL checks only its size, late)."""
+    student = model_config(spec.cfg["model"], ctx, f"{spec.where}.model")
+    teacher = model_config(spec.cfg["teacher"], ctx, f"{spec.where}.teacher")
+    if student is not None and teacher is not None and student.vocab_size != teacher.vocab_size:
+        raise TunelabError(
+            f"'{spec.where}.teacher' has a vocabulary of {teacher.vocab_size} tokens and the student "
+            f"{student.vocab_size}: on-policy distillation compares their next-token distributions, so both "
+            "need the same tokenizer; pick a student of the teacher's family"
+        )
+    ours = tokenizer_origin(spec.cfg["model"], ctx, f"{spec.where}.model")
+    theirs = tokenizer_origin(spec.cfg["teacher"], ctx, f"{spec.where}.teacher")
+    if not same_tokenizer(ours, theirs):
+        raise TunelabError(
+            f"'{spec.where}.teacher' uses a different tokenizer ({theirs}) from the student ({ours}): the "
+            "teacher scores the student's token ids, so both need the same one"
+        )
+
+
+STAGE = Distill()
+PRODUCES_MODEL, RANKS, SECTIONS, METRICS = STAGE.produces_model, STAGE.ranks, STAGE.sections, STAGE.metrics
+check, run, plan = STAGE.check, STAGE.run, STAGE.plan

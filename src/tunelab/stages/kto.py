@@ -1,0 +1,94 @@
+"""Kahneman-Tversky optimisation with `trl.KTOTrainer`: the policy learns from answers marked good or bad
+one at a time, without pairs, against a frozen reference (Ethayarajh et al. 2024).
+
+Data are TRL's unpaired preference format: `prompt`, `completion` and a boolean `label` (True: a desirable
+answer). Paired data (`prompt`, `chosen`, `rejected`, as the reward and dpo stages read) is unpaired here:
+each pair gives one desirable and one undesirable row, shuffled with the recipe's seed so that batches mix
+both (KTO's KL estimate and `rewards/margins` need both in a batch). `training` is `trl.KTOConfig`
+(`beta`, `desirable_weight`, `undesirable_weight`, `loss_type`, ...). The reference is the starting model:
+with LoRA, the base with the adapter switched off; without, a frozen copy loaded from the same folder.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tunelab.chat import conversational
+from tunelab.data import load_split
+from tunelab.errors import TunelabError
+from tunelab.stages import TRAINING, Context, Metrics, StageSpec
+from tunelab.stages.base import PREFERENCE_PROGRESS, PreferenceStage, Settings, sections
+
+UNPAIRED = ("prompt", "completion", "label")
+PAIRED = ("chosen", "rejected")
+
+
+def _check_rows(ds: Any, where: str) -> str:
+    """'paired' or 'unpaired', from the columns; one line when neither."""
+    columns = ds.column_names
+    if all(c in columns for c in UNPAIRED):
+        labels = ds.select(range(min(len(ds), 8)))["label"]
+        if not all(isinstance(v, bool) for v in labels):
+            raise TunelabError(
+                f"'{where}': column 'label' holds {type(labels[0]).__name__} values: KTO labels are true (a "
+                "desirable completion) or false (an undesirable one)"
+            )
+        return "unpaired"
+    if all(c in columns for c in PAIRED):
+        return "paired"
+    raise TunelabError(
+        f"'{where}' is not KTO data: it needs prompt, completion and label (true/false) columns, or preference "
+        f"pairs (chosen and rejected), which are unpaired for it; its columns are {', '.join(columns)}"
+    )
+
+
+class KTO(PreferenceStage):
+    config_class = "trl:KTOConfig"
+    trainer_class = "trl:KTOTrainer"
+    reference = True
+    chat_columns = ("prompt", "completion", "chosen", "rejected")
+    data_hint = "name prompt/completion/label rows, or preference pairs (chosen and rejected columns)"
+    metrics = Metrics(summary=(*TRAINING, "eval_rewards/margins"), progress={**PREFERENCE_PROGRESS, "kl": "kl"})
+    eval_keys = ("eval_loss", "eval_rewards/chosen", "eval_rewards/rejected", "eval_rewards/margins", "eval_kl")
+    sections = sections(
+        {
+            "model": "policy to train: usually ${sft} (adapter folders are merged first)",
+            "data": "prompt/completion/label rows, or preference pairs (prompt, chosen, rejected), unpaired here",
+            "eval_data": "held-out rows of either form (default split: test); eval rewards and KL are reported",
+            "training": "trl.KTOConfig fields (beta, desirable_weight, undesirable_weight, loss_type, ...)",
+            "lora": "peft.LoraConfig fields; omit for full fine-tuning against a frozen copy",
+        }
+    )
+
+    def data(self, spec: StageSpec, s: Settings) -> tuple[Any, Any]:
+        train = load_split(self.require_data(spec), f"{spec.where}.data", "train")
+        _check_rows(train, f"{spec.where}.data")
+        evaluation = None
+        if spec.cfg.get("eval_data") is not None:
+            evaluation = load_split(spec.cfg["eval_data"], f"{spec.where}.eval_data", "test")
+            _check_rows(evaluation, f"{spec.where}.eval_data")
+        return train, evaluation
+
+    def check_more(self, spec: StageSpec, ctx: Context, s: Settings, train: Any) -> None:
+        where = f"{spec.where}.training"
+        if s.args.loss_type == "kto" and s.args.per_device_train_batch_size < 2:
+            raise TunelabError(
+                f"'{where}.per_device_train_batch_size' is 1: KTO estimates its KL term from the other rows of a "
+                "batch; use 2 or more (or loss_type: apo_zero_unpaired)"
+            )
+
+    def prepare(self, spec: StageSpec, ctx: Context, s: Settings, tokenizer: Any, train: Any, evaluation: Any):
+        return [None if ds is None else self._unpaired(ds, tokenizer, s, ctx.seed) for ds in (train, evaluation)]
+
+    def _unpaired(self, ds: Any, tokenizer: Any, s: Settings, seed: int) -> Any:
+        from trl import unpair_preference_dataset
+
+        if "label" not in ds.column_names:
+            ds = conversational(ds, tokenizer, s.chat, s.system, answers=PAIRED)
+            return unpair_preference_dataset(ds).shuffle(seed=seed)  # good and bad answers in every batch
+        return conversational(ds, tokenizer, s.chat, s.system, answers=("completion",))
+
+
+STAGE = KTO()
+PRODUCES_MODEL, RANKS, SECTIONS, METRICS = STAGE.produces_model, STAGE.ranks, STAGE.sections, STAGE.metrics
+check, run, plan = STAGE.check, STAGE.run, STAGE.plan

@@ -86,7 +86,9 @@ def test_kto_on_unpaired_rows_with_lora_saves_an_adapter(tmp_path: Path, tiny_lm
 PAIRS = ("chosen", "rejected")
 
 
-def test_rloo_with_a_python_reward_and_a_reward_model(tmp_path: Path, tiny_lm: Path, reward_model: Path) -> None:
+def test_rloo_with_a_python_reward_and_a_reward_model(
+    tmp_path: Path, tiny_lm: Path, reward_model: Path  # noqa: F811 (the fixture)
+) -> None:
     rewards = ["tunelab.rewards:exact_match", str(reward_model)]
     stage = {"stage": "rloo", "model": str(tiny_lm), "data": QA_TRAIN, "rewards": rewards}
     result = run_stages(tmp_path, {"rloo": stage | {"training": dict(ONLINE, beta=0.05)}})
@@ -134,10 +136,9 @@ def test_distill_trains_the_student_on_its_own_answers_against_the_teacher(tmp_p
     assert metrics["eval_loss"] > 0 and changed(tiny_lm, folder) > 0
 
 
-def test_new_stages_on_smollm2_with_lora(tmp_path: Path, smollm2: Path) -> None:
-    """The real model's ChatML template, tokenizer and tied embeddings through each new trainer (LoRA, 2 steps)."""
+def smollm2_stages(steps: int) -> dict:
     lora = {"r": 4, "target_modules": ["q_proj", "v_proj"]}
-    short = {"max_steps": 2, "per_device_train_batch_size": 2, "logging_steps": 1, "save_strategy": "no",
+    short = {"max_steps": steps, "per_device_train_batch_size": 2, "logging_steps": 1, "save_strategy": "no",
              "report_to": "none", "learning_rate": 1e-4}
     pairs = {"path": "recipes/data/arith_pref", "split": "train[:8]"}
     prompts = {"path": "recipes/data/arith_qa", "split": "train[:8]"}
@@ -153,14 +154,31 @@ def test_new_stages_on_smollm2_with_lora(tmp_path: Path, smollm2: Path) -> None:
         "distill": {"stage": "distill", "model": SMOLLM2, "teacher": SMOLLM2, "data": prompts, "lora": lora,
                     "training": {**short, "max_completion_length": 4}},
     }
-    result = run_stages(tmp_path, stages)
+    return stages
+
+
+def check_adapters(result, stages: dict, smollm2: Path, steps: int) -> None:
     for name in stages:
         folder = result.outputs[name]
         assert json.loads((folder / "adapter_config.json").read_text())["r"] == 4
         model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(smollm2), folder)
         assert model.config.tie_word_embeddings
         assert all(torch.isfinite(p).all() for n, p in model.named_parameters() if "lora_" in n)
-        assert result.metrics[name]["global_step"] == 2
+        assert result.metrics[name]["global_step"] == steps
+
+
+def test_kto_and_rloo_on_smollm2_with_lora(tmp_path: Path, smollm2: Path) -> None:
+    """The real model's ChatML template, tokenizer and tied embeddings: KTO's pairs unpaired through the
+    template, RLOO sampling through it (one step each; all five new trainers in the slow test below)."""
+    stages = {k: v for k, v in smollm2_stages(1).items() if k in ("kto", "rloo")}
+    check_adapters(run_stages(tmp_path, stages), stages, smollm2, 1)
+
+
+@pytest.mark.slow
+def test_new_stages_on_smollm2_with_lora(tmp_path: Path, smollm2: Path) -> None:
+    """Each new trainer on the real model with LoRA, 2 steps: kto, orpo, cpo (SimPO), rloo, distill."""
+    stages = smollm2_stages(2)
+    check_adapters(run_stages(tmp_path, stages), stages, smollm2, 2)
 
 
 @pytest.mark.parametrize(

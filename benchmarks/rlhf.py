@@ -23,19 +23,37 @@ def main() -> str:
 
 
 def near_misses(run_dir: Path) -> dict[str, float]:
-    """How often the reward model scores the right answer c above c-1 and above c+1, per held-out question."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    """How often the reward model scores the right answer c above c-1 and above c+1, per held-out question,
+    and (`sft c-1`, `sft c+1`) how often the SFT model it starts from gives c the higher log-likelihood."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     from tunelab.models import reward_scores
 
     model = AutoModelForSequenceClassification.from_pretrained(run_dir / "reward")
     tokenizer = AutoTokenizer.from_pretrained(run_dir / "reward")
     rows = [json.loads(line) for line in (ROOT / "recipes/data/arith_qa/test.jsonl").read_text().splitlines()]
+    answers = {d: [f" {int(r['completion']) + d}" for r in rows] for d in (-1, 0, 1)}
     scores = {
-        d: reward_scores(model, tokenizer, [r["prompt"] + f" {int(r['completion']) + d}" for r in rows])
-        for d in (-1, 0, 1)
+        d: reward_scores(model, tokenizer, [r["prompt"] + a for r, a in zip(rows, answers[d], strict=True)])
+        for d in answers
     }
-    return {f"c{d:+d}": sum(c > o for c, o in zip(scores[0], scores[d], strict=True)) / len(rows) for d in (-1, 1)}
+    out = {f"c{d:+d}": sum(c > o for c, o in zip(scores[0], scores[d], strict=True)) / len(rows) for d in (-1, 1)}
+
+    lm = AutoModelForCausalLM.from_pretrained(run_dir / "sft").eval()
+    lm_tokenizer = AutoTokenizer.from_pretrained(run_dir / "sft")
+
+    def loglik(prompt: str, answer: str) -> float:
+        context = lm_tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        target = lm_tokenizer(prompt + answer, add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            logp = lm(torch.tensor([target])).logits[0, :-1].log_softmax(-1)
+        return sum(logp[i - 1, target[i]].item() for i in range(len(context), len(target)))
+
+    ll = {d: [loglik(r["prompt"], a) for r, a in zip(rows, answers[d], strict=True)] for d in answers}
+    for d in (-1, 1):
+        out[f"sft c{d:+d}"] = sum(c > o for c, o in zip(ll[0], ll[d], strict=True)) / len(rows)
+    return out
 
 
 def from_run(run_dir: Path) -> str:
@@ -93,7 +111,14 @@ def report(metrics: dict, seconds: dict[str, float], wall: float) -> str:
         f"(target: at most 15 min); the whole recipe with DPO and GRPO: {wall / 60:.1f} min.\n\n"
         "Where exact match falls while the reward-model score rises, that is reward hacking: the reward model "
         f"scores the right answer c above c-1 on {near['c-1']:.0%} of the held-out questions and above c+1 on "
-        f"{near['c+1']:.0%}, so PPO gains by answering c-1 where the reward model prefers it. DPO uses TRL's "
+        f"{near['c+1']:.0%}, so PPO gains by answering c-1 where the reward model prefers it. The SFT model the "
+        f"reward model starts from knows better: its own log-likelihood puts c above c-1 on {near['sft c-1']:.0%} "
+        f"and above c+1 on {near['sft c+1']:.0%}, which a score head on the last token does not inherit. Reward "
+        "data with half the rejected answers c-1/c+1 did not close the gap (c-1 72%, c+1 90% at best, in one "
+        "run each; PPO still 0.60), so the reward model is the part to fix first (PPO's settings were not "
+        "varied). GRPO's learning rate stays low: higher ones (5e-5 to 2e-4, also with beta 0.1 or 4x the batch) "
+        "moved its sampled exact match to 0.55-0.60 (SFT 0.56) and lowered the greedy one to 0.79-0.86 (on training "
+        "questions too: 0.94 -> 0.89-0.90). DPO uses TRL's "
         "`loss_type: [sigmoid, sft]` (RPO): plain sigmoid DPO lowered exact match (0.69 in one run).\n"
     )
 

@@ -89,6 +89,19 @@ def report(metrics: dict, seconds: dict[str, float], wall: float) -> str:
         for label in ev
     )
     times = " | ".join(f"{seconds[s]:.0f} s" for s in seconds)
+    distilled = ""
+    if "distill" in ev and "student_sft" in ev:
+        import yaml
+
+        recipe = yaml.safe_load((ROOT / "recipes/rlhf/arith.yaml").read_text())
+        teacher = recipe["stages"]["distill"]["teacher"].strip("${}")  # the stage the student learns from
+        distilled = (
+            f"Distillation: the student, a {metrics['student']['params'] / 1e6:.2f}M-parameter Llama with the "
+            f"teacher's tokenizer, pretrained and SFT-trained as the teacher's start was, answers "
+            f"{ev['student_sft']['exact_match']:.3f} of the held-out questions; distilled on-policy from `{teacher}` "
+            f"({metrics['pretrain']['params'] / 1e6:.2f}M parameters, {ev[teacher]['exact_match']:.3f}) it answers "
+            f"**{ev['distill']['exact_match']:.3f}**.\n\n"
+        )
     gain = ev["ppo"]["reward_mean"] - ev["sft"]["reward_mean"]
     return (
         f"{TITLE}\n\n"
@@ -103,6 +116,7 @@ def report(metrics: dict, seconds: dict[str, float], wall: float) -> str:
         "| policy | exact match, greedy | reward-model score, greedy | exact match, sampled (T=0.7) | "
         "reward-model score, sampled |\n|---|---|---|---|---|\n"
         f"{rows}\n"
+        f"{distilled}"
         f"PPO minus SFT, mean reward-model score on the held-out questions: **{gain:+.3f}** greedy"
         + (f", **{sampled['ppo']['reward_mean'] - sampled['sft']['reward_mean']:+.3f}** sampled" if sampled else "")
         + ".\n\n"

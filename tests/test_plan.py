@@ -134,7 +134,7 @@ def write_recipe(tmp_path: Path, model: Path, data: Path) -> Path:
 def test_run_warns_before_loading_when_the_plan_exceeds_the_device(
     tmp_path: Path, tiny_lm: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("tunelab.plan.device_memory", lambda: ("a 1 MiB device", float(2**20)))
+    monkeypatch.setattr("tunelab.pipeline.device_memory", lambda: ("a 1 MiB device", float(2**20)))
     recipe = {
         "stage": "sft",
         "model": str(tiny_lm),

@@ -391,14 +391,16 @@ def test_shipped_rlhf_recipe_runs_end_to_end_when_shrunk(tmp_path: Path) -> None
         "training.save_strategy=no",
         "training.report_to=none",
         "pretrain.config.num_hidden_layers=1",
+        "student.config.num_hidden_layers=1",
         "ppo.training.total_episodes=64",
         "data.split=train[:64]",
         "eval.data.split=test[:8]",
         "reward.eval_data.split=test[:8]",
     ]
     result = tunelab.run(tunelab.load_recipe("rlhf/arith", overrides))
-    assert list(result.outputs) == ["pretrain", "sft", "reward", "ppo", "dpo", "grpo"]
-    assert set(result.metrics["eval"]) == {"sft", "ppo", "dpo", "grpo"}
+    policies = ["ppo", "dpo", "grpo", "kto", "orpo", "simpo", "rloo"]
+    assert list(result.outputs) == ["pretrain", "sft", "reward", *policies, "student", "student_sft", "distill"]
+    assert set(result.metrics["eval"]) == {"sft", *policies, "student_sft", "distill"}
     assert all("reward_mean" in m and m["examples"] == 8 for m in result.metrics["eval"].values())
     assert result.metrics["ppo"]["global_step"] == 2  # 64 episodes in batches of 32
 

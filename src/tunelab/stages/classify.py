@@ -11,85 +11,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from tunelab.adapters import lora_config
-from tunelab.data import fingerprint, load_split, require_columns
+from tunelab.data import load_split, require_columns
 from tunelab.errors import TunelabError
 from tunelab.metrics import load as load_metric
-from tunelab.models import load_kwargs, load_tokenizer, stage_model
-from tunelab.preflight import check_model, check_training
+from tunelab.models import load_kwargs
 from tunelab.runs import write_json
-from tunelab.stages import TRAINING, Context, Metrics, StageResult, StageSpec
-from tunelab.training import train, training_args
-
-PRODUCES_MODEL = True
-METRICS = Metrics(summary=(*TRAINING, "untrained_accuracy", "accuracy", "f1"))
-RANKS = "all"  # trains on every process of a distributed run (the Trainer shards the data)
-SECTIONS = {
-    "model": "encoder to fine-tune: folder, hub id, pkg:PACKAGE/folder, ${stage}, or {path, ...}",
-    "data": "labelled training data: datasets.load_dataset arguments",
-    "eval_data": "held-out labelled data (default split: test); accuracy and F1 before and after",
-    "text_column": "column with the text (default: text)",
-    "label_column": "column with integer class labels 0..n-1 (default: label)",
-    "labels": "class names in label order (default: the label numbers)",
-    "training": "transformers.TrainingArguments fields (learning_rate, num_train_epochs, ...)",
-    "lora": "peft.LoraConfig fields; omit for full fine-tuning",
-}
-
-
-def _columns(spec: StageSpec) -> tuple[str, str]:
-    return spec.cfg.get("text_column", "text"), spec.cfg.get("label_column", "label")
-
-
-def _args(spec: StageSpec, ctx: Context):
-    from transformers import TrainingArguments
-
-    values = {"eval_strategy": "epoch" if spec.cfg.get("eval_data") else "no", **(spec.cfg.get("training") or {})}
-    return training_args(TrainingArguments, values, f"{spec.where}.training", spec.out_dir, ctx.seed)
-
-
-def _data(spec: StageSpec):
-
-    text, label = _columns(spec)
-    if "data" not in spec.cfg:
-        raise TunelabError(f"'{spec.where}' has no `data:`: name a labelled dataset (text and label columns)")
-    train = load_split(spec.cfg["data"], f"{spec.where}.data", "train")
-    require_columns(train, [text], f"{spec.where}.data", "text to classify; set text_column")
-    require_columns(train, [label], f"{spec.where}.data", "class labels; set label_column")
-    evaluation = None
-    if spec.cfg.get("eval_data") is not None:
-        evaluation = load_split(spec.cfg["eval_data"], f"{spec.where}.eval_data", "test")
-        require_columns(evaluation, [text, label], f"{spec.where}.eval_data", "held-out text and labels")
-    values = set(train[label]) | (set(evaluation[label]) if evaluation is not None else set())
-    if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
-        raise TunelabError(f"'{spec.where}.data': column '{label}' must hold integer class labels 0..n-1")
-    n = max(values) + 1
-    names = spec.cfg.get("labels") or [str(i) for i in range(n)]
-    if len(names) < n:
-        raise TunelabError(f"'{spec.where}.labels' names {len(names)} classes but the data has labels up to {n - 1}")
-    return train, evaluation, list(names)
-
-
-def _model_path(spec: StageSpec, ctx: Context) -> dict[str, Any] | None:
-
-    return stage_model(spec, ctx, "an encoder (folder, hub id or pkg:PACKAGE/folder)")
-
-
-def _lora(spec: StageSpec):
-
-    return lora_config(spec.cfg.get("lora"), f"{spec.where}.lora", task_type="SEQ_CLS")
-
-
-def check(spec: StageSpec, ctx: Context) -> None:
-
-    check_training(_args(spec, ctx), spec)
-    lora = _lora(spec)
-    _model_path(spec, ctx)
-    check_model(spec, ctx, lora, task="SEQ_CLS")
-    _data(spec)
-
-
-def plan(spec: StageSpec, ctx: Context):
-    return None  # the planner covers causal LMs; encoders of this size fit anywhere
+from tunelab.stages import TRAINING, Context, Metrics, StageSpec
+from tunelab.stages.base import Settings, TrainerStage, sections
 
 
 def _score_untrained(model, dataset, collator, batch_size: int, device, compute_metrics) -> dict[str, float]:
@@ -130,69 +58,134 @@ def _confusion(trainer, dataset, names: list[str], out_dir) -> None:
         write_json(out_dir / "confusion.json", {"labels": names, "matrix": matrix})
 
 
-def run(spec: StageSpec, ctx: Context) -> StageResult:
-    from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding, Trainer, set_seed
-
-    args = _args(spec, ctx)
-    train_ds, eval_ds, names = _data(spec)
-    mspec = _model_path(spec, ctx)
-    text, label = _columns(spec)
-    tokenizer = load_tokenizer(mspec["path"])
-    set_seed(ctx.seed)  # the new head's initial weights
-    model = AutoModelForSequenceClassification.from_pretrained(
-        mspec["path"],
-        num_labels=len(names),
-        id2label=dict(enumerate(names)),
-        label2id={n: i for i, n in enumerate(names)},
-        **load_kwargs(mspec),
+class Classify(TrainerStage):
+    config_class = "transformers:TrainingArguments"
+    trainer_class = "transformers:Trainer"
+    task_type = "SEQ_CLS"
+    chat_columns = ()  # encoders read text, not chats
+    model_hint = "an encoder (folder, hub id or pkg:PACKAGE/folder)"
+    data_hint = "name a labelled dataset (text and label columns)"
+    metrics = Metrics(summary=(*TRAINING, "untrained_accuracy", "accuracy", "f1"))
+    sections = sections(
+        {
+            "model": "encoder to fine-tune: folder, hub id, pkg:PACKAGE/folder, ${stage}, or {path, ...}",
+            "data": "labelled training data: datasets.load_dataset arguments",
+            "eval_data": "held-out labelled data (default split: test); accuracy and F1 before and after",
+            "text_column": "column with the text (default: text)",
+            "label_column": "column with integer class labels 0..n-1 (default: label)",
+            "labels": "class names in label order (default: the label numbers)",
+            "training": "transformers.TrainingArguments fields (learning_rate, num_train_epochs, ...)",
+            "lora": "peft.LoraConfig fields; omit for full fine-tuning",
+        },
+        common=("lora",),
     )
-    if model.config.pad_token_id is None:
-        model.config.pad_token_id = tokenizer.pad_token_id
-    peft_config = _lora(spec)
-    if peft_config is not None:
-        from peft import get_peft_model
 
-        model = get_peft_model(model, peft_config)
+    def training_values(self, spec: StageSpec) -> dict[str, Any]:
+        return {"eval_strategy": "epoch" if spec.cfg.get("eval_data") else "no", **super().training_values(spec)}
 
-    def encode(batch):
-        return tokenizer(batch[text], truncation=True, max_length=getattr(tokenizer, "model_max_length", 512))
+    def columns(self, spec: StageSpec) -> tuple[str, str]:
+        return spec.cfg.get("text_column", "text"), spec.cfg.get("label_column", "label")
 
-    columns = [c for c in train_ds.column_names if c != label]
-    train_enc = train_ds.map(encode, batched=True, remove_columns=columns).rename_column(label, "labels")
-    eval_enc = None
-    if eval_ds is not None:
-        eval_cols = [c for c in eval_ds.column_names if c != label]
-        eval_enc = eval_ds.map(encode, batched=True, remove_columns=eval_cols).rename_column(label, "labels")
-    accuracy, f1 = load_metric("accuracy"), load_metric("f1")
+    def data(self, spec: StageSpec, s: Settings) -> tuple[Any, Any]:
+        """(train, eval), with the class names in `s.extra["labels"]`."""
+        text, label = self.columns(spec)
+        train = load_split(self.require_data(spec), f"{spec.where}.data", "train")
+        require_columns(train, [text], f"{spec.where}.data", "text to classify; set text_column")
+        require_columns(train, [label], f"{spec.where}.data", "class labels; set label_column")
+        evaluation = None
+        if spec.cfg.get("eval_data") is not None:
+            evaluation = load_split(spec.cfg["eval_data"], f"{spec.where}.eval_data", "test")
+            require_columns(evaluation, [text, label], f"{spec.where}.eval_data", "held-out text and labels")
+        values = set(train[label]) | (set(evaluation[label]) if evaluation is not None else set())
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+            raise TunelabError(f"'{spec.where}.data': column '{label}' must hold integer class labels 0..n-1")
+        n = max(values) + 1
+        names = spec.cfg.get("labels") or [str(i) for i in range(n)]
+        if len(names) < n:
+            raise TunelabError(
+                f"'{spec.where}.labels' names {len(names)} classes but the data has labels up to {n - 1}"
+            )
+        s.extra["labels"] = list(names)
+        return train, evaluation
 
-    def compute_metrics(pred):
-        predictions = pred.predictions.argmax(-1)
+    def prepare(self, spec: StageSpec, ctx: Context, s: Settings, tokenizer: Any, train: Any, evaluation: Any):
+        text, label = self.columns(spec)
+
+        def encode(batch):
+            return tokenizer(batch[text], truncation=True, max_length=getattr(tokenizer, "model_max_length", 512))
+
+        def encoded(ds: Any) -> Any:
+            columns = [c for c in ds.column_names if c != label]
+            return ds.map(encode, batched=True, remove_columns=columns).rename_column(label, "labels")
+
+        return encoded(train), None if evaluation is None else encoded(evaluation)
+
+    def model(self, spec: StageSpec, ctx: Context, s: Settings) -> Any:
+        from transformers import AutoModelForSequenceClassification, set_seed
+
+        names = s.extra["labels"]
+        set_seed(ctx.seed)  # the new head's initial weights
+        model = AutoModelForSequenceClassification.from_pretrained(
+            s.model["path"],
+            num_labels=len(names),
+            id2label=dict(enumerate(names)),
+            label2id={n: i for i, n in enumerate(names)},
+            **load_kwargs(s.model),
+        )
+        if s.lora is not None:
+            from peft import get_peft_model
+
+            model = get_peft_model(model, s.lora)  # transformers' Trainer takes no peft_config
+        return model
+
+    def trainer_kwargs(self, spec, ctx, s, model, tokenizer, train, evaluation) -> dict[str, Any]:
+        from transformers import DataCollatorWithPadding
+
+        if model.config.pad_token_id is None:
+            model.config.pad_token_id = tokenizer.pad_token_id
+        accuracy, f1 = load_metric("accuracy"), load_metric("f1")
+
+        def compute_metrics(pred):
+            predictions = pred.predictions.argmax(-1)
+            return {
+                **accuracy.compute(predictions=predictions, references=pred.label_ids),
+                "f1": f1.compute(predictions=predictions, references=pred.label_ids, average="macro")["f1"],
+            }
+
+        s.extra["compute_metrics"] = compute_metrics
         return {
-            **accuracy.compute(predictions=predictions, references=pred.label_ids),
-            "f1": f1.compute(predictions=predictions, references=pred.label_ids, average="macro")["f1"],
+            "model": model,
+            "args": s.args,
+            "train_dataset": train,
+            "eval_dataset": evaluation,
+            "data_collator": DataCollatorWithPadding(tokenizer),
+            "compute_metrics": compute_metrics,
         }
 
-    collator = DataCollatorWithPadding(tokenizer)
-    metrics: dict[str, Any] = {}
-    if eval_enc is not None:
+    def before(self, spec: StageSpec, s: Settings, trainer: Any, tokenizer: Any, evaluation: Any) -> dict[str, Any]:
+        if evaluation is None:
+            return {}
         untrained = _score_untrained(
-            model, eval_enc, collator, args.per_device_eval_batch_size, args.device, compute_metrics
+            trainer.model,
+            evaluation,
+            trainer.data_collator,
+            s.args.per_device_eval_batch_size,
+            s.args.device,
+            s.extra["compute_metrics"],
         )
-        metrics.update({f"untrained_{k}": v for k, v in untrained.items()})
-    trainer = Trainer(
-        model=model,
-        args=args,
-        train_dataset=train_enc,
-        eval_dataset=eval_enc,
-        data_collator=collator,
-        compute_metrics=compute_metrics,
-    )
-    metrics.update(train(trainer, spec.out_dir, ctx.resume))
-    if eval_enc is not None:
-        metrics.update(_score(trainer, eval_enc))
-        _confusion(trainer, eval_enc, names, spec.out_dir)
-    trainer.save_model(str(spec.out_dir))
-    if trainer.args.should_save:  # the main process (several write the same files otherwise)
-        tokenizer.save_pretrained(str(spec.out_dir))
-    prints = {"data": fingerprint(train_ds)} | ({"eval_data": fingerprint(eval_ds)} if eval_ds is not None else {})
-    return StageResult(metrics=metrics, model=spec.out_dir, fingerprints=prints)
+        return {f"untrained_{k}": v for k, v in untrained.items()}
+
+    def after(self, spec: StageSpec, s: Settings, trainer: Any, tokenizer: Any, evaluation: Any) -> dict[str, Any]:
+        if evaluation is None:
+            return {}
+        scores = _score(trainer, evaluation)
+        _confusion(trainer, evaluation, s.extra["labels"], spec.out_dir)
+        return scores
+
+    def plan(self, spec: StageSpec, ctx: Context):
+        return None  # the planner covers causal LMs; encoders of this size fit anywhere
+
+
+STAGE = Classify()
+PRODUCES_MODEL, RANKS, SECTIONS, METRICS = STAGE.produces_model, STAGE.ranks, STAGE.sections, STAGE.metrics
+check, run, plan = STAGE.check, STAGE.run, STAGE.plan

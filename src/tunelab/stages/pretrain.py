@@ -4,7 +4,8 @@ tokenizer trained on the stage's data, and next-token training with `trl.SFTTrai
 `config` is the model's transformers config (`model_type` plus that config
 class's own fields, e.g. LlamaConfig's `hidden_size`); `tokenizer` is either
 the arguments of `tokenizers.trainers.BpeTrainer` (`vocab_size`,
-`min_frequency`, ...) or an existing tokenizer to reuse (hub id or folder).
+`min_frequency`, ...) or an existing tokenizer to reuse (hub id, folder, or an earlier stage's
+`${stage}`: a student for distillation shares its teacher's vocabulary).
 Sequences are packed by default (`packing: true`, `packing_strategy: wrapped`),
 as pre-training usually is. The stage folder is a standard model folder.
 """
@@ -19,6 +20,7 @@ from tunelab.data import fingerprint, load_split, require_columns
 from tunelab.errors import TunelabError
 from tunelab.models import _BpeTrainerArgs, load_tokenizer, train_tokenizer
 from tunelab.plan import plan_training
+from tunelab.refs import ref_name
 from tunelab.stages import TRAINING, Context, Metrics, StageResult, StageSpec
 from tunelab.training import train, training_args
 
@@ -27,7 +29,8 @@ METRICS = Metrics(summary=(*TRAINING, "perplexity", "params"))
 RANKS = "all"  # trains on every process of a distributed run (the Trainer shards the data)
 SECTIONS = {
     "config": "transformers config of the new model: model_type plus its fields (hidden_size, ...)",
-    "tokenizer": "tokenizers.trainers.BpeTrainer arguments (vocab_size, min_frequency), or a tokenizer to reuse",
+    "tokenizer": "tokenizers.trainers.BpeTrainer arguments (vocab_size, min_frequency), or a tokenizer to reuse "
+    "(folder, hub id, ${stage})",
     "data": "text corpus: datasets.load_dataset arguments; the text column is training.dataset_text_field",
     "eval_data": "optional held-out text; eval_loss and perplexity are reported",
     "training": "trl.SFTConfig fields (learning_rate, max_steps, max_length, ...)",
@@ -76,12 +79,18 @@ def _data(spec: StageSpec, text_field: str):
     return train, evaluation
 
 
-def _tokenizer_source(spec: StageSpec) -> str | None:
+PENDING = ""  # `tokenizer: ${stage}` while validating: that stage has not written it yet
+
+
+def _tokenizer_source(spec: StageSpec, ctx: Context) -> str | None:
+    """The tokenizer to reuse (a folder or hub id, or an earlier stage's `${stage}`), or None to train one."""
     value = spec.cfg.get("tokenizer", {})
     if isinstance(value, str):
         from tunelab.hub import resolve_model
 
-        return resolve_model(value, f"{spec.where}.tokenizer")
+        if ctx.checking and ctx.is_pending(value):
+            return PENDING
+        return resolve_model(ctx.resolve_ref(value), f"{spec.where}.tokenizer")
     if not isinstance(value, dict):
         raise TunelabError(f"'{spec.where}.tokenizer' must be BpeTrainer arguments or a tokenizer to reuse")
 
@@ -102,9 +111,12 @@ def tokenizer_source(spec: StageSpec, ctx: Context) -> str:
 def check(spec: StageSpec, ctx: Context) -> None:
     args = _args(spec, ctx)
     _config(spec)
-    source = _tokenizer_source(spec)
+    source = _tokenizer_source(spec, ctx)
     if source is None:  # the vocabulary size is known before training: plan with it
         vocab = (spec.cfg.get("tokenizer") or {}).get("vocab_size", 1024)
+        ctx.configs[spec.name] = _config(spec, overrides={"vocab_size": vocab})
+    elif source == PENDING and getattr(ctx.configs.get(ref_name(spec.cfg["tokenizer"])), "vocab_size", None):
+        vocab = ctx.configs[ref_name(spec.cfg["tokenizer"])].vocab_size  # the earlier stage's planned tokenizer
         ctx.configs[spec.name] = _config(spec, overrides={"vocab_size": vocab})
     _data(spec, args.dataset_text_field)
 
@@ -115,7 +127,7 @@ def run(spec: StageSpec, ctx: Context) -> StageResult:
 
     args = _args(spec, ctx)
     train_ds, eval_ds = _data(spec, args.dataset_text_field)
-    source = _tokenizer_source(spec)
+    source = _tokenizer_source(spec, ctx)
     if source:
         tokenizer = load_tokenizer(source)
     else:

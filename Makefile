@@ -48,7 +48,7 @@ qlora: setup  ## QLoRA (4-bit base + LoRA) of the quickstart's model
 classify: setup  ## fine-tune the MiniLM-L6 encoder (installed by the dev extra) to classify word problems
 	$(VENV)/bin/tunelab run classify/minilm-arith --overwrite
 
-rlhf: setup  ## pretrain -> SFT -> reward model -> PPO, plus DPO and GRPO, evaluated side by side (CPU)
+rlhf: setup  ## pretrain -> SFT -> reward model -> PPO, plus DPO, KTO, ORPO, SimPO, GRPO, RLOO and distillation, evaluated side by side (CPU)
 	$(VENV)/bin/tunelab run rlhf/arith --overwrite
 
 real: setup  ## SmolLM2-135M-Instruct (pretrained, from PyPI): LoRA SFT, QLoRA, DPO, GRPO, merge, eval (CPU, ~15 min)

@@ -122,7 +122,7 @@ def report(metrics: dict, seconds: dict[str, float], wall: float) -> str:
         + ".\n\n"
         f"| {' | '.join(seconds)} | total |\n|{'---|' * (len(seconds) + 1)}\n| {times} | {wall:.0f} s |\n\n"
         f"SFT -> reward -> PPO -> eval with its pretrain: {core / 60:.1f} min of stage time "
-        f"(target: at most 15 min); the whole recipe with DPO and GRPO: {wall / 60:.1f} min.\n\n"
+        f"(target: at most 15 min); the whole recipe, with every other method beside PPO: {wall / 60:.1f} min.\n\n"
         "Where exact match falls while the reward-model score rises, that is reward hacking: the reward model "
         f"scores the right answer c above c-1 on {near['c-1']:.0%} of the held-out questions and above c+1 on "
         f"{near['c+1']:.0%}, so PPO gains by answering c-1 where the reward model prefers it. The SFT model the "

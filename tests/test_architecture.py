@@ -131,5 +131,5 @@ def test_every_stage_satisfies_the_interface(kind: str) -> None:
     assert callable(import_name(stage.trainer_class))
     fields = {f.name for f in dataclasses.fields(config)}
     assert set(stage.defaults) <= fields, set(stage.defaults) - fields
-    assert "training" in stage.sections and "model" in stage.sections
+    assert "training" in stage.sections and "data" in stage.sections
     assert ("quantization" in stage.sections) <= ("lora" in stage.sections)  # QLoRA needs an adapter

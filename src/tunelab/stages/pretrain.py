@@ -16,25 +16,14 @@ import math
 from typing import Any
 
 from tunelab.config import build, check_keys
-from tunelab.data import fingerprint, load_split, require_columns
+from tunelab.data import load_split, require_columns
 from tunelab.errors import TunelabError
 from tunelab.models import _BpeTrainerArgs, load_tokenizer, train_tokenizer
 from tunelab.plan import plan_training
 from tunelab.refs import ref_name
-from tunelab.stages import TRAINING, Context, Metrics, StageResult, StageSpec
-from tunelab.training import train, training_args
+from tunelab.stages import TRAINING, Context, Metrics, StageSpec
+from tunelab.stages.base import Settings, TrainerStage
 
-PRODUCES_MODEL = True
-METRICS = Metrics(summary=(*TRAINING, "perplexity", "params"))
-RANKS = "all"  # trains on every process of a distributed run (the Trainer shards the data)
-SECTIONS = {
-    "config": "transformers config of the new model: model_type plus its fields (hidden_size, ...)",
-    "tokenizer": "tokenizers.trainers.BpeTrainer arguments (vocab_size, min_frequency), or a tokenizer to reuse "
-    "(folder, hub id, ${stage})",
-    "data": "text corpus: datasets.load_dataset arguments; the text column is training.dataset_text_field",
-    "eval_data": "optional held-out text; eval_loss and perplexity are reported",
-    "training": "trl.SFTConfig fields (learning_rate, max_steps, max_length, ...)",
-}
 PACKING_DEFAULTS = {"packing": True, "packing_strategy": "wrapped"}
 
 
@@ -57,26 +46,6 @@ def _config(spec: StageSpec, overrides: dict[str, Any] | None = None):
         )
     cls = CONFIG_MAPPING[model_type]
     return build(cls, values, where, fixed=overrides)
-
-
-def _args(spec: StageSpec, ctx: Context):
-    from trl import SFTConfig
-
-    values = {**PACKING_DEFAULTS, **(spec.cfg.get("training") or {})}
-    return training_args(SFTConfig, values, f"{spec.where}.training", spec.out_dir, ctx.seed)
-
-
-def _data(spec: StageSpec, text_field: str):
-
-    if "data" not in spec.cfg:
-        raise TunelabError(f"'{spec.where}' has no `data:`: name a text corpus (folder, file or hub id)")
-    train = load_split(spec.cfg["data"], f"{spec.where}.data", "train")
-    require_columns(train, [text_field], f"{spec.where}.data", "text to pre-train on")
-    evaluation = None
-    if spec.cfg.get("eval_data") is not None:
-        evaluation = load_split(spec.cfg["eval_data"], f"{spec.where}.eval_data", "test")
-        require_columns(evaluation, [text_field], f"{spec.where}.eval_data", "held-out text")
-    return train, evaluation
 
 
 PENDING = ""  # `tokenizer: ${stage}` while validating: that stage has not written it yet
@@ -108,60 +77,91 @@ def tokenizer_source(spec: StageSpec, ctx: Context) -> str:
     return f"stage '{spec.name}'"
 
 
-def check(spec: StageSpec, ctx: Context) -> None:
-    args = _args(spec, ctx)
-    _config(spec)
-    source = _tokenizer_source(spec, ctx)
-    if source is None:  # the vocabulary size is known before training: plan with it
-        vocab = (spec.cfg.get("tokenizer") or {}).get("vocab_size", 1024)
-        ctx.configs[spec.name] = _config(spec, overrides={"vocab_size": vocab})
-    elif source == PENDING and getattr(ctx.configs.get(ref_name(spec.cfg["tokenizer"])), "vocab_size", None):
-        vocab = ctx.configs[ref_name(spec.cfg["tokenizer"])].vocab_size  # the earlier stage's planned tokenizer
-        ctx.configs[spec.name] = _config(spec, overrides={"vocab_size": vocab})
-    _data(spec, args.dataset_text_field)
+class Pretrain(TrainerStage):
+    config_class = "trl:SFTConfig"
+    trainer_class = "trl:SFTTrainer"
+    defaults = PACKING_DEFAULTS  # pre-training packs its corpus, as it usually is
+    chat_columns = ()
+    data_hint = "name a text corpus (folder, file or hub id)"
+    eval_keys = ("eval_loss",)
+    metrics = Metrics(summary=(*TRAINING, "perplexity", "params"))
+    sections = {
+        "config": "transformers config of the new model: model_type plus its fields (hidden_size, ...)",
+        "tokenizer": "tokenizers.trainers.BpeTrainer arguments (vocab_size, min_frequency), or a tokenizer to "
+        "reuse (folder, hub id, ${stage})",
+        "data": "text corpus: datasets.load_dataset arguments; the text column is training.dataset_text_field",
+        "eval_data": "optional held-out text; eval_loss and perplexity are reported",
+        "training": "trl.SFTConfig fields (learning_rate, max_steps, max_length, ...)",
+    }
+
+    def settings(self, spec: StageSpec, ctx: Context) -> Settings:
+        """No `model:`: the model is built from `config`, the tokenizer reused or trained on the data."""
+        s = Settings(args=self.args(spec, ctx))
+        _config(spec)
+        s.extra["tokenizer"] = _tokenizer_source(spec, ctx)
+        return s
+
+    def data(self, spec: StageSpec, s: Settings) -> tuple[Any, Any]:
+        text_field = s.args.dataset_text_field
+        train = load_split(self.require_data(spec), f"{spec.where}.data", "train")
+        require_columns(train, [text_field], f"{spec.where}.data", "text to pre-train on")
+        evaluation = None
+        if spec.cfg.get("eval_data") is not None:
+            evaluation = load_split(spec.cfg["eval_data"], f"{spec.where}.eval_data", "test")
+            require_columns(evaluation, [text_field], f"{spec.where}.eval_data", "held-out text")
+        s.extra["train"] = train  # the tokenizer is trained on it
+        return train, evaluation
+
+    def check_more(self, spec: StageSpec, ctx: Context, s: Settings, train: Any) -> None:
+        """Plan what later stages see: the model's config, with the vocabulary size known before training."""
+        source = s.extra["tokenizer"]
+        if source is None:
+            vocab = (spec.cfg.get("tokenizer") or {}).get("vocab_size", 1024)
+            ctx.configs[spec.name] = _config(spec, overrides={"vocab_size": vocab})
+        elif source == PENDING and getattr(ctx.configs.get(ref_name(spec.cfg["tokenizer"])), "vocab_size", None):
+            vocab = ctx.configs[ref_name(spec.cfg["tokenizer"])].vocab_size  # the earlier stage's planned tokenizer
+            ctx.configs[spec.name] = _config(spec, overrides={"vocab_size": vocab})
+
+    def tokenizer(self, spec: StageSpec, s: Settings) -> Any:
+        if s.extra["tokenizer"]:
+            return load_tokenizer(s.extra["tokenizer"])
+        texts = (t for t in s.extra["train"][s.args.dataset_text_field] if t)
+        s.extra["tokenizer"] = train_tokenizer(texts, spec.cfg.get("tokenizer") or {}, f"{spec.where}.tokenizer")
+        return s.extra["tokenizer"]
+
+    def prepare(self, spec: StageSpec, ctx: Context, s: Settings, tokenizer: Any, train: Any, evaluation: Any):
+        s.extra["tokenizer"] = tokenizer  # the model's vocabulary and special tokens come from it
+        return train, evaluation
+
+    def model(self, spec: StageSpec, ctx: Context, s: Settings) -> Any:
+        from transformers import AutoModelForCausalLM, set_seed
+
+        tokenizer = s.extra["tokenizer"]
+        config = _config(
+            spec,
+            overrides={
+                "vocab_size": len(tokenizer),
+                "bos_token_id": tokenizer.bos_token_id,
+                "eos_token_id": tokenizer.eos_token_id,
+                "pad_token_id": tokenizer.pad_token_id,
+            },
+        )
+        set_seed(ctx.seed)  # the initial weights depend on it
+        return AutoModelForCausalLM.from_config(config)
+
+    def after(self, spec: StageSpec, s: Settings, trainer: Any, tokenizer: Any, evaluation: Any) -> dict[str, Any]:
+        out = super().after(spec, s, trainer, tokenizer, evaluation)
+        if "eval_loss" in out:
+            out["perplexity"] = math.exp(min(out["eval_loss"], 50.0))
+        out["params"] = float(sum(p.numel() for p in trainer.model.parameters()))
+        return out
+
+    def plan(self, spec: StageSpec, ctx: Context):
+        """Memory plan of pre-training the configured model (vocabulary size from the tokenizer section)."""
+        config = ctx.configs.get(spec.name) or _config(spec)
+        return plan_training(spec.name, spec.kind, config, self.args(spec, ctx), load_dtype="float32")
 
 
-def run(spec: StageSpec, ctx: Context) -> StageResult:
-    from transformers import AutoModelForCausalLM, set_seed
-    from trl import SFTTrainer
-
-    args = _args(spec, ctx)
-    train_ds, eval_ds = _data(spec, args.dataset_text_field)
-    source = _tokenizer_source(spec, ctx)
-    if source:
-        tokenizer = load_tokenizer(source)
-    else:
-        texts = (t for t in train_ds[args.dataset_text_field] if t)
-        tokenizer = train_tokenizer(texts, spec.cfg.get("tokenizer") or {}, f"{spec.where}.tokenizer")
-    config = _config(
-        spec,
-        overrides={
-            "vocab_size": len(tokenizer),
-            "bos_token_id": tokenizer.bos_token_id,
-            "eos_token_id": tokenizer.eos_token_id,
-            "pad_token_id": tokenizer.pad_token_id,
-        },
-    )
-    set_seed(ctx.seed)  # the initial weights depend on it
-    model = AutoModelForCausalLM.from_config(config)
-    trainer = SFTTrainer(
-        model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer
-    )
-    metrics = train(trainer, spec.out_dir, ctx.resume)
-    if eval_ds is not None:
-        evaluated = trainer.evaluate()
-        metrics["eval_loss"] = float(evaluated["eval_loss"])
-        metrics["perplexity"] = math.exp(min(metrics["eval_loss"], 50.0))
-    trainer.save_model(str(spec.out_dir))
-    if trainer.args.should_save:  # the main process (several write the same files otherwise)
-        tokenizer.save_pretrained(str(spec.out_dir))
-    metrics["params"] = float(sum(p.numel() for p in model.parameters()))
-    prints = {"data": fingerprint(train_ds)} | ({"eval_data": fingerprint(eval_ds)} if eval_ds is not None else {})
-    return StageResult(metrics=metrics, model=spec.out_dir, fingerprints=prints)
-
-
-def plan(spec: StageSpec, ctx: Context):
-    """Memory plan of pre-training the configured model (vocabulary size from the tokenizer section)."""
-
-    config = ctx.configs.get(spec.name) or _config(spec)
-    return plan_training(spec.name, spec.kind, config, _args(spec, ctx), load_dtype="float32")
+STAGE = Pretrain()
+PRODUCES_MODEL, RANKS, SECTIONS, METRICS = STAGE.produces_model, STAGE.ranks, STAGE.sections, STAGE.metrics
+check, run, plan = STAGE.check, STAGE.run, STAGE.plan

@@ -18,7 +18,8 @@ from typing import Any
 from tunelab.config import build, check_keys
 from tunelab.data import load_split, require_columns
 from tunelab.errors import TunelabError
-from tunelab.models import _BpeTrainerArgs, load_tokenizer, train_tokenizer
+from tunelab.hub import resolve_model
+from tunelab.models import _BpeTrainerArgs, load_tokenizer, tokenizer_origin, train_tokenizer
 from tunelab.plan import plan_training
 from tunelab.refs import ref_name
 from tunelab.stages import TRAINING, Context, Metrics, StageSpec
@@ -55,8 +56,6 @@ def _tokenizer_source(spec: StageSpec, ctx: Context) -> str | None:
     """The tokenizer to reuse (a folder or hub id, or an earlier stage's `${stage}`), or None to train one."""
     value = spec.cfg.get("tokenizer", {})
     if isinstance(value, str):
-        from tunelab.hub import resolve_model
-
         if ctx.checking and ctx.is_pending(value):
             return PENDING
         return resolve_model(ctx.resolve_ref(value), f"{spec.where}.tokenizer")
@@ -71,9 +70,7 @@ def tokenizer_source(spec: StageSpec, ctx: Context) -> str:
     """The tokenizer this stage saves: the one it reuses, or the one it trains (known by the stage's name)."""
     value = spec.cfg.get("tokenizer")
     if isinstance(value, str):
-        from tunelab.models import tokenizer_origin as origin
-
-        return origin(value, ctx, f"{spec.where}.tokenizer")
+        return tokenizer_origin(value, ctx, f"{spec.where}.tokenizer")
     return f"stage '{spec.name}'"
 
 

@@ -283,6 +283,12 @@ class PreferenceStage(TrainerStage):
         return kwargs
 
 
+ONLINE_SECTIONS = {
+    "model": "policy to train: usually ${sft} (adapter folders are merged first)",
+    "data": "prompts (a `prompt` column) and any columns the rewards read: datasets.load_dataset arguments",
+    "rewards": "reward functions: module:function callables and/or reward models (${reward}, folder)",
+    "reference_column": "column passed to reward functions as `reference` (default: reference, else completion)",
+}
 ONLINE_PROGRESS = {"reward": "reward", "kl": "kl", "entropy": "entropy"}
 
 

@@ -16,7 +16,7 @@ reward functions as `reference`: `reference_column` names the column (default: `
 
 from __future__ import annotations
 
-from tunelab.stages.base import OnlineStage, sections
+from tunelab.stages.base import ONLINE_SECTIONS, OnlineStage, sections
 
 
 class GRPO(OnlineStage):
@@ -24,11 +24,7 @@ class GRPO(OnlineStage):
     trainer_class = "trl:GRPOTrainer"
     sections = sections(
         {
-            "model": "policy to train: usually ${sft} (adapter folders are merged first)",
-            "data": "prompts (a `prompt` column) and any columns the rewards read: datasets.load_dataset arguments",
-            "rewards": "reward functions: module:function callables and/or reward models (${reward}, folder)",
-            "reference_column": "column passed to reward functions as `reference` (default: reference, else "
-            "completion)",
+            **ONLINE_SECTIONS,
             "training": "trl.GRPOConfig fields (num_generations, max_completion_length, beta, learning_rate, ...)",
             "lora": "peft.LoraConfig fields; omit for full fine-tuning",
             "quantization": "transformers.BitsAndBytesConfig fields: GRPO with QLoRA",

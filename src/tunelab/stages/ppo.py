@@ -94,18 +94,6 @@ def _tokenized(ds, column: str, tokenizer):
     return ds.map(encode, remove_columns=ds.column_names)
 
 
-def _tokenized(ds, column: str, tokenizer):
-    """Prompts as `input_ids` only, which is what PPOTrainer's collator pads."""
-
-    def encode(row):
-        prompt = row[column]
-        if isinstance(prompt, list):  # chat messages
-            return {"input_ids": tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)}
-        return {"input_ids": tokenizer(prompt, add_special_tokens=False)["input_ids"]}
-
-    return ds.map(encode, remove_columns=ds.column_names)
-
-
 class PPO(TrainerStage):
     config_class = "trl.experimental.ppo:PPOConfig"
     trainer_class = "tunelab.ppo_trainer:ResumablePPOTrainer"

@@ -10,7 +10,7 @@ with training (`vllm_mode: colocate`) or on a `trl vllm-serve` server (`vllm_mod
 
 from __future__ import annotations
 
-from tunelab.stages.base import OnlineStage, sections
+from tunelab.stages.base import ONLINE_SECTIONS, OnlineStage, sections
 
 
 class RLOO(OnlineStage):
@@ -18,11 +18,7 @@ class RLOO(OnlineStage):
     trainer_class = "trl:RLOOTrainer"
     sections = sections(
         {
-            "model": "policy to train: usually ${sft} (adapter folders are merged first)",
-            "data": "prompts (a `prompt` column) and any columns the rewards read: datasets.load_dataset arguments",
-            "rewards": "reward functions: module:function callables and/or reward models (${reward}, folder)",
-            "reference_column": "column passed to reward functions as `reference` (default: reference, else "
-            "completion)",
+            **ONLINE_SECTIONS,
             "training": "trl.RLOOConfig fields (num_generations, max_completion_length, beta, learning_rate, "
             "use_vllm, ...)",
             "kl_limit": "stop when the logged KL to the reference passes this value (needs training.beta > 0)",

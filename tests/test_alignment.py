@@ -14,18 +14,9 @@ from transformers import AutoModelForCausalLM
 
 from tests.conftest import QA_TEST, QA_TRAIN, SMOLLM2, tiny_training
 from tests.test_bad_input import fails, write
-from tests.test_rlhf import PREF_TEST, PREF_TRAIN, reward_model, run_stages  # noqa: F401 (a fixture)
+from tests.test_rlhf import PREF_TEST, PREF_TRAIN, grpo_stage, reward_model, run_stages  # noqa: F401 (a fixture)
 
-ONLINE = {
-    "max_steps": 2,
-    "per_device_train_batch_size": 4,
-    "num_generations": 4,
-    "max_completion_length": 4,
-    "learning_rate": 1e-3,
-    "logging_steps": 1,
-    "save_strategy": "no",
-    "report_to": "none",
-}
+ONLINE = grpo_stage("", "")["training"]  # two steps of 4 prompts x 4 completions, as grpo's tests
 
 
 def preference(kind: str, model: str, **training) -> dict:

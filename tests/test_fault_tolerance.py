@@ -110,10 +110,16 @@ def test_sigterm_saves_a_checkpoint_and_resume_matches(
     assert _same(_weights(tmp_path / "straight" / "s"), _weights(tmp_path / "stopped" / "s"), atol=1e-5)
 
 
-# The reward model resumes through the same Trainer checkpoints as SFT: its case is in `make test-all`.
+# The reward model resumes through the same Trainer checkpoints as SFT; PPO's own loop (full and LoRA) is the
+# slowest case of the default suite (~90 s): both are in `make test-all`, which keeps that suite under 10 min.
 @pytest.mark.parametrize(
     "kind",
-    ["sft", pytest.param("reward", marks=pytest.mark.slow), pytest.param("ppo", marks=pytest.mark.slow), "ppo-lora"],
+    [
+        "sft",
+        pytest.param("reward", marks=pytest.mark.slow),
+        pytest.param("ppo", marks=pytest.mark.slow),
+        pytest.param("ppo-lora", marks=pytest.mark.slow),
+    ],
 )
 def test_sigkill_then_resume_matches_an_uninterrupted_run(
     tmp_path: Path, tiny_lm: Path, kind: str, request: pytest.FixtureRequest

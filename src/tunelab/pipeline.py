@@ -24,7 +24,7 @@ from typing import Any
 
 from tunelab import distributed, runs
 from tunelab.data import signature
-from tunelab.errors import TunelabError, closest
+from tunelab.errors import DownloadNeeded, TunelabError, closest
 from tunelab.hub import configure_offline
 from tunelab.models import WEIGHTS_NEEDED
 from tunelab.plan import device_memory, fmt_bytes
@@ -90,7 +90,7 @@ def _check(
     runs.check_writable(recipe.output_dir)
     if mode == "resume":
         _check_resumable(recipe, from_stage, processes or distributed.world()[1])
-    plans = _inspect(recipe, strict_plans=False)
+    plans = _inspect(recipe, strict_plans=False)[0]
     runs.check_disk(recipe.output_dir, recipe.stages, plans)
     return mode, plans
 
@@ -116,13 +116,30 @@ def plan(recipe: Recipe) -> list[Any]:
     configure_offline()
     token = WEIGHTS_NEEDED.set(False)  # configs only
     try:
-        return _inspect(recipe, strict_plans=True)
+        return _inspect(recipe, strict_plans=True)[0]
     finally:
         WEIGHTS_NEEDED.reset(token)
 
 
-def _inspect(recipe: Recipe, strict_plans: bool) -> list[Any]:
-    """Run every stage's checks in order, planning each stage's memory with what the checks learnt."""
+def check_offline(recipe: Recipe) -> list[str]:
+    """Every stage's checks up to the point where a download would start; the downloads that stop them.
+
+    On a machine without the Hub (CI, an air-gapped login node) a recipe written for a GPU machine stops
+    at its first hub model. This checks the rest: each stage's sections against the libraries' classes
+    (training arguments, LoRA, quantization, generation) before its model is looked up, and the later
+    stages too, as they would be checked if the earlier ones had their models. Raises the first error
+    that is not a needed download; returns one line per stage that needs one.
+    """
+    configure_offline()
+    return _inspect(recipe, strict_plans=False, downloads=[])[1]
+
+
+def _inspect(recipe: Recipe, strict_plans: bool, downloads: list[str] | None = None) -> tuple[list[Any], list[str]]:
+    """Run every stage's checks in order, planning each stage's memory with what the checks learnt.
+
+    With a `downloads` list, a stage stopped by a needed download is recorded there and the next
+    stage is checked (see `check_offline`); without one, that stop is the error it always was.
+    """
 
     quiet()
     kinds = {name: cfg["stage"] for name, cfg in recipe.stages.items()}
@@ -130,7 +147,19 @@ def _inspect(recipe: Recipe, strict_plans: bool) -> list[Any]:
     plans = []
     for spec in _specs(recipe):
         module = stage_module(spec.kind)
-        module.check(spec, ctx)
+        try:
+            module.check(spec, ctx)
+        except DownloadNeeded as exc:
+            if downloads is None:
+                raise
+            downloads.append(str(exc))
+            if module.PRODUCES_MODEL:  # later stages check against it as a stage not yet run
+                ctx.outputs[spec.name] = spec.out_dir
+                with contextlib.suppress(TunelabError):
+                    origin = tokenizer_origin(module, spec, ctx)
+                    if origin is not None:
+                        ctx.tokenizers[spec.name] = origin
+            continue
         try:
             stage_plan = module.plan(spec, ctx)
         except (TunelabError, ValueError, TypeError, AttributeError, OSError):
@@ -150,7 +179,7 @@ def _inspect(recipe: Recipe, strict_plans: bool) -> list[Any]:
             if origin is not None:
                 ctx.tokenizers[spec.name] = origin
             ctx.outputs[spec.name] = spec.out_dir
-    return plans
+    return plans, downloads or []
 
 
 def _warn_memory(plans: list[Any]) -> None:

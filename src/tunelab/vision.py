@@ -200,13 +200,15 @@ def build_llava(
 
 
 def make_processor(language_path: str, vision: dict[str, Any] | None, image_processor: dict[str, Any] | None,
-                   where: str):
-    """The LlavaProcessor of `build_llava`: the LM's tokenizer with `<image>`, a ChatML template, an image processor."""
+                   where: str, gguf_file: str | None = None):
+    """The LlavaProcessor of `build_llava`: the LM's tokenizer with `<image>`, a ChatML template, an image processor.
+
+    `gguf_file`: the LM is still a GGUF file (validate reads its tokenizer without converting the weights)."""
     from transformers import AutoTokenizer, LlavaProcessor
 
     vision_cfg = vision_config(vision, f"{where}.vision")
     kwargs = image_processor_kwargs(image_processor, vision_cfg, f"{where}.image_processor")
-    tokenizer = AutoTokenizer.from_pretrained(language_path)
+    tokenizer = AutoTokenizer.from_pretrained(language_path, **({"gguf_file": gguf_file} if gguf_file else {}))
     tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -536,18 +538,20 @@ def collator(processor: Any, args: Any, assistant_only: bool, where: str):
 _PLANNED: dict[str, Path] = {}
 
 
-def planned_processor(language_path: str, vision: Any, image_processor: Any, where: str) -> Path:
+def planned_processor(
+    language_path: str, vision: Any, image_processor: Any, where: str, gguf_file: str | None = None
+) -> Path:
     """A `vlm_build` stage's processor, made at validate into a temporary folder (no weights), so the
     stages after it check their images and templates against the processor they will get."""
     import atexit
     import shutil
     import tempfile
 
-    key = json.dumps([language_path, vision, image_processor], sort_keys=True, default=str)
+    key = json.dumps([language_path, gguf_file, vision, image_processor], sort_keys=True, default=str)
     if key not in _PLANNED:
         folder = Path(tempfile.mkdtemp(prefix="tunelab-processor-"))
         atexit.register(shutil.rmtree, folder, True)
-        make_processor(language_path, vision, image_processor, where).save_pretrained(folder)
+        make_processor(language_path, vision, image_processor, where, gguf_file).save_pretrained(folder)
         _PLANNED[key] = folder
     return _PLANNED[key]
 

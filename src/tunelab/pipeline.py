@@ -261,8 +261,8 @@ def run(recipe: Recipe, overwrite: bool = False, resume: bool = False, from_stag
 
 def _recover(run_dir: Path) -> None:
     """What a killed run left set aside (see `runs.recover`) is settled before anything reads the folder."""
-    if not (run_dir.is_dir() or runs.backups(run_dir)):
-        return
+    if not runs.set_aside_in(run_dir):
+        return  # nothing to settle: the folder is not touched (not even locked)
     with runs.locked(run_dir), runs.shielded():
         for line in runs.recover(run_dir):
             print(line, flush=True)

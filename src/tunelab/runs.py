@@ -237,6 +237,12 @@ def backups(folder: Path) -> list[Path]:
     return sorted(found, key=lambda p: p.stat().st_mtime)
 
 
+def set_aside_in(run_dir: Path) -> list[Path]:
+    """Every set-aside folder of a run: beside it (`--overwrite`) and in it (a stage that ran again)."""
+    inside = [p for p in run_dir.glob(".*.replaced-*") if p.is_dir()] if run_dir.is_dir() else []
+    return backups(run_dir) + sorted(inside)
+
+
 def set_aside(folder: Path, entries: list[str] | None = None) -> Path:
     """Move tunelab's `entries` of `folder` (default: a run folder's own entries) into a hidden folder
     beside it, `.NAME.replaced-*` (renames: instant, same disk); stage folders left empty are removed.

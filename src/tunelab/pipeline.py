@@ -378,7 +378,9 @@ def _run_stages(
     1. the finished stages after it are marked `stale` (`_mark_stale`): interrupted, a run never
        leaves a later stage `completed` on a base that is gone; a stale stage runs again;
     2. only what tunelab wrote in the stage folder (`runs.stage_entries`) is set aside, beside it in
-       the run folder (`.STAGE.replaced-*`); a user's files stay where they are;
+       the run folder (`.STAGE.replaced-*`); a user's files stay where they are. A stage that had not
+       finished (interrupted, failed, stale) has no finished work to keep: tunelab's files are removed,
+       so that the new attempt, if interrupted in turn, is what `--resume` continues;
     3. the stage runs; its `stage.json` names the set-aside folder (`replaces`);
     4. finished, the set-aside folder is deleted; stopped (an error, Ctrl-C, SIGTERM), it is put back
        and so are the later stages' marks (`_put_back`); killed outright, the next command on the run
@@ -404,7 +406,10 @@ def _run_stages(
                     marked = _mark_stale(specs[i + 1 :])
                     marks = marked if first else marks
                     with runs.shielded():
-                        stage_backup = runs.set_aside(spec.out_dir, runs.stage_entries(spec.out_dir))
+                        if record.get("status") == "completed":
+                            stage_backup = runs.set_aside(spec.out_dir, runs.stage_entries(spec.out_dir))
+                        else:  # unfinished work of another config or base: no finished work to keep
+                            runs.clear(spec.out_dir, runs.stage_entries(spec.out_dir))
                 record = {}
                 distributed.barrier(f"clearing stage '{spec.name}'")
             if record.get("status") == "completed":

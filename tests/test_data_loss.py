@@ -165,6 +165,7 @@ def test_kill_9_during_an_overwrite_then_the_next_command_restores(tmp_path: Pat
     recipe, out, weights = finished_run(tmp_path, tiny_lm)
     signal_when([*CLI, str(recipe), "--overwrite", *LONG], signal.SIGKILL, checkpointed(out / "sft"))
     assert len(hidden(tmp_path)) == 1  # where the finished run waits
+    fails(["validate", str(recipe)], f"the run it was replacing is set aside in '{tmp_path / hidden(tmp_path)[0]}'")
     resumed = runner.invoke(app, ["run", str(recipe), "--resume"])
     assert resumed.exit_code == 0, resumed.output
     assert f"restored the previous run in '{out}'" in resumed.output
@@ -303,3 +304,25 @@ def test_merge_never_lands_on_its_base_its_adapter_or_a_stage(tmp_path: Path, ti
     fails(["merge", str(tmp_path / "other" / "sft"), str(adapter / "merged")], f"inside stage folder '{adapter}'")
     fails(["merge", str(adapter), str(tmp_path / "other"), "--overwrite"], "holds a stage folder of a tunelab run")
     assert (base / "config.json").read_bytes() == config and (adapter / "adapter_config.json").is_file()
+
+
+def test_a_set_aside_killed_half_way_is_put_back_whole(tmp_path: Path) -> None:
+    """A kill between two renames of a set-aside: the next command puts back what moved, deletes nothing."""
+    from tunelab import runs
+
+    out = tmp_path / "run"
+    (out / "sft" / "checkpoint-2").mkdir(parents=True)
+    (out / "sft" / "stage.json").write_text(json.dumps({"status": "completed", "entries": ["checkpoint-2"]}))
+    (out / "sft" / "notes.txt").write_text("mine")
+    (out / "run.json").write_text(json.dumps({"tool": "tunelab", "status": "completed", "stages": {"sft": {}}}))
+    (out / "recipe.yaml").write_text("stages: {}")
+    entries = runs.own_entries(out)
+    assert entries == ["recipe.yaml", "run.json", "sft/checkpoint-2", "sft/stage.json"]  # not notes.txt
+    backup = runs.set_aside(out, entries[:2])  # as if killed after the first two renames
+    runs.write_json(backup / runs.BACKUP_INDEX, entries)
+    assert runs.recover(out) == [
+        f"restored the previous run in '{out}': the --overwrite run that replaced it stopped before its first stage "
+        "finished"
+    ]
+    assert runs.own_entries(out) == entries and (out / "sft" / "notes.txt").read_text() == "mine"
+    assert not backup.exists()

@@ -175,9 +175,13 @@ def check_output_dir(run_dir: Path, overwrite: bool, resume: bool) -> str:
             f"output_dir '{run_dir}' holds a finished run: pass --overwrite to replace it, "
             "or set output_dir=... to keep it"
         )
+    aside = backups(run_dir)
+    note = ""
+    if aside:
+        note = f"; the run it was replacing is set aside in '{aside[-1]}': `tunelab run` puts it back first"
     raise TunelabError(
         f"output_dir '{run_dir}' holds an unfinished run (status: {status}): pass --resume to continue it "
-        "or --overwrite to start again"
+        f"or --overwrite to start again{note}"
     )
 
 

@@ -105,6 +105,11 @@ def now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
 
+def is_stage_record(record: Any) -> bool:
+    """Whether a `stage.json` is tunelab's (another tool's file of that name is not)."""
+    return isinstance(record, dict) and {"stage", "status", "fingerprint"} <= record.keys()
+
+
 def stage_folder_of(path: Path) -> Path | None:
     """The tunelab stage folder that `path` is, or lies inside (None when it is in none).
 
@@ -113,7 +118,7 @@ def stage_folder_of(path: Path) -> Path | None:
     """
     path = Path(os.path.abspath(path))
     for folder in (path, *path.parents):
-        if (folder / STAGE_FILE).is_file():
+        if is_stage_record(read_json(folder / STAGE_FILE)):
             return folder
         manifest = read_json(folder.parent / "run.json") if folder != folder.parent else None
         stages = manifest.get("stages") if is_tunelab_run(manifest) else None
@@ -129,7 +134,7 @@ def holds_stage_folder(path: Path) -> bool:
     if is_tunelab_run(read_json(path / "run.json")):
         return True
     try:
-        return any((child / STAGE_FILE).is_file() for child in path.iterdir() if child.is_dir())
+        return any(is_stage_record(read_json(child / STAGE_FILE)) for child in path.iterdir() if child.is_dir())
     except OSError:
         return False
 
@@ -203,7 +208,7 @@ def stage_entries(stage_dir: Path) -> list[str]:
     record = read_json(stage_dir / STAGE_FILE)
     if record is None:
         return []
-    present = sorted(p.name for p in stage_dir.iterdir() if not p.is_symlink() or p.name == STAGE_FILE)
+    present = sorted(p.name for p in stage_dir.iterdir() if not p.is_symlink())  # a link is the user's
     listed = record.get("entries")
     if isinstance(listed, list):
         own = {str(n) for n in listed} | {STAGE_FILE, *REPORT_PLOTS}
@@ -346,15 +351,14 @@ def recover(run_dir: Path) -> list[str]:
     Call it only with the run folder's lock free (no process is writing the folder).
     """
     lines: list[str] = []
-    if not run_dir.is_dir():
-        found = backups(run_dir)
-    else:
-        found = []
+    if run_dir.is_dir():
         for backup in sorted(run_dir.glob(".*.replaced-*")):
             stage = backup.name[1:].rsplit(".replaced-", 1)[0]
             stage_dir = run_dir / stage
             if not backup.is_dir() or backup.is_symlink() or "/" in stage or not stage:
                 continue
+            if "run.json" in (read_json(backup / BACKUP_INDEX, list) or []):
+                continue  # a run of its own inside this folder set it aside: that run settles it
             record = read_json(stage_dir / STAGE_FILE)
             if _replacer(record, backup) and record.get("status") == "completed":
                 discard(backup)
@@ -365,7 +369,7 @@ def recover(run_dir: Path) -> list[str]:
                     f"restored stage '{stage}' in '{run_dir}' as it was: the run that replaced it stopped before "
                     "the stage finished"
                 )
-        found = backups(run_dir)
+    found = backups(run_dir)
     if len(found) > 1:
         names = ", ".join(f"'{p}'" for p in found)
         return [*lines, f"'{run_dir}' has {len(found)} runs set aside by --overwrite ({names}): keep one, by hand"]

@@ -303,6 +303,9 @@ def test_merge_never_lands_on_its_base_its_adapter_or_a_stage(tmp_path: Path, ti
     shutil.copytree(adapter, tmp_path / "other" / "sft")
     fails(["merge", str(tmp_path / "other" / "sft"), str(adapter / "merged")], f"inside stage folder '{adapter}'")
     fails(["merge", str(adapter), str(tmp_path / "other"), "--overwrite"], "holds a stage folder of a tunelab run")
+    record = json.loads((tmp_path / "other" / "sft" / "stage.json").read_text())
+    (tmp_path / "other" / "sft" / "stage.json").write_text(json.dumps({**record, "status": "running"}))  # killed
+    fails(["merge", str(tmp_path / "other" / "sft"), str(tmp_path / "m")], "is a stage that has not finished")
     assert (base / "config.json").read_bytes() == config and (adapter / "adapter_config.json").is_file()
 
 

@@ -435,6 +435,12 @@ def _check_merge_target(adapter_dir: Path, out_dir: Path, base: str | None) -> N
     """The merged model must not land on what it is made from, nor in a run's stage folders: replacing the
     adapter or its base would leave the adapter on a base that already contains it (or on none), and a
     stage folder is its run's, which replaces it when the stage runs again."""
+    record = runs.read_json(adapter_dir / runs.STAGE_FILE)
+    if runs.is_stage_record(record) and record["status"] != "completed":
+        raise TunelabError(
+            f"'{adapter_dir}' is a stage that has not finished (status: {record['status']}): its files may be half "
+            "saved; finish it with `tunelab run RECIPE --resume`, then merge"
+        )
     if _inside(out_dir, adapter_dir) or _inside(adapter_dir, out_dir):
         raise TunelabError(f"'{out_dir}' is the adapter's folder, or holds it: write the merged model elsewhere")
     try:

@@ -63,3 +63,72 @@ def test_malformed_gguf_is_one_line(tmp_path: Path, how: str, message: str) -> N
     (tmp_path / "m" / "bad.gguf").write_bytes(data)
     path = write(tmp_path, chat_sft(str(tmp_path / "m" / "bad.gguf")))
     fails(["validate", str(path)], r"'.*bad.gguf' is not a readable GGUF file: " + message)
+
+
+# --- A. special files where a file is read --------------------------------------------------------
+
+
+def within(seconds: float):
+    """A context that fails the test (instead of hanging it) when its body runs longer than `seconds`."""
+    import contextlib
+    import signal
+
+    class TooSlow(BaseException):
+        pass
+
+    @contextlib.contextmanager
+    def limit():
+        def alarm(signum, frame):
+            raise TooSlow
+
+        previous = signal.signal(signal.SIGALRM, alarm)
+        signal.setitimer(signal.ITIMER_REAL, seconds)
+        try:
+            yield
+        except TooSlow:
+            pytest.fail(f"still running after {seconds} s")
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous)
+
+    return limit()
+
+
+def test_a_fifo_as_the_recipe_is_one_line(tmp_path: Path) -> None:
+    import os
+
+    fifo = tmp_path / "recipe.yaml"
+    os.mkfifo(fifo)
+    with within(30):
+        fails(["validate", str(fifo)], r"recipe '.*recipe.yaml' is a FIFO \(named pipe\) that gave no end of input")
+
+
+def test_a_fifo_or_socket_as_include_path_is_one_line(tmp_path: Path, tiny_lm: Path) -> None:
+    import os
+    import socket
+
+    pytest.importorskip("lm_eval")
+    os.mkfifo(tmp_path / "tasks.yaml")
+    stage = {"stage": "lm_eval", "model": str(tiny_lm), "tasks": ["tunelab_arith_mc"]}
+    with within(60):
+        path = write(tmp_path, {**stage, "include_path": str(tmp_path / "tasks.yaml")})
+        fails(["validate", str(path)], r"include_path' '.*tasks.yaml' is a FIFO \(named pipe\), not a regular file")
+        (tmp_path / "folder").mkdir()
+        os.mkfifo(tmp_path / "folder" / "mine.yaml")
+        path = write(tmp_path, {**stage, "include_path": str(tmp_path / "folder")})
+        fails(["validate", str(path)], r"include_path' holds '.*mine.yaml' is a FIFO \(named pipe\)")
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.bind(str(tmp_path / "sock"))
+            path = write(tmp_path, {**stage, "include_path": str(tmp_path / "sock")})
+            fails(["validate", str(path)], r"include_path' '.*sock' is a socket, not a regular file")
+
+
+def test_a_fifo_as_chat_image_is_one_line(tmp_path: Path, tiny_lm: Path) -> None:
+    import os
+
+    os.mkfifo(tmp_path / "cat.png")
+    with within(30):
+        fails(
+            ["chat", str(tiny_lm), "--prompt", "hi", "--image", str(tmp_path / "cat.png")],
+            r"--image '.*cat.png' is a FIFO \(named pipe\), not a regular file: reading it could wait forever",
+        )

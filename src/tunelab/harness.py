@@ -22,7 +22,7 @@ from typing import Any
 from tunelab.config import accepted_fields, check_keys
 from tunelab.errors import TunelabError, closest
 from tunelab.hub import bundled_root, hub_reachable, local_path
-from tunelab.paths import recipes_root
+from tunelab.paths import recipes_root, refuse_special
 from tunelab.runs import write_atomic
 
 INSTALL = "pip install 'tunelab[harness]' (lm-eval)"
@@ -160,7 +160,9 @@ def include_paths(value: Any, where: str) -> list[Path]:
         path = local_path(item)
         if path is None:
             raise TunelabError(f"'{where}' is '{item}': no such folder")
+        refuse_special(path, f"'{where}'")
         for file in [path] if path.is_file() else sorted(path.rglob("*.yaml")):
+            refuse_special(file, f"'{where}' holds")  # the harness reads every YAML under the folder
             parse_task_file(file, where)
         paths.append(path)
     return paths

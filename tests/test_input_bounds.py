@@ -132,3 +132,54 @@ def test_a_fifo_as_chat_image_is_one_line(tmp_path: Path, tiny_lm: Path) -> None
             ["chat", str(tiny_lm), "--prompt", "hi", "--image", str(tmp_path / "cat.png")],
             r"--image '.*cat.png' is a FIFO \(named pipe\), not a regular file: reading it could wait forever",
         )
+
+
+# --- A. chat templates that loop or render gigabytes ----------------------------------------------
+
+LOOPS = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}{{ messages[0]['content'] }}"
+BARE_LOOPS = "{% set s = 'x' * 100000 %}{% for a in s %}{% for b in s %}{% endfor %}{% endfor %}"
+HUGE = [
+    "{{ 'x' * 10000000000 }}",
+    "{{ 'x' | center(10000000000) }}",
+    "{{ '{:>10000000000}'.format('x') }}",
+    "{% set ns = namespace(s='x') %}{% for i in range(60) %}{% set ns.s = ns.s + ns.s %}{% endfor %}{{ ns.s }}",
+    "{% for i in range(100000) %}{% for j in range(100000) %}{{ 'x' * 1000 }}{% endfor %}{% endfor %}",
+    "{{ range(100000) | join('x' * 1000000) }}",
+    "{{ ('x' * 5000000).replace('x', 'y' * 5000000) }}",
+]
+
+
+@pytest.mark.parametrize("template", [LOOPS, BARE_LOOPS], ids=["range", "bare"])
+def test_a_looping_chat_template_stops_in_seconds(tmp_path: Path, tiny_lm: Path, template: str) -> None:
+    import time
+
+    path = write(tmp_path, chat_sft(str(tiny_lm), chat_template=template))
+    start = time.monotonic()
+    with within(60):
+        fails(["validate", str(path)], r"chat template took longer than 5 s to render on row 0: it loops too much")
+    assert time.monotonic() - start < 40
+
+
+@pytest.mark.parametrize("template", HUGE)
+def test_a_chat_template_that_renders_gigabytes_stops_at_once(tmp_path: Path, tiny_lm: Path, template: str) -> None:
+    import resource
+
+    path = write(tmp_path, chat_sft(str(tiny_lm), chat_template=template))
+    with within(60):
+        fails(["validate", str(path)], r"chat template rendered more than 8000000 characters on row 0")
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss < 3 * 2**20  # KiB: no gigabytes were built
+
+
+def test_eval_renders_the_model_template_bounded(tmp_path: Path, tiny_lm: Path) -> None:
+    stage = {"stage": "eval", "model": str(tiny_lm), "data": "recipes/data/arith_qa", "chat_template": HUGE[0]}
+    with within(60):
+        fails(["validate", str(write(tmp_path, stage))], r"'stages.eval.model': the chat template rendered more than")
+
+
+def test_a_good_template_still_renders(tmp_path: Path, tiny_lm: Path) -> None:
+    from tests.test_bad_input import runner
+    from tunelab.cli import app
+
+    ok = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] | trim }}{{ '\\n' }}{% endfor %}"
+    result = runner.invoke(app, ["validate", str(write(tmp_path, chat_sft(str(tiny_lm), chat_template=ok)))])
+    assert result.exit_code == 0, result.output

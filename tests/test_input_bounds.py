@@ -183,3 +183,54 @@ def test_a_good_template_still_renders(tmp_path: Path, tiny_lm: Path) -> None:
     ok = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] | trim }}{{ '\\n' }}{% endfor %}"
     result = runner.invoke(app, ["validate", str(write(tmp_path, chat_sft(str(tiny_lm), chat_template=ok)))])
     assert result.exit_code == 0, result.output
+
+
+# --- C. every stage that takes `chat_template:` renders an example at validate ----------------------
+
+QA = {"path": "recipes/data/arith_qa", "split": "train[:8]"}
+PREF = {"path": "recipes/data/arith_pref", "split": "train[:8]"}
+BROKEN = "{% for m in messages %}{{ m['content'] | nosuchfilter }}{% endfor %}"
+
+
+@pytest.mark.parametrize(
+    ("kind", "extra"),
+    [
+        ("dpo", {"data": PREF}),
+        ("kto", {"data": PREF}),
+        ("orpo", {"data": PREF}),
+        ("cpo", {"data": PREF}),
+        ("grpo", {"data": QA, "rewards": ["tunelab.rewards:exact_match"]}),
+        ("rloo", {"data": QA, "rewards": ["tunelab.rewards:exact_match"]}),
+        ("distill", {"data": QA, "teacher": "TINY"}),
+    ],
+)
+def test_a_broken_chat_template_fails_at_validate_in_every_stage(
+    tmp_path: Path, tiny_lm: Path, kind: str, extra: dict
+) -> None:
+    extra = {k: (str(tiny_lm) if v == "TINY" else v) for k, v in extra.items()}
+    stage = {"stage": kind, "model": str(tiny_lm), "chat_template": BROKEN, **extra}
+    message = rf"'stages.{kind}.data': the chat template fails to render on row 0"
+    fails(["validate", str(write(tmp_path, stage))], message)
+
+
+def test_a_looping_chat_template_stops_in_a_preference_stage(tmp_path: Path, tiny_lm: Path) -> None:
+    stage = {"stage": "dpo", "model": str(tiny_lm), "chat_template": HUGE[1], "data": PREF}
+    fails(["validate", str(write(tmp_path, stage))], r"'stages.dpo.data': the chat template rendered more than")
+
+
+def test_a_reward_model_without_a_template_given_chat_prompts(tmp_path: Path, tiny_lm: Path) -> None:
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(tiny_lm, num_labels=1)
+    AutoModelForSequenceClassification.from_config(config).save_pretrained(tmp_path / "rm")
+    AutoTokenizer.from_pretrained(tiny_lm).save_pretrained(tmp_path / "rm")
+    stage = {"stage": "grpo", "model": str(tiny_lm), "data": QA, "rewards": [str(tmp_path / "rm")]}
+    fails(
+        ["validate", str(write(tmp_path, {**stage, "chat_template": "tunelab"}))],
+        r"'stages.grpo.rewards\[0\]' is '.*rm', a reward model whose tokenizer has no chat template, but the prompts",
+    )
+    from tests.test_bad_input import runner
+    from tunelab.cli import app
+
+    result = runner.invoke(app, ["validate", str(write(tmp_path, stage, "plain.yaml"))])  # plain prompts: fine
+    assert result.exit_code == 0, result.output

@@ -501,6 +501,37 @@ def reward_texts(tokenizer: Any, prompts: list[Any], answers: list[str], value: 
     return [str(p) + a for p, a in zip(prompts, answers, strict=True)]
 
 
+ANSWER_COLUMNS = ("completion", "chosen", "rejected")
+
+
+def example_turns(row: dict[str, Any], columns: tuple[str, ...] | list[str], system: str | None) -> list[list[Any]]:
+    """Row `row` as the conversations a trainer renders: the prompt (a string becomes a user turn after the
+    system turn, as `conversational` makes it) followed by each answer column in turn (or alone)."""
+    prompt = next((c for c in columns if c not in ANSWER_COLUMNS), None)
+    head: list[Any] = []
+    if prompt is not None and row.get(prompt) is not None:
+        value = row[prompt]
+        head = messages(value, system) if isinstance(value, str) else list(value)
+    out = []
+    for column in (c for c in columns if c in ANSWER_COLUMNS):
+        value = row.get(column)
+        if isinstance(value, str):
+            out.append(head + [{"role": "assistant", "content": value.strip()}])
+        elif isinstance(value, list):
+            out.append(head + value)
+    return out or [head]
+
+
+def check_example(tokenizer: Any, row: dict[str, Any], columns: Any, system: str | None, where: str) -> None:
+    """Render the first row through the template as the trainer will (bounded: see `render`), so a template
+    that fails, loops or explodes is one line at validate, not an error after the model has loaded."""
+    for turns in example_turns(row, columns, system):
+        if turns:
+            last = turns[-1]
+            final = isinstance(last, dict) and last.get("role") == "assistant"
+            render(tokenizer, turns, where, 0, add_generation_prompt=not final)
+
+
 def check_chat_data(ds: Any, columns: tuple[str, ...], spec: Any, ctx: Any) -> None:
     """Conversational rows (a column of chat turns) need a chat template: say so at validate, not mid-run."""
     chat = [c for c in columns if c in ds.column_names and isinstance(ds[0][c], list)]

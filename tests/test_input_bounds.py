@@ -234,3 +234,68 @@ def test_a_reward_model_without_a_template_given_chat_prompts(tmp_path: Path, ti
 
     result = runner.invoke(app, ["validate", str(write(tmp_path, stage, "plain.yaml"))])  # plain prompts: fine
     assert result.exit_code == 0, result.output
+
+
+# --- D. generation settings that GenerationConfig takes but generate() rejects ----------------------
+
+
+def eval_stage(model: Path, **generation: object) -> dict:
+    return {"stage": "eval", "model": str(model), "data": "recipes/data/arith_qa", "generation": generation}
+
+
+@pytest.mark.parametrize(
+    ("generation", "message"),
+    [
+        ({"do_sample": True, "temperature": 0}, r"temperature' is 0 with do_sample: true: use a value above 0"),
+        ({"do_sample": True, "temperature": -1}, r"generation.temperature' is -1 with do_sample: true"),
+        ({"do_sample": True, "top_p": -0.5}, r"top_p' is -0.5 with do_sample: true: use a value from 0 to 1"),
+        ({"num_beams": 1e6}, r"generation.num_beams' is 1000000: use a whole number from 1 to 1024"),
+        ({"max_new_tokens": 1e9}, r"generation.max_new_tokens' is 1000000000: use a whole number from 1 to"),
+        ({"max_new_tokens": 2.5}, r"generation.max_new_tokens' is 2.5: a whole number is needed"),
+        ({"max_new_tokens": 1000}, r"max_new_tokens' is 1000, more than the model reads \(max_position_embeddings 128"),
+        ({"repetition_penalty": 0}, r"generation.repetition_penalty' is 0: use a number above 0"),
+    ],
+)
+def test_generation_settings_generate_would_reject(
+    tmp_path: Path, tiny_lm: Path, generation: dict, message: str
+) -> None:
+    fails(["validate", str(write(tmp_path, eval_stage(tiny_lm, **generation)))], message)
+
+
+def test_chat_generation_settings_generate_would_reject(tiny_lm: Path) -> None:
+    base = ["chat", str(tiny_lm), "--prompt", "hi"]
+    fails([*base, "do_sample=true", "temperature=0"], r"temperature' is 0 with do_sample: true")
+    fails([*base, "num_beams=1000000"], r"num_beams' is 1000000: use a whole number from 1 to 1024")
+    fails([*base, "max_new_tokens=1000"], r"max_new_tokens' is 1000, more than the model reads")
+
+
+def test_a_400_kb_choice_is_refused_at_validate(tmp_path: Path, tiny_lm: Path) -> None:
+    import json
+
+    rows = [{"prompt": "1+1=", "choices": [" 2", " 3"], "label": 0}] * 3
+    rows.append({"prompt": "2+2=", "choices": [" 4", " 5" * 200_000], "label": 0})
+    (tmp_path / "mc.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    stage = {"stage": "eval", "model": str(tiny_lm), "data": str(tmp_path / "mc.jsonl"), "reference_column": "label"}
+    fails(
+        ["validate", str(write(tmp_path, stage))],
+        r"'stages.eval.data' row 3: the prompt with its longest choice is \d+ tokens, more than the model reads "
+        r"\(max_position_embeddings 128\)",
+    )
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({"gen_kwargs": "do_sample=true,temperature=0"}, r"gen_kwargs.temperature' is 0 with do_sample: true"),
+        ({"gen_kwargs": {"do_sample": True, "temperature": -1}}, r"gen_kwargs.temperature' is -1 with do_sample"),
+        ({"gen_kwargs": {"max_gen_toks": 1e9}}, r"gen_kwargs.max_gen_toks' is 1000000000.0: use a whole number"),
+        ({"gen_kwargs": {"num_beams": 1000000}}, r"gen_kwargs.num_beams' is 1000000: use a whole number from 1"),
+        ({"samples": {"tunelab_arith_mc": [100000]}}, r"samples.tunelab_arith_mc' asks for example 100000, but the"),
+        ({"samples": {"tunelab_arith_mc": [-1]}}, r"samples.tunelab_arith_mc' is \[-1\]: give a list of example"),
+        ({"samples": {"nosuchtask": [0]}}, r"samples.nosuchtask' is not one of the tasks run here"),
+    ],
+)
+def test_lm_eval_generation_and_samples_out_of_range(tmp_path: Path, tiny_lm: Path, extra: dict, message: str) -> None:
+    pytest.importorskip("lm_eval")
+    stage = {"stage": "lm_eval", "model": str(tiny_lm), "tasks": ["tunelab_arith_mc"], "batch_size": 4, **extra}
+    fails(["validate", str(write(tmp_path, stage))], message)

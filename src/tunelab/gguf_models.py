@@ -237,7 +237,7 @@ def plain_copy(path: Path, source: str) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     flagged = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
     config = flagged.config
-    del config.quantization_config  # the dequantized weights are plain float32
+    config.__dict__.pop("quantization_config", None)  # the dequantized weights are plain float32
     config._name_or_path = str(folder)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(flagged.state_dict(), strict=True)

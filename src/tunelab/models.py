@@ -209,7 +209,7 @@ def model_config(value: Any, ctx: Any, where: str):
     path = spec["path"]
     if "gguf_file" in spec:
         config = AutoConfig.from_pretrained(path, gguf_file=spec["gguf_file"])
-        del config.quantization_config  # tunelab trains and writes the dequantized weights
+        config.__dict__.pop("quantization_config", None)  # tunelab trains and writes the dequantized weights
         return config
     while is_adapter(path):  # an adapter's base may be an adapter too (LoRA on a merged LoRA)
         path = resolve_model(adapter_base(path), f"{where} (base model of the adapter)")

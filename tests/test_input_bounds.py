@@ -299,3 +299,21 @@ def test_lm_eval_generation_and_samples_out_of_range(tmp_path: Path, tiny_lm: Pa
     pytest.importorskip("lm_eval")
     stage = {"stage": "lm_eval", "model": str(tiny_lm), "tasks": ["tunelab_arith_mc"], "batch_size": 4, **extra}
     fails(["validate", str(write(tmp_path, stage))], message)
+
+
+def test_a_plan_orders_of_magnitude_past_the_device_is_an_error(
+    tmp_path: Path, tiny_lm: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests.test_bad_input import runner
+    from tunelab import plan
+    from tunelab.cli import app
+
+    monkeypatch.setattr(plan, "device_memory", lambda: ("a 1 GiB device", float(2**30)))
+    stage = {**eval_stage(tiny_lm, max_new_tokens=100), "batch_size": 10**6}
+    fails(
+        ["validate", str(write(tmp_path, stage))],
+        r"stage 'eval' would need .* GiB per device even spread over 1024 devices, over 100 times what a 1 GiB "
+        r"device has \(1.00 GiB\); most of it is kv cache",
+    )
+    result = runner.invoke(app, ["validate", str(write(tmp_path, eval_stage(tiny_lm), "fits.yaml"))])
+    assert result.exit_code == 0, result.output

@@ -207,6 +207,30 @@ def _parse(h: _Header) -> str:
     return arch
 
 
+_CONFIGS: dict[tuple[str, int, int], Any] = {}
+
+
+def gguf_config(path: Path) -> Any:
+    """The transformers config of a GGUF file, without `quantization_config` (tunelab trains and writes the
+    dequantized weights). Read once per process and file version: transformers parses the whole header into
+    numpy arrays for it (seconds), and validate asks for it from several checks and the plan."""
+    import copy
+
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _CONFIGS:
+        from transformers import AutoConfig
+
+        try:
+            config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+        except Exception as exc:  # noqa: BLE001 - the header passed `architecture`; its values may still be wrong
+            message = " ".join(str(exc).split())[:200] or type(exc).__name__
+            raise TunelabError(f"'{path}' is not a readable GGUF file: {message}") from None
+        config.__dict__.pop("quantization_config", None)
+        _CONFIGS[key] = config
+    return copy.deepcopy(_CONFIGS[key])
+
+
 def cache_folder(path: Path) -> Path:
     stat = path.stat()
     key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]

@@ -515,7 +515,7 @@ def example_turns(row: dict[str, Any], columns: tuple[str, ...] | list[str], sys
     out = []
     for column in (c for c in columns if c in ANSWER_COLUMNS):
         value = row.get(column)
-        if isinstance(value, str):
+        if isinstance(value, str) and head:  # plain answers become chats only after a prompt (`conversational`)
             out.append(head + [{"role": "assistant", "content": value.strip()}])
         elif isinstance(value, list):
             out.append(head + value)

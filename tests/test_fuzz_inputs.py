@@ -6,7 +6,8 @@ The inputs: the real SmolLM2 GGUF file cut at any offset, or with one of its hea
 (tensor count, metadata count, string and array lengths) replaced; chat templates built from pieces
 that fail to parse, loop (nested ranges, bare loops over long strings), build huge strings (repeats,
 powers, widths, doubling, joins) or render normally; GenerationConfig fields with values of every kind.
-Derandomized with a fixed budget (well under a minute); TUNELAB_FUZZ_EXAMPLES=N multiplies it.
+Derandomized with a fixed budget (well under a minute); TUNELAB_FUZZ_EXAMPLES=N multiplies it, and
+TUNELAB_FUZZ_DEBUG=1 prints each answer (with `-s`).
 """
 
 from __future__ import annotations

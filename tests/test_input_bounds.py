@@ -123,6 +123,18 @@ def test_a_fifo_or_socket_as_include_path_is_one_line(tmp_path: Path, tiny_lm: P
             fails(["validate", str(path)], r"include_path' '.*sock' is a socket, not a regular file")
 
 
+def test_a_fifo_as_gguf_file_is_one_line(tmp_path: Path) -> None:
+    import os
+
+    (tmp_path / "m").mkdir()
+    os.mkfifo(tmp_path / "m" / "x.gguf")
+    with within(30):
+        fails(
+            ["validate", str(write(tmp_path, chat_sft(str(tmp_path / "m" / "x.gguf"))))],
+            r"gguf_file' '.*x.gguf' is a FIFO \(named pipe\), not a regular file",
+        )
+
+
 def test_a_fifo_as_chat_image_is_one_line(tmp_path: Path, tiny_lm: Path) -> None:
     import os
 

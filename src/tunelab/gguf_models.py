@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from tunelab.errors import TunelabError
+from tunelab.paths import refuse_special
 
 MAGIC = b"GGUF"
 SOURCE_FILE = "tunelab_gguf.json"
@@ -46,6 +47,7 @@ def gguf_file(folder: Path, name: Any, where: str) -> Path:
     if not isinstance(name, str) or not name:
         raise TunelabError(f"'{where}.gguf_file' must be a file name inside the model folder, got {name!r}")
     path = Path(name) if Path(name).is_absolute() else folder / name
+    refuse_special(path, f"'{where}.gguf_file'")
     if not path.is_file():
         found = sorted(p.name for p in folder.glob("*.gguf")) if folder.is_dir() else []
         hint = f"; the folder holds {', '.join(found)}" if found else ""

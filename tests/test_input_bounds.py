@@ -188,6 +188,22 @@ def test_eval_renders_the_model_template_bounded(tmp_path: Path, tiny_lm: Path) 
         fails(["validate", str(write(tmp_path, stage))], r"'stages.eval.model': the chat template rendered more than")
 
 
+def test_data_that_looks_like_a_bomb_still_renders(tiny_lm: Path) -> None:
+    from transformers import AutoTokenizer
+
+    from tunelab.chat import render
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_lm)
+    tokenizer.chat_template = (
+        "{% for m in messages %}{{ m['content'] | trim | replace('users', 'people') | center(40) }}"
+        "{{ m['content'].split(' ') | join(' ') }}{{ '%s' % m['content'] }}{% endfor %}"
+        "{% for i in range(3) | reverse %}{{ i }}{% endfor %}{{ range(5) | length }}{{ 'ab' * 3 }}"
+    )
+    text = "100% of 123456789 users {:>123456789}"
+    out = render(tokenizer, [{"role": "user", "content": text}], "w")
+    assert out.count("123456789") == 6 and out.endswith("2105ababab")
+
+
 def test_a_good_template_still_renders(tmp_path: Path, tiny_lm: Path) -> None:
     from tests.test_bad_input import runner
     from tunelab.cli import app

@@ -193,13 +193,17 @@ class _Range:
             yield i
 
 
-def _check_args(args: tuple, kwargs: dict[str, Any]) -> None:
-    """A width, count or repeat argument past RENDER_CHARS (`center(10**10)`, `'{:>9999999999}'.format`)."""
+def _check_counts(args: tuple, kwargs: dict[str, Any]) -> None:
+    """A width, count or repeat argument past RENDER_CHARS (`center(10**10)`, `'x'.ljust(10**10)`)."""
     for value in (*args, *kwargs.values()):
         if isinstance(value, int) and not isinstance(value, bool):
             _size(abs(value))
-        elif isinstance(value, str) and ("{" in value or "%" in value) and (width := _WIDTH.search(value)):
-            _size(int(width.group()))
+
+
+def _check_format(text: Any) -> None:
+    """A format string with a width or precision past RENDER_CHARS (`'%9999999999s'`, `'{:>9999999999}'`)."""
+    if isinstance(text, str) and ("{" in text or "%" in text) and (width := _WIDTH.search(text)):
+        _size(int(width.group()))
 
 
 def _check_growth(name: str, args: tuple) -> None:
@@ -218,12 +222,21 @@ def _check_growth(name: str, args: tuple) -> None:
 def _bounded_filter(func: Any) -> Any:
     import functools
 
+    from jinja2 import Environment
+    from jinja2.nodes import EvalContext
+    from jinja2.runtime import Context
+
+    name = getattr(func, "__name__", "").removeprefix("do_").removeprefix("sync_do_")
+
     @functools.wraps(func)  # keeps jinja's pass_context / pass_environment markers
     def wrapped(*args: Any, **kwargs: Any) -> Any:
         _tick()
-        _check_args(args, kwargs)
-        values = [a for a in args if not hasattr(a, "environment")]  # without a context or environment first
-        _check_growth(func.__name__.removeprefix("do_").removeprefix("sync_do_"), tuple(values))
+        values = [a for a in args if not isinstance(a, (Environment, EvalContext, Context))]
+        # The filtered value comes first: only the filter's own arguments are counts (the value is the data's)
+        _check_counts(tuple(values[1:]), kwargs)
+        if name == "format" and values:
+            _check_format(values[0])
+        _check_growth(name, tuple(values))
         out = func(*args, **kwargs)
         size = _sequence_size(out)
         if size is not None:
@@ -258,14 +271,14 @@ def _environment_class() -> type:
             elif operator == "**" and isinstance(left, int) and isinstance(right, int) and abs(left) > 1:
                 _size(right * abs(left).bit_length() // 3)  # about the digits of the result
             elif operator == "%" and isinstance(left, str):
-                _check_args((left,), {})
+                _check_format(left)
             return super().call_binop(context, operator, left, right)
 
         def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805 - jinja's
             _tick()
             owner = getattr(__obj, "__self__", None)
             if isinstance(owner, str):  # a str method: ljust(10**10), replace, join
-                _check_args(args, kwargs)
+                _check_counts(args, kwargs)
                 name = getattr(__obj, "__name__", "")
                 if name == "replace":
                     _check_growth(name, (owner, *args))
@@ -280,7 +293,7 @@ def _environment_class() -> type:
         def getattr(self, obj: Any, attribute: str) -> Any:
             _tick()
             if isinstance(obj, str) and attribute in ("format", "format_map"):  # the sandbox wraps these
-                _check_args((obj,), {})
+                _check_format(obj)
             return super().getattr(obj, attribute)
 
         def getitem(self, obj: Any, argument: Any) -> Any:

@@ -341,7 +341,8 @@ class OnlineStage(TrainerStage):
     def check_more(self, spec: StageSpec, ctx: Context, s: Settings, train: Any) -> None:
         check_vllm(s.args, f"{spec.where}.training")
         rewards = check_rewards(spec, ctx, train)
-        check_reward_templates(rewards, train, self.chat_prompts(s, train), spec.where)
+        if any(value is not None and not callable(value) for _, value in rewards):  # reward models, loadable now
+            check_reward_templates(rewards, train, self.chat_prompts(s, train), spec.where)
 
     def chat_prompts(self, s: Settings, train: Any) -> bool:
         """Whether the trainer hands the rewards chat turns: chat data, or plain prompts through a template."""

@@ -329,6 +329,20 @@ def test_lm_eval_generation_and_samples_out_of_range(tmp_path: Path, tiny_lm: Pa
     fails(["validate", str(write(tmp_path, stage))], message)
 
 
+@pytest.mark.parametrize(
+    "gen_kwargs", ["temperature=0", {"temperature": 0.0, "do_sample": False}, {"top_p": 0.9}, "max_gen_toks=8,until=x"]
+)
+def test_lm_eval_generation_the_harness_takes(tmp_path: Path, tiny_lm: Path, gen_kwargs: object) -> None:
+    """The harness's greedy `temperature=0`, and fields generate() only warns about, stay accepted."""
+    from tests.test_bad_input import runner
+    from tunelab.cli import app
+
+    pytest.importorskip("lm_eval")
+    stage = {"stage": "lm_eval", "model": str(tiny_lm), "tasks": ["tunelab_arith_mc"], "batch_size": 4}
+    result = runner.invoke(app, ["validate", str(write(tmp_path, {**stage, "gen_kwargs": gen_kwargs}))])
+    assert result.exit_code == 0, result.output
+
+
 def test_a_plan_orders_of_magnitude_past_the_device_is_an_error(
     tmp_path: Path, tiny_lm: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -164,12 +164,16 @@ def check_gen_kwargs(value: Any, where: str) -> None:
     if not isinstance(value, dict):
         raise TunelabError(f"'{where}' is {value!r}: give generation settings, e.g. {{do_sample: true}}")
     rest = {k: v for k, v in value.items() if k not in ("max_gen_toks", "until")}
+    # HFLM's own handling: temperature 0 without do_sample means greedy decoding (the temperature is dropped)
+    if rest.get("temperature", 0.0) == 0.0 and rest.get("do_sample") in (None, False):
+        rest.pop("temperature", None)
+        rest["do_sample"] = False
     tokens = value.get("max_gen_toks")
     if tokens is not None:
         low, high = COUNTS["max_new_tokens"]
         if isinstance(tokens, bool) or not isinstance(tokens, int) or not low <= tokens <= high:
             raise TunelabError(f"'{where}.max_gen_toks' is {tokens!r}: use a whole number from {low} to {high}")
-    generation_config(rest, where, defaults={})
+    generation_config(rest, where, defaults={}, strict=False)
 
 
 def _check_batch(value: Any, where: str) -> None:

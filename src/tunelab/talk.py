@@ -26,8 +26,13 @@ from tunelab.quant import quant_config
 DEFAULTS = {"max_new_tokens": 256, "do_sample": False}
 
 
-def generation_config(values: dict[str, Any], where: str, defaults: dict[str, Any] | None = None):
-    """A `GenerationConfig` from recipe or command-line values; unknown fields and bad values in one line."""
+def generation_config(
+    values: dict[str, Any], where: str, defaults: dict[str, Any] | None = None, strict: bool = True
+):
+    """A `GenerationConfig` from recipe or command-line values; unknown fields and bad values in one line.
+
+    `strict`: also refuse settings generate() only warns about (a sampling field without do_sample); the
+    harness passes its `gen_kwargs` to generate(), which takes those."""
     from transformers import GenerationConfig
 
     values = {**(DEFAULTS if defaults is None else defaults), **values}
@@ -37,7 +42,7 @@ def generation_config(values: dict[str, Any], where: str, defaults: dict[str, An
             raise unknown_key(where, str(key), fields, "not a field of transformers.GenerationConfig")
     try:
         config = GenerationConfig(**values)
-        config.validate(strict=True)
+        config.validate(strict=strict)
     except (ValueError, TypeError) as exc:
         raise TunelabError(f"'{where}' is rejected by GenerationConfig: {' '.join(str(exc).split())[:300]}") from None
     check_generation(config, where)

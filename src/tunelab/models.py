@@ -16,7 +16,7 @@ from typing import Any
 from tunelab import runs
 from tunelab.config import check_keys
 from tunelab.errors import TunelabError, unknown_key
-from tunelab.gguf_models import cached, gguf_file, origin, plain_copy, split_file
+from tunelab.gguf_models import cached, gguf_config, gguf_file, origin, plain_copy, split_file
 from tunelab.hub import local_path, resolve_model
 from tunelab.refs import REF
 
@@ -226,9 +226,7 @@ def model_config(value: Any, ctx: Any, where: str):
     spec = resolve_spec({**spec, "path": ctx.resolve_ref(spec["path"])}, where, materialize=False)
     path = spec["path"]
     if "gguf_file" in spec:
-        config = AutoConfig.from_pretrained(path, gguf_file=spec["gguf_file"])
-        config.__dict__.pop("quantization_config", None)  # dequantized weights; transformers >= 5.25 sets none
-        return config
+        return gguf_config(Path(path, spec["gguf_file"]))
     while is_adapter(path):  # an adapter's base may be an adapter too (LoRA on a merged LoRA)
         path = resolve_model(adapter_base(path), f"{where} (base model of the adapter)")
     try:

@@ -26,7 +26,7 @@ from tunelab.data import signature
 from tunelab.errors import DownloadNeeded, TunelabError, closest
 from tunelab.hub import configure_offline
 from tunelab.models import WEIGHTS_NEEDED
-from tunelab.plan import device_memory, fmt_bytes
+from tunelab.plan import check_fits, device_memory, fmt_bytes
 from tunelab.progress import quiet
 from tunelab.recipe import Recipe
 from tunelab.refs import iter_refs
@@ -90,6 +90,7 @@ def _check(
     if mode == "resume":
         _check_resumable(recipe, from_stage, processes or distributed.world()[1])
     plans = _inspect(recipe, strict_plans=False)[0]
+    check_fits(plans)  # orders of magnitude past the device: an error, not a warning
     runs.check_disk(recipe.output_dir, recipe.stages, plans)
     return mode, plans
 

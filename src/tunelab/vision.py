@@ -30,6 +30,7 @@ from tunelab.config import check_keys
 from tunelab.errors import TunelabError
 from tunelab.hub import local_path
 from tunelab.models import adapter_base, is_adapter, load_kwargs, model_config
+from tunelab.paths import refuse_special
 from tunelab.plan import DTYPE_BYTES, _dtype_name, _optimizer_bytes, plan_training
 from tunelab.quant import CPU_IN_BLOCK, CPU_OUT_BLOCK, bits, packed_cpu_kernel
 
@@ -371,6 +372,8 @@ def _open(item: Any, where: str, row: int, given: str | None = None) -> None:
     if not isinstance(item, (str, dict)):
         return
     name = given or (item if isinstance(item, str) else item.get("path") or "(bytes)")
+    if isinstance(item, str):
+        refuse_special(item, f"'{where}' row {row}: image")
     try:
         with Image.open(item if isinstance(item, str) else io.BytesIO(item["bytes"])) as image:
             image.load()

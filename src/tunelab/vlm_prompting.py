@@ -18,6 +18,7 @@ from tunelab.data import fingerprint, load_split, require_columns
 from tunelab.errors import TunelabError
 from tunelab.hub import configure_offline, local_path
 from tunelab.models import model_config, model_spec, resolve_spec
+from tunelab.paths import refuse_special
 from tunelab.progress import quiet
 from tunelab.quant import quant_config
 from tunelab.runs import write_atomic
@@ -287,6 +288,8 @@ def open_chat(ref: str, config: Any, system: str | None, image_paths: list[Path]
     """A `VisionChat` over the model `ref` names with the images opened (one line for a missing one)."""
     from PIL import Image
 
+    for path in image_paths:  # before the model: a FIFO would hang PIL's open, and loading takes a while
+        refuse_special(path, "--image")
     configure_offline()
     quiet()
     spec = model_source(ref)

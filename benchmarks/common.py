@@ -43,8 +43,11 @@ def median(values: list[float]) -> float:
     return statistics.median(values)
 
 
-def run_recipe(recipe: str, inspect=None) -> tuple[float, dict, dict[str, float]]:
-    """Run a recipe with the `tunelab` CLI into a temporary folder, as a user would.
+def run_recipe(
+    recipe: str, inspect=None, overrides: tuple[str, ...] = (), env: dict[str, str] | None = None
+) -> tuple[float, dict, dict[str, float]]:
+    """Run a recipe with the `tunelab` CLI into a temporary folder, as a user would (with `overrides`,
+    and `env` added to the environment).
 
     Returns (wall seconds from the shell, metrics.json, seconds per stage); `inspect(run_dir)`, if
     given, runs before the folder is removed and its result is added to the metrics as "inspect".
@@ -59,8 +62,9 @@ def run_recipe(recipe: str, inspect=None) -> tuple[float, dict, dict[str, float]
         out = Path(tmp) / "run"
         start = time.perf_counter()
         subprocess.run(
-            [tunelab, "run", recipe, f"output_dir={out}"],
+            [tunelab, "run", recipe, f"output_dir={out}", *overrides],
             check=True,
+            env={**os.environ, **(env or {})},
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )

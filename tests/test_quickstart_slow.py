@@ -15,7 +15,7 @@ def test_quickstart_learns_the_task(tmp_path: Path) -> None:
     before = result.metrics["eval"]["pretrained"]["exact_match"]
     after = result.metrics["eval"]["sft"]["exact_match"]
     assert before < 0.05  # the pre-trained model tells stories; it does not answer questions
-    assert after >= 0.6 and after - before >= 0.5
+    assert after >= 0.7 and after - before >= 0.6  # 0.75-1.0 over seeds and thread counts; 0.28 was the regression
     harness = result.metrics["harness"]
     # The harness sees the same learning: exact match (its own regex filter) and multiple choice rise.
     assert harness["sft"]["tunelab_arith/exact_match,first-number"] - after == pytest.approx(0, abs=0.05)

@@ -20,10 +20,9 @@ import tempfile  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 os.environ["TUNELAB_CACHE"] = str(Path(__file__).resolve().parent.parent / ".test-cache")
-_OWNED = tempfile.mkdtemp(prefix="tunelab-tests-")
+_OWNED = tempfile.mkdtemp(prefix="tl-")  # short: socket paths under tmp_path must fit AF_UNIX's 108 bytes
 atexit.register(shutil.rmtree, _OWNED, ignore_errors=True)
-os.environ["TMPDIR"] = os.path.join(_OWNED, "tmp")
-os.makedirs(os.environ["TMPDIR"])
+os.environ["TMPDIR"] = _OWNED
 tempfile.tempdir = None  # gettempdir() reads TMPDIR again
 
 from typing import Any  # noqa: E402

@@ -37,7 +37,7 @@ class _OneLineUsageErrors(typer.core.TyperGroup):
         except click.exceptions.ClickException as exc:
             exc.show()
             sys.exit(exc.exit_code)
-        except click.exceptions.Abort:
+        except typer.Abort:  # typer's click copy raises typer's own Abort (its `exceptions` module has none)
             typer.echo("aborted", err=True)
             sys.exit(1)
         sys.exit(rv if isinstance(rv, int) else 0)
@@ -78,7 +78,13 @@ RUNNING_COMMANDS = {"run", "launch", "eval_model", "sample"}
 
 def friendly(fn):
     """TunelabError: one red line, exit code 2. Ctrl-C: exit code 130. Anything else: an internal error,
-    one line naming the file that holds the traceback, exit code 1. No traceback on the terminal."""
+    one line naming the file that holds the traceback, exit code 1. No traceback on the terminal.
+
+    A SystemExit is caught too: no tunelab command calls sys.exit (they raise typer.Exit), so one that
+    reaches here came from code a run calls (a library, or a user's module that is not a reward function;
+    those are named with exit code 2 by tunelab.rewarding). It is an internal error naming where it was
+    called, exit code 1, rather than a process that ends in the middle of a run with no word.
+    """
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -107,6 +113,8 @@ def friendly(fn):
             raise typer.Exit(code) from None
         except CLI_EXITS:
             raise
+        except SystemExit as exc:
+            _fail(_internal_error(exc, f"{_exit_call(exc)} was called in {_caller(exc)}"), 1)
         except Exception as exc:
             import errno
 
@@ -122,12 +130,27 @@ def _short(value: Any, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _internal_error(exc: BaseException) -> str:
+def _exit_call(exc: SystemExit) -> str:
+    return f"sys.exit({exc.code!r})" if exc.code is not None else "sys.exit()"
+
+
+def _caller(exc: BaseException) -> str:
+    """`function (file:line)` of the innermost Python frame: where sys.exit was called."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    if tb is None:
+        return "unknown code"
+    code = tb.tb_frame.f_code
+    return f"{code.co_name} ({_short(code.co_filename, 120)}:{tb.tb_lineno})"
+
+
+def _internal_error(exc: BaseException, summary: str | None = None) -> str:
     """Write the traceback to a file under the temp folder; the line that says where it is."""
     import tempfile
     import traceback
 
-    summary = _short(" ".join(f"{type(exc).__name__}: {exc}".split()), 200)
+    summary = summary or _short(" ".join(f"{type(exc).__name__}: {exc}".split()), 200)
     try:
         fd, path = tempfile.mkstemp(prefix="tunelab-traceback-", suffix=".txt")
         with open(fd, "w") as f:

@@ -80,6 +80,8 @@ def probe(func, entry: str, ds, where: str) -> None:
             log_metric=lambda *a, **k: None,
             **columns,
         )
+    except SystemExit as exc:
+        raise exit_error(entry, where, exc) from None
     except Exception as exc:  # noqa: BLE001 - report whatever a user's reward raises, in one line
         message = " ".join(str(exc).split())[:200]
         raise TunelabError(
@@ -95,6 +97,34 @@ def probe(func, entry: str, ds, where: str) -> None:
         raise TunelabError(f"'{where}': reward function '{entry}' returned {list(out)!r}: expected numbers (or None)")
 
 
+def exit_error(entry: str, where: str, exc: SystemExit) -> TunelabError:
+    """A reward function that calls sys.exit would end the whole run with no word: name it instead."""
+    call = f"sys.exit({exc.code!r})" if exc.code is not None else "sys.exit()"
+    return TunelabError(
+        f"'{where}': reward function '{entry}' called {call}, which would end the run: "
+        "return a score (or None) for each completion, or raise an exception to stop with its message"
+    )
+
+
+def guarded(func: Any, entry: str, where: str) -> Any:
+    """`func` as TRL calls it, with a SystemExit turned into exit_error's one line (named like `func`,
+    so TRL logs it under the same name). Coroutine functions are left as they are (TRL awaits them)."""
+    import functools
+    import inspect
+
+    if inspect.iscoroutinefunction(func):
+        return func
+
+    @functools.wraps(func)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except SystemExit as exc:
+            raise exit_error(entry, where, exc) from None
+
+    return call
+
+
 def check_rewards(spec: Any, ctx: Any, ds: Any) -> list[tuple[str, Any]]:
     """(entry, callable or from_pretrained spec) for each reward; None specs while a stage is pending."""
     out = []
@@ -103,7 +133,7 @@ def check_rewards(spec: Any, ctx: Any, ds: Any) -> list[tuple[str, Any]]:
         if is_callable_name(entry):
             func = import_reward(entry, where)
             probe(func, entry, ds, where)
-            out.append((entry, func))
+            out.append((entry, guarded(func, entry, where)))
             continue
         out.append((entry, reward_model_spec(entry, ctx, where)))
     return out

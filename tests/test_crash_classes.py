@@ -1,0 +1,117 @@
+"""Crash classes: a user's code that exits, data values of the wrong type past the first rows, models of
+the wrong kind, machine conditions, and the Python API. Each is one line (exit 2 for input, 1 for a bug)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from tests.test_bad_input import fails, write
+from tunelab.cli import app
+
+runner = CliRunner()
+ROOT = Path(__file__).parents[1]
+
+
+def one_line(result, code: int) -> str:
+    """The single non-empty output line of a CLI call that exited with `code`."""
+    output = result.output.strip()
+    lines = [line for line in output.splitlines() if line.strip()]
+    assert result.exit_code == code, f"{result.exit_code}: {output}\n{result.exception!r}"
+    assert "Traceback" not in output, output
+    assert len(lines) == 1 and lines[0].startswith("error: "), output
+    return lines[0]
+
+
+# --- 1. the CLI's last guard --------------------------------------------------------------------
+
+
+EXITING_REWARD = """import sys
+
+def at_once(completions, **kwargs):
+    sys.exit(3)
+
+def in_training(completions, trainer_state=None, **kwargs):
+    if trainer_state is not None:  # validate's probe passes None; the trainer passes its state
+        sys.exit("bye")
+    return [0.0 for _ in completions]
+"""
+
+
+@pytest.fixture
+def exiting_reward(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    (tmp_path / "exiting_reward.py").write_text(EXITING_REWARD)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    sys.modules.pop("exiting_reward", None)
+    return tmp_path
+
+
+def grpo(model: str, reward: str, **training) -> dict:
+    return {
+        "stage": "grpo",
+        "model": model,
+        "data": {"path": str(ROOT / "recipes/data/arith_qa"), "split": "train[:8]"},
+        "rewards": [reward],
+        "training": {
+            "max_steps": 1,
+            "per_device_train_batch_size": 4,
+            "num_generations": 4,
+            "max_completion_length": 4,
+            "logging_steps": 1,
+            "save_strategy": "no",
+            "report_to": "none",
+            **training,
+        },
+    }
+
+
+def test_reward_function_calling_sys_exit_at_validate(exiting_reward: Path, tiny_lm: Path) -> None:
+    recipe = write(exiting_reward, {"stages": {"grpo": grpo(str(tiny_lm), "exiting_reward:at_once")}})
+    fails(
+        ["validate", str(recipe)],
+        r"'stages.grpo.rewards\[0\]': reward function 'exiting_reward:at_once' called sys.exit\(3\), which would "
+        r"end the run: return a score",
+    )
+
+
+def test_reward_function_calling_sys_exit_during_the_run(exiting_reward: Path, tiny_lm: Path) -> None:
+    recipe = write(exiting_reward, {"stages": {"grpo": grpo(str(tiny_lm), "exiting_reward:in_training")}})
+    result = runner.invoke(app, ["run", str(recipe)])
+    errors = ["error: " + line.split("error: ", 1)[1] for line in result.output.splitlines() if "error: " in line]
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert errors == [
+        "error: 'stages.grpo.rewards[0]': reward function 'exiting_reward:in_training' called sys.exit('bye'), "
+        "which would end the run: return a score (or None) for each completion, or raise an exception to stop "
+        "with its message"
+    ], result.output
+
+
+def test_sys_exit_from_other_code_is_one_line_naming_where(monkeypatch: pytest.MonkeyPatch) -> None:
+    import tunelab.pipeline
+
+    def exits(*args, **kwargs):
+        sys.exit(4)
+
+    monkeypatch.setattr(tunelab.pipeline, "check", exits)
+    line = one_line(runner.invoke(app, ["validate", "quickstart"]), 1)
+    assert line.startswith("error: internal error in tunelab (sys.exit(4) was called in exits ("), line
+    file = Path(line.split("the full traceback is in ")[1].split(":")[0])
+    assert "SystemExit: 4" in file.read_text()
+    file.unlink()
+
+
+def test_abort_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    import typer
+
+    import tunelab.pipeline
+
+    def aborts(*args, **kwargs):
+        raise typer.Abort()
+
+    monkeypatch.setattr(tunelab.pipeline, "check", aborts)
+    result = runner.invoke(app, ["validate", "quickstart"])
+    assert result.exit_code == 1 and result.output.strip() == "aborted", (result.output, result.exception)

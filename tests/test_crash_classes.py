@@ -3,6 +3,7 @@ the wrong kind, machine conditions, and the Python API. Each is one line (exit 2
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -115,3 +116,57 @@ def test_abort_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(tunelab.pipeline, "check", aborts)
     result = runner.invoke(app, ["validate", "quickstart"])
     assert result.exit_code == 1 and result.output.strip() == "aborted", (result.output, result.exception)
+
+
+# --- 2. data values of the wrong type past the rows validate reads --------------------------------
+
+
+def rows_file(tmp_path: Path, rows: list[dict], name: str = "data.jsonl") -> str:
+    path = tmp_path / name
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return str(path)
+
+
+PAIRS = [{"prompt": f"Q{i}?", "chosen": " yes", "rejected": " no"} for i in range(12)]
+PROMPTS = [{"prompt": f"Q{i}?", "completion": " 1"} for i in range(12)]
+
+
+def row9(rows: list[dict], **values) -> list[dict]:
+    """`rows` with row 9 (after the rows validate's probes read) changed."""
+    return [{**row, **values} if i == 9 else row for i, row in enumerate(rows)]
+
+
+@pytest.mark.parametrize(
+    ("stage", "rows", "message"),
+    [
+        ("kto", row9(PAIRS, chosen=5), r"column 'chosen' mixes types \(row 9 is 5, int\): every row must hold text"),
+        ("kto", row9(PAIRS, rejected=None), r"column 'rejected' is null \(missing\) in 1 row\(s\), the first row 9"),
+        ("orpo", [{**r, "chosen": 3} for r in PAIRS], r"column 'chosen' holds integers \(e.g. row 0 is 3\)"),
+        ("orpo", row9(PAIRS, chosen=""), r"column 'chosen' is blank in 1 row\(s\), the first row 9"),
+        ("cpo", row9(PAIRS, chosen=None), r"column 'chosen' is null \(missing\) in 1 row\(s\), the first row 9"),
+        ("cpo", [{**r, "chosen": ["a", "b"]} for r in PAIRS], "column 'chosen' holds lists of strings, not chat"),
+        ("grpo", row9(PROMPTS, prompt=7), r"column 'prompt' mixes types \(row 9 is 7, int\)"),
+        ("grpo", row9(PROMPTS, prompt=" "), r"column 'prompt' is blank in 1 row\(s\), the first row 9"),
+        ("rloo", row9(PROMPTS, prompt=None), r"column 'prompt' is null \(missing\) in 1 row\(s\), the first row 9"),
+        ("rloo", [{**r, "prompt": None} for r in PROMPTS], r"column 'prompt' is null \(missing\) in every row"),
+    ],
+)
+def test_data_values_of_the_wrong_type_in_any_row(
+    tmp_path: Path, tiny_lm: Path, stage: str, rows: list[dict], message: str
+) -> None:
+    cfg = {"stage": stage, "model": str(tiny_lm), "data": rows_file(tmp_path, rows)}
+    if stage in ("grpo", "rloo"):
+        cfg["rewards"] = ["tunelab.rewards:exact_match"]
+    fails(["validate", str(write(tmp_path, {"stages": {stage: cfg}}))], rf"'stages.{stage}.data' {message}")
+
+
+def test_kto_labels_checked_in_every_row(tmp_path: Path, tiny_lm: Path) -> None:
+    rows = [{"prompt": f"Q{i}?", "completion": " 1", "label": i % 2 == 0} for i in range(12)]
+
+    def validate(data: list[dict]) -> list[str]:
+        cfg = {"stage": "kto", "model": str(tiny_lm), "data": rows_file(tmp_path, data)}
+        return ["validate", str(write(tmp_path, {"stages": {"kto": cfg}}))]
+
+    fails(validate(row9(rows, label="yes")), r"column 'label' holds str values \('yes'\): KTO labels are true")
+    fails(validate(row9(rows, completion=None)), r"column 'completion' is null \(missing\) in 1 row\(s\), the first")
+    fails(validate([{**r, "label": True} for r in rows]), "every 'label' is true: KTO learns from desirable and")

@@ -305,7 +305,9 @@ class OnlineStage(TrainerStage):
 
     def data(self, spec: StageSpec, s: Settings) -> tuple[Any, Any]:
         ds = load_split(self.require_data(spec), f"{spec.where}.data", "train")
-        require_columns(ds, ["prompt"], f"{spec.where}.data", "prompts, which the trainer reads from 'prompt'")
+        require_columns(
+            ds, ["prompt"], f"{spec.where}.data", "prompts, which the trainer reads from 'prompt'", "turns", empty=False
+        )
         column = spec.cfg.get("reference_column")
         if column is None:
             column = next((c for c in ("reference", "completion") if c in ds.column_names), None)

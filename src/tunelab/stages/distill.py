@@ -62,7 +62,9 @@ class Distill(TrainerStage):
                 continue
             value = self.require_data(spec) if key == "data" else spec.cfg[key]
             ds = load_split(value, f"{spec.where}.{key}", split)
-            require_columns(ds, ["prompt"], f"{spec.where}.{key}", "prompts for the student to answer")
+            require_columns(
+                ds, ["prompt"], f"{spec.where}.{key}", "prompts for the student to answer", "turns", empty=False
+            )
             out.append(ds.select_columns(["prompt"]))  # the student answers: reference answers are not used
         return out[0], out[1]
 

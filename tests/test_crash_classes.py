@@ -15,6 +15,7 @@ from tunelab.cli import app
 
 runner = CliRunner()
 ROOT = Path(__file__).parents[1]
+QA = {"path": str(ROOT / "recipes/data/arith_qa"), "split": "train[:8]"}
 
 
 def one_line(result, code: int) -> str:
@@ -170,3 +171,69 @@ def test_kto_labels_checked_in_every_row(tmp_path: Path, tiny_lm: Path) -> None:
     fails(validate(row9(rows, label="yes")), r"column 'label' holds str values \('yes'\): KTO labels are true")
     fails(validate(row9(rows, completion=None)), r"column 'completion' is null \(missing\) in 1 row\(s\), the first")
     fails(validate([{**r, "label": True} for r in rows]), "every 'label' is true: KTO learns from desirable and")
+
+
+# --- 3. models of the wrong kind --------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def classifier(tmp_path_factory: pytest.TempPathFactory, tiny_lm: Path) -> Path:
+    """The tiny LM's backbone under a one-output classification head: a reward model's shape."""
+    from transformers import AutoConfig, AutoTokenizer, LlamaForSequenceClassification
+
+    config = AutoConfig.from_pretrained(tiny_lm)
+    config.num_labels = 1
+    path = tmp_path_factory.mktemp("classifier") / "reward"
+    LlamaForSequenceClassification(config).save_pretrained(path)
+    AutoTokenizer.from_pretrained(tiny_lm).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def llava(tmp_path_factory: pytest.TempPathFactory, tiny_lm: Path) -> Path:
+    from tests.test_vlm import TINY_VISION
+    from tunelab.vision import build_llava
+
+    return build_llava({"path": str(tiny_lm)}, tmp_path_factory.mktemp("llava") / "vlm", TINY_VISION)
+
+
+IMAGE_TEXT = r"is an image\+text model \(LlavaForConditionalGeneration\): {role} a text-only causal LM"
+CLASSIFIER = r"is a classifier \(LlamaForSequenceClassification, like a reward model\), not a causal LM: {role} a"
+
+
+@pytest.mark.parametrize("stage", ["kto", "orpo", "cpo"])
+@pytest.mark.parametrize("kind", ["llava", "classifier"])
+def test_policy_of_the_wrong_kind(tmp_path: Path, request: pytest.FixtureRequest, stage: str, kind: str) -> None:
+    model = request.getfixturevalue(kind)
+    cfg = {"stage": stage, "model": str(model), "data": {"path": str(ROOT / "recipes/data/arith_pref")}}
+    message = (IMAGE_TEXT if kind == "llava" else CLASSIFIER).format(role=f"the {stage} stage trains")
+    fails(["validate", str(write(tmp_path, {"stages": {stage: cfg}}))], rf"'stages.{stage}.model' {message}")
+
+
+@pytest.mark.parametrize("kind", ["llava", "classifier"])
+def test_teacher_and_harness_model_of_the_wrong_kind(
+    tmp_path: Path, request: pytest.FixtureRequest, tiny_lm: Path, kind: str
+) -> None:
+    model = request.getfixturevalue(kind)
+    message = IMAGE_TEXT if kind == "llava" else CLASSIFIER
+    distill = {"stage": "distill", "model": str(tiny_lm), "teacher": str(model), "data": QA}
+    fails(
+        ["validate", str(write(tmp_path, {"stages": {"distill": distill}}))],
+        "'stages.distill.teacher' " + message.format(role="the teacher of a distill stage is"),
+    )
+    fails(
+        ["eval", str(model), "--tasks", "tunelab_arith_mc", "--output-dir", str(tmp_path / "eval")],
+        "'stages.eval.model' " + message.format(role="lm_eval scores"),
+    )
+    assert not (tmp_path / "eval").exists()
+
+
+def test_a_reward_stage_named_as_a_policy(tmp_path: Path, tiny_lm: Path) -> None:
+    stages = {
+        "reward": {"stage": "reward", "model": str(tiny_lm), "data": {"path": str(ROOT / "recipes/data/arith_pref")}},
+        "kto": {"stage": "kto", "model": "${reward}", "data": {"path": str(ROOT / "recipes/data/arith_pref")}},
+    }
+    fails(
+        ["validate", str(write(tmp_path, {"stages": stages}))],
+        r"'stages.kto.model' is \$\{reward\}, a `reward` stage, which makes a classifier, not a causal LM: the kto",
+    )

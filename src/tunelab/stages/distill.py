@@ -17,6 +17,7 @@ from tunelab.chat import conversational
 from tunelab.data import load_split, require_columns
 from tunelab.errors import TunelabError
 from tunelab.models import load_causal_lm, model_config, same_tokenizer, stage_model, tokenizer_origin
+from tunelab.preflight import check_language_model
 from tunelab.stages import TRAINING, Context, Metrics, StageSpec
 from tunelab.stages.base import Settings, TrainerStage, sections
 
@@ -51,6 +52,7 @@ class Distill(TrainerStage):
     def settings(self, spec: StageSpec, ctx: Context) -> Settings:
         s = super().settings(spec, ctx)
         s.extra["teacher"] = stage_model(spec, ctx, "the teacher: a causal LM with the student's vocabulary", "teacher")
+        check_language_model(spec.cfg["teacher"], ctx, f"{spec.where}.teacher", "the teacher of a distill stage is")
         _check_vocabularies(spec, ctx)
         return s
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from tests.conftest import tiny_training
 from tests.test_bad_input import fails, write
 from tunelab.cli import app
 
@@ -237,3 +238,85 @@ def test_a_reward_stage_named_as_a_policy(tmp_path: Path, tiny_lm: Path) -> None
         ["validate", str(write(tmp_path, {"stages": stages}))],
         r"'stages.kto.model' is \$\{reward\}, a `reward` stage, which makes a classifier, not a causal LM: the kto",
     )
+
+
+# --- 4. machine conditions ----------------------------------------------------------------------------
+
+
+def sft(model: Path, **training) -> dict:
+    return {"stage": "sft", "model": str(model), "data": QA, "training": tiny_training(**training)}
+
+
+def test_run_folder_whose_lock_cannot_be_opened(tmp_path: Path, tiny_lm: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import builtins
+
+    from tunelab import runs
+
+    def read_only(file, *args, **kwargs):
+        if str(file).endswith(runs.LOCK):
+            raise PermissionError(13, "Permission denied", str(file))  # a read-only file or mount, even for root
+        return builtins.open(file, *args, **kwargs)
+
+    monkeypatch.setattr(runs, "open", read_only, raising=False)
+    recipe = write(tmp_path, {"stages": {"sft": sft(tiny_lm)}})
+    result = runner.invoke(app, ["run", str(recipe)])
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert result.output.strip().splitlines()[-1] == (  # after the run's header line
+        f"error: '{tmp_path / 'out' / runs.LOCK}': Permission denied (file permissions, or a read-only mount): fix "
+        "its permissions, or choose another path (another output_dir for a run folder)"
+    )
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        OSError(28, "No space left on device", "/runs/x/sft/checkpoint-2/optimizer.pt"),
+        RuntimeError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left" })'),
+    ],
+)
+def test_disk_that_fills_during_a_run(monkeypatch: pytest.MonkeyPatch, error: Exception) -> None:
+    import tunelab.pipeline
+
+    def fills(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(tunelab.pipeline, "check", fills)
+    line = one_line(runner.invoke(app, ["validate", "quickstart"]), 2)
+    where = " writing '/runs/x/sft/checkpoint-2/optimizer.pt'" if isinstance(error, OSError) else ""
+    assert line == (
+        f"error: the disk is full{where} (No space left on device): free space there, or choose an output_dir on "
+        "another disk; a run it stopped is marked failed: continue it with --resume"
+    )
+
+
+def test_disk_plan_in_units_that_show_it(tmp_path: Path, tiny_lm: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 2 * 10**6, 2 * 10**6))
+    recipe = write(tmp_path, {"stages": {"sft": sft(tiny_lm, save_strategy="steps", save_steps=1)}})
+    fails(
+        ["validate", str(recipe)],
+        r"output_dir '.*': 2 MB free, but the run plans \d+(\.\d+)? MB of checkpoints, models and logs "
+        r"\(most in stage 'sft': \d+(\.\d+)? MB\)",
+    )
+
+
+def test_chat_on_a_closed_stdin_an_empty_prompt_and_two_quantizations(tiny_lm: Path) -> None:
+    import os
+    import subprocess
+
+    closed = subprocess.run(
+        [sys.executable, "-m", "tunelab.cli", "chat", str(tiny_lm)],
+        preexec_fn=lambda: os.close(0),  # `tunelab chat MODEL <&-`
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert closed.returncode == 0 and "Traceback" not in closed.stderr, closed.stderr
+    assert closed.stderr.strip().splitlines()[-1] == (
+        "stdin is closed: nothing to chat about (give --prompt TEXT for one answer)"
+    )
+    fails(["chat", str(tiny_lm), "--prompt", " "], "--prompt is empty: give the text for the model to answer")
+    fails(["chat", str(tiny_lm), "--load-in-4bit", "--load-in-8bit"], "--load-in-4bit and --load-in-8bit are both")

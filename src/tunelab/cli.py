@@ -120,9 +120,36 @@ def friendly(fn):
 
             if isinstance(exc, OSError) and exc.errno == errno.ENAMETOOLONG:  # always a path the user gave
                 _fail(f"path '{_short(exc.filename)}' is longer than the OS allows ({exc.strerror}): use a shorter one")
+            _machine_condition(exc)
             _fail(_internal_error(exc), 1)
 
     return wrapper
+
+
+def _machine_condition(exc: BaseException) -> None:
+    """A full disk or a path the OS will not let tunelab write, anywhere in the exception's chain: one line
+    naming the file and what to do (exit 2). These are the machine's state, not tunelab's bugs; the plan's
+    disk check cannot foresee every byte, and libraries wrap the OSError (safetensors, torch) in their own."""
+    import errno
+
+    seen: set[int] = set()
+    chain: BaseException | None = exc
+    while chain is not None and id(chain) not in seen:
+        seen.add(id(chain))
+        text = str(chain)
+        full = isinstance(chain, OSError) and chain.errno in (errno.ENOSPC, errno.EDQUOT)
+        if full or "No space left on device" in text or "StorageFull" in text:
+            where = f" writing '{_short(chain.filename)}'" if getattr(chain, "filename", None) else ""
+            _fail(
+                f"the disk is full{where} (No space left on device): free space there, or choose an output_dir on "
+                "another disk; a run it stopped is marked failed: continue it with --resume"
+            )
+        if isinstance(chain, OSError) and chain.errno in (errno.EACCES, errno.EPERM, errno.EROFS) and chain.filename:
+            _fail(
+                f"'{_short(chain.filename)}': {chain.strerror} (file permissions, or a read-only mount): fix its "
+                "permissions, or choose another path (another output_dir for a run folder)"
+            )
+        chain = chain.__cause__ or chain.__context__
 
 
 def _short(value: Any, limit: int = 80) -> str:
@@ -495,9 +522,17 @@ def chat_command(
     ] = None,
 ) -> None:
     """Talk to a model: an interactive loop with history (/reset, /system TEXT, /exit), or one --prompt."""
+    from tunelab.errors import TunelabError
     from tunelab.talk import Chat, generation_config, load, parse_overrides
 
     config = generation_config(parse_overrides(generation or []), "generation")
+    if load_in_4bit and load_in_8bit:
+        raise TunelabError("--load-in-4bit and --load-in-8bit are both given: choose one (4 bits take half the memory)")
+    if prompt is not None and not prompt.strip():
+        raise TunelabError("--prompt is empty: give the text for the model to answer")
+    if prompt is None and (sys.stdin is None or sys.stdin.closed):  # `<&-`: input() would raise, not see EOF
+        typer.echo("stdin is closed: nothing to chat about (give --prompt TEXT for one answer)", err=True)
+        return
     quant = {"load_in_4bit": True} if load_in_4bit else {"load_in_8bit": True} if load_in_8bit else None
     from tunelab.vlm_prompting import is_vlm_ref, open_chat
 
@@ -517,7 +552,8 @@ def chat_command(
     while True:
         try:
             text = input("you> ")
-        except EOFError:
+        except EOFError:  # Ctrl-D, or the end of piped input: end the line the prompt started
+            typer.echo(err=True)
             break
         if text.strip() in ("/exit", "/quit"):
             break

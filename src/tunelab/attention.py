@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from tunelab.chat import messages, render, use_template
+from tunelab.chat_templates import messages, render, use_template
 from tunelab.errors import TunelabError
 from tunelab.hub import resolve_model
 from tunelab.models import adapter_base, is_adapter, load_tokenizer, model_spec, resolve_spec

@@ -13,7 +13,7 @@ What the `vlm_build`, `vlm_sft` and `eval` stages and `tunelab chat --image` sha
   processor on the first rows and on one image of each mode.
 - **Loss on assistant turns only**: TRL 1.12 refuses `assistant_only_loss` for vision data and
   trains on every non-pad token (system, user and image tokens too). `AssistantOnlyCollator` keeps
-  TRL's collator and derives the mask as `tunelab.chat.assistant_mask` does for text chats (render
+  TRL's collator and derives the mask as `tunelab.chat_templates.assistant_mask` does for text chats (render
   up to and through each assistant turn, mark the characters the assistant adds), then carries it
   onto the processor's ids, where each image placeholder has grown into the image's tokens.
 """
@@ -25,7 +25,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from tunelab.chat import assistant_mask
+from tunelab.chat_templates import assistant_mask
 from tunelab.config import check_keys
 from tunelab.errors import TunelabError
 from tunelab.hub import local_path
@@ -453,7 +453,7 @@ def _short(exc: BaseException) -> str:
 
 
 class _Renderer:
-    """The processor's chat template with its tokenizer's encoding: what `tunelab.chat.assistant_mask` needs."""
+    """The processor's chat template with its tokenizer's encoding: what `chat_templates.assistant_mask` needs."""
 
     def __init__(self, processor: Any) -> None:
         self.processor = processor

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from tunelab.answers import answer, matches
-from tunelab.chat import render as render_text
+from tunelab.chat_templates import render as render_text
 from tunelab.data import fingerprint, load_split, require_columns
 from tunelab.errors import TunelabError
 from tunelab.hub import configure_offline, local_path

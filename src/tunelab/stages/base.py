@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from tunelab.adapters import lora_config, trainable_quantization
-from tunelab.chat import chat_pairs, check_chat_data, conversational, setting, system_prompt
+from tunelab.chat_templates import chat_pairs, check_chat_data, conversational, setting, system_prompt
 from tunelab.data import load_split, preference_splits, require_columns
 from tunelab.errors import TunelabError
 from tunelab.models import load_causal_lm, load_tokenizer, prepare_kbit, stage_model

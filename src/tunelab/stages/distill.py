@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tunelab.chat import conversational
+from tunelab.chat_templates import conversational
 from tunelab.data import load_split, require_columns
 from tunelab.errors import TunelabError
 from tunelab.models import load_causal_lm, model_config, same_tokenizer, stage_model, tokenizer_origin

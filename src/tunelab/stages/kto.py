@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tunelab.chat import conversational
+from tunelab.chat_templates import conversational
 from tunelab.data import load_split, require_preferences, require_values
 from tunelab.errors import TunelabError
 from tunelab.stages import TRAINING, Context, Metrics, StageSpec

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tunelab.chat import conversational
+from tunelab.chat_templates import conversational
 from tunelab.data import load_split, require_columns
 from tunelab.distributed import world
 from tunelab.errors import TunelabError

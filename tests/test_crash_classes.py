@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+import tunelab
 from tests.conftest import tiny_training
 from tests.test_bad_input import fails, write
 from tunelab.cli import app
@@ -320,3 +321,57 @@ def test_chat_on_a_closed_stdin_an_empty_prompt_and_two_quantizations(tiny_lm: P
     )
     fails(["chat", str(tiny_lm), "--prompt", " "], "--prompt is empty: give the text for the model to answer")
     fails(["chat", str(tiny_lm), "--load-in-4bit", "--load-in-8bit"], "--load-in-4bit and --load-in-8bit are both")
+
+
+# --- 5. the Python API ------------------------------------------------------------------------------
+
+
+def test_chat_after_validate_twice_in_one_process(tmp_path: Path, tiny_lm: Path) -> None:
+    """README's order: validate (which imports every stage and what they use), then chat, then chat again."""
+    import importlib
+
+    assert tunelab.validate("quickstart", overrides=[f"output_dir={tmp_path / 'q'}"]) == "new"
+    importlib.import_module("tunelab.chat_templates")
+    first = tunelab.chat(tiny_lm, "1 + 1 =", max_new_tokens=2)
+    second = tunelab.chat(str(tiny_lm), "1 + 1 =", max_new_tokens=2)
+    assert isinstance(first, str) and first == second  # greedy: the same reply
+    assert callable(tunelab.chat) and callable(tunelab.generate)
+
+
+def test_no_submodule_hides_an_api_function() -> None:
+    """Importing `tunelab.NAME` sets the package's attribute NAME to the module: no API function may share it."""
+    import importlib.util
+
+    clashes = [name for name in tunelab.__all__ if importlib.util.find_spec(f"tunelab.{name}") is not None]
+    assert clashes == []
+
+
+def test_generate_takes_one_string_as_one_prompt(tiny_lm: Path) -> None:
+    one = tunelab.generate(str(tiny_lm), "hello", max_new_tokens=2)
+    assert isinstance(one, str)
+    assert tunelab.generate(str(tiny_lm), ["hello"], max_new_tokens=2) == [one]
+    assert tunelab.generate(str(tiny_lm), [], max_new_tokens=2) == []
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda m: tunelab.chat(m, 5), r"prompt must be a string \(the text for the model to answer\), not 5 \(int\)"),
+        (lambda m: tunelab.chat(m, None), r"prompt must be a string .*not None \(NoneType\)"),
+        (lambda m: tunelab.chat(m, ["a"]), r"prompt must be a string .*not \['a'\] \(list\)"),
+        (lambda m: tunelab.chat(m, " "), "prompt is empty: give the text for the model to answer"),
+        (lambda m: tunelab.chat(m, "hi", history="hi"), r"history must be a list of \{'role': ..., 'content': ...}"),
+        (lambda m: tunelab.chat(5, "hi"), r"model must be a model folder, .* \(a string or a Path\), not 5 \(int\)"),
+        (lambda m: tunelab.chat(None, "hi"), r"model must be .*not None \(NoneType\)"),
+        (lambda m: tunelab.generate(m, None), r"prompts must be a list of strings \(or one string\), not None"),
+        (lambda m: tunelab.generate(m, 5), r"prompts must be a list of strings \(or one string\), not 5 \(int\)"),
+        (lambda m: tunelab.generate(m, ["a", 1]), r"prompts\[1\] must be a string .*not 1 \(int\)"),
+        (lambda m: tunelab.generate(m, ["a"], batch_size=0), r"batch_size must be a positive integer, not 0"),
+        (lambda m: tunelab.merge(5, "out"), r"adapter_dir must be the folder of a LoRA adapter .*not 5 \(int\)"),
+        (lambda m: tunelab.merge(m, None), r"out_dir must be the folder to save the merged model in .*not None"),
+        (lambda m: tunelab.validate("quickstart", from_stage=5), r"from_stage must be the name of a stage .*not 5"),
+    ],
+)
+def test_api_arguments_of_the_wrong_type(tiny_lm: Path, call, message: str) -> None:
+    with pytest.raises(tunelab.TunelabError, match=message):
+        call(str(tiny_lm))

@@ -375,3 +375,89 @@ def test_generate_takes_one_string_as_one_prompt(tiny_lm: Path) -> None:
 def test_api_arguments_of_the_wrong_type(tiny_lm: Path, call, message: str) -> None:
     with pytest.raises(tunelab.TunelabError, match=message):
         call(str(tiny_lm))
+
+
+# --- 6. accepted silently: training on nothing, an inverted objective, paths and launching --------------
+
+
+@pytest.mark.parametrize(
+    ("stage", "override", "message"),
+    [
+        ("sft", "training.max_length=0", r"'stages.sft.training.max_length' is 0: every example would be cut to"),
+        ("grpo", "training.max_completion_length=0", r"'stages.grpo.training.max_completion_length' is 0: every"),
+        *[
+            (stage, "training.beta=-0.1", rf"'stages.{stage}.training.beta' is -0.1: a negative beta inverts the obj")
+            for stage in ("kto", "orpo", "cpo", "grpo", "rloo")
+        ],
+    ],
+)
+def test_settings_that_train_on_nothing_or_invert_the_objective(
+    tmp_path: Path, tiny_lm: Path, stage: str, override: str, message: str
+) -> None:
+    data = "recipes/data/arith_qa" if stage in ("sft", "grpo", "rloo") else "recipes/data/arith_pref"
+    cfg = {"stage": stage, "model": str(tiny_lm), "data": {"path": str(ROOT / data), "split": "train[:8]"}}
+    if stage in ("grpo", "rloo"):
+        cfg["rewards"] = ["tunelab.rewards:exact_match"]
+    fails(["validate", str(write(tmp_path, {"stages": {stage: cfg}})), override], message)
+
+
+NAN_REWARD = """import math
+
+def always(completions, **kwargs):
+    return [math.nan for _ in completions]
+
+def in_training(completions, trainer_state=None, **kwargs):
+    return [0.0 if trainer_state is None else math.nan for _ in completions]
+"""
+
+
+def test_rewards_that_are_all_nan(tmp_path: Path, tiny_lm: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "nan_reward.py").write_text(NAN_REWARD)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    sys.modules.pop("nan_reward", None)
+    recipe = write(tmp_path, {"stages": {"grpo": grpo(str(tiny_lm), "nan_reward:always")}})
+    fails(
+        ["validate", str(recipe)],
+        r"'stages.grpo.rewards\[0\]': reward 'nan_reward:always' scored every completion NaN on the first 2 rows",
+    )
+    recipe = write(tmp_path, {"stages": {"grpo": grpo(str(tiny_lm), "nan_reward:in_training")}})
+    result = runner.invoke(app, ["run", str(recipe)])
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert (
+        "error: 'stages.grpo.rewards[0]': reward 'nan_reward:in_training' scored every completion NaN at step 0: "
+        "the policy would train on no signal" in result.output
+    ), result.output
+
+
+def test_output_dir_tilde_null_and_inside_its_data(
+    tmp_path: Path, tiny_lm: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import shutil
+
+    recipe = str(write(tmp_path, {"stages": {"sft": sft(tiny_lm)}}))
+    fails(["validate", recipe, "output_dir=~"], r"'output_dir' is null: YAML reads `~`, `null` and an empty value as")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    result = runner.invoke(app, ["validate", recipe, 'output_dir="~/runs/x"'])
+    assert result.exit_code == 0 and f"output_dir {tmp_path / 'home' / 'runs' / 'x'} will be" in result.output
+    assert tunelab.load_recipe(recipe, ['output_dir="~/runs/x"']).output_dir == tmp_path / "home" / "runs" / "x"
+    shutil.copytree(ROOT / "recipes/data/arith_qa", tmp_path / "qa")
+    inside = str(write(tmp_path, {"stages": {"sft": {**sft(tiny_lm), "data": str(tmp_path / "qa")}}}))
+    fails(
+        ["validate", inside, f"output_dir={tmp_path / 'qa' / 'run'}"],
+        rf"output_dir '{tmp_path / 'qa' / 'run'}' is inside 'stages.sft.data' \('{tmp_path / 'qa'}'\): the run's",
+    )
+
+
+def test_launch_beyond_the_cores_and_cp_of_a_file_that_is_no_recipe(tmp_path: Path, tiny_lm: Path) -> None:
+    import os
+
+    recipe = str(write(tmp_path, {"stages": {"sft": sft(tiny_lm)}}))
+    cores = len(os.sched_getaffinity(0))
+    fails(
+        ["launch", recipe, "--num-processes", "100000", "--dry-run"],
+        rf"100000 processes on this machine but it has {cores} CPU core\(s\) for them: lower --num-processes",
+    )
+    (tmp_path / "notes.txt").write_text("not a recipe")
+    fails(["cp", str(tmp_path / "notes.txt"), str(tmp_path / "copy")], "is not a shipped recipe: name one from")
+    assert not (tmp_path / "copy").exists()

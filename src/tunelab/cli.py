@@ -601,7 +601,10 @@ def cp(
     from tunelab.recipe import find_recipe
 
     if name.removesuffix(".yaml") not in shipped_recipes():
-        find_recipe(name)  # raises with a "did you mean"
+        find_recipe(name)  # raises with a "did you mean" when it names nothing
+        raise TunelabError(  # a path to some other file: `cp` copies shipped recipes only (see `tunelab list`)
+            f"'{name}' is not a shipped recipe: name one from `tunelab list` (copy your own files with cp)"
+        )
     source = find_recipe(name)
     check_path(dest, "the destination")
     target = dest / source.name if dest.is_dir() else dest

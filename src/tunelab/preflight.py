@@ -33,6 +33,10 @@ INTEGRATIONS = {
 }
 
 
+# Token limits of the trainers' configs (None: no limit).
+LENGTH_KEYS = ("max_length", "max_prompt_length", "max_completion_length", "max_seq_length", "max_new_tokens")
+
+
 def check_training(args: Any, spec: Any) -> None:
     """What a Trainer would only refuse after loading the model."""
     where = f"{spec.where}.training"
@@ -46,6 +50,19 @@ def check_training(args: Any, spec: Any) -> None:
         value = getattr(args, key, 1)
         if isinstance(value, int) and value < 1:
             raise TunelabError(f"'{where}.{key}' is {value}: it must be at least 1")
+    for key in LENGTH_KEYS:  # None means no limit; 0 truncates every example to nothing
+        value = getattr(args, key, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value < 1:
+            raise TunelabError(
+                f"'{where}.{key}' is {value}: every example would be cut to nothing; set a positive number of tokens "
+                "(or remove it for the default)"
+            )
+    beta = getattr(args, "beta", None)
+    if isinstance(beta, (int, float)) and not isinstance(beta, bool) and beta < 0:
+        raise TunelabError(
+            f"'{where}.beta' is {beta}: a negative beta inverts the objective (it rewards moving toward the "
+            "rejected answers, or away from the reference); set it to 0 or more (0.1 is usual)"
+        )
     if getattr(args, "seed", 0) < 0:
         raise TunelabError(f"'{where}.seed' is {args.seed}: seeds are non-negative integers")
     for name in getattr(args, "report_to", None) or []:

@@ -95,6 +95,23 @@ def probe(func, entry: str, ds, where: str) -> None:
         )
     if not all(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)) for v in out):
         raise TunelabError(f"'{where}': reward function '{entry}' returned {list(out)!r}: expected numbers (or None)")
+    if all_nan(out):
+        raise nan_error(entry, where, f"on the first {len(prompts)} rows of data")
+
+
+def all_nan(values: Any) -> bool:
+    """Every score NaN: no signal at all (None is a reward's "does not apply"; NaN is a broken score)."""
+    import math
+
+    values = list(values) if isinstance(values, (list, tuple)) else []
+    return bool(values) and all(isinstance(v, float) and math.isnan(v) for v in values)
+
+
+def nan_error(entry: str, where: str, when: str) -> TunelabError:
+    return TunelabError(
+        f"'{where}': reward '{entry}' scored every completion NaN {when}: the policy would train on no signal "
+        "(or NaN losses); fix the reward (return None for a completion it does not apply to)"
+    )
 
 
 def exit_error(entry: str, where: str, exc: SystemExit) -> TunelabError:
@@ -107,8 +124,9 @@ def exit_error(entry: str, where: str, exc: SystemExit) -> TunelabError:
 
 
 def guarded(func: Any, entry: str, where: str) -> Any:
-    """`func` as TRL calls it, with a SystemExit turned into exit_error's one line (named like `func`,
-    so TRL logs it under the same name). Coroutine functions are left as they are (TRL awaits them)."""
+    """`func` as TRL calls it, with a SystemExit turned into exit_error's one line and a batch scored all NaN
+    into nan_error's (named like `func`, so TRL logs it under the same name). Coroutine functions are left
+    as they are (TRL awaits them)."""
     import functools
     import inspect
 
@@ -118,9 +136,13 @@ def guarded(func: Any, entry: str, where: str) -> Any:
     @functools.wraps(func)
     def call(*args: Any, **kwargs: Any) -> Any:
         try:
-            return func(*args, **kwargs)
+            out = func(*args, **kwargs)
         except SystemExit as exc:
             raise exit_error(entry, where, exc) from None
+        if all_nan(out):
+            step = getattr(kwargs.get("trainer_state"), "global_step", None)
+            raise nan_error(entry, where, f"at step {step}" if step is not None else "during training")
+        return out
 
     return call
 
@@ -202,5 +224,6 @@ def reward_functions(spec: Any, ctx: Any, ds: Any) -> list[Any]:
             continue
         model = load_sequence_classifier(value, num_labels=1).to(PartialState().device)
         name = ref_name(entry) or Path(value["path"]).name
-        funcs.append(reward_model_function(model, load_tokenizer(value["path"]), name))
+        where = f"{spec.where}.rewards[{reward_entries(spec).index(entry)}]"
+        funcs.append(guarded(reward_model_function(model, load_tokenizer(value["path"]), name), entry, where))
     return funcs

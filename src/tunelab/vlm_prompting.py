@@ -292,7 +292,7 @@ def open_chat(ref: str, config: Any, system: str | None, image_paths: list[Path]
         try:
             with Image.open(path) as image:
                 images.append(image.convert("RGB"))
-        except (OSError, ValueError) as exc:
+        except Exception as exc:  # noqa: BLE001 - PIL raises OSError, ValueError, DecompressionBombError, ...
             raise TunelabError(f"--image '{path}' cannot be read ({' '.join(str(exc).split())[:150]})") from None
 
     model, processor = load(spec, "model", quant_config(quantization, "quantization"))

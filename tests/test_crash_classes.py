@@ -461,3 +461,34 @@ def test_launch_beyond_the_cores_and_cp_of_a_file_that_is_no_recipe(tmp_path: Pa
     (tmp_path / "notes.txt").write_text("not a recipe")
     fails(["cp", str(tmp_path / "notes.txt"), str(tmp_path / "copy")], "is not a shipped recipe: name one from")
     assert not (tmp_path / "copy").exists()
+
+
+# --- 7. messages that mislead ------------------------------------------------------------------------
+
+
+def test_adapter_whose_base_is_gone(tmp_path: Path, tiny_lm: Path) -> None:
+    import shutil
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_lm, base)
+    stage = {**sft(base), "lora": {"r": 4, "target_modules": "all-linear"}}
+    adapter = tunelab.run(tunelab.recipe_from_dict({"output_dir": str(tmp_path / "run"), "stages": {"sft": stage}}))
+    folder = adapter.outputs["sft"]
+    shutil.rmtree(base)
+    message = (
+        f"adapter '{folder}' was trained on the base model in '{base}', a folder that no longer exists: put the base "
+        f"back there, or set base_model_name_or_path in {folder / 'adapter_config.json'} to where it is"
+    )
+    assert one_line(runner.invoke(app, ["chat", str(folder), "--prompt", "hi"]), 2) == f"error: {message}"
+    kto = {"stage": "kto", "model": str(folder), "data": {"path": str(ROOT / "recipes/data/arith_pref")}}
+    fails(["validate", str(write(tmp_path, {"stages": {"kto": kto}}))], message)
+
+
+def test_attention_prints_the_file_it_writes(tmp_path: Path, tiny_lm: Path) -> None:
+    (tmp_path / "folder").mkdir()
+    for out, written in [("folder", "folder/attention.png"), ("heat", "heat.png"), ("map.png", "map.png")]:
+        result = runner.invoke(app, ["attention", str(tiny_lm), "one two", "--out", str(tmp_path / out)])
+        assert result.exit_code == 0, result.output
+        assert result.output.strip() == f"attention heatmaps written to {tmp_path / written}"
+        assert (tmp_path / written).is_file()
+    fails(["attention", str(tiny_lm), "x", "--out", str(tmp_path / "a.jpg")], "ends in .jpg: the heatmaps are a PNG")

@@ -492,3 +492,20 @@ def test_attention_prints_the_file_it_writes(tmp_path: Path, tiny_lm: Path) -> N
         assert result.output.strip() == f"attention heatmaps written to {tmp_path / written}"
         assert (tmp_path / written).is_file()
     fails(["attention", str(tiny_lm), "x", "--out", str(tmp_path / "a.jpg")], "ends in .jpg: the heatmaps are a PNG")
+
+
+def test_vlm_sft_row_without_an_assistant_turn(tmp_path: Path, llava: Path) -> None:
+    import shutil
+
+    vqa = tmp_path / "vqa"
+    shutil.copytree(ROOT / "recipes/data/digits_vqa/train", vqa / "train")
+    rows = [json.loads(line) for line in (ROOT / "recipes/data/digits_vqa/train.jsonl").read_text().splitlines()[:12]]
+    rows[9]["messages"] = [turn for turn in rows[9]["messages"] if turn["role"] != "assistant"]
+    (vqa / "train.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    readme = "---\nconfigs:\n- config_name: default\n  data_files:\n  - split: train\n    path: train.jsonl\n---\n"
+    (vqa / "README.md").write_text(readme)  # the rows' files: not the PNGs beside them
+    stage = {"stage": "vlm_sft", "model": str(llava), "data": str(vqa), "training": tiny_training()}
+    fails(
+        ["validate", str(write(tmp_path, {"stages": {"vlm": stage}}))],
+        "'stages.vlm.data' row 9 has no assistant turn: vision SFT learns the assistant's answers",
+    )

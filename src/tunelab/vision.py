@@ -401,6 +401,11 @@ def check_rows(ds: Any, processor: Any, where: str, rows: int = 2) -> None:
         "images", _undecoded()
     )["images"]
     for row, (turns, images) in enumerate(zip(ds["messages"], images_col, strict=True)):
+        if not any(isinstance(t, dict) and t.get("role") == "assistant" for t in turns or []):
+            raise TunelabError(  # the loss is on the assistant's turns: such a row trains on nothing
+                f"'{where}' row {row} has no assistant turn: vision SFT learns the assistant's answers, and this row "
+                "has none; add the answer as an assistant turn, or remove the row"
+            )
         count = placeholders(turns)
         structured = any(isinstance(t.get("content"), list) for t in turns or [])
         if structured and count != len(images or []):

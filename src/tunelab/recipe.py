@@ -347,14 +347,14 @@ def _check_output_outside_data(data: dict[str, Any]) -> None:
     predictions-*.jsonl, metrics.json), and a `--overwrite` would replace files next to the data."""
     from tunelab.hub import local_path
 
-    out = Path(data["output_dir"]).expanduser().absolute()
+    out = Path(os.path.realpath(Path(data["output_dir"]).expanduser()))  # realpath: a link loop is runs.py's to name
     for name, stage in data["stages"].items():
         for key, value in stage.items():
             if not key.endswith("data"):
                 continue
             ref = value.get("path") if isinstance(value, dict) else value
             folder = local_path(ref) if isinstance(ref, str) and ref and "\x00" not in ref else None
-            if folder is not None and folder.is_dir() and out.resolve().is_relative_to(folder):
+            if folder is not None and folder.is_dir() and out.is_relative_to(folder):
                 raise TunelabError(
                     f"output_dir '{data['output_dir']}' is inside 'stages.{name}.{key}' ('{ref}'): the run's files "
                     "would be read as data the next time that folder loads; choose an output_dir outside it"

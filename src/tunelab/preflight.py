@@ -137,9 +137,9 @@ def check_model(spec: Any, ctx: Any, lora: Any = None, task: str = "CAUSAL_LM", 
 
     if key not in spec.cfg:
         return None
-    if task == "CAUSAL_LM":
-        check_language_model(spec.cfg[key], ctx, f"{spec.where}.{key}", f"the {spec.kind} stage trains")
     config = model_config(spec.cfg[key], ctx, f"{spec.where}.{key}")
+    if task == "CAUSAL_LM":
+        check_language_model(spec.cfg[key], ctx, f"{spec.where}.{key}", f"the {spec.kind} stage trains", config)
     if config is None:
         return None
     if spec.cfg.get("quantization") is not None:
@@ -155,13 +155,14 @@ CLASSIFIER_STAGES = {"reward", "classify"}
 IMAGE_TEXT_STAGES = {"vlm_build", "vlm_sft"}
 
 
-def check_language_model(value: Any, ctx: Any, where: str, role: str) -> None:
+def check_language_model(value: Any, ctx: Any, where: str, role: str, config: Any = None) -> None:
     """A text-only causal LM, from its config (or the kind of the stage that makes it): no weights load.
 
     transformers builds a causal LM from any config: a reward model's (LlamaForSequenceClassification) loads
     its backbone under a new, untrained LM head, and an image+text model's loads its language half, so
     training either would go on without a word while throwing away what made the model what it is.
-    `role` says what the model is for ("the kto stage trains", "the teacher of a distill stage is").
+    `role` says what the model is for ("the kto stage trains", "the teacher of a distill stage is"); `config`
+    is the model's config when the caller has read it already.
     """
     from tunelab.refs import ref_name
 
@@ -180,7 +181,7 @@ def check_language_model(value: Any, ctx: Any, where: str, role: str) -> None:
                 "causal LM; use its language model's source instead (or vlm_sft to train the image+text model)"
             )
         return
-    config = model_config(value, ctx, where)
+    config = config if config is not None else model_config(value, ctx, where)
     if config is None:
         return
     arch = next(iter(getattr(config, "architectures", None) or []), None) or config.model_type

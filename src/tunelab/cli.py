@@ -139,14 +139,14 @@ def _machine_condition(exc: BaseException) -> None:
         text = str(chain)
         full = isinstance(chain, OSError) and chain.errno in (errno.ENOSPC, errno.EDQUOT)
         if full or "No space left on device" in text or "StorageFull" in text:
-            where = f" writing '{_short(chain.filename)}'" if getattr(chain, "filename", None) else ""
+            where = f" writing '{_short(chain.filename, 240)}'" if getattr(chain, "filename", None) else ""
             _fail(
                 f"the disk is full{where} (No space left on device): free space there, or choose an output_dir on "
                 "another disk; a run it stopped is marked failed: continue it with --resume"
             )
         if isinstance(chain, OSError) and chain.errno in (errno.EACCES, errno.EPERM, errno.EROFS) and chain.filename:
             _fail(
-                f"'{_short(chain.filename)}': {chain.strerror} (file permissions, or a read-only mount): fix its "
+                f"'{_short(chain.filename, 240)}': {chain.strerror} (file permissions, or a read-only mount): fix its "
                 "permissions, or choose another path (another output_dir for a run folder)"
             )
         chain = chain.__cause__ or chain.__context__

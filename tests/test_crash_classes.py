@@ -509,3 +509,19 @@ def test_vlm_sft_row_without_an_assistant_turn(tmp_path: Path, llava: Path) -> N
         ["validate", str(write(tmp_path, {"stages": {"vlm": stage}}))],
         "'stages.vlm.data' row 9 has no assistant turn: vision SFT learns the assistant's answers",
     )
+
+
+def test_a_chat_template_that_renders_nothing(tmp_path: Path, tiny_lm: Path) -> None:
+    silent = "{% for m in messages %}{% endfor %}"
+    chat = {"path": str(ROOT / "recipes/data/arith_chat"), "split": "train[:8]"}
+    stage = {**sft(tiny_lm), "data": chat, "chat_template": silent}
+    fails(
+        ["validate", str(write(tmp_path, {"stages": {"sft": stage}}))],
+        "'stages.sft.data': the chat template renders nothing on row 0 (the messages hold text): it must write",
+    )
+    fails(
+        ["eval", str(tiny_lm), str(ROOT / "recipes/data/arith_qa"), "--output-dir", str(tmp_path / "ev"),
+         f"chat_template={silent}"],
+        "'stages.eval.model': the chat template renders nothing on row 0",
+    )
+    assert not (tmp_path / "ev").exists()

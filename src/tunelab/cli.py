@@ -108,6 +108,10 @@ def friendly(fn):
                 raise typer.Exit(code) from None
             saved = getattr(exc, "checkpoint", None)
             where = f" (checkpoint saved: {saved})" if saved else ""
+            if getattr(exc, "restored", None):  # --overwrite stopped before a stage ended: the old run is back
+                if is_main():
+                    typer.secho(f"interrupted: the previous run in {exc.restored} is back as it was", err=True)
+                raise typer.Exit(code) from None
             if is_main():  # one line for the run, not one per rank
                 typer.secho(f"interrupted: the run is marked 'interrupted'{where}; continue it with --resume", err=True)
             raise typer.Exit(code) from None

@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from tunelab.errors import TunelabError, check_path, unknown_key
+from tunelab.errors import DownloadNeeded, TunelabError, check_path, unknown_key
 from tunelab.hub import HUB_ID, hub_reachable, is_cached, local_path
 
 DATA_KEYS = ("path", "name", "data_dir", "data_files", "split", "revision")
@@ -99,7 +99,7 @@ def _load_args(spec: dict[str, Any], where: str, split_given: bool = True) -> tu
     if not HUB_ID.match(ref) or ref.startswith((".", "/", "~")) or Path(ref).suffix.lower() in BUILDERS:
         raise TunelabError(f"'{where}' is '{ref}': no such file or folder (and not a hub dataset id)")
     if not hub_reachable() and not _dataset_cached(ref):
-        raise TunelabError(
+        raise DownloadNeeded(
             f"'{where}' is hub dataset '{ref}', but the Hub is unreachable (offline) and it is not cached: "
             "download it on a connected machine or point the path at local files"
         )

@@ -24,6 +24,14 @@ class TunelabError(Exception):
         super().__init__(str(message).translate(_LINE_BREAKS), *args)
 
 
+class DownloadNeeded(TunelabError):
+    """A model or dataset the recipe names is on the Hub, which is unreachable, and not cached.
+
+    Its own class so that the checks that need no download can go on past it (see
+    `tunelab.pipeline.check_offline`): a recipe written for a GPU machine is still checked here, up to
+    the point where the download would start."""
+
+
 def closest(word: str, choices: Iterable[str]) -> str | None:
     """The closest valid name to a misspelt one, for "did you mean" hints."""
     matches = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)

@@ -22,7 +22,7 @@ from typing import Any
 from tunelab.config import accepted_fields, check_keys
 from tunelab.errors import TunelabError, closest
 from tunelab.hub import bundled_root, hub_reachable, local_path
-from tunelab.paths import recipes_root
+from tunelab.paths import recipes_root, refuse_special
 from tunelab.runs import write_atomic
 
 INSTALL = "pip install 'tunelab[harness]' (lm-eval)"
@@ -104,7 +104,76 @@ def check_arguments(values: dict[str, Any], where: str) -> dict[str, Any]:
     _check_batch(out.get("batch_size"), f"{where}.batch_size")
     if out.get("num_fewshot") is not None and out["num_fewshot"] < 0:
         raise TunelabError(f"'{where}.num_fewshot' is {out['num_fewshot']}: use 0 or more examples")
+    if out.get("samples") is not None:
+        _check_sample_lists(out["samples"], f"{where}.samples")
+    if out.get("gen_kwargs") is not None:
+        check_gen_kwargs(out["gen_kwargs"], f"{where}.gen_kwargs")
     return out
+
+
+def _check_sample_lists(samples: Any, where: str) -> None:
+    if not isinstance(samples, dict) or not samples:
+        raise TunelabError(f"'{where}' is {samples!r}: give {{task: [example indices]}}, e.g. {{my_task: [0, 1]}}")
+    for task, indices in samples.items():
+        ok = isinstance(indices, list) and indices
+        if not ok or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in indices):
+            raise TunelabError(
+                f"'{where}.{task}' is {indices!r}"[:200] + ": give a list of example indices (whole numbers from 0)"
+            )
+
+
+def check_samples(tasks: dict[str, Any], samples: dict[str, list[int]] | None, where: str) -> None:
+    """`samples:` names loaded tasks, and its indices are inside each task's examples (the harness would
+    fail with an IndexError once the model is loaded)."""
+    if not samples:
+        return
+    flat: dict[str, Any] = {}
+    todo = list(tasks.items())
+    while todo:
+        name, task = todo.pop()
+        if isinstance(task, dict):  # a group: its tasks
+            todo += list(task.items())
+        else:
+            flat[str(name)] = task
+    for name, indices in samples.items():
+        task = flat.get(name)
+        if task is None:
+            raise TunelabError(f"'{where}.{name}' is not one of the tasks run here ({', '.join(sorted(flat))})")
+        try:
+            count = len(task.eval_docs)
+        except Exception:  # noqa: BLE001 - a task without a countable split: the harness checks it
+            continue
+        if max(indices) >= count:
+            raise TunelabError(
+                f"'{where}.{name}' asks for example {max(indices)}, but the task has {count} (0 to {count - 1})"
+            )
+
+
+def check_gen_kwargs(value: Any, where: str) -> None:
+    """`gen_kwargs` (a mapping, or the harness's `key=value,...` string) as generate() will get them: the
+    harness's own `max_gen_toks` and `until`, the rest GenerationConfig fields checked as in the eval stage."""
+    from lm_eval.utils import simple_parse_args_string
+
+    from tunelab.talk import COUNTS, generation_config
+
+    if isinstance(value, str):
+        try:
+            value = simple_parse_args_string(value)
+        except Exception:  # noqa: BLE001 - the harness's parser raises ValueError, IndexError, ...
+            raise TunelabError(f"'{where}' is {value!r}: write key=value pairs, e.g. temperature=0.7") from None
+    if not isinstance(value, dict):
+        raise TunelabError(f"'{where}' is {value!r}: give generation settings, e.g. {{do_sample: true}}")
+    rest = {k: v for k, v in value.items() if k not in ("max_gen_toks", "until")}
+    # HFLM's own handling: temperature 0 without do_sample means greedy decoding (the temperature is dropped)
+    if rest.get("temperature", 0.0) == 0.0 and rest.get("do_sample") in (None, False):
+        rest.pop("temperature", None)
+        rest["do_sample"] = False
+    tokens = value.get("max_gen_toks")
+    if tokens is not None:
+        low, high = COUNTS["max_new_tokens"]
+        if isinstance(tokens, bool) or not isinstance(tokens, int) or not low <= tokens <= high:
+            raise TunelabError(f"'{where}.max_gen_toks' is {tokens!r}: use a whole number from {low} to {high}")
+    generation_config(rest, where, defaults={}, strict=False)
 
 
 def _check_batch(value: Any, where: str) -> None:
@@ -160,7 +229,9 @@ def include_paths(value: Any, where: str) -> list[Path]:
         path = local_path(item)
         if path is None:
             raise TunelabError(f"'{where}' is '{item}': no such folder")
+        refuse_special(path, f"'{where}'")
         for file in [path] if path.is_file() else sorted(path.rglob("*.yaml")):
+            refuse_special(file, f"'{where}' holds")  # the harness reads every YAML under the folder
             parse_task_file(file, where)
         paths.append(path)
     return paths

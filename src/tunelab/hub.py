@@ -15,7 +15,7 @@ import socket
 from pathlib import Path
 from urllib.parse import urlparse
 
-from tunelab.errors import TunelabError
+from tunelab.errors import DownloadNeeded, TunelabError
 from tunelab.paths import recipes_root
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
@@ -129,7 +129,7 @@ def resolve_model(ref: str, where: str) -> str:
     if looks_like_path(ref) or not HUB_ID.match(ref):
         raise TunelabError(f"'{where}' is '{ref}': no such folder (and not a valid hub id)")
     if not hub_reachable() and not any(is_cached(ref, f) for f in MODEL_FILES):
-        raise TunelabError(
+        raise DownloadNeeded(
             f"'{where}' is hub id '{ref}', but the Hub is unreachable (offline) and it is not in the local "
             "cache: download it on a connected machine (`hf download` ...) or set it to a local model folder"
         )

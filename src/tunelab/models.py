@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import contextvars
 import json
+import re
 import shutil
 from pathlib import Path
 from typing import Any
 
+from tunelab import runs
 from tunelab.config import check_keys
 from tunelab.errors import TunelabError, unknown_key
-from tunelab.gguf_models import cached, gguf_file, origin, plain_copy, split_file
+from tunelab.gguf_models import cached, gguf_config, gguf_file, origin, plain_copy, split_file
 from tunelab.hub import local_path, looks_like_path, resolve_model
 from tunelab.refs import REF
 
@@ -119,7 +121,23 @@ def labelled_models(cfg: dict[str, Any], where: str) -> dict[str, Any]:
         return {"model": cfg["model"]}
     if not isinstance(cfg["models"], dict) or not cfg["models"]:
         raise TunelabError(f"'{where}.models' must map labels to models, e.g. {{before: ${{pretrain}}}}")
+    for label in cfg["models"]:
+        check_label(label, f"{where}.models")
     return dict(cfg["models"])
+
+
+LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
+
+
+def check_label(label: Any, where: str) -> None:
+    """A model's label names its files (`predictions-LABEL.jsonl` in the stage folder): it must be a plain
+    file-name part, or `../x` would write outside the run folder."""
+    text = str(label) if isinstance(label, int) and not isinstance(label, bool) else label
+    if not (isinstance(text, str) and LABEL.fullmatch(text)):
+        raise TunelabError(
+            f"'{where}' has the label {label!r}, which names its predictions file: use letters, digits, '_', "
+            "'-' or '.' (starting with a letter or digit, at most 100 characters), e.g. after_sft"
+        )
 
 
 def stage_model(spec: Any, ctx: Any, hint: str = "a hub id, a folder, or an earlier stage (${name})", key="model"):
@@ -214,9 +232,7 @@ def model_config(value: Any, ctx: Any, where: str):
     spec = resolve_spec({**spec, "path": ctx.resolve_ref(spec["path"])}, where, materialize=False)
     path = spec["path"]
     if "gguf_file" in spec:
-        config = AutoConfig.from_pretrained(path, gguf_file=spec["gguf_file"])
-        del config.quantization_config  # tunelab trains and writes the dequantized weights
-        return config
+        return gguf_config(Path(path, spec["gguf_file"]))
     while is_adapter(path):  # an adapter's base may be an adapter too (LoRA on a merged LoRA)
         path = resolve_model(adapter_base(path), f"{where} (base model of the adapter)")
     try:
@@ -353,11 +369,18 @@ class _BpeTrainerArgs:
     ) -> None: ...
 
 
+MERGE_MARK = "tunelab_merge.json"  # written by `merge` into its output, listing what it wrote
+
+
 def merge(adapter_dir: str | Path, out_dir: str | Path, base: str | None = None, overwrite: bool = False) -> Path:
     """Merge a LoRA adapter into its base model and save a full model with its tokenizer.
 
     The base is loaded in full precision (never quantized), so the merged weights
     are exact and the result loads with `AutoModelForCausalLM.from_pretrained`.
+
+    The model is saved into a temporary sibling and renamed into place, with `tunelab_merge.json`
+    listing its files: `--overwrite` replaces only such a folder, as the merge wrote it (see
+    `_check_merge_target`), never a folder that merely holds a model.
     """
     import tempfile
 
@@ -366,10 +389,11 @@ def merge(adapter_dir: str | Path, out_dir: str | Path, base: str | None = None,
         raise TunelabError(f"'{adapter_dir}' is not a LoRA adapter folder (no adapter_config.json)")
     if out_dir.exists() and not out_dir.is_dir():
         raise TunelabError(f"'{out_dir}' is a file: name a folder to write the merged model to")
+    _check_merge_target(adapter_dir, out_dir, base)
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise TunelabError(f"'{out_dir}' exists and is not empty: choose another folder or pass --overwrite")
-    if out_dir.exists() and overwrite and not _is_model_folder(out_dir):
-        raise TunelabError(f"'{out_dir}' is not a model folder tunelab wrote (no config.json): it is left alone")
+    if out_dir.exists() and overwrite:
+        _check_replaceable(out_dir)
     try:
         base_spec = resolve_spec(model_spec(base or adapter_base(adapter_dir), "--base"), "base model of the adapter")
     except TunelabError as exc:
@@ -390,6 +414,9 @@ def merge(adapter_dir: str | Path, out_dir: str | Path, base: str | None = None,
     try:
         merged.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        written = sorted(p.name for p in tmp.iterdir())
+        mark = {"tool": "tunelab", "adapter": str(adapter_dir.absolute()), "files": written}
+        (tmp / MERGE_MARK).write_text(json.dumps(mark, indent=2) + "\n")
         if out_dir.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old.", dir=out_dir.parent))
             out_dir.rename(old / "model")
@@ -402,8 +429,62 @@ def merge(adapter_dir: str | Path, out_dir: str | Path, base: str | None = None,
     return out_dir
 
 
-def _is_model_folder(path: Path) -> bool:
-    return (path / "config.json").is_file() or not any(path.iterdir())
+def _inside(path: Path, folder: Path) -> bool:
+    """Whether `path` is `folder` or lies inside it (both made absolute, links resolved)."""
+    path, folder = path.resolve(), folder.resolve()
+    return path == folder or folder in path.parents
+
+
+def _check_merge_target(adapter_dir: Path, out_dir: Path, base: str | None) -> None:
+    """The merged model must not land on what it is made from, nor in a run's stage folders: replacing the
+    adapter or its base would leave the adapter on a base that already contains it (or on none), and a
+    stage folder is its run's, which replaces it when the stage runs again."""
+    record = runs.read_json(adapter_dir / runs.STAGE_FILE)
+    if runs.is_stage_record(record) and record["status"] != "completed":
+        raise TunelabError(
+            f"'{adapter_dir}' is a stage that has not finished (status: {record['status']}): its files may be half "
+            "saved; finish it with `tunelab run RECIPE --resume`, then merge"
+        )
+    if _inside(out_dir, adapter_dir) or _inside(adapter_dir, out_dir):
+        raise TunelabError(f"'{out_dir}' is the adapter's folder, or holds it: write the merged model elsewhere")
+    try:
+        base_path = local_path(base or adapter_base(adapter_dir))
+    except (TunelabError, OSError, ValueError):
+        base_path = None
+    if base_path is not None and (_inside(out_dir, base_path) or _inside(base_path, out_dir)):
+        raise TunelabError(
+            f"'{out_dir}' is the adapter's base model '{base_path}', or holds it: the adapter would then sit on a "
+            "base that already contains it; write the merged model elsewhere"
+        )
+    stage = runs.stage_folder_of(out_dir)
+    if stage is not None or runs.holds_stage_folder(out_dir):
+        where = f"inside stage folder '{stage}'" if stage is not None else "a run folder, or holds a stage folder"
+        raise TunelabError(
+            f"'{out_dir}' is {where} of a tunelab run, which replaces it when the stage runs again: "
+            "write the merged model outside run folders"
+        )
+
+
+def _check_replaceable(out_dir: Path) -> None:
+    """`--overwrite` replaces an empty folder, or one a merge wrote and nobody added to; nothing else."""
+    entries = sorted(p.name for p in out_dir.iterdir())
+    if not entries:
+        return
+    try:
+        mark = json.loads((out_dir / MERGE_MARK).read_text())
+    except (OSError, ValueError):
+        mark = None
+    if not isinstance(mark, dict) or not isinstance(mark.get("files"), list):
+        raise TunelabError(
+            f"'{out_dir}' is not a model folder that `tunelab merge` wrote (no {MERGE_MARK}): it is left alone; "
+            "choose another folder"
+        )
+    extra = [name for name in entries if name not in set(mark["files"]) | {MERGE_MARK}]
+    if extra:
+        raise TunelabError(
+            f"'{out_dir}' holds '{extra[0]}', which `tunelab merge` did not write there: move it out, or choose "
+            "another folder"
+        )
 
 
 def load_sequence_classifier(spec: dict[str, Any], num_labels: int = 1, quantization: Any = None):

@@ -16,7 +16,6 @@ import contextlib
 import hashlib
 import json
 import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,10 +23,10 @@ from typing import Any
 
 from tunelab import distributed, runs
 from tunelab.data import signature
-from tunelab.errors import TunelabError, closest
+from tunelab.errors import DownloadNeeded, TunelabError, closest
 from tunelab.hub import configure_offline
 from tunelab.models import WEIGHTS_NEEDED
-from tunelab.plan import device_memory, fmt_bytes
+from tunelab.plan import check_fits, device_memory, fmt_bytes
 from tunelab.progress import quiet
 from tunelab.recipe import Recipe
 from tunelab.refs import iter_refs
@@ -90,7 +89,8 @@ def _check(
     runs.check_writable(recipe.output_dir)
     if mode == "resume":
         _check_resumable(recipe, from_stage, processes or distributed.world()[1])
-    plans = _inspect(recipe, strict_plans=False)
+    plans = _inspect(recipe, strict_plans=False)[0]
+    check_fits(plans)  # orders of magnitude past the device: an error, not a warning
     runs.check_disk(recipe.output_dir, recipe.stages, plans)
     return mode, plans
 
@@ -116,13 +116,30 @@ def plan(recipe: Recipe) -> list[Any]:
     configure_offline()
     token = WEIGHTS_NEEDED.set(False)  # configs only
     try:
-        return _inspect(recipe, strict_plans=True)
+        return _inspect(recipe, strict_plans=True)[0]
     finally:
         WEIGHTS_NEEDED.reset(token)
 
 
-def _inspect(recipe: Recipe, strict_plans: bool) -> list[Any]:
-    """Run every stage's checks in order, planning each stage's memory with what the checks learnt."""
+def check_offline(recipe: Recipe) -> list[str]:
+    """Every stage's checks up to the point where a download would start; the downloads that stop them.
+
+    On a machine without the Hub (CI, an air-gapped login node) a recipe written for a GPU machine stops
+    at its first hub model. This checks the rest: each stage's sections against the libraries' classes
+    (training arguments, LoRA, quantization, generation) before its model is looked up, and the later
+    stages too, as they would be checked if the earlier ones had their models. Raises the first error
+    that is not a needed download; returns one line per stage that needs one.
+    """
+    configure_offline()
+    return _inspect(recipe, strict_plans=False, downloads=[])[1]
+
+
+def _inspect(recipe: Recipe, strict_plans: bool, downloads: list[str] | None = None) -> tuple[list[Any], list[str]]:
+    """Run every stage's checks in order, planning each stage's memory with what the checks learnt.
+
+    With a `downloads` list, a stage stopped by a needed download is recorded there and the next
+    stage is checked (see `check_offline`); without one, that stop is the error it always was.
+    """
 
     quiet()
     kinds = {name: cfg["stage"] for name, cfg in recipe.stages.items()}
@@ -130,7 +147,19 @@ def _inspect(recipe: Recipe, strict_plans: bool) -> list[Any]:
     plans = []
     for spec in _specs(recipe):
         module = stage_module(spec.kind)
-        module.check(spec, ctx)
+        try:
+            module.check(spec, ctx)
+        except DownloadNeeded as exc:
+            if downloads is None:
+                raise
+            downloads.append(str(exc))
+            if module.PRODUCES_MODEL:  # later stages check against it as a stage not yet run
+                ctx.outputs[spec.name] = spec.out_dir
+                with contextlib.suppress(TunelabError):
+                    origin = tokenizer_origin(module, spec, ctx)
+                    if origin is not None:
+                        ctx.tokenizers[spec.name] = origin
+            continue
         try:
             stage_plan = module.plan(spec, ctx)
         except (TunelabError, ValueError, TypeError, AttributeError, OSError):
@@ -150,7 +179,7 @@ def _inspect(recipe: Recipe, strict_plans: bool) -> list[Any]:
             if origin is not None:
                 ctx.tokenizers[spec.name] = origin
             ctx.outputs[spec.name] = spec.out_dir
-    return plans
+    return plans, downloads or []
 
 
 def _warn_memory(plans: list[Any]) -> None:
@@ -203,8 +232,8 @@ def _check_resumable(recipe: Recipe, from_stage: str | None, processes: int) -> 
             return  # this stage and the ones after it start again
         fingerprints[spec.name] = fp = _fingerprint(spec, recipe.seed, fingerprints)
         record = runs.read_json(spec.out_dir / "stage.json")
-        if not record:
-            continue
+        if not record or record.get("status") == STALE:
+            continue  # a stale stage runs again from the start (see _run_stages)
         if record.get("status") == "completed":
             if record.get("fingerprint") != fp:  # --resume never replaces finished work
                 changes = _diff(record.get("cfg", {}), spec.cfg, spec.where) or ["its data or an earlier stage"]
@@ -238,6 +267,9 @@ def run(recipe: Recipe, overwrite: bool = False, resume: bool = False, from_stag
     """
     distributed.init()
     try:
+        if distributed.is_main() and runs.lock_holder(recipe.output_dir) is None:
+            _recover(recipe.output_dir)
+        distributed.barrier("settling the run folder")
         mode, plans = _check(recipe, overwrite, resume, from_stage)  # every rank, before any rank writes
     except KeyboardInterrupt as exc:
         exc.before_run = True  # nothing was written: there is no run to mark or resume
@@ -257,23 +289,40 @@ def run(recipe: Recipe, overwrite: bool = False, resume: bool = False, from_stag
     return _run_locked(recipe, mode, from_stage)
 
 
+def _recover(run_dir: Path) -> None:
+    """What a killed run left set aside (see `runs.recover`) is settled before anything reads the folder."""
+    if not runs.set_aside_in(run_dir):
+        return  # nothing to settle: the folder is not touched (not even locked)
+    with runs.locked(run_dir), runs.shielded():
+        for line in runs.recover(run_dir):
+            print(line, flush=True)
+
+
 def _run_locked(recipe: Recipe, mode: str, from_stage: str | None) -> RunResult:
+    """--overwrite: the old run is set aside, deleted once the new run's first stage completes, and put
+    back if the new run stops before that, failed or interrupted (Ctrl-C, SIGTERM): a new run that never
+    finished a stage is worth less than the finished one. A kill -9 leaves it set aside, and the next
+    command on the folder puts it back (`runs.recover`).
+    """
     run_dir = recipe.output_dir
     main = distributed.is_main()
     previous = runs.read_json(run_dir / "run.json") or {}
-    # --overwrite: the old run is moved aside, deleted once the new run's first stage completes, and put
-    # back if the new run fails before that (an error no check could foresee must not cost the old run).
-    backup = runs.set_aside(run_dir) if mode == "overwrite" and main else None
-    try:
-        return _run_new(recipe, mode, from_stage, previous, backup)
-    except BaseException as exc:
-        if backup is not None and backup.exists():
-            if isinstance(exc, KeyboardInterrupt):
-                runs.discard(backup)  # the new run is interrupted, and resumable: it is the run now
-            else:
-                runs.restore(run_dir, backup)
-                print(f"the previous run in {run_dir} was restored (the new one failed before its first stage ended)")
-        raise
+    with _sigterm_interrupts():
+        backup = None
+        if mode == "overwrite" and main:
+            with runs.shielded():
+                backup = runs.set_aside(run_dir)
+        try:
+            return _run_new(recipe, mode, from_stage, previous, backup)
+        except BaseException as exc:
+            if backup is not None and backup.exists():
+                with runs.shielded():
+                    runs.restore(run_dir, backup)
+                why = "was interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
+                print(f"the previous run in {run_dir} was restored (the new one {why} before its first stage ended)")
+                if isinstance(exc, KeyboardInterrupt):
+                    exc.restored = str(run_dir)  # the CLI says so, instead of "continue it with --resume"
+            raise
 
 
 def _run_new(
@@ -297,14 +346,15 @@ def _run_new(
         "first_started": previous.get("first_started") or previous.get("started") or runs.now(),
         "stages": {},
     }
+    if backup is not None:
+        manifest["replaces"] = backup.name  # the set-aside run: see runs.recover
     if main:
         runs.write_atomic(run_dir / "recipe.yaml", recipe.to_yaml())
         _write(run_dir / "run.json", manifest)
     distributed.barrier("the run folder")
     result = RunResult(run_dir=run_dir, status="running", kinds={n: c["stage"] for n, c in recipe.stages.items()})
     ctx = Context(seed=recipe.seed, run_dir=run_dir, resume=mode == "resume")
-    with _sigterm_interrupts():
-        _run_stages(recipe, run_dir, ctx, manifest, result, from_stage, backup)
+    _run_stages(recipe, run_dir, ctx, manifest, result, from_stage, backup)
     manifest.update(status="completed", ended=runs.now())
     _write(run_dir / "run.json", manifest)
     result.status = "completed"
@@ -351,19 +401,45 @@ def _run_stages(
     from_stage: str | None,
     backup: Path | None = None,
 ) -> None:
+    """Run the stages in order, skipping finished ones.
+
+    A stage runs again (`--from`, or a changed config, data or upstream stage) without loss:
+
+    1. the finished stages after it are marked `stale` (`_mark_stale`): interrupted, a run never
+       leaves a later stage `completed` on a base that is gone; a stale stage runs again;
+    2. only what tunelab wrote in the stage folder (`runs.stage_entries`) is set aside, beside it in
+       the run folder (`.STAGE.replaced-*`); a user's files stay where they are. A stage that had not
+       finished (interrupted, failed, stale) has no finished work to keep: tunelab's files are removed,
+       so that the new attempt, if interrupted in turn, is what `--resume` continues;
+    3. the stage runs; its `stage.json` names the set-aside folder (`replaces`);
+    4. finished, the set-aside folder is deleted; stopped (an error, Ctrl-C, SIGTERM), it is put back
+       and so are the later stages' marks (`_put_back`); killed outright, the next command on the run
+       folder does either, whichever the stage's record says (`runs.recover`).
+    """
     fingerprints: dict[str, str] = {}
     rerun = False
+    main = distributed.is_main()
+    specs = _specs(recipe)
+    marks: dict[Path, dict[str, Any]] | None = None  # later stages' records, as before the first stage ran again
     try:
-        for spec in _specs(recipe):
+        for i, spec in enumerate(specs):
             fp = _fingerprint(spec, recipe.seed, fingerprints)
-            record = distributed.broadcast(runs.read_json(spec.out_dir / "stage.json") or {})
+            record = distributed.broadcast(runs.read_json(spec.out_dir / runs.STAGE_FILE) or {})
             rerun = rerun or spec.name == from_stage
-            if record and not rerun and record.get("fingerprint") != fp and distributed.is_main():
+            if record and not rerun and record.get("fingerprint") != fp and main:
                 print(f"-- {spec.name}: its config, data or upstream stages changed since it ran: running it again")
-            if record and (rerun or record.get("fingerprint") != fp):
-                # Config or inputs changed since this folder was written: its checkpoints do not apply.
-                if distributed.is_main():
-                    shutil.rmtree(spec.out_dir)
+            stage_backup = None
+            if record and (rerun or record.get("fingerprint") != fp or record.get("status") == STALE):
+                # Its checkpoints and model do not apply to the new config or inputs: set aside (see above).
+                if main:
+                    first = marks is None
+                    marked = _mark_stale(specs[i + 1 :])
+                    marks = marked if first else marks
+                    with runs.shielded():
+                        if record.get("status") == "completed":
+                            stage_backup = runs.set_aside(spec.out_dir, runs.stage_entries(spec.out_dir))
+                        else:  # unfinished work of another config or base: no finished work to keep
+                            runs.clear(spec.out_dir, runs.stage_entries(spec.out_dir))
                 record = {}
                 distributed.barrier(f"clearing stage '{spec.name}'")
             if record.get("status") == "completed":
@@ -373,7 +449,14 @@ def _run_stages(
                 result.skipped.append(spec.name)
                 seconds = record.get("seconds", 0.0)
             else:
-                stage_result, seconds = _run_stage(spec, ctx, fp, manifest, run_dir)
+                try:
+                    stage_result, seconds = _run_stage(spec, ctx, fp, manifest, run_dir, stage_backup)
+                except BaseException:
+                    if stage_backup is not None:
+                        _put_back(spec, stage_backup, marks if first else None)
+                    raise
+            if stage_backup is not None:
+                runs.discard(stage_backup)  # the stage ran again to the end: what it replaces can go
             fingerprints[spec.name] = fp
             result.metrics[spec.name] = stage_result.metrics
             result.seconds[spec.name] = seconds
@@ -401,6 +484,35 @@ def _run_stages(
         raise
 
 
+STALE = "stale"  # a finished stage whose upstream stage is running again: it runs again too
+
+
+def _mark_stale(later: list[StageSpec]) -> dict[Path, dict[str, Any]]:
+    """Before a stage runs again, the finished stages after it stop counting as finished (their model was
+    made from the one being replaced). Returns their records as they were, for `_put_back`."""
+    before = {}
+    for spec in later:
+        path = spec.out_dir / runs.STAGE_FILE
+        record = runs.read_json(path)
+        if record and record.get("status") == "completed":
+            before[path] = record
+            runs.write_json(path, {**record, "status": STALE})
+    return before
+
+
+def _put_back(spec: StageSpec, stage_backup: Path, marks: dict[Path, dict[str, Any]] | None) -> None:
+    """A stage that ran again stopped (failed, Ctrl-C, SIGTERM) before it finished: what it replaces comes back.
+
+    `_run_stages` explains the whole scheme. `marks`: the later stages' records, put back when this
+    was the first stage to run again (nothing they depend on has changed then).
+    """
+    with runs.shielded():
+        runs.restore(spec.out_dir, stage_backup, runs.stage_entries(spec.out_dir))
+        for path, record in (marks or {}).items():
+            runs.write_json(path, record)
+    print(f"-- {spec.name}: stopped before it finished; its previous files were put back in {spec.out_dir}", flush=True)
+
+
 def _report(run_dir: Path) -> None:
     """report.md and its plots. A finished run stays finished if drawing fails: say so, go on."""
 
@@ -411,10 +523,23 @@ def _report(run_dir: Path) -> None:
 
 
 def _run_stage(
-    spec: StageSpec, ctx: Context, fp: str, manifest: dict[str, Any], run_dir: Path
+    spec: StageSpec, ctx: Context, fp: str, manifest: dict[str, Any], run_dir: Path, replaces: Path | None = None
 ) -> tuple[StageResult, float]:
+    """Run one stage, recording it in `STAGE/stage.json`.
+
+    The record is tunelab's ledger of the folder: `foreign` names what was there before the stage
+    (a user's files: never moved or deleted), `entries` what the stage wrote (set aside when it runs
+    again), and `status: completed`, written last, is the stage's completion mark: a folder torn by a
+    kill mid-save (config written, tokenizer not yet) is not completed, so checks take its model as
+    still to come and `--resume` runs the stage again (see `Context.is_pending`).
+    """
     from transformers import set_seed
 
+    earlier = runs.read_json(spec.out_dir / runs.STAGE_FILE)
+    if earlier is None:  # a user's folder, or files left beside a set-aside stage: theirs
+        present = sorted(p.name for p in spec.out_dir.iterdir()) if spec.out_dir.is_dir() else []
+    else:  # resuming this stage: what was foreign still is
+        present = [n for n in earlier.get("foreign") or [] if (spec.out_dir / str(n)).exists()]
     record: dict[str, Any] = {
         "stage": spec.kind,
         "status": "running",
@@ -422,7 +547,10 @@ def _run_stage(
         "cfg": spec.cfg,
         "processes": distributed.world()[1],
         "started": runs.now(),
+        "foreign": present,
     }
+    if replaces is not None:
+        record["replaces"] = replaces.name
     main = distributed.is_main()
     module = stage_module(spec.kind)
     everywhere = getattr(module, "RANKS", "main") == "all"  # training stages run on every rank
@@ -444,6 +572,7 @@ def _run_stage(
         distributed.barrier(f"the end of stage '{spec.name}'")
     except BaseException as exc:
         record.update(status="interrupted" if isinstance(exc, KeyboardInterrupt) else "failed", ended=runs.now())
+        record["entries"] = _written(spec.out_dir, record["foreign"])
         if not isinstance(exc, KeyboardInterrupt):
             record["error"] = f"{type(exc).__name__}: {exc}"[:500]
         _write(spec.out_dir / "stage.json", record)
@@ -465,6 +594,14 @@ def _run_stage(
         files=out.files,
         data=out.fingerprints,
     )
+    record["entries"] = _written(spec.out_dir, record["foreign"])
     _write(spec.out_dir / "stage.json", record)
     manifest.setdefault("data", {})[spec.name] = out.fingerprints
     return out, seconds
+
+
+def _written(stage_dir: Path, foreign: list[str]) -> list[str]:
+    """What a stage wrote in its folder: everything there but the foreign names."""
+    if not stage_dir.is_dir():
+        return []
+    return sorted(p.name for p in stage_dir.iterdir() if p.name not in set(foreign) and p.name != runs.STAGE_FILE)

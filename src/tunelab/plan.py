@@ -274,6 +274,31 @@ def device_memory() -> tuple[str, float] | None:
     return None
 
 
+ABSURD = 100
+"""A plan above this many times the device's memory, even sharded over MAX_DEVICES with ZeRO-3, is a recipe
+error (a batch of 1e6, a length of 1e9), not a tight fit: validate refuses it instead of warning."""
+MAX_DEVICES = 1024
+
+
+def check_fits(plans: list[StagePlan]) -> None:
+    """One line for a stage whose plan exceeds the device's memory by orders of magnitude however it is
+    spread: it could never run, and starting it fills the memory or fails after the model loads. A plan
+    that is merely too large stays a warning (`tunelab plan` shows what would fit)."""
+    memory = device_memory()
+    if memory is None:
+        return
+    for p in plans:
+        need = p.sharded(MAX_DEVICES, "zero3")
+        if need > ABSURD * memory[1]:
+            biggest = max(p.parts, key=lambda k: p.parts[k])
+            raise TunelabError(
+                f"stage '{p.stage}' would need {fmt_bytes(need)} per device even spread over {MAX_DEVICES} "
+                f"devices, over {ABSURD} times what {memory[0]} has ({fmt_bytes(memory[1])}); most of it is "
+                f"{biggest.replace('_', ' ')} ({fmt_bytes(p.parts[biggest])}): lower the batch size or lengths "
+                "(`tunelab plan` shows the parts)"
+            )
+
+
 def suggestions(plan: StagePlan, budget: float) -> list[str]:
     """What would bring a plan under `budget` bytes, cheapest change first."""
     out = []

@@ -20,7 +20,7 @@ def quiet(diffusers: bool = False) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # PPO lives in trl.experimental (TRL 1.12); we know
-    for name in ("bitsandbytes",):  # before its import: it logs a Hub kernel it cannot fetch offline
+    for name in ("bitsandbytes", "kernels"):  # before their import: they log a Hub kernel they cannot fetch offline
         logging.getLogger(name).setLevel(logging.ERROR)
     import datasets
     import transformers

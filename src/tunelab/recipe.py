@@ -33,7 +33,7 @@ from typing import Any
 import yaml
 
 from tunelab.errors import TunelabError, check_path, closest, unknown_key
-from tunelab.paths import shipped_recipes
+from tunelab.paths import read_bounded, shipped_recipes
 from tunelab.refs import iter_refs
 from tunelab.stages import STAGES, stage_module
 
@@ -158,8 +158,7 @@ def _load_yaml(text: str) -> Any:
 
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
-        with open(path, "rb") as f:
-            raw = f.read(MAX_RECIPE_BYTES + 1)
+        raw = read_bounded(path, "recipe", MAX_RECIPE_BYTES)  # a FIFO without a writer: one line, not a hang
     except OSError as exc:
         raise TunelabError(f"cannot read recipe '{path}': {exc.strerror or exc}") from None
     if len(raw) > MAX_RECIPE_BYTES:

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from tunelab.chat_templates import messages, render
 from tunelab.errors import TunelabError, closest
 from tunelab.hub import local_path
 from tunelab.models import is_adapter, load_sequence_classifier, load_tokenizer, model_spec, resolve_spec, reward_scores
@@ -159,6 +160,29 @@ def check_rewards(spec: Any, ctx: Any, ds: Any) -> list[tuple[str, Any]]:
             continue
         out.append((entry, reward_model_spec(entry, ctx, where)))
     return out
+
+
+def check_reward_templates(rewards: list[tuple[str, Any]], ds: Any, chats: bool, where: str) -> None:
+    """With chat prompts, a reward model scores prompt + completion through its own chat template
+    (`reward_model_function`): it must have one, and it must render the first row, before the policy loads."""
+    if not chats or len(ds) == 0:
+        return
+    row = ds[0]
+    prompt = row["prompt"]
+    turns = (messages(prompt) if isinstance(prompt, str) else list(prompt)) + [
+        {"role": "assistant", "content": str(row.get("reference") or "")}
+    ]
+    for i, (entry, value) in enumerate(rewards):
+        if callable(value) or value is None:
+            continue  # a function, or a reward stage that has not run yet
+        tokenizer = load_tokenizer(value["path"])
+        if not tokenizer.chat_template:
+            raise TunelabError(
+                f"'{where}.rewards[{i}]' is '{entry}', a reward model whose tokenizer has no chat template, but the "
+                "prompts reach it as chat turns: train the reward model with one (its stage's `chat_template:`), "
+                "or set `chat_template: false` on this stage for plain-text prompts"
+            )
+        render(tokenizer, turns, f"{where}.rewards[{i}]", 0, add_generation_prompt=False)
 
 
 def reward_model_function(model, tokenizer, name: str):

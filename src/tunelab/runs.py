@@ -105,6 +105,40 @@ def now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
 
+def is_stage_record(record: Any) -> bool:
+    """Whether a `stage.json` is tunelab's (another tool's file of that name is not)."""
+    return isinstance(record, dict) and {"stage", "status", "fingerprint"} <= record.keys()
+
+
+def stage_folder_of(path: Path) -> Path | None:
+    """The tunelab stage folder that `path` is, or lies inside (None when it is in none).
+
+    A stage folder holds a `stage.json`, or is a stage named by its run folder's `run.json`. Whatever
+    is inside one is tunelab's to replace when the stage runs again.
+    """
+    path = Path(os.path.abspath(path))
+    for folder in (path, *path.parents):
+        if is_stage_record(read_json(folder / STAGE_FILE)):
+            return folder
+        manifest = read_json(folder.parent / "run.json") if folder != folder.parent else None
+        stages = manifest.get("stages") if is_tunelab_run(manifest) else None
+        if isinstance(stages, dict) and folder.name in stages:
+            return folder
+    return None
+
+
+def holds_stage_folder(path: Path) -> bool:
+    """Whether `path` is a tunelab run folder or has a stage folder directly in it."""
+    if not path.is_dir():
+        return False
+    if is_tunelab_run(read_json(path / "run.json")):
+        return True
+    try:
+        return any(is_stage_record(read_json(child / STAGE_FILE)) for child in path.iterdir() if child.is_dir())
+    except OSError:
+        return False
+
+
 def check_output_dir(run_dir: Path, overwrite: bool, resume: bool) -> str:
     """Decide what to do with an existing run folder: 'new', 'resume' or 'overwrite'.
 
@@ -120,6 +154,12 @@ def check_output_dir(run_dir: Path, overwrite: bool, resume: bool) -> str:
         )
     if run_dir.exists() and not run_dir.is_dir():
         raise TunelabError(f"output_dir '{run_dir}' is a file: choose a folder path")
+    stage = stage_folder_of(run_dir)
+    if stage is not None:
+        raise TunelabError(
+            f"output_dir '{run_dir}' is inside stage folder '{stage}' of another run, which replaces what is "
+            "in it when that stage runs again: choose an output_dir outside it"
+        )
     if not run_dir.exists() or not any(p.name != LOCK for p in run_dir.iterdir()):
         if resume:
             raise TunelabError(f"--resume: '{run_dir}' holds no run to resume; run without --resume")
@@ -140,50 +180,215 @@ def check_output_dir(run_dir: Path, overwrite: bool, resume: bool) -> str:
             f"output_dir '{run_dir}' holds a finished run: pass --overwrite to replace it, "
             "or set output_dir=... to keep it"
         )
+    aside = backups(run_dir)
+    note = ""
+    if aside:
+        note = f"; the run it was replacing is set aside in '{aside[-1]}': `tunelab run` puts it back first"
     raise TunelabError(
         f"output_dir '{run_dir}' holds an unfinished run (status: {status}): pass --resume to continue it "
-        "or --overwrite to start again"
+        f"or --overwrite to start again{note}"
     )
 
 
 RUN_FILES = ("recipe.yaml", "run.json", "metrics.json", "report.md")
+STAGE_FILE = "stage.json"  # a stage folder's record; its status `completed` is the stage's completion mark
+REPORT_PLOTS = ("loss.png", "signals.png", "metrics.png", "confusion.png")  # report.md draws these into STAGE/
 
 
-def own_entries(run_dir: Path) -> list[Path]:
-    """What tunelab wrote in a run folder: its files, and the stage folders its manifest names.
+def stage_entries(stage_dir: Path) -> list[str]:
+    """Names of what tunelab wrote in a stage folder; anything else there is the user's.
 
-    Anything else there (a user's notes, a data folder) is not tunelab's, and is never moved or deleted.
+    `stage.json` lists a stage's `entries` when it ends (completed, failed or interrupted) and, from its
+    start, the `foreign` names already in the folder (a user's files, left by an earlier set-aside). A
+    stage killed outright has no list: everything but its foreign names is taken as its own. A folder
+    without `stage.json` is no stage folder tunelab wrote: nothing in it is tunelab's.
+    """
+    if not stage_dir.is_dir() or stage_dir.is_symlink():
+        return []
+    record = read_json(stage_dir / STAGE_FILE)
+    if record is None:
+        return []
+    present = sorted(p.name for p in stage_dir.iterdir() if not p.is_symlink())  # a link is the user's
+    listed = record.get("entries")
+    if isinstance(listed, list):
+        own = {str(n) for n in listed} | {STAGE_FILE, *REPORT_PLOTS}
+        return [n for n in present if n in own]
+    foreign = {str(n) for n in record.get("foreign") or []}
+    return [n for n in present if n not in foreign]
+
+
+def own_entries(run_dir: Path) -> list[str]:
+    """What tunelab wrote in a run folder, as paths relative to it: its files, and in each stage folder
+    its manifest names, what the stage wrote there (see `stage_entries`).
+
+    Anything else (a user's notes beside the run, or inside a stage folder, a data folder) is not
+    tunelab's, and is never moved or deleted.
     """
     manifest = read_json(run_dir / "run.json") or {}
-    names = set(RUN_FILES) | set(manifest.get("stages") or {})
-    return [p for p in sorted(run_dir.iterdir()) if p.name in names and p.name != LOCK and not p.is_symlink()]
+    stages = manifest.get("stages")
+    out = [name for name in RUN_FILES if (run_dir / name).is_file() and not (run_dir / name).is_symlink()]
+    for stage in sorted(stages) if isinstance(stages, dict) else []:
+        if stage in RUN_FILES or stage == LOCK or "/" in stage or stage in ("", ".", ".."):
+            continue
+        out += [f"{stage}/{name}" for name in stage_entries(run_dir / stage)]
+    return out
 
 
-def set_aside(run_dir: Path) -> Path:
-    """Move a previous run's own entries into a hidden folder beside it (renames: instant, same disk).
+BACKUP_INDEX = ".tunelab-set-aside.json"  # in a set-aside folder: the paths moved into it, written first
 
-    `--overwrite` replaces a run only once the new one has got going (see `discard` and `restore`).
+
+def backups(folder: Path) -> list[Path]:
+    """The set-aside folders of `folder` (`.NAME.replaced-*` beside it), oldest first."""
+    parent = folder.parent
+    if not parent.is_dir():
+        return []
+    found = [p for p in parent.glob(f".{folder.name}.replaced-*") if p.is_dir() and not p.is_symlink()]
+    return sorted(found, key=lambda p: p.stat().st_mtime)
+
+
+def set_aside_in(run_dir: Path) -> list[Path]:
+    """Every set-aside folder of a run: beside it (`--overwrite`) and in it (a stage that ran again)."""
+    inside = [p for p in run_dir.glob(".*.replaced-*") if p.is_dir()] if run_dir.is_dir() else []
+    return backups(run_dir) + sorted(inside)
+
+
+def set_aside(folder: Path, entries: list[str] | None = None) -> Path:
+    """Move tunelab's `entries` of `folder` (default: a run folder's own entries) into a hidden folder
+    beside it, `.NAME.replaced-*` (renames: instant, same disk); stage folders left empty are removed.
+
+    Nothing is deleted: `restore` puts it back when the work replacing it stops before it is done,
+    `discard` removes it once that work is done. The index of moved paths is written before the first
+    move, so a process killed half-way leaves a folder that `restore` understands.
     """
-    backup = Path(tempfile.mkdtemp(prefix=f".{run_dir.name}.replaced-", dir=run_dir.parent))
-    for entry in own_entries(run_dir):
-        entry.rename(backup / entry.name)
+    entries = own_entries(folder) if entries is None else entries
+    backup = Path(tempfile.mkdtemp(prefix=f".{folder.name}.replaced-", dir=folder.parent))
+    write_json(backup / BACKUP_INDEX, entries)
+    for rel in entries:
+        target = backup / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        (folder / rel).rename(target)
+    for rel in entries:  # a stage folder with nothing of the user's in it goes too (the new run makes its own)
+        parent = (folder / rel).parent
+        if parent != folder and parent.is_dir() and not any(parent.iterdir()):
+            parent.rmdir()
     return backup
 
 
-def restore(run_dir: Path, backup: Path) -> None:
-    """Put a set-aside run back, removing what the failed new run wrote in its place."""
-    for entry in sorted(backup.iterdir()):
-        target = run_dir / entry.name
-        if target.is_dir() and not target.is_symlink():
-            shutil.rmtree(target)
-        elif target.exists() or target.is_symlink():
-            target.unlink()
-        entry.rename(target)
-    backup.rmdir()
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def clear(folder: Path, entries: list[str]) -> None:
+    """Remove `entries` of `folder` (what a stopped run or stage wrote), and stage folders they leave empty."""
+    for rel in entries:
+        _remove(folder / rel)
+        parent = (folder / rel).parent
+        if parent != folder and parent.is_dir() and not any(parent.iterdir()):
+            parent.rmdir()
+
+
+def restore(folder: Path, backup: Path, written: list[str] | None = None) -> None:
+    """Put set-aside entries back, removing first what the stopped work wrote in their place.
+
+    `written`: what that work wrote (default: the run folder's own entries now, the new run's). Each
+    set-aside path then replaces whatever still sits at its place (the stopped work's file of that name).
+    """
+    index = [str(rel) for rel in read_json(backup / BACKUP_INDEX, list) or []]
+    unmoved = {rel for rel in index if not ((backup / rel).exists() or (backup / rel).is_symlink())}
+    # A set-aside killed half-way left some entries in place: they are the old work, not the stopped one's.
+    clear(folder, [rel for rel in (own_entries(folder) if written is None else written) if rel not in unmoved])
+    for rel in index:
+        source = backup / rel
+        if rel in unmoved:
+            continue
+        target = folder / rel
+        _remove(target)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        source.rename(target)
+    discard(backup)
 
 
 def discard(backup: Path) -> None:
     shutil.rmtree(backup, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def shielded():
+    """Hold SIGINT and SIGTERM back while tunelab moves a run's entries: a signal then arrives once every
+    rename is done, never between two of them (the main thread only; elsewhere it does nothing)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held = {signal.SIGINT, signal.SIGTERM}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def _replacer(record: Any, backup: Path) -> bool:
+    return isinstance(record, dict) and record.get("replaces") == backup.name
+
+
+def recover(run_dir: Path) -> list[str]:
+    """Settle what a killed process left set aside in and beside `run_dir`; one line per folder settled.
+
+    Work is set aside (see `set_aside`) by `--overwrite` (the whole run, beside the run folder) and by a
+    stage that runs again (`--from`, a changed stage: that stage's entries, in the run folder). The new
+    work records the folder it replaces (`replaces`). A kill leaves the folder behind; then:
+
+    - the new work finished (its run has a completed stage; the stage itself completed): the set-aside
+      copy is what would have been removed a moment later, and is removed;
+    - otherwise the new work never finished, and the finished work it was replacing is put back.
+
+    Call it only with the run folder's lock free (no process is writing the folder).
+    """
+    lines: list[str] = []
+    if run_dir.is_dir():
+        for backup in sorted(run_dir.glob(".*.replaced-*")):
+            stage = backup.name[1:].rsplit(".replaced-", 1)[0]
+            stage_dir = run_dir / stage
+            if not backup.is_dir() or backup.is_symlink() or "/" in stage or not stage:
+                continue
+            if "run.json" in (read_json(backup / BACKUP_INDEX, list) or []):
+                continue  # a run of its own inside this folder set it aside: that run settles it
+            record = read_json(stage_dir / STAGE_FILE)
+            if _replacer(record, backup) and record.get("status") == "completed":
+                discard(backup)
+                lines.append(f"removed '{backup}': stage '{stage}' ran again to the end and replaces it")
+            else:
+                restore(stage_dir, backup, stage_entries(stage_dir) if _replacer(record, backup) else [])
+                lines.append(
+                    f"restored stage '{stage}' in '{run_dir}' as it was: the run that replaced it stopped before "
+                    "the stage finished"
+                )
+    found = backups(run_dir)
+    if len(found) > 1:
+        names = ", ".join(f"'{p}'" for p in found)
+        return [*lines, f"'{run_dir}' has {len(found)} runs set aside by --overwrite ({names}): keep one, by hand"]
+    for backup in found:
+        manifest = read_json(run_dir / "run.json")
+        stages = manifest.get("stages") if _replacer(manifest, backup) else None
+        finished = isinstance(stages, dict) and any(
+            isinstance(e, dict) and e.get("status") == "completed" for e in stages.values()
+        )
+        if finished:
+            discard(backup)
+            lines.append(f"removed '{backup}': the run that replaced it with --overwrite finished a stage")
+        else:
+            restore(run_dir, backup, own_entries(run_dir) if run_dir.is_dir() else [])
+            lines.append(
+                f"restored the previous run in '{run_dir}': the --overwrite run that replaced it stopped before its "
+                "first stage finished"
+            )
+    return lines
 
 
 LOCK = ".tunelab.lock"

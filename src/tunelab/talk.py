@@ -26,8 +26,13 @@ from tunelab.quant import quant_config
 DEFAULTS = {"max_new_tokens": 256, "do_sample": False}
 
 
-def generation_config(values: dict[str, Any], where: str, defaults: dict[str, Any] | None = None):
-    """A `GenerationConfig` from recipe or command-line values; unknown fields and bad values in one line."""
+def generation_config(
+    values: dict[str, Any], where: str, defaults: dict[str, Any] | None = None, strict: bool = True
+):
+    """A `GenerationConfig` from recipe or command-line values; unknown fields and bad values in one line.
+
+    `strict`: also refuse settings generate() only warns about (a sampling field without do_sample); the
+    harness passes its `gen_kwargs` to generate(), which takes those."""
     from transformers import GenerationConfig
 
     values = {**(DEFAULTS if defaults is None else defaults), **values}
@@ -37,10 +42,90 @@ def generation_config(values: dict[str, Any], where: str, defaults: dict[str, An
             raise unknown_key(where, str(key), fields, "not a field of transformers.GenerationConfig")
     try:
         config = GenerationConfig(**values)
-        config.validate(strict=True)
+        config.validate(strict=strict)
     except (ValueError, TypeError) as exc:
         raise TunelabError(f"'{where}' is rejected by GenerationConfig: {' '.join(str(exc).split())[:300]}") from None
+    check_generation(config, where)
     return config
+
+
+# GenerationConfig accepts these as any number; generate() then fails (or plans petabytes) mid-run.
+COUNTS = {  # field: (smallest, largest) whole number
+    "max_new_tokens": (1, 2**24),
+    "max_length": (1, 2**24),
+    "min_new_tokens": (0, 2**24),
+    "min_length": (0, 2**24),
+    "num_beams": (1, 1024),
+    "num_beam_groups": (1, 1024),
+    "num_return_sequences": (1, 1024),
+    "top_k": (0, 2**24),
+    "no_repeat_ngram_size": (0, 2**16),
+    "encoder_no_repeat_ngram_size": (0, 2**16),
+}
+MAX_CONTEXT = 2**24
+"""The longest sequence any model reads (16M tokens): a bound on lengths where the model's is not known."""
+
+
+def check_generation(config: Any, where: str) -> None:
+    """What transformers only rejects once `generate()` runs (its logits processors check their arguments
+    then), or never: sizes that are not whole numbers or are absurd (`num_beams: 1e6`, `max_new_tokens: 1e9`),
+    a sampling temperature of 0 or below, top_p, min_p, typical_p outside [0, 1]."""
+    for key, (low, high) in COUNTS.items():
+        value = getattr(config, key, None)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int):
+            if not (isinstance(value, float) and value.is_integer()):
+                raise TunelabError(f"'{where}.{key}' is {value!r}: a whole number is needed, e.g. {max(low, 1)}")
+            value = int(value)
+            setattr(config, key, value)  # 64.0 (YAML's 6.4e1) means 64
+        if not low <= value <= high:
+            raise TunelabError(f"'{where}.{key}' is {value}: use a whole number from {low} to {high}")
+    if config.do_sample:
+        ranges = {
+            "temperature": (0.0, None, "above 0 (e.g. 0.7), or do_sample: false for greedy answers"),
+            "top_p": (0.0, 1.0, "from 0 to 1 (e.g. 0.9)"),
+            "min_p": (0.0, 1.0, "from 0 to 1 (e.g. 0.05)"),
+            "typical_p": (0.0, 1.0, "from 0 to 1 (e.g. 0.95)"),
+            "epsilon_cutoff": (0.0, 1.0, "from 0 to 1 (e.g. 3e-4)"),
+            "eta_cutoff": (0.0, 1.0, "from 0 to 1 (e.g. 3e-4)"),
+        }
+        for key, (low, high, hint) in ranges.items():
+            value = getattr(config, key, None)
+            if value is None:
+                continue
+            bad = not isinstance(value, (int, float)) or isinstance(value, bool) or value != value
+            if not bad:
+                bad = value <= low if key == "temperature" else not low <= value <= (high or value)
+            if bad:
+                raise TunelabError(f"'{where}.{key}' is {value!r} with do_sample: true: use a value {hint}")
+    penalty = getattr(config, "repetition_penalty", None)
+    if penalty is not None and (isinstance(penalty, bool) or not isinstance(penalty, (int, float)) or not penalty > 0):
+        raise TunelabError(f"'{where}.repetition_penalty' is {penalty!r}: use a number above 0 (1.0: none)")
+
+
+def context_length(model_config: Any) -> int | None:
+    """The longest sequence the model reads (`max_position_embeddings`, also under `text_config`), if known."""
+    for config in (model_config, getattr(model_config, "text_config", None)):
+        limit = getattr(config, "max_position_embeddings", None)
+        if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0:
+            return limit
+    return None
+
+
+def check_length(config: Any, model_config: Any, where: str) -> None:
+    """`max_new_tokens` (and `max_length`) within what the model reads, where its config says: past it,
+    generation fails mid-run, or its plan asks for terabytes of cache."""
+    limit = context_length(model_config) if model_config is not None else None
+    if limit is None:
+        return
+    for key in ("max_new_tokens", "max_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > limit:
+            raise TunelabError(
+                f"'{where}.{key}' is {value}, more than the model reads (max_position_embeddings {limit}): "
+                f"use at most {limit}"
+            )
 
 
 def parse_overrides(items: list[str], where: str = "generation") -> dict[str, Any]:
@@ -100,6 +185,7 @@ class Chat:
     def __init__(self, model: Any, tokenizer: Any, config: Any, system: str | None = None, template: bool = True):
 
         self.model, self.tokenizer, self.config, self.system = model, tokenizer, config, system
+        check_length(config, getattr(model, "config", None), "generation")
         self.templated = use_template(tokenizer, template)
         if system is not None and not self.templated:
             raise TunelabError("a system prompt needs a chat template, and this model's tokenizer has none")

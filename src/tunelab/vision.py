@@ -30,6 +30,7 @@ from tunelab.config import check_keys
 from tunelab.errors import TunelabError
 from tunelab.hub import local_path
 from tunelab.models import adapter_base, is_adapter, load_kwargs, model_config
+from tunelab.paths import refuse_special
 from tunelab.plan import DTYPE_BYTES, _dtype_name, _optimizer_bytes, plan_training
 from tunelab.quant import CPU_IN_BLOCK, CPU_OUT_BLOCK, bits, packed_cpu_kernel
 
@@ -200,13 +201,15 @@ def build_llava(
 
 
 def make_processor(language_path: str, vision: dict[str, Any] | None, image_processor: dict[str, Any] | None,
-                   where: str):
-    """The LlavaProcessor of `build_llava`: the LM's tokenizer with `<image>`, a ChatML template, an image processor."""
+                   where: str, gguf_file: str | None = None):
+    """The LlavaProcessor of `build_llava`: the LM's tokenizer with `<image>`, a ChatML template, an image processor.
+
+    `gguf_file`: the LM is still a GGUF file (validate reads its tokenizer without converting the weights)."""
     from transformers import AutoTokenizer, LlavaProcessor
 
     vision_cfg = vision_config(vision, f"{where}.vision")
     kwargs = image_processor_kwargs(image_processor, vision_cfg, f"{where}.image_processor")
-    tokenizer = AutoTokenizer.from_pretrained(language_path)
+    tokenizer = AutoTokenizer.from_pretrained(language_path, **({"gguf_file": gguf_file} if gguf_file else {}))
     tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -369,6 +372,8 @@ def _open(item: Any, where: str, row: int, given: str | None = None) -> None:
     if not isinstance(item, (str, dict)):
         return
     name = given or (item if isinstance(item, str) else item.get("path") or "(bytes)")
+    if isinstance(item, str):
+        refuse_special(item, f"'{where}' row {row}: image")
     try:
         with Image.open(item if isinstance(item, str) else io.BytesIO(item["bytes"])) as image:
             image.load()
@@ -541,18 +546,20 @@ def collator(processor: Any, args: Any, assistant_only: bool, where: str):
 _PLANNED: dict[str, Path] = {}
 
 
-def planned_processor(language_path: str, vision: Any, image_processor: Any, where: str) -> Path:
+def planned_processor(
+    language_path: str, vision: Any, image_processor: Any, where: str, gguf_file: str | None = None
+) -> Path:
     """A `vlm_build` stage's processor, made at validate into a temporary folder (no weights), so the
     stages after it check their images and templates against the processor they will get."""
     import atexit
     import shutil
     import tempfile
 
-    key = json.dumps([language_path, vision, image_processor], sort_keys=True, default=str)
+    key = json.dumps([language_path, gguf_file, vision, image_processor], sort_keys=True, default=str)
     if key not in _PLANNED:
         folder = Path(tempfile.mkdtemp(prefix="tunelab-processor-"))
         atexit.register(shutil.rmtree, folder, True)
-        make_processor(language_path, vision, image_processor, where).save_pretrained(folder)
+        make_processor(language_path, vision, image_processor, where, gguf_file).save_pretrained(folder)
         _PLANNED[key] = folder
     return _PLANNED[key]
 

@@ -17,7 +17,8 @@ from tunelab.chat_templates import render as render_text
 from tunelab.data import fingerprint, load_split, require_columns
 from tunelab.errors import TunelabError
 from tunelab.hub import configure_offline, local_path
-from tunelab.models import model_spec, resolve_spec
+from tunelab.models import model_config, model_spec, resolve_spec
+from tunelab.paths import refuse_special
 from tunelab.progress import quiet
 from tunelab.quant import quant_config
 from tunelab.runs import write_atomic
@@ -36,8 +37,9 @@ def model_path(value: Any) -> str | None:
     return path if isinstance(path, str) else None
 
 
-def is_vlm(value: Any, ctx: Any) -> bool:
-    """Whether an eval model is an image+text model: a pending vlm stage, or a folder with a vision tower."""
+def is_vlm(value: Any, ctx: Any, where: str = "model") -> bool:
+    """Whether an eval model is an image+text model: a pending vlm stage, a folder with a vision tower,
+    or a hub model whose config has one (read from the cache; an uncached one is the download it needs)."""
 
     path = model_path(value)
     if path is None:
@@ -45,12 +47,16 @@ def is_vlm(value: Any, ctx: Any) -> bool:
     if ctx.is_pending(path):
         return ctx.kinds.get(path.strip()[2:-1]) in VLM_KINDS
     local = local_path(ctx.resolve_ref(path))
-    return local is not None and local.is_dir() and is_vlm_folder(local)
+    if local is not None:
+        return local.is_dir() and is_vlm_folder(local)
+    if isinstance(value, dict) and "gguf_file" in value:
+        return False  # GGUF files hold language models
+    return getattr(model_config(value, ctx, where), "vision_config", None) is not None
 
 
 def vision_mode(spec: Any, ctx: Any, models: dict[str, Any]) -> bool:
     """True when every model is image+text; one line for a mix, and for eval keys this path does not take."""
-    flags = {label: is_vlm(value, ctx) for label, value in models.items()}
+    flags = {label: is_vlm(value, ctx, f"{spec.where}.models.{label}") for label, value in models.items()}
     if not any(flags.values()):
         return False
     if not all(flags.values()):
@@ -282,6 +288,8 @@ def open_chat(ref: str, config: Any, system: str | None, image_paths: list[Path]
     """A `VisionChat` over the model `ref` names with the images opened (one line for a missing one)."""
     from PIL import Image
 
+    for path in image_paths:  # before the model: a FIFO would hang PIL's open, and loading takes a while
+        refuse_special(path, "--image")
     configure_offline()
     quiet()
     spec = model_source(ref)

@@ -25,6 +25,7 @@ listing or structurally checking stages stays fast; tunelab's own modules are im
 from __future__ import annotations
 
 import importlib
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -138,11 +139,26 @@ class Context:
         return value
 
     def is_pending(self, value: Any) -> bool:
-        """True when `value` names an earlier stage's output that does not exist yet."""
+        """True when `value` names an earlier stage's output that does not exist yet.
+
+        A stage folder's files count only once its `stage.json` says `completed` (written after the
+        model and tokenizer are saved): a stage killed mid-save leaves a config without its tokenizer,
+        and checks must take that model as still to come, not refuse the run that would finish it.
+        """
         if not (isinstance(value, str) and REF.match(value.strip())):
             return False
         folder = Path(self.resolve_ref(value))
+        record = folder / "stage.json"
+        if record.is_file() and _status(record) != "completed":
+            return True
         return not any((folder / name).exists() for name in MODEL_FILES)
+
+
+def _status(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text()).get("status")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def tokenizer_origin(module: ModuleType, spec: StageSpec, ctx: Context) -> str | None:

@@ -30,13 +30,21 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from tunelab.adapters import lora_config, trainable_quantization
-from tunelab.chat_templates import chat_pairs, check_chat_data, conversational, setting, system_prompt
+from tunelab.chat_templates import (
+    chat_pairs,
+    check_chat_data,
+    check_example,
+    conversational,
+    setting,
+    system_prompt,
+    use_template,
+)
 from tunelab.data import load_split, preference_splits, require_columns
 from tunelab.errors import TunelabError
 from tunelab.models import load_causal_lm, load_tokenizer, prepare_kbit, stage_model
 from tunelab.plan import policy_plan
 from tunelab.preflight import check_model, check_training, check_vllm
-from tunelab.rewarding import check_rewards, reward_functions
+from tunelab.rewarding import check_reward_templates, check_rewards, reward_functions
 from tunelab.stages import TRAINING, Context, Metrics, StageResult, StageSpec
 from tunelab.training import fingerprints, guarded_train, kl_limit, save, training_args
 
@@ -168,7 +176,20 @@ class TrainerStage:
         check_model(spec, ctx, s.lora, task=self.task_type)
         train, _ = self.data(spec, s)
         check_chat_data(train, self.chat_columns_of(spec), spec, ctx)
+        self.check_template(spec, s, train)
         self.check_more(spec, ctx, s, train)
+
+    def check_template(self, spec: StageSpec, s: Settings, train: Any) -> None:
+        """Render the first example through the chat template the trainer will use (`chat_template:` or the
+        model's own), for every stage that prompts through one: a template that fails, loops or explodes is
+        one line here, not a crash after the model has loaded. Stages without `chat_columns` (sft checks its
+        own rows, masks included) skip it."""
+        columns = [c for c in self.chat_columns_of(spec) if c in train.column_names]
+        if not columns or s.model is None or len(train) == 0:
+            return  # an earlier stage makes the model: its tokenizer is checked once that stage has run
+        tokenizer = load_tokenizer(s.model.get("gguf_file", s.model["path"]))
+        if use_template(tokenizer, s.chat):
+            check_example(tokenizer, train[0], columns, s.system, f"{spec.where}.data")
 
     def check_more(self, spec: StageSpec, ctx: Context, s: Settings, train: Any) -> None:
         """A stage's own checks beyond the common ones (reward functions, batch arithmetic, ...); `run`
@@ -321,7 +342,19 @@ class OnlineStage(TrainerStage):
 
     def check_more(self, spec: StageSpec, ctx: Context, s: Settings, train: Any) -> None:
         check_vllm(s.args, f"{spec.where}.training")
-        check_rewards(spec, ctx, train)
+        rewards = check_rewards(spec, ctx, train)
+        if any(value is not None and not callable(value) for _, value in rewards):  # reward models, loadable now
+            check_reward_templates(rewards, train, self.chat_prompts(s, train), spec.where)
+
+    def chat_prompts(self, s: Settings, train: Any) -> bool:
+        """Whether the trainer hands the rewards chat turns: chat data, or plain prompts through a template."""
+        if len(train) and isinstance(train[0]["prompt"], list):
+            return True
+        if isinstance(s.chat, str):
+            return True
+        if s.chat is False or s.model is None:
+            return False
+        return bool(load_tokenizer(s.model.get("gguf_file", s.model["path"])).chat_template)
 
     def prepare(self, spec: StageSpec, ctx: Context, s: Settings, tokenizer: Any, train: Any, evaluation: Any):
         return conversational(train, tokenizer, s.chat, s.system), None

@@ -58,7 +58,7 @@ from tunelab.quant import check_cpu_shapes, quant_config
 from tunelab.rewarding import reward_model_spec
 from tunelab.runs import write_atomic
 from tunelab.stages import Context, Metrics, StageResult, StageSpec
-from tunelab.talk import generation_config
+from tunelab.talk import check_length, context_length, generation_config
 from tunelab.vlm_prompting import check as vision_check
 from tunelab.vlm_prompting import run as vision_run
 from tunelab.vlm_prompting import vision_mode
@@ -252,15 +252,39 @@ def _check_text(spec: StageSpec, ctx: Context) -> None:
     for label, value in _models(spec).items():
         where = f"{spec.where}.models.{label}" if "models" in spec.cfg else f"{spec.where}.model"
         mspec = model_spec(value, where)
+        tokenizer = None
         if not ctx.is_pending(mspec["path"]):
             resolved = resolve_spec({**mspec, "path": ctx.resolve_ref(mspec["path"])}, where, materialize=False)
             tokenizer_path = resolved.get("gguf_file", resolved["path"])
             check_tokenizer(tokenizer_path, where)
-            prompting.build(load_tokenizer(tokenizer_path), first, where)  # the template renders the first rows
-        config = model_config(value, ctx, where) if quant is not None else None
-        if config is not None:
+            tokenizer = load_tokenizer(tokenizer_path)
+            prompting.build(tokenizer, first, where)  # the template renders the first rows
+        config = model_config(value, ctx, where)
+        if choices is None:
+            check_length(_generation(spec), config, f"{spec.where}.generation")
+        elif tokenizer is not None:
+            _check_choice_lengths(ds, prompt, choices, tokenizer, context_length(config), f"{spec.where}.data")
+        if config is not None and quant is not None:
             check_cpu_shapes(config, spec.cfg["quantization"], f"{spec.where}.quantization")
     _reward_model(spec, ctx)
+
+
+def _check_choice_lengths(ds: Any, prompt: str, choices: str, tokenizer: Any, limit: int | None, where: str) -> None:
+    """Each prompt with its longest choice fits the model (a 400 KB choice is a forward pass over 100K tokens and
+    logits of tens of GiB). A token holds at least one byte, so only rows longer in bytes than the limit are
+    tokenized."""
+    if limit is None:
+        return
+    for i, (text, options) in enumerate(zip(ds[prompt], ds[choices], strict=True)):
+        longest = max((str(c) for c in options), key=len, default="")
+        if len(str(text).encode()) + len(longest.encode()) <= limit:
+            continue
+        tokens = len(tokenizer(str(text) + longest, add_special_tokens=False)["input_ids"])
+        if tokens > limit:
+            raise TunelabError(
+                f"'{where}' row {i}: the prompt with its longest choice is {tokens} tokens, more than the model reads "
+                f"(max_position_embeddings {limit}): shorten it, or drop the row"
+            )
 
 
 def _reward_model(spec: StageSpec, ctx: Context) -> dict[str, Any] | None:

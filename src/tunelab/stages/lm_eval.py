@@ -28,6 +28,7 @@ from tunelab.errors import TunelabError
 from tunelab.harness import (
     check_arguments,
     check_model_args,
+    check_samples,
     direct_command,
     flat_metrics,
     include_paths,
@@ -162,7 +163,8 @@ def check(spec: StageSpec, ctx: Context) -> None:
             check_cpu_shapes(config, spec.cfg["quantization"], f"{spec.where}.quantization")
     with tempfile.TemporaryDirectory() as tmp:  # the tasks as run writes them (absolute data paths)
         manager = _manager(spec, names, shipped=materialize(Path(tmp)))
-        load_tasks(manager, names, f"{spec.where}.tasks")  # reads each task's data, as run will
+        tasks = load_tasks(manager, names, f"{spec.where}.tasks")  # reads each task's data, as run will
+        check_samples(tasks, args.get("samples"), f"{spec.where}.samples")
 
 
 def run(spec: StageSpec, ctx: Context) -> StageResult:

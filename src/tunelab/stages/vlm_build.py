@@ -42,7 +42,9 @@ def check(spec: StageSpec, ctx: Context) -> None:
         return
     check_tokenizer(mspec.get("gguf_file", mspec["path"]), f"{spec.where}.language")
     if ctx.checking:  # what this stage will write, minus the weights: later stages check their data against it
-        folder = planned_processor(mspec["path"], spec.cfg.get("vision"), spec.cfg.get("image_processor"), spec.where)
+        folder = planned_processor(
+            mspec["path"], spec.cfg.get("vision"), spec.cfg.get("image_processor"), spec.where, mspec.get("gguf_file")
+        )
         from tunelab.vision import load_processor
 
         ctx.configs[spec.name] = llava_config(config, load_processor(folder, spec.where), spec.cfg.get("vision"),

@@ -210,7 +210,7 @@ SIZES = [0, 7, 1000, 30000, 10**5, 10**9, 10**10, 2**62]
 def test_validate_answers_hostile_chat_templates(
     tiny_lm: Path, own_tmpdir: Path, monkeypatch: pytest.MonkeyPatch, data: st.DataObject
 ) -> None:
-    from tunelab import chat
+    from tunelab import chat_templates as chat
 
     monkeypatch.setattr(chat, "RENDER_SECONDS", 1.0)  # the bound is what is tested, not its value
     draw = data.draw

@@ -191,7 +191,7 @@ def test_eval_renders_the_model_template_bounded(tmp_path: Path, tiny_lm: Path) 
 def test_data_that_looks_like_a_bomb_still_renders(tiny_lm: Path) -> None:
     from transformers import AutoTokenizer
 
-    from tunelab.chat import render
+    from tunelab.chat_templates import render
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_lm)
     tokenizer.chat_template = (

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 import tunelab
 from tests.conftest import CHAT_TEST, CHAT_TRAIN, SMOLLM2, tiny_training
-from tunelab.chat import TUNELAB_TEMPLATE, assistant_mask
+from tunelab.chat_templates import TUNELAB_TEMPLATE, assistant_mask
 from tunelab.cli import app
 
 runner = CliRunner()
@@ -134,7 +134,7 @@ def test_sft_mask_reaches_the_trainer(smollm2: Path) -> None:
     """The rows TRL trains on carry labels on the assistant's tokens only (counted, not assumed)."""
     from datasets import Dataset
 
-    from tunelab.chat import tokenize_assistant_only
+    from tunelab.chat_templates import tokenize_assistant_only
 
     tokenizer = AutoTokenizer.from_pretrained(smollm2)
     ds = tokenize_assistant_only(Dataset.from_list([{"messages": CONVERSATION}] * 2), tokenizer, "data")

@@ -55,6 +55,7 @@ def validate(
     from tunelab.pipeline import check
 
     _flags(overwrite=overwrite, resume=resume)
+    _optional_text(from_stage, "from_stage", "the name of a stage of the recipe")
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe, overrides)
     elif overrides:
@@ -66,6 +67,61 @@ def _flags(**flags: Any) -> None:
     for name, value in flags.items():
         if not isinstance(value, bool):
             raise TunelabError(f"{name} must be True or False, not {value!r}; pass overrides=[...] by name")
+
+
+# The API's arguments are checked here, in one line each: a wrong type would otherwise reach pathlib or a
+# tokenizer and fail with their words (or, for a string where a list goes, be read one character at a time).
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return f"{text if len(text) <= 60 else text[:57] + '...'} ({type(value).__name__})"
+
+
+def _optional_text(value: Any, name: str, what: str) -> None:
+    if value is not None and not isinstance(value, str):
+        raise TunelabError(f"{name} must be {what} (a string) or None, not {_shown(value)}")
+
+
+def _prompt(value: Any, name: str) -> str:
+    if not isinstance(value, str):
+        raise TunelabError(f"{name} must be a string (the text for the model to answer), not {_shown(value)}")
+    if not value.strip():
+        raise TunelabError(f"{name} is empty: give the text for the model to answer")
+    return value
+
+
+def _path(value: Any, name: str, what: str) -> str:
+    """A str or os.PathLike argument, as a string the rest of tunelab takes."""
+    from tunelab.errors import check_path
+
+    if not isinstance(value, (str, os.PathLike)):
+        raise TunelabError(f"{name} must be {what} (a string or a Path), not {_shown(value)}")
+    text = os.fspath(value)
+    if not isinstance(text, str) or not text.strip():
+        raise TunelabError(f"{name} is empty: give {what}")
+    check_path(text, name)
+    return text
+
+
+def _model(value: Any) -> str | dict:
+    """A model reference: a path or hub id, or a mapping of from_pretrained arguments with `path:`."""
+    if isinstance(value, dict):
+        return value  # checked by tunelab.models.model_spec, as a recipe's `model:` mapping is
+    return _path(value, "model", "a model folder, an adapter or stage folder, a hub id or a .gguf file")
+
+
+def _history(value: Any) -> list:
+    if value is None:
+        return []
+    ok = isinstance(value, list) and all(
+        isinstance(t, dict) and isinstance(t.get("role"), str) and isinstance(t.get("content"), str) for t in value
+    )
+    if not ok:
+        raise TunelabError(
+            f"history must be a list of {{'role': ..., 'content': ...}} turns (strings), not {_shown(value)}"
+        )
+    return value
 
 
 def run(
@@ -82,6 +138,7 @@ def run(
     from tunelab.pipeline import run as _run
 
     _flags(overwrite=overwrite, resume=resume)
+    _optional_text(from_stage, "from_stage", "the name of a stage of the recipe")
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe, overrides)
     return _run(recipe, overwrite=overwrite, resume=resume, from_stage=from_stage)
@@ -93,23 +150,59 @@ def merge(adapter_dir: str | Path, out_dir: str | Path, base: str | None = None,
     from tunelab.models import merge as _merge
     from tunelab.progress import quiet
 
+    adapter_dir = _path(adapter_dir, "adapter_dir", "the folder of a LoRA adapter")
+    out_dir = _path(out_dir, "out_dir", "the folder to save the merged model in")
+    if base is not None:
+        base = _path(base, "base", "the base model (a folder or a hub id)")
+    _flags(overwrite=overwrite)
     configure_offline()
     quiet()
     return _merge(adapter_dir, out_dir, base=base, overwrite=overwrite)
 
 
-def chat(model: str, prompt: str, system: str | None = None, history: list | None = None, **generation: Any) -> str:
+def chat(
+    model: str | os.PathLike | dict,
+    prompt: str,
+    system: str | None = None,
+    history: list | None = None,
+    **generation: Any,
+) -> str:
     """One reply from a model (folder, adapter, stage folder, hub id, .gguf) through its chat template."""
     from tunelab.talk import chat as _chat
 
-    return _chat(model, prompt, system=system, history=history, **generation)
+    model = _model(model)
+    _prompt(prompt, "prompt")
+    _optional_text(system, "system", "the system prompt")
+    return _chat(model, prompt, system=system, history=_history(history), **generation)
 
 
-def generate(model: str, prompts: list[str], batch_size: int = 16, system: str | None = None, **generation: Any):
-    """Replies to many prompts, batched (left padding, sorted by length), through the chat template."""
+def generate(
+    model: str | os.PathLike | dict,
+    prompts: list[str] | str,
+    batch_size: int = 16,
+    system: str | None = None,
+    **generation: Any,
+) -> list[str] | str:
+    """Replies to many prompts, batched (left padding, sorted by length), through the chat template.
+
+    A single string is one prompt, and its reply comes back as a string (a string is not a list of
+    one-character prompts).
+    """
     from tunelab.talk import generate as _generate
 
-    return _generate(model, prompts, batch_size=batch_size, system=system, **generation)
+    model = _model(model)
+    if isinstance(prompts, str):
+        return generate(model, [prompts], batch_size, system, **generation)[0]
+    if not isinstance(prompts, (list, tuple)):
+        raise TunelabError(f"prompts must be a list of strings (or one string), not {_shown(prompts)}")
+    for i, prompt in enumerate(prompts):
+        _prompt(prompt, f"prompts[{i}]")
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise TunelabError(f"batch_size must be a positive integer, not {_shown(batch_size)}")
+    _optional_text(system, "system", "the system prompt")
+    if not prompts:
+        return []
+    return _generate(model, list(prompts), batch_size=batch_size, system=system, **generation)
 
 
 def __getattr__(name: str) -> Any:

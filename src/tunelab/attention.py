@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from tunelab.chat import messages, render, use_template
+from tunelab.chat_templates import messages, render, use_template
 from tunelab.errors import TunelabError
 from tunelab.hub import resolve_model
 from tunelab.models import adapter_base, is_adapter, load_tokenizer, model_spec, resolve_spec
@@ -64,6 +64,19 @@ def _pick(values: list[int] | None, count: int, what: str) -> list[int]:
     return [v % count for v in chosen]
 
 
+def out_file(out: Path) -> Path:
+    """The PNG that `--out` names: a folder gets attention.png inside it, a name without a suffix gets .png (as
+    matplotlib would add it, so the path printed is the path written); another suffix is refused."""
+    out = Path(out).expanduser()
+    if out.is_dir():
+        return out / "attention.png"
+    if not out.suffix:
+        return out.with_name(out.name + ".png")
+    if out.suffix.lower() != ".png":
+        raise TunelabError(f"--out '{out}' ends in {out.suffix}: the heatmaps are a PNG file; use {out.stem}.png")
+    return out
+
+
 def draw(
     model_ref: str,
     text: str,
@@ -72,12 +85,16 @@ def draw(
     heads: list[int] | None = None,
     chat: bool = True,
 ) -> Path:
-    """Draw one heatmap per (layer, head) into a PNG grid; rows are layers, columns heads."""
+    """Draw one heatmap per (layer, head) into a PNG grid; rows are layers, columns heads.
+
+    Returns the file written, which `out_file` decides before the model loads.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    out = out_file(out)
     tokens, maps = attention_maps(model_ref, text, chat)
     layer_ids = _pick(layers, len(maps), "layers")
     head_ids = _pick(heads, maps[0].shape[0], "heads")

@@ -37,7 +37,7 @@ class _OneLineUsageErrors(typer.core.TyperGroup):
         except click.exceptions.ClickException as exc:
             exc.show()
             sys.exit(exc.exit_code)
-        except click.exceptions.Abort:
+        except typer.Abort:  # typer's click copy raises typer's own Abort (its `exceptions` module has none)
             typer.echo("aborted", err=True)
             sys.exit(1)
         sys.exit(rv if isinstance(rv, int) else 0)
@@ -78,7 +78,13 @@ RUNNING_COMMANDS = {"run", "launch", "eval_model", "sample"}
 
 def friendly(fn):
     """TunelabError: one red line, exit code 2. Ctrl-C: exit code 130. Anything else: an internal error,
-    one line naming the file that holds the traceback, exit code 1. No traceback on the terminal."""
+    one line naming the file that holds the traceback, exit code 1. No traceback on the terminal.
+
+    A SystemExit is caught too: no tunelab command calls sys.exit (they raise typer.Exit), so one that
+    reaches here came from code a run calls (a library, or a user's module that is not a reward function;
+    those are named with exit code 2 by tunelab.rewarding). It is an internal error naming where it was
+    called, exit code 1, rather than a process that ends in the middle of a run with no word.
+    """
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -111,14 +117,43 @@ def friendly(fn):
             raise typer.Exit(code) from None
         except CLI_EXITS:
             raise
+        except SystemExit as exc:
+            _fail(_internal_error(exc, f"{_exit_call(exc)} was called in {_caller(exc)}"), 1)
         except Exception as exc:
             import errno
 
             if isinstance(exc, OSError) and exc.errno == errno.ENAMETOOLONG:  # always a path the user gave
                 _fail(f"path '{_short(exc.filename)}' is longer than the OS allows ({exc.strerror}): use a shorter one")
+            _machine_condition(exc)
             _fail(_internal_error(exc), 1)
 
     return wrapper
+
+
+def _machine_condition(exc: BaseException) -> None:
+    """A full disk or a path the OS will not let tunelab write, anywhere in the exception's chain: one line
+    naming the file and what to do (exit 2). These are the machine's state, not tunelab's bugs; the plan's
+    disk check cannot foresee every byte, and libraries wrap the OSError (safetensors, torch) in their own."""
+    import errno
+
+    seen: set[int] = set()
+    chain: BaseException | None = exc
+    while chain is not None and id(chain) not in seen:
+        seen.add(id(chain))
+        text = str(chain)
+        full = isinstance(chain, OSError) and chain.errno in (errno.ENOSPC, errno.EDQUOT)
+        if full or "No space left on device" in text or "StorageFull" in text:
+            where = f" writing '{_short(chain.filename, 240)}'" if getattr(chain, "filename", None) else ""
+            _fail(
+                f"the disk is full{where} (No space left on device): free space there, or choose an output_dir on "
+                "another disk; a run it stopped is marked failed: continue it with --resume"
+            )
+        if isinstance(chain, OSError) and chain.errno in (errno.EACCES, errno.EPERM, errno.EROFS) and chain.filename:
+            _fail(
+                f"'{_short(chain.filename, 240)}': {chain.strerror} (file permissions, or a read-only mount): fix its "
+                "permissions, or choose another path (another output_dir for a run folder)"
+            )
+        chain = chain.__cause__ or chain.__context__
 
 
 def _short(value: Any, limit: int = 80) -> str:
@@ -126,12 +161,27 @@ def _short(value: Any, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _internal_error(exc: BaseException) -> str:
+def _exit_call(exc: SystemExit) -> str:
+    return f"sys.exit({exc.code!r})" if exc.code is not None else "sys.exit()"
+
+
+def _caller(exc: BaseException) -> str:
+    """`function (file:line)` of the innermost Python frame: where sys.exit was called."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    if tb is None:
+        return "unknown code"
+    code = tb.tb_frame.f_code
+    return f"{code.co_name} ({_short(code.co_filename, 120)}:{tb.tb_lineno})"
+
+
+def _internal_error(exc: BaseException, summary: str | None = None) -> str:
     """Write the traceback to a file under the temp folder; the line that says where it is."""
     import tempfile
     import traceback
 
-    summary = _short(" ".join(f"{type(exc).__name__}: {exc}".split()), 200)
+    summary = summary or _short(" ".join(f"{type(exc).__name__}: {exc}".split()), 200)
     try:
         fd, path = tempfile.mkstemp(prefix="tunelab-traceback-", suffix=".txt")
         with open(fd, "w") as f:
@@ -476,9 +526,17 @@ def chat_command(
     ] = None,
 ) -> None:
     """Talk to a model: an interactive loop with history (/reset, /system TEXT, /exit), or one --prompt."""
+    from tunelab.errors import TunelabError
     from tunelab.talk import Chat, generation_config, load, parse_overrides
 
     config = generation_config(parse_overrides(generation or []), "generation")
+    if load_in_4bit and load_in_8bit:
+        raise TunelabError("--load-in-4bit and --load-in-8bit are both given: choose one (4 bits take half the memory)")
+    if prompt is not None and not prompt.strip():
+        raise TunelabError("--prompt is empty: give the text for the model to answer")
+    if prompt is None and (sys.stdin is None or sys.stdin.closed):  # `<&-`: input() would raise, not see EOF
+        typer.echo("stdin is closed: nothing to chat about (give --prompt TEXT for one answer)", err=True)
+        return
     quant = {"load_in_4bit": True} if load_in_4bit else {"load_in_8bit": True} if load_in_8bit else None
     from tunelab.vlm_prompting import is_vlm_ref, open_chat
 
@@ -498,7 +556,8 @@ def chat_command(
     while True:
         try:
             text = input("you> ")
-        except EOFError:
+        except EOFError:  # Ctrl-D, or the end of piped input: end the line the prompt started
+            typer.echo(err=True)
             break
         if text.strip() in ("/exit", "/quit"):
             break
@@ -546,7 +605,10 @@ def cp(
     from tunelab.recipe import find_recipe
 
     if name.removesuffix(".yaml") not in shipped_recipes():
-        find_recipe(name)  # raises with a "did you mean"
+        find_recipe(name)  # raises with a "did you mean" when it names nothing
+        raise TunelabError(  # a path to some other file: `cp` copies shipped recipes only (see `tunelab list`)
+            f"'{name}' is not a shipped recipe: name one from `tunelab list` (copy your own files with cp)"
+        )
     source = find_recipe(name)
     check_path(dest, "the destination")
     target = dest / source.name if dest.is_dir() else dest

@@ -262,14 +262,102 @@ def _raise_load_error(exc: Exception, spec: dict[str, Any], kwargs: dict[str, An
     raise TunelabError(f"'{where}': cannot read '{spec['path']}' ({type(shown).__name__}): {msg}") from None
 
 
-def require_columns(ds, needed: Iterable[str], where: str, purpose: str) -> None:
-    """Fail with the missing and present columns when `ds` lacks a column the stage needs."""
+def require_columns(
+    ds, needed: Iterable[str], where: str, purpose: str, values: str | None = None, empty: bool = True
+) -> None:
+    """Fail with the missing and present columns when `ds` lacks a column the stage needs.
+
+    With `values` ("text": strings; "turns": strings or chat turns), the columns' values are checked too,
+    over the whole dataset and not only the rows validate reads: their type from the Arrow schema, and null
+    rows (and, unless `empty`, blank strings or turn lists) with pyarrow.compute. A row the trainer
+    cannot read would otherwise fail mid-run, or train on nothing, after the model has loaded.
+    """
+    needed = list(needed)
     missing = [c for c in needed if c not in ds.column_names]
     if missing:
         raise TunelabError(
             f"'{where}' has no column {', '.join(repr(m) for m in missing)} ({purpose}); "
             f"its columns are {', '.join(ds.column_names)}"
         )
+    if values is not None:
+        for column in needed:
+            require_values(ds, column, where, values, empty)
+
+
+def _arrow_column(ds, column: str):
+    """The column as Arrow data, rows as `ds` selects them (no copy unless `ds` is an index over its table)."""
+    if getattr(ds, "_indices", None) is None:
+        return ds.data.column(column)
+    return ds.with_format("arrow")[column]
+
+
+def _is_turns(arrow_type) -> bool:
+    """A list of {role, content} structs: chat turns, as datasets reads them from JSON."""
+    import pyarrow as pa
+
+    if not (pa.types.is_list(arrow_type) or pa.types.is_large_list(arrow_type)):
+        return False
+    item = arrow_type.value_type
+    return pa.types.is_struct(item) and {"role", "content"} <= {field.name for field in item}
+
+
+def _first(mask) -> int:
+    import pyarrow.compute as pc
+
+    return pc.index(mask, True).as_py()
+
+
+def require_values(ds, column: str, where: str, values: str = "text", empty: bool = True) -> None:
+    """One line when `column` holds anything but text ("text"), or text or chat turns ("turns"), in any row."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    col = _arrow_column(ds, column)
+    kind = col.type
+    wanted = "text" if values == "text" else "text or chat turns (lists of {role, content})"
+    text = pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_string_view(kind)
+    turns = values == "turns" and _is_turns(kind)
+    if not (text or turns):
+        raise TunelabError(f"'{where}' column '{column}' {_holds(ds, column, kind)}: every row must hold {wanted}")
+    if col.null_count:
+        row = _first(pc.is_null(col))
+        raise TunelabError(
+            f"'{where}' column '{column}' is null (missing) in {col.null_count} row(s), the first row {row}: "
+            f"give every row {wanted}, or remove those rows"
+        )
+    if not empty:
+        size = pc.utf8_length(pc.utf8_trim_whitespace(col)) if text else pc.list_value_length(col)
+        blank = pc.equal(size, 0)
+        count = pc.sum(blank).as_py() or 0
+        if count:
+            raise TunelabError(
+                f"'{where}' column '{column}' is {'blank' if text else 'an empty list'} in {count} row(s), "
+                f"the first row {_first(blank)}: give every row {wanted}, or remove those rows"
+            )
+
+
+def _holds(ds, column: str, kind) -> str:
+    """What a column of the wrong type holds, in words: its type, or the first row that differs from text."""
+    import pyarrow as pa
+
+    if getattr(kind, "extension_name", None) == "arrow.json":  # datasets reads JSON of mixed types so
+        for i, value in enumerate(ds[column]):
+            if not isinstance(value, str) and value is not None:
+                return f"mixes types (row {i} is {_short_repr(value)}, {type(value).__name__})"
+        return "mixes types"
+    if pa.types.is_null(kind):
+        return "is null (missing) in every row"
+    if pa.types.is_list(kind) or pa.types.is_large_list(kind):
+        item = kind.value_type
+        what = "strings" if pa.types.is_string(item) or pa.types.is_large_string(item) else str(item)
+        return f"holds lists of {what}, not chat turns ({{role, content}} mappings; join a list into one string)"
+    name = {"int64": "integers", "double": "numbers", "bool": "booleans"}.get(str(kind), f"{kind} values")
+    return f"holds {name} (e.g. row 0 is {_short_repr(ds[0][column])})"
+
+
+def _short_repr(value: Any, limit: int = 40) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def fingerprint(ds) -> str:
@@ -285,6 +373,10 @@ def require_preferences(ds, where: str) -> None:
             f"'{where}' is not preference data: it has no {' or '.join(repr(m) for m in missing)} column "
             f"(pairs need 'chosen' and 'rejected', optionally 'prompt'); its columns are {', '.join(ds.column_names)}"
         )
+    for column in ("chosen", "rejected"):  # an answer that is blank teaches nothing (and crashes tokenizing)
+        require_values(ds, column, where, "turns", empty=False)
+    if "prompt" in ds.column_names:
+        require_values(ds, "prompt", where, "turns")
 
 
 SIGNATURE_MAX_BYTES = 512 * 2**20  # hash contents up to this much data; beyond it, sizes and times

@@ -85,6 +85,9 @@ def check_image_folder(folder: Path, where: str, resolution: int | None, channel
                 modes.setdefault(1 if im.mode in ("L", "1", "I", "I;16", "F") else 3, f)
         except (UnidentifiedImageError, OSError) as exc:
             raise TunelabError(f"'{where}': '{f}' is not a readable image ({exc})") from None
+        except Exception as exc:  # noqa: BLE001 - PIL also raises DecompressionBombError, SyntaxError, ValueError
+            message = " ".join(str(exc).split())[:200]
+            raise TunelabError(f"'{where}': '{f}' cannot be read ({type(exc).__name__}: {message})") from None
     if len(modes) > 1 and channels is None:
         (a, fa), (b, fb) = list(modes.items())[:2]
         raise TunelabError(

@@ -163,6 +163,12 @@ def launch_command(options: dict[str, Any], run_args: list[str]) -> tuple[list[s
             f"{local} processes on this machine but it has {gpus} GPU(s): lower --num-processes "
             "(one process per GPU), or add machines with --num-machines"
         )
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if on_cpu and local > cores:  # each rank holds a copy of the model: 100000 of them would exhaust the machine
+        raise TunelabError(
+            f"{local} processes on this machine but it has {cores} CPU core(s) for them: lower --num-processes "
+            "(at most one process per core), or add machines with --num-machines"
+        )
     argv = [sys.executable, "-m", "accelerate.commands.launch"]
     values = {**options, "num_processes": n, "num_machines": machines}
     if not config:

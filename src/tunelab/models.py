@@ -17,7 +17,7 @@ from tunelab import runs
 from tunelab.config import check_keys
 from tunelab.errors import TunelabError, unknown_key
 from tunelab.gguf_models import cached, gguf_config, gguf_file, origin, plain_copy, split_file
-from tunelab.hub import local_path, resolve_model
+from tunelab.hub import local_path, looks_like_path, resolve_model
 from tunelab.refs import REF
 
 # Keyword arguments of `from_pretrained` a recipe's `model:` mapping may carry (checked against
@@ -196,6 +196,12 @@ def adapter_base(path: str | Path) -> str:
         source = json.loads(recorded.read_text())
         spec = {"path": str(Path(source["gguf_file"]).parent), "gguf_file": Path(source["gguf_file"]).name}
         return resolve_spec(spec, f"base model of '{path}'")["path"]
+    if looks_like_path(base) and local_path(base) is None:
+        # A folder that is gone: said as such, not as the Hub's "Repo id must be in the form ..." later.
+        raise TunelabError(
+            f"adapter '{path}' was trained on the base model in '{base}', a folder that no longer exists: put the "
+            f"base back there, or set base_model_name_or_path in {Path(path, 'adapter_config.json')} to where it is"
+        )
     return base
 
 

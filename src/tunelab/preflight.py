@@ -33,6 +33,10 @@ INTEGRATIONS = {
 }
 
 
+# Token limits of the trainers' configs (None: no limit).
+LENGTH_KEYS = ("max_length", "max_prompt_length", "max_completion_length", "max_seq_length", "max_new_tokens")
+
+
 def check_training(args: Any, spec: Any) -> None:
     """What a Trainer would only refuse after loading the model."""
     where = f"{spec.where}.training"
@@ -46,6 +50,19 @@ def check_training(args: Any, spec: Any) -> None:
         value = getattr(args, key, 1)
         if isinstance(value, int) and value < 1:
             raise TunelabError(f"'{where}.{key}' is {value}: it must be at least 1")
+    for key in LENGTH_KEYS:  # None means no limit; 0 truncates every example to nothing
+        value = getattr(args, key, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value < 1:
+            raise TunelabError(
+                f"'{where}.{key}' is {value}: every example would be cut to nothing; set a positive number of tokens "
+                "(or remove it for the default)"
+            )
+    beta = getattr(args, "beta", None)
+    if isinstance(beta, (int, float)) and not isinstance(beta, bool) and beta < 0:
+        raise TunelabError(
+            f"'{where}.beta' is {beta}: a negative beta inverts the objective (it rewards moving toward the "
+            "rejected answers, or away from the reference); set it to 0 or more (0.1 is usual)"
+        )
     if getattr(args, "seed", 0) < 0:
         raise TunelabError(f"'{where}.seed' is {args.seed}: seeds are non-negative integers")
     for name in getattr(args, "report_to", None) or []:
@@ -121,12 +138,64 @@ def check_model(spec: Any, ctx: Any, lora: Any = None, task: str = "CAUSAL_LM", 
     if key not in spec.cfg:
         return None
     config = model_config(spec.cfg[key], ctx, f"{spec.where}.{key}")
+    if task == "CAUSAL_LM":
+        check_language_model(spec.cfg[key], ctx, f"{spec.where}.{key}", f"the {spec.kind} stage trains", config)
     if config is None:
         return None
     if spec.cfg.get("quantization") is not None:
         check_cpu_shapes(config, spec.cfg["quantization"], f"{spec.where}.quantization")
     check_lora(config, lora, f"{spec.where}.lora", task)
     return config
+
+
+# Heads that make a model a classifier: a causal-LM stage would build a new language-model head on its backbone.
+CLASSIFIER_HEADS = ("ForSequenceClassification", "ForTokenClassification", "ForQuestionAnswering")
+# Stages whose output is a classifier, and those whose output reads images as well as text.
+CLASSIFIER_STAGES = {"reward", "classify"}
+IMAGE_TEXT_STAGES = {"vlm_build", "vlm_sft"}
+
+
+def check_language_model(value: Any, ctx: Any, where: str, role: str, config: Any = None) -> None:
+    """A text-only causal LM, from its config (or the kind of the stage that makes it): no weights load.
+
+    transformers builds a causal LM from any config: a reward model's (LlamaForSequenceClassification) loads
+    its backbone under a new, untrained LM head, and an image+text model's loads its language half, so
+    training either would go on without a word while throwing away what made the model what it is.
+    `role` says what the model is for ("the kto stage trains", "the teacher of a distill stage is"); `config`
+    is the model's config when the caller has read it already.
+    """
+    from tunelab.refs import ref_name
+
+    path = value.get("path") if isinstance(value, dict) else value
+    ref = ref_name(path)
+    if ref is not None and ctx.is_pending(path):
+        kind = ctx.kinds.get(ref)
+        if kind in CLASSIFIER_STAGES:
+            raise TunelabError(
+                f"'{where}' is ${{{ref}}}, a `{kind}` stage, which makes a classifier, not a causal LM: {role} a "
+                "language model; name the causal LM the classifier starts from (an sft stage or the base)"
+            )
+        if kind in IMAGE_TEXT_STAGES:
+            raise TunelabError(
+                f"'{where}' is ${{{ref}}}, a `{kind}` stage, which makes an image+text model: {role} a text-only "
+                "causal LM; use its language model's source instead (or vlm_sft to train the image+text model)"
+            )
+        return
+    config = config if config is not None else model_config(value, ctx, where)
+    if config is None:
+        return
+    arch = next(iter(getattr(config, "architectures", None) or []), None) or config.model_type
+    if getattr(config, "vision_config", None) is not None:
+        raise TunelabError(
+            f"'{where}' is an image+text model ({arch}): {role} a text-only causal LM; name a text model (the one "
+            "its language model came from)" + (", or train this one with a vlm_sft stage" if "trains" in role else "")
+        )
+    if str(arch).endswith(CLASSIFIER_HEADS):
+        raise TunelabError(
+            f"'{where}' is a classifier ({arch}, like a reward model), not a causal LM: {role} a language model, "
+            "and this one would load as its backbone under an untrained language-model head; name a causal LM "
+            "(the one the classifier was trained from)"
+        )
 
 
 def check_vllm(args: Any, where: str) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tunelab.chat import messages, render, use_template
+from tunelab.chat_templates import messages, render, use_template
 from tunelab.errors import TunelabError
 
 

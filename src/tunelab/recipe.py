@@ -106,7 +106,8 @@ class Recipe:
 
     @property
     def output_dir(self) -> Path:
-        return Path(self.data["output_dir"])
+        """The run folder, `~` expanded (a quoted "~/runs/x" is the home folder's, not a folder named `~`)."""
+        return Path(self.data["output_dir"]).expanduser()
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.data, sort_keys=False)
@@ -282,6 +283,11 @@ def _normalise(data: dict[str, Any], origin: str) -> dict[str, Any]:
     seed = data["seed"]
     if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**32:
         raise TunelabError(f"'seed' must be an integer from 0 to 2**32 - 1, got {seed!r}: set seed: 42 (or another)")
+    if data["output_dir"] is None:
+        raise TunelabError(
+            "'output_dir' is null: YAML reads `~`, `null` and an empty value as no value; set a path, and quote one "
+            "that starts with ~ (output_dir: \"~/runs/NAME\")"
+        )
     if not isinstance(data["output_dir"], str) or not data["output_dir"].strip():
         raise TunelabError(f"'output_dir' must be a path, got {data['output_dir']!r}: set output_dir: runs/NAME")
     check_path(data["output_dir"], "output_dir")
@@ -332,6 +338,26 @@ def check_structure(data: dict[str, Any]) -> None:
             if not stage_module(data["stages"][ref]["stage"]).PRODUCES_MODEL:
                 raise TunelabError(f"'{ref_where}' refers to stage '{ref}', which produces no model")
         seen.append(name)
+    _check_output_outside_data(data)
+
+
+def _check_output_outside_data(data: dict[str, Any]) -> None:
+    """A run folder inside a stage's data folder would be read as data by the next load of that folder (its
+    predictions-*.jsonl, metrics.json), and a `--overwrite` would replace files next to the data."""
+    from tunelab.hub import local_path
+
+    out = Path(os.path.realpath(Path(data["output_dir"]).expanduser()))  # realpath: a link loop is runs.py's to name
+    for name, stage in data["stages"].items():
+        for key, value in stage.items():
+            if not key.endswith("data"):
+                continue
+            ref = value.get("path") if isinstance(value, dict) else value
+            folder = local_path(ref) if isinstance(ref, str) and ref and "\x00" not in ref else None
+            if folder is not None and folder.is_dir() and out.is_relative_to(folder):
+                raise TunelabError(
+                    f"output_dir '{data['output_dir']}' is inside 'stages.{name}.{key}' ('{ref}'): the run's files "
+                    "would be read as data the next time that folder loads; choose an output_dir outside it"
+                )
 
 
 def _check_shapes(stage: dict[str, Any], kind: str, where: str) -> None:

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from tunelab.chat import messages, render
+from tunelab.chat_templates import messages, render
 from tunelab.errors import TunelabError, closest
 from tunelab.hub import local_path
 from tunelab.models import is_adapter, load_sequence_classifier, load_tokenizer, model_spec, resolve_spec, reward_scores
@@ -81,6 +81,8 @@ def probe(func, entry: str, ds, where: str) -> None:
             log_metric=lambda *a, **k: None,
             **columns,
         )
+    except SystemExit as exc:
+        raise exit_error(entry, where, exc) from None
     except Exception as exc:  # noqa: BLE001 - report whatever a user's reward raises, in one line
         message = " ".join(str(exc).split())[:200]
         raise TunelabError(
@@ -94,6 +96,56 @@ def probe(func, entry: str, ds, where: str) -> None:
         )
     if not all(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)) for v in out):
         raise TunelabError(f"'{where}': reward function '{entry}' returned {list(out)!r}: expected numbers (or None)")
+    if all_nan(out):
+        raise nan_error(entry, where, f"on the first {len(prompts)} rows of data")
+
+
+def all_nan(values: Any) -> bool:
+    """Every score NaN: no signal at all (None is a reward's "does not apply"; NaN is a broken score)."""
+    import math
+
+    values = list(values) if isinstance(values, (list, tuple)) else []
+    return bool(values) and all(isinstance(v, float) and math.isnan(v) for v in values)
+
+
+def nan_error(entry: str, where: str, when: str) -> TunelabError:
+    return TunelabError(
+        f"'{where}': reward '{entry}' scored every completion NaN {when}: the policy would train on no signal "
+        "(or NaN losses); fix the reward (return None for a completion it does not apply to)"
+    )
+
+
+def exit_error(entry: str, where: str, exc: SystemExit) -> TunelabError:
+    """A reward function that calls sys.exit would end the whole run with no word: name it instead."""
+    call = f"sys.exit({exc.code!r})" if exc.code is not None else "sys.exit()"
+    return TunelabError(
+        f"'{where}': reward function '{entry}' called {call}, which would end the run: "
+        "return a score (or None) for each completion, or raise an exception to stop with its message"
+    )
+
+
+def guarded(func: Any, entry: str, where: str) -> Any:
+    """`func` as TRL calls it, with a SystemExit turned into exit_error's one line and a batch scored all NaN
+    into nan_error's (named like `func`, so TRL logs it under the same name). Coroutine functions are left
+    as they are (TRL awaits them)."""
+    import functools
+    import inspect
+
+    if inspect.iscoroutinefunction(func):
+        return func
+
+    @functools.wraps(func)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        try:
+            out = func(*args, **kwargs)
+        except SystemExit as exc:
+            raise exit_error(entry, where, exc) from None
+        if all_nan(out):
+            step = getattr(kwargs.get("trainer_state"), "global_step", None)
+            raise nan_error(entry, where, f"at step {step}" if step is not None else "during training")
+        return out
+
+    return call
 
 
 def check_rewards(spec: Any, ctx: Any, ds: Any) -> list[tuple[str, Any]]:
@@ -104,7 +156,7 @@ def check_rewards(spec: Any, ctx: Any, ds: Any) -> list[tuple[str, Any]]:
         if is_callable_name(entry):
             func = import_reward(entry, where)
             probe(func, entry, ds, where)
-            out.append((entry, func))
+            out.append((entry, guarded(func, entry, where)))
             continue
         out.append((entry, reward_model_spec(entry, ctx, where)))
     return out
@@ -196,5 +248,6 @@ def reward_functions(spec: Any, ctx: Any, ds: Any) -> list[Any]:
             continue
         model = load_sequence_classifier(value, num_labels=1).to(PartialState().device)
         name = ref_name(entry) or Path(value["path"]).name
-        funcs.append(reward_model_function(model, load_tokenizer(value["path"]), name))
+        where = f"{spec.where}.rewards[{reward_entries(spec).index(entry)}]"
+        funcs.append(guarded(reward_model_function(model, load_tokenizer(value["path"]), name), entry, where))
     return funcs

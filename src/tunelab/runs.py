@@ -537,17 +537,33 @@ def planned_disk(stages: dict[str, dict[str, Any]], plans: list[Any]) -> dict[st
     return out
 
 
+# What planned_disk does not count: tokenizer files, logs, TensorBoard events, report plots, run.json and
+# stage.json, the trainer's own state files. A share of the plan plus a little per stage keeps a run that
+# "fits" from filling the disk in its last checkpoint.
+DISK_MARGIN = 0.10
+DISK_SLACK_PER_STAGE = 64 * 2**20
+
+
+def fmt_size(value: float) -> str:
+    """Bytes in the unit that shows them (KB, MB, GB): a 2 MB disk must not read as "0.00 GB"."""
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if value >= size:
+            return f"{value / size:.3g} {unit}" if value < 100 * size else f"{value / size:.0f} {unit}"
+    return f"{value:.0f} bytes"
+
+
 def check_disk(run_dir: Path, stages: dict[str, dict[str, Any]], plans: list[Any]) -> None:
-    """Fail before training when the output file system cannot hold the planned checkpoints and models."""
+    """Fail before training when the output file system cannot hold the planned checkpoints and models,
+    with DISK_MARGIN and DISK_SLACK_PER_STAGE for the files the plan does not count."""
     need = planned_disk(stages, plans)
     if not need:
         return
     free = shutil.disk_usage(existing_ancestor(run_dir)).free
-    total = sum(need.values())
+    total = sum(need.values()) * (1 + DISK_MARGIN) + DISK_SLACK_PER_STAGE * len(need)
     if total > free:
         biggest = max(need, key=need.get)
         raise TunelabError(
-            f"output_dir '{run_dir}': {free / 1e9:.2f} GB free, but the run plans {total / 1e9:.2f} GB of checkpoints "
-            f"and models (most in stage '{biggest}': {need[biggest] / 1e9:.2f} GB); free space, lower "
+            f"output_dir '{run_dir}': {fmt_size(free)} free, but the run plans {fmt_size(total)} of checkpoints, "
+            f"models and logs (most in stage '{biggest}': {fmt_size(need[biggest])}); free space, lower "
             "training.save_total_limit, or choose another output_dir"
         )

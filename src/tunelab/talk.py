@@ -2,7 +2,7 @@
 
 Any model tunelab can name works: a hub id, a model folder, a LoRA adapter folder (loaded over its
 base), a stage folder of a run (the same folders), a GGUF file (`folder/model.gguf`, through its
-plain copy). Prompts go through the model's chat template when it has one (`tunelab.chat`), with
+plain copy). Prompts go through the model's chat template when it has one (`tunelab.chat_templates`), with
 the conversation so far; a base model without one continues the plain text. Generation settings
 are `transformers.GenerationConfig` fields, checked as in the eval stage.
 """
@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tunelab.chat import messages, render, use_template
+from tunelab.chat_templates import messages, render, use_template
 from tunelab.errors import TunelabError, unknown_key
 from tunelab.hub import configure_offline, local_path
 from tunelab.models import load_causal_lm, load_tokenizer, model_spec, resolve_spec

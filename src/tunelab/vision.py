@@ -13,7 +13,7 @@ What the `vlm_build`, `vlm_sft` and `eval` stages and `tunelab chat --image` sha
   processor on the first rows and on one image of each mode.
 - **Loss on assistant turns only**: TRL 1.12 refuses `assistant_only_loss` for vision data and
   trains on every non-pad token (system, user and image tokens too). `AssistantOnlyCollator` keeps
-  TRL's collator and derives the mask as `tunelab.chat.assistant_mask` does for text chats (render
+  TRL's collator and derives the mask as `tunelab.chat_templates.assistant_mask` does for text chats (render
   up to and through each assistant turn, mark the characters the assistant adds), then carries it
   onto the processor's ids, where each image placeholder has grown into the image's tokens.
 """
@@ -25,7 +25,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from tunelab.chat import assistant_mask
+from tunelab.chat_templates import assistant_mask
 from tunelab.config import check_keys
 from tunelab.errors import TunelabError
 from tunelab.hub import local_path
@@ -406,6 +406,11 @@ def check_rows(ds: Any, processor: Any, where: str, rows: int = 2) -> None:
         "images", _undecoded()
     )["images"]
     for row, (turns, images) in enumerate(zip(ds["messages"], images_col, strict=True)):
+        if not any(isinstance(t, dict) and t.get("role") == "assistant" for t in turns or []):
+            raise TunelabError(  # the loss is on the assistant's turns: such a row trains on nothing
+                f"'{where}' row {row} has no assistant turn: vision SFT learns the assistant's answers, and this row "
+                "has none; add the answer as an assistant turn, or remove the row"
+            )
         count = placeholders(turns)
         structured = any(isinstance(t.get("content"), list) for t in turns or [])
         if structured and count != len(images or []):
@@ -458,7 +463,7 @@ def _short(exc: BaseException) -> str:
 
 
 class _Renderer:
-    """The processor's chat template with its tokenizer's encoding: what `tunelab.chat.assistant_mask` needs."""
+    """The processor's chat template with its tokenizer's encoding: what `chat_templates.assistant_mask` needs."""
 
     def __init__(self, processor: Any) -> None:
         self.processor = processor

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from tunelab.answers import answer, matches
-from tunelab.chat import render as render_text
+from tunelab.chat_templates import render as render_text
 from tunelab.data import fingerprint, load_split, require_columns
 from tunelab.errors import TunelabError
 from tunelab.hub import configure_offline, local_path
@@ -300,7 +300,7 @@ def open_chat(ref: str, config: Any, system: str | None, image_paths: list[Path]
         try:
             with Image.open(path) as image:
                 images.append(image.convert("RGB"))
-        except (OSError, ValueError) as exc:
+        except Exception as exc:  # noqa: BLE001 - PIL raises OSError, ValueError, DecompressionBombError, ...
             raise TunelabError(f"--image '{path}' cannot be read ({' '.join(str(exc).split())[:150]})") from None
 
     model, processor = load(spec, "model", quant_config(quantization, "quantization"))

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from tunelab.adapters import lora_config, trainable_quantization
-from tunelab.chat import (
+from tunelab.chat_templates import (
     chat_pairs,
     check_chat_data,
     check_example,
@@ -326,7 +326,9 @@ class OnlineStage(TrainerStage):
 
     def data(self, spec: StageSpec, s: Settings) -> tuple[Any, Any]:
         ds = load_split(self.require_data(spec), f"{spec.where}.data", "train")
-        require_columns(ds, ["prompt"], f"{spec.where}.data", "prompts, which the trainer reads from 'prompt'")
+        require_columns(
+            ds, ["prompt"], f"{spec.where}.data", "prompts, which the trainer reads from 'prompt'", "turns", empty=False
+        )
         column = spec.cfg.get("reference_column")
         if column is None:
             column = next((c for c in ("reference", "completion") if c in ds.column_names), None)

@@ -13,10 +13,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from tunelab.chat import conversational
+from tunelab.chat_templates import conversational
 from tunelab.data import load_split, require_columns
 from tunelab.errors import TunelabError
 from tunelab.models import load_causal_lm, model_config, same_tokenizer, stage_model, tokenizer_origin
+from tunelab.preflight import check_language_model
 from tunelab.stages import TRAINING, Context, Metrics, StageSpec
 from tunelab.stages.base import Settings, TrainerStage, sections
 
@@ -51,6 +52,7 @@ class Distill(TrainerStage):
     def settings(self, spec: StageSpec, ctx: Context) -> Settings:
         s = super().settings(spec, ctx)
         s.extra["teacher"] = stage_model(spec, ctx, "the teacher: a causal LM with the student's vocabulary", "teacher")
+        check_language_model(spec.cfg["teacher"], ctx, f"{spec.where}.teacher", "the teacher of a distill stage is")
         _check_vocabularies(spec, ctx)
         return s
 
@@ -62,7 +64,9 @@ class Distill(TrainerStage):
                 continue
             value = self.require_data(spec) if key == "data" else spec.cfg[key]
             ds = load_split(value, f"{spec.where}.{key}", split)
-            require_columns(ds, ["prompt"], f"{spec.where}.{key}", "prompts for the student to answer")
+            require_columns(
+                ds, ["prompt"], f"{spec.where}.{key}", "prompts for the student to answer", "turns", empty=False
+            )
             out.append(ds.select_columns(["prompt"]))  # the student answers: reference answers are not used
         return out[0], out[1]
 

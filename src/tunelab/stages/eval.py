@@ -36,7 +36,7 @@ from typing import Any
 
 from tunelab import image_eval
 from tunelab.answers import answer, matches
-from tunelab.chat import setting, system_prompt
+from tunelab.chat_templates import setting, system_prompt
 from tunelab.data import fingerprint, load_split, require_columns
 from tunelab.errors import TunelabError, unknown_key
 from tunelab.image_eval import IMAGE_METRICS
@@ -374,7 +374,7 @@ def _run_text(spec: StageSpec, ctx: Context) -> StageResult:
     spec.out_dir.mkdir(parents=True, exist_ok=True)
     rspec = _reward_model(spec, ctx)
     if rspec is not None:
-        from tunelab.chat import reward_texts, setting
+        from tunelab.chat_templates import reward_texts, setting
         from tunelab.models import load_sequence_classifier
 
         reward_model, reward_tokenizer = load_sequence_classifier(rspec), load_tokenizer(rspec["path"])

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from tunelab.chat import conversational
-from tunelab.data import load_split
+from tunelab.chat_templates import conversational
+from tunelab.data import load_split, require_preferences, require_values
 from tunelab.errors import TunelabError
 from tunelab.stages import TRAINING, Context, Metrics, StageSpec
 from tunelab.stages.base import PREFERENCE_PROGRESS, PreferenceStage, Settings, sections
@@ -25,16 +25,28 @@ PAIRED = ("chosen", "rejected")
 
 def _check_rows(ds: Any, where: str) -> str:
     """'paired' or 'unpaired', from the columns; one line when neither."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
     columns = ds.column_names
     if all(c in columns for c in UNPAIRED):
-        labels = ds.select(range(min(len(ds), 8)))["label"]
-        if not all(isinstance(v, bool) for v in labels):
+        labels = ds.data.column("label") if getattr(ds, "_indices", None) is None else ds.with_format("arrow")["label"]
+        if not pa.types.is_boolean(labels.type) or labels.null_count:  # every row, from the Arrow schema
+            shown = next((v for v in ds["label"] if not isinstance(v, bool)), None)
             raise TunelabError(
-                f"'{where}': column 'label' holds {type(labels[0]).__name__} values: KTO labels are true (a "
-                "desirable completion) or false (an undesirable one)"
+                f"'{where}': column 'label' holds {type(shown).__name__} values ({shown!r}): KTO labels are true "
+                "(a desirable completion) or false (an undesirable one)"
+            )
+        require_values(ds, "prompt", where, "turns")
+        require_values(ds, "completion", where, "turns", empty=False)
+        if not pc.any(pc.invert(labels)).as_py():
+            raise TunelabError(
+                f"'{where}': every 'label' is true: KTO learns from desirable and undesirable completions together "
+                "(its KL estimate and margins need both); add rows labelled false, or use the sft stage"
             )
         return "unpaired"
     if all(c in columns for c in PAIRED):
+        require_preferences(ds, where)
         return "paired"
     raise TunelabError(
         f"'{where}' is not KTO data: it needs prompt, completion and label (true/false) columns, or preference "

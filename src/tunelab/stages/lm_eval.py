@@ -50,6 +50,7 @@ from tunelab.models import (
     resolve_spec,
 )
 from tunelab.plan import plan_generation
+from tunelab.preflight import check_language_model
 from tunelab.quant import check_cpu_shapes, quant_config
 from tunelab.runs import write_atomic
 from tunelab.stages import Context, Metrics, StageResult, StageSpec
@@ -147,6 +148,7 @@ def check(spec: StageSpec, ctx: Context) -> None:
     for label, value in labelled_models(spec.cfg, spec.where).items():
         where = _where(spec, label)
         mspec = model_spec(value, where)
+        check_language_model(value, ctx, where, "lm_eval scores")
         if not ctx.is_pending(mspec["path"]):
             resolved = resolve_spec({**mspec, "path": ctx.resolve_ref(mspec["path"])}, where, materialize=False)
             path = resolved.get("gguf_file", resolved["path"])

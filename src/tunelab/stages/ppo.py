@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tunelab.chat import conversational
+from tunelab.chat_templates import conversational
 from tunelab.data import load_split, require_columns
 from tunelab.distributed import world
 from tunelab.errors import TunelabError
@@ -158,7 +158,8 @@ class PPO(TrainerStage):
 
     def data(self, spec: StageSpec, s: Settings) -> tuple[Any, Any]:
         ds = load_split(self.require_data(spec), f"{spec.where}.data", "train")
-        require_columns(ds, [self.column(spec)], f"{spec.where}.data", "prompts; set prompt_column")
+        column = self.column(spec)
+        require_columns(ds, [column], f"{spec.where}.data", "prompts; set prompt_column", "turns", empty=False)
         return ds, None
 
     def check_more(self, spec: StageSpec, ctx: Context, s: Settings, train: Any) -> None:

@@ -97,12 +97,26 @@ def render(tokenizer: Any, turns: list[dict[str, Any]], where: str, row: int | N
     at = f" on row {row}" if row is not None else ""
     try:
         with bounded(f"'{where}': the chat template", at):
-            return tokenizer.apply_chat_template(turns, tokenize=False, **kwargs)
+            text = tokenizer.apply_chat_template(turns, tokenize=False, **kwargs)
     except TunelabError:
         raise
     except Exception as exc:  # noqa: BLE001 - jinja raises TemplateError, TypeError, KeyError, ...
         msg = " ".join(str(exc).split())[:200]
         raise TunelabError(f"'{where}': the chat template fails to render{at} ({type(exc).__name__}: {msg})") from None
+    if isinstance(text, str) and not text.strip() and any(_has_text(turn) for turn in turns):
+        # A template that drops every message would train on, or prompt with, nothing at all.
+        raise TunelabError(
+            f"'{where}': the chat template renders nothing{at} (the messages hold text): it must write each "
+            "message's content; fix `chat_template:`, or set chat_template: false for plain prompts"
+        )
+    return text
+
+
+def _has_text(turn: Any) -> bool:
+    content = turn.get("content") if isinstance(turn, dict) else None
+    if isinstance(content, list):  # structured content: [{"type": "text", "text": ...}, ...]
+        return any(isinstance(part, dict) and str(part.get("text") or "").strip() for part in content)
+    return bool(str(content or "").strip())
 
 
 # --- bounded rendering ----------------------------------------------------------------------------

@@ -375,9 +375,12 @@ def test_run_from_a_stage_reruns_it_and_keeps_the_ones_before(tmp_path: Path) ->
     first = tunelab.run(tunelab.recipe_from_dict(data))
     (first.outputs["sft"] / "marker").write_text("from the first run")
     weights = (first.outputs["pretrain"] / "model.safetensors").read_bytes()
+    record = (first.outputs["sft"] / "stage.json").read_text()
     again = tunelab.run(tunelab.recipe_from_dict(data), from_stage="sft")
     assert again.skipped == ["pretrain"]
-    assert not (again.outputs["sft"] / "marker").exists()  # its folder was replaced
+    assert (again.outputs["sft"] / "stage.json").read_text() != record  # the stage ran again
+    # only what tunelab wrote was replaced: the user's file in the stage folder stays
+    assert (again.outputs["sft"] / "marker").read_text() == "from the first run"
     assert (again.outputs["pretrain"] / "model.safetensors").read_bytes() == weights
     path = write(tmp_path, data)
     fails(["run", str(path), "--from", "sf"], "--from: the recipe has no stage 'sf'; did you mean 'sft'")

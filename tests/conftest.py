@@ -20,10 +20,11 @@ import tempfile  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 os.environ["TUNELAB_CACHE"] = str(Path(__file__).resolve().parent.parent / ".test-cache")
-_OWNED = tempfile.mkdtemp(prefix="tl-")  # short: socket paths under tmp_path must fit AF_UNIX's 108 bytes
-atexit.register(shutil.rmtree, _OWNED, ignore_errors=True)
-os.environ["TMPDIR"] = _OWNED
-tempfile.tempdir = None  # gettempdir() reads TMPDIR again
+if "TUNELAB_TESTS_TMPDIR" not in os.environ:  # once: test modules import this file again as tests.conftest
+    _OWNED = tempfile.mkdtemp(prefix="tl-")  # short: socket paths under tmp_path must fit AF_UNIX's 108 bytes
+    atexit.register(shutil.rmtree, _OWNED, ignore_errors=True)
+    os.environ["TMPDIR"] = os.environ["TUNELAB_TESTS_TMPDIR"] = _OWNED
+    tempfile.tempdir = None  # gettempdir() reads TMPDIR again
 
 from typing import Any  # noqa: E402
 
@@ -115,3 +116,17 @@ def smollm2() -> Path:
     configure_offline()
     quiet()
     return Path(resolve_spec(dict(SMOLLM2), "model")["path"])
+
+
+def assert_one_line_answer(result: Any, context: str, took: float, seconds: float) -> None:
+    """The CLI's promise to a hostile input, as the fuzz tests check it: exit 0 or 2, no traceback, at most
+    five lines with an `error:` line last on exit 2, answered within `seconds`. `result` is CliRunner's."""
+    output = result.output.strip()
+    lines = [line for line in output.splitlines() if line.strip()]
+    assert result.exit_code in (0, 2), f"{context}\n{output}\n{result.exception!r}"
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    assert "Traceback" not in output, output
+    assert len(lines) <= 5, output
+    if result.exit_code == 2:
+        assert lines[-1].startswith("error: "), output
+    assert took < seconds, f"{took:.1f} s for {context}"

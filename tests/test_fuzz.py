@@ -27,6 +27,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
+from tests.conftest import assert_one_line_answer
 from tunelab.cli import app
 from tunelab.paths import recipes_root, shipped_recipes
 
@@ -219,15 +220,7 @@ def own_temp():
 
 def check_answer(result: Any, args: list[str], seconds: float, root: Path, before: dict, traces: set[str]) -> None:
     """The fuzz properties: exit 0 or 2, a few lines, no traceback, in seconds, nothing touched outside the run."""
-    output = result.output.strip()
-    lines = [line for line in output.splitlines() if line.strip()]
-    assert result.exit_code in (0, 2), f"{args}\n{output}\n{result.exception!r}"
-    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
-    assert "Traceback" not in output, output
-    assert len(lines) <= 5, output
-    if result.exit_code == 2:
-        assert lines[-1].startswith("error: "), output
-    assert seconds < 30, f"{seconds:.1f}s for {args}"
+    assert_one_line_answer(result, str(args), seconds, 30)
     after = snapshot(root)
     touched = {p for p in set(before) | set(after) if before.get(p) != after.get(p)}
     assert all(Path(p).is_relative_to(root / "run") for p in touched), touched

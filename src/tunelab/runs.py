@@ -433,13 +433,8 @@ def locked(run_dir: Path):
     import fcntl
     import socket
 
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        f = open(run_dir / LOCK, "a+")  # noqa: SIM115 - held open for the whole run
-    except PermissionError as exc:  # the API's callers get the line the CLI prints, not a raw OSError
-        raise TunelabError(
-            f"output_dir '{run_dir}' is not writable ({exc.strerror}): choose a folder you can write to"
-        ) from None
+    run_dir.mkdir(parents=True, exist_ok=True)
+    f = open(run_dir / LOCK, "a+")  # noqa: SIM115 - held open for the whole run
     try:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -298,9 +298,13 @@ def export(plan: Plan, say: Say | None = None) -> ExportResult:
 
 
 def _name(label: str) -> str:
-    """general.name: the model's folder or hub id, without the path around it."""
+    """general.name: the model's folder or hub id, without the path around it.
+
+    Not exactly "mistral": transformers' reader (5.25) then takes a `llama` file for a `mistral` one, an
+    architecture name gguf does not have, and fails to load it."""
     text = label.rstrip("/")
-    return Path(text).name if local_path(text) is not None else text
+    name = Path(text).name if local_path(text) is not None else text
+    return f"{name}-model" if name == "mistral" else name
 
 
 def _print(line: str) -> None:

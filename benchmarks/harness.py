@@ -42,7 +42,7 @@ def direct(model: Path, tasks_dir: Path) -> tuple[float, dict[str, float]]:
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    from tunelab.harness import flat_metrics
+    from tunelab.evaluation.harness import flat_metrics
 
     start = time.perf_counter()
     manager = TaskManager(include_path=str(tasks_dir), include_defaults=False)
@@ -60,10 +60,10 @@ def direct(model: Path, tasks_dir: Path) -> tuple[float, dict[str, float]]:
 
 
 def main() -> str:
-    from tunelab.harness import materialize
-    from tunelab.hub import configure_offline
-    from tunelab.models import resolve_spec
-    from tunelab.progress import quiet
+    from tunelab.core.hub import configure_offline
+    from tunelab.core.progress import quiet
+    from tunelab.evaluation.harness import materialize
+    from tunelab.models.loading import resolve_spec
 
     configure_offline()
     quiet()

@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 
 from tests.conftest import tiny_training
 from tests.test_bad_input import fails
-from tunelab.cli import app
+from tunelab.cli.app import app
 
 runner = CliRunner()
 VQA = "recipes/data/digits_vqa"
@@ -53,7 +53,7 @@ def tiny_text_lm(tmp_path_factory: pytest.TempPathFactory, smollm2: Path) -> Pat
 
 @pytest.fixture(scope="session")
 def tiny_vlm(tmp_path_factory: pytest.TempPathFactory, tiny_text_lm: Path) -> Path:
-    from tunelab.vision import build_llava
+    from tunelab.vision.vlm import build_llava
 
     return build_llava({"path": str(tiny_text_lm)}, tmp_path_factory.mktemp("tiny-vlm") / "vlm", TINY_VISION)
 
@@ -82,7 +82,7 @@ def test_llava_built_from_a_causal_lm_keeps_its_text_logits(tiny_vlm: Path, tiny
     assert torch.allclose(a, b, atol=1e-5)
     assert type(vlm).__name__ == "LlavaForConditionalGeneration" and type(processor).__name__ == "LlavaProcessor"
     assert processor.tokenizer.convert_tokens_to_ids("<image>") == vlm.config.image_token_id
-    from tunelab.vlm_prompting import turns  # eval/chat prompts: images first, or where <image> marks them
+    from tunelab.vision.prompting import turns  # eval/chat prompts: images first, or where <image> marks them
 
     assert turns("Q?", 1)[-1]["content"] == [{"type": "image"}, {"type": "text", "text": "Q?"}]
     assert turns("Q?<image>", 1)[-1]["content"] == [{"type": "text", "text": "Q?"}, {"type": "image"}]
@@ -94,7 +94,7 @@ def test_batches_of_mixed_image_sizes_carry_loss_on_assistant_tokens_only(tiny_v
     import datasets
     from PIL import Image
 
-    from tunelab.vision import collator, load_images, load_processor
+    from tunelab.vision.vlm import collator, load_images, load_processor
 
     rows = []
     for i, size in enumerate((20, 28, 40)):
@@ -296,12 +296,12 @@ def test_validate_checks_a_vlm_build_pipeline_before_it_runs(tiny_text_lm: Path,
 @pytest.fixture(scope="session")
 def smol_vlm(tmp_path_factory: pytest.TempPathFactory, smollm2: Path) -> Path:
     """SmolLM2-135M-Instruct with a tiny SigLIP tower and projector (the recipe's base model)."""
-    from tunelab.vision import build_llava
+    from tunelab.vision.vlm import build_llava
 
     return build_llava({"path": str(smollm2)}, tmp_path_factory.mktemp("smol-vlm") / "vlm")
 
 
-CLI = [sys.executable, "-m", "tunelab.cli"]
+CLI = [sys.executable, "-m", "tunelab.cli.app"]
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
 
 

@@ -32,9 +32,9 @@ from typing import Any
 
 import yaml
 
-from tunelab.errors import TunelabError, check_path, closest, unknown_key
-from tunelab.paths import read_bounded, shipped_recipes
-from tunelab.refs import iter_refs
+from tunelab.core.errors import TunelabError, check_path, closest, unknown_key
+from tunelab.core.paths import read_bounded, shipped_recipes
+from tunelab.core.refs import iter_refs
 from tunelab.stages import STAGES, stage_module
 
 TOP_LEVEL_KEYS = {"name", "description", "output_dir", "seed", "stages"}
@@ -344,7 +344,7 @@ def check_structure(data: dict[str, Any]) -> None:
 def _check_output_outside_data(data: dict[str, Any]) -> None:
     """A run folder inside a stage's data folder would be read as data by the next load of that folder (its
     predictions-*.jsonl, metrics.json), and a `--overwrite` would replace files next to the data."""
-    from tunelab.hub import local_path
+    from tunelab.core.hub import local_path
 
     out = Path(os.path.realpath(Path(data["output_dir"]).expanduser()))  # realpath: a link loop is runs.py's to name
     for name, stage in data["stages"].items():

@@ -17,7 +17,7 @@ A stage module defines
   when not from its `model:` (pretrain trains one).
 
 Trainer-backed stages declare a `tunelab.stages.base.TrainerStage` (``STAGE``) and take all of the
-above from it. Stages import shared components (tunelab.adapters, .models, .data, .chat, .rewarding,
+above from it. Stages import shared components (tunelab.models.adapters, .models, .data, .chat, .rewarding,
 .training, ...), never each other. Modules import torch and friends inside their functions only, so
 listing or structurally checking stages stays fast; tunelab's own modules are imported at the top.
 """
@@ -31,9 +31,9 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from tunelab.hub import MODEL_FILES
-from tunelab.models import tokenizer_origin as origin
-from tunelab.refs import REF
+from tunelab.core.hub import MODEL_FILES
+from tunelab.core.refs import REF
+from tunelab.models.loading import tokenizer_origin as origin
 
 STAGES: dict[str, str] = {
     "pretrain": "tunelab.stages.pretrain",

@@ -29,8 +29,10 @@ import importlib
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from tunelab.adapters import lora_config, trainable_quantization
-from tunelab.chat_templates import (
+from tunelab.core.errors import TunelabError
+from tunelab.data.datasets import load_split, preference_splits, require_columns
+from tunelab.models.adapters import lora_config, trainable_quantization
+from tunelab.models.chat_templates import (
     chat_pairs,
     check_chat_data,
     check_example,
@@ -39,14 +41,12 @@ from tunelab.chat_templates import (
     system_prompt,
     use_template,
 )
-from tunelab.data import load_split, preference_splits, require_columns
-from tunelab.errors import TunelabError
-from tunelab.models import load_causal_lm, load_tokenizer, prepare_kbit, stage_model
-from tunelab.plan import policy_plan
-from tunelab.preflight import check_model, check_training, check_vllm
-from tunelab.rewarding import check_reward_templates, check_rewards, reward_functions
+from tunelab.models.loading import load_causal_lm, load_tokenizer, prepare_kbit, stage_model
+from tunelab.models.plan import policy_plan
+from tunelab.models.preflight import check_model, check_training, check_vllm
+from tunelab.models.reward_functions import check_reward_templates, check_rewards, reward_functions
 from tunelab.stages import TRAINING, Context, Metrics, StageResult, StageSpec
-from tunelab.training import fingerprints, guarded_train, kl_limit, save, training_args
+from tunelab.training.trainer import fingerprints, guarded_train, kl_limit, save, training_args
 
 
 def import_name(path: str) -> Any:

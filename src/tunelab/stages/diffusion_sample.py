@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from tunelab.diffusion import generate, load_pipeline, pipeline_kind, sampling_spec, write_images
-from tunelab.errors import TunelabError
-from tunelab.models import parse_dtype
+from tunelab.core.errors import TunelabError
+from tunelab.diffusion.pipelines import generate, load_pipeline, pipeline_kind, sampling_spec, write_images
+from tunelab.models.loading import parse_dtype
 from tunelab.stages import Context, Metrics, StageResult, StageSpec
 
 PRODUCES_MODEL = False

@@ -23,9 +23,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from tunelab.config import build, check_keys
-from tunelab.data import fingerprint, require_columns
-from tunelab.diffusion import (
+from tunelab.core.config import build, check_keys
+from tunelab.core.errors import TunelabError
+from tunelab.core.hub import local_path
+from tunelab.core.progress import quiet
+from tunelab.data.datasets import fingerprint, require_columns
+from tunelab.diffusion.pipelines import (
     grid,
     image_spec,
     load_images,
@@ -36,12 +39,9 @@ from tunelab.diffusion import (
     scheduler_spec,
     to_tensor,
 )
-from tunelab.errors import TunelabError
-from tunelab.hub import local_path
-from tunelab.plan import StagePlan
-from tunelab.progress import quiet
+from tunelab.models.plan import StagePlan
 from tunelab.stages import TRAINING, Context, Metrics, StageResult, StageSpec
-from tunelab.training import guarded_train, training_args
+from tunelab.training.trainer import guarded_train, training_args
 
 PRODUCES_MODEL = True
 METRICS = Metrics(summary=(*TRAINING, "trainable_parameters"))
@@ -169,7 +169,7 @@ def _samples(spec: StageSpec, mode: str) -> dict[str, Any] | None:
         raise TunelabError(f"'{where}' must be a mapping: {{every: 500, num_images: 16, scheduler: DDIM}}")
     for key in value:
         if key not in SAMPLE_KEYS:
-            from tunelab.errors import unknown_key
+            from tunelab.core.errors import unknown_key
 
             raise unknown_key(where, key, SAMPLE_KEYS, "sample grid settings")
     out = {"every": 0, "num_images": 16, "scheduler": "DDIM", "num_inference_steps": 50, "seed": 0, **value}
@@ -232,7 +232,7 @@ def plan(spec: StageSpec, ctx: Context):
         unet = _build_unet(_unet_config(spec, _image(spec, mode)), f"{spec.where}.unet", meta=True)
         params = trainable = sum(p.numel() for p in unet.parameters())
     else:
-        from tunelab.hub import local_path
+        from tunelab.core.hub import local_path
 
         if ctx.is_pending(spec.cfg["model"]):
             return None

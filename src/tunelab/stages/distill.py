@@ -13,11 +13,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from tunelab.chat_templates import conversational
-from tunelab.data import load_split, require_columns
-from tunelab.errors import TunelabError
-from tunelab.models import load_causal_lm, model_config, same_tokenizer, stage_model, tokenizer_origin
-from tunelab.preflight import check_language_model
+from tunelab.core.errors import TunelabError
+from tunelab.data.datasets import load_split, require_columns
+from tunelab.models.chat_templates import conversational
+from tunelab.models.loading import load_causal_lm, model_config, same_tokenizer, stage_model, tokenizer_origin
+from tunelab.models.preflight import check_language_model
 from tunelab.stages import TRAINING, Context, Metrics, StageSpec
 from tunelab.stages.base import Settings, TrainerStage, sections
 
@@ -81,7 +81,7 @@ class Distill(TrainerStage):
     def plan(self, spec: StageSpec, ctx: Context):
         """The student's training plan plus the frozen teacher's weights (approximate: answers are short,
         so activations are the student's)."""
-        from tunelab.plan import _structure
+        from tunelab.models.plan import _structure
 
         plan = super().plan(spec, ctx)
         teacher = model_config(spec.cfg["teacher"], ctx, f"{spec.where}.teacher")

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from tunelab.chat_templates import conversational
-from tunelab.data import load_split, require_preferences, require_values
-from tunelab.errors import TunelabError
+from tunelab.core.errors import TunelabError
+from tunelab.data.datasets import load_split, require_preferences, require_values
+from tunelab.models.chat_templates import conversational
 from tunelab.stages import TRAINING, Context, Metrics, StageSpec
 from tunelab.stages.base import PREFERENCE_PROGRESS, PreferenceStage, Settings, sections
 

@@ -24,8 +24,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tunelab.errors import TunelabError
-from tunelab.harness import (
+from tunelab.core.errors import TunelabError
+from tunelab.core.runs import write_atomic
+from tunelab.evaluation.harness import (
     check_arguments,
     check_model_args,
     check_samples,
@@ -38,7 +39,7 @@ from tunelab.harness import (
     task_manager,
     task_names,
 )
-from tunelab.models import (
+from tunelab.models.loading import (
     adapter_base,
     check_tokenizer,
     is_adapter,
@@ -49,10 +50,9 @@ from tunelab.models import (
     model_spec,
     resolve_spec,
 )
-from tunelab.plan import plan_generation
-from tunelab.preflight import check_language_model
-from tunelab.quant import check_cpu_shapes, quant_config
-from tunelab.runs import write_atomic
+from tunelab.models.plan import plan_generation
+from tunelab.models.preflight import check_language_model
+from tunelab.models.quant import check_cpu_shapes, quant_config
 from tunelab.stages import Context, Metrics, StageResult, StageSpec
 
 PRODUCES_MODEL = False

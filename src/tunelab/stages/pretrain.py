@@ -15,13 +15,13 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from tunelab.config import build, check_keys
-from tunelab.data import load_split, require_columns
-from tunelab.errors import TunelabError
-from tunelab.hub import resolve_model
-from tunelab.models import _BpeTrainerArgs, load_tokenizer, tokenizer_origin, train_tokenizer
-from tunelab.plan import plan_training
-from tunelab.refs import ref_name
+from tunelab.core.config import build, check_keys
+from tunelab.core.errors import TunelabError
+from tunelab.core.hub import resolve_model
+from tunelab.core.refs import ref_name
+from tunelab.data.datasets import load_split, require_columns
+from tunelab.models.loading import _BpeTrainerArgs, load_tokenizer, tokenizer_origin, train_tokenizer
+from tunelab.models.plan import plan_training
 from tunelab.stages import TRAINING, Context, Metrics, StageSpec
 from tunelab.stages.base import Settings, TrainerStage
 
@@ -38,7 +38,7 @@ def _config(spec: StageSpec, overrides: dict[str, Any] | None = None):
     values = dict(values)
     model_type = values.pop("model_type")
     if model_type not in CONFIG_MAPPING:
-        from tunelab.errors import closest
+        from tunelab.core.errors import closest
 
         guess = closest(str(model_type), list(CONFIG_MAPPING.keys()))
         raise TunelabError(

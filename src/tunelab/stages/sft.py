@@ -5,7 +5,7 @@ Sections map onto the libraries: `training` is `trl.SFTConfig`, `lora` is
 modelling), a `messages` column (chat, via the tokenizer's chat template), or
 `prompt` and `completion` columns (loss on the completion only, TRL's default).
 `assistant_only_loss` works with any chat template: where the template has no `{% generation %}`
-markers (ChatML, Llama 3, Qwen, Gemma), tunelab derives the mask itself (`tunelab.chat_templates`) and hands
+markers (ChatML, Llama 3, Qwen, Gemma), tunelab derives the mask itself (`tunelab.models.chat_templates`) and hands
 TRL pre-tokenized rows. `chat_template:` gives the tokenizer a template (or `false` refuses chats).
 The stage folder ends up holding the adapter (with LoRA) or the full model,
 plus the tokenizer, so it loads with `PeftModel` / `AutoModelForCausalLM`.
@@ -15,11 +15,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from tunelab.chat_templates import check_rows, has_markers, setting, tokenize_assistant_only, use_template
-from tunelab.data import load_split
-from tunelab.errors import TunelabError
-from tunelab.models import load_tokenizer, model_config, model_spec
-from tunelab.plan import plan_training
+from tunelab.core.errors import TunelabError
+from tunelab.data.datasets import load_split
+from tunelab.models.chat_templates import check_rows, has_markers, setting, tokenize_assistant_only, use_template
+from tunelab.models.loading import load_tokenizer, model_config, model_spec
+from tunelab.models.plan import plan_training
 from tunelab.stages import TRAINING, Context, Metrics, StageSpec
 from tunelab.stages.base import Settings, TrainerStage, sections
 

@@ -10,10 +10,10 @@ must train them. The folder loads with `LlavaForConditionalGeneration` /
 
 from __future__ import annotations
 
-from tunelab.errors import TunelabError
-from tunelab.models import check_tokenizer, model_config, stage_model
+from tunelab.core.errors import TunelabError
+from tunelab.models.loading import check_tokenizer, model_config, stage_model
 from tunelab.stages import Context, Metrics, StageResult, StageSpec
-from tunelab.vision import build_llava, image_processor_kwargs, llava_config, planned_processor, vision_config
+from tunelab.vision.vlm import build_llava, image_processor_kwargs, llava_config, planned_processor, vision_config
 
 PRODUCES_MODEL = True
 METRICS = Metrics()  # it builds; vlm_sft trains
@@ -45,7 +45,7 @@ def check(spec: StageSpec, ctx: Context) -> None:
         folder = planned_processor(
             mspec["path"], spec.cfg.get("vision"), spec.cfg.get("image_processor"), spec.where, mspec.get("gguf_file")
         )
-        from tunelab.vision import load_processor
+        from tunelab.vision.vlm import load_processor
 
         ctx.configs[spec.name] = llava_config(config, load_processor(folder, spec.where), spec.cfg.get("vision"),
                                               spec.where)

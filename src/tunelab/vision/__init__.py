@@ -1,0 +1,1 @@
+"""Vision-language models: building, loading, image data, masks, collator, and image+text prompting."""

@@ -9,9 +9,6 @@ logits compared. SmolLM2-135M-Instruct is the real model.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +16,7 @@ import pytest
 from typer.testing import CliRunner
 
 import tunelab
-from tests.conftest import SMOLLM2
+from tests.conftest import CHAT_TEST, CHAT_TRAIN, tiny_training
 from tunelab.cli import app
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -60,13 +57,21 @@ def byte_level(split: str | None, specials: list[str], bos: str | None, template
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     else:
         tok.pre_tokenizer = pre_tokenizers.Sequence(
-            [pre_tokenizers.Split(Regex(split), "isolated"), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+            [
+                pre_tokenizers.Split(Regex(split), "isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
         )
     tok.decoder = decoders.ByteLevel()
     alphabet = pre_tokenizers.ByteLevel.alphabet()
-    tok.train_from_iterator(_corpus(), trainers.BpeTrainer(vocab_size=400, special_tokens=specials, initial_alphabet=alphabet, show_progress=False))
+    tok.train_from_iterator(
+        _corpus(),
+        trainers.BpeTrainer(vocab_size=400, special_tokens=specials, initial_alphabet=alphabet, show_progress=False),
+    )
     if bos is not None:
-        tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, tok.token_to_id(bos))])
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", special_tokens=[(bos, tok.token_to_id(bos))]
+        )
     out = PreTrainedTokenizerFast(tokenizer_object=tok, **names)
     out.chat_template = template
     return out
@@ -90,7 +95,12 @@ def sentencepiece(kind: str, specials: list[str], template: str):
         vocab.setdefault(token, len(vocab))
     merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in learnt["merges"]]
     if kind == "gemma":
-        out = GemmaTokenizer(vocab=vocab, merges=merges, additional_special_tokens=["<start_of_turn>", "<end_of_turn>"])
+        out = GemmaTokenizer(
+            vocab=vocab,
+            merges=merges,
+            add_bos_token=True,
+            additional_special_tokens=["<start_of_turn>", "<end_of_turn>"],
+        )
     else:
         out = LlamaTokenizer(vocab=vocab, merges=merges)
     out.chat_template = template
@@ -100,8 +110,13 @@ def sentencepiece(kind: str, specials: list[str], template: str):
 LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
 CHATML_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 GEMMA_SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "<start_of_turn>", "<end_of_turn>"]
-SHAPE = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "max_position_embeddings": 256,
-         "initializer_range": 0.2}
+SHAPE = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "max_position_embeddings": 256,
+    "initializer_range": 0.2,
+}
 
 
 def _llama3():
@@ -124,20 +139,41 @@ FAMILIES: dict[str, tuple[dict[str, Any], Any]] = {
         {"model_type": "mistral", "num_attention_heads": 4, "num_key_value_heads": 2},
         lambda: sentencepiece("llama", ["<unk>", "<s>", "</s>"], MISTRAL),
     ),
-    "qwen2": ({"model_type": "qwen2", "num_attention_heads": 4, "num_key_value_heads": 2, "tie_word_embeddings": True}, _chatml),
+    "qwen2": (
+        {"model_type": "qwen2", "num_attention_heads": 4, "num_key_value_heads": 2, "tie_word_embeddings": True},
+        _chatml,
+    ),
     # transformers' GGUF reader takes Qwen3's head_dim from its config class (128), not from the file
     "qwen3": (
-        {"model_type": "qwen3", "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 128, "tie_word_embeddings": True},
+        {
+            "model_type": "qwen3",
+            "num_attention_heads": 2,
+            "num_key_value_heads": 1,
+            "head_dim": 128,
+            "tie_word_embeddings": True,
+        },
         _chatml,
     ),
     # Gemma scales queries by query_pre_attn_scalar, which neither the file nor transformers' reader carries:
     # 256, its config's default and llama.cpp's head_dim rule both
     "gemma2": (
-        {"model_type": "gemma2", "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 256, "query_pre_attn_scalar": 256},
+        {
+            "model_type": "gemma2",
+            "num_attention_heads": 2,
+            "num_key_value_heads": 1,
+            "head_dim": 256,
+            "query_pre_attn_scalar": 256,
+        },
         lambda: sentencepiece("gemma", GEMMA_SPECIALS, GEMMA),
     ),
     "gemma3": (
-        {"model_type": "gemma3_text", "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 256, "query_pre_attn_scalar": 256},
+        {
+            "model_type": "gemma3_text",
+            "num_attention_heads": 2,
+            "num_key_value_heads": 1,
+            "head_dim": 256,
+            "query_pre_attn_scalar": 256,
+        },
         lambda: sentencepiece("gemma", GEMMA_SPECIALS, GEMMA),
     ),
 }
@@ -152,7 +188,9 @@ def build(family: str, folder: Path) -> Path:
     tokenizer = make_tokenizer()
     vocab = -(-len(tokenizer) // 64) * 64  # padded, as Qwen pads its embedding: the rows past the tokens are unused
     ids = {k: getattr(tokenizer, f"{k}_token_id") for k in ("bos", "eos", "pad")}
-    config = AutoConfig.for_model(**{**SHAPE, **shape}, vocab_size=vocab, **{f"{k}_token_id": v for k, v in ids.items()})
+    config = AutoConfig.for_model(
+        **{**SHAPE, **shape}, vocab_size=vocab, **{f"{k}_token_id": v for k, v in ids.items()}
+    )
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
@@ -163,3 +201,314 @@ def build(family: str, folder: Path) -> Path:
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("families")
     return {family: build(family, root / family) for family in FAMILIES}
+
+
+def _reader(path: Path):
+    import gguf
+
+    return gguf.GGUFReader(str(path))
+
+
+def _field(reader, key: str) -> Any:
+    return reader.fields[key].contents()
+
+
+# --- each family, F16 and Q8_0, read back by transformers --------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["f16", "q8_0"])
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_family_round_trip(tiny: dict[str, Path], family: str, kind: str, tmp_path: Path) -> None:
+    result = tunelab.export(tiny[family], tmp_path / "model.gguf", type=kind)
+    f = result.figures
+    # The file holds exactly the model as written (rounding aside): names, Q/K layout, norms, metadata.
+    assert f["written_max_abs_diff"] <= 1e-5 * f["logit_scale"], f
+    assert f["tokens_agree"] == 1.0, f  # its tokenizer, as transformers rebuilds it, gives the source's ids
+    if kind == "f16":  # float16 rounding only: tiny random models amplify it more than trained ones
+        assert f["max_abs_diff"] <= 0.01 * f["logit_scale"] and f["top1_agreement"] >= 0.98, f
+    else:
+        assert f["max_abs_diff"] <= 0.15 * f["logit_scale"] and f["top1_agreement"] >= 0.9, f
+    reader = _reader(result.path)
+    arch = "llama" if family == "mistral" else "gemma3" if family == "gemma3" else family
+    assert _field(reader, "general.architecture") == arch
+    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    main = kind.upper()
+    assert {types[n] for n in types if n.endswith("_norm.weight") or n.endswith(".bias")} == {"F32"}
+    assert {types[n] for n in types if n.endswith(("attn_q.weight", "ffn_down.weight", "token_embd.weight"))} == {main}
+    tied = family in ("qwen2", "qwen3", "gemma2", "gemma3")
+    assert ("output.weight" in types) is not tied
+    tokens = _field(reader, "tokenizer.ggml.tokens")
+    assert tokens[-1].startswith("[PAD") and _field(reader, "tokenizer.ggml.token_type")[-1] == 5  # UNUSED
+    assert _field(reader, "tokenizer.ggml.model") == ("llama" if family in ("mistral", "gemma2", "gemma3") else "gpt2")
+    from tunelab.models.loading import load_tokenizer
+
+    assert _field(reader, "tokenizer.chat_template") == load_tokenizer(str(tiny[family])).chat_template
+
+
+def test_pre_tokenizer_names(tiny: dict[str, Path], tmp_path: Path) -> None:
+    """llama.cpp splits text by the `pre` name: recognised from the tokenizer's own split pattern."""
+    from tunelab.exporting.vocab import read_vocab
+    from tunelab.models.loading import load_tokenizer
+
+    names = {f: read_vocab(load_tokenizer(str(tiny[f])), 1024, f).pre for f in ("llama", "qwen2", "mistral")}
+    assert names == {"llama": "llama-bpe", "qwen2": "qwen2", "mistral": "default"}
+    llama, gemma = (read_vocab(load_tokenizer(str(tiny[f])), 1024, f) for f in ("llama", "gemma3"))
+    assert llama.add_bos and not llama.add_eos and gemma.add_bos
+    assert (
+        gemma.add_space_prefix is False and read_vocab(load_tokenizer(str(tiny["mistral"])), 1024, "m").add_space_prefix
+    )
+    assert gemma.types[gemma.tokens.index("<0x41>")] == 6 and gemma.types[gemma.tokens.index("<end_of_turn>")] == 3
+
+
+def test_quantized_types_keep_output_and_fall_back(tmp_path: Path) -> None:
+    """q4_0 keeps the (tied) output matrix at Q8_0, norms at F32; rows that do not fit 32-wide blocks are F16."""
+    folder = tmp_path / "narrow"
+    FAMILIES["narrow"] = (
+        {
+            "model_type": "llama",
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "hidden_size": 48,
+            "tie_word_embeddings": True,
+        },
+        _llama3,
+    )
+    try:
+        build("narrow", folder)
+    finally:
+        del FAMILIES["narrow"]
+    lines: list[str] = []
+    from tunelab.exporting import export_model
+
+    result = export_model(str(folder), tmp_path / "q4.gguf", "q4_0", say=lines.append)
+    types = {t.name: t.tensor_type.name for t in _reader(result.path).tensors}
+    assert types["token_embd.weight"] == "F16"  # 48-wide rows: F16, said so
+    assert types["blk.0.ffn_down.weight"] == "Q4_0"  # 128-wide rows fit
+    assert types["blk.0.attn_q.weight"] == "F16" and types["output_norm.weight"] == "F32"
+    assert any("kept at F16" in line and "token_embd.weight" in line for line in lines), lines
+    assert result.figures["written_max_abs_diff"] <= 1e-5 * result.figures["logit_scale"]
+
+
+def test_q4_output_matrix_is_q8_0(tiny: dict[str, Path], tmp_path: Path) -> None:
+    result = tunelab.export(tiny["qwen2"], tmp_path / "q.gguf", type="q4_1")
+    types = {t.name: t.tensor_type.name for t in _reader(result.path).tensors}
+    assert types["token_embd.weight"] == "Q8_0" and types["blk.1.attn_v.weight"] == "Q4_1"
+    assert _field(_reader(result.path), "general.file_type") == 3  # MOSTLY_Q4_1
+    assert result.figures["written_max_abs_diff"] <= 1e-5 * result.figures["logit_scale"]
+
+
+# --- the real model --------------------------------------------------------------------------------------
+
+
+def test_smollm2_f16_round_trip(smollm2: Path, tmp_path: Path) -> None:
+    """SmolLM2-135M-Instruct (its plain copy) at F16: float16 rounding only, every top-1 token the same."""
+    result = tunelab.export(smollm2, tmp_path / "smollm2-f16.gguf")
+    f = result.figures
+    assert f["written_max_abs_diff"] <= 1e-5 * f["logit_scale"], f
+    assert f["top1_agreement"] == 1.0 and f["tokens_agree"] == 1.0, f
+    assert f["max_abs_diff"] <= 0.005 * f["logit_scale"], f  # ~0.04 on logits up to ~39
+    assert 15.9 < 8 * result.bytes / result.params < 16.5  # F16 matrices, F32 norms, the vocabulary
+    reader = _reader(result.path)
+    assert _field(reader, "tokenizer.ggml.pre") == "gpt-2" and _field(reader, "tokenizer.ggml.eos_token_id") == 2
+    assert "<|im_start|>" in _field(reader, "tokenizer.chat_template")
+    # The file is a model source tunelab takes, e.g. as an eval stage's `models:` entry (checked, not run).
+    recipe = tunelab.recipe_from_dict(
+        {
+            "output_dir": str(tmp_path / "run"),
+            "stages": {"eval": {"stage": "eval", "models": {"f16": str(result.path)}, "data": CHAT_TEST}},
+        }
+    )
+    assert tunelab.validate(recipe) == "new"
+
+
+# --- adapters, stage folders, GGUF sources --------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sft_run(tiny: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A LoRA SFT of the tiny Qwen2 (ChatML) on the bundled chats: a run folder with an adapter stage."""
+    out = tmp_path_factory.mktemp("sft") / "run"
+    stage = {
+        "stage": "sft",
+        "model": str(tiny["qwen2"]),
+        "data": CHAT_TRAIN,
+        "lora": {"r": 4, "lora_alpha": 8, "target_modules": "all-linear"},
+        "training": tiny_training(learning_rate=1e-2),
+    }
+    tunelab.run(tunelab.recipe_from_dict({"output_dir": str(out), "stages": {"sft": stage}}))
+    return out
+
+
+def test_adapter_from_stage_folder_equals_merge_output(sft_run: Path, tmp_path: Path) -> None:
+    """An adapter is merged as `tunelab merge` merges it: both exports hold the same tensors, bit for bit."""
+    import numpy as np
+
+    lines: list[str] = []
+    from tunelab.exporting import export_model
+
+    direct = export_model(str(sft_run / "sft"), tmp_path / "direct.gguf", "f16", say=lines.append)
+    assert any("LoRA adapter: merged into its base" in line for line in lines), lines
+    merged = tunelab.merge(sft_run / "sft", tmp_path / "merged")
+    via_merge = tunelab.export(merged, tmp_path / "merged.gguf")
+    a, b = ({t.name: t for t in _reader(r.path).tensors} for r in (direct, via_merge))
+    assert a.keys() == b.keys()
+    assert all(np.array_equal(a[n].data, b[n].data) for n in a)
+    assert direct.figures["written_max_abs_diff"] <= 1e-5 * direct.figures["logit_scale"]
+    # A run folder names its last model: the same adapter.
+    lines.clear()
+    whole = export_model(str(sft_run), tmp_path / "run.gguf", "f16", say=lines.append)
+    assert any("run folder: exporting its last model, stage 'sft'" in line for line in lines), lines
+    assert whole.figures["max_abs_diff"] == direct.figures["max_abs_diff"]
+
+
+def test_gguf_source_is_dequantized_then_written(tiny: dict[str, Path], tmp_path: Path) -> None:
+    """A GGUF file exported again (another type): said, dequantized, and the new file checked against it."""
+    from tunelab.exporting import export_model
+
+    first = tunelab.export(tiny["gemma3"], tmp_path / "a-q8_0.gguf", type="q8_0")
+    lines: list[str] = []
+    again = export_model(str(first.path), tmp_path / "b-f16.gguf", "f16", say=lines.append)
+    assert any("is a GGUF file: its tensors are dequantized to float32 first" in line for line in lines), lines
+    f = again.figures  # the source is the Q8_0 file's values: F16 holds them to float16 rounding
+    assert f["top1_agreement"] >= 0.98 and f["written_max_abs_diff"] <= 1e-5 * f["logit_scale"], f
+
+
+# --- the command, its bad input, Ollama ------------------------------------------------------------------
+
+runner = CliRunner()
+
+
+def _cli(*args: str):
+    result = runner.invoke(app, ["export", *args])
+    lines = [line for line in result.output.strip().splitlines() if line.strip()]
+    return result, lines
+
+
+def _refused(args: list[str], *words: str) -> None:
+    result, lines = _cli(*args)
+    assert result.exit_code == 2, result.output
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    assert "Traceback" not in result.output
+    for word in words:
+        assert word in lines[0], lines[0]
+
+
+def test_cli_writes_file_modelfile_and_figures(tiny: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "chat" / "tiny.gguf"
+    result, lines = _cli(
+        str(tiny["qwen2"]), str(out), "--type", "q8_0", "--ollama", "--system", "Answer with a number."
+    )
+    assert result.exit_code == 0, result.output
+    text = result.output
+    assert "round trip through transformers' GGUF reader" in text and "top-1 agreement" in text
+    assert "Modelfile:" in text and out.is_file()
+    modelfile = (out.parent / "Modelfile").read_text()
+    assert modelfile.splitlines()[1] == "FROM ./tiny.gguf"
+    assert "<|im_start|>{{ .Role }}" in modelfile and 'PARAMETER stop "<|im_end|>"' in modelfile
+    assert 'SYSTEM """Answer with a number."""' in modelfile
+    assert not [p.name for p in out.parent.iterdir() if p.name.startswith(".")]  # no temporary file left
+    # Again without --overwrite: refused, and neither file changed; with it, both replaced.
+    before = out.stat().st_mtime_ns
+    _refused([str(tiny["qwen2"]), str(out), "--ollama"], "exists", "--overwrite")
+    assert out.stat().st_mtime_ns == before
+    result, _ = _cli(str(tiny["qwen2"]), str(out), "--ollama", "--overwrite")
+    assert result.exit_code == 0, result.output
+    assert "SYSTEM" not in (out.parent / "Modelfile").read_text()
+
+
+@pytest.mark.parametrize(
+    ("family", "start", "stop"),
+    [
+        ("llama", "<|start_header_id|>{{ .Role }}<|end_header_id|>", "<|eot_id|>"),
+        ("gemma3", "<start_of_turn>model", "<end_of_turn>"),
+    ],
+)
+def test_ollama_templates(tiny: dict[str, Path], tmp_path: Path, family: str, start: str, stop: str) -> None:
+    result = tunelab.export(tiny[family], tmp_path / "m.gguf", ollama=True, system="Be brief.")
+    text = result.modelfile.read_text()
+    assert start in text and f'PARAMETER stop "{stop}"' in text and 'SYSTEM """Be brief."""' in text
+
+
+def test_bad_input_is_one_line_before_weights(tiny: dict[str, Path], tmp_path: Path, monkeypatch) -> None:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model = str(tiny["qwen2"])
+    out = str(tmp_path / "m.gguf")
+    _refused([model, out, "--type", "q3_k"], "'q3_k'", "f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1")
+    _refused([model, str(tmp_path)], "is a folder", "model.gguf")
+    _refused([model, str(tmp_path / "m.bin")], "does not end in .gguf")
+    (tmp_path / "notes.gguf").write_text("mine")
+    _refused([model, str(tmp_path / "notes.gguf"), "--overwrite"], "not a GGUF file", "replaces only a GGUF file")
+    assert (tmp_path / "notes.gguf").read_text() == "mine"
+    _refused([str(tiny["mistral"]), out, "--ollama"], "ChatML", "Llama 3", "Gemma")  # [INST]: no family known
+    # Another architecture: named with the supported ones.
+    gpt2 = tmp_path / "gpt2"
+    AutoModelForCausalLM.from_config(
+        AutoConfig.for_model("gpt2", n_embd=32, n_layer=1, n_head=2, vocab_size=400)
+    ).save_pretrained(gpt2)
+    _refused([str(gpt2), out], "'gpt2' model", "Llama", "Qwen3", "Gemma 2")
+    # A byte-level tokenizer splitting text by a pattern llama.cpp has no name for (here: digits in pairs).
+    from tunelab.exporting.vocab import LLAMA3_SPLIT
+
+    odd = tmp_path / "odd-split"
+    FAMILIES["odd"] = (
+        FAMILIES["llama"][0],
+        lambda: byte_level(LLAMA3_SPLIT.replace("{1,3}", "{1,2}"), LLAMA3_SPECIALS, None, LLAMA3),
+    )
+    try:
+        build("odd", odd)
+    finally:
+        del FAMILIES["odd"]
+    _refused([str(odd), out], "pre-tokenizer", "llama.cpp has no name for", "convert_hf_to_gguf.py")
+    # A vocabulary without merges (transformers 5 rebuilds a Qwen2 tokenizer around any tokenizer.json).
+    bare = tmp_path / "bare"
+    build("qwen2", bare)
+    _wordpiece_tokenizer().save_pretrained(bare)
+    _refused([str(bare), out], "without merges", "tokenizer.json")
+    # Not enough disk: estimated from the parameter count and the type.
+    import tunelab.exporting.exporter as exporter
+
+    monkeypatch.setattr(exporter.shutil, "disk_usage", lambda path: type("U", (), {"free": 1000})())
+    _refused([model, out, "--type", "q8_0"], "needs about", "has 1 KB free")
+    assert not Path(out).exists()
+
+
+def test_tokenizer_kinds_not_written() -> None:
+    from tunelab.exporting.vocab import read_vocab
+
+    with pytest.raises(tunelab.TunelabError, match="WordPiece tokenizer .* byte-level BPE .* SentencePiece-style"):
+        read_vocab(_wordpiece_tokenizer(), 64, "bert")
+
+
+def _wordpiece_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(["[UNK]", "[PAD]", "a", "b", "##c"])}
+    tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]")
+
+
+def test_stage_and_run_folders_without_a_model(sft_run: Path, tmp_path: Path) -> None:
+    _refused([str(sft_run / "sft"), str(sft_run / "sft" / "x.gguf")], "inside stage folder", "outside run folders")
+    empty = tmp_path / "run"
+    empty.mkdir()
+    (empty / "run.json").write_text(json.dumps({**json.loads((sft_run / "run.json").read_text()), "stages": {}}))
+    _refused([str(empty), str(tmp_path / "x.gguf")], "no finished stage that made a model")
+
+
+# --- the export stage ------------------------------------------------------------------------------------
+
+
+def test_export_stage_writes_metrics(tiny: dict[str, Path], tmp_path: Path) -> None:
+    stages = {"export": {"stage": "export", "model": str(tiny["gemma2"]), "type": "q8_0", "ollama": True}}
+    result = tunelab.run(tunelab.recipe_from_dict({"output_dir": str(tmp_path / "run"), "stages": stages}))
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())["export"]
+    assert metrics == result.metrics["export"]
+    assert metrics["type"] == "q8_0" and metrics["top1_agreement"] >= 0.9 and metrics["written_max_abs_diff"] < 1e-4
+    folder = tmp_path / "run" / "export"
+    assert (folder / "model-q8_0.gguf").is_file() and "<start_of_turn>" in (folder / "Modelfile").read_text()
+    bad = {"export": {**stages["export"], "type": "q2_k"}}
+    with pytest.raises(tunelab.TunelabError, match=r"'stages.export.type' is 'q2_k'"):
+        tunelab.validate(tunelab.recipe_from_dict({"output_dir": str(tmp_path / "r2"), "stages": bad}))

@@ -176,9 +176,9 @@ def export(
     `type` is f16, bf16, q8_0, q4_0, q4_1, q5_0 or q5_1; `ollama` also writes a Modelfile beside it, with
     `system` as its SYSTEM line.
     """
+    from tunelab.core.hub import configure_offline
+    from tunelab.core.progress import quiet
     from tunelab.exporting import export_model
-    from tunelab.hub import configure_offline
-    from tunelab.progress import quiet
 
     model = _model(model)
     out = _path(out, "out", "the .gguf file to write")

@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from tunelab.errors import TunelabError
+from tunelab.core.errors import TunelabError
 
 
 @dataclass(frozen=True)

@@ -26,17 +26,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tunelab import runs
-from tunelab.errors import TunelabError, check_path
+from tunelab.core import runs
+from tunelab.core.errors import TunelabError, check_path
+from tunelab.core.hub import MODEL_FILES, local_path
+from tunelab.core.paths import refuse_special
 from tunelab.exporting import ollama
 from tunelab.exporting.architectures import Architecture, architecture
 from tunelab.exporting.roundtrip import WRITTEN_TOLERANCE
 from tunelab.exporting.types import GGUFType, estimate_bytes, gguf_type
 from tunelab.exporting.vocab import Vocab, read_vocab
-from tunelab.gguf_models import MAGIC
-from tunelab.hub import MODEL_FILES, local_path
-from tunelab.models import is_adapter, load_tokenizer, model_config, model_spec, resolve_spec
-from tunelab.paths import refuse_special
+from tunelab.models.gguf_files import MAGIC
+from tunelab.models.loading import is_adapter, load_tokenizer, model_config, model_spec, resolve_spec
 from tunelab.stages import Context
 
 Say = Callable[[str], None]
@@ -245,7 +245,7 @@ def export(plan: Plan, say: Say | None = None) -> ExportResult:
     """Load, write, read back, rename into place: the export `plan` describes (see `check`)."""
     from tunelab.exporting.roundtrip import compare, logits, prompts, read_back
     from tunelab.exporting.writer import write_gguf
-    from tunelab.models import load_causal_lm
+    from tunelab.models.loading import load_causal_lm
 
     say = say or _print
     for note in plan.notes:

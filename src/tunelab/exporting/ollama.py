@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from tunelab.errors import TunelabError
+from tunelab.core.errors import TunelabError
 
 HEADER = "# Modelfile written by tunelab export: ollama create NAME -f Modelfile"
 

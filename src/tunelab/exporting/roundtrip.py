@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tunelab.prompting import Prompting
+from tunelab.models.prompting import Prompting
 
 PROMPTS = (
     "What is 17 + 25?",

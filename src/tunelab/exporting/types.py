@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tunelab.errors import TunelabError
+from tunelab.core.errors import TunelabError
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from tunelab.errors import TunelabError
+from tunelab.core.errors import TunelabError
 
 # Split patterns of the byte-level tokenizers llama.cpp has a pre-tokenizer for (its names).
 _WORDS = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|"
@@ -124,6 +124,11 @@ def read_vocab(tokenizer: Any, vocab_size: int, where: str) -> Vocab:
         raise TunelabError(
             f"'{where}' has a {kind or 'unknown'} tokenizer ({type(tokenizer).__name__}), which GGUF export cannot "
             f"write: it writes {KINDS}"
+        )
+    if not model.get("merges"):
+        raise TunelabError(
+            f"'{where}' has a BPE tokenizer without merges ({type(tokenizer).__name__}: a vocabulary only), which "
+            "llama.cpp cannot tokenize with: save the model's own tokenizer (tokenizer.json) beside it"
         )
     vocab = tokenizer.get_vocab()
     top = max(vocab.values(), default=-1)

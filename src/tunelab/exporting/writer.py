@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tunelab.errors import TunelabError
+from tunelab.core.errors import TunelabError
 from tunelab.exporting.architectures import Architecture, permute_rows, write_metadata
 from tunelab.exporting.types import GGUFType, tensor_type
 from tunelab.exporting.vocab import Vocab, write_vocab

@@ -40,6 +40,7 @@ STAGES: dict[str, str] = {
     "sft": "tunelab.stages.sft",
     "eval": "tunelab.stages.eval",
     "lm_eval": "tunelab.stages.lm_eval",
+    "export": "tunelab.stages.export",
     "classify": "tunelab.stages.classify",
     "reward": "tunelab.stages.reward",
     "ppo": "tunelab.stages.ppo",

@@ -15,6 +15,9 @@ figures come out:
 
 from __future__ import annotations
 
+import contextlib
+import functools
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,9 +63,25 @@ def read_back(path: Path) -> tuple[Any, Any]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    with _name_maps_once():
+        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     return model, tokenizer
+
+
+@contextlib.contextmanager
+def _name_maps_once() -> Iterator[None]:
+    """transformers' reader (5.25) builds gguf's tensor name map once per module of the model (~400 times for
+    SmolLM2, a third of its loading time); the map depends only on the architecture and the layer count, so
+    while it reads, gguf hands back one map per pair. Nothing else changes."""
+    import gguf
+
+    original = gguf.get_tensor_name_map
+    gguf.get_tensor_name_map = functools.lru_cache(maxsize=None)(original)
+    try:
+        yield
+    finally:
+        gguf.get_tensor_name_map = original
 
 
 def compare(source: list[Any], written: list[Any], read: list[Any], fixed: Prompts, tokenizer: Any) -> dict[str, Any]:

@@ -509,3 +509,99 @@ def test_export_stage_writes_metrics(tiny: dict[str, Path], tmp_path: Path) -> N
     bad = {"export": {**stages["export"], "type": "q2_k"}}
     with pytest.raises(tunelab.TunelabError, match=r"'stages.export.type' is 'q2_k'"):
         tunelab.validate(tunelab.recipe_from_dict({"output_dir": str(tmp_path / "r2"), "stages": bad}))
+
+
+# --- slow: the real model's types on held-out questions, and llama.cpp as the file's consumer ------------
+
+LLAMACPP = ROOT / ".venv-llamacpp" / "bin" / "python"
+WHEELS = Path(os.environ.get("TUNELAB_WHEELS", ROOT.parent / "shared" / "wheels"))
+
+
+@pytest.fixture(scope="module")
+def smollm2_sft(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The real track's LoRA SFT of SmolLM2 (recipes/real/smollm2-arith.yaml's `sft`, shortened to 40 steps)."""
+    recipe = tunelab.load_recipe("real/smollm2-arith")
+    stage = {**recipe.stages["sft"], "training": {**recipe.stages["sft"]["training"], "max_steps": 40}}
+    stage["training"].update(save_strategy="no")
+    stage["training"].pop("save_steps", None)
+    stage["training"].pop("save_total_limit", None)
+    out = tmp_path_factory.mktemp("real") / "run"
+    tunelab.run(tunelab.recipe_from_dict({"output_dir": str(out), "seed": 42, "stages": {"sft": stage}}))
+    return out / "sft"
+
+
+@pytest.mark.slow
+def test_smollm2_types_on_held_out_questions(smollm2_sft: Path, tmp_path: Path) -> None:
+    """F16, Q8_0 and Q4_0 exports of the fine-tuned SmolLM2, each scored on held-out questions next to the
+    source: F16 and Q8_0 keep its exact match; Q4_0 costs what it costs (reported, loosely bounded)."""
+    files = {}
+    for kind in ("f16", "q8_0", "q4_0"):
+        result = tunelab.export(smollm2_sft, tmp_path / f"smollm2-{kind}.gguf", type=kind)
+        assert result.figures["written_max_abs_diff"] <= 1e-5 * result.figures["logit_scale"], result.figures
+        files[kind] = str(result.path)
+    stage = {
+        "stage": "eval",
+        "models": {"source": str(smollm2_sft), **files},
+        "data": {"path": "recipes/data/arith_chat", "split": "test[:64]"},
+        "generation": {"max_new_tokens": 8},
+    }
+    run = tunelab.run(tunelab.recipe_from_dict({"output_dir": str(tmp_path / "eval"), "stages": {"eval": stage}}))
+    scores = {label: run.metrics["eval"][label]["exact_match"] for label in ("source", "f16", "q8_0", "q4_0")}
+    assert scores["source"] >= 0.5, scores
+    assert abs(scores["f16"] - scores["source"]) <= 0.02 and abs(scores["q8_0"] - scores["source"]) <= 0.05, scores
+    assert scores["q4_0"] >= scores["source"] - 0.3, scores
+
+
+def llamacpp_python() -> Path:
+    """The interpreter of .venv-llamacpp (`make llamacpp`), made now from the prebuilt wheel when missing."""
+    if not LLAMACPP.exists():
+        if not any(WHEELS.glob("llama_cpp_python-*.whl")):
+            pytest.skip(f"no llama-cpp-python wheel in {WHEELS} (set TUNELAB_WHEELS), and .venv-llamacpp is missing")
+        subprocess.run(["make", "-C", str(ROOT), "llamacpp", f"WHEELS={WHEELS}"], check=True)
+    return LLAMACPP
+
+
+def llamacpp(path: Path, fixed: Any, new_tokens: int) -> list[dict[str, Any]]:
+    job = {"model": str(path), "prompts": fixed.ids, "texts": fixed.texts, "new_tokens": new_tokens, "threads": 2}
+    probe = subprocess.run(
+        [str(llamacpp_python()), str(ROOT / "tools" / "llamacpp_probe.py")],
+        input=json.dumps(job),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return json.loads(probe.stdout)
+
+
+def greedy(model: Any, ids: list[int], new_tokens: int) -> list[int]:
+    """transformers' greedy tokens, past any end-of-turn token (as the probe's argmax loop goes on)."""
+    import torch
+    from transformers import GenerationConfig
+
+    config = GenerationConfig(max_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
+    with torch.no_grad():
+        return model.generate(torch.tensor([ids]), generation_config=config)[0, len(ids) :].tolist()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["f16", "q8_0"])
+def test_llamacpp_reads_the_export(smollm2: Path, tmp_path: Path, kind: str) -> None:
+    """llama.cpp loads the exported SmolLM2, tokenizes the chat-template prompts as transformers does, and
+    generates the same 16+ greedy tokens as transformers on the same file; first-position logits agree."""
+    import torch
+
+    from tunelab.exporting.roundtrip import prompts, read_back
+
+    result = tunelab.export(smollm2, tmp_path / f"smollm2-{kind}.gguf", type=kind)
+    model, tokenizer = read_back(result.path)
+    fixed = prompts(tokenizer)
+    assert fixed.templated and all(text.startswith("<|im_start|>") for text in fixed.texts)
+    ran = llamacpp(result.path, fixed, 20)
+    for ids, got in zip(fixed.ids, ran, strict=True):
+        assert got["tokenized"] == ids  # llama.cpp's tokenizer: the same ids, special tokens parsed
+        assert got["tokens"][:16] == greedy(model, ids, 20)[:16]
+        with torch.no_grad():
+            first = model(torch.tensor([ids])).logits[0, -1]
+        diff = float((first - torch.tensor(got["first_logits"])).abs().max())
+        assert diff <= 0.01 * float(first.abs().max()) + 0.05, diff  # F16 arithmetic in llama.cpp
+        assert int(first.argmax()) == int(torch.tensor(got["first_logits"]).argmax())

@@ -9,6 +9,8 @@ logits compared. SmolLM2-135M-Instruct is the real model.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 from pathlib import Path
 from typing import Any
 

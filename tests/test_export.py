@@ -576,13 +576,18 @@ def llamacpp(path: Path, fixed: Any, new_tokens: int) -> list[dict[str, Any]]:
 
 
 def greedy(model: Any, ids: list[int], new_tokens: int) -> list[int]:
-    """transformers' greedy tokens, past any end-of-turn token (as the probe's argmax loop goes on)."""
+    """transformers' greedy tokens, argmax by argmax past any end-of-turn token, as the probe's loop goes on."""
     import torch
-    from transformers import GenerationConfig
 
-    config = GenerationConfig(max_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
+    out: list[int] = []
+    past, step = None, torch.tensor([ids])
     with torch.no_grad():
-        return model.generate(torch.tensor([ids]), generation_config=config)[0, len(ids) :].tolist()
+        for _ in range(new_tokens):
+            result = model(step, past_key_values=past, use_cache=True)
+            past = result.past_key_values
+            out.append(int(result.logits[0, -1].argmax()))
+            step = torch.tensor([[out[-1]]])
+    return out
 
 
 @pytest.mark.slow
@@ -605,5 +610,6 @@ def test_llamacpp_reads_the_export(smollm2: Path, tmp_path: Path, kind: str) -> 
         with torch.no_grad():
             first = model(torch.tensor([ids])).logits[0, -1]
         diff = float((first - torch.tensor(got["first_logits"])).abs().max())
-        assert diff <= 0.01 * float(first.abs().max()) + 0.05, diff  # F16 arithmetic in llama.cpp
+        # llama.cpp multiplies in F16 (f16), or with the activations quantized to 8 bits too (q8_0)
+        assert diff <= (0.01 if kind == "f16" else 0.03) * float(first.abs().max()), diff
         assert int(first.argmax()) == int(torch.tensor(got["first_logits"]).argmax())

@@ -82,7 +82,7 @@ def main() -> str:
         "## lm-evaluation-harness through tunelab\n\n"
         f"SmolLM2-135M-Instruct, tasks {', '.join(TASKS)} ({LIMIT} examples each), batch 16. tunelab: a whole "
         "`tunelab.run` of an `lm_eval` stage (checks, loading, results and samples written); direct: "
-        "`lm_eval.simple_evaluate(model=\"hf\", model_args=\"pretrained=FOLDER\")`. Median of "
+        '`lm_eval.simple_evaluate(model="hf", model_args="pretrained=FOLDER")`. Median of '
         f"{REPS} interleaved runs each (`benchmarks/harness.py`).\n\n"
         "| path | examples / s |\n|---|---|\n"
         f"| harness called directly | {speed_theirs:.2f} |\n"

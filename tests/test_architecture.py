@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import importlib
 import inspect
 import subprocess
 import sys
@@ -12,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from tunelab.stages import STAGES, Metrics, stage_module
+from tunelab.stages import STAGES, Metrics, Stage
+from tunelab.stages import stage as registered
 from tunelab.stages.base import TrainerStage, import_name
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "tunelab"
@@ -105,24 +107,24 @@ def test_light_modules_import_no_ml_library() -> None:
 
 @pytest.mark.parametrize("kind", sorted(STAGES))
 def test_every_stage_satisfies_the_interface(kind: str) -> None:
-    module = stage_module(kind)
-    assert isinstance(module.PRODUCES_MODEL, bool)
-    assert getattr(module, "RANKS", "main") in ("all", "main")
-    assert isinstance(module.METRICS, Metrics)
-    assert all(isinstance(k, str) for k in module.METRICS.summary)
-    assert isinstance(module.SECTIONS, dict) and module.SECTIONS
-    assert all(isinstance(k, str) and isinstance(v, str) and v for k, v in module.SECTIONS.items())
-    for name in ("check", "run", "plan"):
-        params = list(inspect.signature(getattr(module, name)).parameters)
+    stage = registered(kind)
+    assert isinstance(stage, Stage) and type(stage).__name__ == STAGES[kind].partition(":")[2]
+    assert isinstance(stage.produces_model, bool)
+    assert stage.ranks in ("all", "main")
+    assert isinstance(stage.metrics, Metrics)
+    assert all(isinstance(k, str) for k in stage.metrics.summary)
+    assert isinstance(stage.sections, dict) and stage.sections
+    assert all(isinstance(k, str) and isinstance(v, str) and v for k, v in stage.sections.items())
+    for name in ("check", "run", "plan", "tokenizer_source"):
+        params = list(inspect.signature(getattr(stage, name)).parameters)
         assert params[:2] == ["spec", "ctx"], (kind, name, params)
-    stage = getattr(module, "STAGE", None)
-    if stage is None:
+    module = importlib.import_module(STAGES[kind].partition(":")[0])
+    assert not {"STAGE", "check", "run", "plan", "PRODUCES_MODEL", "METRICS"} & set(vars(module)), (
+        kind
+    )  # no module tails
+    if not isinstance(stage, TrainerStage):
         return
-    # A Trainer-backed stage: a declaration over the base, its module interface taken from it.
-    assert isinstance(stage, TrainerStage)
-    declared = (stage.produces_model, stage.ranks, stage.sections, stage.metrics)
-    assert declared == (module.PRODUCES_MODEL, module.RANKS, module.SECTIONS, module.METRICS)
-    assert module.run == stage.run and module.check == stage.check and module.plan == stage.plan
+    # A Trainer-backed stage: a declaration over the base.
     config = import_name(stage.config_class)
     assert dataclasses.is_dataclass(config)
     from transformers import TrainingArguments

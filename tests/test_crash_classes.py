@@ -520,8 +520,14 @@ def test_a_chat_template_that_renders_nothing(tmp_path: Path, tiny_lm: Path) -> 
         "'stages.sft.data': the chat template renders nothing on row 0 (the messages hold text): it must write",
     )
     fails(
-        ["eval", str(tiny_lm), str(ROOT / "recipes/data/arith_qa"), "--output-dir", str(tmp_path / "ev"),
-         f"chat_template={silent}"],
+        [
+            "eval",
+            str(tiny_lm),
+            str(ROOT / "recipes/data/arith_qa"),
+            "--output-dir",
+            str(tmp_path / "ev"),
+            f"chat_template={silent}",
+        ],
         "'stages.eval.model': the chat template renders nothing on row 0",
     )
     assert not (tmp_path / "ev").exists()

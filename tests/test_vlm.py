@@ -41,9 +41,17 @@ def tiny_text_lm(tmp_path_factory: pytest.TempPathFactory, smollm2: Path) -> Pat
     tokenizer = AutoTokenizer.from_pretrained(smollm2)
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
     )
     path = tmp_path_factory.mktemp("tiny-text") / "lm"
     LlamaForCausalLM(config).save_pretrained(path)
@@ -102,12 +110,17 @@ def test_batches_of_mixed_image_sizes_carry_loss_on_assistant_tokens_only(tiny_v
         user = {"role": "user", "content": [{"type": "image", "text": None}, {"type": "text", "text": "Which digit?"}]}
         turns = [user, {"role": "assistant", "content": [{"type": "text", "text": str(i)}]}]
         if i == 2:  # a second exchange, without an image
-            turns += [{"role": "user", "content": [{"type": "text", "text": "Is it even?"}]},
-                      {"role": "assistant", "content": [{"type": "text", "text": "yes"}]}]
+            turns += [
+                {"role": "user", "content": [{"type": "text", "text": "Is it even?"}]},
+                {"role": "assistant", "content": [{"type": "text", "text": "yes"}]},
+            ]
         rows.append({"images": [f"{i}.png"], "messages": turns})
     (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    ds = load_images(datasets.load_dataset("json", data_files=str(tmp_path / "train.jsonl"), split="train"),
-                     str(tmp_path / "train.jsonl"), "data")
+    ds = load_images(
+        datasets.load_dataset("json", data_files=str(tmp_path / "train.jsonl"), split="train"),
+        str(tmp_path / "train.jsonl"),
+        "data",
+    )
     processor = load_processor(tiny_vlm, "model")
 
     class Args:
@@ -135,8 +148,12 @@ def test_lora_vlm_sft_trains_evaluates_reloads_and_chats(tiny_vlm: Path, tmp_pat
     lora = {"r": 4, "lora_alpha": 8, "target_modules": LM_ONLY, "modules_to_save": ["multi_modal_projector"]}
     stages = {
         "vlm": _sft(str(tiny_vlm), lora=lora, freeze_vision=True),
-        "eval": {"stage": "eval", "models": {"before": str(tiny_vlm), "after": "${vlm}"}, "data": VQA_TEST,
-                 "generation": {"max_new_tokens": 3}},
+        "eval": {
+            "stage": "eval",
+            "models": {"before": str(tiny_vlm), "after": "${vlm}"},
+            "data": VQA_TEST,
+            "generation": {"max_new_tokens": 3},
+        },
     }
     path = _write(tmp_path, stages)
     result = runner.invoke(app, ["validate", str(path)])
@@ -165,8 +182,18 @@ def test_lora_vlm_sft_trains_evaluates_reloads_and_chats(tiny_vlm: Path, tmp_pat
     assert processor.chat_template and "<image>" in processor.chat_template
 
     first = json.loads(Path(VQA, "test.jsonl").read_text().splitlines()[0])
-    chat = runner.invoke(app, ["chat", str(out / "vlm"), "--image", f"{VQA}/{first['images'][0]}", "--prompt",
-                               first["prompt"], "max_new_tokens=3"])
+    chat = runner.invoke(
+        app,
+        [
+            "chat",
+            str(out / "vlm"),
+            "--image",
+            f"{VQA}/{first['images'][0]}",
+            "--prompt",
+            first["prompt"],
+            "max_new_tokens=3",
+        ],
+    )
     assert chat.exit_code == 0, chat.output
     assert chat.output.strip() == rows[0]["output"].strip()  # the eval's greedy answer to the same image and prompt
 
@@ -181,10 +208,16 @@ def test_full_fine_tune_with_frozen_vision_reloads_with_the_family_class(tiny_vl
     base = LlavaForConditionalGeneration.from_pretrained(tiny_vlm)
     tuned = LlavaForConditionalGeneration.from_pretrained(tmp_path / "out" / "vlm")
     assert type(AutoModelForImageTextToText.from_pretrained(tmp_path / "out" / "vlm")).__name__ == type(tuned).__name__
-    tower = [torch.equal(a, b) for a, b in zip(base.model.vision_tower.parameters(),
-                                               tuned.model.vision_tower.parameters(), strict=True)]
-    projector = [torch.equal(a, b) for a, b in zip(base.model.multi_modal_projector.parameters(),
-                                                   tuned.model.multi_modal_projector.parameters(), strict=True)]
+    tower = [
+        torch.equal(a, b)
+        for a, b in zip(base.model.vision_tower.parameters(), tuned.model.vision_tower.parameters(), strict=True)
+    ]
+    projector = [
+        torch.equal(a, b)
+        for a, b in zip(
+            base.model.multi_modal_projector.parameters(), tuned.model.multi_modal_projector.parameters(), strict=True
+        )
+    ]
     assert all(tower) and not any(projector)
 
 
@@ -225,8 +258,13 @@ def _bad(tmp_path: Path, rows: list[dict], images: dict[str, object] | None = No
 
 def _row(images: list[str], placeholders: int = 1) -> dict:
     user = [{"type": "image", "text": None}] * placeholders + [{"type": "text", "text": "Which digit?"}]
-    return {"images": images, "messages": [{"role": "user", "content": user},
-                                           {"role": "assistant", "content": [{"type": "text", "text": "3"}]}]}
+    return {
+        "images": images,
+        "messages": [
+            {"role": "user", "content": user},
+            {"role": "assistant", "content": [{"type": "text", "text": "3"}]},
+        ],
+    }
 
 
 def test_bad_input_is_one_line_at_validate(tiny_vlm: Path, tiny_text_lm: Path, tmp_path: Path) -> None:
@@ -242,8 +280,9 @@ def test_bad_input_is_one_line_at_validate(tiny_vlm: Path, tiny_text_lm: Path, t
     validate(_sft(str(tiny_vlm), data=data), r"row 1: image 'broken.png' cannot be read")
     data = _bad(tmp_path, [_row(["a.png"]), _row(["a.png", "a.png"])], {"a.png": good})
     validate(_sft(str(tiny_vlm), data=data), r"row 1 has 1 image placeholder\(s\) in its messages but 2 image")
-    validate(_sft(str(tiny_vlm), data={"path": "recipes/data/arith_chat", "split": "train[:4]"}),
-             "has no `images` column")
+    validate(
+        _sft(str(tiny_vlm), data={"path": "recipes/data/arith_chat", "split": "train[:4]"}), "has no `images` column"
+    )
     validate(_sft(str(tiny_text_lm)), r"is a text-only model \(LlamaForCausalLM\)")
     validate(_sft(str(tiny_text_lm), freeze_vision=True), "has no vision tower")
     sft_stage = {"stage": "sft", "model": str(tiny_text_lm), "data": VQA_TRAIN, "training": tiny_training()}
@@ -360,8 +399,13 @@ def test_shipped_recipe_gains_and_its_output_loads_and_chats(tmp_path: Path) -> 
     """The shipped CPU recipe end to end: exact match before -> after rises; the adapter loads with
     PeftModel over the family's class; `tunelab chat --image` answers a held-out digit."""
     out = tmp_path / "run"
-    result = subprocess.run([*CLI, "run", "recipes/vlm/smollm2-digits.yaml", f"output_dir={out}"], env=ENV,
-                            capture_output=True, text=True, timeout=1200)
+    result = subprocess.run(
+        [*CLI, "run", "recipes/vlm/smollm2-digits.yaml", f"output_dir={out}"],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())["eval"]
     assert metrics["after"]["exact_match"] >= metrics["before"]["exact_match"] + 0.4, metrics  # 0 -> 0.525 measured
@@ -374,7 +418,12 @@ def test_shipped_recipe_gains_and_its_output_loads_and_chats(tmp_path: Path) -> 
     PeftModel.from_pretrained(LlavaForConditionalGeneration.from_pretrained(out / "build"), out / "vlm_sft")
     AutoProcessor.from_pretrained(out / "vlm_sft")
     row = json.loads(Path(VQA, "test.jsonl").read_text().splitlines()[0])
-    chat = subprocess.run([*CLI, "chat", str(out / "vlm_sft"), "--image", f"{VQA}/{row['images'][0]}", "--prompt",
-                           row["prompt"]], env=ENV, capture_output=True, text=True, timeout=300)
+    chat = subprocess.run(
+        [*CLI, "chat", str(out / "vlm_sft"), "--image", f"{VQA}/{row['images'][0]}", "--prompt", row["prompt"]],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert chat.returncode == 0, chat.stderr[-2000:]
     assert chat.stdout.strip()

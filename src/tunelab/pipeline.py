@@ -31,7 +31,7 @@ from tunelab.models.loading import WEIGHTS_NEEDED
 from tunelab.models.plan import check_fits, device_memory, fmt_bytes
 from tunelab.recipe import Recipe
 from tunelab.reports import write_report
-from tunelab.stages import Context, StageResult, StageSpec, stage_module, tokenizer_origin
+from tunelab.stages import Context, StageResult, StageSpec, stage
 from tunelab.training import distributed
 from tunelab.training.safeguards import Interrupted, last_checkpoint
 
@@ -147,36 +147,36 @@ def _inspect(recipe: Recipe, strict_plans: bool, downloads: list[str] | None = N
     ctx = Context(seed=recipe.seed, run_dir=recipe.output_dir, checking=True, kinds=kinds)
     plans = []
     for spec in _specs(recipe):
-        module = stage_module(spec.kind)
+        impl = stage(spec.kind)
         try:
-            module.check(spec, ctx)
+            impl.check(spec, ctx)
         except DownloadNeeded as exc:
             if downloads is None:
                 raise
             downloads.append(str(exc))
-            if module.PRODUCES_MODEL:  # later stages check against it as a stage not yet run
+            if impl.produces_model:  # later stages check against it as a stage not yet run
                 ctx.outputs[spec.name] = spec.out_dir
                 with contextlib.suppress(TunelabError):
-                    origin = tokenizer_origin(module, spec, ctx)
+                    origin = impl.tokenizer_source(spec, ctx)
                     if origin is not None:
                         ctx.tokenizers[spec.name] = origin
             continue
         try:
-            stage_plan = module.plan(spec, ctx)
+            stage_plan = impl.plan(spec, ctx)
         except (TunelabError, ValueError, TypeError, AttributeError, OSError):
             if strict_plans:
                 raise
             stage_plan = None  # a plan we cannot make must not stop a run the checks accepted
         if stage_plan is not None:
             plans.append(stage_plan)
-        if module.PRODUCES_MODEL:
+        if impl.produces_model:
             if spec.name not in ctx.configs and "model" in spec.cfg:
                 # A fine-tuned model has its starting model's shape: later checks and plans can use it.
                 from tunelab.models.loading import model_config
 
                 with contextlib.suppress(TunelabError):
                     ctx.configs[spec.name] = model_config(spec.cfg["model"], ctx, f"{spec.where}.model")
-            origin = tokenizer_origin(module, spec, ctx)
+            origin = impl.tokenizer_source(spec, ctx)
             if origin is not None:
                 ctx.tokenizers[spec.name] = origin
             ctx.outputs[spec.name] = spec.out_dir
@@ -553,8 +553,8 @@ def _run_stage(
     if replaces is not None:
         record["replaces"] = replaces.name
     main = distributed.is_main()
-    module = stage_module(spec.kind)
-    everywhere = getattr(module, "RANKS", "main") == "all"  # training stages run on every rank
+    impl = stage(spec.kind)
+    everywhere = impl.ranks == "all"  # training stages run on every rank
     spec.out_dir.mkdir(parents=True, exist_ok=True)
     _write(spec.out_dir / "stage.json", record)
     manifest["stages"][spec.name] = {"status": "running", "kind": spec.kind}
@@ -569,7 +569,7 @@ def _run_stage(
     tb_dir = os.environ.get("TENSORBOARD_LOGGING_DIR")
     os.environ["TENSORBOARD_LOGGING_DIR"] = tb_dir or str(spec.out_dir / "runs")
     try:
-        out = module.run(spec, ctx) if everywhere or main else StageResult(model=None)
+        out = impl.run(spec, ctx) if everywhere or main else StageResult(model=None)
         distributed.barrier(f"the end of stage '{spec.name}'")
     except BaseException as exc:
         record.update(status="interrupted" if isinstance(exc, KeyboardInterrupt) else "failed", ended=runs.now())

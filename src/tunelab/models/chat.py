@@ -26,9 +26,7 @@ from tunelab.models.quant import quant_config
 DEFAULTS = {"max_new_tokens": 256, "do_sample": False}
 
 
-def generation_config(
-    values: dict[str, Any], where: str, defaults: dict[str, Any] | None = None, strict: bool = True
-):
+def generation_config(values: dict[str, Any], where: str, defaults: dict[str, Any] | None = None, strict: bool = True):
     """A `GenerationConfig` from recipe or command-line values; unknown fields and bad values in one line.
 
     `strict`: also refuse settings generate() only warns about (a sampling field without do_sample); the

@@ -153,9 +153,7 @@ def _read_architecture(path: Path) -> str:
         with path.open("rb") as fh:
             return _parse(_Header(fh, os.fstat(fh.fileno()).st_size))
     except _Malformed as exc:
-        raise TunelabError(
-            f"'{path}' is not a readable GGUF file: {exc}; download or convert it again"
-        ) from None
+        raise TunelabError(f"'{path}' is not a readable GGUF file: {exc}; download or convert it again") from None
     except OSError as exc:
         raise TunelabError(f"'{path}' is not a readable GGUF file: {exc.strerror or exc}") from None
 

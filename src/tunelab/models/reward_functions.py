@@ -194,6 +194,7 @@ def check_reward_templates(rewards: list[tuple[str, Any]], ds: Any, chats: bool,
 
 def reward_model_function(model, tokenizer, name: str):
     """A reward model as a reward function: scores prompt + completion + EOS, like the reward stage trained it."""
+
     def score(prompts: list[Any], completions: list[Any], **kwargs: Any) -> list[float]:
         if isinstance(prompts[0], list):  # conversational
             texts = [
@@ -238,8 +239,6 @@ def check_reward_model(path: str, where: str, folder: Path | None) -> None:
             + (f" with {labels} labels" if arch.endswith("Classification") else "")
             + ", not a reward model (a sequence classifier with num_labels=1): train one with a `reward` stage"
         )
-
-
 
 
 def reward_functions(spec: Any, ctx: Any, ds: Any) -> list[Any]:

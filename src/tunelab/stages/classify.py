@@ -184,8 +184,3 @@ class Classify(TrainerStage):
 
     def plan(self, spec: StageSpec, ctx: Context):
         return None  # the planner covers causal LMs; encoders of this size fit anywhere
-
-
-STAGE = Classify()
-PRODUCES_MODEL, RANKS, SECTIONS, METRICS = STAGE.produces_model, STAGE.ranks, STAGE.sections, STAGE.metrics
-check, run, plan = STAGE.check, STAGE.run, STAGE.plan

@@ -37,8 +37,7 @@ class Distill(TrainerStage):
             "teacher": "the teacher: a causal LM with the student's vocabulary (${stage}, folder, hub id, GGUF)",
             "data": "prompts (a `prompt` column): datasets.load_dataset arguments",
             "eval_data": "held-out prompts (default split: test); eval_loss is the divergence on them",
-            "training": "trl.DistillationConfig fields (beta, temperature, max_completion_length, learning_rate, "
-            "...)",
+            "training": "trl.DistillationConfig fields (beta, temperature, max_completion_length, learning_rate, ...)",
         }
     )
 
@@ -77,7 +76,6 @@ class Distill(TrainerStage):
         kwargs = super().trainer_kwargs(spec, ctx, s, model, tokenizer, train, evaluation)
         return {**kwargs, "teacher_model": load_causal_lm(s.extra["teacher"]).eval()}
 
-
     def plan(self, spec: StageSpec, ctx: Context):
         """The student's training plan plus the frozen teacher's weights (approximate: answers are short,
         so activations are the student's)."""
@@ -113,8 +111,3 @@ def _check_vocabularies(spec: StageSpec, ctx: Context) -> None:
             f"'{spec.where}.teacher' uses a different tokenizer ({theirs}) from the student ({ours}): the "
             "teacher scores the student's token ids, so both need the same one"
         )
-
-
-STAGE = Distill()
-PRODUCES_MODEL, RANKS, SECTIONS, METRICS = STAGE.produces_model, STAGE.ranks, STAGE.sections, STAGE.metrics
-check, run, plan = STAGE.check, STAGE.run, STAGE.plan

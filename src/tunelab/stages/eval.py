@@ -58,13 +58,11 @@ from tunelab.models.plan import plan_generation
 from tunelab.models.prompting import Prompting, generate, strip_reasoning
 from tunelab.models.quant import check_cpu_shapes, quant_config
 from tunelab.models.reward_functions import reward_model_spec
-from tunelab.stages import Context, Metrics, StageResult, StageSpec
+from tunelab.stages import Context, Metrics, Stage, StageResult, StageSpec
 from tunelab.vision.prompting import check as vision_check
 from tunelab.vision.prompting import run as vision_run
 from tunelab.vision.prompting import vision_mode
 
-PRODUCES_MODEL = False
-METRICS = Metrics()  # per-model metrics: the CLI and report.md show them as a table of their own
 SECTIONS = {
     "model": "model to evaluate: hub id, folder, adapter folder, or ${stage}",
     "models": "several models to compare, as {label: model}",
@@ -207,14 +205,6 @@ def _image_mode(spec: StageSpec, ctx: Context) -> bool:
     return images
 
 
-def check(spec: StageSpec, ctx: Context) -> None:
-    if _image_mode(spec, ctx):
-        return image_eval.check(spec, ctx, _models(spec), _metric_names(spec))
-    if _vision(spec, ctx):  # image+text models: tunelab.vision.prompting
-        return _vision_check(spec, ctx)
-    _check_text(spec, ctx)
-
-
 def _vision(spec: StageSpec, ctx: Context) -> bool:
 
     return vision_mode(spec, ctx, _models(spec))
@@ -234,8 +224,20 @@ def _vision_run(spec: StageSpec, ctx: Context) -> StageResult:
     prompt, reference, batch_size = _options(spec)
     scorers = [(name, options, load_metric(name, f"{spec.where}.metrics")) for name, options in _metrics(spec)]
     prompting, pattern = _prompting(spec, ctx, prompt, reference)
-    return vision_run(spec, ctx, _models(spec), prompt, reference, batch_size, scorers, _generation(spec),
-                      pattern, prompting.template, prompting.system, MULTI_REFERENCE)
+    return vision_run(
+        spec,
+        ctx,
+        _models(spec),
+        prompt,
+        reference,
+        batch_size,
+        scorers,
+        _generation(spec),
+        pattern,
+        prompting.template,
+        prompting.system,
+        MULTI_REFERENCE,
+    )
 
 
 def _check_text(spec: StageSpec, ctx: Context) -> None:
@@ -346,14 +348,6 @@ def _prompting(
     return Prompting(template, shots, separator, chat, system_prompt(cfg, spec.where)), pattern
 
 
-def run(spec: StageSpec, ctx: Context) -> StageResult:
-    if _image_mode(spec, ctx):
-        return image_eval.run(spec, ctx, _models(spec), _metric_names(spec))
-    if _vision(spec, ctx):
-        return _vision_run(spec, ctx)
-    return _run_text(spec, ctx)
-
-
 def _run_text(spec: StageSpec, ctx: Context) -> StageResult:
     from transformers import set_seed
 
@@ -461,23 +455,44 @@ def _indent(text: str, limit: int = 600) -> str:
 PROMPT_TOKENS = 512  # planning assumption for prompt length when generation.max_length is not set
 
 
-def plan(spec: StageSpec, ctx: Context):
-    """Memory plan of generation with the largest of the evaluated models."""
+class Eval(Stage):
+    """Evaluate one or more models by greedy (or configured) generation on a dataset split."""
 
-    if _image_mode(spec, ctx) or _vision(spec, ctx):
-        return None
+    produces_model = False
+    metrics = Metrics()  # per-model metrics: the CLI and report.md show them as a table of their own
+    sections = SECTIONS
 
-    _, _, batch = _options(spec)
-    gen = _generation(spec)
-    tokens = (
-        gen.max_length
-        if "max_length" in (spec.cfg.get("generation") or {})
-        else PROMPT_TOKENS + (gen.max_new_tokens or 0)
-    )
-    plans = []
-    for label, value in _models(spec).items():
-        config = model_config(value, ctx, f"{spec.where}.models.{label}")
-        if config is not None:
-            dtype = model_spec(value, f"{spec.where}.models.{label}").get("dtype")
-            plans.append(plan_generation(spec.name, config, batch, tokens, spec.cfg.get("quantization"), dtype))
-    return max(plans, key=lambda p: p.total) if plans else None
+    def check(self, spec: StageSpec, ctx: Context) -> None:
+        if _image_mode(spec, ctx):
+            return image_eval.check(spec, ctx, _models(spec), _metric_names(spec))
+        if _vision(spec, ctx):  # image+text models: tunelab.vision.prompting
+            return _vision_check(spec, ctx)
+        _check_text(spec, ctx)
+
+    def run(self, spec: StageSpec, ctx: Context) -> StageResult:
+        if _image_mode(spec, ctx):
+            return image_eval.run(spec, ctx, _models(spec), _metric_names(spec))
+        if _vision(spec, ctx):
+            return _vision_run(spec, ctx)
+        return _run_text(spec, ctx)
+
+    def plan(self, spec: StageSpec, ctx: Context):
+        """Memory plan of generation with the largest of the evaluated models."""
+
+        if _image_mode(spec, ctx) or _vision(spec, ctx):
+            return None
+
+        _, _, batch = _options(spec)
+        gen = _generation(spec)
+        tokens = (
+            gen.max_length
+            if "max_length" in (spec.cfg.get("generation") or {})
+            else PROMPT_TOKENS + (gen.max_new_tokens or 0)
+        )
+        plans = []
+        for label, value in _models(spec).items():
+            config = model_config(value, ctx, f"{spec.where}.models.{label}")
+            if config is not None:
+                dtype = model_spec(value, f"{spec.where}.models.{label}").get("dtype")
+                plans.append(plan_generation(spec.name, config, batch, tokens, spec.cfg.get("quantization"), dtype))
+        return max(plans, key=lambda p: p.total) if plans else None

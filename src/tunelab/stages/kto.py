@@ -99,8 +99,3 @@ class KTO(PreferenceStage):
             ds = conversational(ds, tokenizer, s.chat, s.system, answers=PAIRED)
             return unpair_preference_dataset(ds).shuffle(seed=seed)  # good and bad answers in every batch
         return conversational(ds, tokenizer, s.chat, s.system, answers=("completion",))
-
-
-STAGE = KTO()
-PRODUCES_MODEL, RANKS, SECTIONS, METRICS = STAGE.produces_model, STAGE.ranks, STAGE.sections, STAGE.metrics
-check, run, plan = STAGE.check, STAGE.run, STAGE.plan

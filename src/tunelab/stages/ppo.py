@@ -231,8 +231,3 @@ class PPO(TrainerStage):
             plan.parts["reference"] = plan.parts["weights"]
         plan.notes.append("value model trained in full in fp32; reward model (and reference) frozen")
         return plan
-
-
-STAGE = PPO()
-PRODUCES_MODEL, RANKS, SECTIONS, METRICS = STAGE.produces_model, STAGE.ranks, STAGE.sections, STAGE.metrics
-check, run, plan = STAGE.check, STAGE.run, STAGE.plan

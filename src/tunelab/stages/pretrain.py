@@ -66,14 +66,6 @@ def _tokenizer_source(spec: StageSpec, ctx: Context) -> str | None:
     return None
 
 
-def tokenizer_source(spec: StageSpec, ctx: Context) -> str:
-    """The tokenizer this stage saves: the one it reuses, or the one it trains (known by the stage's name)."""
-    value = spec.cfg.get("tokenizer")
-    if isinstance(value, str):
-        return tokenizer_origin(value, ctx, f"{spec.where}.tokenizer")
-    return f"stage '{spec.name}'"
-
-
 class Pretrain(TrainerStage):
     config_class = "trl:SFTConfig"
     trainer_class = "trl:SFTTrainer"
@@ -90,6 +82,13 @@ class Pretrain(TrainerStage):
         "eval_data": "optional held-out text; eval_loss and perplexity are reported",
         "training": "trl.SFTConfig fields (learning_rate, max_steps, max_length, ...)",
     }
+
+    def tokenizer_source(self, spec: StageSpec, ctx: Context) -> str:
+        """The tokenizer this stage saves: the one it reuses, or the one it trains (known by the stage's name)."""
+        value = spec.cfg.get("tokenizer")
+        if isinstance(value, str):
+            return tokenizer_origin(value, ctx, f"{spec.where}.tokenizer")
+        return f"stage '{spec.name}'"
 
     def settings(self, spec: StageSpec, ctx: Context) -> Settings:
         """No `model:`: the model is built from `config`, the tokenizer reused or trained on the data."""
@@ -157,8 +156,3 @@ class Pretrain(TrainerStage):
         """Memory plan of pre-training the configured model (vocabulary size from the tokenizer section)."""
         config = ctx.configs.get(spec.name) or _config(spec)
         return plan_training(spec.name, spec.kind, config, self.args(spec, ctx), load_dtype="float32")
-
-
-STAGE = Pretrain()
-PRODUCES_MODEL, RANKS, SECTIONS, METRICS = STAGE.produces_model, STAGE.ranks, STAGE.sections, STAGE.metrics
-check, run, plan = STAGE.check, STAGE.run, STAGE.plan

@@ -112,8 +112,3 @@ class Reward(PreferenceStage):
         if trainer.args.should_save:  # the main process
             s.extra["trained"].save_pretrained(str(spec.out_dir))
             tokenizer.save_pretrained(str(spec.out_dir))
-
-
-STAGE = Reward()
-PRODUCES_MODEL, RANKS, SECTIONS, METRICS = STAGE.produces_model, STAGE.ranks, STAGE.sections, STAGE.metrics
-check, run, plan = STAGE.check, STAGE.run, STAGE.plan

@@ -125,8 +125,7 @@ class SFT(TrainerStage):
         train = load_split(self.require_data(spec), f"{spec.where}.data", "train")
         if "images" in train.column_names or "image" in train.column_names:  # TRL would fail after the model loads
             raise TunelabError(
-                f"'{spec.where}.data' holds images: train image+text models with the `vlm_sft` stage (sft is "
-                "text-only)"
+                f"'{spec.where}.data' holds images: train image+text models with the `vlm_sft` stage (sft is text-only)"
             )
         data_format(train, text_field, f"{spec.where}.data")
         evaluation = None
@@ -180,8 +179,3 @@ class SFT(TrainerStage):
             quantization=spec.cfg.get("quantization"),
             load_dtype=dtype,
         )
-
-
-STAGE = SFT()
-PRODUCES_MODEL, RANKS, SECTIONS, METRICS = STAGE.produces_model, STAGE.ranks, STAGE.sections, STAGE.metrics
-check, run, plan = STAGE.check, STAGE.run, STAGE.plan

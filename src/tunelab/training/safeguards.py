@@ -141,7 +141,6 @@ def seed_per_rank(trainer: Any) -> None:
     """
     from transformers import TrainerCallback, set_seed
 
-
     rank, size = distributed.world()
     if size == 1:
         return
@@ -161,7 +160,6 @@ def check_ranks_in_sync(trainer: Any) -> dict[str, float]:
     divergence the saved model would hide. Returns {"world_size", "ranks_in_sync"} for metrics.
     """
     import torch
-
 
     rank, size = distributed.world()
     if size == 1:

@@ -67,7 +67,6 @@ def _gpu_has_bf16() -> bool:
     return bool(torch.cuda.is_bf16_supported())
 
 
-
 def kl_limit(cfg: dict[str, Any], where: str) -> float | None:
     """A stage's `kl_limit:`: stop when the logged KL to the reference passes it (None: no limit)."""
     value = cfg.get("kl_limit")

@@ -115,8 +115,9 @@ def render(processor: Any, conversation: list[dict[str, Any]], where: str, row: 
     return render_text(_Renderer(processor), conversation, where, row)
 
 
-def check(spec: Any, ctx: Any, models: dict[str, Any], prompt: str, reference: str, template: str,
-          system: str | None) -> None:
+def check(
+    spec: Any, ctx: Any, models: dict[str, Any], prompt: str, reference: str, template: str, system: str | None
+) -> None:
     """The data's images open and the first rows render and process for every model that exists already."""
 
     ds = _data(spec, prompt, reference)
@@ -145,8 +146,9 @@ def load(ref: str | dict[str, Any], where: str, quantization: Any = None):
     return model.eval(), processor
 
 
-def generate(model: Any, processor: Any, texts: list[str], images: list[list[Any]], config: Any,
-             batch_size: int) -> list[str]:
+def generate(
+    model: Any, processor: Any, texts: list[str], images: list[list[Any]], config: Any, batch_size: int
+) -> list[str]:
     """Batched generation over image+text prompts: left padding, the processor's image handling."""
     import torch
 
@@ -170,9 +172,20 @@ def generate(model: Any, processor: Any, texts: list[str], images: list[list[Any
     return out
 
 
-def run(spec: Any, ctx: Any, models: dict[str, Any], prompt_col: str, ref_col: str, batch_size: int,
-        scorers: list[tuple[str, dict[str, Any], Any]], config: Any, pattern: str | None,
-        template: str, system: str | None, multi_reference: tuple[str, ...]):
+def run(
+    spec: Any,
+    ctx: Any,
+    models: dict[str, Any],
+    prompt_col: str,
+    ref_col: str,
+    batch_size: int,
+    scorers: list[tuple[str, dict[str, Any], Any]],
+    config: Any,
+    pattern: str | None,
+    template: str,
+    system: str | None,
+    multi_reference: tuple[str, ...],
+):
     """Score each image+text model on the held-out rows; predictions and report samples written beside."""
     from transformers import set_seed
 
@@ -183,8 +196,12 @@ def run(spec: Any, ctx: Any, models: dict[str, Any], prompt_col: str, ref_col: s
     spec.out_dir.mkdir(parents=True, exist_ok=True)
     metrics: dict[str, Any] = {}
     files: dict[str, str] = {}
-    samples: dict[str, Any] = {"images": _sample_images(images, spec.out_dir), "prompts": prompts[:SAMPLES],
-                               "references": references[:SAMPLES], "answers": {}}
+    samples: dict[str, Any] = {
+        "images": _sample_images(images, spec.out_dir),
+        "prompts": prompts[:SAMPLES],
+        "references": references[:SAMPLES],
+        "answers": {},
+    }
     same = next((dict(o) for n, o, _ in scorers if n == "exact_match"), {})  # rows scored as metrics.json
     for label, value in models.items():
         where = f"{spec.where}.models.{label}" if "models" in spec.cfg else f"{spec.where}.model"
@@ -193,8 +210,11 @@ def run(spec: Any, ctx: Any, models: dict[str, Any], prompt_col: str, ref_col: s
         model, processor = load({**(value if isinstance(value, dict) else {}), "path": ctx.resolve_ref(path)}, where)
         pairs = enumerate(zip(prompts, images, strict=True))
         texts = [render(processor, turns(p, len(im), system), where, i) for i, (p, im) in pairs]
-        print(f"   {label}: image+text prompts through its processor's template; the first reads:\n     | "
-              + texts[0].replace("\n", "\n     | "), flush=True)
+        print(
+            f"   {label}: image+text prompts through its processor's template; the first reads:\n     | "
+            + texts[0].replace("\n", "\n     | "),
+            flush=True,
+        )
         outputs = generate(model, processor, texts, images, config, batch_size)
         answers = [answer(t, pattern) for t in outputs]
         scores = [float(matches(a, r, **same)) for a, r in zip(answers, references, strict=True)]
@@ -205,8 +225,14 @@ def run(spec: Any, ctx: Any, models: dict[str, Any], prompt_col: str, ref_col: s
             metrics[label].update({k: float(v) for k, v in result.items() if isinstance(v, (int, float))})
         metrics[label]["examples"] = len(scores)
         rows = [
-            {"prompt": p, "images": [getattr(im, "filename", "") for im in ims], "output": t, "answer": a,
-             "reference": r, "exact_match": s}
+            {
+                "prompt": p,
+                "images": [getattr(im, "filename", "") for im in ims],
+                "output": t,
+                "answer": a,
+                "reference": r,
+                "exact_match": s,
+            }
             for p, ims, t, a, r, s in zip(prompts, images, outputs, answers, references, scores, strict=True)
         ]
         out = spec.out_dir / f"predictions-{label}.jsonl"
@@ -242,8 +268,12 @@ def report_section(run_dir: Path, stage: str) -> list[str]:
         return []
     data = json.loads(path.read_text())
     labels = list(data["answers"])
-    lines = [f"## {stage}: sample images and answers", "",
-             "| image | prompt | reference | " + " | ".join(labels) + " |", "|---" * (3 + len(labels)) + "|"]
+    lines = [
+        f"## {stage}: sample images and answers",
+        "",
+        "| image | prompt | reference | " + " | ".join(labels) + " |",
+        "|---" * (3 + len(labels)) + "|",
+    ]
     for i, prompt in enumerate(data["prompts"]):
         image = f"![]({stage}/{data['images'][i]})" if data["images"][i] else ""
         answers = [str(data["answers"][label][i]).replace("|", "\\|") for label in labels]

@@ -200,8 +200,13 @@ def build_llava(
     return out
 
 
-def make_processor(language_path: str, vision: dict[str, Any] | None, image_processor: dict[str, Any] | None,
-                   where: str, gguf_file: str | None = None):
+def make_processor(
+    language_path: str,
+    vision: dict[str, Any] | None,
+    image_processor: dict[str, Any] | None,
+    where: str,
+    gguf_file: str | None = None,
+):
     """The LlavaProcessor of `build_llava`: the LM's tokenizer with `<image>`, a ChatML template, an image processor.
 
     `gguf_file`: the LM is still a GGUF file (validate reads its tokenizer without converting the weights)."""
@@ -268,16 +273,30 @@ def vision_config(values: dict[str, Any] | None, where: str):
 def image_processor_kwargs(values: dict[str, Any] | None, vision_cfg: Any, where: str) -> dict[str, Any]:
     """The image processor's fields: resize to the tower's image size, RGB, normalised to [-1, 1] unless given."""
     values = dict(values or {})
-    allowed = ("resample", "do_resize", "size", "do_rescale", "rescale_factor", "do_normalize", "image_mean",
-               "image_std", "do_convert_rgb")
+    allowed = (
+        "resample",
+        "do_resize",
+        "size",
+        "do_rescale",
+        "rescale_factor",
+        "do_normalize",
+        "image_mean",
+        "image_std",
+        "do_convert_rgb",
+    )
     for key in values:
         if key not in allowed:
             from tunelab.core.errors import unknown_key
 
             raise unknown_key(where, key, allowed, "fields of the image processor")
     size = vision_cfg.image_size
-    return {"size": {"height": size, "width": size}, "image_mean": [0.5] * 3, "image_std": [0.5] * 3,
-            "do_convert_rgb": True, **values}
+    return {
+        "size": {"height": size, "width": size},
+        "image_mean": [0.5] * 3,
+        "image_std": [0.5] * 3,
+        "do_convert_rgb": True,
+        **values,
+    }
 
 
 def _image_processor(vision_cfg: Any, kwargs: dict[str, Any]):
@@ -400,11 +419,9 @@ def check_rows(ds: Any, processor: Any, where: str, rows: int = 2) -> None:
     if "messages" not in ds.column_names:
         raise TunelabError(
             f"'{where}' has images but no `messages` column: vision SFT takes TRL's format, `images` with "
-            "`messages` whose user turns hold {\"type\": \"image\"} placeholders"
+            '`messages` whose user turns hold {"type": "image"} placeholders'
         )
-    images_col = ds.with_format(None).select_columns(["images"]).cast_column(
-        "images", _undecoded()
-    )["images"]
+    images_col = ds.with_format(None).select_columns(["images"]).cast_column("images", _undecoded())["images"]
     for row, (turns, images) in enumerate(zip(ds["messages"], images_col, strict=True)):
         if not any(isinstance(t, dict) and t.get("role") == "assistant" for t in turns or []):
             raise TunelabError(  # the loss is on the assistant's turns: such a row trains on nothing
@@ -416,7 +433,7 @@ def check_rows(ds: Any, processor: Any, where: str, rows: int = 2) -> None:
         if structured and count != len(images or []):
             raise TunelabError(
                 f"'{where}' row {row} has {count} image placeholder(s) in its messages but {len(images or [])} "
-                "image(s): give each image one {\"type\": \"image\"} part in a user turn"
+                'image(s): give each image one {"type": "image"} part in a user turn'
             )
     modes: dict[str, int] = {}
     for row, images in enumerate(images_col):
@@ -636,7 +653,9 @@ def _check_cpu_shapes(model: Any, values: dict[str, Any], where: str) -> None:
     bad = [
         f"{n} ({m.in_features}->{m.out_features})"
         for n, m in model.named_modules()
-        if isinstance(m, torch.nn.Linear) and n.split(".")[-1] not in skip and n not in skip
+        if isinstance(m, torch.nn.Linear)
+        and n.split(".")[-1] not in skip
+        and n not in skip
         and (m.in_features % CPU_IN_BLOCK or m.out_features % CPU_OUT_BLOCK)
     ]
     if bad:

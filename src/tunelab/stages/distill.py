@@ -79,12 +79,12 @@ class Distill(TrainerStage):
     def plan(self, spec: StageSpec, ctx: Context):
         """The student's training plan plus the frozen teacher's weights (approximate: answers are short,
         so activations are the student's)."""
-        from tunelab.models.plan import _structure
+        from tunelab.models.plan import model_structure
 
         plan = super().plan(spec, ctx)
         teacher = model_config(spec.cfg["teacher"], ctx, f"{spec.where}.teacher")
         if plan is not None and teacher is not None:
-            plan.parts["teacher"] = _structure(teacher)[1] * 4.0
+            plan.parts["teacher"] = model_structure(teacher)[1] * 4.0
             plan.notes.append("teacher frozen, in fp32")
         return plan
 

@@ -34,7 +34,7 @@ from tunelab.models.loading import (
     same_tokenizer,
     tokenizer_origin,
 )
-from tunelab.models.plan import _optimizer_bytes, _structure, policy_plan
+from tunelab.models.plan import model_structure, optimizer_bytes, policy_plan
 from tunelab.models.reward_functions import reward_model_spec
 from tunelab.stages import Context, Metrics, StageSpec
 from tunelab.stages.base import Settings, TrainerStage, sections
@@ -222,11 +222,11 @@ class PPO(TrainerStage):
         )
         if reward_config is None or value_config is None:
             return plan  # a reward stage not planned yet: the policy's part
-        value = _structure(value_config)[1]
+        value = model_structure(value_config)[1]
         plan.parts["value_model"] = value * 4.0
         plan.parts["gradients"] = plan.parts.get("gradients", 0.0) + value * 4.0
-        plan.parts["optimizer"] = plan.parts.get("optimizer", 0.0) + _optimizer_bytes(args.optim, value, 4, [])
-        plan.parts["reward_model"] = _structure(reward_config)[1] * 4.0
+        plan.parts["optimizer"] = plan.parts.get("optimizer", 0.0) + optimizer_bytes(args.optim, value, 4, [])
+        plan.parts["reward_model"] = model_structure(reward_config)[1] * 4.0
         if "lora" not in spec.cfg:
             plan.parts["reference"] = plan.parts["weights"]
         plan.notes.append("value model trained in full in fp32; reward model (and reference) frozen")

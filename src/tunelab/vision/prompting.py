@@ -24,7 +24,9 @@ from tunelab.models.chat_templates import render as render_text
 from tunelab.models.loading import model_config, model_spec, resolve_spec
 from tunelab.models.quant import quant_config
 from tunelab.stages import StageResult
-from tunelab.vision.vlm import _Renderer, has_images, is_vlm_folder, load_images, load_processor, load_vlm
+from tunelab.vision.collator import ProcessorRenderer
+from tunelab.vision.data import has_images, load_images
+from tunelab.vision.models import is_vlm_folder, load_processor, load_vlm
 
 VLM_KINDS = ("vlm_build", "vlm_sft")
 UNSUPPORTED = ("fewshot", "reward_model", "quantization")  # eval keys the image+text path does not take (yet)
@@ -112,7 +114,7 @@ def turns(prompt: str, images: int, system: str | None = None) -> list[dict[str,
 
 def render(processor: Any, conversation: list[dict[str, Any]], where: str, row: int = 0) -> str:
 
-    return render_text(_Renderer(processor), conversation, where, row)
+    return render_text(ProcessorRenderer(processor), conversation, where, row)
 
 
 def check(

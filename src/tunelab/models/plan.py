@@ -29,8 +29,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tunelab.core.errors import TunelabError
-from tunelab.models.loading import model_config, model_spec
 from tunelab.models.quant import bits as quant_bits
+from tunelab.models.spec import model_config, model_spec
 
 GiB = 2**30
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}

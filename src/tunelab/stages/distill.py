@@ -16,8 +16,10 @@ from typing import Any
 from tunelab.core.errors import TunelabError
 from tunelab.data.datasets import load_split, require_columns
 from tunelab.models.chat_templates import conversational
-from tunelab.models.loading import load_causal_lm, model_config, same_tokenizer, stage_model, tokenizer_origin
+from tunelab.models.loading import load_causal_lm
 from tunelab.models.preflight import check_language_model
+from tunelab.models.spec import model_config, stage_model
+from tunelab.models.tokenizers import same_tokenizer, tokenizer_origin
 from tunelab.stages import TRAINING, Context, Metrics, StageSpec
 from tunelab.stages.base import Settings, TrainerStage, sections
 

@@ -45,19 +45,13 @@ from tunelab.metrics import SHIPPED, check_name
 from tunelab.metrics import load as load_metric
 from tunelab.models.chat import check_length, context_length, generation_config
 from tunelab.models.chat_templates import setting, system_prompt
-from tunelab.models.loading import (
-    check_tokenizer,
-    labelled_models,
-    load_causal_lm,
-    load_tokenizer,
-    model_config,
-    model_spec,
-    resolve_spec,
-)
+from tunelab.models.loading import load_causal_lm
 from tunelab.models.plan import plan_generation
 from tunelab.models.prompting import Prompting, generate, strip_reasoning
 from tunelab.models.quant import check_cpu_shapes, quant_config
 from tunelab.models.reward_functions import reward_model_spec
+from tunelab.models.spec import labelled_models, model_config, model_spec, resolve_spec
+from tunelab.models.tokenizers import check_tokenizer, load_tokenizer
 from tunelab.stages import Context, Metrics, Stage, StageResult, StageSpec
 from tunelab.vision.prompting import check as vision_check
 from tunelab.vision.prompting import run as vision_run
@@ -369,7 +363,7 @@ def _run_text(spec: StageSpec, ctx: Context) -> StageResult:
     rspec = _reward_model(spec, ctx)
     if rspec is not None:
         from tunelab.models.chat_templates import reward_texts, setting
-        from tunelab.models.loading import load_sequence_classifier
+        from tunelab.models.reward_models import load_sequence_classifier
 
         reward_model, reward_tokenizer = load_sequence_classifier(rspec), load_tokenizer(rspec["path"])
         chat = setting(spec.cfg, spec.where)
@@ -397,7 +391,7 @@ def _run_text(spec: StageSpec, ctx: Context) -> StageResult:
             for p, t, a, r, s in zip(prompts, texts, answers, references, scores, strict=True)
         ]
         if rspec is not None:
-            from tunelab.models.loading import reward_scores
+            from tunelab.models.reward_models import reward_scores
 
             rewards = reward_scores(reward_model, reward_tokenizer, reward_texts(reward_tokenizer, raw, texts, chat))
             metrics[label]["reward_mean"] = sum(rewards) / len(rewards)

@@ -39,20 +39,12 @@ from tunelab.evaluation.harness import (
     task_manager,
     task_names,
 )
-from tunelab.models.loading import (
-    adapter_base,
-    check_tokenizer,
-    is_adapter,
-    labelled_models,
-    load_causal_lm,
-    load_tokenizer,
-    model_config,
-    model_spec,
-    resolve_spec,
-)
+from tunelab.models.loading import load_causal_lm
 from tunelab.models.plan import plan_generation
 from tunelab.models.preflight import check_language_model
 from tunelab.models.quant import check_cpu_shapes, quant_config
+from tunelab.models.spec import adapter_base, is_adapter, labelled_models, model_config, model_spec, resolve_spec
+from tunelab.models.tokenizers import check_tokenizer, load_tokenizer
 from tunelab.stages import Context, Metrics, Stage, StageResult, StageSpec
 
 OWN = {

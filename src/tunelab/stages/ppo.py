@@ -26,16 +26,12 @@ from typing import Any
 from tunelab.core.errors import TunelabError
 from tunelab.data.datasets import load_split, require_columns
 from tunelab.models.chat_templates import conversational
-from tunelab.models.loading import (
-    load_causal_lm,
-    load_sequence_classifier,
-    load_tokenizer,
-    model_config,
-    same_tokenizer,
-    tokenizer_origin,
-)
+from tunelab.models.loading import load_causal_lm
 from tunelab.models.plan import model_structure, optimizer_bytes, policy_plan
 from tunelab.models.reward_functions import reward_model_spec
+from tunelab.models.reward_models import load_sequence_classifier
+from tunelab.models.spec import model_config
+from tunelab.models.tokenizers import load_tokenizer, same_tokenizer, tokenizer_origin
 from tunelab.stages import Context, Metrics, StageSpec
 from tunelab.stages.base import Settings, TrainerStage, sections
 from tunelab.training.distributed import world

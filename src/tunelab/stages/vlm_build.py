@@ -11,7 +11,8 @@ must train them. The folder loads with `LlavaForConditionalGeneration` /
 from __future__ import annotations
 
 from tunelab.core.errors import TunelabError
-from tunelab.models.loading import check_tokenizer, model_config, stage_model
+from tunelab.models.spec import model_config, stage_model
+from tunelab.models.tokenizers import check_tokenizer
 from tunelab.stages import Context, Metrics, Stage, StageResult, StageSpec
 from tunelab.vision.models import (
     build_llava,

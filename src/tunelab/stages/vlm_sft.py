@@ -33,8 +33,9 @@ from tunelab.core.errors import TunelabError
 from tunelab.core.refs import REF
 from tunelab.data.datasets import load_split
 from tunelab.models.adapters import lora_config, trainable_quantization
-from tunelab.models.loading import model_config, model_spec, prepare_kbit, stage_model
+from tunelab.models.loading import prepare_kbit
 from tunelab.models.preflight import check_training
+from tunelab.models.spec import model_config, model_spec, stage_model
 from tunelab.stages import TRAINING, Context, Metrics, Stage, StageResult, StageSpec
 from tunelab.training.trainer import train_and_save, training_args
 from tunelab.vision.checks import check_model, plan_vlm

@@ -10,9 +10,9 @@ from __future__ import annotations
 from typing import Any
 
 from tunelab.core.errors import TunelabError, one_line
-from tunelab.models.loading import model_config
 from tunelab.models.plan import DTYPE_BYTES, dtype_name, optimizer_bytes, plan_training
 from tunelab.models.quant import CPU_IN_BLOCK, CPU_OUT_BLOCK, bits, packed_cpu_kernel
+from tunelab.models.spec import model_config
 from tunelab.vision.models import is_vlm_config, vision_tower
 
 

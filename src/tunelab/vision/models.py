@@ -14,7 +14,7 @@ from typing import Any
 
 from tunelab.core.config import check_keys
 from tunelab.core.errors import TunelabError, one_line, unknown_key
-from tunelab.models.loading import adapter_base, is_adapter, load_kwargs
+from tunelab.models.spec import adapter_base, is_adapter, load_kwargs
 
 IMAGE_TOKEN = "<image>"
 

@@ -21,8 +21,8 @@ from tunelab.data.datasets import fingerprint, load_split, require_columns
 from tunelab.evaluation.answers import answer, matches
 from tunelab.models.chat import model_source
 from tunelab.models.chat_templates import render as render_text
-from tunelab.models.loading import model_config, model_spec, resolve_spec
 from tunelab.models.quant import quant_config
+from tunelab.models.spec import model_config, model_spec, resolve_spec
 from tunelab.stages import StageResult
 from tunelab.vision.collator import ProcessorRenderer
 from tunelab.vision.data import has_images, load_images

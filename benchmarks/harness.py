@@ -63,7 +63,7 @@ def main() -> str:
     from tunelab.core.hub import configure_offline
     from tunelab.core.progress import quiet
     from tunelab.evaluation.harness import materialize
-    from tunelab.models.loading import resolve_spec
+    from tunelab.models.spec import resolve_spec
 
     configure_offline()
     quiet()

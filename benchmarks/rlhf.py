@@ -40,7 +40,7 @@ def near_misses(run_dir: Path) -> dict[str, float]:
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-    from tunelab.models.loading import reward_scores
+    from tunelab.models.reward_models import reward_scores
 
     model = AutoModelForSequenceClassification.from_pretrained(run_dir / "reward")
     tokenizer = AutoTokenizer.from_pretrained(run_dir / "reward")

@@ -194,7 +194,7 @@ def classifier(tmp_path_factory: pytest.TempPathFactory, tiny_lm: Path) -> Path:
 @pytest.fixture(scope="module")
 def llava(tmp_path_factory: pytest.TempPathFactory, tiny_lm: Path) -> Path:
     from tests.test_vlm import TINY_VISION
-    from tunelab.vision.vlm import build_llava
+    from tunelab.vision.models import build_llava
 
     return build_llava({"path": str(tiny_lm)}, tmp_path_factory.mktemp("llava") / "vlm", TINY_VISION)
 

@@ -61,7 +61,7 @@ def tiny_text_lm(tmp_path_factory: pytest.TempPathFactory, smollm2: Path) -> Pat
 
 @pytest.fixture(scope="session")
 def tiny_vlm(tmp_path_factory: pytest.TempPathFactory, tiny_text_lm: Path) -> Path:
-    from tunelab.vision.vlm import build_llava
+    from tunelab.vision.models import build_llava
 
     return build_llava({"path": str(tiny_text_lm)}, tmp_path_factory.mktemp("tiny-vlm") / "vlm", TINY_VISION)
 
@@ -102,7 +102,9 @@ def test_batches_of_mixed_image_sizes_carry_loss_on_assistant_tokens_only(tiny_v
     import datasets
     from PIL import Image
 
-    from tunelab.vision.vlm import collator, load_images, load_processor
+    from tunelab.vision.collator import collator
+    from tunelab.vision.data import load_images
+    from tunelab.vision.models import load_processor
 
     rows = []
     for i, size in enumerate((20, 28, 40)):
@@ -335,7 +337,7 @@ def test_validate_checks_a_vlm_build_pipeline_before_it_runs(tiny_text_lm: Path,
 @pytest.fixture(scope="session")
 def smol_vlm(tmp_path_factory: pytest.TempPathFactory, smollm2: Path) -> Path:
     """SmolLM2-135M-Instruct with a tiny SigLIP tower and projector (the recipe's base model)."""
-    from tunelab.vision.vlm import build_llava
+    from tunelab.vision.models import build_llava
 
     return build_llava({"path": str(smollm2)}, tmp_path_factory.mktemp("smol-vlm") / "vlm")
 

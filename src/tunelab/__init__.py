@@ -107,7 +107,7 @@ def _path(value: Any, name: str, what: str) -> str:
 def _model(value: Any) -> str | dict:
     """A model reference: a path or hub id, or a mapping of from_pretrained arguments with `path:`."""
     if isinstance(value, dict):
-        return value  # checked by tunelab.models.loading.model_spec, as a recipe's `model:` mapping is
+        return value  # checked by tunelab.models.spec.model_spec, as a recipe's `model:` mapping is
     return _path(value, "model", "a model folder, an adapter or stage folder, a hub id or a .gguf file")
 
 
@@ -148,7 +148,7 @@ def merge(adapter_dir: str | Path, out_dir: str | Path, base: str | None = None,
     """Merge a LoRA adapter into its base model; saves a full model with its tokenizer."""
     from tunelab.core.hub import configure_offline
     from tunelab.core.progress import quiet
-    from tunelab.models.loading import merge as _merge
+    from tunelab.models.merge import merge as _merge
 
     adapter_dir = _path(adapter_dir, "adapter_dir", "the folder of a LoRA adapter")
     out_dir = _path(out_dir, "out_dir", "the folder to save the merged model in")

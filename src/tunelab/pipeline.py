@@ -27,8 +27,8 @@ from tunelab.core.hub import configure_offline
 from tunelab.core.progress import quiet
 from tunelab.core.refs import iter_refs
 from tunelab.data.datasets import signature
-from tunelab.models.loading import WEIGHTS_NEEDED
 from tunelab.models.plan import check_fits, device_memory, fmt_bytes
+from tunelab.models.spec import WEIGHTS_NEEDED
 from tunelab.recipe import Recipe
 from tunelab.reports import write_report
 from tunelab.stages import Context, StageResult, StageSpec, stage
@@ -172,7 +172,7 @@ def _inspect(recipe: Recipe, strict_plans: bool, downloads: list[str] | None = N
         if impl.produces_model:
             if spec.name not in ctx.configs and "model" in spec.cfg:
                 # A fine-tuned model has its starting model's shape: later checks and plans can use it.
-                from tunelab.models.loading import model_config
+                from tunelab.models.spec import model_config
 
                 with contextlib.suppress(TunelabError):
                     ctx.configs[spec.name] = model_config(spec.cfg["model"], ctx, f"{spec.where}.model")
@@ -583,7 +583,7 @@ def _run_stage(
             os.environ.pop("TENSORBOARD_LOGGING_DIR", None)
     seconds = time.perf_counter() - start
     if main and out.model is not None:
-        from tunelab.models.loading import record_base
+        from tunelab.models.spec import record_base
 
         record_base(out.model)  # an adapter on a GGUF file's plain copy says where that file is
     record.update(

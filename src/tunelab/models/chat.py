@@ -18,10 +18,12 @@ from tunelab.core.errors import TunelabError, unknown_key
 from tunelab.core.hub import configure_offline, local_path
 from tunelab.core.progress import quiet
 from tunelab.models.chat_templates import messages, render, use_template
-from tunelab.models.loading import load_causal_lm, load_tokenizer, model_spec, resolve_spec
+from tunelab.models.loading import load_causal_lm
 from tunelab.models.prompting import Prompting
 from tunelab.models.prompting import generate as batched
 from tunelab.models.quant import quant_config
+from tunelab.models.spec import model_spec, resolve_spec
+from tunelab.models.tokenizers import load_tokenizer
 
 DEFAULTS = {"max_new_tokens": 256, "do_sample": False}
 

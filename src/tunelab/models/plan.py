@@ -29,8 +29,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tunelab.core.errors import TunelabError
-from tunelab.models.loading import model_config, model_spec
 from tunelab.models.quant import bits as quant_bits
+from tunelab.models.spec import model_config, model_spec
 
 GiB = 2**30
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
@@ -89,7 +89,8 @@ def peak(parts: dict[str, float]) -> float:
     return steady + max(parts.get("gradients", 0), transient)
 
 
-def _dtype_name(value: Any, default: str = "float32") -> str:
+def dtype_name(value: Any, default: str = "float32") -> str:
+    """A dtype (torch dtype, its name, "auto" or None) as a key of `DTYPE_BYTES`; other planners size weights by it."""
     if value is None or value == "auto":
         return default
     name = str(value).replace("torch.", "")
@@ -98,8 +99,9 @@ def _dtype_name(value: Any, default: str = "float32") -> str:
     return name
 
 
-def _structure(config) -> tuple[list[tuple[str, int, int]], int, set[str]]:
-    """(linear layers as (name, in, out), total parameter count, names of output-embedding modules)."""
+def model_structure(config) -> tuple[list[tuple[str, int, int]], int, set[str]]:
+    """(linear layers as (name, in, out), total parameter count, names of output-embedding modules), read
+    from a meta-device model: planners count a second model (a teacher, a reward model) the same way."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -155,7 +157,9 @@ def _weight_bytes(
     return quant + (params - qparams) * other_bytes
 
 
-def _optimizer_bytes(optim: str, trainable: int, param_bytes: int, shapes: list[tuple[int, int]]) -> float:
+def optimizer_bytes(optim: str, trainable: int, param_bytes: int, shapes: list[tuple[int, int]]) -> float:
+    """The optimizer's state for `trainable` parameters (`shapes` for Adafactor's factored moments): shared
+    by every planner, so a stage that trains a second model (PPO's value model) counts its state the same way."""
     optim = str(optim).lower().replace("optimizernames.", "")
     if "8bit" in optim:
         return trainable * 2 * 1.0 + trainable / 256 * 8  # two uint8 states plus blockwise scales
@@ -177,9 +181,9 @@ def plan_training(
     cpu: bool | None = None,
 ) -> StagePlan:
     """Per-device memory of a training stage (pretrain, sft) from its model config and SFTConfig."""
-    linears, params, heads = _structure(config)
+    linears, params, heads = model_structure(config)
     bits = quant_bits(quantization)
-    dtype = _dtype_name(load_dtype or getattr(config, "dtype", None))
+    dtype = dtype_name(load_dtype or getattr(config, "dtype", None))
     wbytes = DTYPE_BYTES[dtype]
     parts: dict[str, float] = {}
     notes: list[str] = []
@@ -201,7 +205,7 @@ def plan_training(
         tbytes = wbytes
         mode = "full"
     parts["gradients"] = trainable * tbytes
-    parts["optimizer"] = _optimizer_bytes(getattr(args, "optim", "adamw_torch"), trainable, tbytes, shapes)
+    parts["optimizer"] = optimizer_bytes(getattr(args, "optim", "adamw_torch"), trainable, tbytes, shapes)
 
     tokens = int(args.per_device_train_batch_size) * int(args.max_length or 1024)
     mixed = bool(getattr(args, "bf16", False) or getattr(args, "fp16", False))
@@ -226,7 +230,7 @@ def plan_training(
     if bits and cpu:
         # On CPU, transformers memory-maps the full-precision checkpoint while quantizing, and the
         # pages of the quantized layers stay resident for the run.
-        ckpt_bytes = DTYPE_BYTES[_dtype_name(getattr(config, "dtype", None))]
+        ckpt_bytes = DTYPE_BYTES[dtype_name(getattr(config, "dtype", None))]
         parts["checkpoint_pages"] = sum(i * o for n, i, o in linears if n not in heads) * ckpt_bytes
         notes.append("CPU: the full-precision checkpoint pages of quantized layers stay mapped in RAM")
     return StagePlan(stage, kind, mode, params, trainable, parts, notes)
@@ -240,8 +244,8 @@ def plan_generation(
     `scored_tokens`: positions whose logits are kept at once; log-likelihood scoring (multiple choice)
     keeps every position's, generation only the last.
     """
-    linears, params, heads = _structure(config)
-    wbytes = DTYPE_BYTES[_dtype_name(load_dtype or getattr(config, "dtype", None))]
+    linears, params, heads = model_structure(config)
+    wbytes = DTYPE_BYTES[dtype_name(load_dtype or getattr(config, "dtype", None))]
     bits = quant_bits(quantization)
     weights = _weight_bytes(linears, params, heads, quantization, wbytes)
     _, _, layers, _, kv, head_dim = _dims(config)

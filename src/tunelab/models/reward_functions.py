@@ -15,14 +15,9 @@ from tunelab.core.errors import TunelabError, closest
 from tunelab.core.hub import local_path
 from tunelab.core.refs import ref_name
 from tunelab.models.chat_templates import messages, render
-from tunelab.models.loading import (
-    is_adapter,
-    load_sequence_classifier,
-    load_tokenizer,
-    model_spec,
-    resolve_spec,
-    reward_scores,
-)
+from tunelab.models.reward_models import load_sequence_classifier, reward_scores
+from tunelab.models.spec import is_adapter, model_spec, resolve_spec
+from tunelab.models.tokenizers import load_tokenizer
 
 PROBE_ROWS = 2
 

@@ -37,7 +37,7 @@ from typing import Any, ClassVar
 
 from tunelab.core.hub import MODEL_FILES
 from tunelab.core.refs import REF
-from tunelab.models.loading import tokenizer_origin as origin
+from tunelab.models.tokenizers import tokenizer_origin as origin
 
 STAGES: dict[str, str] = {  # kind -> "module:Class" of its `Stage`
     "pretrain": "tunelab.stages.pretrain:Pretrain",

@@ -37,10 +37,12 @@ from tunelab.models.chat_templates import (
     system_prompt,
     use_template,
 )
-from tunelab.models.loading import load_causal_lm, load_tokenizer, prepare_kbit, stage_model
+from tunelab.models.loading import load_causal_lm, prepare_kbit
 from tunelab.models.plan import policy_plan
 from tunelab.models.preflight import check_model, check_training, check_vllm
 from tunelab.models.reward_functions import check_reward_templates, check_rewards, reward_functions
+from tunelab.models.spec import stage_model
+from tunelab.models.tokenizers import load_tokenizer
 from tunelab.stages import TRAINING, Context, Metrics, Stage, StageResult, StageSpec
 from tunelab.training.trainer import fingerprints, guarded_train, kl_limit, save, training_args
 

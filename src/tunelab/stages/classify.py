@@ -15,7 +15,7 @@ from tunelab.core.errors import TunelabError
 from tunelab.core.runs import write_json
 from tunelab.data.datasets import load_split, require_columns
 from tunelab.metrics import load as load_metric
-from tunelab.models.loading import load_kwargs
+from tunelab.models.spec import load_kwargs
 from tunelab.stages import TRAINING, Context, Metrics, StageSpec
 from tunelab.stages.base import Settings, TrainerStage, sections
 

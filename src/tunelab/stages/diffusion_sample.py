@@ -14,7 +14,7 @@ from typing import Any
 
 from tunelab.core.errors import TunelabError
 from tunelab.diffusion.pipelines import generate, load_pipeline, pipeline_kind, sampling_spec, write_images
-from tunelab.models.loading import parse_dtype
+from tunelab.models.spec import parse_dtype
 from tunelab.stages import Context, Metrics, Stage, StageResult, StageSpec
 
 SECTIONS = {

@@ -16,8 +16,10 @@ from typing import Any
 from tunelab.core.errors import TunelabError
 from tunelab.data.datasets import load_split, require_columns
 from tunelab.models.chat_templates import conversational
-from tunelab.models.loading import load_causal_lm, model_config, same_tokenizer, stage_model, tokenizer_origin
+from tunelab.models.loading import load_causal_lm
 from tunelab.models.preflight import check_language_model
+from tunelab.models.spec import model_config, stage_model
+from tunelab.models.tokenizers import same_tokenizer, tokenizer_origin
 from tunelab.stages import TRAINING, Context, Metrics, StageSpec
 from tunelab.stages.base import Settings, TrainerStage, sections
 
@@ -79,12 +81,12 @@ class Distill(TrainerStage):
     def plan(self, spec: StageSpec, ctx: Context):
         """The student's training plan plus the frozen teacher's weights (approximate: answers are short,
         so activations are the student's)."""
-        from tunelab.models.plan import _structure
+        from tunelab.models.plan import model_structure
 
         plan = super().plan(spec, ctx)
         teacher = model_config(spec.cfg["teacher"], ctx, f"{spec.where}.teacher")
         if plan is not None and teacher is not None:
-            plan.parts["teacher"] = _structure(teacher)[1] * 4.0
+            plan.parts["teacher"] = model_structure(teacher)[1] * 4.0
             plan.notes.append("teacher frozen, in fp32")
         return plan
 

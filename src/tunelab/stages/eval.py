@@ -39,21 +39,18 @@ from tunelab.metrics import SHIPPED, check_name
 from tunelab.metrics import load as load_metric
 from tunelab.models.chat import check_length, context_length, generation_config
 from tunelab.models.chat_templates import reward_texts, setting, system_prompt
-from tunelab.models.loading import (
-    check_tokenizer,
-    load_causal_lm,
-    load_sequence_classifier,
-    load_tokenizer,
-    model_config,
-    reward_scores,
-)
+from tunelab.models.loading import load_causal_lm
 from tunelab.models.plan import plan_generation
 from tunelab.models.prompting import Prompting, generate, strip_reasoning
 from tunelab.models.quant import check_cpu_shapes, quant_config
 from tunelab.models.reward_functions import reward_model_spec
+from tunelab.models.reward_models import load_sequence_classifier, reward_scores
+from tunelab.models.spec import model_config
+from tunelab.models.tokenizers import check_tokenizer, load_tokenizer
 from tunelab.stages import Context, Stage, StageResult, StageSpec
 from tunelab.stages.scoring import MODEL_SECTIONS, Entry, ModelsStage, Scored, entries
 from tunelab.vision import prompting as vision
+from tunelab.vision.models import load_processor
 
 SECTIONS = {
     **MODEL_SECTIONS,
@@ -216,11 +213,28 @@ def check_text_model(spec: StageSpec, ctx: Context, s: TextSettings, first: list
     return config, tokenizer
 
 
-def load_text_model(s: TextSettings, ctx: Context, entry: Entry) -> tuple[Any, Any]:
-    mspec = entry.resolved(ctx)
-    tokenizer = load_tokenizer(mspec["path"])
-    model = load_causal_lm(mspec, quantization=s.quantization, merge_adapter=s.quantization is None)
-    return model.eval(), tokenizer
+class TextMode(ModelsStage):
+    """What the modes that prompt a language model share: loading it, the data's fingerprint, the plan."""
+
+    def load(self, spec: StageSpec, ctx: Context, s: TextSettings, entry: Entry) -> Any:
+        mspec = entry.resolved(ctx)
+        tokenizer = load_tokenizer(mspec["path"])
+        model = load_causal_lm(mspec, quantization=s.quantization, merge_adapter=s.quantization is None)
+        return model.eval(), tokenizer
+
+    def fingerprints(self, spec: StageSpec, s: Any, data: Any) -> dict[str, str]:
+        return {"data": fingerprint(data.ds)}
+
+    def plan_tokens(self, spec: StageSpec, s: Any) -> int:
+        """Tokens per sequence to plan for: a prompt (and its answer)."""
+        return PROMPT_TOKENS
+
+    def plan_model(self, spec: StageSpec, ctx: Context, s: TextSettings, entry: Entry) -> Any:
+        config = model_config(entry.value, ctx, entry.where)
+        if config is None:
+            return None
+        quant, dtype = spec.cfg.get("quantization"), entry.spec().get("dtype")
+        return plan_generation(spec.name, config, s.batch_size, self.plan_tokens(spec, s), quant, dtype)
 
 
 def load_rows(spec: StageSpec, s: TextSettings, what: str) -> Any:
@@ -252,7 +266,7 @@ class Answers:
     reward: tuple[Any, Any] | None = None
 
 
-class GenerationEval(ModelsStage):
+class GenerationEval(TextMode):
     """Generated answers, scored against references by text metrics (and a reward model, when given)."""
 
     title = "generated answers"
@@ -310,9 +324,6 @@ class GenerationEval(ModelsStage):
         config, _ = check_text_model(spec, ctx, s, data.raw[:2], entry)
         check_length(s.generation, config, f"{spec.where}.generation")
 
-    def load(self, spec: StageSpec, ctx: Context, s: GenerationSettings, entry: Entry) -> Any:
-        return load_text_model(s, ctx, entry)
-
     def score(self, spec: StageSpec, ctx: Context, s: GenerationSettings, data: Answers, entry: Entry, model) -> Scored:
         model, tokenizer = model
         prompts, templated = s.prompting.build(tokenizer, data.raw, entry.where)
@@ -337,19 +348,9 @@ class GenerationEval(ModelsStage):
                 row["reward"] = value
         return Scored(metrics, rows)
 
-    def fingerprints(self, spec: StageSpec, s: Any, data: Answers) -> dict[str, str]:
-        return {"data": fingerprint(data.ds)}
-
-    def plan_model(self, spec: StageSpec, ctx: Context, s: GenerationSettings, entry: Entry) -> Any:
-        config = model_config(entry.value, ctx, entry.where)
-        if config is None:
-            return None
+    def plan_tokens(self, spec: StageSpec, s: GenerationSettings) -> int:
         given = spec.cfg.get("generation") or {}
-        tokens = (
-            s.generation.max_length if "max_length" in given else PROMPT_TOKENS + (s.generation.max_new_tokens or 0)
-        )
-        quant = spec.cfg.get("quantization")
-        return plan_generation(spec.name, config, s.batch_size, tokens, quant, entry.spec().get("dtype"))
+        return s.generation.max_length if "max_length" in given else PROMPT_TOKENS + (s.generation.max_new_tokens or 0)
 
 
 # --- multiple choice ---------------------------------------------------------------------------------
@@ -366,7 +367,7 @@ class Questions:
     golds: list[int]
 
 
-class ChoiceEval(ModelsStage):
+class ChoiceEval(TextMode):
     """Multiple choice by log-likelihood: each choice's log-probability after the prompt (acc, acc_norm)."""
 
     title = "choices scored by log-likelihood"
@@ -421,9 +422,6 @@ class ChoiceEval(ModelsStage):
         if tokenizer is not None:
             check_choice_lengths(data, tokenizer, context_length(config), f"{spec.where}.data")
 
-    def load(self, spec: StageSpec, ctx: Context, s: ChoiceSettings, entry: Entry) -> Any:
-        return load_text_model(s, ctx, entry)
-
     def score(self, spec: StageSpec, ctx: Context, s: ChoiceSettings, data: Questions, entry: Entry, model) -> Scored:
         model, tokenizer = model
         prompts, templated = s.prompting.build(tokenizer, data.raw, entry.where)
@@ -432,16 +430,6 @@ class ChoiceEval(ModelsStage):
         )
         metrics, rows = evaluate(model, tokenizer, prompts, data.choices, data.golds, s.batch_size, templated)
         return Scored(metrics, rows)
-
-    def fingerprints(self, spec: StageSpec, s: Any, data: Questions) -> dict[str, str]:
-        return {"data": fingerprint(data.ds)}
-
-    def plan_model(self, spec: StageSpec, ctx: Context, s: ChoiceSettings, entry: Entry) -> Any:
-        config = model_config(entry.value, ctx, entry.where)
-        if config is None:
-            return None
-        quant = spec.cfg.get("quantization")
-        return plan_generation(spec.name, config, s.batch_size, PROMPT_TOKENS, quant, entry.spec().get("dtype"))
 
 
 def check_choice_lengths(data: Questions, tokenizer: Any, limit: int | None, where: str) -> None:
@@ -541,7 +529,7 @@ class VisionEval(ModelsStage):
     def check_model(self, spec: StageSpec, ctx: Context, s: VisionSettings, data: ImageRows, entry: Entry) -> None:
         if ctx.is_pending(entry.spec()["path"]):
             return
-        processor = vision.load_processor(entry.resolved(ctx, materialize=False)["path"], entry.where)
+        processor = load_processor(entry.resolved(ctx, materialize=False)["path"], entry.where)
         vision.check_rows(processor, data.prompts[:2], data.images[:2], s.system, entry.where, f"{spec.where}.data")
 
     def load(self, spec: StageSpec, ctx: Context, s: VisionSettings, entry: Entry) -> Any:

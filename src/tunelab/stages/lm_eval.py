@@ -40,17 +40,12 @@ from tunelab.evaluation.harness import (
     task_manager,
     task_names,
 )
-from tunelab.models.loading import (
-    adapter_base,
-    check_tokenizer,
-    is_adapter,
-    load_causal_lm,
-    load_tokenizer,
-    model_config,
-)
+from tunelab.models.loading import load_causal_lm
 from tunelab.models.plan import plan_generation
 from tunelab.models.preflight import check_language_model
 from tunelab.models.quant import check_cpu_shapes, quant_config
+from tunelab.models.spec import adapter_base, is_adapter, model_config
+from tunelab.models.tokenizers import check_tokenizer, load_tokenizer
 from tunelab.stages import Context, StageSpec
 from tunelab.stages.scoring import Entry, ModelsStage, Scored, entries
 

@@ -26,16 +26,12 @@ from typing import Any
 from tunelab.core.errors import TunelabError
 from tunelab.data.datasets import load_split, require_columns
 from tunelab.models.chat_templates import conversational
-from tunelab.models.loading import (
-    load_causal_lm,
-    load_sequence_classifier,
-    load_tokenizer,
-    model_config,
-    same_tokenizer,
-    tokenizer_origin,
-)
-from tunelab.models.plan import _optimizer_bytes, _structure, policy_plan
+from tunelab.models.loading import load_causal_lm
+from tunelab.models.plan import model_structure, optimizer_bytes, policy_plan
 from tunelab.models.reward_functions import reward_model_spec
+from tunelab.models.reward_models import load_sequence_classifier
+from tunelab.models.spec import model_config
+from tunelab.models.tokenizers import load_tokenizer, same_tokenizer, tokenizer_origin
 from tunelab.stages import Context, Metrics, StageSpec
 from tunelab.stages.base import Settings, TrainerStage, sections
 from tunelab.training.distributed import world
@@ -222,11 +218,11 @@ class PPO(TrainerStage):
         )
         if reward_config is None or value_config is None:
             return plan  # a reward stage not planned yet: the policy's part
-        value = _structure(value_config)[1]
+        value = model_structure(value_config)[1]
         plan.parts["value_model"] = value * 4.0
         plan.parts["gradients"] = plan.parts.get("gradients", 0.0) + value * 4.0
-        plan.parts["optimizer"] = plan.parts.get("optimizer", 0.0) + _optimizer_bytes(args.optim, value, 4, [])
-        plan.parts["reward_model"] = _structure(reward_config)[1] * 4.0
+        plan.parts["optimizer"] = plan.parts.get("optimizer", 0.0) + optimizer_bytes(args.optim, value, 4, [])
+        plan.parts["reward_model"] = model_structure(reward_config)[1] * 4.0
         if "lora" not in spec.cfg:
             plan.parts["reference"] = plan.parts["weights"]
         plan.notes.append("value model trained in full in fp32; reward model (and reference) frozen")

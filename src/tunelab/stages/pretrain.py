@@ -20,8 +20,8 @@ from tunelab.core.errors import TunelabError
 from tunelab.core.hub import resolve_model
 from tunelab.core.refs import ref_name
 from tunelab.data.datasets import load_split, require_columns
-from tunelab.models.loading import _BpeTrainerArgs, load_tokenizer, tokenizer_origin, train_tokenizer
 from tunelab.models.plan import plan_training
+from tunelab.models.tokenizers import BpeTrainerArgs, load_tokenizer, tokenizer_origin, train_tokenizer
 from tunelab.stages import TRAINING, Context, Metrics, StageSpec
 from tunelab.stages.base import Settings, TrainerStage
 
@@ -62,7 +62,7 @@ def _tokenizer_source(spec: StageSpec, ctx: Context) -> str | None:
     if not isinstance(value, dict):
         raise TunelabError(f"'{spec.where}.tokenizer' must be BpeTrainer arguments or a tokenizer to reuse")
 
-    check_keys({k: v for k, v in value.items() if k != "special_tokens"}, _BpeTrainerArgs, f"{spec.where}.tokenizer")
+    check_keys({k: v for k, v in value.items() if k != "special_tokens"}, BpeTrainerArgs, f"{spec.where}.tokenizer")
     return None
 
 

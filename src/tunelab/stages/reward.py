@@ -17,7 +17,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from tunelab.models.loading import load_sequence_classifier, prepare_kbit, reward_scores
+from tunelab.models.loading import prepare_kbit
+from tunelab.models.reward_models import load_sequence_classifier, reward_scores
 from tunelab.stages import TRAINING, Context, Metrics, StageSpec
 from tunelab.stages.base import PreferenceStage, Settings, sections
 

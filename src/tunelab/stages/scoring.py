@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from tunelab.core.runs import write_atomic
-from tunelab.models.loading import labelled_models, model_spec, resolve_spec
+from tunelab.models.spec import labelled_models, model_spec, resolve_spec
 from tunelab.stages import Context, Metrics, Stage, StageResult, StageSpec
 
 MODEL_SECTIONS = {

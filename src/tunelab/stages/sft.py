@@ -18,8 +18,9 @@ from typing import Any
 from tunelab.core.errors import TunelabError
 from tunelab.data.datasets import load_split
 from tunelab.models.chat_templates import check_rows, has_markers, setting, tokenize_assistant_only, use_template
-from tunelab.models.loading import load_tokenizer, model_config, model_spec
 from tunelab.models.plan import plan_training
+from tunelab.models.spec import model_config, model_spec
+from tunelab.models.tokenizers import load_tokenizer
 from tunelab.stages import TRAINING, Context, Metrics, StageSpec
 from tunelab.stages.base import Settings, TrainerStage, sections
 

@@ -11,9 +11,17 @@ must train them. The folder loads with `LlavaForConditionalGeneration` /
 from __future__ import annotations
 
 from tunelab.core.errors import TunelabError
-from tunelab.models.loading import check_tokenizer, model_config, stage_model
+from tunelab.models.spec import model_config, stage_model
+from tunelab.models.tokenizers import check_tokenizer
 from tunelab.stages import Context, Metrics, Stage, StageResult, StageSpec
-from tunelab.vision.vlm import build_llava, image_processor_kwargs, llava_config, planned_processor, vision_config
+from tunelab.vision.models import (
+    build_llava,
+    image_processor_kwargs,
+    llava_config,
+    load_processor,
+    planned_processor,
+    vision_config,
+)
 
 SECTIONS = {
     "language": "the language model: hub id, folder, ${stage}, .gguf, or {path, gguf_file, ...}",
@@ -54,8 +62,6 @@ class VlmBuild(Stage):
                 spec.where,
                 mspec.get("gguf_file"),
             )
-            from tunelab.vision.vlm import load_processor
-
             ctx.configs[spec.name] = llava_config(
                 config, load_processor(folder, spec.where), spec.cfg.get("vision"), spec.where
             )

@@ -14,7 +14,7 @@ projector trains through `modules_to_save`), `quantization` is `BitsAndBytesConf
   user turn, as TRL does).
 - **Loss on the assistant turns only** (`assistant_only_loss`, default true here): TRL 1.12 refuses it
   for vision data and would train on system, user and image tokens too; the mask is derived as for
-  text chats (`tunelab.vision.vlm.collator`). `assistant_only_loss: false` gives TRL's labels.
+  text chats (`tunelab.vision.collator`). `assistant_only_loss: false` gives TRL's labels.
 - **`freeze_vision: true`** keeps the vision tower's weights fixed (the projector and language model
   train). With LoRA the tower trains only where `target_modules` / `modules_to_save` reach it.
 - **Packing:** TRL 1.12 does not pack vision data (nor padding-free batching); `packing: true` is
@@ -33,21 +33,15 @@ from tunelab.core.errors import TunelabError
 from tunelab.core.refs import REF
 from tunelab.data.datasets import load_split
 from tunelab.models.adapters import lora_config, trainable_quantization
-from tunelab.models.loading import model_config, model_spec, prepare_kbit, stage_model
+from tunelab.models.loading import prepare_kbit
 from tunelab.models.preflight import check_training
+from tunelab.models.spec import model_config, model_spec, stage_model
 from tunelab.stages import TRAINING, Context, Metrics, Stage, StageResult, StageSpec
 from tunelab.training.trainer import train_and_save, training_args
-from tunelab.vision.vlm import (
-    check_model,
-    check_rows,
-    collator,
-    freeze_vision,
-    has_images,
-    load_images,
-    load_processor,
-    load_vlm,
-    plan_vlm,
-)
+from tunelab.vision.checks import check_model, plan_vlm
+from tunelab.vision.collator import collator
+from tunelab.vision.data import check_rows, has_images, load_images
+from tunelab.vision.models import freeze_vision, load_processor, load_vlm
 
 SECTIONS = {
     "model": "image+text model: hub id, folder, ${stage} (e.g. a vlm_build stage), or {path, dtype, ...}",

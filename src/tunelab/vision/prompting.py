@@ -20,9 +20,11 @@ from tunelab.core.runs import write_atomic
 from tunelab.data.datasets import load_split, require_columns
 from tunelab.models.chat import model_source
 from tunelab.models.chat_templates import render as render_text
-from tunelab.models.loading import model_config, model_spec, resolve_spec
 from tunelab.models.quant import quant_config
-from tunelab.vision.vlm import _Renderer, has_images, is_vlm_folder, load_images, load_processor, load_vlm
+from tunelab.models.spec import model_config, model_spec, resolve_spec
+from tunelab.vision.collator import ProcessorRenderer
+from tunelab.vision.data import has_images, load_images
+from tunelab.vision.models import is_vlm_folder, load_processor, load_vlm
 
 VLM_KINDS = ("vlm_build", "vlm_sft")
 SAMPLES = 6  # rows shown in report.md with their images
@@ -89,7 +91,7 @@ def turns(prompt: str, images: int, system: str | None = None) -> list[dict[str,
 
 def render(processor: Any, conversation: list[dict[str, Any]], where: str, row: int = 0) -> str:
 
-    return render_text(_Renderer(processor), conversation, where, row)
+    return render_text(ProcessorRenderer(processor), conversation, where, row)
 
 
 def check_rows(

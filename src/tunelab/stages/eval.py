@@ -25,6 +25,7 @@ picked mode does not take is refused in one line that says which modes take it.
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -34,6 +35,8 @@ from tunelab.data.datasets import fingerprint, load_split, require_columns
 from tunelab.diffusion.pipelines import load_pipeline, write_images
 from tunelab.evaluation import image_eval
 from tunelab.evaluation.answers import answer, matches
+from tunelab.evaluation.endpoints import Endpoint, check_endpoint, endpoint_spec, request_fields
+from tunelab.evaluation.endpoints import answers as answers_of
 from tunelab.evaluation.loglik import check_choices, evaluate, gold
 from tunelab.metrics import SHIPPED, check_name
 from tunelab.metrics import load as load_metric
@@ -270,6 +273,7 @@ class GenerationEval(TextMode):
     """Generated answers, scored against references by text metrics (and a reward model, when given)."""
 
     title = "generated answers"
+    endpoints = True  # a served model answers through OpenAI's API: what an application gets is what is scored
     sections = keys(
         "data",
         "prompt_column",
@@ -321,16 +325,50 @@ class GenerationEval(TextMode):
         return rows
 
     def check_model(self, spec: StageSpec, ctx: Context, s: GenerationSettings, data: Answers, entry: Entry) -> None:
+        if entry.endpoint:
+            endpoint = self.endpoint(spec, ctx, s, entry)
+            check_endpoint(endpoint, entry.where)
+            return
         config, _ = check_text_model(spec, ctx, s, data.raw[:2], entry)
         check_length(s.generation, config, f"{spec.where}.generation")
 
-    def score(self, spec: StageSpec, ctx: Context, s: GenerationSettings, data: Answers, entry: Entry, model) -> Scored:
+    def endpoint(self, spec: StageSpec, ctx: Context, s: GenerationSettings, entry: Entry) -> Endpoint:
+        """A served model, and what the stage asks of it: only settings the API can carry."""
+        for key, value in (("quantization", s.quantization), ("chat_template", spec.cfg.get("chat_template"))):
+            if value is not None and not isinstance(value, bool):
+                raise TunelabError(
+                    f"'{spec.where}.{key}' applies to models tunelab loads; '{entry.where}' is served (the server "
+                    f"decides its own): remove `{key}`, or score the served ones in a stage of their own"
+                )
+        request_fields(s.generation, spec.cfg.get("generation") or {}, ctx.seed, f"{spec.where}.generation")
+        return endpoint_spec(entry.value, entry.where)
+
+    def load(self, spec: StageSpec, ctx: Context, s: GenerationSettings, entry: Entry) -> Any:
+        return self.endpoint(spec, ctx, s, entry) if entry.endpoint else super().load(spec, ctx, s, entry)
+
+    def plan_model(self, spec: StageSpec, ctx: Context, s: GenerationSettings, entry: Entry) -> Any:
+        return None if entry.endpoint else super().plan_model(spec, ctx, s, entry)
+
+    def generate(self, spec: StageSpec, ctx: Context, s: GenerationSettings, data: Answers, entry: Entry, model):
+        """(prompts as the model reads them, its outputs)."""
+        if isinstance(model, Endpoint):
+            chat = s.prompting.chat is not False
+            prompts = s.prompting.conversations(data.raw) if chat else s.prompting.plain(data.raw)
+            how = "messages for its server's chat template" if chat else "plain prompts to /v1/completions"
+            show_first(entry.label, how, json.dumps(prompts[0], indent=1) if chat else prompts[0])
+            fields = request_fields(
+                s.generation, spec.cfg.get("generation") or {}, ctx.seed, f"{spec.where}.generation"
+            )
+            texts = answers_of(model, prompts, chat, fields, s.batch_size)
+            return [p[-1]["content"] if chat else p for p in prompts], texts
         model, tokenizer = model
         prompts, templated = s.prompting.build(tokenizer, data.raw, entry.where)
-        show_first(
-            entry.label, "prompts through its chat template" if templated else "prompts as plain text", prompts[0]
-        )
-        texts = generate(model, tokenizer, prompts, s.generation, s.batch_size, templated, s.think)
+        how = "prompts through its chat template" if templated else "prompts as plain text"
+        show_first(entry.label, how, prompts[0])
+        return prompts, generate(model, tokenizer, prompts, s.generation, s.batch_size, templated, s.think)
+
+    def score(self, spec: StageSpec, ctx: Context, s: GenerationSettings, data: Answers, entry: Entry, model) -> Scored:
+        prompts, texts = self.generate(spec, ctx, s, data, entry, model)
         answers = [answer(strip_reasoning(t, s.think), s.pattern) for t in texts]
         metrics, exact = score_answers(answers, data.references, list(s.metrics), spec.where)
         rows = [

@@ -24,7 +24,9 @@ import json
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from tunelab.core.errors import TunelabError
 from tunelab.core.runs import write_atomic
+from tunelab.evaluation.endpoints import is_endpoint
 from tunelab.models.spec import labelled_models, model_spec, resolve_spec
 from tunelab.stages import Context, Metrics, Stage, StageResult, StageSpec
 
@@ -52,6 +54,11 @@ class Entry:
     label: str
     value: Any
     where: str
+
+    @property
+    def endpoint(self) -> bool:
+        """A model served over OpenAI's API (`{openai_base_url, model}`), not one tunelab loads."""
+        return is_endpoint(self.value)
 
     @property
     def path(self) -> str | None:
@@ -85,6 +92,8 @@ class ModelsStage(Stage):
     metrics: ClassVar[Metrics] = Metrics()  # per-model metrics: the CLI and report.md show them as a table
     title: ClassVar[str] = "models"
     """What this mode scores, for messages: "generated answers", "diffusion pipelines", ..."""
+    endpoints: ClassVar[bool] = False
+    """Whether it can score a served model (`{openai_base_url, model}`): only what the API returns counts."""
 
     # --- the steps a mode declares ----------------------------------------------------------------
     def settings(self, spec: StageSpec, ctx: Context) -> Any:
@@ -118,10 +127,21 @@ class ModelsStage(Stage):
         return None
 
     # --- the loop, the same for every mode --------------------------------------------------------
+    def entries(self, spec: StageSpec) -> list[Entry]:
+        """The stage's models; a served one where this mode needs the model itself is one line."""
+        found = entries(spec)
+        for entry in found:
+            if entry.endpoint and not self.endpoints:
+                raise TunelabError(
+                    f"'{entry.where}' is a served endpoint, but {self.title} need the model itself: name its folder, "
+                    "hub id or ${stage} to score it in-process"
+                )
+        return found
+
     def check(self, spec: StageSpec, ctx: Context) -> None:
         s = self.settings(spec, ctx)
         data = self.data(spec, ctx, s, running=False)
-        for entry in entries(spec):
+        for entry in self.entries(spec):
             self.check_model(spec, ctx, s, data, entry)
 
     def run(self, spec: StageSpec, ctx: Context) -> StageResult:
@@ -132,7 +152,7 @@ class ModelsStage(Stage):
         spec.out_dir.mkdir(parents=True, exist_ok=True)
         scored: dict[str, Scored] = {}
         files: dict[str, str] = {}
-        for entry in entries(spec):
+        for entry in self.entries(spec):
             set_seed(ctx.seed)  # each model scored as if alone: sampling does not depend on the order
             model = self.load(spec, ctx, s, entry)
             try:
@@ -153,7 +173,7 @@ class ModelsStage(Stage):
     def plan(self, spec: StageSpec, ctx: Context) -> Any:
         """The plan of the largest model: the models are scored one at a time."""
         s = self.settings(spec, ctx)
-        plans = [p for entry in entries(spec) if (p := self.plan_model(spec, ctx, s, entry)) is not None]
+        plans = [p for entry in self.entries(spec) if (p := self.plan_model(spec, ctx, s, entry)) is not None]
         return max(plans, key=lambda p: p.total) if plans else None
 
 

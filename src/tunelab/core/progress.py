@@ -1,59 +1,107 @@
-"""What a training run prints: the libraries' known noise silenced, and one compact line per log.
+"""What a training run shows: the libraries' known noise silenced, and one compact line per log.
 
-Bars stay on a terminal; off one (the CLI sets TQDM_DISABLE there) the Trainer's printer prints the
-same line instead, so CI and Slurm logs hold one line per logging step and no carriage returns.
+The lines go to the `tunelab.progress` logger (INFO): the CLI prints them, an API user sees them once
+logging is configured. Bars stay on a terminal; off one (the CLI sets TQDM_DISABLE there) the line is
+all there is, so CI and Slurm logs hold one line per logging step and no carriage returns.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
+# Warnings the libraries raise on every run that the user cannot act on (tunelab decides these settings).
+NOISE = (
+    ".*attention implementation is not set to a supported Flash Attention.*",
+    ".*Padding-free training is enabled.*",
+    ".*use_cache=True.*is incompatible with gradient checkpointing.*",
+    ".*torch.utils.checkpoint.*use_reentrant.*",
+    ".*is deprecated.*",
+    ".*Trainer.tokenizer is now deprecated.*",
+    ".*The tokenizer has new PAD/BOS/EOS tokens.*",
+    ".*does not have many workers.*",
+    ".*pin_memory.*",
+    ".*is_gradient_checkpointing.*",
+    ".*MatMul8bitLt: inputs will be cast.*",
+)
+# Loggers of the libraries tunelab drives, held at ERROR during its calls.
+LIBRARY_LOGGERS = ("trl", "peft", "accelerate", "torch.distributed", "httpx", "huggingface_hub", "bitsandbytes")
 
-def quiet(diffusers: bool = False) -> None:
-    """Silence the libraries' known noise; keep progress bars, warnings that matter, errors.
 
-    `diffusers`: also diffusers' (warnings and errors only, no "Loading components" bars), for the
-    diffusion stages; the others need not import it."""
+@contextlib.contextmanager
+def quiet(diffusers: bool = False) -> Iterator[None]:
+    """Silence the libraries' known noise while tunelab works; keep progress bars, warnings that matter, errors.
+
+    A context manager (or decorator) around tunelab's own calls, so that a program calling tunelab gets its
+    warning filters, library log levels and progress-bar settings back as they were. tunelab's filters are
+    appended: the caller's own (a `-W` option, pytest's `filterwarnings`) come first and win, and tunelab's
+    decide only what the caller left to Python's defaults. `diffusers`: also diffusers' (warnings and errors
+    only, no "Loading components" bars), for the diffusion stages; the others need not import it.
+    """
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # PPO lives in trl.experimental (TRL 1.12); we know
-    for name in ("bitsandbytes", "kernels"):  # before their import: they log a Hub kernel they cannot fetch offline
-        logging.getLogger(name).setLevel(logging.ERROR)
-    import datasets
-    import transformers
+    with warnings.catch_warnings(), contextlib.ExitStack() as restore:
+        # Before their import: they log a Hub kernel they cannot fetch offline.
+        restore.enter_context(_levels(("bitsandbytes", "kernels"), logging.ERROR))
+        import datasets
+        import transformers
 
-    transformers.logging.set_verbosity_error()
-    transformers.logging.disable_progress_bar()  # "Loading weights" bars; training bars stay
-    datasets.logging.set_verbosity_error()
-    datasets.disable_progress_bars()  # TRL's per-map "Tokenizing..." bars
-    for name in ("trl", "peft", "accelerate", "torch.distributed", "httpx", "huggingface_hub", "bitsandbytes"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    for pattern in (
-        ".*attention implementation is not set to a supported Flash Attention.*",
-        ".*Padding-free training is enabled.*",
-        ".*use_cache=True.*is incompatible with gradient checkpointing.*",
-        ".*torch.utils.checkpoint.*use_reentrant.*",
-        ".*is deprecated.*",
-        ".*Trainer.tokenizer is now deprecated.*",
-        ".*The tokenizer has new PAD/BOS/EOS tokens.*",
-        ".*does not have many workers.*",
-        ".*pin_memory.*",
-        ".*is_gradient_checkpointing.*",
-        ".*MatMul8bitLt: inputs will be cast.*",
-    ):
-        warnings.filterwarnings("ignore", message=pattern)
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
-    if diffusers:
-        from diffusers.utils import logging as diffusers_logging
+        restore.enter_context(_levels(("transformers", "datasets", *LIBRARY_LOGGERS), logging.ERROR))
+        restore.enter_context(_bars(transformers.utils.logging))  # "Loading weights" bars; training bars stay
+        restore.enter_context(_bars(datasets))  # TRL's per-map "Tokenizing..." bars
+        if diffusers:
+            from diffusers.utils import logging as diffusers_logging
 
-        diffusers_logging.set_verbosity_error()
-        diffusers_logging.disable_progress_bar()
+            restore.enter_context(_levels(("diffusers",), logging.ERROR))
+            restore.enter_context(_bars(diffusers_logging))
+        for pattern in NOISE:
+            warnings.filterwarnings("ignore", message=pattern, append=True)
+        warnings.filterwarnings("ignore", category=FutureWarning, append=True)
+        warnings.filterwarnings("ignore", category=DeprecationWarning, append=True)
+        yield
 
 
+@contextlib.contextmanager
+def _levels(names: tuple[str, ...], level: int) -> Iterator[None]:
+    """These loggers at `level` (the libraries' `set_verbosity` sets their root logger's), then as they were."""
+    loggers = [logging.getLogger(name) for name in names]
+    before = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(level)
+    try:
+        yield
+    finally:
+        for logger, old in zip(loggers, before, strict=True):
+            logger.setLevel(old)
+
+
+@contextlib.contextmanager
+def _bars(module: Any) -> Iterator[None]:
+    """A library's own progress bars off, then as they were (transformers', datasets' or diffusers' helpers)."""
+    if hasattr(module, "are_progress_bars_disabled"):  # datasets
+        on, enable, disable = (
+            not module.are_progress_bars_disabled(),
+            module.enable_progress_bars,
+            module.disable_progress_bars,
+        )
+    else:
+        on, enable, disable = module.is_progress_bar_enabled(), module.enable_progress_bar, module.disable_progress_bar
+    if on:
+        disable()
+    try:
+        yield
+    finally:
+        if on:
+            enable()
+
+
+# Training's per-step lines: a logger of their own, so an API user can turn on just these (see README).
+PROGRESS = logging.getLogger("tunelab.progress")
 PROGRESS_KEYS = ("loss", "eval_loss", "grad_norm", "learning_rate", "mean_token_accuracy", "accuracy", "epoch")
 
 
@@ -87,13 +135,13 @@ def readable_progress(trainer: Any, signals: dict[str, str] | None = None, throt
         def on_log(self, args, state, control, logs=None, **kwargs):
             text = line(state, logs or {}) if state.is_world_process_zero else None
             if text and self.training_bar is not None:
-                self.training_bar.write(text)
+                PROGRESS.info(text)  # the CLI's handler writes it above the bar (tqdm.write)
 
     class _Printer(PrinterCallback):
         def on_log(self, args, state, control, logs=None, **kwargs):
             text = line(state, logs or {}) if state.is_world_process_zero else None
             if text:
-                print(text, flush=True)
+                PROGRESS.info(text)
 
     handler = trainer.callback_handler
     handler.callbacks = [cb for cb in handler.callbacks if not isinstance(cb, (ProgressCallback, PrinterCallback))]

@@ -344,11 +344,10 @@ def pipeline_kind(value: str, where: str) -> str:
     return "text" if "text_encoder" in components or "tokenizer" in components else "unconditional"
 
 
+@quiet(diffusers=True)
 def load_pipeline(value: str, where: str, dtype: Any = None):
     """A diffusers pipeline from a folder or hub id; a tunelab LoRA folder loads its base plus the LoRA."""
     from diffusers import DiffusionPipeline
-
-    quiet(diffusers=True)
 
     folder = Path(resolve_model(value, where))
     kwargs = {"dtype": dtype} if dtype is not None else {}

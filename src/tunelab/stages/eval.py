@@ -31,6 +31,7 @@ optimises, next to the exact match it is meant to improve.
 from __future__ import annotations
 
 import json
+import logging
 import re
 from typing import Any
 
@@ -62,6 +63,8 @@ from tunelab.stages import Context, Metrics, Stage, StageResult, StageSpec
 from tunelab.vision.prompting import check as vision_check
 from tunelab.vision.prompting import run as vision_run
 from tunelab.vision.prompting import vision_mode
+
+log = logging.getLogger(__name__)
 
 SECTIONS = {
     "model": "model to evaluate: hub id, folder, adapter folder, or ${stage}",
@@ -382,7 +385,7 @@ def _run_text(spec: StageSpec, ctx: Context) -> StageResult:
         model.eval()
         prompts, templated = prompting.build(tokenizer, raw, f"{spec.where}.models.{label}")
         how = "through its chat template" if templated else "as plain text"
-        print(f"   {label}: prompts {how}; the first reads:\n{_indent(prompts[0])}", flush=True)
+        log.info("   %s: prompts %s; the first reads:\n%s", label, how, _indent(prompts[0]))
         texts = generate(model, tokenizer, prompts, config, batch_size, templated, think)
         answers = [answer(strip_reasoning(t, think), pattern) for t in texts]
         scores = [float(matches(a, r, **same)) for a, r in zip(answers, references, strict=True)]
@@ -439,7 +442,7 @@ def _run_choices(spec: StageSpec, ctx: Context, ds, prompt_col: str, ref_col: st
         model = load_causal_lm(mspec, quantization=quant, merge_adapter=quant is None).eval()
         prompts, templated = prompting.build(tokenizer, raw, where)
         how = "through its chat template" if templated else "as plain text"
-        print(f"   {label}: prompts {how}; the first reads:\n{_indent(prompts[0])}", flush=True)
+        log.info("   %s: prompts %s; the first reads:\n%s", label, how, _indent(prompts[0]))
         metrics[label], rows = evaluate(model, tokenizer, prompts, choices, golds, batch_size, templated)
         path = spec.out_dir / f"predictions-{label}.jsonl"
         write_atomic(path, "".join(json.dumps(row) + "\n" for row in rows))

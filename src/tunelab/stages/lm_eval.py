@@ -19,6 +19,7 @@ its dataset is reachable or cached. Each model's results go to `metrics.json` as
 from __future__ import annotations
 
 import json
+import logging
 import tempfile
 import time
 from pathlib import Path
@@ -54,6 +55,8 @@ from tunelab.models.plan import plan_generation
 from tunelab.models.preflight import check_language_model
 from tunelab.models.quant import check_cpu_shapes, quant_config
 from tunelab.stages import Context, Metrics, Stage, StageResult, StageSpec
+
+log = logging.getLogger(__name__)
 
 OWN = {
     "model": "model to score: hub id, folder, adapter folder (loaded over its base), GGUF, or ${stage}",
@@ -195,7 +198,7 @@ def _fingerprint(folders: list, names: list[str]) -> str:
 
 def _print_table(label: str, values: dict[str, Any]) -> None:
     shown = ", ".join(f"{k} {v:.4g}" for k, v in values.items() if "/" in k)
-    print(f"   {label}: {shown} ({values['examples']} examples, {values['examples_per_second']:.3g}/s)", flush=True)
+    log.info(f"   {label}: {shown} ({values['examples']} examples, {values['examples_per_second']:.3g}/s)")
 
 
 class LmEval(Stage):

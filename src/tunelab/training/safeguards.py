@@ -5,12 +5,15 @@ stops a diverging run."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from pathlib import Path
 from typing import Any
 
 from tunelab.core.errors import TunelabError
 from tunelab.training import distributed
+
+log = logging.getLogger(__name__)
 
 
 def last_checkpoint(out_dir: Path) -> str | None:
@@ -67,9 +70,7 @@ def stop_on_signals(trainer: Any, out_dir: Path):
         if caught:
             raise KeyboardInterrupt  # second signal: stop now, keep the checkpoints already written
         caught.append(signum)
-        print(
-            f"\nsignal {signum}: saving a checkpoint after this step, then stopping (again to stop at once)", flush=True
-        )
+        log.info("\nsignal %s: saving a checkpoint after this step, then stopping (again to stop at once)", signum)
 
     if threading.current_thread() is not threading.main_thread():
         yield

@@ -9,6 +9,7 @@ generation prompt; batches are left-padded, images processed by the model's own 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,8 @@ from tunelab.models.loading import model_config, model_spec, resolve_spec
 from tunelab.models.quant import quant_config
 from tunelab.stages import StageResult
 from tunelab.vision.vlm import _Renderer, has_images, is_vlm_folder, load_images, load_processor, load_vlm
+
+log = logging.getLogger(__name__)
 
 VLM_KINDS = ("vlm_build", "vlm_sft")
 UNSUPPORTED = ("fewshot", "reward_model", "quantization")  # eval keys the image+text path does not take (yet)
@@ -210,10 +213,10 @@ def run(
         model, processor = load({**(value if isinstance(value, dict) else {}), "path": ctx.resolve_ref(path)}, where)
         pairs = enumerate(zip(prompts, images, strict=True))
         texts = [render(processor, turns(p, len(im), system), where, i) for i, (p, im) in pairs]
-        print(
-            f"   {label}: image+text prompts through its processor's template; the first reads:\n     | "
-            + texts[0].replace("\n", "\n     | "),
-            flush=True,
+        log.info(
+            "   %s: image+text prompts through its processor's template; the first reads:\n     | %s",
+            label,
+            texts[0].replace("\n", "\n     | "),
         )
         outputs = generate(model, processor, texts, images, config, batch_size)
         answers = [answer(t, pattern) for t in outputs]
@@ -295,6 +298,7 @@ class VisionChat:
         if system is not None:
             self.system = system
 
+    @quiet()  # each reply: the caller's warning filters are theirs between replies
     def say(self, text: str, on_token: Any = None) -> str:
         first = not self.history
         turn = turns(text, len(self.images) if first else 0)[-1]
@@ -314,6 +318,7 @@ def is_vlm_ref(ref: str) -> bool:
     return local is not None and local.is_dir() and is_vlm_folder(local)
 
 
+@quiet()
 def open_chat(ref: str, config: Any, system: str | None, image_paths: list[Path], quantization: Any = None):
     """A `VisionChat` over the model `ref` names with the images opened (one line for a missing one)."""
     from PIL import Image
@@ -321,7 +326,6 @@ def open_chat(ref: str, config: Any, system: str | None, image_paths: list[Path]
     for path in image_paths:  # before the model: a FIFO would hang PIL's open, and loading takes a while
         refuse_special(path, "--image")
     configure_offline()
-    quiet()
     spec = model_source(ref)
     if not is_vlm_folder(spec["path"]):
         raise TunelabError(f"--image: '{ref}' is a text-only model, which cannot read images; drop --image")

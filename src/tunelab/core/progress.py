@@ -100,8 +100,6 @@ def _bars(module: Any) -> Iterator[None]:
             enable()
 
 
-# Training's per-step lines: a logger of their own, so an API user can turn on just these (see README).
-PROGRESS = logging.getLogger("tunelab.progress")
 PROGRESS_KEYS = ("loss", "eval_loss", "grad_norm", "learning_rate", "mean_token_accuracy", "accuracy", "epoch")
 
 
@@ -112,6 +110,8 @@ def readable_progress(trainer: Any, signals: dict[str, str] | None = None, throt
     printed first; `throttle` prints only every `logging_steps`, for loops that log each step (PPO).
     """
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    from tunelab.training.callbacks import PrinterLines, ProgressLines
 
     own = signals or {}
     keys = tuple(k for k in PROGRESS_KEYS if k not in own)
@@ -131,18 +131,6 @@ def readable_progress(trainer: Any, signals: dict[str, str] | None = None, throt
             parts.append(f"mfu {100 * logs['mfu']:.1f}%")
         return "  ".join(parts) if any(k in logs for k in (*keys[:-1], *own)) else None
 
-    class _Progress(ProgressCallback):
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            text = line(state, logs or {}) if state.is_world_process_zero else None
-            if text and self.training_bar is not None:
-                PROGRESS.info(text)  # the CLI's handler writes it above the bar (tqdm.write)
-
-    class _Printer(PrinterCallback):
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            text = line(state, logs or {}) if state.is_world_process_zero else None
-            if text:
-                PROGRESS.info(text)
-
     handler = trainer.callback_handler
     handler.callbacks = [cb for cb in handler.callbacks if not isinstance(cb, (ProgressCallback, PrinterCallback))]
-    trainer.add_callback(_Printer() if trainer.args.disable_tqdm else _Progress())
+    trainer.add_callback(PrinterLines(line) if trainer.args.disable_tqdm else ProgressLines(line))

@@ -11,6 +11,7 @@ import logging
 import warnings
 from pathlib import Path
 
+import pytest
 import yaml
 from typer.testing import CliRunner
 
@@ -97,3 +98,19 @@ def test_quiet_is_only_entered_never_called_bare() -> None:
             if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "quiet" and id(node) not in entered:
                 bare.append(f"{path.relative_to(SRC)}:{node.lineno}")
     assert not bare, f"quiet() called outside `with`/a decorator: {bare}"
+
+
+def _warn_from(module: str, category: type[Warning]) -> None:
+    """A warning raised by code in `module` (what the filters' module field matches)."""
+    exec(compile(f"import warnings\nwarnings.warn('old', {category.__name__})", module, "exec"), {"__name__": module})
+
+
+def test_pytest_makes_tunelabs_deprecations_errors_and_shows_the_libraries() -> None:
+    """pyproject's filterwarnings: tunelab's own (or a library's raised at tunelab's call) fail the test; a
+    library's is a visible warning in the summary, as it is here, not an ignored one."""
+    for category in (DeprecationWarning, FutureWarning):
+        with pytest.raises(category):
+            _warn_from("tunelab.pipeline", category)
+        with warnings.catch_warnings(record=True) as seen:  # records under the filters as they are
+            _warn_from("transformers.training_args", category)
+        assert [w.category for w in seen] == [category]

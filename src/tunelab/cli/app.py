@@ -486,7 +486,7 @@ def print_plans(plans: list[Any], devices: int = 0) -> None:
                 f"  [yellow]warning: needs {fmt_bytes(p.total)} but {memory[0]} has "
                 f"{fmt_bytes(memory[1])}; what would fit:[/yellow]"
             )
-            for tip in suggestions(p, memory[1]):
+            for tip in suggestions(p):
                 console.print(f"    - {tip}")
     if memory:
         console.print(f"device: {memory[0]}, {fmt_bytes(memory[1])}")

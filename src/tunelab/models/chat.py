@@ -60,8 +60,6 @@ COUNTS = {  # field: (smallest, largest) whole number
     "no_repeat_ngram_size": (0, 2**16),
     "encoder_no_repeat_ngram_size": (0, 2**16),
 }
-MAX_CONTEXT = 2**24
-"""The longest sequence any model reads (16M tokens): a bound on lengths where the model's is not known."""
 
 
 def check_generation(config: Any, where: str) -> None:
@@ -126,7 +124,7 @@ def check_length(config: Any, model_config: Any, where: str) -> None:
             )
 
 
-def parse_overrides(items: list[str], where: str = "generation") -> dict[str, Any]:
+def parse_overrides(items: list[str]) -> dict[str, Any]:
     """`key=value` pairs, values read as YAML (`temperature=0.7`, `do_sample=true`)."""
     import yaml
 

@@ -285,8 +285,7 @@ def result_recipe_stages(run_dir: Path) -> dict:
 
 
 def test_sft_packs_by_default_only_where_attention_keeps_rows_apart(tmp_path: Path) -> None:
-    from tunelab.stages import Context, StageSpec
-    from tunelab.stages import stage
+    from tunelab.stages import Context, StageSpec, stage
 
     sft = stage("sft")
 

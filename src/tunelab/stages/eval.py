@@ -26,6 +26,7 @@ picked mode does not take is refused in one line that says which modes take it.
 from __future__ import annotations
 
 import json
+import logging
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -54,6 +55,8 @@ from tunelab.stages import Context, Stage, StageResult, StageSpec
 from tunelab.stages.scoring import MODEL_SECTIONS, Entry, ModelsStage, Scored, entries
 from tunelab.vision import prompting as vision
 from tunelab.vision.models import load_processor
+
+log = logging.getLogger(__name__)
 
 SECTIONS = {
     **MODEL_SECTIONS,
@@ -197,7 +200,7 @@ def show_first(label: str, how: str, text: str, limit: int = 600) -> None:
     """The first prompt exactly as the model reads it: a template surprise shows before the scores."""
     text = text if len(text) <= limit else text[:limit] + " ..."
     shown = "\n".join("     | " + line for line in text.splitlines() or [""])
-    print(f"   {label}: {how}; the first reads:\n{shown}", flush=True)
+    log.info("   %s: %s; the first reads:\n%s", label, how, shown)
 
 
 def check_text_model(spec: StageSpec, ctx: Context, s: TextSettings, first: list[str], entry: Entry) -> Any:

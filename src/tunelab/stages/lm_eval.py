@@ -19,6 +19,7 @@ its dataset is reachable or cached. Each model's results go to `metrics.json` as
 from __future__ import annotations
 
 import json
+import logging
 import tempfile
 import time
 from dataclasses import dataclass
@@ -48,6 +49,8 @@ from tunelab.models.spec import adapter_base, is_adapter, model_config
 from tunelab.models.tokenizers import check_tokenizer, load_tokenizer
 from tunelab.stages import Context, StageSpec
 from tunelab.stages.scoring import Entry, ModelsStage, Scored, entries
+
+log = logging.getLogger(__name__)
 
 OWN = {
     "model": "model to score: hub id, folder, adapter folder (loaded over its base), GGUF, or ${stage}",
@@ -104,7 +107,6 @@ def _manager(spec: StageSpec, names: list[str], shipped=None):
 
 def _evaluate(model: Any, tokenizer: Any, names, manager, args, model_args) -> dict[str, Any]:
     """One model through `simple_evaluate`, handed to HFLM as an object (tunelab loaded it)."""
-    import logging
 
     import lm_eval
     from lm_eval.models.huggingface import HFLM
@@ -153,7 +155,7 @@ def _fingerprint(folders: list, names: list[str]) -> str:
 
 def _print_table(label: str, values: dict[str, Any]) -> None:
     shown = ", ".join(f"{k} {v:.4g}" for k, v in values.items() if "/" in k)
-    print(f"   {label}: {shown} ({values['examples']} examples, {values['examples_per_second']:.3g}/s)", flush=True)
+    log.info(f"   {label}: {shown} ({values['examples']} examples, {values['examples_per_second']:.3g}/s)")
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ generation prompt; batches are left-padded, images processed by the model's own 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,8 @@ from tunelab.models.spec import model_config, model_spec, resolve_spec
 from tunelab.vision.collator import ProcessorRenderer
 from tunelab.vision.data import has_images, load_images
 from tunelab.vision.models import is_vlm_folder, load_processor, load_vlm
+
+log = logging.getLogger(__name__)
 
 VLM_KINDS = ("vlm_build", "vlm_sft")
 SAMPLES = 6  # rows shown in report.md with their images
@@ -205,6 +208,7 @@ class VisionChat:
         if system is not None:
             self.system = system
 
+    @quiet()  # each reply: the caller's warning filters are theirs between replies
     def say(self, text: str, on_token: Any = None) -> str:
         first = not self.history
         turn = turns(text, len(self.images) if first else 0)[-1]
@@ -224,6 +228,7 @@ def is_vlm_ref(ref: str) -> bool:
     return local is not None and local.is_dir() and is_vlm_folder(local)
 
 
+@quiet()
 def open_chat(ref: str, config: Any, system: str | None, image_paths: list[Path], quantization: Any = None):
     """A `VisionChat` over the model `ref` names with the images opened (one line for a missing one)."""
     from PIL import Image
@@ -231,7 +236,6 @@ def open_chat(ref: str, config: Any, system: str | None, image_paths: list[Path]
     for path in image_paths:  # before the model: a FIFO would hang PIL's open, and loading takes a while
         refuse_special(path, "--image")
     configure_offline()
-    quiet()
     spec = model_source(ref)
     if not is_vlm_folder(spec["path"]):
         raise TunelabError(f"--image: '{ref}' is a text-only model, which cannot read images; drop --image")

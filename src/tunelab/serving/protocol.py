@@ -428,9 +428,17 @@ def text_logprobs(tokens: list[Token], offset: int = 0) -> dict[str, Any]:
     return {
         "tokens": [t.text for t in tokens],
         "token_logprobs": [t.logprob for t in tokens],
-        "top_logprobs": [dict(t.top) for t in tokens],
+        "top_logprobs": [_first(t.top) for t in tokens],
         "text_offset": offsets,
     }
+
+
+def _first(top: list[tuple[str, float]]) -> dict[str, float]:
+    """Completions' {token: logprob}: of two tokens that decode alike (partial UTF-8 bytes), the likelier."""
+    out: dict[str, float] = {}
+    for text, logprob in top:
+        out.setdefault(text, logprob)
+    return out
 
 
 def usage(request: Request, choices: list[Choice]) -> dict[str, int]:

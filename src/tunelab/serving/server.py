@@ -28,6 +28,7 @@ from tunelab.errors import TunelabError
 from tunelab.serving.protocol import ApiError, Choice, Endpoint, Request, chunk, envelope, parse, response, sse, usage
 
 MAX_BODY = 4 * 2**20  # bytes of a request body; larger: 413 (a 128k-token prompt is about 0.5 MB)
+DISCARD = 64 * 2**20  # bytes of a refused body read and dropped so that its sender sees the 413
 READ_TIMEOUT = 30.0  # seconds a connection may take to send a request (or idle between requests)
 POLL = 0.2  # seconds between checks that a waiting client is still there
 
@@ -150,6 +151,7 @@ class Handler(BaseHTTPRequestHandler):
                 self.app.leave()
         except ApiError as exc:
             self.send_json(exc.status, exc.body())
+            self.discard()
         except ClientGone:
             self.close_connection = True
         except (TimeoutError, ConnectionError, OSError):
@@ -158,6 +160,15 @@ class Handler(BaseHTTPRequestHandler):
             error = ApiError(500, f"Internal error: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}")
             with contextlib.suppress(OSError):
                 self.send_json(500, error.body())
+
+    unread = 0
+
+    def discard(self) -> None:
+        """Drop a refused body (up to DISCARD bytes, within the socket's timeout) before the connection closes."""
+        left, self.unread = min(self.unread, DISCARD), 0
+        with contextlib.suppress(OSError):
+            while left > 0 and (data := self.rfile.read(min(left, 2**16))):
+                left -= len(data)
 
     # --- reading ---------------------------------------------------------------------------------------------
 
@@ -171,7 +182,8 @@ class Handler(BaseHTTPRequestHandler):
             raise ApiError(411, "A Content-Length header (a number of bytes) is required.", None, "length_required")
         size = int(length)
         if size > self.app.max_body:
-            self.close_connection = True  # the body stays unread: this connection cannot carry another request
+            self.close_connection = True
+            self.unread = size  # read and dropped after the answer: a client still sending sees the 413, not a reset
             raise ApiError(
                 413,
                 f"The request body is {size} bytes, more than this server takes ({self.app.max_body}).",

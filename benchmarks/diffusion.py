@@ -56,8 +56,8 @@ def train_run(run_dir: Path | None) -> tuple[Path, dict]:
 
 def samplers(run_dir: Path) -> list[dict]:
     """Quality and time per sampler, same 297 seeds, features from the run's eval classifier."""
-    from tunelab.diffusion import generate, load_images, load_pipeline
-    from tunelab.image_quality import load_classifier, quality, to_batch
+    from tunelab.diffusion.pipelines import generate, load_images, load_pipeline
+    from tunelab.diffusion.quality import load_classifier, quality, to_batch
 
     net, config = load_classifier(run_dir / "eval" / "classifier")
     real = load_images({"path": "digits", "split": "test"}, "bench")
@@ -83,7 +83,7 @@ def _plain_loop(cfg: dict, steps: int, seed: int) -> float:
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import EMAModel
 
-    from tunelab.diffusion import load_images, to_tensor
+    from tunelab.diffusion.pipelines import load_images, to_tensor
 
     set_seed(seed)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())

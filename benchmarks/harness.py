@@ -42,7 +42,7 @@ def direct(model: Path, tasks_dir: Path) -> tuple[float, dict[str, float]]:
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    from tunelab.harness import flat_metrics
+    from tunelab.evaluation.harness import flat_metrics
 
     start = time.perf_counter()
     manager = TaskManager(include_path=str(tasks_dir), include_defaults=False)
@@ -60,10 +60,10 @@ def direct(model: Path, tasks_dir: Path) -> tuple[float, dict[str, float]]:
 
 
 def main() -> str:
-    from tunelab.harness import materialize
-    from tunelab.hub import configure_offline
-    from tunelab.models import resolve_spec
-    from tunelab.progress import quiet
+    from tunelab.core.hub import configure_offline
+    from tunelab.core.progress import quiet
+    from tunelab.evaluation.harness import materialize
+    from tunelab.models.spec import resolve_spec
 
     configure_offline()
     quiet()
@@ -82,7 +82,7 @@ def main() -> str:
         "## lm-evaluation-harness through tunelab\n\n"
         f"SmolLM2-135M-Instruct, tasks {', '.join(TASKS)} ({LIMIT} examples each), batch 16. tunelab: a whole "
         "`tunelab.run` of an `lm_eval` stage (checks, loading, results and samples written); direct: "
-        "`lm_eval.simple_evaluate(model=\"hf\", model_args=\"pretrained=FOLDER\")`. Median of "
+        '`lm_eval.simple_evaluate(model="hf", model_args="pretrained=FOLDER")`. Median of '
         f"{REPS} interleaved runs each (`benchmarks/harness.py`).\n\n"
         "| path | examples / s |\n|---|---|\n"
         f"| harness called directly | {speed_theirs:.2f} |\n"

@@ -180,7 +180,7 @@ def planned(data: dict) -> float:
 
 
 def main() -> str:
-    from tunelab.plan import GiB
+    from tunelab.models.plan import GiB
 
     points = [(size, mode, batch, seq) for size in SIZES for batch, seq in ((1, 128), (4, 256)) for mode in MODES]
     rows, default_rss, held = [], {}, []
@@ -233,7 +233,7 @@ def main() -> str:
         "(`MALLOC_MMAP_THRESHOLD_=65536`) so the peak is live memory, the CPU analogue of "
         "`torch.cuda.max_memory_allocated` (`benchmarks/memory_plan.py`).\n\n" + "\n".join(lines) + "\n\n"
         f"Largest planner error: **{max(errors) * 100:.0f}%** (target: within 25%). The activation coefficients "
-        "and the fixed overhead in `src/tunelab/plan.py` were fitted to these runs, so they are in-sample; "
+        "and the fixed overhead in `src/tunelab/models/plan.py` were fitted to these runs, so they are in-sample; "
         "the check below is not.\n\n"
         "Held out: a Qwen2 model (39M parameters, grouped-query attention with 2 KV heads, tied embeddings, "
         "vocabulary 32000) at batch 2 x 512, an architecture, vocabulary and shape not used for fitting:\n\n"

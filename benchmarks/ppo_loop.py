@@ -1,4 +1,4 @@
-"""PPO updates per second: tunelab's resumable loop (`tunelab.ppo_trainer.ResumablePPOTrainer`)
+"""PPO updates per second: tunelab's resumable loop (`tunelab.training.ppo_trainer.ResumablePPOTrainer`)
 against TRL 1.12's `PPOTrainer.train()` it replaces.
 
 Same policy (the quickstart's tiny Llama, built here), the same model as reward and value
@@ -88,8 +88,8 @@ def one(cls: type, model_dir: Path, out: Path) -> float:
 def main() -> str:
     from trl.experimental.ppo import PPOTrainer
 
-    from tunelab.ppo_trainer import ResumablePPOTrainer
-    from tunelab.progress import quiet
+    from tunelab.core.progress import quiet
+    from tunelab.training.ppo_trainer import ResumablePPOTrainer
 
     quiet()
     runs: dict[str, list[float]] = {"trl": [], "tunelab": []}

@@ -61,7 +61,7 @@ CHAT = ROOT / "recipes/data/arith_chat"
 
 def plain_model_dir() -> Path:
     """tunelab's plain float32 copy of the GGUF file (converted on first use, then cached)."""
-    from tunelab.models import resolve_spec
+    from tunelab.models.spec import resolve_spec
 
     return Path(resolve_spec(dict(MODEL), "model")["path"])
 
@@ -210,7 +210,7 @@ def packing(mixed: Path, tmp: Path) -> str:
 def mfu_section(mfus: list[float]) -> str:
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from tunelab import throughput
+    from tunelab.training import throughput
 
     model_dir = plain_model_dir()
     n, _ = throughput.matmul_params(AutoModelForCausalLM.from_pretrained(model_dir))
@@ -271,7 +271,7 @@ def _eos(config) -> set[int]:
 def generation() -> str:
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-    from tunelab.prompting import generate
+    from tunelab.models.prompting import generate
 
     model_dir = plain_model_dir()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)

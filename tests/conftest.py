@@ -109,9 +109,9 @@ def tiny_encoder(tmp_path_factory: pytest.TempPathFactory, tiny_lm: Path) -> Pat
 @pytest.fixture(scope="session")
 def smollm2() -> Path:
     """SmolLM2-135M-Instruct's plain copy (converted from its GGUF file once, then cached)."""
-    from tunelab.hub import configure_offline
-    from tunelab.models import resolve_spec
-    from tunelab.progress import quiet
+    from tunelab.core.hub import configure_offline
+    from tunelab.core.progress import quiet
+    from tunelab.models.spec import resolve_spec
 
     configure_offline()
     quiet()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import importlib
 import inspect
 import subprocess
 import sys
@@ -12,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from tunelab.stages import STAGES, Metrics, stage_module
+from tunelab.stages import STAGES, Metrics, Stage
+from tunelab.stages import stage as registered
 from tunelab.stages.base import TrainerStage, import_name
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "tunelab"
@@ -96,7 +98,7 @@ def test_light_modules_import_no_ml_library() -> None:
     heavy = [
         name
         for name in sorted(_imports())
-        if name not in ("tunelab.ppo_trainer",) and not name.startswith("tunelab.metrics.")
+        if name not in ("tunelab.training.ppo_trainer",) and not name.startswith("tunelab.metrics.")
     ]
     code = "import sys\n" + "".join(f"import {m}\n" for m in heavy) + "print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -105,24 +107,24 @@ def test_light_modules_import_no_ml_library() -> None:
 
 @pytest.mark.parametrize("kind", sorted(STAGES))
 def test_every_stage_satisfies_the_interface(kind: str) -> None:
-    module = stage_module(kind)
-    assert isinstance(module.PRODUCES_MODEL, bool)
-    assert getattr(module, "RANKS", "main") in ("all", "main")
-    assert isinstance(module.METRICS, Metrics)
-    assert all(isinstance(k, str) for k in module.METRICS.summary)
-    assert isinstance(module.SECTIONS, dict) and module.SECTIONS
-    assert all(isinstance(k, str) and isinstance(v, str) and v for k, v in module.SECTIONS.items())
-    for name in ("check", "run", "plan"):
-        params = list(inspect.signature(getattr(module, name)).parameters)
+    stage = registered(kind)
+    assert isinstance(stage, Stage) and type(stage).__name__ == STAGES[kind].partition(":")[2]
+    assert isinstance(stage.produces_model, bool)
+    assert stage.ranks in ("all", "main")
+    assert isinstance(stage.metrics, Metrics)
+    assert all(isinstance(k, str) for k in stage.metrics.summary)
+    assert isinstance(stage.sections, dict) and stage.sections
+    assert all(isinstance(k, str) and isinstance(v, str) and v for k, v in stage.sections.items())
+    for name in ("check", "run", "plan", "tokenizer_source"):
+        params = list(inspect.signature(getattr(stage, name)).parameters)
         assert params[:2] == ["spec", "ctx"], (kind, name, params)
-    stage = getattr(module, "STAGE", None)
-    if stage is None:
+    module = importlib.import_module(STAGES[kind].partition(":")[0])
+    assert not {"STAGE", "check", "run", "plan", "PRODUCES_MODEL", "METRICS"} & set(vars(module)), (
+        kind
+    )  # no module tails
+    if not isinstance(stage, TrainerStage):
         return
-    # A Trainer-backed stage: a declaration over the base, its module interface taken from it.
-    assert isinstance(stage, TrainerStage)
-    declared = (stage.produces_model, stage.ranks, stage.sections, stage.metrics)
-    assert declared == (module.PRODUCES_MODEL, module.RANKS, module.SECTIONS, module.METRICS)
-    assert module.run == stage.run and module.check == stage.check and module.plan == stage.plan
+    # A Trainer-backed stage: a declaration over the base.
     config = import_name(stage.config_class)
     assert dataclasses.is_dataclass(config)
     from transformers import TrainingArguments
@@ -133,3 +135,37 @@ def test_every_stage_satisfies_the_interface(kind: str) -> None:
     assert set(stage.defaults) <= fields, set(stage.defaults) - fields
     assert "training" in stage.sections and "data" in stage.sections
     assert ("quantization" in stage.sections) <= ("lora" in stage.sections)  # QLoRA needs an adapter
+
+
+def _private_uses(path: Path, modules: set[str]) -> list[str]:
+    """`from tunelab.x import _name` and `x._name` (x a tunelab module) in one file, as "line: what"."""
+    tree = ast.parse(path.read_text())
+    aliases: dict[str, str] = {}  # local name -> the tunelab module it is
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("tunelab"):
+            for alias in node.names:
+                if alias.name.startswith("_"):
+                    found.append(f"{node.lineno}: from {node.module} import {alias.name}")
+                elif f"{node.module}.{alias.name}" in modules:
+                    aliases[alias.asname or alias.name] = f"{node.module}.{alias.name}"
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.startswith("tunelab"):
+                    aliases[alias.asname or alias.name] = alias.name if alias.asname else "tunelab"
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__"):
+            base = node.value
+            while isinstance(base, ast.Attribute):
+                base = base.value
+            if isinstance(base, ast.Name) and base.id in aliases:
+                found.append(f"{node.lineno}: {ast.unparse(node)}")
+    return found
+
+
+def test_no_module_uses_another_modules_private_names() -> None:
+    """An underscore name is its module's own: a name another module needs is public (or moves to where it is
+    used), so a module can change its private helpers without breaking a distant import."""
+    modules = {_module_name(p) for p in SRC.rglob("*.py")}
+    found = {_module_name(path): uses for path in sorted(SRC.rglob("*.py")) if (uses := _private_uses(path, modules))}
+    assert found == {}

@@ -7,8 +7,8 @@ from pathlib import Path
 import torch
 from typer.testing import CliRunner
 
-from tunelab.attention import attention_maps
-from tunelab.cli import app
+from tunelab.cli.app import app
+from tunelab.models.attention import attention_maps
 
 
 def test_attention_weights_are_causal_distributions(tiny_lm: Path) -> None:

@@ -11,7 +11,7 @@ import yaml
 from typer.testing import CliRunner
 
 from tests.conftest import CORPUS, QA_TRAIN, TINY_LLAMA, tiny_training
-from tunelab.cli import app
+from tunelab.cli.app import app
 
 runner = CliRunner()
 

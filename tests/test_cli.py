@@ -15,15 +15,15 @@ import yaml
 from typer.testing import CliRunner
 
 from tests.conftest import CORPUS, TINY_LLAMA, tiny_training
-from tunelab.cli import app
+from tunelab.cli.app import app
 
 runner = CliRunner()
-TUNELAB = [sys.executable, "-m", "tunelab.cli"]
+TUNELAB = [sys.executable, "-m", "tunelab.cli.app"]
 
 
 def test_help_imports_no_heavy_library() -> None:
     code = (
-        "import sys, tunelab.cli;"
+        "import sys, tunelab.cli.app;"
         "print([m for m in ('torch', 'transformers', 'trl', 'datasets', 'peft') if m in sys.modules])"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

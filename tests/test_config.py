@@ -6,8 +6,8 @@ import pytest
 from peft import LoraConfig
 from trl import SFTConfig
 
-from tunelab.config import build, check_keys, coerce
-from tunelab.errors import TunelabError
+from tunelab.core.config import build, check_keys, coerce
+from tunelab.core.errors import TunelabError
 
 
 @pytest.mark.parametrize(

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 import tunelab
 from tests.conftest import tiny_training
 from tests.test_bad_input import fails, write
-from tunelab.cli import app
+from tunelab.cli.app import app
 
 runner = CliRunner()
 ROOT = Path(__file__).parents[1]
@@ -194,7 +194,7 @@ def classifier(tmp_path_factory: pytest.TempPathFactory, tiny_lm: Path) -> Path:
 @pytest.fixture(scope="module")
 def llava(tmp_path_factory: pytest.TempPathFactory, tiny_lm: Path) -> Path:
     from tests.test_vlm import TINY_VISION
-    from tunelab.vision import build_llava
+    from tunelab.vision.models import build_llava
 
     return build_llava({"path": str(tiny_lm)}, tmp_path_factory.mktemp("llava") / "vlm", TINY_VISION)
 
@@ -251,7 +251,7 @@ def sft(model: Path, **training) -> dict:
 def test_run_folder_whose_lock_cannot_be_opened(tmp_path: Path, tiny_lm: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import builtins
 
-    from tunelab import runs
+    from tunelab.core import runs
 
     def read_only(file, *args, **kwargs):
         if str(file).endswith(runs.LOCK):
@@ -309,7 +309,7 @@ def test_chat_on_a_closed_stdin_an_empty_prompt_and_two_quantizations(tiny_lm: P
     import subprocess
 
     closed = subprocess.run(
-        [sys.executable, "-m", "tunelab.cli", "chat", str(tiny_lm)],
+        [sys.executable, "-m", "tunelab.cli.app", "chat", str(tiny_lm)],
         preexec_fn=lambda: os.close(0),  # `tunelab chat MODEL <&-`
         capture_output=True,
         text=True,
@@ -331,7 +331,7 @@ def test_chat_after_validate_twice_in_one_process(tmp_path: Path, tiny_lm: Path)
     import importlib
 
     assert tunelab.validate("quickstart", overrides=[f"output_dir={tmp_path / 'q'}"]) == "new"
-    importlib.import_module("tunelab.chat_templates")
+    importlib.import_module("tunelab.models.chat_templates")
     first = tunelab.chat(tiny_lm, "1 + 1 =", max_new_tokens=2)
     second = tunelab.chat(str(tiny_lm), "1 + 1 =", max_new_tokens=2)
     assert isinstance(first, str) and first == second  # greedy: the same reply
@@ -520,8 +520,14 @@ def test_a_chat_template_that_renders_nothing(tmp_path: Path, tiny_lm: Path) -> 
         "'stages.sft.data': the chat template renders nothing on row 0 (the messages hold text): it must write",
     )
     fails(
-        ["eval", str(tiny_lm), str(ROOT / "recipes/data/arith_qa"), "--output-dir", str(tmp_path / "ev"),
-         f"chat_template={silent}"],
+        [
+            "eval",
+            str(tiny_lm),
+            str(ROOT / "recipes/data/arith_qa"),
+            "--output-dir",
+            str(tmp_path / "ev"),
+            f"chat_template={silent}",
+        ],
         "'stages.eval.model': the chat template renders nothing on row 0",
     )
     assert not (tmp_path / "ev").exists()

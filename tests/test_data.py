@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from tunelab import TunelabError
-from tunelab.data import load_split
+from tunelab.data.datasets import load_split
 
 ROWS = [{"prompt": f"Question: {i}+1?\nAnswer:", "completion": f" {i + 1}"} for i in range(5)]
 

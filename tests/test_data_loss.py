@@ -18,10 +18,10 @@ from typer.testing import CliRunner
 
 from tests.conftest import QA_TEST, QA_TRAIN, tiny_training
 from tests.test_bad_input import fails
-from tunelab.cli import app
+from tunelab.cli.app import app
 
 runner = CliRunner()
-CLI = [sys.executable, "-m", "tunelab.cli", "run"]
+CLI = [sys.executable, "-m", "tunelab.cli.app", "run"]
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
 # Long enough that a signal at the first checkpoint comes mid-training; a checkpoint every 2 steps.
 LONG = ["sft.training.max_steps=400", "sft.training.save_strategy=steps", "sft.training.save_steps=2"]
@@ -41,7 +41,7 @@ def sft_recipe(tmp_path: Path, tiny_lm: Path, out: Path, then_eval: bool = False
 
 def signal_when(args: list[str], sig: int, ready: Callable[[], bool], prelude: str = "") -> tuple[int, str]:
     """Start the CLI, send `sig` as soon as `ready()` (a file has appeared), return its exit code and output."""
-    command = [sys.executable, "-c", prelude + "from tunelab.cli import main; main()", *args] if prelude else args
+    command = [sys.executable, "-c", prelude + "from tunelab.cli.app import main; main()", *args] if prelude else args
     proc = subprocess.Popen(command, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 180
     while time.time() < deadline and proc.poll() is None and not ready():
@@ -311,7 +311,7 @@ def test_merge_never_lands_on_its_base_its_adapter_or_a_stage(tmp_path: Path, ti
 
 def test_a_set_aside_killed_half_way_is_put_back_whole(tmp_path: Path) -> None:
     """A kill between two renames of a set-aside: the next command puts back what moved, deletes nothing."""
-    from tunelab import runs
+    from tunelab.core import runs
 
     out = tmp_path / "run"
     (out / "sft" / "checkpoint-2").mkdir(parents=True)

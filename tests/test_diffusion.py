@@ -116,7 +116,7 @@ def test_sample_stage_two_schedulers_same_seed_same_images(ddpm: Path, tmp_path:
 def test_cli_sample(ddpm: Path, tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
-    from tunelab.cli import app
+    from tunelab.cli.app import app
 
     out = tmp_path / "cli"
     args = ["sample", str(ddpm), "--scheduler", "Euler", "--steps", "4", "--num-images", "3", "--output-dir", str(out)]
@@ -128,7 +128,7 @@ def test_cli_sample(ddpm: Path, tmp_path: Path) -> None:
 
 def test_frechet_distance_matches_closed_form() -> None:
     """Two Gaussians with identity covariance: FD = |mu_a - mu_b|^2 (+ sampling error)."""
-    from tunelab.image_quality import frechet
+    from tunelab.diffusion.quality import frechet
 
     rng = np.random.default_rng(0)
     a = rng.normal(size=(20000, 4))
@@ -164,8 +164,8 @@ def test_classifier_features_separate_real_from_noise(tmp_path: Path) -> None:
     """The feature space means something: real digits are far closer to real digits than noise is."""
     import torch
 
-    from tunelab.diffusion import load_images
-    from tunelab.image_quality import load_classifier, quality, to_batch, train_classifier
+    from tunelab.diffusion.pipelines import load_images
+    from tunelab.diffusion.quality import load_classifier, quality, to_batch, train_classifier
 
     train = load_images({"path": "digits", "split": "train[:600]"}, "d")
     test = load_images({"path": "digits", "split": "test[:128]"}, "d")
@@ -183,8 +183,8 @@ def test_classifier_features_separate_real_from_noise(tmp_path: Path) -> None:
 def test_metric_loads_with_evaluate(tmp_path: Path) -> None:
     import evaluate
 
-    from tunelab.diffusion import load_images
-    from tunelab.image_quality import to_batch, train_classifier
+    from tunelab.diffusion.pipelines import load_images
+    from tunelab.diffusion.quality import to_batch, train_classifier
     from tunelab.metrics import path
 
     train = load_images({"path": "digits", "split": "train[:200]"}, "d")
@@ -296,7 +296,7 @@ def _denoising_loss(pipe, folder: Path) -> float:
     32 draws of noise and timestep, the same on every call: 4 left the comparison to luck."""
     import torch
 
-    from tunelab.diffusion import load_images, to_tensor
+    from tunelab.diffusion.pipelines import load_images, to_tensor
 
     ds = load_images(str(folder), "d")
     pixels = torch.stack([to_tensor(im, 16, 3) for im in ds["image"]])
@@ -318,7 +318,7 @@ def test_lora_text_to_image(tiny_sd: Path, captioned: Path, tmp_path: Path) -> N
     import torch
     from diffusers import DDPMScheduler, DiffusionPipeline
 
-    from tunelab.diffusion import load_pipeline
+    from tunelab.diffusion.pipelines import load_pipeline
 
     stage = {
         "stage": "diffusion_train",
@@ -484,7 +484,7 @@ def test_killed_training_resumes_to_the_same_weights(tmp_path: Path) -> None:
         path.write_text(yaml.safe_dump({"output_dir": str(tmp_path / name), "seed": 3, "stages": {"ddpm": stage}}))
         return path
 
-    cli = [sys.executable, "-m", "tunelab.cli", "run"]
+    cli = [sys.executable, "-m", "tunelab.cli.app", "run"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     subprocess.run([*cli, str(recipe("straight"))], env=env, check=True, capture_output=True)
     killed = recipe("killed")

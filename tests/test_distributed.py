@@ -85,7 +85,7 @@ def test_two_process_diffusion_matches_one_process(tmp_path: Path) -> None:
 
 
 def test_launch_command_on_cpu_really_distributes() -> None:
-    from tunelab.distributed import launch_command
+    from tunelab.training.distributed import launch_command
 
     argv, env = launch_command({"num_processes": 2}, ["quickstart"])
     assert env["ACCELERATE_USE_CPU"] == "1"
@@ -99,7 +99,7 @@ def test_launch_command_on_cpu_really_distributes() -> None:
 def test_shipped_accelerate_configs_parse() -> None:
     from accelerate.commands.config.config_args import ClusterConfig
 
-    from tunelab.distributed import check_accelerate_config
+    from tunelab.training.distributed import check_accelerate_config
 
     kinds = {}
     for path in sorted(Path("recipes/accelerate").glob("*.yaml")):
@@ -155,8 +155,8 @@ def test_deepspeed_config_without_deepspeed() -> None:
 def test_more_processes_than_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
     import torch
 
-    from tunelab.distributed import launch_command
-    from tunelab.errors import TunelabError
+    from tunelab.core.errors import TunelabError
+    from tunelab.training.distributed import launch_command
 
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     with pytest.raises(TunelabError, match="4 processes on this machine but it has 2 GPU"):
@@ -170,8 +170,8 @@ def test_a_rank_that_never_arrives_is_named(tmp_path: Path) -> None:
     script = tmp_path / "late.py"
     script.write_text(
         "import os, sys, time\n"
-        "from tunelab import distributed\n"
-        "from tunelab.errors import TunelabError\n"
+        "from tunelab.training import distributed\n"
+        "from tunelab.core.errors import TunelabError\n"
         "distributed.init()\n"
         "if distributed.world()[0] == 1:\n"
         "    time.sleep(8)\n"
@@ -291,8 +291,8 @@ def test_each_rank_trains_with_its_own_seed(monkeypatch: pytest.MonkeyPatch) -> 
     import torch
     from transformers import TrainingArguments
 
-    from tunelab import distributed
-    from tunelab.safeguards import seed_per_rank
+    from tunelab.training import distributed
+    from tunelab.training.safeguards import seed_per_rank
 
     class Fake:
         callbacks: list = []

@@ -19,9 +19,9 @@ from safetensors.torch import load_file
 from tests.conftest import CORPUS, QA_TRAIN, TINY_LLAMA, tiny_training
 from tests.test_bad_input import fails
 from tests.test_rlhf import PPO_TRAINING, PREF_TEST, PREF_TRAIN, reward_model  # noqa: F401 (a fixture)
-from tunelab import runs
+from tunelab.core import runs
 
-CLI = [sys.executable, "-m", "tunelab.cli", "run"]
+CLI = [sys.executable, "-m", "tunelab.cli.app", "run"]
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
 
 
@@ -203,7 +203,7 @@ def test_unwritable_output_dir(tmp_path: Path, tiny_lm: Path) -> None:
 
 
 def test_planned_disk_counts_kept_checkpoints() -> None:
-    from tunelab.plan import StagePlan
+    from tunelab.models.plan import StagePlan
 
     full = StagePlan("a", "train", "full", params=1000, trainable=1000, parts={"weights": 4000.0, "optimizer": 8000.0})
     lora = StagePlan("b", "train", "lora", params=1000, trainable=10, parts={"weights": 4000.0, "optimizer": 80.0})

@@ -28,8 +28,8 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from tests.conftest import assert_one_line_answer
-from tunelab.cli import app
-from tunelab.paths import recipes_root, shipped_recipes
+from tunelab.cli.app import app
+from tunelab.core.paths import recipes_root, shipped_recipes
 
 EXAMPLES = int(os.environ.get("TUNELAB_FUZZ_EXAMPLES", "30"))
 RECIPES = {name: path.read_text() for name, path in shipped_recipes().items()}
@@ -306,7 +306,7 @@ cell = st.one_of(
 )
 
 
-# Columns whose every value validate checks (tunelab.data.require_values): text (or chat turns) in every row,
+# Columns whose every value validate checks (tunelab.data.datasets.require_values): text (or chat turns) in every row,
 # not blank where marked True; KTO's labels booleans. A value of another type there must be refused (exit 2).
 CHECKED = {
     "dpo": {"prompt": False, "chosen": True, "rejected": True},

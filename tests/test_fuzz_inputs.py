@@ -28,7 +28,7 @@ from typer.testing import CliRunner
 
 from tests.conftest import assert_one_line_answer, tiny_training
 from tests.test_input_bounds import gguf_source
-from tunelab.cli import app
+from tunelab.cli.app import app
 
 SCALE = max(1, int(os.environ.get("TUNELAB_FUZZ_EXAMPLES", "1")))
 runner = CliRunner()
@@ -204,7 +204,7 @@ SIZES = [0, 7, 1000, 30000, 10**5, 10**9, 10**10, 2**62]
 def test_validate_answers_hostile_chat_templates(
     tiny_lm: Path, own_tmpdir: Path, monkeypatch: pytest.MonkeyPatch, data: st.DataObject
 ) -> None:
-    from tunelab import chat_templates as chat
+    from tunelab.models import chat_templates as chat
 
     monkeypatch.setattr(chat, "RENDER_SECONDS", 1.0)  # the bound is what is tested, not its value
     draw = data.draw

@@ -32,7 +32,7 @@ def _harness(model_args: dict, tasks: list[str], include: Path, **kwargs) -> dic
 def test_bundled_tasks_run_anywhere_from_the_copy_a_run_writes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     from lm_eval.tasks import TaskManager
 
-    from tunelab.harness import materialize
+    from tunelab.evaluation.harness import materialize
 
     folder = materialize(tmp_path / "tasks")
     copied = yaml.safe_load((folder / "tunelab_arith_mc.yaml").read_text())
@@ -52,7 +52,7 @@ def test_eval_choices_agree_with_the_harness_on_smollm2(tmp_path: Path, smollm2:
     """The same model, the same 12 questions, plain and through the chat template: the same accuracy
     through tunelab's eval and the harness, and the log-likelihood of each of the 48 choices equal to
     float precision."""
-    from tunelab.harness import materialize
+    from tunelab.evaluation.harness import materialize
 
     tasks = materialize(tmp_path / "tasks")
     data = {**MC_TEST, "split": "test[:12]"}
@@ -145,7 +145,7 @@ def test_think_end_token_scores_what_follows_the_reasoning(tmp_path: Path, tiny_
 def test_reasoning_marker_survives_decoding_as_a_special_token(smollm2: Path) -> None:
     from transformers import AutoTokenizer
 
-    from tunelab.prompting import _keep_marker, strip_reasoning
+    from tunelab.models.prompting import _keep_marker, strip_reasoning
 
     tokenizer = AutoTokenizer.from_pretrained(smollm2)
     ids = tokenizer("I think 3", add_special_tokens=False)["input_ids"]
@@ -224,7 +224,7 @@ def test_choices_of_unequal_types(tmp_path: Path, tiny_lm: Path) -> None:
 
 
 def test_think_end_token_and_the_plan_reach_the_harness(tiny_lm: Path) -> None:
-    from tunelab.plan import plan_generation
+    from tunelab.models.plan import plan_generation
     from tunelab.stages import Context, StageSpec, lm_eval
 
     cfg = {"stage": "lm_eval", "model": str(tiny_lm), "tasks": "tunelab_arith_mc", "think_end_token": "</think>"}
@@ -243,7 +243,7 @@ def test_think_end_token_and_the_plan_reach_the_harness(tiny_lm: Path) -> None:
 
 def test_stage_keys_are_simple_evaluates_arguments() -> None:
     """The lm_eval stage takes exactly simple_evaluate's arguments (less those tunelab sets itself)."""
-    from tunelab.harness import OWNED, signature_names
+    from tunelab.evaluation.harness import OWNED, signature_names
     from tunelab.stages import lm_eval
 
     assert set(lm_eval.HARNESS) == set(signature_names()) - set(OWNED)

@@ -191,7 +191,7 @@ def test_eval_renders_the_model_template_bounded(tmp_path: Path, tiny_lm: Path) 
 def test_data_that_looks_like_a_bomb_still_renders(tiny_lm: Path) -> None:
     from transformers import AutoTokenizer
 
-    from tunelab.chat_templates import render
+    from tunelab.models.chat_templates import render
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_lm)
     tokenizer.chat_template = (
@@ -206,7 +206,7 @@ def test_data_that_looks_like_a_bomb_still_renders(tiny_lm: Path) -> None:
 
 def test_a_good_template_still_renders(tmp_path: Path, tiny_lm: Path) -> None:
     from tests.test_bad_input import runner
-    from tunelab.cli import app
+    from tunelab.cli.app import app
 
     ok = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] | trim }}{{ '\\n' }}{% endfor %}"
     result = runner.invoke(app, ["validate", str(write(tmp_path, chat_sft(str(tiny_lm), chat_template=ok)))])
@@ -258,7 +258,7 @@ def test_a_reward_model_without_a_template_given_chat_prompts(tmp_path: Path, ti
         r"'stages.grpo.rewards\[0\]' is '.*rm', a reward model whose tokenizer has no chat template, but the prompts",
     )
     from tests.test_bad_input import runner
-    from tunelab.cli import app
+    from tunelab.cli.app import app
 
     result = runner.invoke(app, ["validate", str(write(tmp_path, stage, "plain.yaml"))])  # plain prompts: fine
     assert result.exit_code == 0, result.output
@@ -335,7 +335,7 @@ def test_lm_eval_generation_and_samples_out_of_range(tmp_path: Path, tiny_lm: Pa
 def test_lm_eval_generation_the_harness_takes(tmp_path: Path, tiny_lm: Path, gen_kwargs: object) -> None:
     """The harness's greedy `temperature=0`, and fields generate() only warns about, stay accepted."""
     from tests.test_bad_input import runner
-    from tunelab.cli import app
+    from tunelab.cli.app import app
 
     pytest.importorskip("lm_eval")
     stage = {"stage": "lm_eval", "model": str(tiny_lm), "tasks": ["tunelab_arith_mc"], "batch_size": 4}
@@ -347,8 +347,8 @@ def test_a_plan_orders_of_magnitude_past_the_device_is_an_error(
     tmp_path: Path, tiny_lm: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from tests.test_bad_input import runner
-    from tunelab import plan
-    from tunelab.cli import app
+    from tunelab.cli.app import app
+    from tunelab.models import plan
 
     monkeypatch.setattr(plan, "device_memory", lambda: ("a 1 GiB device", float(2**30)))
     stage = {**eval_stage(tiny_lm, max_new_tokens=100), "batch_size": 10**6}

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tests.conftest import QA_TRAIN, TINY_LLAMA, tiny_training
-from tunelab import throughput
+from tunelab.training import throughput
 
 
 def _tiny(tie: bool) -> torch.nn.Module:

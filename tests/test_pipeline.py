@@ -56,7 +56,7 @@ def test_resume_skips_unchanged_stages_and_from_reruns_changed_ones(tmp_path: Pa
 
 
 def test_resume_skips_a_checkpoint_torn_by_a_kill(tmp_path: Path) -> None:
-    from tunelab.safeguards import last_checkpoint
+    from tunelab.training.safeguards import last_checkpoint
 
     assert last_checkpoint(tmp_path / "none") is None
     for step, complete in ((10, True), (20, True), (30, False)):

@@ -12,8 +12,8 @@ from trl import SFTConfig
 from typer.testing import CliRunner
 
 from tests.conftest import QA_TRAIN, tiny_training
-from tunelab.cli import app
-from tunelab.plan import plan_generation, plan_training
+from tunelab.cli.app import app
+from tunelab.models.plan import plan_generation, plan_training
 
 LLAMA_7B = {
     "vocab_size": 32000,

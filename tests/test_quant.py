@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 import tunelab
 from tests.conftest import CORPUS, QA_TRAIN, TINY_LLAMA, tiny_training
 from tests.test_bad_input import fails, sft, write
-from tunelab.cli import app
+from tunelab.cli.app import app
 
 QLORA = {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_compute_dtype": "float32"}
 
@@ -102,7 +102,7 @@ def test_quantization_needs_lora(tmp_path: Path, tiny_lm: Path) -> None:
 
 
 def test_bf16_compute_on_a_gpu_without_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
-    from tunelab.quant import quant_config
+    from tunelab.models.quant import quant_config
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
@@ -121,7 +121,7 @@ def test_bitsandbytes_that_cannot_load(tmp_path: Path, tiny_lm: Path, monkeypatc
 
 
 def test_layers_the_cpu_4bit_kernel_rejects_are_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("tunelab.quant.packed_cpu_kernel", lambda: True)
+    monkeypatch.setattr("tunelab.models.quant.packed_cpu_kernel", lambda: True)
     odd = {**TINY_LLAMA, "hidden_size": 96, "intermediate_size": 200}
     recipe = {
         "output_dir": str(tmp_path / "out"),

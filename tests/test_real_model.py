@@ -16,8 +16,8 @@ from typer.testing import CliRunner
 
 import tunelab
 from tests.conftest import CHAT_TEST, CHAT_TRAIN, SMOLLM2, tiny_training
-from tunelab.chat_templates import TUNELAB_TEMPLATE, assistant_mask
-from tunelab.cli import app
+from tunelab.cli.app import app
+from tunelab.models.chat_templates import TUNELAB_TEMPLATE, assistant_mask
 
 runner = CliRunner()
 CONVERSATION = [
@@ -42,7 +42,7 @@ def test_model_keys_are_from_pretrained_arguments() -> None:
     """Every key a `model:` mapping takes is a keyword argument transformers' from_pretrained reads."""
     from transformers import PreTrainedModel
 
-    from tunelab.models import LOAD_KEYS
+    from tunelab.models.spec import LOAD_KEYS
 
     source = inspect.getsource(PreTrainedModel.from_pretrained)
     params = inspect.signature(PreTrainedModel.from_pretrained).parameters
@@ -51,13 +51,13 @@ def test_model_keys_are_from_pretrained_arguments() -> None:
 
 
 def test_gguf_plain_copy_is_the_dequantized_model(smollm2: Path) -> None:
-    from tunelab.gguf_models import origin
+    from tunelab.models.gguf_files import origin
 
     assert json.loads((smollm2 / "config.json").read_text()).get("quantization_config") is None
     assert origin(smollm2)["source"] == SMOLLM2["path"]
     plain = AutoModelForCausalLM.from_pretrained(smollm2)
     assert plain.config.tie_word_embeddings and plain.lm_head.weight is plain.model.embed_tokens.weight
-    folder = tunelab.hub.local_path(SMOLLM2["path"])
+    folder = tunelab.core.hub.local_path(SMOLLM2["path"])
     flagged = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2["gguf_file"], dtype=torch.float32)
     ids = torch.tensor([[1, 504, 3458, 314, 253, 1789]])
     with torch.no_grad():
@@ -134,7 +134,7 @@ def test_sft_mask_reaches_the_trainer(smollm2: Path) -> None:
     """The rows TRL trains on carry labels on the assistant's tokens only (counted, not assumed)."""
     from datasets import Dataset
 
-    from tunelab.chat_templates import tokenize_assistant_only
+    from tunelab.models.chat_templates import tokenize_assistant_only
 
     tokenizer = AutoTokenizer.from_pretrained(smollm2)
     ds = tokenize_assistant_only(Dataset.from_list([{"messages": CONVERSATION}] * 2), tokenizer, "data")
@@ -210,7 +210,7 @@ def test_real_model_track_shrunk(tmp_path: Path) -> None:
 
 
 def test_attention_on_a_gguf_file_reads_the_chat_turn(smollm2: Path) -> None:
-    from tunelab.attention import attention_maps
+    from tunelab.models.attention import attention_maps
 
     tokens, maps = attention_maps(f"{SMOLLM2['path']}/{SMOLLM2['gguf_file']}", "Hi")
     assert tokens[0] == "<|im_start|>" and "Hi" in tokens and len(maps) == 30

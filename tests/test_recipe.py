@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from tunelab import TunelabError, load_recipe, recipe_from_dict
-from tunelab.paths import shipped_recipes
+from tunelab.core.paths import shipped_recipes
 from tunelab.recipe import apply_override
 
 PIPELINE = {

@@ -18,8 +18,8 @@ import pytest
 import yaml
 
 import tunelab
-from tunelab.paths import recipes_root
-from tunelab.runs import read_json
+from tunelab.core.paths import recipes_root
+from tunelab.core.runs import read_json
 
 # tunelab run quickstart, shrunk: 30 pre-training steps, then 10 LoRA SFT steps, one loss per step.
 PRETRAIN = [

@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 import tunelab
 from tests.conftest import QA_TRAIN, pretrain_stage, tiny_training
 from tests.test_bad_input import fails, write
-from tunelab.cli import app
+from tunelab.cli.app import app
 
 PREF_TRAIN = {"path": "recipes/data/arith_pref", "split": "train[:32]"}
 PREF_TEST = {"path": "recipes/data/arith_pref", "split": "test[:16]"}
@@ -303,7 +303,7 @@ def test_ppo_reward_model_that_is_not_a_classifier(tmp_path: Path, tiny_lm: Path
 
 
 def test_ppo_reward_model_with_another_tokenizer(tmp_path: Path, tiny_lm: Path, reward_model: Path) -> None:
-    from tunelab.models import train_tokenizer
+    from tunelab.models.tokenizers import train_tokenizer
 
     other = tmp_path / "other-reward"
     shutil.copytree(reward_model, other)
@@ -411,7 +411,7 @@ def test_shipped_rlhf_recipe_runs_end_to_end_when_shrunk(tmp_path: Path) -> None
 def test_qlora_reward_model_trains_and_saves_an_adapter_that_scores_like_the_stage(
     tmp_path: Path, tiny_lm: Path
 ) -> None:
-    from tunelab.models import load_sequence_classifier
+    from tunelab.models.reward_models import load_sequence_classifier
 
     quant = {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_compute_dtype": "float32"}
     stage = reward_stage(str(tiny_lm), lora={"r": 4, "target_modules": "all-linear"}, quantization=quant)
@@ -422,7 +422,7 @@ def test_qlora_reward_model_trains_and_saves_an_adapter_that_scores_like_the_sta
     # Reloaded on the 4-bit base, the adapter gives the held-out accuracy the stage reported.
     from transformers import BitsAndBytesConfig
 
-    from tunelab.data import load_split
+    from tunelab.data.datasets import load_split
     from tunelab.stages.reward import pairwise_accuracy
 
     model = load_sequence_classifier({"path": str(folder)}, quantization=BitsAndBytesConfig(**quant))
@@ -492,7 +492,7 @@ def test_tunelab_ppo_loop_is_trls_step_for_step(tmp_path: Path, tiny_lm: Path, r
     from transformers import set_seed
     from trl.experimental.ppo import PPOConfig, PPOTrainer
 
-    from tunelab.ppo_trainer import ResumablePPOTrainer
+    from tunelab.training.ppo_trainer import ResumablePPOTrainer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_lm, padding_side="left")
     prompts = Dataset.from_dict({"input_ids": [tokenizer("12+7=", add_special_tokens=False)["input_ids"]] * 8})
@@ -537,7 +537,8 @@ def test_tunelab_ppo_loop_is_trls_step_for_step(tmp_path: Path, tiny_lm: Path, r
 def test_ppo_disk_plan_matches_its_checkpoints(tmp_path: Path, tiny_lm: Path, reward_model: Path) -> None:
     """A PPO checkpoint holds the policy, the value model and both models' optimizer states: the disk
     check plans that size (within 15%), not the policy's alone (about half of it)."""
-    from tunelab import pipeline, runs
+    from tunelab import pipeline
+    from tunelab.core import runs
 
     training = {**PPO_TRAINING, "save_strategy": "steps", "save_steps": 1}
     stage = {"stage": "ppo", "model": str(tiny_lm), "reward_model": str(reward_model), "data": QA_TRAIN}

@@ -13,8 +13,8 @@ from typer.testing import CliRunner
 
 import tunelab
 from tests.conftest import QA_TEST, QA_TRAIN, TINY_LLAMA, tiny_training
-from tunelab.answers import answer
-from tunelab.cli import app
+from tunelab.cli.app import app
+from tunelab.evaluation.answers import answer
 
 
 def run_stage(tmp_path: Path, stage: dict, name: str = "stage") -> tunelab.RunResult:
@@ -299,7 +299,7 @@ def test_sft_packs_by_default_only_where_attention_keeps_rows_apart(tmp_path: Pa
 def test_lora_on_a_merged_lora_names_it_as_its_base_and_reloads_exactly(tmp_path: Path, tiny_lm: Path) -> None:
     """SFT LoRA, then a second LoRA stage on ${first} (as DPO or GRPO on ${sft} are): the second adapter
     must load over base + first adapter, in tunelab's loaders and in `tunelab merge`."""
-    from tunelab.models import load_causal_lm
+    from tunelab.models.loading import load_causal_lm
 
     def lora_stage(model: str) -> dict:
         training = tiny_training(max_steps=2, learning_rate=5e-2)

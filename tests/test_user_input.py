@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 import tunelab
 from tests.conftest import CORPUS, QA_TRAIN, TINY_LLAMA, tiny_training
 from tests.test_bad_input import fails, write
-from tunelab.cli import app
+from tunelab.cli.app import app
 
 runner = CliRunner()
 

@@ -43,7 +43,7 @@ def main() -> None:
     from sklearn.datasets import load_digits
 
     raw = load_digits()
-    order = np.random.default_rng(0).permutation(len(raw.images))  # the split of tunelab.diffusion.digits
+    order = np.random.default_rng(0).permutation(len(raw.images))  # the split of tunelab.diffusion.pipelines.digits
     splits = {"train": order[:TRAIN_IMAGES], "test": order[1500 : 1500 + TEST_IMAGES]}
     rng = random.Random(SEED)
     for split, idx in splits.items():

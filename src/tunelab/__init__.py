@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Any
 
-from tunelab.errors import TunelabError
+from tunelab.core.errors import TunelabError
 from tunelab.recipe import Recipe, load_recipe, recipe_from_dict
 
 __version__ = "0.1.0"
@@ -95,7 +95,7 @@ def _prompt(value: Any, name: str) -> str:
 
 def _path(value: Any, name: str, what: str) -> str:
     """A str or os.PathLike argument, as a string the rest of tunelab takes."""
-    from tunelab.errors import check_path
+    from tunelab.core.errors import check_path
 
     if not isinstance(value, (str, os.PathLike)):
         raise TunelabError(f"{name} must be {what} (a string or a Path), not {_shown(value)}")
@@ -109,7 +109,7 @@ def _path(value: Any, name: str, what: str) -> str:
 def _model(value: Any) -> str | dict:
     """A model reference: a path or hub id, or a mapping of from_pretrained arguments with `path:`."""
     if isinstance(value, dict):
-        return value  # checked by tunelab.models.model_spec, as a recipe's `model:` mapping is
+        return value  # checked by tunelab.models.spec.model_spec, as a recipe's `model:` mapping is
     return _path(value, "model", "a model folder, an adapter or stage folder, a hub id or a .gguf file")
 
 
@@ -148,9 +148,9 @@ def run(
 
 def merge(adapter_dir: str | Path, out_dir: str | Path, base: str | None = None, overwrite: bool = False) -> Path:
     """Merge a LoRA adapter into its base model; saves a full model with its tokenizer."""
-    from tunelab.hub import configure_offline
-    from tunelab.models import merge as _merge
-    from tunelab.progress import quiet
+    from tunelab.core.hub import configure_offline
+    from tunelab.core.progress import quiet
+    from tunelab.models.merge import merge as _merge
 
     adapter_dir = _path(adapter_dir, "adapter_dir", "the folder of a LoRA adapter")
     out_dir = _path(out_dir, "out_dir", "the folder to save the merged model in")
@@ -170,7 +170,7 @@ def chat(
     **generation: Any,
 ) -> str:
     """One reply from a model (folder, adapter, stage folder, hub id, .gguf) through its chat template."""
-    from tunelab.talk import chat as _chat
+    from tunelab.models.chat import chat as _chat
 
     model = _model(model)
     _prompt(prompt, "prompt")
@@ -190,7 +190,7 @@ def generate(
     A single string is one prompt, and its reply comes back as a string (a string is not a list of
     one-character prompts).
     """
-    from tunelab.talk import generate as _generate
+    from tunelab.models.chat import generate as _generate
 
     model = _model(model)
     if isinstance(prompts, str):

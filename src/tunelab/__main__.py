@@ -1,6 +1,6 @@
 """`python -m tunelab ...` is the `tunelab` command, so `accelerate launch -m tunelab run RECIPE` works."""
 
-from tunelab.cli import main
+from tunelab.cli.app import main
 
 if __name__ == "__main__":
     main()

@@ -21,18 +21,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tunelab import distributed, runs
-from tunelab.data import signature
-from tunelab.errors import DownloadNeeded, TunelabError, closest
-from tunelab.hub import configure_offline
-from tunelab.models import WEIGHTS_NEEDED
-from tunelab.plan import check_fits, device_memory, fmt_bytes
-from tunelab.progress import quiet
+from tunelab.core import runs
+from tunelab.core.errors import DownloadNeeded, TunelabError, closest
+from tunelab.core.hub import configure_offline
+from tunelab.core.progress import quiet
+from tunelab.core.refs import iter_refs
+from tunelab.data.datasets import signature
+from tunelab.models.plan import check_fits, device_memory, fmt_bytes
+from tunelab.models.spec import WEIGHTS_NEEDED
 from tunelab.recipe import Recipe
-from tunelab.refs import iter_refs
 from tunelab.reports import write_report
-from tunelab.safeguards import Interrupted, last_checkpoint
-from tunelab.stages import Context, StageResult, StageSpec, stage_module, tokenizer_origin
+from tunelab.stages import Context, StageResult, StageSpec, stage
+from tunelab.training import distributed
+from tunelab.training.safeguards import Interrupted, last_checkpoint
 
 
 @dataclass
@@ -146,36 +147,36 @@ def _inspect(recipe: Recipe, strict_plans: bool, downloads: list[str] | None = N
     ctx = Context(seed=recipe.seed, run_dir=recipe.output_dir, checking=True, kinds=kinds)
     plans = []
     for spec in _specs(recipe):
-        module = stage_module(spec.kind)
+        impl = stage(spec.kind)
         try:
-            module.check(spec, ctx)
+            impl.check(spec, ctx)
         except DownloadNeeded as exc:
             if downloads is None:
                 raise
             downloads.append(str(exc))
-            if module.PRODUCES_MODEL:  # later stages check against it as a stage not yet run
+            if impl.produces_model:  # later stages check against it as a stage not yet run
                 ctx.outputs[spec.name] = spec.out_dir
                 with contextlib.suppress(TunelabError):
-                    origin = tokenizer_origin(module, spec, ctx)
+                    origin = impl.tokenizer_source(spec, ctx)
                     if origin is not None:
                         ctx.tokenizers[spec.name] = origin
             continue
         try:
-            stage_plan = module.plan(spec, ctx)
+            stage_plan = impl.plan(spec, ctx)
         except (TunelabError, ValueError, TypeError, AttributeError, OSError):
             if strict_plans:
                 raise
             stage_plan = None  # a plan we cannot make must not stop a run the checks accepted
         if stage_plan is not None:
             plans.append(stage_plan)
-        if module.PRODUCES_MODEL:
+        if impl.produces_model:
             if spec.name not in ctx.configs and "model" in spec.cfg:
                 # A fine-tuned model has its starting model's shape: later checks and plans can use it.
-                from tunelab.models import model_config
+                from tunelab.models.spec import model_config
 
                 with contextlib.suppress(TunelabError):
                     ctx.configs[spec.name] = model_config(spec.cfg["model"], ctx, f"{spec.where}.model")
-            origin = tokenizer_origin(module, spec, ctx)
+            origin = impl.tokenizer_source(spec, ctx)
             if origin is not None:
                 ctx.tokenizers[spec.name] = origin
             ctx.outputs[spec.name] = spec.out_dir
@@ -552,8 +553,8 @@ def _run_stage(
     if replaces is not None:
         record["replaces"] = replaces.name
     main = distributed.is_main()
-    module = stage_module(spec.kind)
-    everywhere = getattr(module, "RANKS", "main") == "all"  # training stages run on every rank
+    impl = stage(spec.kind)
+    everywhere = impl.ranks == "all"  # training stages run on every rank
     spec.out_dir.mkdir(parents=True, exist_ok=True)
     _write(spec.out_dir / "stage.json", record)
     manifest["stages"][spec.name] = {"status": "running", "kind": spec.kind}
@@ -568,7 +569,7 @@ def _run_stage(
     tb_dir = os.environ.get("TENSORBOARD_LOGGING_DIR")
     os.environ["TENSORBOARD_LOGGING_DIR"] = tb_dir or str(spec.out_dir / "runs")
     try:
-        out = module.run(spec, ctx) if everywhere or main else StageResult(model=None)
+        out = impl.run(spec, ctx) if everywhere or main else StageResult(model=None)
         distributed.barrier(f"the end of stage '{spec.name}'")
     except BaseException as exc:
         record.update(status="interrupted" if isinstance(exc, KeyboardInterrupt) else "failed", ended=runs.now())
@@ -582,7 +583,7 @@ def _run_stage(
             os.environ.pop("TENSORBOARD_LOGGING_DIR", None)
     seconds = time.perf_counter() - start
     if main and out.model is not None:
-        from tunelab.models import record_base
+        from tunelab.models.spec import record_base
 
         record_base(out.model)  # an adapter on a GGUF file's plain copy says where that file is
     record.update(

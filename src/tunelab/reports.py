@@ -11,9 +11,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from tunelab.runs import read_json, write_atomic
+from tunelab.core.runs import read_json, write_atomic
 from tunelab.stages import metrics_of
-from tunelab.vlm_prompting import report_section
+from tunelab.vision.prompting import report_section
 
 
 def _plt():

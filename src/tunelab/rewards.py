@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from tunelab.answers import answer, matches
+from tunelab.evaluation.answers import answer, matches
 
 
 def _text(completion: Any) -> str:

@@ -11,8 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from tunelab.errors import TunelabError, closest
-from tunelab.hub import hub_reachable
+from tunelab.core.errors import TunelabError, closest
+from tunelab.core.hub import hub_reachable
 
 ROOT = Path(__file__).resolve().parent
 SHIPPED = tuple(sorted(p.name for p in ROOT.iterdir() if (p / f"{p.name}.py").is_file()))

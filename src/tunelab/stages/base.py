@@ -1,17 +1,13 @@
 """One base for the Trainer-backed stages: a stage is a declaration over shared components.
 
 A stage module declares a subclass of `TrainerStage` (its config class, its trainer class, its data,
-its metrics) and exposes it as the module interface of `tunelab.stages`:
+its metrics), registered by kind in `tunelab.stages.STAGES` as "module:Class":
 
     class DPO(TrainerStage):
         config_class = "trl:DPOConfig"
         trainer_class = "trl:DPOTrainer"
         sections = {...}
         metrics = Metrics(summary=("train_loss", "eval_rewards/accuracies"), progress={"rewards/margins": "margin"})
-
-    STAGE = DPO()
-    PRODUCES_MODEL, RANKS, SECTIONS, METRICS = STAGE.produces_model, STAGE.ranks, STAGE.sections, STAGE.metrics
-    check, run, plan = STAGE.check, STAGE.run, STAGE.plan
 
 `settings()` parses the stage's sections once into a typed `Settings` (the config object built as the
 trainer will get it, the LoRA and quantization configs, the model's from_pretrained arguments, the chat
@@ -29,8 +25,10 @@ import importlib
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from tunelab.adapters import lora_config, trainable_quantization
-from tunelab.chat_templates import (
+from tunelab.core.errors import TunelabError
+from tunelab.data.datasets import load_split, preference_splits, require_columns
+from tunelab.models.adapters import lora_config, trainable_quantization
+from tunelab.models.chat_templates import (
     chat_pairs,
     check_chat_data,
     check_example,
@@ -39,14 +37,14 @@ from tunelab.chat_templates import (
     system_prompt,
     use_template,
 )
-from tunelab.data import load_split, preference_splits, require_columns
-from tunelab.errors import TunelabError
-from tunelab.models import load_causal_lm, load_tokenizer, prepare_kbit, stage_model
-from tunelab.plan import policy_plan
-from tunelab.preflight import check_model, check_training, check_vllm
-from tunelab.rewarding import check_reward_templates, check_rewards, reward_functions
-from tunelab.stages import TRAINING, Context, Metrics, StageResult, StageSpec
-from tunelab.training import fingerprints, guarded_train, kl_limit, save, training_args
+from tunelab.models.loading import load_causal_lm, prepare_kbit
+from tunelab.models.plan import policy_plan
+from tunelab.models.preflight import check_model, check_training, check_vllm
+from tunelab.models.reward_functions import check_reward_templates, check_rewards, reward_functions
+from tunelab.models.spec import stage_model
+from tunelab.models.tokenizers import load_tokenizer
+from tunelab.stages import TRAINING, Context, Metrics, Stage, StageResult, StageSpec
+from tunelab.training.trainer import fingerprints, guarded_train, kl_limit, save, training_args
 
 
 def import_name(path: str) -> Any:
@@ -91,7 +89,7 @@ def sections(own: dict[str, str], common: tuple[str, ...] = tuple(COMMON_SECTION
     return {k: merged[k] for k in [*first, *(k for k in own if k != "model"), *(k for k in common if k not in own)]}
 
 
-class TrainerStage:
+class TrainerStage(Stage):
     """A stage that trains with a (TRL) Trainer. Subclasses declare; the base does the common work."""
 
     # --- the declaration --------------------------------------------------------------------------
@@ -321,8 +319,9 @@ class OnlineStage(TrainerStage):
     """
 
     data_hint = "name a dataset with a `prompt` column"
-    metrics = Metrics(summary=("train_loss", "first_reward", "last_reward"), progress=ONLINE_PROGRESS,
-                      trend={"reward": "reward"})
+    metrics = Metrics(
+        summary=("train_loss", "first_reward", "last_reward"), progress=ONLINE_PROGRESS, trend={"reward": "reward"}
+    )
 
     def data(self, spec: StageSpec, s: Settings) -> tuple[Any, Any]:
         ds = load_split(self.require_data(spec), f"{spec.where}.data", "train")

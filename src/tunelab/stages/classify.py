@@ -11,11 +11,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from tunelab.data import load_split, require_columns
-from tunelab.errors import TunelabError
+from tunelab.core.errors import TunelabError
+from tunelab.core.runs import write_json
+from tunelab.data.datasets import load_split, require_columns
 from tunelab.metrics import load as load_metric
-from tunelab.models import load_kwargs
-from tunelab.runs import write_json
+from tunelab.models.spec import load_kwargs
 from tunelab.stages import TRAINING, Context, Metrics, StageSpec
 from tunelab.stages.base import Settings, TrainerStage, sections
 
@@ -184,8 +184,3 @@ class Classify(TrainerStage):
 
     def plan(self, spec: StageSpec, ctx: Context):
         return None  # the planner covers causal LMs; encoders of this size fit anywhere
-
-
-STAGE = Classify()
-PRODUCES_MODEL, RANKS, SECTIONS, METRICS = STAGE.produces_model, STAGE.ranks, STAGE.sections, STAGE.metrics
-check, run, plan = STAGE.check, STAGE.run, STAGE.plan

@@ -23,9 +23,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from tunelab.config import build, check_keys
-from tunelab.data import fingerprint, require_columns
-from tunelab.diffusion import (
+from tunelab.core.config import build, check_keys
+from tunelab.core.errors import TunelabError
+from tunelab.core.hub import local_path
+from tunelab.core.progress import quiet
+from tunelab.data.datasets import fingerprint, require_columns
+from tunelab.diffusion.pipelines import (
     grid,
     image_spec,
     load_images,
@@ -36,16 +39,10 @@ from tunelab.diffusion import (
     scheduler_spec,
     to_tensor,
 )
-from tunelab.errors import TunelabError
-from tunelab.hub import local_path
-from tunelab.plan import StagePlan
-from tunelab.progress import quiet
-from tunelab.stages import TRAINING, Context, Metrics, StageResult, StageSpec
-from tunelab.training import guarded_train, training_args
+from tunelab.models.plan import StagePlan
+from tunelab.stages import TRAINING, Context, Metrics, Stage, StageResult, StageSpec
+from tunelab.training.trainer import guarded_train, training_args
 
-PRODUCES_MODEL = True
-METRICS = Metrics(summary=(*TRAINING, "trainable_parameters"))
-RANKS = "all"  # trains on every process of a distributed run (the Trainer shards the data)
 SECTIONS = {
     "model": "pipeline to start from: a text-to-image pipeline for LoRA, or a DDPM pipeline; omit to build `unet:`",
     "unet": "diffusers.UNet2DModel fields for a model trained from scratch (block_out_channels, ...)",
@@ -169,7 +166,7 @@ def _samples(spec: StageSpec, mode: str) -> dict[str, Any] | None:
         raise TunelabError(f"'{where}' must be a mapping: {{every: 500, num_images: 16, scheduler: DDIM}}")
     for key in value:
         if key not in SAMPLE_KEYS:
-            from tunelab.errors import unknown_key
+            from tunelab.core.errors import unknown_key
 
             raise unknown_key(where, key, SAMPLE_KEYS, "sample grid settings")
     out = {"every": 0, "num_images": 16, "scheduler": "DDIM", "num_inference_steps": 50, "seed": 0, **value}
@@ -202,68 +199,6 @@ def _image(spec: StageSpec, mode: str) -> dict[str, Any]:
     if not isinstance(flip, bool):
         raise TunelabError(f"'{spec.where}.random_flip' must be true or false, got {flip!r}")
     return image_spec(spec.cfg, spec.where)
-
-
-def check(spec: StageSpec, ctx: Context) -> None:
-    mode = _mode(spec, ctx)
-    _args(spec, ctx)
-    image = _image(spec, mode)
-    if mode == "unconditional" and "model" not in spec.cfg:
-        _build_unet(_unet_config(spec, image), f"{spec.where}.unet", meta=True)
-        _noise_scheduler(spec)
-    elif "scheduler" in spec.cfg:
-        raise TunelabError(f"'{spec.where}.scheduler': the pipeline brings its noise schedule; drop it")
-    if mode == "text":
-        _lora(spec)
-        if "channels" in spec.cfg and spec.cfg["channels"] != 3:
-            raise TunelabError(f"'{spec.where}.channels': text-to-image pipelines take RGB images (3 channels)")
-    _ema(spec, mode)
-    _samples(spec, mode)
-
-
-def plan(spec: StageSpec, ctx: Context):
-    """Weights, gradients and AdamW state of the UNet (activations of UNets are not modelled).
-
-    Enough for the disk check (checkpoint sizes) and a lower bound on memory.
-    """
-
-    mode = _mode(spec, ctx)
-    if "model" not in spec.cfg:
-        unet = _build_unet(_unet_config(spec, _image(spec, mode)), f"{spec.where}.unet", meta=True)
-        params = trainable = sum(p.numel() for p in unet.parameters())
-    else:
-        from tunelab.hub import local_path
-
-        if ctx.is_pending(spec.cfg["model"]):
-            return None
-        folder = local_path(ctx.resolve_ref(spec.cfg["model"]))
-        if folder is None or not (folder / "unet" / "config.json").is_file():
-            return None  # a hub pipeline: its config is not read before download
-        import torch
-        from diffusers import UNet2DConditionModel, UNet2DModel
-
-        cls = UNet2DConditionModel if mode == "text" else UNet2DModel
-        with torch.device("meta"):
-            unet = cls.from_config(cls.load_config(folder / "unet"))
-        params = sum(p.numel() for p in unet.parameters())
-        trainable = params
-        if mode == "text":
-            unet.add_adapter(_lora(spec))
-            trainable = sum(p.numel() for n, p in unet.named_parameters() if "lora_" in n)
-    parts = {"weights": params * 4.0, "gradients": trainable * 4.0, "optimizer": trainable * 8.0}
-    return StagePlan(
-        spec.name,
-        "train",
-        "lora" if mode == "text" else "full",
-        params,
-        trainable,
-        parts,
-        ["activations of UNets are not modelled"],
-    )
-
-
-def tokenizer_source(spec: StageSpec, ctx: Context) -> str | None:
-    return None  # a diffusion pipeline is not a tokenizer source for language stages
 
 
 # ---------------------------------------------------------------- training
@@ -482,94 +417,6 @@ def _dataset(spec: StageSpec, image: dict[str, Any], tokenizer=None):
     return ds.with_transform(transform), collate
 
 
-def run(spec: StageSpec, ctx: Context) -> StageResult:
-    import torch
-    from transformers import set_seed
-
-    quiet(diffusers=True)
-    mode = _mode(spec, ctx)
-    args = _args(spec, ctx)
-    image = _image(spec, mode)
-    ema_cfg = _ema(spec, mode)
-    samples = _samples(spec, mode)
-    set_seed(ctx.seed)  # the UNet's (or adapter's) initial weights
-    vae = text_encoder = tokenizer = pipe = None
-    if mode == "text":
-        pipe = load_pipeline(ctx.resolve_ref(spec.cfg["model"]), f"{spec.where}.model")
-        unet, vae, text_encoder, tokenizer = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
-        for module in (unet, vae, text_encoder):
-            module.requires_grad_(False)
-        if "resolution" not in spec.cfg:
-            image["resolution"] = unet.config.sample_size * pipe.vae_scale_factor
-        unet.add_adapter(_lora(spec))
-        noise_scheduler = make_scheduler("DDPM", pipe.scheduler.config, f"{spec.where}.model")
-    elif "model" in spec.cfg:
-        pipe = load_pipeline(ctx.resolve_ref(spec.cfg["model"]), f"{spec.where}.model")
-        unet = pipe.unet
-        noise_scheduler = make_scheduler("DDPM", pipe.scheduler.config, f"{spec.where}.model")
-        if unet.config.in_channels != image["channels"]:
-            raise TunelabError(
-                f"'{spec.where}': the pipeline's UNet takes {unet.config.in_channels} channel(s), "
-                f"the images have {image['channels']}; set `channels: {unet.config.in_channels}`"
-            )
-    else:
-        unet = _build_unet(_unet_config(spec, image), f"{spec.where}.unet")
-        noise_scheduler = _noise_scheduler(spec)
-    unet.train()
-    train_ds, collate = _dataset(spec, image, tokenizer)
-
-    ema = None
-    if ema_cfg is not None:
-        from diffusers.training_utils import EMAModel
-
-        ema = EMAModel(unet.parameters(), model_cls=type(unet), model_config=unet.config, **ema_cfg)
-
-    def make_pipe(model):
-        from diffusers import DDPMPipeline
-
-        base = pipe.scheduler.config if pipe is not None else noise_scheduler.config
-        scheduler = make_scheduler(samples["scheduler"] if samples else "DDIM", base, f"{spec.where}.samples")
-        if mode == "text":
-            pipe.scheduler = scheduler
-            return pipe.to(model.device)
-        return DDPMPipeline(unet=model, scheduler=scheduler)
-
-    callbacks, write_grid = _callbacks(ema, samples, make_pipe, spec.out_dir)
-    trainer = _trainer_class()(
-        model=unet,
-        args=args,
-        train_dataset=train_ds,
-        data_collator=collate,
-        callbacks=callbacks,
-        noise_scheduler=noise_scheduler,
-        ema=ema,
-        vae=vae,
-        text_encoder=text_encoder,
-        lora=mode == "text",
-    )
-    if ema is not None:
-        ema.to(trainer.args.device)
-    metrics: dict[str, Any] = guarded_train(trainer, spec, ctx.resume)
-    files: dict[str, str] = {}
-    if trainer.args.should_save:
-        final = unet
-        if samples is not None:
-            files["samples"] = str(write_grid(final, int(metrics["global_step"])))
-        if mode == "text":
-            _save_lora(pipe, unet, spec, ctx)
-        else:
-            from diffusers import DDPMPipeline
-
-            if ema is not None:
-                ema.copy_to(unet.parameters())
-            unet.eval()
-            with torch.no_grad():
-                DDPMPipeline(unet=unet, scheduler=noise_scheduler).save_pretrained(str(spec.out_dir))
-    metrics["parameters"] = float(sum(p.numel() for p in unet.parameters()))
-    metrics["trainable_parameters"] = float(sum(p.numel() for p in unet.parameters() if p.requires_grad))
-    return StageResult(metrics=metrics, model=spec.out_dir, files=files, fingerprints={"data": fingerprint(train_ds)})
-
-
 def _save_lora(pipe, unet, spec: StageSpec, ctx: Context) -> None:
     """diffusers-format LoRA weights (what `load_lora_weights` reads) and a model card naming the base."""
     from diffusers.utils import convert_state_dict_to_diffusers
@@ -586,3 +433,160 @@ def _save_lora(pipe, unet, spec: StageSpec, ctx: Context) -> None:
         f"```python\nfrom diffusers import DiffusionPipeline\n\npipe = DiffusionPipeline.from_pretrained({base!r})\n"
         f"pipe.load_lora_weights({str(spec.out_dir)!r})\n```\n"
     )
+
+
+class DiffusionTrain(Stage):
+    """Diffusion training through diffusers and the transformers `Trainer`."""
+
+    produces_model = True
+    ranks = "all"  # trains on every process of a distributed run (the Trainer shards the data)
+    metrics = Metrics(summary=(*TRAINING, "trainable_parameters"))
+    sections = SECTIONS
+
+    def check(self, spec: StageSpec, ctx: Context) -> None:
+        mode = _mode(spec, ctx)
+        _args(spec, ctx)
+        image = _image(spec, mode)
+        if mode == "unconditional" and "model" not in spec.cfg:
+            _build_unet(_unet_config(spec, image), f"{spec.where}.unet", meta=True)
+            _noise_scheduler(spec)
+        elif "scheduler" in spec.cfg:
+            raise TunelabError(f"'{spec.where}.scheduler': the pipeline brings its noise schedule; drop it")
+        if mode == "text":
+            _lora(spec)
+            if "channels" in spec.cfg and spec.cfg["channels"] != 3:
+                raise TunelabError(f"'{spec.where}.channels': text-to-image pipelines take RGB images (3 channels)")
+        _ema(spec, mode)
+        _samples(spec, mode)
+
+    def plan(self, spec: StageSpec, ctx: Context):
+        """Weights, gradients and AdamW state of the UNet (activations of UNets are not modelled).
+
+        Enough for the disk check (checkpoint sizes) and a lower bound on memory.
+        """
+
+        mode = _mode(spec, ctx)
+        if "model" not in spec.cfg:
+            unet = _build_unet(_unet_config(spec, _image(spec, mode)), f"{spec.where}.unet", meta=True)
+            params = trainable = sum(p.numel() for p in unet.parameters())
+        else:
+            from tunelab.core.hub import local_path
+
+            if ctx.is_pending(spec.cfg["model"]):
+                return None
+            folder = local_path(ctx.resolve_ref(spec.cfg["model"]))
+            if folder is None or not (folder / "unet" / "config.json").is_file():
+                return None  # a hub pipeline: its config is not read before download
+            import torch
+            from diffusers import UNet2DConditionModel, UNet2DModel
+
+            cls = UNet2DConditionModel if mode == "text" else UNet2DModel
+            with torch.device("meta"):
+                unet = cls.from_config(cls.load_config(folder / "unet"))
+            params = sum(p.numel() for p in unet.parameters())
+            trainable = params
+            if mode == "text":
+                unet.add_adapter(_lora(spec))
+                trainable = sum(p.numel() for n, p in unet.named_parameters() if "lora_" in n)
+        parts = {"weights": params * 4.0, "gradients": trainable * 4.0, "optimizer": trainable * 8.0}
+        return StagePlan(
+            spec.name,
+            "train",
+            "lora" if mode == "text" else "full",
+            params,
+            trainable,
+            parts,
+            ["activations of UNets are not modelled"],
+        )
+
+    def tokenizer_source(self, spec: StageSpec, ctx: Context) -> str | None:
+        return None  # a diffusion pipeline is not a tokenizer source for language stages
+
+    def run(self, spec: StageSpec, ctx: Context) -> StageResult:
+        import torch
+        from transformers import set_seed
+
+        quiet(diffusers=True)
+        mode = _mode(spec, ctx)
+        args = _args(spec, ctx)
+        image = _image(spec, mode)
+        ema_cfg = _ema(spec, mode)
+        samples = _samples(spec, mode)
+        set_seed(ctx.seed)  # the UNet's (or adapter's) initial weights
+        vae = text_encoder = tokenizer = pipe = None
+        if mode == "text":
+            pipe = load_pipeline(ctx.resolve_ref(spec.cfg["model"]), f"{spec.where}.model")
+            unet, vae, text_encoder, tokenizer = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
+            for module in (unet, vae, text_encoder):
+                module.requires_grad_(False)
+            if "resolution" not in spec.cfg:
+                image["resolution"] = unet.config.sample_size * pipe.vae_scale_factor
+            unet.add_adapter(_lora(spec))
+            noise_scheduler = make_scheduler("DDPM", pipe.scheduler.config, f"{spec.where}.model")
+        elif "model" in spec.cfg:
+            pipe = load_pipeline(ctx.resolve_ref(spec.cfg["model"]), f"{spec.where}.model")
+            unet = pipe.unet
+            noise_scheduler = make_scheduler("DDPM", pipe.scheduler.config, f"{spec.where}.model")
+            if unet.config.in_channels != image["channels"]:
+                raise TunelabError(
+                    f"'{spec.where}': the pipeline's UNet takes {unet.config.in_channels} channel(s), "
+                    f"the images have {image['channels']}; set `channels: {unet.config.in_channels}`"
+                )
+        else:
+            unet = _build_unet(_unet_config(spec, image), f"{spec.where}.unet")
+            noise_scheduler = _noise_scheduler(spec)
+        unet.train()
+        train_ds, collate = _dataset(spec, image, tokenizer)
+
+        ema = None
+        if ema_cfg is not None:
+            from diffusers.training_utils import EMAModel
+
+            ema = EMAModel(unet.parameters(), model_cls=type(unet), model_config=unet.config, **ema_cfg)
+
+        def make_pipe(model):
+            from diffusers import DDPMPipeline
+
+            base = pipe.scheduler.config if pipe is not None else noise_scheduler.config
+            scheduler = make_scheduler(samples["scheduler"] if samples else "DDIM", base, f"{spec.where}.samples")
+            if mode == "text":
+                pipe.scheduler = scheduler
+                return pipe.to(model.device)
+            return DDPMPipeline(unet=model, scheduler=scheduler)
+
+        callbacks, write_grid = _callbacks(ema, samples, make_pipe, spec.out_dir)
+        trainer = _trainer_class()(
+            model=unet,
+            args=args,
+            train_dataset=train_ds,
+            data_collator=collate,
+            callbacks=callbacks,
+            noise_scheduler=noise_scheduler,
+            ema=ema,
+            vae=vae,
+            text_encoder=text_encoder,
+            lora=mode == "text",
+        )
+        if ema is not None:
+            ema.to(trainer.args.device)
+        metrics: dict[str, Any] = guarded_train(trainer, spec, ctx.resume)
+        files: dict[str, str] = {}
+        if trainer.args.should_save:
+            final = unet
+            if samples is not None:
+                files["samples"] = str(write_grid(final, int(metrics["global_step"])))
+            if mode == "text":
+                _save_lora(pipe, unet, spec, ctx)
+            else:
+                from diffusers import DDPMPipeline
+
+                if ema is not None:
+                    ema.copy_to(unet.parameters())
+                unet.eval()
+                with torch.no_grad():
+                    DDPMPipeline(unet=unet, scheduler=noise_scheduler).save_pretrained(str(spec.out_dir))
+        metrics["parameters"] = float(sum(p.numel() for p in unet.parameters()))
+        metrics["trainable_parameters"] = float(sum(p.numel() for p in unet.parameters() if p.requires_grad))
+        return StageResult(
+            metrics=metrics, model=spec.out_dir, files=files, fingerprints={"data": fingerprint(train_ds)}
+        )

@@ -13,11 +13,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from tunelab.chat_templates import conversational
-from tunelab.data import load_split, require_columns
-from tunelab.errors import TunelabError
-from tunelab.models import load_causal_lm, model_config, same_tokenizer, stage_model, tokenizer_origin
-from tunelab.preflight import check_language_model
+from tunelab.core.errors import TunelabError
+from tunelab.data.datasets import load_split, require_columns
+from tunelab.models.chat_templates import conversational
+from tunelab.models.loading import load_causal_lm
+from tunelab.models.preflight import check_language_model
+from tunelab.models.spec import model_config, stage_model
+from tunelab.models.tokenizers import same_tokenizer, tokenizer_origin
 from tunelab.stages import TRAINING, Context, Metrics, StageSpec
 from tunelab.stages.base import Settings, TrainerStage, sections
 
@@ -37,8 +39,7 @@ class Distill(TrainerStage):
             "teacher": "the teacher: a causal LM with the student's vocabulary (${stage}, folder, hub id, GGUF)",
             "data": "prompts (a `prompt` column): datasets.load_dataset arguments",
             "eval_data": "held-out prompts (default split: test); eval_loss is the divergence on them",
-            "training": "trl.DistillationConfig fields (beta, temperature, max_completion_length, learning_rate, "
-            "...)",
+            "training": "trl.DistillationConfig fields (beta, temperature, max_completion_length, learning_rate, ...)",
         }
     )
 
@@ -77,16 +78,15 @@ class Distill(TrainerStage):
         kwargs = super().trainer_kwargs(spec, ctx, s, model, tokenizer, train, evaluation)
         return {**kwargs, "teacher_model": load_causal_lm(s.extra["teacher"]).eval()}
 
-
     def plan(self, spec: StageSpec, ctx: Context):
         """The student's training plan plus the frozen teacher's weights (approximate: answers are short,
         so activations are the student's)."""
-        from tunelab.plan import _structure
+        from tunelab.models.plan import model_structure
 
         plan = super().plan(spec, ctx)
         teacher = model_config(spec.cfg["teacher"], ctx, f"{spec.where}.teacher")
         if plan is not None and teacher is not None:
-            plan.parts["teacher"] = _structure(teacher)[1] * 4.0
+            plan.parts["teacher"] = model_structure(teacher)[1] * 4.0
             plan.notes.append("teacher frozen, in fp32")
         return plan
 
@@ -113,8 +113,3 @@ def _check_vocabularies(spec: StageSpec, ctx: Context) -> None:
             f"'{spec.where}.teacher' uses a different tokenizer ({theirs}) from the student ({ours}): the "
             "teacher scores the student's token ids, so both need the same one"
         )
-
-
-STAGE = Distill()
-PRODUCES_MODEL, RANKS, SECTIONS, METRICS = STAGE.produces_model, STAGE.ranks, STAGE.sections, STAGE.metrics
-check, run, plan = STAGE.check, STAGE.run, STAGE.plan

@@ -12,12 +12,12 @@ reference: `exact_match` (with its normalisation options), `bleu`, `chrf`,
 
 Diffusion pipelines (a `diffusion_train` stage, or a folder with model_index.json) are evaluated
 by sampling (`sampling:`, the settings of `diffusion_sample`) and scoring the images against the
-held-out real images of `data` with `frechet_distance` (see `tunelab.image_quality`): Fréchet
+held-out real images of `data` with `frechet_distance` (see `tunelab.diffusion.quality`): Fréchet
 distance in the feature space of a small classifier trained on `classifier_data` (default: the
 same dataset's train split), its confidence, and the spread of predicted classes.
 
 With a `choices` column (or `choices_column:`), eval scores multiple choice by log-likelihood, as
-lm-evaluation-harness does for MMLU-style tasks (see `tunelab.loglik`): each choice's
+lm-evaluation-harness does for MMLU-style tasks (see `tunelab.evaluation.loglik`): each choice's
 log-probability after the prompt (through the chat template where the model has one); `acc` and
 `acc_norm` (normalised by the choice's length), the reference being the right choice's index
 (`label` by default) or its text. `think_end_token:` scores generated answers on what follows the
@@ -34,37 +34,29 @@ import json
 import re
 from typing import Any
 
-from tunelab import image_eval
-from tunelab.answers import answer, matches
-from tunelab.chat_templates import setting, system_prompt
-from tunelab.data import fingerprint, load_split, require_columns
-from tunelab.errors import TunelabError, unknown_key
-from tunelab.image_eval import IMAGE_METRICS
-from tunelab.loglik import evaluate, gold
+from tunelab.core.errors import TunelabError, unknown_key
+from tunelab.core.runs import write_atomic
+from tunelab.data.datasets import fingerprint, load_split, require_columns
+from tunelab.evaluation import image_eval
+from tunelab.evaluation.answers import answer, matches
+from tunelab.evaluation.image_eval import IMAGE_METRICS
+from tunelab.evaluation.loglik import evaluate, gold
 from tunelab.metrics import SHIPPED, check_name
 from tunelab.metrics import load as load_metric
-from tunelab.models import (
-    check_tokenizer,
-    labelled_models,
-    load_causal_lm,
-    load_tokenizer,
-    model_config,
-    model_spec,
-    resolve_spec,
-)
-from tunelab.plan import plan_generation
-from tunelab.prompting import Prompting, generate, strip_reasoning
-from tunelab.quant import check_cpu_shapes, quant_config
-from tunelab.rewarding import reward_model_spec
-from tunelab.runs import write_atomic
-from tunelab.stages import Context, Metrics, StageResult, StageSpec
-from tunelab.talk import check_length, context_length, generation_config
-from tunelab.vlm_prompting import check as vision_check
-from tunelab.vlm_prompting import run as vision_run
-from tunelab.vlm_prompting import vision_mode
+from tunelab.models.chat import check_length, context_length, generation_config
+from tunelab.models.chat_templates import setting, system_prompt
+from tunelab.models.loading import load_causal_lm
+from tunelab.models.plan import plan_generation
+from tunelab.models.prompting import Prompting, generate, strip_reasoning
+from tunelab.models.quant import check_cpu_shapes, quant_config
+from tunelab.models.reward_functions import reward_model_spec
+from tunelab.models.spec import labelled_models, model_config, model_spec, resolve_spec
+from tunelab.models.tokenizers import check_tokenizer, load_tokenizer
+from tunelab.stages import Context, Metrics, Stage, StageResult, StageSpec
+from tunelab.vision.prompting import check as vision_check
+from tunelab.vision.prompting import run as vision_run
+from tunelab.vision.prompting import vision_mode
 
-PRODUCES_MODEL = False
-METRICS = Metrics()  # per-model metrics: the CLI and report.md show them as a table of their own
 SECTIONS = {
     "model": "model to evaluate: hub id, folder, adapter folder, or ${stage}",
     "models": "several models to compare, as {label: model}",
@@ -187,7 +179,7 @@ def _data(spec: StageSpec, prompt: str, reference: str):
             reference = "label" if "label" in ds.column_names else reference
     require_columns(ds, [reference], f"{spec.where}.data", "reference answers; set reference_column")
     if choices is not None:
-        from tunelab.loglik import check_choices
+        from tunelab.evaluation.loglik import check_choices
 
         check_choices(ds, choices, reference, f"{spec.where}.data")
     return ds, reference, choices
@@ -205,14 +197,6 @@ def _image_mode(spec: StageSpec, ctx: Context) -> bool:
             kind = "language models" if images else "diffusion pipelines"
             raise TunelabError(f"'{spec.where}.{key}' applies to {kind}; these models are not")
     return images
-
-
-def check(spec: StageSpec, ctx: Context) -> None:
-    if _image_mode(spec, ctx):
-        return image_eval.check(spec, ctx, _models(spec), _metric_names(spec))
-    if _vision(spec, ctx):  # image+text models: tunelab.vlm_prompting
-        return _vision_check(spec, ctx)
-    _check_text(spec, ctx)
 
 
 def _vision(spec: StageSpec, ctx: Context) -> bool:
@@ -234,8 +218,20 @@ def _vision_run(spec: StageSpec, ctx: Context) -> StageResult:
     prompt, reference, batch_size = _options(spec)
     scorers = [(name, options, load_metric(name, f"{spec.where}.metrics")) for name, options in _metrics(spec)]
     prompting, pattern = _prompting(spec, ctx, prompt, reference)
-    return vision_run(spec, ctx, _models(spec), prompt, reference, batch_size, scorers, _generation(spec),
-                      pattern, prompting.template, prompting.system, MULTI_REFERENCE)
+    return vision_run(
+        spec,
+        ctx,
+        _models(spec),
+        prompt,
+        reference,
+        batch_size,
+        scorers,
+        _generation(spec),
+        pattern,
+        prompting.template,
+        prompting.system,
+        MULTI_REFERENCE,
+    )
 
 
 def _check_text(spec: StageSpec, ctx: Context) -> None:
@@ -337,21 +333,13 @@ def _prompting(
         if choices_col is None:
             shots = [(str(row[prompt_col]), str(row[ref_col])) for row in picked]
         else:  # multiple choice: an example's answer is its right choice
-            from tunelab.loglik import gold
+            from tunelab.evaluation.loglik import gold
 
             shots = [
                 (str(row[prompt_col]), row[choices_col][gold(row[ref_col], row[choices_col], where)]) for row in picked
             ]
     chat = setting(cfg, spec.where)
     return Prompting(template, shots, separator, chat, system_prompt(cfg, spec.where)), pattern
-
-
-def run(spec: StageSpec, ctx: Context) -> StageResult:
-    if _image_mode(spec, ctx):
-        return image_eval.run(spec, ctx, _models(spec), _metric_names(spec))
-    if _vision(spec, ctx):
-        return _vision_run(spec, ctx)
-    return _run_text(spec, ctx)
 
 
 def _run_text(spec: StageSpec, ctx: Context) -> StageResult:
@@ -374,8 +362,8 @@ def _run_text(spec: StageSpec, ctx: Context) -> StageResult:
     spec.out_dir.mkdir(parents=True, exist_ok=True)
     rspec = _reward_model(spec, ctx)
     if rspec is not None:
-        from tunelab.chat_templates import reward_texts, setting
-        from tunelab.models import load_sequence_classifier
+        from tunelab.models.chat_templates import reward_texts, setting
+        from tunelab.models.reward_models import load_sequence_classifier
 
         reward_model, reward_tokenizer = load_sequence_classifier(rspec), load_tokenizer(rspec["path"])
         chat = setting(spec.cfg, spec.where)
@@ -403,7 +391,7 @@ def _run_text(spec: StageSpec, ctx: Context) -> StageResult:
             for p, t, a, r, s in zip(prompts, texts, answers, references, scores, strict=True)
         ]
         if rspec is not None:
-            from tunelab.models import reward_scores
+            from tunelab.models.reward_models import reward_scores
 
             rewards = reward_scores(reward_model, reward_tokenizer, reward_texts(reward_tokenizer, raw, texts, chat))
             metrics[label]["reward_mean"] = sum(rewards) / len(rewards)
@@ -423,7 +411,7 @@ def _think_token(spec: StageSpec) -> str | None:
 
 
 def _run_choices(spec: StageSpec, ctx: Context, ds, prompt_col: str, ref_col: str, choices_col: str, quant):
-    """Multiple choice: each model's log-likelihood of every choice after each prompt (tunelab.loglik)."""
+    """Multiple choice: each model's log-likelihood of every choice after each prompt (tunelab.evaluation.loglik)."""
     from transformers import set_seed
 
     _, _, batch_size = _options(spec)
@@ -461,23 +449,44 @@ def _indent(text: str, limit: int = 600) -> str:
 PROMPT_TOKENS = 512  # planning assumption for prompt length when generation.max_length is not set
 
 
-def plan(spec: StageSpec, ctx: Context):
-    """Memory plan of generation with the largest of the evaluated models."""
+class Eval(Stage):
+    """Evaluate one or more models by greedy (or configured) generation on a dataset split."""
 
-    if _image_mode(spec, ctx) or _vision(spec, ctx):
-        return None
+    produces_model = False
+    metrics = Metrics()  # per-model metrics: the CLI and report.md show them as a table of their own
+    sections = SECTIONS
 
-    _, _, batch = _options(spec)
-    gen = _generation(spec)
-    tokens = (
-        gen.max_length
-        if "max_length" in (spec.cfg.get("generation") or {})
-        else PROMPT_TOKENS + (gen.max_new_tokens or 0)
-    )
-    plans = []
-    for label, value in _models(spec).items():
-        config = model_config(value, ctx, f"{spec.where}.models.{label}")
-        if config is not None:
-            dtype = model_spec(value, f"{spec.where}.models.{label}").get("dtype")
-            plans.append(plan_generation(spec.name, config, batch, tokens, spec.cfg.get("quantization"), dtype))
-    return max(plans, key=lambda p: p.total) if plans else None
+    def check(self, spec: StageSpec, ctx: Context) -> None:
+        if _image_mode(spec, ctx):
+            return image_eval.check(spec, ctx, _models(spec), _metric_names(spec))
+        if _vision(spec, ctx):  # image+text models: tunelab.vision.prompting
+            return _vision_check(spec, ctx)
+        _check_text(spec, ctx)
+
+    def run(self, spec: StageSpec, ctx: Context) -> StageResult:
+        if _image_mode(spec, ctx):
+            return image_eval.run(spec, ctx, _models(spec), _metric_names(spec))
+        if _vision(spec, ctx):
+            return _vision_run(spec, ctx)
+        return _run_text(spec, ctx)
+
+    def plan(self, spec: StageSpec, ctx: Context):
+        """Memory plan of generation with the largest of the evaluated models."""
+
+        if _image_mode(spec, ctx) or _vision(spec, ctx):
+            return None
+
+        _, _, batch = _options(spec)
+        gen = _generation(spec)
+        tokens = (
+            gen.max_length
+            if "max_length" in (spec.cfg.get("generation") or {})
+            else PROMPT_TOKENS + (gen.max_new_tokens or 0)
+        )
+        plans = []
+        for label, value in _models(spec).items():
+            config = model_config(value, ctx, f"{spec.where}.models.{label}")
+            if config is not None:
+                dtype = model_spec(value, f"{spec.where}.models.{label}").get("dtype")
+                plans.append(plan_generation(spec.name, config, batch, tokens, spec.cfg.get("quantization"), dtype))
+        return max(plans, key=lambda p: p.total) if plans else None

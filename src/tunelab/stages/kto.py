@@ -13,9 +13,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from tunelab.chat_templates import conversational
-from tunelab.data import load_split, require_preferences, require_values
-from tunelab.errors import TunelabError
+from tunelab.core.errors import TunelabError
+from tunelab.data.datasets import load_split, require_preferences, require_values
+from tunelab.models.chat_templates import conversational
 from tunelab.stages import TRAINING, Context, Metrics, StageSpec
 from tunelab.stages.base import PREFERENCE_PROGRESS, PreferenceStage, Settings, sections
 
@@ -99,8 +99,3 @@ class KTO(PreferenceStage):
             ds = conversational(ds, tokenizer, s.chat, s.system, answers=PAIRED)
             return unpair_preference_dataset(ds).shuffle(seed=seed)  # good and bad answers in every batch
         return conversational(ds, tokenizer, s.chat, s.system, answers=("completion",))
-
-
-STAGE = KTO()
-PRODUCES_MODEL, RANKS, SECTIONS, METRICS = STAGE.produces_model, STAGE.ranks, STAGE.sections, STAGE.metrics
-check, run, plan = STAGE.check, STAGE.run, STAGE.plan

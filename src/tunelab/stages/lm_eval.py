@@ -24,8 +24,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tunelab.errors import TunelabError
-from tunelab.harness import (
+from tunelab.core.errors import TunelabError
+from tunelab.core.runs import write_atomic
+from tunelab.evaluation.harness import (
     check_arguments,
     check_model_args,
     check_samples,
@@ -38,25 +39,14 @@ from tunelab.harness import (
     task_manager,
     task_names,
 )
-from tunelab.models import (
-    adapter_base,
-    check_tokenizer,
-    is_adapter,
-    labelled_models,
-    load_causal_lm,
-    load_tokenizer,
-    model_config,
-    model_spec,
-    resolve_spec,
-)
-from tunelab.plan import plan_generation
-from tunelab.preflight import check_language_model
-from tunelab.quant import check_cpu_shapes, quant_config
-from tunelab.runs import write_atomic
-from tunelab.stages import Context, Metrics, StageResult, StageSpec
+from tunelab.models.loading import load_causal_lm
+from tunelab.models.plan import plan_generation
+from tunelab.models.preflight import check_language_model
+from tunelab.models.quant import check_cpu_shapes, quant_config
+from tunelab.models.spec import adapter_base, is_adapter, labelled_models, model_config, model_spec, resolve_spec
+from tunelab.models.tokenizers import check_tokenizer, load_tokenizer
+from tunelab.stages import Context, Metrics, Stage, StageResult, StageSpec
 
-PRODUCES_MODEL = False
-METRICS = Metrics()  # per-model metrics: the CLI and report.md show them as a table of their own
 OWN = {
     "model": "model to score: hub id, folder, adapter folder (loaded over its base), GGUF, or ${stage}",
     "models": "several models to compare, as {label: model}",
@@ -141,65 +131,6 @@ def _where(spec: StageSpec, label: str) -> str:
     return f"{spec.where}.models.{label}" if "models" in spec.cfg else f"{spec.where}.model"
 
 
-def check(spec: StageSpec, ctx: Context) -> None:
-
-    names, args, _ = _settings(spec)
-    quant = quant_config(spec.cfg.get("quantization"), f"{spec.where}.quantization")
-    for label, value in labelled_models(spec.cfg, spec.where).items():
-        where = _where(spec, label)
-        mspec = model_spec(value, where)
-        check_language_model(value, ctx, where, "lm_eval scores")
-        if not ctx.is_pending(mspec["path"]):
-            resolved = resolve_spec({**mspec, "path": ctx.resolve_ref(mspec["path"])}, where, materialize=False)
-            path = resolved.get("gguf_file", resolved["path"])
-            check_tokenizer(path, where)
-            if args.get("apply_chat_template") is True and not load_tokenizer(path).chat_template:
-                raise TunelabError(
-                    f"'{spec.where}.apply_chat_template' is true, but the tokenizer of '{where}' has no chat "
-                    "template: drop it for this model, or score a chat model"
-                )
-        config = model_config(value, ctx, where) if quant is not None else None
-        if config is not None:
-            check_cpu_shapes(config, spec.cfg["quantization"], f"{spec.where}.quantization")
-    with tempfile.TemporaryDirectory() as tmp:  # the tasks as run writes them (absolute data paths)
-        manager = _manager(spec, names, shipped=materialize(Path(tmp)))
-        tasks = load_tasks(manager, names, f"{spec.where}.tasks")  # reads each task's data, as run will
-        check_samples(tasks, args.get("samples"), f"{spec.where}.samples")
-
-
-def run(spec: StageSpec, ctx: Context) -> StageResult:
-
-    names, args, model_args = _settings(spec)
-    quant = quant_config(spec.cfg.get("quantization"), f"{spec.where}.quantization")
-    spec.out_dir.mkdir(parents=True, exist_ok=True)
-    tasks_dir = materialize(spec.out_dir / "tasks")
-    manager = _manager(spec, names, shipped=tasks_dir)
-    load_tasks(manager, names, f"{spec.where}.tasks")
-    metrics: dict[str, Any] = {}
-    files: dict[str, str] = {}
-    for label, value in labelled_models(spec.cfg, spec.where).items():
-        where = _where(spec, label)
-        mspec = model_spec(value, where)
-        mspec = resolve_spec({**mspec, "path": ctx.resolve_ref(mspec["path"])}, where)
-        started = time.perf_counter()
-        results = _evaluate(mspec, quant, names, manager, args, model_args)
-        seconds = time.perf_counter() - started
-        samples = results.pop("samples", None) or {}
-        counted = sum(int(v.get("effective", 0)) for v in results.get("n-samples", {}).values())
-        metrics[label] = {**flat_metrics(results), "examples": counted, "examples_per_second": counted / seconds}
-        results["tunelab"] = {"model": mspec["path"], "command": _command(mspec, names, tasks_dir, args)}
-        path = spec.out_dir / f"harness-{label}.json"
-        write_atomic(path, json.dumps(results, indent=2, default=str) + "\n")
-        files[f"harness-{label}"] = str(path)
-        if samples:
-            rows = [json.dumps({"task": t, **row}, default=str) + "\n" for t, got in samples.items() for row in got]
-            write_atomic(spec.out_dir / f"samples-{label}.jsonl", "".join(rows))
-            files[f"samples-{label}"] = str(spec.out_dir / f"samples-{label}.jsonl")
-        _print_table(label, metrics[label])
-    folders = [tasks_dir, *include_paths(spec.cfg.get("include_path"), f"{spec.where}.include_path")]
-    return StageResult(metrics=metrics, files=files, fingerprints={"tasks": _fingerprint(folders, names)})
-
-
 def _evaluate(mspec, quant, names, manager, args, model_args) -> dict[str, Any]:
     """One model through `simple_evaluate`, loaded by tunelab and handed to HFLM as an object."""
     import logging
@@ -259,18 +190,84 @@ def _print_table(label: str, values: dict[str, Any]) -> None:
     print(f"   {label}: {shown} ({values['examples']} examples, {values['examples_per_second']:.3g}/s)", flush=True)
 
 
-def plan(spec: StageSpec, ctx: Context):
-    """Memory plan of scoring with the largest of the models: a batch of PROMPT_TOKENS-token prompts, with
-    every position's logits kept (log-likelihood tasks do), so `batch_size` is planned as it will be used."""
+class LmEval(Stage):
+    """Score models on lm-evaluation-harness tasks: the field's benchmarks, through the tool people trust."""
 
-    batch = spec.cfg.get("batch_size", DEFAULT_BATCH)
-    batch = batch if isinstance(batch, int) and not isinstance(batch, bool) else spec.cfg.get("max_batch_size") or 64
-    plans = []
-    for label, value in labelled_models(spec.cfg, spec.where).items():
-        config = model_config(value, ctx, _where(spec, label))
-        if config is not None:
-            dtype = model_spec(value, _where(spec, label)).get("dtype")
-            # Log-likelihood tasks keep the logits of every position (the harness's log_softmax over the batch).
-            quant = spec.cfg.get("quantization")
-            plans.append(plan_generation(spec.name, config, batch, PROMPT_TOKENS, quant, dtype, PROMPT_TOKENS))
-    return max(plans, key=lambda p: p.total) if plans else None
+    produces_model = False
+    metrics = Metrics()  # per-model metrics: the CLI and report.md show them as a table of their own
+    sections = SECTIONS
+
+    def check(self, spec: StageSpec, ctx: Context) -> None:
+
+        names, args, _ = _settings(spec)
+        quant = quant_config(spec.cfg.get("quantization"), f"{spec.where}.quantization")
+        for label, value in labelled_models(spec.cfg, spec.where).items():
+            where = _where(spec, label)
+            mspec = model_spec(value, where)
+            check_language_model(value, ctx, where, "lm_eval scores")
+            if not ctx.is_pending(mspec["path"]):
+                resolved = resolve_spec({**mspec, "path": ctx.resolve_ref(mspec["path"])}, where, materialize=False)
+                path = resolved.get("gguf_file", resolved["path"])
+                check_tokenizer(path, where)
+                if args.get("apply_chat_template") is True and not load_tokenizer(path).chat_template:
+                    raise TunelabError(
+                        f"'{spec.where}.apply_chat_template' is true, but the tokenizer of '{where}' has no chat "
+                        "template: drop it for this model, or score a chat model"
+                    )
+            config = model_config(value, ctx, where) if quant is not None else None
+            if config is not None:
+                check_cpu_shapes(config, spec.cfg["quantization"], f"{spec.where}.quantization")
+        with tempfile.TemporaryDirectory() as tmp:  # the tasks as run writes them (absolute data paths)
+            manager = _manager(spec, names, shipped=materialize(Path(tmp)))
+            tasks = load_tasks(manager, names, f"{spec.where}.tasks")  # reads each task's data, as run will
+            check_samples(tasks, args.get("samples"), f"{spec.where}.samples")
+
+    def run(self, spec: StageSpec, ctx: Context) -> StageResult:
+
+        names, args, model_args = _settings(spec)
+        quant = quant_config(spec.cfg.get("quantization"), f"{spec.where}.quantization")
+        spec.out_dir.mkdir(parents=True, exist_ok=True)
+        tasks_dir = materialize(spec.out_dir / "tasks")
+        manager = _manager(spec, names, shipped=tasks_dir)
+        load_tasks(manager, names, f"{spec.where}.tasks")
+        metrics: dict[str, Any] = {}
+        files: dict[str, str] = {}
+        for label, value in labelled_models(spec.cfg, spec.where).items():
+            where = _where(spec, label)
+            mspec = model_spec(value, where)
+            mspec = resolve_spec({**mspec, "path": ctx.resolve_ref(mspec["path"])}, where)
+            started = time.perf_counter()
+            results = _evaluate(mspec, quant, names, manager, args, model_args)
+            seconds = time.perf_counter() - started
+            samples = results.pop("samples", None) or {}
+            counted = sum(int(v.get("effective", 0)) for v in results.get("n-samples", {}).values())
+            metrics[label] = {**flat_metrics(results), "examples": counted, "examples_per_second": counted / seconds}
+            results["tunelab"] = {"model": mspec["path"], "command": _command(mspec, names, tasks_dir, args)}
+            path = spec.out_dir / f"harness-{label}.json"
+            write_atomic(path, json.dumps(results, indent=2, default=str) + "\n")
+            files[f"harness-{label}"] = str(path)
+            if samples:
+                rows = [json.dumps({"task": t, **row}, default=str) + "\n" for t, got in samples.items() for row in got]
+                write_atomic(spec.out_dir / f"samples-{label}.jsonl", "".join(rows))
+                files[f"samples-{label}"] = str(spec.out_dir / f"samples-{label}.jsonl")
+            _print_table(label, metrics[label])
+        folders = [tasks_dir, *include_paths(spec.cfg.get("include_path"), f"{spec.where}.include_path")]
+        return StageResult(metrics=metrics, files=files, fingerprints={"tasks": _fingerprint(folders, names)})
+
+    def plan(self, spec: StageSpec, ctx: Context):
+        """Memory plan of scoring with the largest of the models: a batch of PROMPT_TOKENS-token prompts, with
+        every position's logits kept (log-likelihood tasks do), so `batch_size` is planned as it will be used."""
+
+        batch = spec.cfg.get("batch_size", DEFAULT_BATCH)
+        batch = (
+            batch if isinstance(batch, int) and not isinstance(batch, bool) else spec.cfg.get("max_batch_size") or 64
+        )
+        plans = []
+        for label, value in labelled_models(spec.cfg, spec.where).items():
+            config = model_config(value, ctx, _where(spec, label))
+            if config is not None:
+                dtype = model_spec(value, _where(spec, label)).get("dtype")
+                # Log-likelihood tasks keep the logits of every position (the harness's log_softmax over the batch).
+                quant = spec.cfg.get("quantization")
+                plans.append(plan_generation(spec.name, config, batch, PROMPT_TOKENS, quant, dtype, PROMPT_TOKENS))
+        return max(plans, key=lambda p: p.total) if plans else None

@@ -13,7 +13,7 @@ Every step logs the reward-model score, KL to the reference, entropy and value l
 `log_history.json`, plotted in report.md). A NaN/inf loss or score, or KL past `kl_limit`, stops
 the run with one line naming the step and the last good checkpoint.
 
-The loop is `tunelab.ppo_trainer.ResumablePPOTrainer`: TRL's algorithm with checkpoints that
+The loop is `tunelab.training.ppo_trainer.ResumablePPOTrainer`: TRL's algorithm with checkpoints that
 hold the value model too, a prompt order fixed by the seed, and `--resume` that continues from the
 newest checkpoint; it runs on every process of `tunelab launch` (each rank answers its slice of
 every rollout batch, with its own sampling seed).
@@ -23,22 +23,18 @@ from __future__ import annotations
 
 from typing import Any
 
-from tunelab.chat_templates import conversational
-from tunelab.data import load_split, require_columns
-from tunelab.distributed import world
-from tunelab.errors import TunelabError
-from tunelab.models import (
-    load_causal_lm,
-    load_sequence_classifier,
-    load_tokenizer,
-    model_config,
-    same_tokenizer,
-    tokenizer_origin,
-)
-from tunelab.plan import _optimizer_bytes, _structure, policy_plan
-from tunelab.rewarding import reward_model_spec
+from tunelab.core.errors import TunelabError
+from tunelab.data.datasets import load_split, require_columns
+from tunelab.models.chat_templates import conversational
+from tunelab.models.loading import load_causal_lm
+from tunelab.models.plan import model_structure, optimizer_bytes, policy_plan
+from tunelab.models.reward_functions import reward_model_spec
+from tunelab.models.reward_models import load_sequence_classifier
+from tunelab.models.spec import model_config
+from tunelab.models.tokenizers import load_tokenizer, same_tokenizer, tokenizer_origin
 from tunelab.stages import Context, Metrics, StageSpec
 from tunelab.stages.base import Settings, TrainerStage, sections
+from tunelab.training.distributed import world
 
 # PPOConfig fields used by TRL's example script, not by the trainer: the recipe names these models.
 NOT_TRAINER_KEYS = ("sft_model_path", "reward_model_path")
@@ -96,7 +92,7 @@ def _tokenized(ds, column: str, tokenizer):
 
 class PPO(TrainerStage):
     config_class = "trl.experimental.ppo:PPOConfig"
-    trainer_class = "tunelab.ppo_trainer:ResumablePPOTrainer"
+    trainer_class = "tunelab.training.ppo_trainer:ResumablePPOTrainer"
     ranks = "all"  # every process rolls out and trains on its slice of each batch
     # Responses end at EOS, as the reward model saw them; TRL's 10 sample tables per run would flood the console.
     defaults = {"stop_token": "eos", "num_sample_generations": 0}
@@ -222,17 +218,12 @@ class PPO(TrainerStage):
         )
         if reward_config is None or value_config is None:
             return plan  # a reward stage not planned yet: the policy's part
-        value = _structure(value_config)[1]
+        value = model_structure(value_config)[1]
         plan.parts["value_model"] = value * 4.0
         plan.parts["gradients"] = plan.parts.get("gradients", 0.0) + value * 4.0
-        plan.parts["optimizer"] = plan.parts.get("optimizer", 0.0) + _optimizer_bytes(args.optim, value, 4, [])
-        plan.parts["reward_model"] = _structure(reward_config)[1] * 4.0
+        plan.parts["optimizer"] = plan.parts.get("optimizer", 0.0) + optimizer_bytes(args.optim, value, 4, [])
+        plan.parts["reward_model"] = model_structure(reward_config)[1] * 4.0
         if "lora" not in spec.cfg:
             plan.parts["reference"] = plan.parts["weights"]
         plan.notes.append("value model trained in full in fp32; reward model (and reference) frozen")
         return plan
-
-
-STAGE = PPO()
-PRODUCES_MODEL, RANKS, SECTIONS, METRICS = STAGE.produces_model, STAGE.ranks, STAGE.sections, STAGE.metrics
-check, run, plan = STAGE.check, STAGE.run, STAGE.plan

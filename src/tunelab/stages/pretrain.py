@@ -15,13 +15,13 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from tunelab.config import build, check_keys
-from tunelab.data import load_split, require_columns
-from tunelab.errors import TunelabError
-from tunelab.hub import resolve_model
-from tunelab.models import _BpeTrainerArgs, load_tokenizer, tokenizer_origin, train_tokenizer
-from tunelab.plan import plan_training
-from tunelab.refs import ref_name
+from tunelab.core.config import build, check_keys
+from tunelab.core.errors import TunelabError
+from tunelab.core.hub import resolve_model
+from tunelab.core.refs import ref_name
+from tunelab.data.datasets import load_split, require_columns
+from tunelab.models.plan import plan_training
+from tunelab.models.tokenizers import BpeTrainerArgs, load_tokenizer, tokenizer_origin, train_tokenizer
 from tunelab.stages import TRAINING, Context, Metrics, StageSpec
 from tunelab.stages.base import Settings, TrainerStage
 
@@ -38,7 +38,7 @@ def _config(spec: StageSpec, overrides: dict[str, Any] | None = None):
     values = dict(values)
     model_type = values.pop("model_type")
     if model_type not in CONFIG_MAPPING:
-        from tunelab.errors import closest
+        from tunelab.core.errors import closest
 
         guess = closest(str(model_type), list(CONFIG_MAPPING.keys()))
         raise TunelabError(
@@ -62,16 +62,8 @@ def _tokenizer_source(spec: StageSpec, ctx: Context) -> str | None:
     if not isinstance(value, dict):
         raise TunelabError(f"'{spec.where}.tokenizer' must be BpeTrainer arguments or a tokenizer to reuse")
 
-    check_keys({k: v for k, v in value.items() if k != "special_tokens"}, _BpeTrainerArgs, f"{spec.where}.tokenizer")
+    check_keys({k: v for k, v in value.items() if k != "special_tokens"}, BpeTrainerArgs, f"{spec.where}.tokenizer")
     return None
-
-
-def tokenizer_source(spec: StageSpec, ctx: Context) -> str:
-    """The tokenizer this stage saves: the one it reuses, or the one it trains (known by the stage's name)."""
-    value = spec.cfg.get("tokenizer")
-    if isinstance(value, str):
-        return tokenizer_origin(value, ctx, f"{spec.where}.tokenizer")
-    return f"stage '{spec.name}'"
 
 
 class Pretrain(TrainerStage):
@@ -90,6 +82,13 @@ class Pretrain(TrainerStage):
         "eval_data": "optional held-out text; eval_loss and perplexity are reported",
         "training": "trl.SFTConfig fields (learning_rate, max_steps, max_length, ...)",
     }
+
+    def tokenizer_source(self, spec: StageSpec, ctx: Context) -> str:
+        """The tokenizer this stage saves: the one it reuses, or the one it trains (known by the stage's name)."""
+        value = spec.cfg.get("tokenizer")
+        if isinstance(value, str):
+            return tokenizer_origin(value, ctx, f"{spec.where}.tokenizer")
+        return f"stage '{spec.name}'"
 
     def settings(self, spec: StageSpec, ctx: Context) -> Settings:
         """No `model:`: the model is built from `config`, the tokenizer reused or trained on the data."""
@@ -157,8 +156,3 @@ class Pretrain(TrainerStage):
         """Memory plan of pre-training the configured model (vocabulary size from the tokenizer section)."""
         config = ctx.configs.get(spec.name) or _config(spec)
         return plan_training(spec.name, spec.kind, config, self.args(spec, ctx), load_dtype="float32")
-
-
-STAGE = Pretrain()
-PRODUCES_MODEL, RANKS, SECTIONS, METRICS = STAGE.produces_model, STAGE.ranks, STAGE.sections, STAGE.metrics
-check, run, plan = STAGE.check, STAGE.run, STAGE.plan

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from tunelab.models import load_sequence_classifier, prepare_kbit, reward_scores
+from tunelab.models.loading import prepare_kbit
+from tunelab.models.reward_models import load_sequence_classifier, reward_scores
 from tunelab.stages import TRAINING, Context, Metrics, StageSpec
 from tunelab.stages.base import PreferenceStage, Settings, sections
 
@@ -112,8 +113,3 @@ class Reward(PreferenceStage):
         if trainer.args.should_save:  # the main process
             s.extra["trained"].save_pretrained(str(spec.out_dir))
             tokenizer.save_pretrained(str(spec.out_dir))
-
-
-STAGE = Reward()
-PRODUCES_MODEL, RANKS, SECTIONS, METRICS = STAGE.produces_model, STAGE.ranks, STAGE.sections, STAGE.metrics
-check, run, plan = STAGE.check, STAGE.run, STAGE.plan

@@ -5,7 +5,7 @@ Sections map onto the libraries: `training` is `trl.SFTConfig`, `lora` is
 modelling), a `messages` column (chat, via the tokenizer's chat template), or
 `prompt` and `completion` columns (loss on the completion only, TRL's default).
 `assistant_only_loss` works with any chat template: where the template has no `{% generation %}`
-markers (ChatML, Llama 3, Qwen, Gemma), tunelab derives the mask itself (`tunelab.chat_templates`) and hands
+markers (ChatML, Llama 3, Qwen, Gemma), tunelab derives the mask itself (`tunelab.models.chat_templates`) and hands
 TRL pre-tokenized rows. `chat_template:` gives the tokenizer a template (or `false` refuses chats).
 The stage folder ends up holding the adapter (with LoRA) or the full model,
 plus the tokenizer, so it loads with `PeftModel` / `AutoModelForCausalLM`.
@@ -15,11 +15,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from tunelab.chat_templates import check_rows, has_markers, setting, tokenize_assistant_only, use_template
-from tunelab.data import load_split
-from tunelab.errors import TunelabError
-from tunelab.models import load_tokenizer, model_config, model_spec
-from tunelab.plan import plan_training
+from tunelab.core.errors import TunelabError
+from tunelab.data.datasets import load_split
+from tunelab.models.chat_templates import check_rows, has_markers, setting, tokenize_assistant_only, use_template
+from tunelab.models.plan import plan_training
+from tunelab.models.spec import model_config, model_spec
+from tunelab.models.tokenizers import load_tokenizer
 from tunelab.stages import TRAINING, Context, Metrics, StageSpec
 from tunelab.stages.base import Settings, TrainerStage, sections
 
@@ -125,8 +126,7 @@ class SFT(TrainerStage):
         train = load_split(self.require_data(spec), f"{spec.where}.data", "train")
         if "images" in train.column_names or "image" in train.column_names:  # TRL would fail after the model loads
             raise TunelabError(
-                f"'{spec.where}.data' holds images: train image+text models with the `vlm_sft` stage (sft is "
-                "text-only)"
+                f"'{spec.where}.data' holds images: train image+text models with the `vlm_sft` stage (sft is text-only)"
             )
         data_format(train, text_field, f"{spec.where}.data")
         evaluation = None
@@ -180,8 +180,3 @@ class SFT(TrainerStage):
             quantization=spec.cfg.get("quantization"),
             load_dtype=dtype,
         )
-
-
-STAGE = SFT()
-PRODUCES_MODEL, RANKS, SECTIONS, METRICS = STAGE.produces_model, STAGE.ranks, STAGE.sections, STAGE.metrics
-check, run, plan = STAGE.check, STAGE.run, STAGE.plan

@@ -29,29 +29,20 @@ from __future__ import annotations
 
 from typing import Any
 
-from tunelab.adapters import lora_config, trainable_quantization
-from tunelab.data import load_split
-from tunelab.errors import TunelabError
-from tunelab.models import model_config, model_spec, prepare_kbit, stage_model
-from tunelab.preflight import check_training
-from tunelab.refs import REF
-from tunelab.stages import TRAINING, Context, Metrics, StageResult, StageSpec
-from tunelab.training import train_and_save, training_args
-from tunelab.vision import (
-    check_model,
-    check_rows,
-    collator,
-    freeze_vision,
-    has_images,
-    load_images,
-    load_processor,
-    load_vlm,
-    plan_vlm,
-)
+from tunelab.core.errors import TunelabError
+from tunelab.core.refs import REF
+from tunelab.data.datasets import load_split
+from tunelab.models.adapters import lora_config, trainable_quantization
+from tunelab.models.loading import prepare_kbit
+from tunelab.models.preflight import check_training
+from tunelab.models.spec import model_config, model_spec, stage_model
+from tunelab.stages import TRAINING, Context, Metrics, Stage, StageResult, StageSpec
+from tunelab.training.trainer import train_and_save, training_args
+from tunelab.vision.checks import check_model, plan_vlm
+from tunelab.vision.collator import collator
+from tunelab.vision.data import check_rows, has_images, load_images
+from tunelab.vision.models import freeze_vision, load_processor, load_vlm
 
-PRODUCES_MODEL = True
-METRICS = Metrics(summary=(*TRAINING, "trainable_params"), progress={"mean_token_accuracy": "tok_acc"})
-RANKS = "all"  # trains on every process of a distributed run (the Trainer shards the data)
 SECTIONS = {
     "model": "image+text model: hub id, folder, ${stage} (e.g. a vlm_build stage), or {path, dtype, ...}",
     "data": "training data with `images` and `messages`: datasets.load_dataset arguments",
@@ -134,65 +125,72 @@ def _processor(spec: StageSpec, ctx: Context, mspec: dict[str, Any] | None):
     return None
 
 
-def check(spec: StageSpec, ctx: Context) -> None:
+class VlmSft(Stage):
+    """Vision-language supervised fine-tuning with `trl.SFTTrainer`: full, LoRA (language model only, or the"""
 
-    args, assistant_only = _args(spec, ctx)
-    check_training(args, spec)
-    lora = _lora(spec)
-    _quantization(spec)
-    freeze = _freeze(spec)
-    mspec = stage_model(spec, ctx)
-    check_model(spec, ctx, lora, freeze)
-    train_ds, eval_ds = _datasets(spec)
-    processor = _processor(spec, ctx, mspec)
-    if processor is None:
-        return  # an earlier stage makes the model; its processor is checked when it exists
-    for ds, key in ((train_ds, "data"), (eval_ds, "eval_data")):
-        if ds is not None:
-            check_rows(ds, processor, f"{spec.where}.{key}")
-    # What run's collator does to the first rows (images processed, templates rendered, masks derived).
-    collate = collator(processor, args, assistant_only, f"{spec.where}.data")
-    collate([train_ds[i] for i in range(min(2, len(train_ds)))])
+    produces_model = True
+    ranks = "all"  # trains on every process of a distributed run (the Trainer shards the data)
+    metrics = Metrics(summary=(*TRAINING, "trainable_params"), progress={"mean_token_accuracy": "tok_acc"})
+    sections = SECTIONS
 
+    def check(self, spec: StageSpec, ctx: Context) -> None:
 
-def run(spec: StageSpec, ctx: Context) -> StageResult:
-    from trl import SFTTrainer
+        args, assistant_only = _args(spec, ctx)
+        check_training(args, spec)
+        lora = _lora(spec)
+        _quantization(spec)
+        freeze = _freeze(spec)
+        mspec = stage_model(spec, ctx)
+        check_model(spec, ctx, lora, freeze)
+        train_ds, eval_ds = _datasets(spec)
+        processor = _processor(spec, ctx, mspec)
+        if processor is None:
+            return  # an earlier stage makes the model; its processor is checked when it exists
+        for ds, key in ((train_ds, "data"), (eval_ds, "eval_data")):
+            if ds is not None:
+                check_rows(ds, processor, f"{spec.where}.{key}")
+        # What run's collator does to the first rows (images processed, templates rendered, masks derived).
+        collate = collator(processor, args, assistant_only, f"{spec.where}.data")
+        collate([train_ds[i] for i in range(min(2, len(train_ds)))])
 
-    args, assistant_only = _args(spec, ctx)
-    peft_config = _lora(spec)
-    quant = _quantization(spec)
-    mspec = stage_model(spec, ctx)
-    train_ds, eval_ds = _datasets(spec)
-    processor = load_processor(mspec["path"], f"{spec.where}.model")
-    model = prepare_kbit(load_vlm(mspec, quantization=quant), quant, args.gradient_checkpointing)
-    frozen = freeze_vision(model) if _freeze(spec) else 0
-    trainer = SFTTrainer(
-        model=model,
-        args=args,
-        train_dataset=train_ds,
-        eval_dataset=eval_ds,
-        processing_class=processor,
-        peft_config=peft_config,
-        data_collator=collator(processor, args, assistant_only, f"{spec.where}.data"),
-    )
-    if quant is not None:
-        # TRL casts every trainable weight of a quantized model to bf16 (the QLoRA paper's adapters); modules
-        # trained whole (the projector) then meet the tower's fp32 features. Back to fp32: LoRA casts its input.
-        for name, param in trainer.model.named_parameters():
-            if param.requires_grad and "lora_" not in name:
-                param.data = param.data.float()
-    metrics, prints = train_and_save(trainer, spec.out_dir, ctx.resume, train_ds, eval_ds, processor)
-    metrics["frozen_vision_params"] = float(frozen)
-    return StageResult(metrics=metrics, model=spec.out_dir, fingerprints=prints)
+    def run(self, spec: StageSpec, ctx: Context) -> StageResult:
+        from trl import SFTTrainer
 
+        args, assistant_only = _args(spec, ctx)
+        peft_config = _lora(spec)
+        quant = _quantization(spec)
+        mspec = stage_model(spec, ctx)
+        train_ds, eval_ds = _datasets(spec)
+        processor = load_processor(mspec["path"], f"{spec.where}.model")
+        model = prepare_kbit(load_vlm(mspec, quantization=quant), quant, args.gradient_checkpointing)
+        frozen = freeze_vision(model) if _freeze(spec) else 0
+        trainer = SFTTrainer(
+            model=model,
+            args=args,
+            train_dataset=train_ds,
+            eval_dataset=eval_ds,
+            processing_class=processor,
+            peft_config=peft_config,
+            data_collator=collator(processor, args, assistant_only, f"{spec.where}.data"),
+        )
+        if quant is not None:
+            # TRL casts every trainable weight of a quantized model to bf16 (the QLoRA paper's adapters); modules
+            # trained whole (the projector) then meet the tower's fp32 features. Back to fp32: LoRA casts its input.
+            for name, param in trainer.model.named_parameters():
+                if param.requires_grad and "lora_" not in name:
+                    param.data = param.data.float()
+        metrics, prints = train_and_save(trainer, spec.out_dir, ctx.resume, train_ds, eval_ds, processor)
+        metrics["frozen_vision_params"] = float(frozen)
+        return StageResult(metrics=metrics, model=spec.out_dir, fingerprints=prints)
 
-def plan(spec: StageSpec, ctx: Context):
-    """Memory plan: the language model as for `sft`, plus the vision tower and projector."""
+    def plan(self, spec: StageSpec, ctx: Context):
+        """Memory plan: the language model as for `sft`, plus the vision tower and projector."""
 
-    config = model_config(spec.cfg["model"], ctx, f"{spec.where}.model")
-    if config is None:
-        return None
-    dtype = model_spec(spec.cfg["model"], f"{spec.where}.model").get("dtype")
-    args, _ = _args(spec, ctx)
-    return plan_vlm(spec.name, spec.kind, config, args, spec.cfg.get("lora"), spec.cfg.get("quantization"), dtype,
-                    _freeze(spec))
+        config = model_config(spec.cfg["model"], ctx, f"{spec.where}.model")
+        if config is None:
+            return None
+        dtype = model_spec(spec.cfg["model"], f"{spec.where}.model").get("dtype")
+        args, _ = _args(spec, ctx)
+        return plan_vlm(
+            spec.name, spec.kind, config, args, spec.cfg.get("lora"), spec.cfg.get("quantization"), dtype, _freeze(spec)
+        )

@@ -2,13 +2,13 @@
 
 Options (as in the Hub's exact_match): `ignore_case`, `ignore_punctuation`, `ignore_numbers`,
 `regexes_to_ignore` (removed before comparing); surrounding whitespace is always stripped. The comparison is
-`tunelab.answers.matches`, which the eval stage also uses for each row of its predictions files.
+`tunelab.evaluation.answers.matches`, which the eval stage also uses for each row of its predictions files.
 """
 
 import datasets
 import evaluate
 
-from tunelab.answers import matches
+from tunelab.evaluation.answers import matches
 
 
 class ExactMatch(evaluate.Metric):

@@ -1,9 +1,9 @@
 """Fréchet distance between generated and real images in a tunelab-trained classifier's feature space.
 
 predictions: generated images; references: held-out real images (PIL, same count, as evaluate
-requires); classifier: folder written by `tunelab.image_quality.train_classifier`. Also reports
+requires); classifier: folder written by `tunelab.diffusion.quality.train_classifier`. Also reports
 the classifier's mean confidence on the generated images and how evenly they spread over classes.
-See tunelab/image_quality.py for why this and not Inception FID.
+See tunelab/diffusion/quality.py for why this and not Inception FID.
 """
 
 from pathlib import Path
@@ -22,10 +22,10 @@ class FrechetDistance(evaluate.Metric):
         )
 
     def _compute(self, predictions, references, classifier=None):
-        from tunelab.image_quality import load_classifier, quality, to_batch
+        from tunelab.diffusion.quality import load_classifier, quality, to_batch
 
         if classifier is None:
-            raise ValueError("frechet_distance needs classifier=FOLDER (tunelab.image_quality.train_classifier)")
+            raise ValueError("frechet_distance needs classifier=FOLDER (tunelab.diffusion.quality.train_classifier)")
         net, config = load_classifier(Path(classifier))
         size, channels = config["resolution"], config["channels"]
         return quality(net, to_batch(predictions, size, channels), to_batch(references, size, channels))

@@ -1,0 +1,1 @@
+"""Datasets for stages: `data:` sections as `datasets.load_dataset` arguments, and the column checks."""

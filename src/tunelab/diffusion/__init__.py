@@ -1,0 +1,1 @@
+"""Diffusion: image data, schedulers, pipelines, sampling, and the offline image-quality measure."""

@@ -49,7 +49,7 @@ def lora(base: Path, out: Path, seed: int, template: str | None = None) -> Path:
 
 @pytest.fixture(scope="module")
 def adapters(tiny_lm: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    from tunelab.chat_templates import TUNELAB_TEMPLATE
+    from tunelab.models.chat_templates import TUNELAB_TEMPLATE
 
     root = tmp_path_factory.mktemp("adapters")
     return {"a": lora(tiny_lm, root / "a", 1, TUNELAB_TEMPLATE), "b": lora(tiny_lm, root / "b", 2)}
@@ -149,7 +149,7 @@ def test_completions_n_logprobs_and_usage_counts(client, tiny_lm: Path) -> None:
 def test_chat_logprobs_and_usage_match_the_tokenizer(client, adapters: dict[str, Path]) -> None:
     from transformers import AutoTokenizer
 
-    from tunelab.chat_templates import render
+    from tunelab.models.chat_templates import render
 
     tokenizer = AutoTokenizer.from_pretrained(adapters["a"])  # the adapter's own tokenizer, with its template
     reply = ask(client, "a", max_tokens=12, logprobs=True, top_logprobs=2)
@@ -284,7 +284,7 @@ def test_smollm2_gguf_answers_as_tunelab_chat_does(smol, smollm2: Path) -> None:
     import openai
     from transformers import AutoTokenizer
 
-    from tunelab.chat_templates import render
+    from tunelab.models.chat_templates import render
 
     client = openai.OpenAI(base_url=smol.url, api_key="none", max_retries=0, timeout=120)
     assert smol.models == [SMOL_GGUF]

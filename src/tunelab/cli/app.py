@@ -609,7 +609,7 @@ def serve_command(
     log_requests: Annotated[bool, typer.Option("--log-requests", help="One stderr line per request.")] = False,
 ) -> None:
     """Serve a model with OpenAI's API (/v1/chat/completions, /v1/completions, /v1/models) until SIGTERM."""
-    from tunelab.errors import TunelabError
+    from tunelab.core.errors import TunelabError
     from tunelab.serving.service import run_until_signalled, start
 
     if load_in_4bit and load_in_8bit:

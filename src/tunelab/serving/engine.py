@@ -29,7 +29,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
-from tunelab.prompting import _keep_marker
+from tunelab.models.prompting import keep_marker
 
 BASE = "__base__"  # peft's name for "no adapter" in a mixed batch
 
@@ -400,7 +400,7 @@ class Engine:
         with self.tokenizer_lock:
             text = tokenizer.decode(row.generated, skip_special_tokens=True)
             if self.think is not None:
-                text = _keep_marker(tokenizer, row.generated, text, self.think)
+                text = keep_marker(tokenizer, row.generated, text, self.think)
         return text
 
     def _send(self, row: Row, visible: str) -> None:

@@ -2,7 +2,7 @@
 
 Requests are checked field by field with OpenAI's own wording, status and `code` (`Invalid 'max_tokens':
 integer below minimum value...`, `invalid_type`, `model_not_found`, `context_length_exceeded`), so a client
-that handles OpenAI's errors handles these. Prompts are rendered by `tunelab.chat_templates.render`, the
+that handles OpenAI's errors handles these. Prompts are rendered by `tunelab.models.chat_templates.render`, the
 function `tunelab chat` renders with, and a model without a chat template reads a lone user message as plain
 text, as `tunelab chat` does.
 """
@@ -17,11 +17,11 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from tunelab.chat_templates import render
-from tunelab.errors import TunelabError
+from tunelab.core.errors import TunelabError
+from tunelab.models.chat_templates import render
 from tunelab.serving.engine import Event, Job, Sampling, Token
 
-DEFAULT_MAX_TOKENS = 256  # `tunelab chat`'s max_new_tokens (tunelab.talk.DEFAULTS); OpenAI's completions use 16
+DEFAULT_MAX_TOKENS = 256  # `tunelab chat`'s max_new_tokens (tunelab.models.chat.DEFAULTS); OpenAI's completions use 16
 MAX_STOPS = 4  # OpenAI's limit on `stop`
 MAX_TOP_LOGPROBS = {"chat": 20, "text": 5}  # OpenAI's limits on top_logprobs and completions' logprobs
 # Fields clients send that change nothing here (accounting, storage, routing).
@@ -365,7 +365,7 @@ class Choice:
     """One choice's text and tokens as they arrive, with the reasoning split off at `think`.
 
     With `think` (an end-of-reasoning marker such as `</think>`), the whole answer follows the eval stage's rule
-    (`tunelab.prompting.strip_reasoning`): the reasoning is what comes before the last marker, the content what
+    (`tunelab.models.prompting.strip_reasoning`): the reasoning is what comes before the last marker, the content what
     follows it, and an answer without the marker is all content. A stream cannot take back what it sent, so it
     holds the text back until the first marker arrives, then sends the reasoning in one piece and the content as
     it comes (a choice that ends without the marker sends all of it as content)."""

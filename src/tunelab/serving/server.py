@@ -24,7 +24,7 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from tunelab.errors import TunelabError
+from tunelab.core.errors import TunelabError
 from tunelab.serving.protocol import ApiError, Choice, Endpoint, Request, chunk, envelope, parse, response, sse, usage
 
 MAX_BODY = 4 * 2**20  # bytes of a request body; larger: 413 (a 128k-token prompt is about 0.5 MB)

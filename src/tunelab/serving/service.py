@@ -14,7 +14,7 @@ import sys
 import threading
 from typing import Any
 
-from tunelab.errors import TunelabError
+from tunelab.core.errors import TunelabError
 from tunelab.serving.server import MAX_BODY, READ_TIMEOUT, App, Handler, bind
 from tunelab.serving.sources import Plan, plan
 
@@ -79,8 +79,8 @@ def start(
     log_requests: bool = False,
 ) -> Server:
     """Serve `model` (and `adapters`) on host:port (0: a free port); the checks come before anything loads."""
-    from tunelab.hub import configure_offline
-    from tunelab.progress import quiet
+    from tunelab.core.hub import configure_offline
+    from tunelab.core.progress import quiet
 
     if backend not in BACKENDS:
         raise TunelabError(f"--backend is '{backend}': use transformers (any machine) or vllm (CUDA and vLLM)")
@@ -114,11 +114,11 @@ def start(
 
 def load_transformers(served: Plan, quantization: dict[str, Any] | None, max_batch: int, think: str | None, lock):
     """The engine over the base (and its adapters) and the endpoints, one per served name."""
-    from tunelab.chat_templates import use_template
+    from tunelab.models.chat import context_length
+    from tunelab.models.chat_templates import use_template
     from tunelab.serving.engine import Engine
     from tunelab.serving.protocol import Endpoint
     from tunelab.serving.sources import load
-    from tunelab.talk import context_length
 
     model, tokenizers = load(served, quantization)
     endpoints = {}

@@ -3,7 +3,7 @@
 Everything here is decided from files (configs, `adapter_config.json`, `run.json`) before any weights load, so a
 bad command line is one line and exit code 2 at once: a model that does not exist, an adapter spec that is not
 NAME=PATH, an adapter trained on another base than the one served. Loading goes through the code `tunelab chat`
-uses (`tunelab.talk.model_source`, `tunelab.models.load_causal_lm`, `load_tokenizer`, `tunelab.quant`), with
+uses (`tunelab.models.chat.model_source`, `tunelab.models.loading.load_causal_lm`, `load_tokenizer`, `quant`), with
 adapters kept apart (not merged) so that each request picks its own.
 """
 
@@ -14,11 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tunelab.errors import TunelabError, check_path
-from tunelab.hub import MODEL_FILES, local_path, resolve_model
-from tunelab.models import adapter_base, is_adapter
-from tunelab.runs import STAGE_FILE, is_stage_record, is_tunelab_run, read_json
-from tunelab.talk import model_source
+from tunelab.core.errors import TunelabError, check_path
+from tunelab.core.hub import MODEL_FILES, local_path, resolve_model
+from tunelab.core.runs import STAGE_FILE, is_stage_record, is_tunelab_run, read_json
+from tunelab.models.chat import model_source
+from tunelab.models.spec import adapter_base, is_adapter
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:/-]{0,199}")
 
@@ -168,8 +168,9 @@ def same(a: str, b: str) -> bool:
 
 def load(served: Plan, quantization: dict[str, Any] | None = None):
     """(model, {name: tokenizer}): the base with every adapter loaded beside it (a PeftModel when any)."""
-    from tunelab.models import load_causal_lm, load_tokenizer
-    from tunelab.quant import quant_config
+    from tunelab.models.loading import load_causal_lm
+    from tunelab.models.quant import quant_config
+    from tunelab.models.tokenizers import load_tokenizer
 
     quant = quant_config(quantization, "quantization")
     tokenizers = {served.base_name: load_tokenizer(served.base["path"])}

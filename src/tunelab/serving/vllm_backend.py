@@ -16,7 +16,7 @@ import threading
 from collections import deque
 from typing import Any
 
-from tunelab.errors import TunelabError
+from tunelab.core.errors import TunelabError
 from tunelab.serving.engine import Event, Job, Token
 from tunelab.serving.sources import Plan
 
@@ -43,8 +43,8 @@ def load_vllm(served: Plan, max_batch: int, think: str | None, lock: threading.L
     """(engine, endpoints, context) over vLLM."""
     from vllm import EngineArgs, LLMEngine
 
-    from tunelab.chat_templates import use_template
-    from tunelab.models import load_tokenizer
+    from tunelab.models.chat_templates import use_template
+    from tunelab.models.tokenizers import load_tokenizer
     from tunelab.serving.protocol import Endpoint
 
     ranks = [_rank(path) for path in served.adapters.values()]

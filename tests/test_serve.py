@@ -271,6 +271,54 @@ def test_half_a_request_blocks_no_one_and_times_out(tiny_lm: Path) -> None:
         loris.close()
 
 
+def fake_run(root: Path, tiny_lm: Path, adapters: dict[str, Path]) -> Path:
+    """A run folder as tunelab writes one: pretrain (a full model), sft and dpo (adapters on pretrain), eval."""
+    import shutil
+
+    run = root / "run"
+    shutil.copytree(tiny_lm, run / "pretrain")
+    for stage, source in (("sft", adapters["a"]), ("dpo", adapters["b"])):
+        shutil.copytree(source, run / stage)
+        config = json.loads((run / stage / "adapter_config.json").read_text())
+        config["base_model_name_or_path"] = str(run / "pretrain")
+        (run / stage / "adapter_config.json").write_text(json.dumps(config))
+    (run / "eval").mkdir()
+    stages = {s: {"status": "completed", "kind": s} for s in ("pretrain", "sft", "dpo", "eval")}
+    (run / "run.json").write_text(json.dumps({"tool": "tunelab", "stages": stages}))
+    return run
+
+
+def test_a_run_folder_serves_its_final_model_and_each_adapter_stage(tiny_lm, adapters, tmp_path) -> None:
+    from tunelab.serving.sources import plan
+
+    run = fake_run(tmp_path, tiny_lm, adapters)
+    served = plan(str(run))
+    assert served.names == ["pretrain", "sft", "dpo"]
+    assert Path(served.base["path"]) == run / "pretrain"
+    assert plan(str(run / "sft")).names == ["pretrain", "sft"]  # a stage folder: by its stage's name
+    assert plan(str(run / "sft"), [f"extra={run / 'dpo'}"]).names == ["pretrain", "sft", "extra"]
+
+
+def test_reasoning_is_split_at_the_marker_as_eval_splits_it() -> None:
+    from tunelab.models.prompting import strip_reasoning
+    from tunelab.serving.engine import Event
+    from tunelab.serving.protocol import Choice
+
+    text = "let me think</think>  The answer is 7."
+    for pieces in (["let me th", "ink</thi", "nk>  The ans", "wer is 7."], [text]):
+        choice, sent = Choice("</think>"), []
+        for piece in pieces:
+            sent.append(choice.add(Event("delta", text=piece)))
+        sent.append(choice.add(Event("end", finish="stop")))
+        assert choice.answer() == ("let me think", strip_reasoning(text, "</think>"))
+        assert "".join(s.get("reasoning_content", "") for s in sent) == "let me think"
+        assert "".join(s.get("content", "") for s in sent) == "The answer is 7."
+    plain = Choice("</think>")
+    assert plain.add(Event("delta", text="no marker")) == {}  # held until the marker or the end
+    assert plain.add(Event("end", finish="stop")) == {"content": "no marker"}
+    assert plain.answer() == (None, "no marker")
+
+
 # --- SmolLM2-135M-Instruct (GGUF) --------------------------------------------------------------------------
 
 

@@ -9,6 +9,7 @@ adapters kept apart (not merged) so that each request picks its own.
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +17,7 @@ from typing import Any
 
 from tunelab.core.errors import TunelabError, check_path
 from tunelab.core.hub import MODEL_FILES, local_path, resolve_model
-from tunelab.core.runs import STAGE_FILE, is_stage_record, is_tunelab_run, read_json
+from tunelab.core.runs import is_tunelab_run, read_json, stage_folder_of
 from tunelab.models.chat import model_source
 from tunelab.models.spec import adapter_base, is_adapter
 
@@ -61,7 +62,7 @@ def source(ref: str, where: str) -> dict[str, Any]:
 
 def served_name(ref: str, folder: Path | None) -> str:
     """A stage folder is served by its stage's name (`sft`); anything else by what the command line said."""
-    if folder is not None and folder.is_dir() and is_stage_record(read_json(folder / STAGE_FILE)):
+    if folder is not None and folder.is_dir() and stage_folder_of(folder) == Path(os.path.abspath(folder)):
         return folder.name
     return ref
 

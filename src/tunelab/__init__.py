@@ -39,6 +39,7 @@ __all__ = [
     "merge",
     "recipe_from_dict",
     "run",
+    "serve",
     "validate",
 ]
 
@@ -46,6 +47,7 @@ if TYPE_CHECKING:
     from pathlib import Path
 
     from tunelab.pipeline import RunResult
+    from tunelab.serving.service import Server
 
 
 def validate(
@@ -211,6 +213,41 @@ def generate(
     if not prompts:
         return []
     return _generate(model, list(prompts), batch_size=batch_size, system=system, **generation)
+
+
+def serve(
+    model: str | os.PathLike,
+    adapters: dict[str, str | os.PathLike] | None = None,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    api_key: str | None = None,
+    quantization: dict[str, Any] | None = None,
+    backend: str = "transformers",
+    **options: Any,
+) -> Server:
+    """Serve a model with OpenAI's API on background threads, as `tunelab serve` does; returns the running server.
+
+    `adapters` maps names to LoRA adapter folders over the same base; `port=0` takes a free port. The server's
+    `url` is the OpenAI base URL and `models` the names to give as `model`::
+
+        with tunelab.serve("runs/quickstart") as server:
+            client = openai.OpenAI(base_url=server.url, api_key="none")
+
+    `options`: max_batch, think_end_token, max_body, read_timeout, log_requests. `close()` (or leaving the
+    `with` block) finishes the requests in flight, then stops.
+    """
+    from tunelab.serving.service import start
+
+    model = _path(model, "model", "a model folder, an adapter, stage or run folder, a hub id or a .gguf file")
+    if adapters is not None and not isinstance(adapters, dict):
+        raise TunelabError(f"adapters must be a dict of {{name: adapter folder}}, not {_shown(adapters)}")
+    named = {str(k): _path(v, f"adapters[{k!r}]", "an adapter folder") for k, v in (adapters or {}).items()}
+    _optional_text(api_key, "api_key", "the key clients must send")
+    if not isinstance(port, int) or isinstance(port, bool) or not 0 <= port <= 65535:
+        raise TunelabError(f"port must be a whole number from 0 (any free port) to 65535, not {_shown(port)}")
+    return start(
+        model, named, host=host, port=port, api_key=api_key, quantization=quantization, backend=backend, **options
+    )
 
 
 def __getattr__(name: str) -> Any:

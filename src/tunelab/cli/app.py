@@ -615,6 +615,69 @@ def chat_command(
         typer.echo()
 
 
+@app.command("serve")
+@friendly
+def serve_command(
+    model: Annotated[
+        str, typer.Argument(help="Hub id, model folder, .gguf file, adapter, stage folder, or run folder.")
+    ],
+    adapter: Annotated[
+        list[str] | None,
+        typer.Option("--adapter", help="NAME=PATH: a LoRA adapter over the same base, chosen by `model: NAME`."),
+    ] = None,
+    host: Annotated[str, typer.Option(help="Address to listen on (0.0.0.0: every interface).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    api_key: Annotated[
+        str | None, typer.Option("--api-key", help="Key clients must send (Authorization: Bearer KEY).")
+    ] = None,
+    load_in_4bit: Annotated[
+        bool, typer.Option("--load-in-4bit", help="Load the base in 4 bits (bitsandbytes).")
+    ] = False,
+    load_in_8bit: Annotated[
+        bool, typer.Option("--load-in-8bit", help="Load the base in 8 bits (bitsandbytes).")
+    ] = False,
+    backend: Annotated[str, typer.Option(help="transformers (any machine) or vllm (CUDA and vLLM).")] = "transformers",
+    max_batch: Annotated[int, typer.Option("--max-batch", help="Most answers generated together.")] = 32,
+    think_end_token: Annotated[
+        str | None,
+        typer.Option("--think-end-token", help="End-of-reasoning marker (e.g. </think>): reasoning_content apart."),
+    ] = None,
+    drain: Annotated[
+        float, typer.Option(help="Seconds to finish the requests in flight on SIGTERM before cancelling them.")
+    ] = 30.0,
+    log_requests: Annotated[bool, typer.Option("--log-requests", help="One stderr line per request.")] = False,
+) -> None:
+    """Serve a model with OpenAI's API (/v1/chat/completions, /v1/completions, /v1/models) until SIGTERM."""
+    from tunelab.core.errors import TunelabError
+    from tunelab.serving.service import run_until_signalled, start
+
+    if load_in_4bit and load_in_8bit:
+        raise TunelabError("--load-in-4bit and --load-in-8bit are both given: choose one (4 bits take half the memory)")
+    if not 0 <= port <= 65535:
+        raise TunelabError(f"--port is {port}: use a port from 1 to 65535 (0: any free port)")
+    if drain < 0:
+        raise TunelabError(f"--drain is {drain:g}: use a number of seconds, 0 or more")
+    quant = {"load_in_4bit": True} if load_in_4bit else {"load_in_8bit": True} if load_in_8bit else None
+    server = start(
+        model,
+        adapter or [],
+        host=host,
+        port=port,
+        api_key=api_key,
+        quantization=quant,
+        backend=backend,
+        max_batch=max_batch,
+        think_end_token=think_end_token,
+        log_requests=log_requests,
+    )
+    for note in server.plan.notes:
+        typer.echo(f"not served: {note}", err=True)
+    typer.echo(
+        f"serving {', '.join(server.models)} at {server.url} (OpenAI API; stop with Ctrl-C or SIGTERM)", err=True
+    )
+    run_until_signalled(server, drain)
+
+
 @app.command("list")
 @friendly
 def list_recipes() -> None:

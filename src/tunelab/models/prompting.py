@@ -73,13 +73,13 @@ def generate(
         new = out[:, enc["input_ids"].shape[1] :]
         texts = tokenizer.batch_decode(new, skip_special_tokens=True)
         if think is not None:
-            texts = [_keep_marker(tokenizer, row.tolist(), text, think) for row, text in zip(new, texts, strict=True)]
+            texts = [keep_marker(tokenizer, row.tolist(), text, think) for row, text in zip(new, texts, strict=True)]
         for i, text in zip(idx, texts, strict=True):
             outputs[i] = text
     return outputs
 
 
-def _keep_marker(tokenizer, ids: list[int], text: str, think: str) -> str:
+def keep_marker(tokenizer, ids: list[int], text: str, think: str) -> str:
     """`text` with the reasoning marker put back where decoding skipped it as a special token."""
     marker = tokenizer.convert_tokens_to_ids(think)
     if not isinstance(marker, int) or marker == tokenizer.unk_token_id or marker not in ids or think in text:

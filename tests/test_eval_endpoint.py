@@ -80,7 +80,7 @@ def test_served_answers_equal_in_process_answers(served, tiny_lm: Path, tmp_path
 
 def _fails(tmp_path: Path, stage: dict, message: str) -> None:
     path = tmp_path / "recipe.yaml"
-    path.write_text(json.dumps({"output_dir": str(tmp_path / "run"), "stages": {"score": stage}}))
+    path.write_text(json.dumps({"output_dir": str(tmp_path / "never-run"), "stages": {"score": stage}}))
     result = runner.invoke(app, ["validate", str(path)])
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert result.exit_code == 2 and len(lines) == 1 and "Traceback" not in result.output, result.output
@@ -111,3 +111,26 @@ def test_bad_endpoints_are_one_line_at_validate(served, tmp_path: Path) -> None:
     choices.write_text(json.dumps({"prompt": "1+1=", "choices": ["2", "3"], "label": 0}) + "\n")
     mc = {"stage": "eval", "model": unknown, "data": {"path": str(choices), "split": "train"}}
     _fails(tmp_path, mc, "is a served endpoint, but choices scored by log-likelihood need the model itself")
+
+
+def test_harness_scores_a_served_model_as_the_model_itself(served, tmp_path: Path) -> None:
+    """lm_eval through the harness's local-chat-completions against tunelab serve: the same scores as HFLM on
+    the same adapter with its chat template."""
+    server, adapter = served
+    stage = {
+        "stage": "lm_eval",
+        "models": {"local": str(adapter), "served": {"openai_base_url": server.url, "model": "chatty"}},
+        "tasks": "tunelab_arith",
+        "limit": 6,
+        "apply_chat_template": True,
+        "gen_kwargs": {"max_gen_toks": 6},
+    }
+    recipe = tunelab.recipe_from_dict({"output_dir": str(tmp_path / "run"), "stages": {"score": stage}})
+    metrics = tunelab.run(recipe).metrics["score"]
+    scores = {k: v for k, v in metrics["local"].items() if k.startswith("tunelab_arith/")}
+    assert scores and scores == {k: metrics["served"][k] for k in scores}
+    assert metrics["served"]["examples"] == 6
+    harness = json.loads((tmp_path / "run" / "score" / "harness-served.json").read_text())
+    assert "--model local-chat-completions" in harness["tunelab"]["command"]
+    mc = {**stage, "models": {"served": stage["models"]["served"]}, "tasks": "tunelab_arith_mc"}
+    _fails(tmp_path, mc, "which return no log-likelihoods; task 'tunelab_arith_mc' is multiple_choice")

@@ -33,8 +33,9 @@ test: setup  ## the fast suite (what CI runs)
 test-all: setup  ## including slow tests (the full quickstart)
 	$(PY) -m pytest -q -m ""
 
-lint: setup
+lint: setup  ## ruff's checks and its formatting (`ruff format` fixes the latter)
 	$(VENV)/bin/ruff check src tests benchmarks recipes tools
+	$(VENV)/bin/ruff format --check src tests benchmarks recipes tools
 
 bench: setup  ## measure and write docs/BENCHMARKS.md
 	$(PY) benchmarks/run_all.py

@@ -63,12 +63,11 @@ def main() -> str:
     from tunelab.core.hub import configure_offline
     from tunelab.core.progress import quiet
     from tunelab.evaluation.harness import materialize
-    from tunelab.models.loading import resolve_spec
+    from tunelab.models.spec import resolve_spec
 
     configure_offline()
-    quiet()
-    model = Path(resolve_spec(dict(SMOLLM2), "model")["path"])
-    with tempfile.TemporaryDirectory() as tmp_name:
+    with quiet(), tempfile.TemporaryDirectory() as tmp_name:
+        model = Path(resolve_spec(dict(SMOLLM2), "model")["path"])
         tmp = Path(tmp_name)
         tasks_dir = materialize(tmp / "tasks")
         ours, theirs = [], []
@@ -82,7 +81,7 @@ def main() -> str:
         "## lm-evaluation-harness through tunelab\n\n"
         f"SmolLM2-135M-Instruct, tasks {', '.join(TASKS)} ({LIMIT} examples each), batch 16. tunelab: a whole "
         "`tunelab.run` of an `lm_eval` stage (checks, loading, results and samples written); direct: "
-        "`lm_eval.simple_evaluate(model=\"hf\", model_args=\"pretrained=FOLDER\")`. Median of "
+        '`lm_eval.simple_evaluate(model="hf", model_args="pretrained=FOLDER")`. Median of '
         f"{REPS} interleaved runs each (`benchmarks/harness.py`).\n\n"
         "| path | examples / s |\n|---|---|\n"
         f"| harness called directly | {speed_theirs:.2f} |\n"

@@ -61,7 +61,7 @@ CHAT = ROOT / "recipes/data/arith_chat"
 
 def plain_model_dir() -> Path:
     """tunelab's plain float32 copy of the GGUF file (converted on first use, then cached)."""
-    from tunelab.models.loading import resolve_spec
+    from tunelab.models.spec import resolve_spec
 
     return Path(resolve_spec(dict(MODEL), "model")["path"])
 

@@ -15,15 +15,15 @@ from common import ROOT
 TITLE = "## RLHF pipeline"
 # Measured with the shipped settings and in the trials their comments name (300 held-out questions, greedy).
 METHODS = (
-    'The methods added with the stage base (same seed, same SFT start): SimPO, as the `cpo` stage with '
+    "The methods added with the stage base (same seed, same SFT start): SimPO, as the `cpo` stage with "
     "`loss_type: simpo` and CPO's likelihood term on the chosen answers (`cpo_alpha: 1`), ends above SFT; "
-    'without that term (`cpo_alpha: 0`, SimPO as published) it fell to 0.77-0.80, as KTO, which has no such '
+    "without that term (`cpo_alpha: 0`, SimPO as published) it fell to 0.77-0.80, as KTO, which has no such "
     "term, falls to 0.79 (0.75 at 5e-5). Their extra errors are near misses: of KTO's 62 wrong answers 38 are"
-    ' c-1 and 21 c+1. DPO needed the same cure (RPO, below). ORPO replaces SFT here, from the pretrained '
+    " c-1 and 21 c+1. DPO needed the same cure (RPO, below). ORPO replaces SFT here, from the pretrained "
     "model with SFT's 600 steps and learning rate, and reaches 0.603 against SFT's 0.910: TRL's ORPO takes "
-    'its likelihood term over the whole sequence, prompts included (from the SFT model it fell to 0.15). RLOO'
+    "its likelihood term over the whole sequence, prompts included (from the SFT model it fell to 0.15). RLOO"
     " at GRPO's learning rate stays at SFT (0.913); at 1e-4 and temperature 1.0 it fell to 0.70, as GRPO does"
-    ' at higher rates.'
+    " at higher rates."
 )
 
 
@@ -40,7 +40,7 @@ def near_misses(run_dir: Path) -> dict[str, float]:
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-    from tunelab.models.loading import reward_scores
+    from tunelab.models.reward_models import reward_scores
 
     model = AutoModelForSequenceClassification.from_pretrained(run_dir / "reward")
     tokenizer = AutoTokenizer.from_pretrained(run_dir / "reward")

@@ -111,11 +111,11 @@ def smollm2() -> Path:
     """SmolLM2-135M-Instruct's plain copy (converted from its GGUF file once, then cached)."""
     from tunelab.core.hub import configure_offline
     from tunelab.core.progress import quiet
-    from tunelab.models.loading import resolve_spec
+    from tunelab.models.spec import resolve_spec
 
     configure_offline()
-    quiet()
-    return Path(resolve_spec(dict(SMOLLM2), "model")["path"])
+    with quiet():
+        return Path(resolve_spec(dict(SMOLLM2), "model")["path"])
 
 
 def assert_one_line_answer(result: Any, context: str, took: float, seconds: float) -> None:

@@ -78,7 +78,9 @@ PAIRS = ("chosen", "rejected")
 
 
 def test_rloo_with_a_python_reward_and_a_reward_model(
-    tmp_path: Path, tiny_lm: Path, reward_model: Path  # noqa: F811 (the fixture)
+    tmp_path: Path,
+    tiny_lm: Path,
+    reward_model: Path,  # noqa: F811 (the fixture)
 ) -> None:
     rewards = ["tunelab.rewards:exact_match", str(reward_model)]
     stage = {"stage": "rloo", "model": str(tiny_lm), "data": QA_TRAIN, "rewards": rewards}
@@ -129,21 +131,49 @@ def test_distill_trains_the_student_on_its_own_answers_against_the_teacher(tmp_p
 
 def smollm2_stages(steps: int) -> dict:
     lora = {"r": 4, "target_modules": ["q_proj", "v_proj"]}
-    short = {"max_steps": steps, "per_device_train_batch_size": 2, "logging_steps": 1, "save_strategy": "no",
-             "report_to": "none", "learning_rate": 1e-4}
+    short = {
+        "max_steps": steps,
+        "per_device_train_batch_size": 2,
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "report_to": "none",
+        "learning_rate": 1e-4,
+    }
     pairs = {"path": "recipes/data/arith_pref", "split": "train[:8]"}
     prompts = {"path": "recipes/data/arith_qa", "split": "train[:8]"}
     online = {**short, "num_generations": 2, "max_completion_length": 4}
     stages = {
         "kto": {"stage": "kto", "model": SMOLLM2, "data": pairs, "lora": lora, "training": {**short, "max_length": 96}},
-        "orpo": {"stage": "orpo", "model": SMOLLM2, "data": pairs, "lora": lora,
-                 "training": {**short, "max_length": 96}},
-        "simpo": {"stage": "cpo", "model": SMOLLM2, "data": pairs, "lora": lora,
-                  "training": {**short, "max_length": 96, "loss_type": "simpo", "cpo_alpha": 0.0}},
-        "rloo": {"stage": "rloo", "model": SMOLLM2, "data": prompts, "lora": lora,
-                 "rewards": ["tunelab.rewards:numeric"], "training": online},
-        "distill": {"stage": "distill", "model": SMOLLM2, "teacher": SMOLLM2, "data": prompts, "lora": lora,
-                    "training": {**short, "max_completion_length": 4}},
+        "orpo": {
+            "stage": "orpo",
+            "model": SMOLLM2,
+            "data": pairs,
+            "lora": lora,
+            "training": {**short, "max_length": 96},
+        },
+        "simpo": {
+            "stage": "cpo",
+            "model": SMOLLM2,
+            "data": pairs,
+            "lora": lora,
+            "training": {**short, "max_length": 96, "loss_type": "simpo", "cpo_alpha": 0.0},
+        },
+        "rloo": {
+            "stage": "rloo",
+            "model": SMOLLM2,
+            "data": prompts,
+            "lora": lora,
+            "rewards": ["tunelab.rewards:numeric"],
+            "training": online,
+        },
+        "distill": {
+            "stage": "distill",
+            "model": SMOLLM2,
+            "teacher": SMOLLM2,
+            "data": prompts,
+            "lora": lora,
+            "training": {**short, "max_completion_length": 4},
+        },
     }
     return stages
 
@@ -175,22 +205,41 @@ def test_new_stages_on_smollm2_with_lora(tmp_path: Path, smollm2: Path) -> None:
 @pytest.mark.parametrize(
     ("stage", "message"),
     [
-        ({"stage": "kto", "data": PREF_TRAIN, "training": {"per_device_train_batch_size": 1}},
-         r"per_device_train_batch_size' is 1: KTO estimates its KL term"),
+        (
+            {"stage": "kto", "data": PREF_TRAIN, "training": {"per_device_train_batch_size": 1}},
+            r"per_device_train_batch_size' is 1: KTO estimates its KL term",
+        ),
         ({"stage": "kto", "data": QA_TRAIN}, "is not KTO data: it needs prompt, completion and label"),
-        ({"stage": "cpo", "data": PREF_TRAIN, "training": {"loss_type": "dpo"}},
-         "loss_type' is 'dpo'; expected one of sigmoid, hinge"),
+        (
+            {"stage": "cpo", "data": PREF_TRAIN, "training": {"loss_type": "dpo"}},
+            "loss_type' is 'dpo'; expected one of sigmoid, hinge",
+        ),
         ({"stage": "orpo", "data": QA_TRAIN}, "is not preference data"),
-        ({"stage": "rloo", "data": QA_TRAIN, "rewards": ["tunelab.rewards:exact_match"],
-          "training": {"use_vllm": True}}, "use_vllm' is true, but this machine has no CUDA GPU"),
-        ({"stage": "grpo", "data": QA_TRAIN, "rewards": ["tunelab.rewards:exact_match"],
-          "training": {"use_vllm": True, "vllm_mode": "colocate"}}, "vLLM generates on GPUs only"),
+        (
+            {
+                "stage": "rloo",
+                "data": QA_TRAIN,
+                "rewards": ["tunelab.rewards:exact_match"],
+                "training": {"use_vllm": True},
+            },
+            "use_vllm' is true, but this machine has no CUDA GPU",
+        ),
+        (
+            {
+                "stage": "grpo",
+                "data": QA_TRAIN,
+                "rewards": ["tunelab.rewards:exact_match"],
+                "training": {"use_vllm": True, "vllm_mode": "colocate"},
+            },
+            "vLLM generates on GPUs only",
+        ),
         ({"stage": "rloo", "data": QA_TRAIN}, "has no `rewards:`"),
         ({"stage": "distill", "data": QA_TRAIN}, "has no `teacher:`"),
-        ({"stage": "distill", "data": QA_TRAIN, "teacher": SMOLLM2},
-         "vocabulary of 49152 tokens and the student 300"),
-        ({"stage": "distill", "data": QA_TRAIN, "teacher": "x", "training": {"teacher_model_name_or_path": "x"}},
-         "is not read by the trainer: set `teacher:`"),
+        ({"stage": "distill", "data": QA_TRAIN, "teacher": SMOLLM2}, "vocabulary of 49152 tokens and the student 300"),
+        (
+            {"stage": "distill", "data": QA_TRAIN, "teacher": "x", "training": {"teacher_model_name_or_path": "x"}},
+            "is not read by the trainer: set `teacher:`",
+        ),
     ],
 )
 def test_bad_input_is_named_before_anything_loads(tmp_path: Path, tiny_lm: Path, stage: dict, message: str) -> None:

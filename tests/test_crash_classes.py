@@ -194,7 +194,7 @@ def classifier(tmp_path_factory: pytest.TempPathFactory, tiny_lm: Path) -> Path:
 @pytest.fixture(scope="module")
 def llava(tmp_path_factory: pytest.TempPathFactory, tiny_lm: Path) -> Path:
     from tests.test_vlm import TINY_VISION
-    from tunelab.vision.vlm import build_llava
+    from tunelab.vision.models import build_llava
 
     return build_llava({"path": str(tiny_lm)}, tmp_path_factory.mktemp("llava") / "vlm", TINY_VISION)
 
@@ -520,8 +520,14 @@ def test_a_chat_template_that_renders_nothing(tmp_path: Path, tiny_lm: Path) -> 
         "'stages.sft.data': the chat template renders nothing on row 0 (the messages hold text): it must write",
     )
     fails(
-        ["eval", str(tiny_lm), str(ROOT / "recipes/data/arith_qa"), "--output-dir", str(tmp_path / "ev"),
-         f"chat_template={silent}"],
+        [
+            "eval",
+            str(tiny_lm),
+            str(ROOT / "recipes/data/arith_qa"),
+            "--output-dir",
+            str(tmp_path / "ev"),
+            f"chat_template={silent}",
+        ],
         "'stages.eval.model': the chat template renders nothing on row 0",
     )
     assert not (tmp_path / "ev").exists()

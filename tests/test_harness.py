@@ -145,7 +145,7 @@ def test_think_end_token_scores_what_follows_the_reasoning(tmp_path: Path, tiny_
 def test_reasoning_marker_survives_decoding_as_a_special_token(smollm2: Path) -> None:
     from transformers import AutoTokenizer
 
-    from tunelab.models.prompting import _keep_marker, strip_reasoning
+    from tunelab.models.prompting import keep_marker, strip_reasoning
 
     tokenizer = AutoTokenizer.from_pretrained(smollm2)
     ids = tokenizer("I think 3", add_special_tokens=False)["input_ids"]
@@ -153,7 +153,7 @@ def test_reasoning_marker_survives_decoding_as_a_special_token(smollm2: Path) ->
     ids += [end] + tokenizer(" 21", add_special_tokens=False)["input_ids"]
     text = tokenizer.decode(ids, skip_special_tokens=True)
     assert "<|im_end|>" not in text
-    kept = _keep_marker(tokenizer, ids, text, "<|im_end|>")
+    kept = keep_marker(tokenizer, ids, text, "<|im_end|>")
     assert strip_reasoning(kept, "<|im_end|>") == "21"
     assert strip_reasoning("no marker here", "</think>") == "no marker here"
 
@@ -229,10 +229,11 @@ def test_think_end_token_and_the_plan_reach_the_harness(tiny_lm: Path) -> None:
 
     cfg = {"stage": "lm_eval", "model": str(tiny_lm), "tasks": "tunelab_arith_mc", "think_end_token": "</think>"}
     spec = StageSpec("score", "lm_eval", cfg, tiny_lm)
-    names, args, model_args = lm_eval._settings(spec)
-    assert names == ["tunelab_arith_mc"] and model_args == {"think_end_token": "</think>"}
-    assert args["batch_size"] == lm_eval.DEFAULT_BATCH
-    planned = lm_eval.plan(spec, Context(seed=0, run_dir=tiny_lm))
+    ctx = Context(seed=0, run_dir=tiny_lm)
+    s = lm_eval.LmEval().settings(spec, ctx)
+    assert s.names == ["tunelab_arith_mc"] and s.model_args == {"think_end_token": "</think>"}
+    assert s.args["batch_size"] == lm_eval.DEFAULT_BATCH
+    planned = lm_eval.LmEval().plan(spec, ctx)
     from transformers import AutoConfig
 
     vocab = AutoConfig.from_pretrained(tiny_lm).vocab_size

@@ -42,7 +42,7 @@ def test_model_keys_are_from_pretrained_arguments() -> None:
     """Every key a `model:` mapping takes is a keyword argument transformers' from_pretrained reads."""
     from transformers import PreTrainedModel
 
-    from tunelab.models.loading import LOAD_KEYS
+    from tunelab.models.spec import LOAD_KEYS
 
     source = inspect.getsource(PreTrainedModel.from_pretrained)
     params = inspect.signature(PreTrainedModel.from_pretrained).parameters

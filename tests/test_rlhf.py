@@ -303,7 +303,7 @@ def test_ppo_reward_model_that_is_not_a_classifier(tmp_path: Path, tiny_lm: Path
 
 
 def test_ppo_reward_model_with_another_tokenizer(tmp_path: Path, tiny_lm: Path, reward_model: Path) -> None:
-    from tunelab.models.loading import train_tokenizer
+    from tunelab.models.tokenizers import train_tokenizer
 
     other = tmp_path / "other-reward"
     shutil.copytree(reward_model, other)
@@ -411,7 +411,7 @@ def test_shipped_rlhf_recipe_runs_end_to_end_when_shrunk(tmp_path: Path) -> None
 def test_qlora_reward_model_trains_and_saves_an_adapter_that_scores_like_the_stage(
     tmp_path: Path, tiny_lm: Path
 ) -> None:
-    from tunelab.models.loading import load_sequence_classifier
+    from tunelab.models.reward_models import load_sequence_classifier
 
     quant = {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_compute_dtype": "float32"}
     stage = reward_stage(str(tiny_lm), lora={"r": 4, "target_modules": "all-linear"}, quantization=quant)

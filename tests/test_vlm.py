@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -41,9 +42,17 @@ def tiny_text_lm(tmp_path_factory: pytest.TempPathFactory, smollm2: Path) -> Pat
     tokenizer = AutoTokenizer.from_pretrained(smollm2)
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
     )
     path = tmp_path_factory.mktemp("tiny-text") / "lm"
     LlamaForCausalLM(config).save_pretrained(path)
@@ -53,7 +62,7 @@ def tiny_text_lm(tmp_path_factory: pytest.TempPathFactory, smollm2: Path) -> Pat
 
 @pytest.fixture(scope="session")
 def tiny_vlm(tmp_path_factory: pytest.TempPathFactory, tiny_text_lm: Path) -> Path:
-    from tunelab.vision.vlm import build_llava
+    from tunelab.vision.models import build_llava
 
     return build_llava({"path": str(tiny_text_lm)}, tmp_path_factory.mktemp("tiny-vlm") / "vlm", TINY_VISION)
 
@@ -94,7 +103,9 @@ def test_batches_of_mixed_image_sizes_carry_loss_on_assistant_tokens_only(tiny_v
     import datasets
     from PIL import Image
 
-    from tunelab.vision.vlm import collator, load_images, load_processor
+    from tunelab.vision.collator import collator
+    from tunelab.vision.data import load_images
+    from tunelab.vision.models import load_processor
 
     rows = []
     for i, size in enumerate((20, 28, 40)):
@@ -102,12 +113,17 @@ def test_batches_of_mixed_image_sizes_carry_loss_on_assistant_tokens_only(tiny_v
         user = {"role": "user", "content": [{"type": "image", "text": None}, {"type": "text", "text": "Which digit?"}]}
         turns = [user, {"role": "assistant", "content": [{"type": "text", "text": str(i)}]}]
         if i == 2:  # a second exchange, without an image
-            turns += [{"role": "user", "content": [{"type": "text", "text": "Is it even?"}]},
-                      {"role": "assistant", "content": [{"type": "text", "text": "yes"}]}]
+            turns += [
+                {"role": "user", "content": [{"type": "text", "text": "Is it even?"}]},
+                {"role": "assistant", "content": [{"type": "text", "text": "yes"}]},
+            ]
         rows.append({"images": [f"{i}.png"], "messages": turns})
     (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    ds = load_images(datasets.load_dataset("json", data_files=str(tmp_path / "train.jsonl"), split="train"),
-                     str(tmp_path / "train.jsonl"), "data")
+    ds = load_images(
+        datasets.load_dataset("json", data_files=str(tmp_path / "train.jsonl"), split="train"),
+        str(tmp_path / "train.jsonl"),
+        "data",
+    )
     processor = load_processor(tiny_vlm, "model")
 
     class Args:
@@ -135,8 +151,12 @@ def test_lora_vlm_sft_trains_evaluates_reloads_and_chats(tiny_vlm: Path, tmp_pat
     lora = {"r": 4, "lora_alpha": 8, "target_modules": LM_ONLY, "modules_to_save": ["multi_modal_projector"]}
     stages = {
         "vlm": _sft(str(tiny_vlm), lora=lora, freeze_vision=True),
-        "eval": {"stage": "eval", "models": {"before": str(tiny_vlm), "after": "${vlm}"}, "data": VQA_TEST,
-                 "generation": {"max_new_tokens": 3}},
+        "eval": {
+            "stage": "eval",
+            "models": {"before": str(tiny_vlm), "after": "${vlm}"},
+            "data": VQA_TEST,
+            "generation": {"max_new_tokens": 3},
+        },
     }
     path = _write(tmp_path, stages)
     result = runner.invoke(app, ["validate", str(path)])
@@ -165,8 +185,18 @@ def test_lora_vlm_sft_trains_evaluates_reloads_and_chats(tiny_vlm: Path, tmp_pat
     assert processor.chat_template and "<image>" in processor.chat_template
 
     first = json.loads(Path(VQA, "test.jsonl").read_text().splitlines()[0])
-    chat = runner.invoke(app, ["chat", str(out / "vlm"), "--image", f"{VQA}/{first['images'][0]}", "--prompt",
-                               first["prompt"], "max_new_tokens=3"])
+    chat = runner.invoke(
+        app,
+        [
+            "chat",
+            str(out / "vlm"),
+            "--image",
+            f"{VQA}/{first['images'][0]}",
+            "--prompt",
+            first["prompt"],
+            "max_new_tokens=3",
+        ],
+    )
     assert chat.exit_code == 0, chat.output
     assert chat.output.strip() == rows[0]["output"].strip()  # the eval's greedy answer to the same image and prompt
 
@@ -181,10 +211,16 @@ def test_full_fine_tune_with_frozen_vision_reloads_with_the_family_class(tiny_vl
     base = LlavaForConditionalGeneration.from_pretrained(tiny_vlm)
     tuned = LlavaForConditionalGeneration.from_pretrained(tmp_path / "out" / "vlm")
     assert type(AutoModelForImageTextToText.from_pretrained(tmp_path / "out" / "vlm")).__name__ == type(tuned).__name__
-    tower = [torch.equal(a, b) for a, b in zip(base.model.vision_tower.parameters(),
-                                               tuned.model.vision_tower.parameters(), strict=True)]
-    projector = [torch.equal(a, b) for a, b in zip(base.model.multi_modal_projector.parameters(),
-                                                   tuned.model.multi_modal_projector.parameters(), strict=True)]
+    tower = [
+        torch.equal(a, b)
+        for a, b in zip(base.model.vision_tower.parameters(), tuned.model.vision_tower.parameters(), strict=True)
+    ]
+    projector = [
+        torch.equal(a, b)
+        for a, b in zip(
+            base.model.multi_modal_projector.parameters(), tuned.model.multi_modal_projector.parameters(), strict=True
+        )
+    ]
     assert all(tower) and not any(projector)
 
 
@@ -202,6 +238,32 @@ def test_qlora_and_lora_on_the_vision_tower(tiny_vlm: Path, tmp_path: Path) -> N
     model = PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(tiny_vlm), tmp_path / "out" / "vlm")
     names = [n for n, _ in model.named_parameters() if "lora_A" in n]
     assert any("vision_tower" in n for n in names) and any("language_model" in n for n in names)
+
+
+def test_nan_loss_stops_in_one_line_naming_the_last_good_checkpoint(
+    tiny_vlm: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """vlm_sft trains through the divergence guard as every Trainer stage does: a loss that turns NaN after
+    the first step stops the run with one line naming checkpoint-1, exit 2, and no model saved."""
+    from trl import SFTTrainer
+
+    original = SFTTrainer.compute_loss
+
+    def nan_after_first_step(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        out = original(self, model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        if self.state.global_step < 1:
+            return out
+        return (out[0] * float("nan"), out[1]) if return_outputs else out * float("nan")
+
+    monkeypatch.setattr(SFTTrainer, "compute_loss", nan_after_first_step)
+    training = tiny_training(max_steps=3, learning_rate=1e-3, max_length=None, save_strategy="steps", save_steps=1)
+    result = runner.invoke(app, ["run", str(_write(tmp_path, {"vlm": _sft(str(tiny_vlm), training=training)}))])
+    errors = [line[line.index("error: ") :] for line in result.output.splitlines() if "error: " in line]
+    assert result.exit_code == 2 and "Traceback" not in result.output and len(errors) == 1, result.output
+    assert re.search(r"error: 'stages.vlm' stopped: '(loss|grad_norm)' became nan at step 2", errors[0]), errors[0]
+    assert re.search(r"the last good checkpoint is .*checkpoint-1\. Lower training.learning_rate", errors[0]), errors[0]
+    record = json.loads((tmp_path / "out" / "vlm" / "stage.json").read_text())
+    assert record["status"] == "failed" and not (tmp_path / "out" / "vlm" / "model.safetensors").exists()
 
 
 def test_plan_counts_the_vision_tower(tiny_vlm: Path, tmp_path: Path) -> None:
@@ -225,8 +287,13 @@ def _bad(tmp_path: Path, rows: list[dict], images: dict[str, object] | None = No
 
 def _row(images: list[str], placeholders: int = 1) -> dict:
     user = [{"type": "image", "text": None}] * placeholders + [{"type": "text", "text": "Which digit?"}]
-    return {"images": images, "messages": [{"role": "user", "content": user},
-                                           {"role": "assistant", "content": [{"type": "text", "text": "3"}]}]}
+    return {
+        "images": images,
+        "messages": [
+            {"role": "user", "content": user},
+            {"role": "assistant", "content": [{"type": "text", "text": "3"}]},
+        ],
+    }
 
 
 def test_bad_input_is_one_line_at_validate(tiny_vlm: Path, tiny_text_lm: Path, tmp_path: Path) -> None:
@@ -242,8 +309,9 @@ def test_bad_input_is_one_line_at_validate(tiny_vlm: Path, tiny_text_lm: Path, t
     validate(_sft(str(tiny_vlm), data=data), r"row 1: image 'broken.png' cannot be read")
     data = _bad(tmp_path, [_row(["a.png"]), _row(["a.png", "a.png"])], {"a.png": good})
     validate(_sft(str(tiny_vlm), data=data), r"row 1 has 1 image placeholder\(s\) in its messages but 2 image")
-    validate(_sft(str(tiny_vlm), data={"path": "recipes/data/arith_chat", "split": "train[:4]"}),
-             "has no `images` column")
+    validate(
+        _sft(str(tiny_vlm), data={"path": "recipes/data/arith_chat", "split": "train[:4]"}), "has no `images` column"
+    )
     validate(_sft(str(tiny_text_lm)), r"is a text-only model \(LlamaForCausalLM\)")
     validate(_sft(str(tiny_text_lm), freeze_vision=True), "has no vision tower")
     sft_stage = {"stage": "sft", "model": str(tiny_text_lm), "data": VQA_TRAIN, "training": tiny_training()}
@@ -296,7 +364,7 @@ def test_validate_checks_a_vlm_build_pipeline_before_it_runs(tiny_text_lm: Path,
 @pytest.fixture(scope="session")
 def smol_vlm(tmp_path_factory: pytest.TempPathFactory, smollm2: Path) -> Path:
     """SmolLM2-135M-Instruct with a tiny SigLIP tower and projector (the recipe's base model)."""
-    from tunelab.vision.vlm import build_llava
+    from tunelab.vision.models import build_llava
 
     return build_llava({"path": str(smollm2)}, tmp_path_factory.mktemp("smol-vlm") / "vlm")
 
@@ -360,8 +428,13 @@ def test_shipped_recipe_gains_and_its_output_loads_and_chats(tmp_path: Path) -> 
     """The shipped CPU recipe end to end: exact match before -> after rises; the adapter loads with
     PeftModel over the family's class; `tunelab chat --image` answers a held-out digit."""
     out = tmp_path / "run"
-    result = subprocess.run([*CLI, "run", "recipes/vlm/smollm2-digits.yaml", f"output_dir={out}"], env=ENV,
-                            capture_output=True, text=True, timeout=1200)
+    result = subprocess.run(
+        [*CLI, "run", "recipes/vlm/smollm2-digits.yaml", f"output_dir={out}"],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())["eval"]
     assert metrics["after"]["exact_match"] >= metrics["before"]["exact_match"] + 0.4, metrics  # 0 -> 0.525 measured
@@ -374,7 +447,12 @@ def test_shipped_recipe_gains_and_its_output_loads_and_chats(tmp_path: Path) -> 
     PeftModel.from_pretrained(LlavaForConditionalGeneration.from_pretrained(out / "build"), out / "vlm_sft")
     AutoProcessor.from_pretrained(out / "vlm_sft")
     row = json.loads(Path(VQA, "test.jsonl").read_text().splitlines()[0])
-    chat = subprocess.run([*CLI, "chat", str(out / "vlm_sft"), "--image", f"{VQA}/{row['images'][0]}", "--prompt",
-                           row["prompt"]], env=ENV, capture_output=True, text=True, timeout=300)
+    chat = subprocess.run(
+        [*CLI, "chat", str(out / "vlm_sft"), "--image", f"{VQA}/{row['images'][0]}", "--prompt", row["prompt"]],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert chat.returncode == 0, chat.stderr[-2000:]
     assert chat.stdout.strip()

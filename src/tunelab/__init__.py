@@ -10,15 +10,23 @@ Python API (the CLI calls the same functions)::
     print(result.metrics["eval"])
 
 Heavy libraries (torch, transformers, TRL) load only when a run needs them.
+
+tunelab logs what it does (stage starts, per-step training lines, warnings) to the `tunelab` logger and
+configures no handler but a NullHandler: your logging setup decides what shows. To see the lines the CLI
+prints: `logging.basicConfig(level=logging.INFO)`, or a handler on `logging.getLogger("tunelab")`.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import TYPE_CHECKING, Any
 
 from tunelab.core.errors import TunelabError
 from tunelab.recipe import Recipe, load_recipe, recipe_from_dict
+
+# A library's logger: silent unless the application configures logging (the CLI does, in tunelab.cli.app).
+logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 __version__ = "0.1.0"
 __all__ = [
@@ -32,6 +40,7 @@ __all__ = [
     "merge",
     "recipe_from_dict",
     "run",
+    "serve",
     "validate",
 ]
 
@@ -40,6 +49,7 @@ if TYPE_CHECKING:
 
     from tunelab.exporting import ExportResult
     from tunelab.pipeline import RunResult
+    from tunelab.serving.service import Server
 
 
 def validate(
@@ -109,7 +119,7 @@ def _path(value: Any, name: str, what: str) -> str:
 def _model(value: Any) -> str | dict:
     """A model reference: a path or hub id, or a mapping of from_pretrained arguments with `path:`."""
     if isinstance(value, dict):
-        return value  # checked by tunelab.models.loading.model_spec, as a recipe's `model:` mapping is
+        return value  # checked by tunelab.models.spec.model_spec, as a recipe's `model:` mapping is
     return _path(value, "model", "a model folder, an adapter or stage folder, a hub id or a .gguf file")
 
 
@@ -150,7 +160,7 @@ def merge(adapter_dir: str | Path, out_dir: str | Path, base: str | None = None,
     """Merge a LoRA adapter into its base model; saves a full model with its tokenizer."""
     from tunelab.core.hub import configure_offline
     from tunelab.core.progress import quiet
-    from tunelab.models.loading import merge as _merge
+    from tunelab.models.merge import merge as _merge
 
     adapter_dir = _path(adapter_dir, "adapter_dir", "the folder of a LoRA adapter")
     out_dir = _path(out_dir, "out_dir", "the folder to save the merged model in")
@@ -158,8 +168,8 @@ def merge(adapter_dir: str | Path, out_dir: str | Path, base: str | None = None,
         base = _path(base, "base", "the base model (a folder or a hub id)")
     _flags(overwrite=overwrite)
     configure_offline()
-    quiet()
-    return _merge(adapter_dir, out_dir, base=base, overwrite=overwrite)
+    with quiet():  # the caller's warning filters and log levels are theirs again after
+        return _merge(adapter_dir, out_dir, base=base, overwrite=overwrite)
 
 
 def export(
@@ -187,8 +197,8 @@ def export(
     _flags(overwrite=overwrite, ollama=ollama)
     _optional_text(system, "system", "the Modelfile's system prompt")
     configure_offline()
-    quiet()
-    return export_model(model, out, type, overwrite=overwrite, ollama=ollama, system=system)
+    with quiet():  # the caller's warning filters and log levels are theirs again after
+        return export_model(model, out, type, overwrite=overwrite, ollama=ollama, system=system)
 
 
 def chat(
@@ -234,6 +244,41 @@ def generate(
     if not prompts:
         return []
     return _generate(model, list(prompts), batch_size=batch_size, system=system, **generation)
+
+
+def serve(
+    model: str | os.PathLike,
+    adapters: dict[str, str | os.PathLike] | None = None,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    api_key: str | None = None,
+    quantization: dict[str, Any] | None = None,
+    backend: str = "transformers",
+    **options: Any,
+) -> Server:
+    """Serve a model with OpenAI's API on background threads, as `tunelab serve` does; returns the running server.
+
+    `adapters` maps names to LoRA adapter folders over the same base; `port=0` takes a free port. The server's
+    `url` is the OpenAI base URL and `models` the names to give as `model`::
+
+        with tunelab.serve("runs/quickstart") as server:
+            client = openai.OpenAI(base_url=server.url, api_key="none")
+
+    `options`: max_batch, think_end_token, max_body, read_timeout, log_requests. `close()` (or leaving the
+    `with` block) finishes the requests in flight, then stops.
+    """
+    from tunelab.serving.service import start
+
+    model = _path(model, "model", "a model folder, an adapter, stage or run folder, a hub id or a .gguf file")
+    if adapters is not None and not isinstance(adapters, dict):
+        raise TunelabError(f"adapters must be a dict of {{name: adapter folder}}, not {_shown(adapters)}")
+    named = {str(k): _path(v, f"adapters[{k!r}]", "an adapter folder") for k, v in (adapters or {}).items()}
+    _optional_text(api_key, "api_key", "the key clients must send")
+    if not isinstance(port, int) or isinstance(port, bool) or not 0 <= port <= 65535:
+        raise TunelabError(f"port must be a whole number from 0 (any free port) to 65535, not {_shown(port)}")
+    return start(
+        model, named, host=host, port=port, api_key=api_key, quantization=quantization, backend=backend, **options
+    )
 
 
 def __getattr__(name: str) -> Any:

@@ -35,7 +35,8 @@ import yaml
 from tunelab.core.errors import TunelabError, check_path, closest, unknown_key
 from tunelab.core.paths import read_bounded, shipped_recipes
 from tunelab.core.refs import iter_refs
-from tunelab.stages import STAGES, stage_module
+from tunelab.stages import STAGES
+from tunelab.stages import stage as stage_of
 
 TOP_LEVEL_KEYS = {"name", "description", "output_dir", "seed", "stages"}
 PATH_SHORTHANDS = {"data", "eval_data", "model"}
@@ -57,8 +58,20 @@ MAPPING_SECTIONS = {
 KIND_MAPPING_SECTIONS = {("diffusion_train", "scheduler"): "{num_train_timesteps: 1000}"}
 # Keys whose strings are (or may be) file system paths, at any depth of a stage.
 PATH_KEYS = {
-    "model", "data", "eval_data", "classifier_data", "tokenizer", "reward_model", "value_model", "models",
-    "rewards", "path", "data_dir", "data_files", "gguf_file", "include_path",
+    "model",
+    "data",
+    "eval_data",
+    "classifier_data",
+    "tokenizer",
+    "reward_model",
+    "value_model",
+    "models",
+    "rewards",
+    "path",
+    "data_dir",
+    "data_files",
+    "gguf_file",
+    "include_path",
 }
 
 
@@ -249,7 +262,7 @@ def _section_names(stages: dict[str, Any]) -> set[str]:
 
     kinds = {s.get("stage") for s in stages.values() if isinstance(s, dict) and isinstance(s.get("stage"), str)}
     kinds &= set(STAGES)
-    return {key for kind in kinds for key in stage_module(kind).SECTIONS}
+    return {key for kind in kinds for key in stage_of(kind).sections}
 
 
 def _normalise(data: dict[str, Any], origin: str) -> dict[str, Any]:
@@ -259,7 +272,6 @@ def _normalise(data: dict[str, Any], origin: str) -> dict[str, Any]:
             raise TunelabError(f"recipe '{origin}' names no stage: add `stage: sft` (or another stage) or `stages:`")
         kind = data["stage"]
         if not isinstance(kind, str):
-
             raise TunelabError(
                 f"'stage' is {kind!r} ({type(kind).__name__}); set it to one stage kind: {', '.join(STAGES)}"
             )
@@ -286,7 +298,7 @@ def _normalise(data: dict[str, Any], origin: str) -> dict[str, Any]:
     if data["output_dir"] is None:
         raise TunelabError(
             "'output_dir' is null: YAML reads `~`, `null` and an empty value as no value; set a path, and quote one "
-            "that starts with ~ (output_dir: \"~/runs/NAME\")"
+            'that starts with ~ (output_dir: "~/runs/NAME")'
         )
     if not isinstance(data["output_dir"], str) or not data["output_dir"].strip():
         raise TunelabError(f"'output_dir' must be a path, got {data['output_dir']!r}: set output_dir: runs/NAME")
@@ -315,7 +327,7 @@ def check_structure(data: dict[str, Any]) -> None:
             guess = closest(str(kind), STAGES)
             hint = f"did you mean '{guess}'?" if guess else f"one of: {', '.join(STAGES)}"
             raise TunelabError(f"'{where}.stage' is '{kind}', not a tunelab stage; {hint}")
-        sections = stage_module(kind).SECTIONS
+        sections = stage_of(kind).sections
         for key in stage:
             if key != "stage" and key not in sections:
                 if closest(key, TOP_LEVEL_KEYS - {"stages"}) and not closest(key, sections):
@@ -335,7 +347,7 @@ def check_structure(data: dict[str, Any]) -> None:
                     f"'{ref_where}' refers to stage '{ref}', which runs later (or is this stage): "
                     "a stage can only use outputs of the stages above it"
                 )
-            if not stage_module(data["stages"][ref]["stage"]).PRODUCES_MODEL:
+            if not stage_of(data["stages"][ref]["stage"]).produces_model:
                 raise TunelabError(f"'{ref_where}' refers to stage '{ref}', which produces no model")
         seen.append(name)
     _check_output_outside_data(data)

@@ -6,9 +6,12 @@ Only standard-library and light modules are imported at the top: `tunelab
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import logging
 import shutil
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -76,6 +79,41 @@ CLI_EXITS = tuple(
 RUNNING_COMMANDS = {"run", "launch", "eval_model", "sample"}
 
 
+class PlainLines(logging.Handler):
+    """tunelab's log records as the plain lines the CLI prints: the message alone on stdout, `warning: `
+    before a warning. stdout is looked up at each line (CliRunner swaps it), and a line goes through
+    tqdm.write when tqdm is loaded, so a progress bar on the terminal stays whole below it."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            text = record.getMessage()
+            if record.levelno >= logging.WARNING:
+                text = f"warning: {text}"
+            tqdm = sys.modules.get("tqdm")
+            if tqdm is not None:
+                tqdm.tqdm.write(text, file=sys.stdout)
+            else:
+                sys.stdout.write(text + "\n")
+            sys.stdout.flush()
+        except Exception:  # noqa: BLE001 - logging's contract: a failing handler reports, never raises
+            self.handleError(record)
+
+
+@contextlib.contextmanager
+def log_lines() -> Iterator[None]:
+    """The `tunelab` logger printed as plain lines (INFO and up) while a command runs, and as it was after:
+    the CLI owns its output, the library itself configures nothing (tests call commands in-process)."""
+    logger = logging.getLogger("tunelab")
+    handler, level = PlainLines(), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
 def friendly(fn):
     """TunelabError: one red line, exit code 2. Ctrl-C: exit code 130. Anything else: an internal error,
     one line naming the file that holds the traceback, exit code 1. No traceback on the terminal.
@@ -91,7 +129,8 @@ def friendly(fn):
         from tunelab.core.errors import TunelabError
 
         try:
-            return fn(*args, **kwargs)
+            with log_lines():
+                return fn(*args, **kwargs)
         except TunelabError as exc:
             _fail(str(exc), exc.exit_code)
         except KeyboardInterrupt as exc:
@@ -447,7 +486,7 @@ def print_plans(plans: list[Any], devices: int = 0) -> None:
                 f"  [yellow]warning: needs {fmt_bytes(p.total)} but {memory[0]} has "
                 f"{fmt_bytes(memory[1])}; what would fit:[/yellow]"
             )
-            for tip in suggestions(p, memory[1]):
+            for tip in suggestions(p):
                 console.print(f"    - {tip}")
     if memory:
         console.print(f"device: {memory[0]}, {fmt_bytes(memory[1])}")
@@ -499,10 +538,10 @@ def attention(
             raise TunelabError(f"--{what} must be comma-separated integers, got {value!r}") from None
 
     configure_offline()
-    quiet()
     if not text.strip():
         raise TunelabError("the text is empty: give the words to look at")
-    path = draw(model, text, out, ints(layers, "layers"), ints(heads, "heads"), chat_template)
+    with quiet():
+        path = draw(model, text, out, ints(layers, "layers"), ints(heads, "heads"), chat_template)
     typer.echo(f"attention heatmaps written to {path}")
 
 
@@ -574,6 +613,69 @@ def chat_command(
         typer.echo("model> ", nl=False)
         session.say(text, on_token=lambda piece: typer.echo(piece, nl=False))
         typer.echo()
+
+
+@app.command("serve")
+@friendly
+def serve_command(
+    model: Annotated[
+        str, typer.Argument(help="Hub id, model folder, .gguf file, adapter, stage folder, or run folder.")
+    ],
+    adapter: Annotated[
+        list[str] | None,
+        typer.Option("--adapter", help="NAME=PATH: a LoRA adapter over the same base, chosen by `model: NAME`."),
+    ] = None,
+    host: Annotated[str, typer.Option(help="Address to listen on (0.0.0.0: every interface).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    api_key: Annotated[
+        str | None, typer.Option("--api-key", help="Key clients must send (Authorization: Bearer KEY).")
+    ] = None,
+    load_in_4bit: Annotated[
+        bool, typer.Option("--load-in-4bit", help="Load the base in 4 bits (bitsandbytes).")
+    ] = False,
+    load_in_8bit: Annotated[
+        bool, typer.Option("--load-in-8bit", help="Load the base in 8 bits (bitsandbytes).")
+    ] = False,
+    backend: Annotated[str, typer.Option(help="transformers (any machine) or vllm (CUDA and vLLM).")] = "transformers",
+    max_batch: Annotated[int, typer.Option("--max-batch", help="Most answers generated together.")] = 32,
+    think_end_token: Annotated[
+        str | None,
+        typer.Option("--think-end-token", help="End-of-reasoning marker (e.g. </think>): reasoning_content apart."),
+    ] = None,
+    drain: Annotated[
+        float, typer.Option(help="Seconds to finish the requests in flight on SIGTERM before cancelling them.")
+    ] = 30.0,
+    log_requests: Annotated[bool, typer.Option("--log-requests", help="One stderr line per request.")] = False,
+) -> None:
+    """Serve a model with OpenAI's API (/v1/chat/completions, /v1/completions, /v1/models) until SIGTERM."""
+    from tunelab.core.errors import TunelabError
+    from tunelab.serving.service import run_until_signalled, start
+
+    if load_in_4bit and load_in_8bit:
+        raise TunelabError("--load-in-4bit and --load-in-8bit are both given: choose one (4 bits take half the memory)")
+    if not 0 <= port <= 65535:
+        raise TunelabError(f"--port is {port}: use a port from 1 to 65535 (0: any free port)")
+    if drain < 0:
+        raise TunelabError(f"--drain is {drain:g}: use a number of seconds, 0 or more")
+    quant = {"load_in_4bit": True} if load_in_4bit else {"load_in_8bit": True} if load_in_8bit else None
+    server = start(
+        model,
+        adapter or [],
+        host=host,
+        port=port,
+        api_key=api_key,
+        quantization=quant,
+        backend=backend,
+        max_batch=max_batch,
+        think_end_token=think_end_token,
+        log_requests=log_requests,
+    )
+    for note in server.plan.notes:
+        typer.echo(f"not served: {note}", err=True)
+    typer.echo(
+        f"serving {', '.join(server.models)} at {server.url} (OpenAI API; stop with Ctrl-C or SIGTERM)", err=True
+    )
+    run_until_signalled(server, drain)
 
 
 @app.command("list")

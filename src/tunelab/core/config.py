@@ -234,7 +234,7 @@ def missing_package(exc: ImportError, values: dict[str, Any], where: str) -> Tun
     text = _message(exc)
     found = re.search(r"'([A-Za-z][\w.-]*?)(?:[<>=!~ ].*?)?'", text) or re.search(r"named '([\w.-]+)'", text)
     name = getattr(exc, "name", None)
-    package = (found.group(1) if found else name if isinstance(name, str) and name.isidentifier() else "")
+    package = found.group(1) if found else name if isinstance(name, str) and name.isidentifier() else ""
     package = package.split(".")[0]
     if not package:
         return TunelabError(f"'{where}' needs a package that is not installed ({text})")

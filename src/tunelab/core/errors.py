@@ -81,3 +81,8 @@ def _path_limits() -> tuple[int, int]:
         return os.pathconf("/", "PC_NAME_MAX"), os.pathconf("/", "PC_PATH_MAX")
     except (OSError, ValueError, AttributeError):  # no pathconf (Windows): the common limits
         return 255, 4096
+
+
+def one_line(exc: BaseException, limit: int = 200) -> str:
+    """A library exception's text as one short line, to quote inside a TunelabError (which is one line)."""
+    return " ".join(str(exc).split())[:limit] or type(exc).__name__

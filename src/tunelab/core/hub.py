@@ -82,7 +82,6 @@ def local_path(ref: str | os.PathLike) -> Path | None:
             return bundled.resolve()
         # Inside a wheel, `recipes/` is installed as `tunelab/recipes/`.
         if path.parts and path.parts[0] == "recipes":
-
             inner = recipes_root().joinpath(*path.parts[1:])
             if inner.exists():
                 return inner.resolve()

@@ -19,7 +19,7 @@ import inspect
 from pathlib import Path
 from typing import Any
 
-from tunelab.core.config import accepted_fields, check_keys
+from tunelab.core.config import check_keys
 from tunelab.core.errors import TunelabError, closest
 from tunelab.core.hub import bundled_root, hub_reachable, local_path
 from tunelab.core.paths import recipes_root, refuse_special
@@ -67,20 +67,6 @@ def bundled_tasks() -> Path:
     """`recipes/harness/`: the task YAMLs tunelab ships (inside the wheel or the repository)."""
 
     return recipes_root() / "harness"
-
-
-def evaluate_fields() -> dict[str, Any]:
-    """simple_evaluate's keyword arguments (name -> annotation) that a recipe may set."""
-    import lm_eval
-
-    return {k: v for k, v in accepted_fields(_as_class(lm_eval.simple_evaluate)).items() if k not in OWNED}
-
-
-def model_fields() -> dict[str, Any]:
-    """HFLM's keyword arguments a recipe may set under `model_args` (those not about loading)."""
-    from lm_eval.models.huggingface import HFLM
-
-    return {k: v for k, v in accepted_fields(HFLM).items() if k not in LOADING}
 
 
 def _as_class(function: Any) -> type:
@@ -333,6 +319,13 @@ def load_tasks(manager: Any, names: list[str], where: str) -> dict[str, Any]:
         raise TunelabError(f"'{where}': the harness could not load tasks {', '.join(names)}: {first}") from None
     finally:
         logger.setLevel(level)
+
+
+def output_types(manager: Any, names: list[str]) -> dict[str, str]:
+    """Each task's output type (generate_until, multiple_choice, loglikelihood, ...), from its YAML."""
+    return {
+        str(leaf.get("task")): str(leaf.get("output_type", "generate_until")) for leaf in _leaf_configs(manager, names)
+    }
 
 
 def _leaf_configs(manager: Any, names: list[str]) -> list[dict[str, Any]]:

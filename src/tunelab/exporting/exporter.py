@@ -17,6 +17,7 @@ The steps, in order:
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -36,10 +37,12 @@ from tunelab.exporting.roundtrip import WRITTEN_TOLERANCE
 from tunelab.exporting.types import GGUFType, estimate_bytes, gguf_type
 from tunelab.exporting.vocab import Vocab, read_vocab
 from tunelab.models.gguf_files import MAGIC
-from tunelab.models.loading import is_adapter, load_tokenizer, model_config, model_spec, resolve_spec
+from tunelab.models.spec import is_adapter, model_config, model_spec, resolve_spec
+from tunelab.models.tokenizers import load_tokenizer
 from tunelab.stages import Context
 
 Say = Callable[[str], None]
+log = logging.getLogger(__name__)  # under `tunelab`: the CLI prints its INFO lines
 
 
 @dataclass
@@ -308,7 +311,7 @@ def _name(label: str) -> str:
 
 
 def _print(line: str) -> None:
-    print(f"   {line}", flush=True)
+    log.info(f"   {line}")
 
 
 def summary(result: ExportResult) -> list[str]:

@@ -1,2 +1,3 @@
-"""Models and what surrounds them: specs and loading (hub id, folder, adapter, GGUF), adapters and
-quantization, chat templates, generation, reward functions, preflight checks and the memory planner."""
+"""Models and what surrounds them: specs (`spec`: what `model:` names, resolved), loading (`loading`,
+`gguf_files`), tokenizers (`tokenizers`), adapters and quantization, merging (`merge`), chat templates,
+generation, reward models and reward functions, preflight checks and the memory planner (`plan`)."""

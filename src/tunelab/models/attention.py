@@ -12,7 +12,8 @@ from typing import Any
 from tunelab.core.errors import TunelabError
 from tunelab.core.hub import resolve_model
 from tunelab.models.chat_templates import messages, render, use_template
-from tunelab.models.loading import adapter_base, is_adapter, load_tokenizer, model_spec, resolve_spec
+from tunelab.models.spec import adapter_base, is_adapter, model_spec, resolve_spec
+from tunelab.models.tokenizers import load_tokenizer
 
 
 def attention_maps(model_ref: str, text: str, chat: bool = True) -> tuple[list[str], list[Any]]:

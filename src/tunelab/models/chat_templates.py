@@ -31,7 +31,8 @@ from contextlib import contextmanager
 from typing import Any
 
 from tunelab.core.errors import TunelabError
-from tunelab.models.loading import load_tokenizer, stage_model
+from tunelab.models.spec import stage_model
+from tunelab.models.tokenizers import load_tokenizer
 
 # A minimal chat template with generation markers, for tokenizers tunelab trains (`chat_template: tunelab`).
 TUNELAB_TEMPLATE = (

@@ -23,14 +23,13 @@ and optimizer states; ZeRO-3 and FSDP (full shard) also shard the weights.
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from tunelab.core.errors import TunelabError
-from tunelab.models.loading import model_config, model_spec
 from tunelab.models.quant import bits as quant_bits
+from tunelab.models.spec import model_config, model_spec
 
 GiB = 2**30
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
@@ -42,7 +41,6 @@ DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
 ACT_HIDDEN, ACT_INTER, ACT_HEADS = 7.0, 3.0, 1.5
 LOGIT_COPIES = 1.0  # fp32 logits live at the peak; the loss's temporaries come and go before it
 OVERHEAD = 55 * 2**20  # batches, autograd bookkeeping, kernel workspaces: measured, constant across sizes
-STRATEGIES = ("ddp", "zero2", "zero3")  # zero3 also stands for FSDP full sharding
 
 
 @dataclass
@@ -89,7 +87,8 @@ def peak(parts: dict[str, float]) -> float:
     return steady + max(parts.get("gradients", 0), transient)
 
 
-def _dtype_name(value: Any, default: str = "float32") -> str:
+def dtype_name(value: Any, default: str = "float32") -> str:
+    """A dtype (torch dtype, its name, "auto" or None) as a key of `DTYPE_BYTES`; other planners size weights by it."""
     if value is None or value == "auto":
         return default
     name = str(value).replace("torch.", "")
@@ -98,8 +97,9 @@ def _dtype_name(value: Any, default: str = "float32") -> str:
     return name
 
 
-def _structure(config) -> tuple[list[tuple[str, int, int]], int, set[str]]:
-    """(linear layers as (name, in, out), total parameter count, names of output-embedding modules)."""
+def model_structure(config) -> tuple[list[tuple[str, int, int]], int, set[str]]:
+    """(linear layers as (name, in, out), total parameter count, names of output-embedding modules), read
+    from a meta-device model: planners count a second model (a teacher, a reward model) the same way."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -155,7 +155,9 @@ def _weight_bytes(
     return quant + (params - qparams) * other_bytes
 
 
-def _optimizer_bytes(optim: str, trainable: int, param_bytes: int, shapes: list[tuple[int, int]]) -> float:
+def optimizer_bytes(optim: str, trainable: int, param_bytes: int, shapes: list[tuple[int, int]]) -> float:
+    """The optimizer's state for `trainable` parameters (`shapes` for Adafactor's factored moments): shared
+    by every planner, so a stage that trains a second model (PPO's value model) counts its state the same way."""
     optim = str(optim).lower().replace("optimizernames.", "")
     if "8bit" in optim:
         return trainable * 2 * 1.0 + trainable / 256 * 8  # two uint8 states plus blockwise scales
@@ -177,9 +179,9 @@ def plan_training(
     cpu: bool | None = None,
 ) -> StagePlan:
     """Per-device memory of a training stage (pretrain, sft) from its model config and SFTConfig."""
-    linears, params, heads = _structure(config)
+    linears, params, heads = model_structure(config)
     bits = quant_bits(quantization)
-    dtype = _dtype_name(load_dtype or getattr(config, "dtype", None))
+    dtype = dtype_name(load_dtype or getattr(config, "dtype", None))
     wbytes = DTYPE_BYTES[dtype]
     parts: dict[str, float] = {}
     notes: list[str] = []
@@ -201,7 +203,7 @@ def plan_training(
         tbytes = wbytes
         mode = "full"
     parts["gradients"] = trainable * tbytes
-    parts["optimizer"] = _optimizer_bytes(getattr(args, "optim", "adamw_torch"), trainable, tbytes, shapes)
+    parts["optimizer"] = optimizer_bytes(getattr(args, "optim", "adamw_torch"), trainable, tbytes, shapes)
 
     tokens = int(args.per_device_train_batch_size) * int(args.max_length or 1024)
     mixed = bool(getattr(args, "bf16", False) or getattr(args, "fp16", False))
@@ -226,7 +228,7 @@ def plan_training(
     if bits and cpu:
         # On CPU, transformers memory-maps the full-precision checkpoint while quantizing, and the
         # pages of the quantized layers stay resident for the run.
-        ckpt_bytes = DTYPE_BYTES[_dtype_name(getattr(config, "dtype", None))]
+        ckpt_bytes = DTYPE_BYTES[dtype_name(getattr(config, "dtype", None))]
         parts["checkpoint_pages"] = sum(i * o for n, i, o in linears if n not in heads) * ckpt_bytes
         notes.append("CPU: the full-precision checkpoint pages of quantized layers stay mapped in RAM")
     return StagePlan(stage, kind, mode, params, trainable, parts, notes)
@@ -240,8 +242,8 @@ def plan_generation(
     `scored_tokens`: positions whose logits are kept at once; log-likelihood scoring (multiple choice)
     keeps every position's, generation only the last.
     """
-    linears, params, heads = _structure(config)
-    wbytes = DTYPE_BYTES[_dtype_name(load_dtype or getattr(config, "dtype", None))]
+    linears, params, heads = model_structure(config)
+    wbytes = DTYPE_BYTES[dtype_name(load_dtype or getattr(config, "dtype", None))]
     bits = quant_bits(quantization)
     weights = _weight_bytes(linears, params, heads, quantization, wbytes)
     _, _, layers, _, kv, head_dim = _dims(config)
@@ -299,8 +301,8 @@ def check_fits(plans: list[StagePlan]) -> None:
             )
 
 
-def suggestions(plan: StagePlan, budget: float) -> list[str]:
-    """What would bring a plan under `budget` bytes, cheapest change first."""
+def suggestions(plan: StagePlan) -> list[str]:
+    """What would make a plan smaller, cheapest change first (for a plan over the device's memory)."""
     out = []
     p = plan.parts
     if plan.mode == "full":
@@ -317,10 +319,6 @@ def suggestions(plan: StagePlan, budget: float) -> list[str]:
         out.append("training.optim: adamw_8bit (or paged_adamw_8bit) quarters the optimizer states")
     out.append("DeepSpeed ZeRO-3 / FSDP across N devices divides weights, gradients and optimizer states by N")
     return [s for s in out if s]
-
-
-def ceil_gib(value: float) -> float:
-    return math.ceil(value / GiB * 10) / 10
 
 
 def policy_plan(spec: Any, ctx: Any, args: Any) -> StagePlan | None:

@@ -13,8 +13,8 @@ import importlib.util
 from typing import Any
 
 from tunelab.core.errors import TunelabError
-from tunelab.models.loading import model_config
 from tunelab.models.quant import check_cpu_shapes
+from tunelab.models.spec import model_config
 
 # report_to names and the module each needs.
 INTEGRATIONS = {

@@ -12,7 +12,7 @@ from typing import Any
 
 from tunelab.core.config import build
 from tunelab.core.errors import TunelabError
-from tunelab.models.loading import DTYPES
+from tunelab.models.spec import DTYPES
 
 QUANT_TYPES = ("nf4", "fp4")
 DTYPE_KEYS = ("bnb_4bit_compute_dtype", "bnb_4bit_quant_storage")

@@ -15,14 +15,9 @@ from tunelab.core.errors import TunelabError, closest
 from tunelab.core.hub import local_path
 from tunelab.core.refs import ref_name
 from tunelab.models.chat_templates import messages, render
-from tunelab.models.loading import (
-    is_adapter,
-    load_sequence_classifier,
-    load_tokenizer,
-    model_spec,
-    resolve_spec,
-    reward_scores,
-)
+from tunelab.models.reward_models import load_sequence_classifier, reward_scores
+from tunelab.models.spec import is_adapter, model_spec, resolve_spec
+from tunelab.models.tokenizers import load_tokenizer
 
 PROBE_ROWS = 2
 
@@ -194,6 +189,7 @@ def check_reward_templates(rewards: list[tuple[str, Any]], ds: Any, chats: bool,
 
 def reward_model_function(model, tokenizer, name: str):
     """A reward model as a reward function: scores prompt + completion + EOS, like the reward stage trained it."""
+
     def score(prompts: list[Any], completions: list[Any], **kwargs: Any) -> list[float]:
         if isinstance(prompts[0], list):  # conversational
             texts = [
@@ -238,8 +234,6 @@ def check_reward_model(path: str, where: str, folder: Path | None) -> None:
             + (f" with {labels} labels" if arch.endswith("Classification") else "")
             + ", not a reward model (a sequence classifier with num_labels=1): train one with a `reward` stage"
         )
-
-
 
 
 def reward_functions(spec: Any, ctx: Any, ds: Any) -> list[Any]:

@@ -1,65 +1,72 @@
-"""Stages: one module each, all with the same small interface.
+"""Stages: one class each, registered by kind, all with the same small interface (`Stage`).
 
-A stage module defines
+A stage declares
 
-- ``PRODUCES_MODEL``: whether later stages can name its output (``${name}``);
-- ``SECTIONS``: the keys a stage of this kind accepts, each with a one-line
-  description (used by `tunelab validate` and for "did you mean" hints);
-- ``check(spec, ctx) -> None``: everything that can be verified without
-  training (config classes, files, dataset columns); raises ``TunelabError``;
+- ``produces_model``: whether later stages can name its output (``${name}``);
+- ``sections``: the keys a stage of this kind accepts, each with a one-line description (used by
+  `tunelab validate` and for "did you mean" hints);
+- ``metrics``: a `Metrics` naming the stage's main numbers (CLI summary, report.md), its per-step
+  signals (progress lines, plots) and the ones summarised as first/last;
+- ``ranks``: ``"all"`` for stages that train on every process of a distributed run (the Trainer
+  shards the data); others run on the main process while the rest wait;
+
+and implements
+
+- ``check(spec, ctx) -> None``: everything that can be verified without training (config classes,
+  files, dataset columns); raises ``TunelabError``;
 - ``run(spec, ctx) -> StageResult``: do the work, write into ``spec.out_dir``;
 - ``plan(spec, ctx) -> StagePlan | None``: memory per device, from model configs only;
-- ``METRICS``: a `Metrics` naming the stage's main numbers (CLI summary, report.md), its per-step
-  signals (progress lines, plots) and the ones summarised as first/last;
-- ``RANKS`` (optional): ``"all"`` for stages that train on every process of a distributed run
-  (the Trainer shards the data); others run on the main process while the rest wait;
-- ``tokenizer_source(spec, ctx)`` (optional): where the tokenizer in the stage's folder comes from,
-  when not from its `model:` (pretrain trains one).
+- ``tokenizer_source(spec, ctx)``: where the tokenizer in the stage's folder comes from (its
+  `model:`'s unless the stage says otherwise: pretrain trains one).
 
-Trainer-backed stages declare a `tunelab.stages.base.TrainerStage` (``STAGE``) and take all of the
-above from it. Stages import shared components (tunelab.models.adapters, .models, .data, .chat, .rewarding,
-.training, ...), never each other. Modules import torch and friends inside their functions only, so
-listing or structurally checking stages stays fast; tunelab's own modules are imported at the top.
+Trainer-backed stages are declarations over `tunelab.stages.base.TrainerStage`; evaluation stages over
+`tunelab.stages.scoring.ModelsStage`. Stages import shared components (tunelab.models, .data,
+.training, .evaluation, ...), never each other. A stage class is imported only when its kind is used,
+and its module imports torch and friends inside functions, so listing or structurally checking
+stages stays fast.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import ModuleType
-from typing import Any
+from typing import Any, ClassVar
 
 from tunelab.core.hub import MODEL_FILES
 from tunelab.core.refs import REF
-from tunelab.models.loading import tokenizer_origin as origin
+from tunelab.models.tokenizers import tokenizer_origin as origin
 
-STAGES: dict[str, str] = {
-    "pretrain": "tunelab.stages.pretrain",
-    "sft": "tunelab.stages.sft",
-    "eval": "tunelab.stages.eval",
-    "lm_eval": "tunelab.stages.lm_eval",
-    "export": "tunelab.stages.export",
-    "classify": "tunelab.stages.classify",
-    "reward": "tunelab.stages.reward",
-    "ppo": "tunelab.stages.ppo",
-    "dpo": "tunelab.stages.dpo",
-    "grpo": "tunelab.stages.grpo",
-    "rloo": "tunelab.stages.rloo",
-    "kto": "tunelab.stages.kto",
-    "orpo": "tunelab.stages.orpo",
-    "cpo": "tunelab.stages.cpo",
-    "distill": "tunelab.stages.distill",
-    "diffusion_train": "tunelab.stages.diffusion_train",
-    "diffusion_sample": "tunelab.stages.diffusion_sample",
-    "vlm_build": "tunelab.stages.vlm_build",
-    "vlm_sft": "tunelab.stages.vlm_sft",
+STAGES: dict[str, str] = {  # kind -> "module:Class" of its `Stage`
+    "pretrain": "tunelab.stages.pretrain:Pretrain",
+    "sft": "tunelab.stages.sft:SFT",
+    "eval": "tunelab.stages.eval:Eval",
+    "lm_eval": "tunelab.stages.lm_eval:LmEval",
+    "export": "tunelab.stages.export:Export",
+    "classify": "tunelab.stages.classify:Classify",
+    "reward": "tunelab.stages.reward:Reward",
+    "ppo": "tunelab.stages.ppo:PPO",
+    "dpo": "tunelab.stages.dpo:DPO",
+    "grpo": "tunelab.stages.grpo:GRPO",
+    "rloo": "tunelab.stages.rloo:RLOO",
+    "kto": "tunelab.stages.kto:KTO",
+    "orpo": "tunelab.stages.orpo:ORPO",
+    "cpo": "tunelab.stages.cpo:CPO",
+    "distill": "tunelab.stages.distill:Distill",
+    "diffusion_train": "tunelab.stages.diffusion_train:DiffusionTrain",
+    "diffusion_sample": "tunelab.stages.diffusion_sample:DiffusionSample",
+    "vlm_build": "tunelab.stages.vlm_build:VlmBuild",
+    "vlm_sft": "tunelab.stages.vlm_sft:VlmSft",
 }
 
 
-def stage_module(kind: str) -> ModuleType:
-    return importlib.import_module(STAGES[kind])
+@functools.cache
+def stage(kind: str) -> Stage:
+    """The registered stage of a kind (its class imported on first use, one instance per process)."""
+    module, _, name = STAGES[kind].partition(":")
+    return getattr(importlib.import_module(module), name)()
 
 
 @dataclass(frozen=True)
@@ -86,7 +93,7 @@ def metrics_of(kind: str | None) -> Metrics:
     """The declared metrics of a stage kind (empty for an unknown kind, e.g. from an older run)."""
     if kind not in STAGES:
         return Metrics()
-    return getattr(stage_module(kind), "METRICS", Metrics())
+    return stage(kind).metrics
 
 
 @dataclass
@@ -162,11 +169,29 @@ def _status(path: Path) -> Any:
         return None
 
 
-def tokenizer_origin(module: ModuleType, spec: StageSpec, ctx: Context) -> str | None:
-    """Where the tokenizer in a model-producing stage's folder comes from: the stage's own rule, else its model's."""
-    if hasattr(module, "tokenizer_source"):
-        return module.tokenizer_source(spec, ctx)
-    if "model" not in spec.cfg:
+class Stage:
+    """What every stage kind is: a declaration (class attributes) and three steps over a `StageSpec`."""
+
+    produces_model: ClassVar[bool] = False
+    ranks: ClassVar[str] = "main"
+    """"all": runs on every process of a distributed run; "main": on the main one while the rest wait."""
+    sections: ClassVar[dict[str, str]]
+    """Every key the stage accepts, with one line each (validate's "did you mean" and `tunelab list`)."""
+    metrics: ClassVar[Metrics] = Metrics()
+
+    def check(self, spec: StageSpec, ctx: Context) -> None:
+        """Everything that can be verified without loading weights; raises `TunelabError`."""
+        raise NotImplementedError
+
+    def run(self, spec: StageSpec, ctx: Context) -> StageResult:
+        raise NotImplementedError
+
+    def plan(self, spec: StageSpec, ctx: Context) -> Any:
+        """Memory per device (`StagePlan`), from model configs only; None when there is nothing to plan."""
         return None
 
-    return origin(spec.cfg["model"], ctx, f"{spec.where}.model")
+    def tokenizer_source(self, spec: StageSpec, ctx: Context) -> str | None:
+        """Where the tokenizer in this stage's output folder comes from: by default, its `model:`'s."""
+        if "model" not in spec.cfg:
+            return None
+        return origin(spec.cfg["model"], ctx, f"{spec.where}.model")

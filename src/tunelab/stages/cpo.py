@@ -28,8 +28,3 @@ class CPO(PreferenceStage):
             "simpo_gamma, ...)",
         }
     )
-
-
-STAGE = CPO()
-PRODUCES_MODEL, RANKS, SECTIONS, METRICS = STAGE.produces_model, STAGE.ranks, STAGE.sections, STAGE.metrics
-check, run, plan = STAGE.check, STAGE.run, STAGE.plan

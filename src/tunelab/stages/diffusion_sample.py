@@ -14,11 +14,9 @@ from typing import Any
 
 from tunelab.core.errors import TunelabError
 from tunelab.diffusion.pipelines import generate, load_pipeline, pipeline_kind, sampling_spec, write_images
-from tunelab.models.loading import parse_dtype
-from tunelab.stages import Context, Metrics, StageResult, StageSpec
+from tunelab.models.spec import parse_dtype
+from tunelab.stages import Context, Metrics, Stage, StageResult, StageSpec
 
-PRODUCES_MODEL = False
-METRICS = Metrics(summary=("num_images", "seconds_per_image"))
 SECTIONS = {
     "model": "diffusers pipeline: folder, hub id, ${stage} (a diffusion_train output), or a LoRA folder",
     "scheduler": "sampler: DDPM, DDIM, DPM-Solver++, DPM-Solver, UniPC, DEIS, Euler, EulerAncestral, Heun, PNDM, LMS",
@@ -59,24 +57,29 @@ def _dtype(spec: StageSpec):
     return None if value is None else parse_dtype(value, f"{spec.where}.dtype")
 
 
-def check(spec: StageSpec, ctx: Context) -> None:
-    _settings(spec, ctx, _kind(spec, ctx))
-    _dtype(spec)
+class DiffusionSample(Stage):
+    """Sample images from any diffusers pipeline: a folder, a hub id, an earlier stage, or a LoRA folder."""
 
+    produces_model = False
+    metrics = Metrics(summary=("num_images", "seconds_per_image"))
+    sections = SECTIONS
 
-def plan(spec: StageSpec, ctx: Context):
-    return None
+    def check(self, spec: StageSpec, ctx: Context) -> None:
+        _settings(spec, ctx, _kind(spec, ctx))
+        _dtype(spec)
 
+    def plan(self, spec: StageSpec, ctx: Context):
+        return None
 
-def run(spec: StageSpec, ctx: Context) -> StageResult:
-    import torch
+    def run(self, spec: StageSpec, ctx: Context) -> StageResult:
+        import torch
 
-    settings = _settings(spec, ctx, _kind(spec, ctx))
-    pipe = load_pipeline(ctx.resolve_ref(spec.cfg["model"]), f"{spec.where}.model", dtype=_dtype(spec))
-    if torch.cuda.is_available():
-        pipe = pipe.to("cuda")
-    images, seconds = generate(pipe, settings, spec.where)
-    spec.out_dir.mkdir(parents=True, exist_ok=True)
-    files = write_images(images, spec.out_dir)
-    metrics = {"num_images": float(len(images)), "seconds_per_image": seconds / len(images)}
-    return StageResult(metrics=metrics, files=files)
+        settings = _settings(spec, ctx, _kind(spec, ctx))
+        pipe = load_pipeline(ctx.resolve_ref(spec.cfg["model"]), f"{spec.where}.model", dtype=_dtype(spec))
+        if torch.cuda.is_available():
+            pipe = pipe.to("cuda")
+        images, seconds = generate(pipe, settings, spec.where)
+        spec.out_dir.mkdir(parents=True, exist_ok=True)
+        files = write_images(images, spec.out_dir)
+        metrics = {"num_images": float(len(images)), "seconds_per_image": seconds / len(images)}
+        return StageResult(metrics=metrics, files=files)

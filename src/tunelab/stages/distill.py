@@ -11,13 +11,16 @@ loaded as tunelab loads every model (adapters merged, GGUF files converted) and 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from tunelab.core.errors import TunelabError
 from tunelab.data.datasets import load_split, require_columns
 from tunelab.models.chat_templates import conversational
-from tunelab.models.loading import load_causal_lm, model_config, same_tokenizer, stage_model, tokenizer_origin
+from tunelab.models.loading import load_causal_lm
 from tunelab.models.preflight import check_language_model
+from tunelab.models.spec import model_config, stage_model
+from tunelab.models.tokenizers import same_tokenizer, tokenizer_origin
 from tunelab.stages import TRAINING, Context, Metrics, StageSpec
 from tunelab.stages.base import Settings, TrainerStage, sections
 
@@ -25,10 +28,17 @@ from tunelab.stages.base import Settings, TrainerStage, sections
 NOT_TRAINER_KEYS = ("teacher_model_name_or_path", "teacher_model_init_kwargs")
 
 
+@dataclass(kw_only=True)
+class DistillSettings(Settings):
+    teacher: dict[str, Any] | None
+    """from_pretrained arguments of `teacher:` (None while checking, when an earlier stage makes it)."""
+
+
 class Distill(TrainerStage):
     config_class = "trl:DistillationConfig"
     trainer_class = "trl:DistillationTrainer"
     data_hint = "name a dataset with a `prompt` column (the student answers the prompts)"
+    completions = True  # the student learns on its own sampled answers
     model_hint = "the student: a model smaller than the teacher, with its vocabulary (usually an SFT model)"
     metrics = Metrics(summary=TRAINING, progress={"entropy": "entropy", "completions/mean_length": "length"})
     sections = sections(
@@ -37,26 +47,25 @@ class Distill(TrainerStage):
             "teacher": "the teacher: a causal LM with the student's vocabulary (${stage}, folder, hub id, GGUF)",
             "data": "prompts (a `prompt` column): datasets.load_dataset arguments",
             "eval_data": "held-out prompts (default split: test); eval_loss is the divergence on them",
-            "training": "trl.DistillationConfig fields (beta, temperature, max_completion_length, learning_rate, "
-            "...)",
+            "training": "trl.DistillationConfig fields (beta, temperature, max_completion_length, learning_rate, ...)",
         }
     )
 
-    def training_values(self, spec: StageSpec) -> dict[str, Any]:
-        values = super().training_values(spec)
+    def training_values(self, spec: StageSpec, ctx: Context) -> dict[str, Any]:
+        values = super().training_values(spec, ctx)
         for key in NOT_TRAINER_KEYS:
             if key in values:
                 raise TunelabError(f"'{spec.where}.training.{key}' is not read by the trainer: set `teacher:`")
         return values
 
-    def settings(self, spec: StageSpec, ctx: Context) -> Settings:
-        s = super().settings(spec, ctx)
-        s.extra["teacher"] = stage_model(spec, ctx, "the teacher: a causal LM with the student's vocabulary", "teacher")
+    def settings(self, spec: StageSpec, ctx: Context) -> DistillSettings:
+        common = super().settings(spec, ctx)
+        teacher = stage_model(spec, ctx, "the teacher: a causal LM with the student's vocabulary", "teacher")
         check_language_model(spec.cfg["teacher"], ctx, f"{spec.where}.teacher", "the teacher of a distill stage is")
         _check_vocabularies(spec, ctx)
-        return s
+        return DistillSettings(**vars(common), teacher=teacher)
 
-    def data(self, spec: StageSpec, s: Settings) -> tuple[Any, Any]:
+    def data(self, spec: StageSpec, ctx: Context, s: Settings) -> tuple[Any, Any]:
         out = []
         for key, split in (("data", "train"), ("eval_data", "test")):
             if key == "eval_data" and spec.cfg.get(key) is None:
@@ -75,25 +84,19 @@ class Distill(TrainerStage):
 
     def trainer_kwargs(self, spec, ctx, s, model, tokenizer, train, evaluation) -> dict[str, Any]:
         kwargs = super().trainer_kwargs(spec, ctx, s, model, tokenizer, train, evaluation)
-        return {**kwargs, "teacher_model": load_causal_lm(s.extra["teacher"]).eval()}
-
+        return {**kwargs, "teacher_model": load_causal_lm(s.teacher).eval()}
 
     def plan(self, spec: StageSpec, ctx: Context):
         """The student's training plan plus the frozen teacher's weights (approximate: answers are short,
         so activations are the student's)."""
-        from tunelab.models.plan import _structure
+        from tunelab.models.plan import model_structure
 
         plan = super().plan(spec, ctx)
         teacher = model_config(spec.cfg["teacher"], ctx, f"{spec.where}.teacher")
         if plan is not None and teacher is not None:
-            plan.parts["teacher"] = _structure(teacher)[1] * 4.0
+            plan.parts["teacher"] = model_structure(teacher)[1] * 4.0
             plan.notes.append("teacher frozen, in fp32")
         return plan
-
-    def plan_args(self, spec: StageSpec, ctx: Context) -> Any:
-        args = self.args(spec, ctx)
-        args.max_length = (args.max_completion_length or 256) + 128
-        return args
 
 
 def _check_vocabularies(spec: StageSpec, ctx: Context) -> None:
@@ -113,8 +116,3 @@ def _check_vocabularies(spec: StageSpec, ctx: Context) -> None:
             f"'{spec.where}.teacher' uses a different tokenizer ({theirs}) from the student ({ours}): the "
             "teacher scores the student's token ids, so both need the same one"
         )
-
-
-STAGE = Distill()
-PRODUCES_MODEL, RANKS, SECTIONS, METRICS = STAGE.produces_model, STAGE.ranks, STAGE.sections, STAGE.metrics
-check, run, plan = STAGE.check, STAGE.run, STAGE.plan

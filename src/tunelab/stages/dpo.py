@@ -27,8 +27,3 @@ class DPO(PreferenceStage):
             "lora": "peft.LoraConfig fields; omit for full fine-tuning against a frozen copy",
         }
     )
-
-
-STAGE = DPO()
-PRODUCES_MODEL, RANKS, SECTIONS, METRICS = STAGE.produces_model, STAGE.ranks, STAGE.sections, STAGE.metrics
-check, run, plan = STAGE.check, STAGE.run, STAGE.plan

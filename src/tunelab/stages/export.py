@@ -13,6 +13,7 @@ size and bits per parameter. Later stages name the file by its path (an eval sta
 
 from __future__ import annotations
 
+import logging
 import re
 from typing import Any
 
@@ -23,10 +24,11 @@ from tunelab.exporting.architectures import architecture
 from tunelab.exporting.ollama import family
 from tunelab.exporting.types import gguf_type
 from tunelab.exporting.vocab import read_vocab
-from tunelab.models.loading import load_tokenizer, model_config, model_spec, tokenizer_origin
-from tunelab.stages import Context, Metrics, StageResult, StageSpec
+from tunelab.models.spec import model_config, model_spec
+from tunelab.models.tokenizers import load_tokenizer, tokenizer_origin
+from tunelab.stages import Context, Metrics, Stage, StageResult, StageSpec
 
-PRODUCES_MODEL = False  # a GGUF file, named by its path (`${export}` names model folders)
+log = logging.getLogger(__name__)
 SECTIONS = {
     "model": "model to export: ${stage}, a folder, adapter, hub id or GGUF file",
     "type": "GGUF type: f16 (default), bf16, q8_0, q4_0, q4_1, q5_0 or q5_1",
@@ -34,7 +36,6 @@ SECTIONS = {
     "system": "the Modelfile's SYSTEM prompt (with ollama: true)",
     "file": "the file's name in the stage folder (default model-TYPE.gguf)",
 }
-METRICS = Metrics(summary=("max_abs_diff", "top1_agreement", "written_max_abs_diff", "file_mb"))
 FILE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}\.gguf")
 
 
@@ -59,23 +60,6 @@ def _settings(spec: StageSpec) -> dict[str, Any]:
     return {"type": kind.name, "ollama": ollama, "system": system, "file": name}
 
 
-def check(spec: StageSpec, ctx: Context) -> None:
-    settings = _settings(spec)
-    where = f"{spec.where}.model"
-    mspec = model_spec(spec.cfg["model"], where)
-    if ctx.is_pending(mspec["path"]):  # an earlier stage makes it: check what its config and tokenizer allow
-        config = model_config(spec.cfg["model"], ctx, where)
-        if config is not None:
-            architecture(config, where)
-        origin = tokenizer_origin(spec.cfg["model"], ctx, where)
-        if config is not None and not origin.startswith("stage '"):
-            vocab = read_vocab(load_tokenizer(origin), int(config.vocab_size), where)
-            if settings["ollama"]:
-                family(vocab.chat_template, where)
-        return
-    _plan(spec, ctx, settings)
-
-
 def _plan(spec: StageSpec, ctx: Context, settings: dict[str, Any]):
     mspec = model_spec(spec.cfg["model"], f"{spec.where}.model")
     mspec["path"] = ctx.resolve_ref(mspec["path"])
@@ -83,20 +67,42 @@ def _plan(spec: StageSpec, ctx: Context, settings: dict[str, Any]):
     return check_export(mspec, out, settings["type"], True, settings["ollama"], settings["system"], in_stage=True)
 
 
-def run(spec: StageSpec, ctx: Context) -> StageResult:
-    result = export(_plan(spec, ctx, _settings(spec)))
-    files = {"gguf": str(result.path)}
-    if result.modelfile is not None:
-        files["modelfile"] = str(result.modelfile)
-    f = result.figures
-    print(
-        f"   {result.path.name}: {result.bytes / 1e6:.1f} MB; round trip: max |logit difference| "
-        f"{f['max_abs_diff']:.4g}, top-1 agreement {100 * f['top1_agreement']:.1f}%",
-        flush=True,
-    )
-    return StageResult(metrics=result.metrics(), files=files)
+class Export(Stage):
+    """`tunelab export` as a stage: a GGUF file (and a Modelfile) in the stage folder, round-trip figures in
+    metrics.json. It makes a file, not a model folder: later stages name it by its path."""
 
+    produces_model = False
+    sections = SECTIONS
+    metrics = Metrics(summary=("max_abs_diff", "top1_agreement", "written_max_abs_diff", "file_mb"))
 
-def plan(spec: StageSpec, ctx: Context) -> None:
-    """No memory plan: the export holds the model in float32 once, as the stage that made it did."""
-    return None
+    def check(self, spec: StageSpec, ctx: Context) -> None:
+        settings = _settings(spec)
+        where = f"{spec.where}.model"
+        mspec = model_spec(spec.cfg["model"], where)
+        if ctx.is_pending(mspec["path"]):  # an earlier stage makes it: check what its config and tokenizer allow
+            config = model_config(spec.cfg["model"], ctx, where)
+            if config is not None:
+                architecture(config, where)
+            origin = tokenizer_origin(spec.cfg["model"], ctx, where)
+            if config is not None and not origin.startswith("stage '"):
+                vocab = read_vocab(load_tokenizer(origin), int(config.vocab_size), where)
+                if settings["ollama"]:
+                    family(vocab.chat_template, where)
+            return
+        _plan(spec, ctx, settings)
+
+    def run(self, spec: StageSpec, ctx: Context) -> StageResult:
+        result = export(_plan(spec, ctx, _settings(spec)), say=lambda line: log.info(f"   {line}"))
+        files = {"gguf": str(result.path)}
+        if result.modelfile is not None:
+            files["modelfile"] = str(result.modelfile)
+        f = result.figures
+        log.info(
+            f"   {result.path.name}: {result.bytes / 1e6:.1f} MB; round trip: max |logit difference| "
+            f"{f['max_abs_diff']:.4g}, top-1 agreement {100 * f['top1_agreement']:.1f}%"
+        )
+        return StageResult(metrics=result.metrics(), files=files)
+
+    def plan(self, spec: StageSpec, ctx: Context) -> None:
+        """No memory plan: the export holds the model in float32 once, as the stage that made it did."""
+        return None

@@ -31,8 +31,3 @@ class GRPO(OnlineStage):
             "kl_limit": "stop when the logged KL to the reference passes this value (needs training.beta > 0)",
         }
     )
-
-
-STAGE = GRPO()
-PRODUCES_MODEL, RANKS, SECTIONS, METRICS = STAGE.produces_model, STAGE.ranks, STAGE.sections, STAGE.metrics
-check, run, plan = STAGE.check, STAGE.run, STAGE.plan

@@ -19,13 +19,17 @@ its dataset is reachable or cached. Each model's results go to `metrics.json` as
 from __future__ import annotations
 
 import json
+import logging
+import os
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tunelab.core.errors import TunelabError
 from tunelab.core.runs import write_atomic
+from tunelab.evaluation.endpoints import Endpoint, check_endpoint, endpoint_spec
 from tunelab.evaluation.harness import (
     check_arguments,
     check_model_args,
@@ -35,28 +39,22 @@ from tunelab.evaluation.harness import (
     include_paths,
     load_tasks,
     materialize,
+    output_types,
     require,
     task_manager,
     task_names,
 )
-from tunelab.models.loading import (
-    adapter_base,
-    check_tokenizer,
-    is_adapter,
-    labelled_models,
-    load_causal_lm,
-    load_tokenizer,
-    model_config,
-    model_spec,
-    resolve_spec,
-)
+from tunelab.models.loading import load_causal_lm
 from tunelab.models.plan import plan_generation
 from tunelab.models.preflight import check_language_model
 from tunelab.models.quant import check_cpu_shapes, quant_config
-from tunelab.stages import Context, Metrics, StageResult, StageSpec
+from tunelab.models.spec import adapter_base, is_adapter, model_config
+from tunelab.models.tokenizers import check_tokenizer, load_tokenizer
+from tunelab.stages import Context, StageSpec
+from tunelab.stages.scoring import Entry, ModelsStage, Scored, entries
 
-PRODUCES_MODEL = False
-METRICS = Metrics()  # per-model metrics: the CLI and report.md show them as a table of their own
+log = logging.getLogger(__name__)
+
 OWN = {
     "model": "model to score: hub id, folder, adapter folder (loaded over its base), GGUF, or ${stage}",
     "models": "several models to compare, as {label: model}",
@@ -98,33 +96,6 @@ DEFAULT_BATCH = 16  # the harness's own default is 1: slow on every device
 PROMPT_TOKENS = 1024  # planning assumption: a few-shot prompt and its answer
 
 
-def _settings(spec: StageSpec) -> tuple[list[str], dict[str, Any], dict[str, Any]]:
-    """(task names, simple_evaluate arguments, HFLM arguments), checked; one line for the first problem."""
-
-    require()
-    if "tasks" not in spec.cfg:
-        raise TunelabError(f"'{spec.where}' has no `tasks:`: name harness tasks, e.g. [tunelab_arith_mc]")
-    names = task_names(spec.cfg["tasks"], f"{spec.where}.tasks")
-    args = check_arguments({k: v for k, v in spec.cfg.items() if k in HARNESS and k != "tasks"}, spec.where)
-    if args.get("limit") is not None and args.get("samples") is not None:
-        raise TunelabError(f"'{spec.where}' sets both `limit` and `samples`: keep one")
-    model_args = check_model_args(spec.cfg.get("model_args"), f"{spec.where}.model_args")
-    think = spec.cfg.get("think_end_token")
-    if think is not None:
-        if not isinstance(think, (str, int)) or isinstance(think, bool) or think == "":
-            raise TunelabError(f"'{spec.where}.think_end_token' must be a token (e.g. </think>) or its id")
-        if "think_end_token" in model_args:
-            raise TunelabError(f"'{spec.where}' sets think_end_token twice (also in model_args): keep one")
-        model_args["think_end_token"] = think
-    args.setdefault("batch_size", DEFAULT_BATCH)
-    if str(args["batch_size"]).startswith("auto") and not _on_gpu():
-        raise TunelabError(
-            f"'{spec.where}.batch_size' is {args['batch_size']!r}, which searches for the largest batch that fits "
-            "GPU memory by running out of it; on CPU give a number (e.g. 16)"
-        )
-    return names, args, model_args
-
-
 def _on_gpu() -> bool:
     import torch
 
@@ -137,81 +108,12 @@ def _manager(spec: StageSpec, names: list[str], shipped=None):
     return task_manager(names, include, f"{spec.where}.tasks", shipped)
 
 
-def _where(spec: StageSpec, label: str) -> str:
-    return f"{spec.where}.models.{label}" if "models" in spec.cfg else f"{spec.where}.model"
-
-
-def check(spec: StageSpec, ctx: Context) -> None:
-
-    names, args, _ = _settings(spec)
-    quant = quant_config(spec.cfg.get("quantization"), f"{spec.where}.quantization")
-    for label, value in labelled_models(spec.cfg, spec.where).items():
-        where = _where(spec, label)
-        mspec = model_spec(value, where)
-        check_language_model(value, ctx, where, "lm_eval scores")
-        if not ctx.is_pending(mspec["path"]):
-            resolved = resolve_spec({**mspec, "path": ctx.resolve_ref(mspec["path"])}, where, materialize=False)
-            path = resolved.get("gguf_file", resolved["path"])
-            check_tokenizer(path, where)
-            if args.get("apply_chat_template") is True and not load_tokenizer(path).chat_template:
-                raise TunelabError(
-                    f"'{spec.where}.apply_chat_template' is true, but the tokenizer of '{where}' has no chat "
-                    "template: drop it for this model, or score a chat model"
-                )
-        config = model_config(value, ctx, where) if quant is not None else None
-        if config is not None:
-            check_cpu_shapes(config, spec.cfg["quantization"], f"{spec.where}.quantization")
-    with tempfile.TemporaryDirectory() as tmp:  # the tasks as run writes them (absolute data paths)
-        manager = _manager(spec, names, shipped=materialize(Path(tmp)))
-        tasks = load_tasks(manager, names, f"{spec.where}.tasks")  # reads each task's data, as run will
-        check_samples(tasks, args.get("samples"), f"{spec.where}.samples")
-
-
-def run(spec: StageSpec, ctx: Context) -> StageResult:
-
-    names, args, model_args = _settings(spec)
-    quant = quant_config(spec.cfg.get("quantization"), f"{spec.where}.quantization")
-    spec.out_dir.mkdir(parents=True, exist_ok=True)
-    tasks_dir = materialize(spec.out_dir / "tasks")
-    manager = _manager(spec, names, shipped=tasks_dir)
-    load_tasks(manager, names, f"{spec.where}.tasks")
-    metrics: dict[str, Any] = {}
-    files: dict[str, str] = {}
-    for label, value in labelled_models(spec.cfg, spec.where).items():
-        where = _where(spec, label)
-        mspec = model_spec(value, where)
-        mspec = resolve_spec({**mspec, "path": ctx.resolve_ref(mspec["path"])}, where)
-        started = time.perf_counter()
-        results = _evaluate(mspec, quant, names, manager, args, model_args)
-        seconds = time.perf_counter() - started
-        samples = results.pop("samples", None) or {}
-        counted = sum(int(v.get("effective", 0)) for v in results.get("n-samples", {}).values())
-        metrics[label] = {**flat_metrics(results), "examples": counted, "examples_per_second": counted / seconds}
-        results["tunelab"] = {"model": mspec["path"], "command": _command(mspec, names, tasks_dir, args)}
-        path = spec.out_dir / f"harness-{label}.json"
-        write_atomic(path, json.dumps(results, indent=2, default=str) + "\n")
-        files[f"harness-{label}"] = str(path)
-        if samples:
-            rows = [json.dumps({"task": t, **row}, default=str) + "\n" for t, got in samples.items() for row in got]
-            write_atomic(spec.out_dir / f"samples-{label}.jsonl", "".join(rows))
-            files[f"samples-{label}"] = str(spec.out_dir / f"samples-{label}.jsonl")
-        _print_table(label, metrics[label])
-    folders = [tasks_dir, *include_paths(spec.cfg.get("include_path"), f"{spec.where}.include_path")]
-    return StageResult(metrics=metrics, files=files, fingerprints={"tasks": _fingerprint(folders, names)})
-
-
-def _evaluate(mspec, quant, names, manager, args, model_args) -> dict[str, Any]:
-    """One model through `simple_evaluate`, loaded by tunelab and handed to HFLM as an object."""
-    import logging
+def _evaluate(model: Any, tokenizer: Any, names, manager, args, model_args) -> dict[str, Any]:
+    """One model through `simple_evaluate`, handed to HFLM as an object (tunelab loaded it)."""
 
     import lm_eval
-    import torch
     from lm_eval.models.huggingface import HFLM
 
-    tokenizer = load_tokenizer(mspec["path"])
-    model = load_causal_lm(mspec, quantization=quant, merge_adapter=quant is None).eval()
-    if torch.cuda.is_available() and quant is None and "device_map" not in mspec:
-        model = model.to("cuda")
     args = dict(args)
     logger = logging.getLogger("lm_eval")
     level = logger.level
@@ -229,6 +131,43 @@ def _evaluate(mspec, quant, names, manager, args, model_args) -> dict[str, Any]:
         return lm_eval.simple_evaluate(model=lm, tasks=names, task_manager=manager, **args)
     finally:
         logger.setLevel(level)
+
+
+def _evaluate_endpoint(endpoint: Endpoint, names, manager, args, model_args, seed: int) -> dict[str, Any]:
+    """One served model through the harness's `local-chat-completions` model (requests sent concurrently)."""
+    import logging
+
+    import lm_eval
+    from lm_eval.models.openai_completions import LocalChatCompletion
+
+    args = {**args, "apply_chat_template": True}  # chat completions take messages; the server renders them
+    concurrent = args.pop("batch_size")
+    args.pop("max_batch_size", None)
+    logger = logging.getLogger("lm_eval")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        lm = LocalChatCompletion(
+            base_url=f"{endpoint.base_url}/chat/completions",
+            model=endpoint.model,
+            num_concurrent=concurrent if isinstance(concurrent, int) else DEFAULT_BATCH,
+            max_retries=1,
+            seed=seed,
+            header={"Authorization": f"Bearer {endpoint.api_key or os.environ.get('OPENAI_API_KEY', 'none')}"},
+            think_end_token=model_args.get("think_end_token"),
+        )
+        return lm_eval.simple_evaluate(model=lm, tasks=names, task_manager=manager, **args)
+    finally:
+        logger.setLevel(level)
+
+
+def _endpoint_command(endpoint: Endpoint, names: list[str], tasks_dir, args: dict[str, Any]) -> str:
+    """The harness command that scores the same served model without tunelab."""
+    include = f" --include_path {tasks_dir}" if tasks_dir else ""
+    return (
+        f"lm_eval --model local-chat-completions --model_args model={endpoint.model},"
+        f"base_url={endpoint.base_url}/chat/completions --tasks {','.join(names)} --apply_chat_template{include}"
+    )
 
 
 def _command(mspec: dict[str, Any], names: list[str], tasks_dir, args: dict[str, Any]) -> str:
@@ -256,21 +195,167 @@ def _fingerprint(folders: list, names: list[str]) -> str:
 
 def _print_table(label: str, values: dict[str, Any]) -> None:
     shown = ", ".join(f"{k} {v:.4g}" for k, v in values.items() if "/" in k)
-    print(f"   {label}: {shown} ({values['examples']} examples, {values['examples_per_second']:.3g}/s)", flush=True)
+    log.info(f"   {label}: {shown} ({values['examples']} examples, {values['examples_per_second']:.3g}/s)")
 
 
-def plan(spec: StageSpec, ctx: Context):
-    """Memory plan of scoring with the largest of the models: a batch of PROMPT_TOKENS-token prompts, with
-    every position's logits kept (log-likelihood tasks do), so `batch_size` is planned as it will be used."""
+@dataclass(frozen=True)
+class HarnessSettings:
+    names: list[str]
+    """Task names (or YAML files) as the harness reads them."""
+    args: dict[str, Any]
+    """`simple_evaluate`'s keyword arguments."""
+    model_args: dict[str, Any]
+    """HFLM's keyword arguments."""
+    quantization: Any
 
-    batch = spec.cfg.get("batch_size", DEFAULT_BATCH)
-    batch = batch if isinstance(batch, int) and not isinstance(batch, bool) else spec.cfg.get("max_batch_size") or 64
-    plans = []
-    for label, value in labelled_models(spec.cfg, spec.where).items():
-        config = model_config(value, ctx, _where(spec, label))
+
+@dataclass
+class Tasks:
+    manager: Any
+    folder: Path
+    """The bundled tasks as run writes them (absolute data paths), in the stage folder."""
+
+
+class LmEval(ModelsStage):
+    """Score models on lm-evaluation-harness tasks: the field's benchmarks, through the tool people trust."""
+
+    title = "harness tasks"
+    endpoints = True  # generate_until tasks through the harness's own `local-chat-completions` model
+    sections = SECTIONS
+
+    def settings(self, spec: StageSpec, ctx: Context) -> HarnessSettings:
+        """(task names, simple_evaluate arguments, HFLM arguments), checked; one line for the first problem."""
+        require()
+        if "tasks" not in spec.cfg:
+            raise TunelabError(f"'{spec.where}' has no `tasks:`: name harness tasks, e.g. [tunelab_arith_mc]")
+        names = task_names(spec.cfg["tasks"], f"{spec.where}.tasks")
+        args = check_arguments({k: v for k, v in spec.cfg.items() if k in HARNESS and k != "tasks"}, spec.where)
+        if args.get("limit") is not None and args.get("samples") is not None:
+            raise TunelabError(f"'{spec.where}' sets both `limit` and `samples`: keep one")
+        model_args = check_model_args(spec.cfg.get("model_args"), f"{spec.where}.model_args")
+        think = spec.cfg.get("think_end_token")
+        if think is not None:
+            if not isinstance(think, (str, int)) or isinstance(think, bool) or think == "":
+                raise TunelabError(f"'{spec.where}.think_end_token' must be a token (e.g. </think>) or its id")
+            if "think_end_token" in model_args:
+                raise TunelabError(f"'{spec.where}' sets think_end_token twice (also in model_args): keep one")
+            model_args["think_end_token"] = think
+        args.setdefault("batch_size", DEFAULT_BATCH)
+        if str(args["batch_size"]).startswith("auto") and not _on_gpu():
+            raise TunelabError(
+                f"'{spec.where}.batch_size' is {args['batch_size']!r}, which searches for the largest batch that fits "
+                "GPU memory by running out of it; on CPU give a number (e.g. 16)"
+            )
+        quant = quant_config(spec.cfg.get("quantization"), f"{spec.where}.quantization")
+        return HarnessSettings(names, args, model_args, quant)
+
+    def data(self, spec: StageSpec, ctx: Context, s: HarnessSettings, running: bool) -> Tasks | None:
+        """The tasks, read as the harness reads them (each task's data too)."""
+        if running:
+            folder = materialize(spec.out_dir / "tasks")
+            manager = _manager(spec, s.names, shipped=folder)
+            load_tasks(manager, s.names, f"{spec.where}.tasks")
+            return Tasks(manager, folder)
+        with tempfile.TemporaryDirectory() as tmp:
+            manager = _manager(spec, s.names, shipped=materialize(Path(tmp)))
+            tasks = load_tasks(manager, s.names, f"{spec.where}.tasks")
+            check_samples(tasks, s.args.get("samples"), f"{spec.where}.samples")
+            return Tasks(manager, Path(tmp))  # for the checks only: the folder is gone when they run
+
+    def check_model(self, spec: StageSpec, ctx: Context, s: HarnessSettings, data: Tasks, entry: Entry) -> None:
+        if entry.endpoint:
+            self.check_endpoint(spec, s, data, entry)
+            return
+        check_language_model(entry.value, ctx, entry.where, "lm_eval scores")
+        if not ctx.is_pending(entry.spec()["path"]):
+            resolved = entry.resolved(ctx, materialize=False)
+            path = resolved.get("gguf_file", resolved["path"])
+            check_tokenizer(path, entry.where)
+            if s.args.get("apply_chat_template") is True and not load_tokenizer(path).chat_template:
+                raise TunelabError(
+                    f"'{spec.where}.apply_chat_template' is true, but the tokenizer of '{entry.where}' has no chat "
+                    "template: drop it for this model, or score a chat model"
+                )
+        config = model_config(entry.value, ctx, entry.where) if s.quantization is not None else None
         if config is not None:
-            dtype = model_spec(value, _where(spec, label)).get("dtype")
-            # Log-likelihood tasks keep the logits of every position (the harness's log_softmax over the batch).
-            quant = spec.cfg.get("quantization")
-            plans.append(plan_generation(spec.name, config, batch, PROMPT_TOKENS, quant, dtype, PROMPT_TOKENS))
-    return max(plans, key=lambda p: p.total) if plans else None
+            check_cpu_shapes(config, spec.cfg["quantization"], f"{spec.where}.quantization")
+
+    def check_endpoint(self, spec: StageSpec, s: HarnessSettings, data: Tasks, entry: Entry) -> None:
+        """A served model answers through chat completions: generated answers only, the server's template."""
+        for key in ("quantization", "model_args"):
+            if spec.cfg.get(key) is not None:
+                raise TunelabError(
+                    f"'{spec.where}.{key}' applies to models tunelab loads; '{entry.where}' is served: remove it"
+                )
+        if s.args.get("apply_chat_template") is False:
+            raise TunelabError(
+                f"'{spec.where}.apply_chat_template' is false, but '{entry.where}' is served over chat completions, "
+                "which the server renders with its own template: drop it"
+            )
+        for task, kind in output_types(data.manager, s.names).items():
+            if kind != "generate_until":
+                raise TunelabError(
+                    f"'{entry.where}' is served over chat completions, which return no log-likelihoods; task "
+                    f"'{task}' is {kind}: score that task with the model itself (its folder, hub id or ${{stage}})"
+                )
+        check_endpoint(endpoint_spec(entry.value, entry.where), entry.where)
+
+    def load(self, spec: StageSpec, ctx: Context, s: HarnessSettings, entry: Entry) -> Any:
+        if entry.endpoint:
+            return endpoint_spec(entry.value, entry.where)
+        import torch
+
+        mspec = entry.resolved(ctx)
+        tokenizer = load_tokenizer(mspec["path"])
+        model = load_causal_lm(mspec, quantization=s.quantization, merge_adapter=s.quantization is None).eval()
+        if torch.cuda.is_available() and s.quantization is None and "device_map" not in mspec:
+            model = model.to("cuda")
+        return model, tokenizer, mspec
+
+    def score(self, spec: StageSpec, ctx: Context, s: HarnessSettings, data: Tasks, entry: Entry, model) -> Scored:
+        started = time.perf_counter()
+        if isinstance(model, Endpoint):
+            results = _evaluate_endpoint(model, s.names, data.manager, s.args, s.model_args, ctx.seed)
+            mspec = {"path": f"{model.base_url} ({model.model})"}
+        else:
+            model, tokenizer, mspec = model
+            results = _evaluate(model, tokenizer, s.names, data.manager, s.args, s.model_args)
+        seconds = time.perf_counter() - started
+        samples = results.pop("samples", None) or {}
+        counted = sum(int(v.get("effective", 0)) for v in results.get("n-samples", {}).values())
+        metrics = {**flat_metrics(results), "examples": counted, "examples_per_second": counted / seconds}
+        command = _endpoint_command(model, s.names, data.folder, s.args) if isinstance(model, Endpoint) else None
+        command = command or _command(mspec, s.names, data.folder, s.args)
+        results["tunelab"] = {"model": mspec["path"], "command": command}
+        path = spec.out_dir / f"harness-{entry.label}.json"
+        write_atomic(path, json.dumps(results, indent=2, default=str) + "\n")
+        files = {f"harness-{entry.label}": str(path)}
+        if samples:
+            rows = [json.dumps({"task": t, **row}, default=str) + "\n" for t, got in samples.items() for row in got]
+            write_atomic(spec.out_dir / f"samples-{entry.label}.jsonl", "".join(rows))
+            files[f"samples-{entry.label}"] = str(spec.out_dir / f"samples-{entry.label}.jsonl")
+        _print_table(entry.label, metrics)
+        return Scored(metrics, None, files)
+
+    def fingerprints(self, spec: StageSpec, s: HarnessSettings, data: Tasks) -> dict[str, str]:
+        folders = [data.folder, *include_paths(spec.cfg.get("include_path"), f"{spec.where}.include_path")]
+        return {"tasks": _fingerprint(folders, s.names)}
+
+    def plan(self, spec: StageSpec, ctx: Context) -> Any:
+        """Memory plan of scoring with the largest of the models: a batch of PROMPT_TOKENS-token prompts, with
+        every position's logits kept (log-likelihood tasks do), so `batch_size` is planned as it will be used.
+        Planned from the sections as written: a plan must not need the harness installed."""
+        batch = spec.cfg.get("batch_size", DEFAULT_BATCH)
+        batch = (
+            batch if isinstance(batch, int) and not isinstance(batch, bool) else spec.cfg.get("max_batch_size") or 64
+        )
+        plans = []
+        for entry in entries(spec):
+            if entry.endpoint:
+                continue  # the server's memory is the server's
+            config = model_config(entry.value, ctx, entry.where)
+            if config is not None:
+                quant = spec.cfg.get("quantization")
+                dtype = entry.spec().get("dtype")
+                plans.append(plan_generation(spec.name, config, batch, PROMPT_TOKENS, quant, dtype, PROMPT_TOKENS))
+        return max(plans, key=lambda p: p.total) if plans else None

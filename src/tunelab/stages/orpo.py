@@ -28,8 +28,3 @@ class ORPO(PreferenceStage):
             "training": "trl.experimental.orpo.ORPOConfig fields (beta, learning_rate, max_steps, max_length, ...)",
         }
     )
-
-
-STAGE = ORPO()
-PRODUCES_MODEL, RANKS, SECTIONS, METRICS = STAGE.produces_model, STAGE.ranks, STAGE.sections, STAGE.metrics
-check, run, plan = STAGE.check, STAGE.run, STAGE.plan

@@ -242,7 +242,7 @@ def test_family_round_trip(tiny: dict[str, Path], family: str, kind: str, tmp_pa
     tokens = _field(reader, "tokenizer.ggml.tokens")
     assert tokens[-1].startswith("[PAD") and _field(reader, "tokenizer.ggml.token_type")[-1] == 5  # UNUSED
     assert _field(reader, "tokenizer.ggml.model") == ("llama" if family in ("mistral", "gemma2", "gemma3") else "gpt2")
-    from tunelab.models.loading import load_tokenizer
+    from tunelab.models.tokenizers import load_tokenizer
 
     assert _field(reader, "tokenizer.chat_template") == load_tokenizer(str(tiny[family])).chat_template
 
@@ -250,7 +250,7 @@ def test_family_round_trip(tiny: dict[str, Path], family: str, kind: str, tmp_pa
 def test_pre_tokenizer_names(tiny: dict[str, Path], tmp_path: Path) -> None:
     """llama.cpp splits text by the `pre` name: recognised from the tokenizer's own split pattern."""
     from tunelab.exporting.vocab import read_vocab
-    from tunelab.models.loading import load_tokenizer
+    from tunelab.models.tokenizers import load_tokenizer
 
     names = {f: read_vocab(load_tokenizer(str(tiny[f])), 1024, f).pre for f in ("llama", "qwen2", "mistral")}
     assert names == {"llama": "llama-bpe", "qwen2": "qwen2", "mistral": "default"}
@@ -594,7 +594,13 @@ def greedy(model: Any, ids: list[int], new_tokens: int) -> list[int]:
 @pytest.mark.parametrize("kind", ["f16", "q8_0"])
 def test_llamacpp_reads_the_export(smollm2: Path, tmp_path: Path, kind: str) -> None:
     """llama.cpp loads the exported SmolLM2, tokenizes the chat-template prompts as transformers does, and
-    generates the same 16+ greedy tokens as transformers on the same file; first-position logits agree."""
+    generates the same greedy tokens as transformers on the same file, 16 at least; first-position logits agree.
+
+    llama.cpp multiplies in F16, and for Q8_0 quantizes the activations to 8 bits as well: its logits differ
+    from transformers' float32 ones by up to ~2% (0.6 on logits of 34). Where transformers' two best tokens
+    are closer than that (a near tie), the two may pick differently; a divergence before the 16th token is
+    accepted only there. (Measured: F16 agrees on all 20 tokens of the 4 prompts; Q8_0 on all but one prompt,
+    which parts at token 16 on a top-2 gap of 0.09.)"""
     import torch
 
     from tunelab.exporting.roundtrip import prompts, read_back
@@ -606,10 +612,15 @@ def test_llamacpp_reads_the_export(smollm2: Path, tmp_path: Path, kind: str) -> 
     ran = llamacpp(result.path, fixed, 20)
     for ids, got in zip(fixed.ids, ran, strict=True):
         assert got["tokenized"] == ids  # llama.cpp's tokenizer: the same ids, special tokens parsed
-        assert got["tokens"][:16] == greedy(model, ids, 20)[:16]
         with torch.no_grad():
             first = model(torch.tensor([ids])).logits[0, -1]
-        diff = float((first - torch.tensor(got["first_logits"])).abs().max())
-        # llama.cpp multiplies in F16 (f16), or with the activations quantized to 8 bits too (q8_0)
+        theirs = torch.tensor(got["first_logits"])
+        diff = float((first - theirs).abs().max())
         assert diff <= (0.01 if kind == "f16" else 0.03) * float(first.abs().max()), diff
-        assert int(first.argmax()) == int(torch.tensor(got["first_logits"]).argmax())
+        assert int(first.argmax()) == int(theirs.argmax())
+        ours = greedy(model, ids, 20)
+        same = next((i for i, (a, b) in enumerate(zip(ours, got["tokens"], strict=True)) if a != b), len(ours))
+        if same < 16:
+            with torch.no_grad():
+                top = torch.topk(model(torch.tensor([ids + ours[:same]])).logits[0, -1], 2).values
+            assert float(top[0] - top[1]) < diff, (same, float(top[0] - top[1]), diff)

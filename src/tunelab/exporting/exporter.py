@@ -39,7 +39,6 @@ from tunelab.exporting.vocab import Vocab, read_vocab
 from tunelab.models.gguf_files import MAGIC
 from tunelab.models.spec import is_adapter, model_config, model_spec, resolve_spec
 from tunelab.models.tokenizers import load_tokenizer
-from tunelab.stages import Context
 
 Say = Callable[[str], None]
 log = logging.getLogger(__name__)  # under `tunelab`: the CLI prints its INFO lines
@@ -134,7 +133,19 @@ def check(
     return plan
 
 
-_CONTEXT = Context(seed=0, run_dir=Path("."))  # model_config's context: no `${stage}` references here
+class _NoStages:
+    """model_config's view of the run around MODEL: there is none (a stage resolves `${name}` before calling)."""
+
+    configs: dict[str, Any] = {}
+
+    def is_pending(self, value: Any) -> bool:
+        return False
+
+    def resolve_ref(self, value: Any) -> Any:
+        return value
+
+
+_CONTEXT = _NoStages()
 
 
 def _check_out(out: Path, overwrite: bool, in_stage: bool) -> Path:

@@ -521,9 +521,9 @@ WHEELS = Path(os.environ.get("TUNELAB_WHEELS", ROOT.parent / "shared" / "wheels"
 
 @pytest.fixture(scope="module")
 def smollm2_sft(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The real track's LoRA SFT of SmolLM2 (recipes/real/smollm2-arith.yaml's `sft`, shortened to 40 steps)."""
+    """The real track's LoRA SFT of SmolLM2 (recipes/real/smollm2-arith.yaml's `sft`, 60 steps, no checkpoints)."""
     recipe = tunelab.load_recipe("real/smollm2-arith")
-    stage = {**recipe.stages["sft"], "training": {**recipe.stages["sft"]["training"], "max_steps": 40}}
+    stage = {**recipe.stages["sft"], "training": dict(recipe.stages["sft"]["training"])}
     stage["training"].update(save_strategy="no")
     stage["training"].pop("save_steps", None)
     stage["training"].pop("save_total_limit", None)
@@ -535,7 +535,8 @@ def smollm2_sft(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.mark.slow
 def test_smollm2_types_on_held_out_questions(smollm2_sft: Path, tmp_path: Path) -> None:
     """F16, Q8_0 and Q4_0 exports of the fine-tuned SmolLM2, each scored on held-out questions next to the
-    source: F16 and Q8_0 keep its exact match; Q4_0 costs what it costs (reported, loosely bounded)."""
+    source: F16 and Q8_0 keep its exact match; Q4_0 costs what it costs (reported, loosely bounded).
+    benchmarks/export_gguf.py measured the same on test[:100]: source 0.54, f16 0.54, q8_0 0.55, q4_0 0.43."""
     files = {}
     for kind in ("f16", "q8_0", "q4_0"):
         result = tunelab.export(smollm2_sft, tmp_path / f"smollm2-{kind}.gguf", type=kind)
@@ -549,7 +550,7 @@ def test_smollm2_types_on_held_out_questions(smollm2_sft: Path, tmp_path: Path) 
     }
     run = tunelab.run(tunelab.recipe_from_dict({"output_dir": str(tmp_path / "eval"), "stages": {"eval": stage}}))
     scores = {label: run.metrics["eval"][label]["exact_match"] for label in ("source", "f16", "q8_0", "q4_0")}
-    assert scores["source"] >= 0.5, scores
+    assert scores["source"] >= 0.4, scores
     assert abs(scores["f16"] - scores["source"]) <= 0.02 and abs(scores["q8_0"] - scores["source"]) <= 0.05, scores
     assert scores["q4_0"] >= scores["source"] - 0.3, scores
 

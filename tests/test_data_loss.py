@@ -16,8 +16,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from tests.conftest import QA_TEST, QA_TRAIN, tiny_training
-from tests.test_bad_input import fails
+from tests.helpers import QA_TEST, QA_TRAIN, fails, tiny_training
 from tunelab.cli.app import app
 
 runner = CliRunner()

@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from typer.testing import CliRunner
 
 import tunelab
-from tests.conftest import CHAT_TEST, CHAT_TRAIN, SMOLLM2, tiny_training
+from tests.helpers import CHAT_TEST, CHAT_TRAIN, SMOLLM2, tiny_training
 from tunelab.cli.app import app
 from tunelab.models.chat_templates import TUNELAB_TEMPLATE, assistant_mask
 

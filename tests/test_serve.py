@@ -21,7 +21,7 @@ import pytest
 from typer.testing import CliRunner
 
 import tunelab
-from tests.conftest import SMOLLM2
+from tests.helpers import SMOLLM2
 from tunelab.cli import app
 
 KEY = "test-key"

@@ -7,7 +7,7 @@ TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed-stamp
 PIN   := -c constraints.txt
 
-.PHONY: setup upgrade-deps demo test test-all lint bench sft qlora classify rlhf diffusion real vlm clean
+.PHONY: setup upgrade-deps demo test test-all lint bench sft qlora classify rlhf diffusion real vlm llamacpp clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -65,6 +65,14 @@ real: setup  ## SmolLM2-135M-Instruct (pretrained, from PyPI): LoRA SFT, QLoRA, 
 vlm: setup  ## a LLaVA from SmolLM2-135M-Instruct + a new vision tower learns digits: exact match before/after, chat --image (CPU)
 	$(VENV)/bin/tunelab run vlm/smollm2-digits --overwrite
 	$(VENV)/bin/tunelab chat runs/vlm/smollm2-digits/vlm_sft --image recipes/data/digits_vqa/test/0006.png --prompt "Which digit is this?"
+
+# llama.cpp for the slow GGUF tests and benchmarks/export_gguf.py, in a venv of its own: llama-cpp-python
+# compiles llama.cpp at install (10-25 min on 2 cores), so it installs from the prebuilt wheel in
+# $(WHEELS), and stays out of .venv, constraints.txt and `make setup`.
+WHEELS ?= ../shared/wheels
+llamacpp:  ## llama-cpp-python 0.3.36 (prebuilt wheel) in .venv-llamacpp, the consumer of exported GGUF files
+	test -x .venv-llamacpp/bin/python || python3 -m venv .venv-llamacpp
+	.venv-llamacpp/bin/pip install -q --find-links $(WHEELS) --only-binary llama-cpp-python llama-cpp-python==0.3.36
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache

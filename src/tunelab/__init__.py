@@ -34,6 +34,7 @@ __all__ = [
     "RunResult",
     "TunelabError",
     "chat",
+    "export",
     "generate",
     "load_recipe",
     "merge",
@@ -46,6 +47,7 @@ __all__ = [
 if TYPE_CHECKING:
     from pathlib import Path
 
+    from tunelab.exporting import ExportResult
     from tunelab.pipeline import RunResult
     from tunelab.serving.service import Server
 
@@ -168,6 +170,35 @@ def merge(adapter_dir: str | Path, out_dir: str | Path, base: str | None = None,
     configure_offline()
     with quiet():  # the caller's warning filters and log levels are theirs again after
         return _merge(adapter_dir, out_dir, base=base, overwrite=overwrite)
+
+
+def export(
+    model: str | os.PathLike | dict,
+    out: str | os.PathLike,
+    type: str = "f16",
+    overwrite: bool = False,
+    ollama: bool = False,
+    system: str | None = None,
+) -> ExportResult:
+    """Write a model (folder, adapter, stage or run folder, hub id, .gguf) as one GGUF file for llama.cpp and
+    Ollama, then read it back through transformers and compare logits (`ExportResult.figures`).
+
+    `type` is f16, bf16, q8_0, q4_0, q4_1, q5_0 or q5_1; `ollama` also writes a Modelfile beside it, with
+    `system` as its SYSTEM line.
+    """
+    from tunelab.core.hub import configure_offline
+    from tunelab.core.progress import quiet
+    from tunelab.exporting import export_model
+
+    model = _model(model)
+    out = _path(out, "out", "the .gguf file to write")
+    if not isinstance(type, str):
+        raise TunelabError(f"type must be a GGUF type name (f16, q8_0, ...), not {_shown(type)}")
+    _flags(overwrite=overwrite, ollama=ollama)
+    _optional_text(system, "system", "the Modelfile's system prompt")
+    configure_offline()
+    with quiet():  # the caller's warning filters and log levels are theirs again after
+        return export_model(model, out, type, overwrite=overwrite, ollama=ollama, system=system)
 
 
 def chat(

@@ -760,6 +760,27 @@ def merge(
     typer.echo(f"merged model saved to {out} (load it with AutoModelForCausalLM.from_pretrained)")
 
 
+@app.command("export")
+@friendly
+def export_command(
+    model: Annotated[str, typer.Argument(help="Model, adapter, stage or run folder, hub id, or a .gguf file.")],
+    out: Annotated[Path, typer.Argument(help="The .gguf file to write.")],
+    type: Annotated[
+        str, typer.Option("--type", help="f16, bf16, q8_0, q4_0, q4_1, q5_0 or q5_1 (norms stay float32).")
+    ] = "f16",
+    ollama: Annotated[bool, typer.Option("--ollama", help="Also write an Ollama Modelfile beside OUT.")] = False,
+    system: Annotated[str | None, typer.Option(help="The Modelfile's SYSTEM prompt (with --ollama).")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUT and its Modelfile.")] = False,
+) -> None:
+    """Write a model as one GGUF file (llama.cpp, Ollama, LM Studio) and check it by reading it back."""
+    from tunelab import export
+    from tunelab.exporting.exporter import summary
+
+    result = export(model, out, type=type, overwrite=overwrite, ollama=ollama, system=system)
+    for line in summary(result):
+        typer.echo(line)
+
+
 def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4g}" if not value.is_integer() else f"{int(value)}"

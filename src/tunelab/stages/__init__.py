@@ -44,6 +44,7 @@ STAGES: dict[str, str] = {  # kind -> "module:Class" of its `Stage`
     "sft": "tunelab.stages.sft:SFT",
     "eval": "tunelab.stages.eval:Eval",
     "lm_eval": "tunelab.stages.lm_eval:LmEval",
+    "export": "tunelab.stages.export:Export",
     "classify": "tunelab.stages.classify:Classify",
     "reward": "tunelab.stages.reward:Reward",
     "ppo": "tunelab.stages.ppo:PPO",

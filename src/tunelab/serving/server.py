@@ -107,6 +107,7 @@ class Handler(BaseHTTPRequestHandler):
     server_version = "tunelab-serve"
     sys_version = ""
     timeout = READ_TIMEOUT  # StreamRequestHandler sets it on the socket: a half-sent request ends here
+    disable_nagle_algorithm = True  # TCP_NODELAY: each streamed token leaves at once, not after a delayed ACK
     app: App
 
     def setup(self) -> None:

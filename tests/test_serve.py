@@ -271,6 +271,17 @@ def test_half_a_request_blocks_no_one_and_times_out(tiny_lm: Path) -> None:
         loris.close()
 
 
+def test_quantized_base_serves_through_bitsandbytes(tiny_lm: Path, adapters: dict[str, Path]) -> None:
+    import openai
+    from bitsandbytes.nn import Linear8bitLt
+
+    with tunelab.serve(tiny_lm, adapters={"b": adapters["b"]}, quantization={"load_in_8bit": True}) as server:
+        layer = server.engine.model.get_base_model().model.layers[0].self_attn.q_proj.base_layer
+        assert isinstance(layer, Linear8bitLt)
+        client = openai.OpenAI(base_url=server.url, api_key="none", max_retries=0)
+        assert all(ask(client, name, max_tokens=3).choices[0].finish_reason for name in (BASE, "b"))
+
+
 def fake_run(root: Path, tiny_lm: Path, adapters: dict[str, Path]) -> Path:
     """A run folder as tunelab writes one: pretrain (a full model), sft and dpo (adapters on pretrain), eval."""
     import shutil

@@ -66,9 +66,8 @@ def main() -> str:
     from tunelab.models.spec import resolve_spec
 
     configure_offline()
-    quiet()
-    model = Path(resolve_spec(dict(SMOLLM2), "model")["path"])
-    with tempfile.TemporaryDirectory() as tmp_name:
+    with quiet(), tempfile.TemporaryDirectory() as tmp_name:
+        model = Path(resolve_spec(dict(SMOLLM2), "model")["path"])
         tmp = Path(tmp_name)
         tasks_dir = materialize(tmp / "tasks")
         ours, theirs = [], []

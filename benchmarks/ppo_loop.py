@@ -91,9 +91,8 @@ def main() -> str:
     from tunelab.core.progress import quiet
     from tunelab.training.ppo_trainer import ResumablePPOTrainer
 
-    quiet()
     runs: dict[str, list[float]] = {"trl": [], "tunelab": []}
-    with tempfile.TemporaryDirectory() as tmp:
+    with quiet(), tempfile.TemporaryDirectory() as tmp:
         model_dir = build_model(Path(tmp))
         for rep in range(REPS):
             for name, cls in (("trl", PPOTrainer), ("tunelab", ResumablePPOTrainer)):

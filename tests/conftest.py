@@ -114,8 +114,8 @@ def smollm2() -> Path:
     from tunelab.models.spec import resolve_spec
 
     configure_offline()
-    quiet()
-    return Path(resolve_spec(dict(SMOLLM2), "model")["path"])
+    with quiet():
+        return Path(resolve_spec(dict(SMOLLM2), "model")["path"])
 
 
 def assert_one_line_answer(result: Any, context: str, took: float, seconds: float) -> None:

@@ -84,7 +84,7 @@ def test_import_graph_has_no_cycle() -> None:
 
 def test_stages_import_components_never_each_other() -> None:
     graph = _imports()
-    shared = {"tunelab.stages", "tunelab.stages.base"}
+    shared = {"tunelab.stages", "tunelab.stages.base", "tunelab.stages.scoring"}
     for name, deps in graph.items():
         if name in shared:
             continue
@@ -92,15 +92,24 @@ def test_stages_import_components_never_each_other() -> None:
         assert {d for d in deps if d.startswith("tunelab.stages.") and d not in shared} == set(), name
 
 
+# Modules that import torch (or transformers) at their top, so that their classes are ordinary classes: only
+# code that trains or scores imports them, from inside its functions. Everything else is light.
+HEAVY_MODULES = {
+    "tunelab.training.ppo_trainer",  # the PPO loop, a TRL trainer subclass
+    "tunelab.training.callbacks",  # the Trainer callbacks tunelab adds
+    "tunelab.diffusion.classifier",  # the image-quality CNN (an nn.Module)
+}
+HEAVY_PACKAGES = ("tunelab.metrics.",)  # `evaluate` metric scripts, loaded by path
+
+
 def test_light_modules_import_no_ml_library() -> None:
-    """Every module but the PPO loop and metric scripts imports without torch: the CLI starts fast, and
-    tunelab's own modules can be imported at the top of each file."""
-    heavy = [
-        name
-        for name in sorted(_imports())
-        if name not in ("tunelab.training.ppo_trainer",) and not name.startswith("tunelab.metrics.")
-    ]
-    code = "import sys\n" + "".join(f"import {m}\n" for m in heavy) + "print('torch' in sys.modules)"
+    """Every module but the heavy ones above imports without torch: the CLI starts fast, and tunelab's own
+    modules can be imported at the top of each file. A light module imports a heavy one only inside a
+    function (where it trains or scores), never at its top."""
+    modules = sorted(_imports())
+    assert set(modules) >= HEAVY_MODULES, HEAVY_MODULES - set(modules)  # the list names real modules
+    light = [m for m in modules if m not in HEAVY_MODULES and not m.startswith(HEAVY_PACKAGES)]
+    code = "import sys\n" + "".join(f"import {m}\n" for m in light) + "print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 
@@ -135,6 +144,66 @@ def test_every_stage_satisfies_the_interface(kind: str) -> None:
     assert set(stage.defaults) <= fields, set(stage.defaults) - fields
     assert "training" in stage.sections and "data" in stage.sections
     assert ("quantization" in stage.sections) <= ("lora" in stage.sections)  # QLoRA needs an adapter
+
+
+# Which packages each package may import: a layer imports only those below it (and itself). The top level
+# (the Python API, recipe, pipeline, reports, the CLI) may import anything; nothing below imports it.
+LAYERS: dict[str, set[str]] = {
+    "core": set(),
+    "metrics": {"core", "data", "models", "diffusion", "evaluation"},  # the scripts score with the components
+    "models": {"core"},
+    "data": {"core"},
+    "diffusion": {"core", "data", "models"},
+    "evaluation": {"core", "data", "models", "diffusion"},
+    "training": {"core", "data", "models"},
+    "vision": {"core", "data", "models", "evaluation"},
+    "serving": {"core", "data", "models", "vision"},
+    "exporting": {"core", "data", "models", "evaluation"},
+    "stages": {"core", "data", "models", "diffusion", "evaluation", "training", "vision", "metrics", "exporting"},
+}
+TOP = {"tunelab", "tunelab.__main__", "tunelab.recipe", "tunelab.pipeline", "tunelab.reports", "tunelab.rewards"}
+
+
+def _package(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else ""
+
+
+def test_packages_import_only_the_layers_below() -> None:
+    graph = _imports()
+    packages = {_package(m) for m in graph if m not in TOP}
+    assert packages - {"cli"} <= set(LAYERS), packages - set(LAYERS)  # a new package declares its layer here
+    wrong = []
+    for name, deps in sorted(graph.items()):
+        package = _package(name)
+        if name in TOP or package == "cli":
+            continue
+        allowed = LAYERS[package] | {package}
+        wrong += [f"{name} -> {d}" for d in sorted(deps) if d in TOP or _package(d) not in allowed]
+    assert wrong == []
+
+
+def test_top_level_holds_only_the_api_and_the_run() -> None:
+    """Everything else lives in a package that names what it holds."""
+    flat = {p.stem for p in SRC.glob("*.py")}
+    assert flat == {"__init__", "__main__", "recipe", "pipeline", "reports", "rewards"}
+
+
+def test_eval_modes_are_declarations_over_one_base() -> None:
+    """Each way of scoring models is a `ModelsStage`: the keys it takes, its settings, its steps. The eval
+    stage's keys are exactly its modes' keys, so a key no mode takes cannot be accepted silently."""
+    from tunelab.stages.eval import MODES, SECTIONS, Eval
+    from tunelab.stages.lm_eval import LmEval
+    from tunelab.stages.scoring import ModelsStage
+
+    assert issubclass(LmEval, ModelsStage)
+    for mode in MODES:
+        assert issubclass(mode, ModelsStage) and mode.title != ModelsStage.title, mode
+        assert set(mode.sections) <= set(SECTIONS) and {"model", "models"} <= set(mode.sections), mode
+        assert callable(mode.claims)
+        # A mode overrides the steps, never the loop.
+        assert {"check", "run", "plan"}.isdisjoint(vars(mode)) or mode is LmEval, mode
+    assert set().union(*(m.sections for m in MODES)) == set(SECTIONS) == set(Eval.sections)
 
 
 def _private_uses(path: Path, modules: set[str]) -> list[str]:

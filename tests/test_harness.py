@@ -229,10 +229,11 @@ def test_think_end_token_and_the_plan_reach_the_harness(tiny_lm: Path) -> None:
 
     cfg = {"stage": "lm_eval", "model": str(tiny_lm), "tasks": "tunelab_arith_mc", "think_end_token": "</think>"}
     spec = StageSpec("score", "lm_eval", cfg, tiny_lm)
-    names, args, model_args = lm_eval._settings(spec)
-    assert names == ["tunelab_arith_mc"] and model_args == {"think_end_token": "</think>"}
-    assert args["batch_size"] == lm_eval.DEFAULT_BATCH
-    planned = lm_eval.plan(spec, Context(seed=0, run_dir=tiny_lm))
+    ctx = Context(seed=0, run_dir=tiny_lm)
+    s = lm_eval.LmEval().settings(spec, ctx)
+    assert s.names == ["tunelab_arith_mc"] and s.model_args == {"think_end_token": "</think>"}
+    assert s.args["batch_size"] == lm_eval.DEFAULT_BATCH
+    planned = lm_eval.LmEval().plan(spec, ctx)
     from transformers import AutoConfig
 
     vocab = AutoConfig.from_pretrained(tiny_lm).vocab_size

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -78,9 +79,10 @@ def test_peak_flops(monkeypatch: pytest.MonkeyPatch) -> None:
     assert throughput.peak_flops("cuda:0", "half") is None
 
 
-def test_sft_run_reports_tokens_per_second_and_mfu(tmp_path: Path, tiny_lm: Path, capsys) -> None:
+def test_sft_run_reports_tokens_per_second_and_mfu(tmp_path: Path, tiny_lm: Path, caplog) -> None:
     import tunelab
 
+    caplog.set_level(logging.INFO, logger="tunelab.progress")  # the API logs its progress lines; the CLI prints them
     stage = {
         "stage": "sft",
         "model": str(tiny_lm),
@@ -95,5 +97,5 @@ def test_sft_run_reports_tokens_per_second_and_mfu(tmp_path: Path, tiny_lm: Path
     history = json.loads((result.outputs["sft"] / "log_history.json").read_text())
     steps = [h for h in history if "loss" in h]
     assert len(steps) == 3 and all(0 < h["mfu"] < 1 and h["tokens_per_second"] > 0 for h in steps)
-    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
+    lines = [line for line in caplog.messages if line.startswith("step ")]
     assert len(lines) == 3 and all(" tok/s " in line and line.endswith("%") and " mfu " in line for line in lines)

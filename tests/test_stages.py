@@ -285,15 +285,16 @@ def result_recipe_stages(run_dir: Path) -> dict:
 
 
 def test_sft_packs_by_default_only_where_attention_keeps_rows_apart(tmp_path: Path) -> None:
-    from tunelab.stages import Context, StageSpec
-    from tunelab.stages.sft import STAGE
+    from tunelab.stages import Context, StageSpec, stage
+
+    sft = stage("sft")
 
     ctx = Context(seed=0, run_dir=tmp_path)
     flash = StageSpec("s", "sft", {"model": {"path": "m", "attn_implementation": "flash_attention_2"}}, tmp_path)
     sdpa = StageSpec("s", "sft", {"model": {"path": "m", "attn_implementation": "sdpa"}}, tmp_path)
     asked = StageSpec("s", "sft", {"model": {"path": "m"}, "training": {"packing": False}}, tmp_path)
-    assert STAGE.args(flash, ctx).packing and STAGE.args(flash, ctx).packing_strategy == "bfd"
-    assert not STAGE.args(sdpa, ctx).packing and not STAGE.args(asked, ctx).packing
+    assert sft.args(flash, ctx).packing and sft.args(flash, ctx).packing_strategy == "bfd"
+    assert not sft.args(sdpa, ctx).packing and not sft.args(asked, ctx).packing
 
 
 def test_lora_on_a_merged_lora_names_it_as_its_base_and_reloads_exactly(tmp_path: Path, tiny_lm: Path) -> None:

@@ -10,15 +10,23 @@ Python API (the CLI calls the same functions)::
     print(result.metrics["eval"])
 
 Heavy libraries (torch, transformers, TRL) load only when a run needs them.
+
+tunelab logs what it does (stage starts, per-step training lines, warnings) to the `tunelab` logger and
+configures no handler but a NullHandler: your logging setup decides what shows. To see the lines the CLI
+prints: `logging.basicConfig(level=logging.INFO)`, or a handler on `logging.getLogger("tunelab")`.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import TYPE_CHECKING, Any
 
 from tunelab.core.errors import TunelabError
 from tunelab.recipe import Recipe, load_recipe, recipe_from_dict
+
+# A library's logger: silent unless the application configures logging (the CLI does, in tunelab.cli.app).
+logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 __version__ = "0.1.0"
 __all__ = [
@@ -158,8 +166,8 @@ def merge(adapter_dir: str | Path, out_dir: str | Path, base: str | None = None,
         base = _path(base, "base", "the base model (a folder or a hub id)")
     _flags(overwrite=overwrite)
     configure_offline()
-    quiet()
-    return _merge(adapter_dir, out_dir, base=base, overwrite=overwrite)
+    with quiet():  # the caller's warning filters and log levels are theirs again after
+        return _merge(adapter_dir, out_dir, base=base, overwrite=overwrite)
 
 
 def chat(

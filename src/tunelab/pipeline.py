@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import time
 from dataclasses import dataclass, field
@@ -34,6 +35,8 @@ from tunelab.reports import write_report
 from tunelab.stages import Context, StageResult, StageSpec, stage
 from tunelab.training import distributed
 from tunelab.training.safeguards import Interrupted, last_checkpoint
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -135,6 +138,7 @@ def check_offline(recipe: Recipe) -> list[str]:
     return _inspect(recipe, strict_plans=False, downloads=[])[1]
 
 
+@quiet()
 def _inspect(recipe: Recipe, strict_plans: bool, downloads: list[str] | None = None) -> tuple[list[Any], list[str]]:
     """Run every stage's checks in order, planning each stage's memory with what the checks learnt.
 
@@ -142,7 +146,6 @@ def _inspect(recipe: Recipe, strict_plans: bool, downloads: list[str] | None = N
     stage is checked (see `check_offline`); without one, that stop is the error it always was.
     """
 
-    quiet()
     kinds = {name: cfg["stage"] for name, cfg in recipe.stages.items()}
     ctx = Context(seed=recipe.seed, run_dir=recipe.output_dir, checking=True, kinds=kinds)
     plans = []
@@ -189,10 +192,12 @@ def _warn_memory(plans: list[Any]) -> None:
     memory = device_memory()
     for p in plans if memory else []:
         if p.total > memory[1]:
-            print(
-                f"warning: stage '{p.stage}' may need {fmt_bytes(p.total)} per device but {memory[0]} has "
-                f"{fmt_bytes(memory[1])}; `tunelab plan` shows the parts and what would fit",
-                flush=True,
+            log.warning(
+                "stage '%s' may need %s per device but %s has %s; `tunelab plan` shows the parts and what would fit",
+                p.stage,
+                fmt_bytes(p.total),
+                memory[0],
+                fmt_bytes(memory[1]),
             )
 
 
@@ -260,6 +265,7 @@ def _check_resumable(recipe: Recipe, from_stage: str | None, processes: int) -> 
             )
 
 
+@quiet()
 def run(recipe: Recipe, overwrite: bool = False, resume: bool = False, from_stage: str | None = None) -> RunResult:
     """Check the recipe, then run its stages; returns metrics and output folders.
 
@@ -279,11 +285,10 @@ def run(recipe: Recipe, overwrite: bool = False, resume: bool = False, from_stag
     _warn_memory(plans)
     rank, size = distributed.world()
     if rank == 0:
-        print(
+        log.info(
             f"tunelab: {recipe.data['name']} ({', '.join(recipe.stages)}) -> {recipe.output_dir}"
             + {"resume": " (resuming)", "overwrite": " (replacing the previous run)"}.get(mode, "")
-            + (f" on {size} processes" if size > 1 else ""),
-            flush=True,
+            + (f" on {size} processes" if size > 1 else "")
         )
         with runs.locked(recipe.output_dir):
             return _run_locked(recipe, mode, from_stage)
@@ -296,7 +301,7 @@ def _recover(run_dir: Path) -> None:
         return  # nothing to settle: the folder is not touched (not even locked)
     with runs.locked(run_dir), runs.shielded():
         for line in runs.recover(run_dir):
-            print(line, flush=True)
+            log.info(line)
 
 
 def _run_locked(recipe: Recipe, mode: str, from_stage: str | None) -> RunResult:
@@ -320,7 +325,9 @@ def _run_locked(recipe: Recipe, mode: str, from_stage: str | None) -> RunResult:
                 with runs.shielded():
                     runs.restore(run_dir, backup)
                 why = "was interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
-                print(f"the previous run in {run_dir} was restored (the new one {why} before its first stage ended)")
+                log.info(
+                    "the previous run in %s was restored (the new one %s before its first stage ended)", run_dir, why
+                )
                 if isinstance(exc, KeyboardInterrupt):
                     exc.restored = str(run_dir)  # the CLI says so, instead of "continue it with --resume"
             raise
@@ -428,7 +435,7 @@ def _run_stages(
             record = distributed.broadcast(runs.read_json(spec.out_dir / runs.STAGE_FILE) or {})
             rerun = rerun or spec.name == from_stage
             if record and not rerun and record.get("fingerprint") != fp and main:
-                print(f"-- {spec.name}: its config, data or upstream stages changed since it ran: running it again")
+                log.info("-- %s: its config, data or upstream stages changed since it ran: running it again", spec.name)
             stage_backup = None
             if record and (rerun or record.get("fingerprint") != fp or record.get("status") == STALE):
                 # Its checkpoints and model do not apply to the new config or inputs: set aside (see above).
@@ -511,7 +518,7 @@ def _put_back(spec: StageSpec, stage_backup: Path, marks: dict[Path, dict[str, A
         runs.restore(spec.out_dir, stage_backup, runs.stage_entries(spec.out_dir))
         for path, record in (marks or {}).items():
             runs.write_json(path, record)
-    print(f"-- {spec.name}: stopped before it finished; its previous files were put back in {spec.out_dir}", flush=True)
+    log.info("-- %s: stopped before it finished; its previous files were put back in %s", spec.name, spec.out_dir)
 
 
 def _report(run_dir: Path) -> None:
@@ -520,7 +527,7 @@ def _report(run_dir: Path) -> None:
     try:
         write_report(run_dir)
     except (ImportError, OSError, ValueError, TypeError, KeyError) as exc:
-        print(f"warning: report.md not written ({type(exc).__name__}: {exc})", flush=True)
+        log.warning("report.md not written (%s: %s)", type(exc).__name__, exc)
 
 
 def _run_stage(
@@ -562,7 +569,7 @@ def _run_stage(
     set_seed(ctx.seed)
     if main:
         where = "" if everywhere or not distributed.distributed() else " (main process; the others wait)"
-        print(f"-- {spec.name} ({spec.kind}) -> {spec.out_dir}{where}", flush=True)
+        log.info("-- %s (%s) -> %s%s", spec.name, spec.kind, spec.out_dir, where)
     start = time.perf_counter()
     # TensorBoard events in the stage folder; transformers would otherwise write `./runs/DATE` when a
     # trainer logs before training (an evaluation first).

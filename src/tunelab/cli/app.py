@@ -6,9 +6,12 @@ Only standard-library and light modules are imported at the top: `tunelab
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import logging
 import shutil
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -76,6 +79,41 @@ CLI_EXITS = tuple(
 RUNNING_COMMANDS = {"run", "launch", "eval_model", "sample"}
 
 
+class PlainLines(logging.Handler):
+    """tunelab's log records as the plain lines the CLI prints: the message alone on stdout, `warning: `
+    before a warning. stdout is looked up at each line (CliRunner swaps it), and a line goes through
+    tqdm.write when tqdm is loaded, so a progress bar on the terminal stays whole below it."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            text = record.getMessage()
+            if record.levelno >= logging.WARNING:
+                text = f"warning: {text}"
+            tqdm = sys.modules.get("tqdm")
+            if tqdm is not None:
+                tqdm.tqdm.write(text, file=sys.stdout)
+            else:
+                sys.stdout.write(text + "\n")
+            sys.stdout.flush()
+        except Exception:  # noqa: BLE001 - logging's contract: a failing handler reports, never raises
+            self.handleError(record)
+
+
+@contextlib.contextmanager
+def log_lines() -> Iterator[None]:
+    """The `tunelab` logger printed as plain lines (INFO and up) while a command runs, and as it was after:
+    the CLI owns its output, the library itself configures nothing (tests call commands in-process)."""
+    logger = logging.getLogger("tunelab")
+    handler, level = PlainLines(), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
 def friendly(fn):
     """TunelabError: one red line, exit code 2. Ctrl-C: exit code 130. Anything else: an internal error,
     one line naming the file that holds the traceback, exit code 1. No traceback on the terminal.
@@ -91,7 +129,8 @@ def friendly(fn):
         from tunelab.core.errors import TunelabError
 
         try:
-            return fn(*args, **kwargs)
+            with log_lines():
+                return fn(*args, **kwargs)
         except TunelabError as exc:
             _fail(str(exc), exc.exit_code)
         except KeyboardInterrupt as exc:
@@ -447,7 +486,7 @@ def print_plans(plans: list[Any], devices: int = 0) -> None:
                 f"  [yellow]warning: needs {fmt_bytes(p.total)} but {memory[0]} has "
                 f"{fmt_bytes(memory[1])}; what would fit:[/yellow]"
             )
-            for tip in suggestions(p, memory[1]):
+            for tip in suggestions(p):
                 console.print(f"    - {tip}")
     if memory:
         console.print(f"device: {memory[0]}, {fmt_bytes(memory[1])}")
@@ -499,10 +538,10 @@ def attention(
             raise TunelabError(f"--{what} must be comma-separated integers, got {value!r}") from None
 
     configure_offline()
-    quiet()
     if not text.strip():
         raise TunelabError("the text is empty: give the words to look at")
-    path = draw(model, text, out, ints(layers, "layers"), ints(heads, "heads"), chat_template)
+    with quiet():
+        path = draw(model, text, out, ints(layers, "layers"), ints(heads, "heads"), chat_template)
     typer.echo(f"attention heatmaps written to {path}")
 
 

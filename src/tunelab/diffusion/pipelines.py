@@ -218,17 +218,6 @@ def to_tensor(image, resolution: int, channels: int, flip: bool = False):
     return torch.from_numpy(np.ascontiguousarray(array))
 
 
-def to_pil(batch) -> list:
-    """Float tensor (N, C, H, W) in [-1, 1], or numpy (N, H, W, C) in [0, 1] -> PIL images."""
-    import numpy as np
-    from PIL import Image
-
-    if hasattr(batch, "detach"):
-        batch = ((batch.detach().float().cpu().clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).numpy()
-    arrays = (np.asarray(batch) * 255).round().clip(0, 255).astype("uint8")
-    return [Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a) for a in arrays]
-
-
 def grid(images: list, columns: int | None = None):
     """One image holding `images` in rows (2 px gaps), for quick looks and the docs."""
     import math
@@ -246,10 +235,6 @@ def grid(images: list, columns: int | None = None):
 
 
 # ---------------------------------------------------------------- schedulers
-
-
-def scheduler_names() -> list[str]:
-    return list(SCHEDULERS)
 
 
 def scheduler_spec(value: Any, where: str) -> tuple[type, dict[str, Any]]:
@@ -344,11 +329,10 @@ def pipeline_kind(value: str, where: str) -> str:
     return "text" if "text_encoder" in components or "tokenizer" in components else "unconditional"
 
 
+@quiet(diffusers=True)
 def load_pipeline(value: str, where: str, dtype: Any = None):
     """A diffusers pipeline from a folder or hub id; a tunelab LoRA folder loads its base plus the LoRA."""
     from diffusers import DiffusionPipeline
-
-    quiet(diffusers=True)
 
     folder = Path(resolve_model(value, where))
     kwargs = {"dtype": dtype} if dtype is not None else {}

@@ -25,40 +25,16 @@ from tunelab.diffusion.pipelines import to_tensor
 CLASSIFIER_CONFIG = "tunelab_image_classifier.json"
 
 
-def _net(channels: int, num_classes: int, width: int = 32):
-    import torch.nn as nn
-
-    class ImageClassifier(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.features = nn.Sequential(
-                nn.Conv2d(channels, 16, 3, padding=1),
-                nn.GELU(),
-                nn.Conv2d(16, 32, 3, stride=2, padding=1),
-                nn.GELU(),
-                nn.Conv2d(32, width, 3, stride=2, padding=1),
-                nn.GELU(),
-                nn.Conv2d(width, width, 3, padding=1),
-                nn.GELU(),
-                nn.AdaptiveAvgPool2d(1),
-                nn.Flatten(),
-            )
-            self.head = nn.Linear(width, num_classes)
-
-        def forward(self, x):
-            return self.head(self.features(x))
-
-    return ImageClassifier()
-
-
 def train_classifier(images, labels: list[int], out_dir: Path, seed: int, epochs: int = 12) -> dict[str, Any]:
     """Train the feature network on (N, C, H, W) images in [-1, 1]; save it to `out_dir`."""
     import torch
     from safetensors.torch import save_file
 
+    from tunelab.diffusion.classifier import ImageClassifier
+
     torch.manual_seed(seed)
     num_classes = max(labels) + 1
-    net = _net(images.shape[1], num_classes)
+    net = ImageClassifier(images.shape[1], num_classes)
     y = torch.tensor(labels)
     opt = torch.optim.AdamW(net.parameters(), lr=3e-3, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, 3e-3, total_steps=epochs * ((len(y) + 63) // 64))
@@ -92,8 +68,10 @@ def train_classifier(images, labels: list[int], out_dir: Path, seed: int, epochs
 def load_classifier(folder: Path):
     from safetensors.torch import load_file
 
+    from tunelab.diffusion.classifier import ImageClassifier
+
     config = json.loads((folder / CLASSIFIER_CONFIG).read_text())
-    net = _net(config["channels"], config["num_classes"])
+    net = ImageClassifier(config["channels"], config["num_classes"])
     net.load_state_dict(load_file(folder / "model.safetensors"))
     return net.eval(), config
 

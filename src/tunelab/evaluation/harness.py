@@ -19,7 +19,7 @@ import inspect
 from pathlib import Path
 from typing import Any
 
-from tunelab.core.config import accepted_fields, check_keys
+from tunelab.core.config import check_keys
 from tunelab.core.errors import TunelabError, closest
 from tunelab.core.hub import bundled_root, hub_reachable, local_path
 from tunelab.core.paths import recipes_root, refuse_special
@@ -67,20 +67,6 @@ def bundled_tasks() -> Path:
     """`recipes/harness/`: the task YAMLs tunelab ships (inside the wheel or the repository)."""
 
     return recipes_root() / "harness"
-
-
-def evaluate_fields() -> dict[str, Any]:
-    """simple_evaluate's keyword arguments (name -> annotation) that a recipe may set."""
-    import lm_eval
-
-    return {k: v for k, v in accepted_fields(_as_class(lm_eval.simple_evaluate)).items() if k not in OWNED}
-
-
-def model_fields() -> dict[str, Any]:
-    """HFLM's keyword arguments a recipe may set under `model_args` (those not about loading)."""
-    from lm_eval.models.huggingface import HFLM
-
-    return {k: v for k, v in accepted_fields(HFLM).items() if k not in LOADING}
 
 
 def _as_class(function: Any) -> type:

@@ -1,29 +1,27 @@
-"""The eval stage's path for diffusion pipelines: sample from each and score the images against held-out
-real ones (`frechet_distance`, in the feature space of a small classifier trained on `classifier_data`;
-see `tunelab.diffusion.quality`). The text path is `tunelab.stages.eval`; image+text models are
-`tunelab.vision.prompting`."""
+"""Scoring diffusion pipelines: sample from each and compare the images with held-out real ones
+(`frechet_distance`, in the feature space of a small classifier trained on `classifier_data`; see
+`tunelab.diffusion.quality`). The eval stage's image mode (`tunelab.stages.eval.ImageEval`) is the
+declaration over it."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from tunelab.core.errors import TunelabError
 from tunelab.core.hub import local_path
 from tunelab.core.refs import ref_name
-from tunelab.data.datasets import fingerprint, require_columns
+from tunelab.data.datasets import require_columns
 from tunelab.diffusion.pipelines import (
     DIGITS,
     generate,
     image_spec,
     is_lora_folder,
     load_images,
-    load_pipeline,
     pipeline_kind,
     sampling_spec,
-    write_images,
 )
 from tunelab.diffusion.quality import CLASSIFIER_CONFIG, load_classifier, quality, to_batch, train_classifier
-from tunelab.stages import StageResult
 
 IMAGE_METRICS = ("frechet_distance",)
 
@@ -39,95 +37,78 @@ def is_diffusion(value: Any, ctx: Any) -> bool:
     return local is not None and ((local / "model_index.json").is_file() or is_lora_folder(local))
 
 
-def _settings(spec: Any, ctx: Any, models: dict[str, Any]) -> dict[str, Any]:
+def sampling(value: Any, where: str, ctx: Any, models: list[tuple[str | None, str]]) -> dict[str, Any]:
+    """The `sampling:` settings (those of `diffusion_sample`), checked against the pipelines' kind where known."""
     kinds = set()
-    for label, value in models.items():
-        path = value.get("path") if isinstance(value, dict) else value
-        if not ctx.is_pending(path):
-            kinds.add(pipeline_kind(ctx.resolve_ref(path), f"{spec.where}.models.{label}"))
+    for path, model_where in models:
+        if isinstance(path, str) and not ctx.is_pending(path):
+            kinds.add(pipeline_kind(ctx.resolve_ref(path), model_where))
     kind = kinds.pop() if len(kinds) == 1 else None
-    return sampling_spec(spec.cfg.get("sampling") or {}, f"{spec.where}.sampling", kind, ctx.seed, num_images=None)
+    return sampling_spec(value or {}, where, kind, ctx.seed, num_images=None)
 
 
-def _data(spec: Any):
-    """(held-out real images, labelled classifier training images) as datasets."""
-    image_col = spec.cfg.get("image_column", "image")
-    label_col = spec.cfg.get("label_column", "label")
-    value = spec.cfg.get("data", DIGITS)
-    real = load_images(value, f"{spec.where}.data", "test", image_col)
-    if "classifier_data" in spec.cfg:
-        source = spec.cfg["classifier_data"]
-    else:
-        source = {"path": value if isinstance(value, str) else value["path"], "split": "train"}
-    labelled = load_images(source, f"{spec.where}.classifier_data", "train", image_col)
-    require_columns(labelled, [label_col], f"{spec.where}.classifier_data", "class labels for the feature classifier")
-    return real, labelled
+def check_sources(data: Any, classifier_data: Any, where: str) -> None:
+    """The held-out images and the classifier's: digits, a readable image folder, or a loadable dataset source."""
+    for key, value in (("data", "digits" if data is None else data), ("classifier_data", classifier_data)):
+        if value is not None:
+            image_spec({key: value, "resolution": 16}, where, key)
 
 
-def _metric_names(spec: Any, names: list[str] | None) -> list[str]:
-    names = names if "metrics" in spec.cfg else list(IMAGE_METRICS)
-    for name in names:
-        if name not in IMAGE_METRICS:
-            raise TunelabError(
-                f"'{spec.where}.metrics': '{name}' scores text; for diffusion pipelines use {', '.join(IMAGE_METRICS)}"
-            )
-    return names
+class Reference:
+    """The held-out real images every pipeline is compared with, and the feature space they are compared in.
 
+    The feature classifier is trained once, at the first pipeline's resolution, and kept in the stage
+    folder; `real_frechet_distance` (other real images against these) is the best a model can score.
+    """
 
-def check(spec: Any, ctx: Any, models: dict[str, Any], metrics: list[str] | None) -> None:
-    """What `run` will need: the sampling settings, image metrics, readable image data."""
-    _settings(spec, ctx, models)
-    _metric_names(spec, metrics)
-    for key, default in (("data", "digits"), ("classifier_data", None)):
-        value = spec.cfg.get(key, default)
-        if value is not None:  # digits, a readable image folder, or a loadable dataset source
-            image_spec({key: value, "resolution": 16}, spec.where, key)
+    def __init__(self, real: Any, labelled: Any, image_column: str, label_column: str, n: int, seed: int) -> None:
+        self.real, self.labelled, self.n, self.seed = real, labelled, n, seed
+        self.image_column, self.label_column = image_column, label_column
+        self.net: Any = None
 
-
-def run(spec: Any, ctx: Any, models: dict[str, Any], metrics: list[str] | None) -> StageResult:
-    """Sample from each pipeline, score against held-out real images in a tunelab-trained feature space."""
-    import torch
-
-    settings = _settings(spec, ctx, models)
-    _metric_names(spec, metrics)
-    real, labelled = _data(spec)
-    image_col, label_col = spec.cfg.get("image_column", "image"), spec.cfg.get("label_column", "label")
-    n = settings["num_images"] or len(real)
-    if n > len(real):
-        raise TunelabError(
-            f"'{spec.where}.sampling.num_images' is {n} but '{spec.where}.data' has {len(real)} real images; "
-            "the Fréchet distance compares equal counts: lower num_images or use a larger split"
-        )
-    settings["num_images"] = n
-    real = real.shuffle(seed=ctx.seed).select(range(n)) if n < len(real) else real
-    scores: dict[str, Any] = {}
-    files: dict[str, str] = {}
-    folder = spec.out_dir / "classifier"
-    net = None
-    for label, value in models.items():
-        where = f"{spec.where}.models.{label}" if "models" in spec.cfg else f"{spec.where}.model"
-        path = value.get("path") if isinstance(value, dict) else value
-        pipe = load_pipeline(ctx.resolve_ref(path), where)
-        if torch.cuda.is_available():
-            pipe = pipe.to("cuda")
-        if net is None:
-            size = pipe.unet.config.sample_size * getattr(pipe, "vae_scale_factor", 1)
-            channels = 3 if hasattr(pipe, "vae") else pipe.unet.config.in_channels
-            if not (folder / CLASSIFIER_CONFIG).is_file():
-                images = to_batch(labelled[image_col], size, channels)
-                train_classifier(images, [int(v) for v in labelled[label_col]], folder, ctx.seed)
-            net, config = load_classifier(folder)
-            real_batch = to_batch(real[image_col], config["resolution"], config["channels"])
-            others = labelled.shuffle(seed=ctx.seed).select(range(min(n, len(labelled))))
-            reference = quality(net, to_batch(others[image_col], config["resolution"], config["channels"]), real_batch)
-            floor = reference["frechet_distance"]  # real vs real: the best a model can score here
-        images, seconds = generate(pipe, settings, where)
-        files.update({f"{k}-{label}": v for k, v in write_images(images, spec.out_dir / label).items()})
-        result = quality(net, to_batch(images, config["resolution"], config["channels"]), real_batch)
-        scores[label] = {
-            **result,
-            "real_frechet_distance": floor,
-            "num_images": float(n),
-            "seconds_per_image": seconds / n,
+    @classmethod
+    def read(cls, cfg: dict[str, Any], where: str, sampling: dict[str, Any], image_col: str, label_col: str, seed: int):
+        value = cfg.get("data", DIGITS)
+        real = load_images(value, f"{where}.data", "test", image_col)
+        source = cfg.get("classifier_data") or {
+            "path": value if isinstance(value, str) else value["path"],
+            "split": "train",
         }
-    return StageResult(metrics=scores, files=files, fingerprints={"data": fingerprint(real)})
+        labelled = load_images(source, f"{where}.classifier_data", "train", image_col)
+        require_columns(labelled, [label_col], f"{where}.classifier_data", "class labels for the feature classifier")
+        n = sampling["num_images"] or len(real)
+        if n > len(real):
+            raise TunelabError(
+                f"'{where}.sampling.num_images' is {n} but '{where}.data' has {len(real)} real images; "
+                "the Fréchet distance compares equal counts: lower num_images or use a larger split"
+            )
+        real = real.shuffle(seed=seed).select(range(n)) if n < len(real) else real
+        return cls(real, labelled, image_col, label_col, n, seed)
+
+    def _features(self, pipe: Any, folder: Path) -> None:
+        size = pipe.unet.config.sample_size * getattr(pipe, "vae_scale_factor", 1)
+        channels = 3 if hasattr(pipe, "vae") else pipe.unet.config.in_channels
+        if not (folder / CLASSIFIER_CONFIG).is_file():
+            images = to_batch(self.labelled[self.image_column], size, channels)
+            train_classifier(images, [int(v) for v in self.labelled[self.label_column]], folder, self.seed)
+        self.net, self.config = load_classifier(folder)
+        self.real_batch = self._batch(self.real[self.image_column])
+        others = self.labelled.shuffle(seed=self.seed).select(range(min(self.n, len(self.labelled))))
+        self.floor = quality(self.net, self._batch(others[self.image_column]), self.real_batch)["frechet_distance"]
+
+    def _batch(self, images: Any) -> Any:
+        return to_batch(images, self.config["resolution"], self.config["channels"])
+
+    def score(self, pipe: Any, folder: Path, settings: dict[str, Any], where: str) -> tuple[list, dict[str, float]]:
+        """(the pipeline's samples, their scores against the real images)."""
+        if self.net is None:
+            self._features(pipe, folder)
+        images, seconds = generate(pipe, {**settings, "num_images": self.n}, where)
+        result = quality(self.net, self._batch(images), self.real_batch)
+        metrics = {
+            **result,
+            "real_frechet_distance": self.floor,
+            "num_images": float(self.n),
+            "seconds_per_image": seconds / self.n,
+        }
+        return images, metrics

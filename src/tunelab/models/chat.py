@@ -62,8 +62,6 @@ COUNTS = {  # field: (smallest, largest) whole number
     "no_repeat_ngram_size": (0, 2**16),
     "encoder_no_repeat_ngram_size": (0, 2**16),
 }
-MAX_CONTEXT = 2**24
-"""The longest sequence any model reads (16M tokens): a bound on lengths where the model's is not known."""
 
 
 def check_generation(config: Any, where: str) -> None:
@@ -128,7 +126,7 @@ def check_length(config: Any, model_config: Any, where: str) -> None:
             )
 
 
-def parse_overrides(items: list[str], where: str = "generation") -> dict[str, Any]:
+def parse_overrides(items: list[str]) -> dict[str, Any]:
     """`key=value` pairs, values read as YAML (`temperature=0.7`, `do_sample=true`)."""
     import yaml
 
@@ -167,11 +165,11 @@ def model_source(ref: str, where: str = "model") -> dict[str, Any]:
     return resolved
 
 
+@quiet()
 def load(ref: str, quantization: dict[str, Any] | None = None):
     """(model, tokenizer) ready to generate: an adapter merged over its base unless the base is quantized."""
 
     configure_offline()
-    quiet()
     spec = model_source(ref)
     quant = quant_config(quantization, "quantization")
     tokenizer = load_tokenizer(spec["path"])
@@ -203,6 +201,7 @@ class Chat:
             return text
         return render(self.tokenizer, messages(self.history + [{"role": "user", "content": text}], self.system), "chat")
 
+    @quiet()  # each reply: the caller's warning filters are theirs between replies
     def say(self, text: str, on_token: Callable[[str], None] | None = None) -> str:
         """The model's reply to `text`, streamed to `on_token` as it is generated; kept in the history."""
         import torch
@@ -239,6 +238,7 @@ class Chat:
         return reply
 
 
+@quiet()
 def chat(
     model: str,
     prompt: str,
@@ -258,6 +258,7 @@ def chat(
     return session.say(prompt)
 
 
+@quiet()
 def generate(model: str, prompts: list[str], batch_size: int = 16, system: str | None = None, **generation: Any):
     """Replies to many prompts, batched as the eval stage batches them (through the chat template)."""
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -24,6 +25,8 @@ from typing import Any
 
 from tunelab.core.errors import TunelabError
 from tunelab.core.paths import refuse_special
+
+log = logging.getLogger(__name__)
 
 MAGIC = b"GGUF"
 SOURCE_FILE = "tunelab_gguf.json"
@@ -257,7 +260,7 @@ def plain_copy(path: Path, source: str) -> Path:
 
     folder = cache_folder(path)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    print(f"   {path.name}: converting the GGUF file to a plain float32 model (once) in {folder}", flush=True)
+    log.info("   %s: converting the GGUF file to a plain float32 model (once) in %s", path.name, folder)
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     flagged = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
     config = flagged.config

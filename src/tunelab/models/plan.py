@@ -23,7 +23,6 @@ and optimizer states; ZeRO-3 and FSDP (full shard) also shard the weights.
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,7 +41,6 @@ DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
 ACT_HIDDEN, ACT_INTER, ACT_HEADS = 7.0, 3.0, 1.5
 LOGIT_COPIES = 1.0  # fp32 logits live at the peak; the loss's temporaries come and go before it
 OVERHEAD = 55 * 2**20  # batches, autograd bookkeeping, kernel workspaces: measured, constant across sizes
-STRATEGIES = ("ddp", "zero2", "zero3")  # zero3 also stands for FSDP full sharding
 
 
 @dataclass
@@ -303,8 +301,8 @@ def check_fits(plans: list[StagePlan]) -> None:
             )
 
 
-def suggestions(plan: StagePlan, budget: float) -> list[str]:
-    """What would bring a plan under `budget` bytes, cheapest change first."""
+def suggestions(plan: StagePlan) -> list[str]:
+    """What would make a plan smaller, cheapest change first (for a plan over the device's memory)."""
     out = []
     p = plan.parts
     if plan.mode == "full":
@@ -321,10 +319,6 @@ def suggestions(plan: StagePlan, budget: float) -> list[str]:
         out.append("training.optim: adamw_8bit (or paged_adamw_8bit) quarters the optimizer states")
     out.append("DeepSpeed ZeRO-3 / FSDP across N devices divides weights, gradients and optimizer states by N")
     return [s for s in out if s]
-
-
-def ceil_gib(value: float) -> float:
-    return math.ceil(value / GiB * 10) / 10
 
 
 def policy_plan(spec: Any, ctx: Any, args: Any) -> StagePlan | None:

@@ -25,16 +25,24 @@ class Prompting:
         """(texts, templated): templated texts hold their special tokens, so tokenize them without adding more."""
 
         if use_template(tokenizer, self.chat):
-            shots = [(self.template.format(prompt=q), a.strip()) for q, a in self.shots]
-            turns = [messages(self.template.format(prompt=p), self.system, shots) for p in prompts]
-            return [render(tokenizer, t, where, i) for i, t in enumerate(turns)], True
+            return [render(tokenizer, t, where, i) for i, t in enumerate(self.conversations(prompts))], True
         if self.system is not None:
             raise TunelabError(
                 f"'{where}.system' is set, but the model's tokenizer has no chat template to put it in: "
                 "drop `system:` or give `chat_template:`"
             )
+        return self.plain(prompts), False
+
+    def conversations(self, prompts: list[str]) -> list[list[dict[str, str]]]:
+        """Each prompt as chat turns (system, the shots as earlier turns, the prompt): what a server renders
+        with its own template."""
+        shots = [(self.template.format(prompt=q), a.strip()) for q, a in self.shots]
+        return [messages(self.template.format(prompt=p), self.system, shots) for p in prompts]
+
+    def plain(self, prompts: list[str]) -> list[str]:
+        """Each prompt as plain text after the shots, for a model read without a chat template."""
         prefix = "".join(self.template.format(prompt=q) + a + self.separator for q, a in self.shots)
-        return [prefix + self.template.format(prompt=p) for p in prompts], False
+        return [prefix + self.template.format(prompt=p) for p in prompts]
 
 
 def generate(

@@ -502,11 +502,11 @@ class DiffusionTrain(Stage):
     def tokenizer_source(self, spec: StageSpec, ctx: Context) -> str | None:
         return None  # a diffusion pipeline is not a tokenizer source for language stages
 
+    @quiet(diffusers=True)  # diffusers' noise too, while the stage runs
     def run(self, spec: StageSpec, ctx: Context) -> StageResult:
         import torch
         from transformers import set_seed
 
-        quiet(diffusers=True)
         mode = _mode(spec, ctx)
         args = _args(spec, ctx)
         image = _image(spec, mode)

@@ -19,8 +19,10 @@ its dataset is reachable or cached. Each model's results go to `metrics.json` as
 from __future__ import annotations
 
 import json
+import logging
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,9 +45,12 @@ from tunelab.models.loading import load_causal_lm
 from tunelab.models.plan import plan_generation
 from tunelab.models.preflight import check_language_model
 from tunelab.models.quant import check_cpu_shapes, quant_config
-from tunelab.models.spec import adapter_base, is_adapter, labelled_models, model_config, model_spec, resolve_spec
+from tunelab.models.spec import adapter_base, is_adapter, model_config
 from tunelab.models.tokenizers import check_tokenizer, load_tokenizer
-from tunelab.stages import Context, Metrics, Stage, StageResult, StageSpec
+from tunelab.stages import Context, StageSpec
+from tunelab.stages.scoring import Entry, ModelsStage, Scored, entries
+
+log = logging.getLogger(__name__)
 
 OWN = {
     "model": "model to score: hub id, folder, adapter folder (loaded over its base), GGUF, or ${stage}",
@@ -88,33 +93,6 @@ DEFAULT_BATCH = 16  # the harness's own default is 1: slow on every device
 PROMPT_TOKENS = 1024  # planning assumption: a few-shot prompt and its answer
 
 
-def _settings(spec: StageSpec) -> tuple[list[str], dict[str, Any], dict[str, Any]]:
-    """(task names, simple_evaluate arguments, HFLM arguments), checked; one line for the first problem."""
-
-    require()
-    if "tasks" not in spec.cfg:
-        raise TunelabError(f"'{spec.where}' has no `tasks:`: name harness tasks, e.g. [tunelab_arith_mc]")
-    names = task_names(spec.cfg["tasks"], f"{spec.where}.tasks")
-    args = check_arguments({k: v for k, v in spec.cfg.items() if k in HARNESS and k != "tasks"}, spec.where)
-    if args.get("limit") is not None and args.get("samples") is not None:
-        raise TunelabError(f"'{spec.where}' sets both `limit` and `samples`: keep one")
-    model_args = check_model_args(spec.cfg.get("model_args"), f"{spec.where}.model_args")
-    think = spec.cfg.get("think_end_token")
-    if think is not None:
-        if not isinstance(think, (str, int)) or isinstance(think, bool) or think == "":
-            raise TunelabError(f"'{spec.where}.think_end_token' must be a token (e.g. </think>) or its id")
-        if "think_end_token" in model_args:
-            raise TunelabError(f"'{spec.where}' sets think_end_token twice (also in model_args): keep one")
-        model_args["think_end_token"] = think
-    args.setdefault("batch_size", DEFAULT_BATCH)
-    if str(args["batch_size"]).startswith("auto") and not _on_gpu():
-        raise TunelabError(
-            f"'{spec.where}.batch_size' is {args['batch_size']!r}, which searches for the largest batch that fits "
-            "GPU memory by running out of it; on CPU give a number (e.g. 16)"
-        )
-    return names, args, model_args
-
-
 def _on_gpu() -> bool:
     import torch
 
@@ -127,22 +105,12 @@ def _manager(spec: StageSpec, names: list[str], shipped=None):
     return task_manager(names, include, f"{spec.where}.tasks", shipped)
 
 
-def _where(spec: StageSpec, label: str) -> str:
-    return f"{spec.where}.models.{label}" if "models" in spec.cfg else f"{spec.where}.model"
-
-
-def _evaluate(mspec, quant, names, manager, args, model_args) -> dict[str, Any]:
-    """One model through `simple_evaluate`, loaded by tunelab and handed to HFLM as an object."""
-    import logging
+def _evaluate(model: Any, tokenizer: Any, names, manager, args, model_args) -> dict[str, Any]:
+    """One model through `simple_evaluate`, handed to HFLM as an object (tunelab loaded it)."""
 
     import lm_eval
-    import torch
     from lm_eval.models.huggingface import HFLM
 
-    tokenizer = load_tokenizer(mspec["path"])
-    model = load_causal_lm(mspec, quantization=quant, merge_adapter=quant is None).eval()
-    if torch.cuda.is_available() and quant is None and "device_map" not in mspec:
-        model = model.to("cuda")
     args = dict(args)
     logger = logging.getLogger("lm_eval")
     level = logger.level
@@ -187,87 +155,133 @@ def _fingerprint(folders: list, names: list[str]) -> str:
 
 def _print_table(label: str, values: dict[str, Any]) -> None:
     shown = ", ".join(f"{k} {v:.4g}" for k, v in values.items() if "/" in k)
-    print(f"   {label}: {shown} ({values['examples']} examples, {values['examples_per_second']:.3g}/s)", flush=True)
+    log.info(f"   {label}: {shown} ({values['examples']} examples, {values['examples_per_second']:.3g}/s)")
 
 
-class LmEval(Stage):
+@dataclass(frozen=True)
+class HarnessSettings:
+    names: list[str]
+    """Task names (or YAML files) as the harness reads them."""
+    args: dict[str, Any]
+    """`simple_evaluate`'s keyword arguments."""
+    model_args: dict[str, Any]
+    """HFLM's keyword arguments."""
+    quantization: Any
+
+
+@dataclass
+class Tasks:
+    manager: Any
+    folder: Path
+    """The bundled tasks as run writes them (absolute data paths), in the stage folder."""
+
+
+class LmEval(ModelsStage):
     """Score models on lm-evaluation-harness tasks: the field's benchmarks, through the tool people trust."""
 
-    produces_model = False
-    metrics = Metrics()  # per-model metrics: the CLI and report.md show them as a table of their own
+    title = "harness tasks"
     sections = SECTIONS
 
-    def check(self, spec: StageSpec, ctx: Context) -> None:
-
-        names, args, _ = _settings(spec)
+    def settings(self, spec: StageSpec, ctx: Context) -> HarnessSettings:
+        """(task names, simple_evaluate arguments, HFLM arguments), checked; one line for the first problem."""
+        require()
+        if "tasks" not in spec.cfg:
+            raise TunelabError(f"'{spec.where}' has no `tasks:`: name harness tasks, e.g. [tunelab_arith_mc]")
+        names = task_names(spec.cfg["tasks"], f"{spec.where}.tasks")
+        args = check_arguments({k: v for k, v in spec.cfg.items() if k in HARNESS and k != "tasks"}, spec.where)
+        if args.get("limit") is not None and args.get("samples") is not None:
+            raise TunelabError(f"'{spec.where}' sets both `limit` and `samples`: keep one")
+        model_args = check_model_args(spec.cfg.get("model_args"), f"{spec.where}.model_args")
+        think = spec.cfg.get("think_end_token")
+        if think is not None:
+            if not isinstance(think, (str, int)) or isinstance(think, bool) or think == "":
+                raise TunelabError(f"'{spec.where}.think_end_token' must be a token (e.g. </think>) or its id")
+            if "think_end_token" in model_args:
+                raise TunelabError(f"'{spec.where}' sets think_end_token twice (also in model_args): keep one")
+            model_args["think_end_token"] = think
+        args.setdefault("batch_size", DEFAULT_BATCH)
+        if str(args["batch_size"]).startswith("auto") and not _on_gpu():
+            raise TunelabError(
+                f"'{spec.where}.batch_size' is {args['batch_size']!r}, which searches for the largest batch that fits "
+                "GPU memory by running out of it; on CPU give a number (e.g. 16)"
+            )
         quant = quant_config(spec.cfg.get("quantization"), f"{spec.where}.quantization")
-        for label, value in labelled_models(spec.cfg, spec.where).items():
-            where = _where(spec, label)
-            mspec = model_spec(value, where)
-            check_language_model(value, ctx, where, "lm_eval scores")
-            if not ctx.is_pending(mspec["path"]):
-                resolved = resolve_spec({**mspec, "path": ctx.resolve_ref(mspec["path"])}, where, materialize=False)
-                path = resolved.get("gguf_file", resolved["path"])
-                check_tokenizer(path, where)
-                if args.get("apply_chat_template") is True and not load_tokenizer(path).chat_template:
-                    raise TunelabError(
-                        f"'{spec.where}.apply_chat_template' is true, but the tokenizer of '{where}' has no chat "
-                        "template: drop it for this model, or score a chat model"
-                    )
-            config = model_config(value, ctx, where) if quant is not None else None
-            if config is not None:
-                check_cpu_shapes(config, spec.cfg["quantization"], f"{spec.where}.quantization")
-        with tempfile.TemporaryDirectory() as tmp:  # the tasks as run writes them (absolute data paths)
-            manager = _manager(spec, names, shipped=materialize(Path(tmp)))
-            tasks = load_tasks(manager, names, f"{spec.where}.tasks")  # reads each task's data, as run will
-            check_samples(tasks, args.get("samples"), f"{spec.where}.samples")
+        return HarnessSettings(names, args, model_args, quant)
 
-    def run(self, spec: StageSpec, ctx: Context) -> StageResult:
+    def data(self, spec: StageSpec, ctx: Context, s: HarnessSettings, running: bool) -> Tasks | None:
+        """The tasks, read as the harness reads them (each task's data too)."""
+        if running:
+            folder = materialize(spec.out_dir / "tasks")
+            manager = _manager(spec, s.names, shipped=folder)
+            load_tasks(manager, s.names, f"{spec.where}.tasks")
+            return Tasks(manager, folder)
+        with tempfile.TemporaryDirectory() as tmp:
+            manager = _manager(spec, s.names, shipped=materialize(Path(tmp)))
+            tasks = load_tasks(manager, s.names, f"{spec.where}.tasks")
+            check_samples(tasks, s.args.get("samples"), f"{spec.where}.samples")
+        return None
 
-        names, args, model_args = _settings(spec)
-        quant = quant_config(spec.cfg.get("quantization"), f"{spec.where}.quantization")
-        spec.out_dir.mkdir(parents=True, exist_ok=True)
-        tasks_dir = materialize(spec.out_dir / "tasks")
-        manager = _manager(spec, names, shipped=tasks_dir)
-        load_tasks(manager, names, f"{spec.where}.tasks")
-        metrics: dict[str, Any] = {}
-        files: dict[str, str] = {}
-        for label, value in labelled_models(spec.cfg, spec.where).items():
-            where = _where(spec, label)
-            mspec = model_spec(value, where)
-            mspec = resolve_spec({**mspec, "path": ctx.resolve_ref(mspec["path"])}, where)
-            started = time.perf_counter()
-            results = _evaluate(mspec, quant, names, manager, args, model_args)
-            seconds = time.perf_counter() - started
-            samples = results.pop("samples", None) or {}
-            counted = sum(int(v.get("effective", 0)) for v in results.get("n-samples", {}).values())
-            metrics[label] = {**flat_metrics(results), "examples": counted, "examples_per_second": counted / seconds}
-            results["tunelab"] = {"model": mspec["path"], "command": _command(mspec, names, tasks_dir, args)}
-            path = spec.out_dir / f"harness-{label}.json"
-            write_atomic(path, json.dumps(results, indent=2, default=str) + "\n")
-            files[f"harness-{label}"] = str(path)
-            if samples:
-                rows = [json.dumps({"task": t, **row}, default=str) + "\n" for t, got in samples.items() for row in got]
-                write_atomic(spec.out_dir / f"samples-{label}.jsonl", "".join(rows))
-                files[f"samples-{label}"] = str(spec.out_dir / f"samples-{label}.jsonl")
-            _print_table(label, metrics[label])
-        folders = [tasks_dir, *include_paths(spec.cfg.get("include_path"), f"{spec.where}.include_path")]
-        return StageResult(metrics=metrics, files=files, fingerprints={"tasks": _fingerprint(folders, names)})
+    def check_model(self, spec: StageSpec, ctx: Context, s: HarnessSettings, data: Any, entry: Entry) -> None:
+        check_language_model(entry.value, ctx, entry.where, "lm_eval scores")
+        if not ctx.is_pending(entry.spec()["path"]):
+            resolved = entry.resolved(ctx, materialize=False)
+            path = resolved.get("gguf_file", resolved["path"])
+            check_tokenizer(path, entry.where)
+            if s.args.get("apply_chat_template") is True and not load_tokenizer(path).chat_template:
+                raise TunelabError(
+                    f"'{spec.where}.apply_chat_template' is true, but the tokenizer of '{entry.where}' has no chat "
+                    "template: drop it for this model, or score a chat model"
+                )
+        config = model_config(entry.value, ctx, entry.where) if s.quantization is not None else None
+        if config is not None:
+            check_cpu_shapes(config, spec.cfg["quantization"], f"{spec.where}.quantization")
 
-    def plan(self, spec: StageSpec, ctx: Context):
+    def load(self, spec: StageSpec, ctx: Context, s: HarnessSettings, entry: Entry) -> Any:
+        import torch
+
+        mspec = entry.resolved(ctx)
+        tokenizer = load_tokenizer(mspec["path"])
+        model = load_causal_lm(mspec, quantization=s.quantization, merge_adapter=s.quantization is None).eval()
+        if torch.cuda.is_available() and s.quantization is None and "device_map" not in mspec:
+            model = model.to("cuda")
+        return model, tokenizer, mspec
+
+    def score(self, spec: StageSpec, ctx: Context, s: HarnessSettings, data: Tasks, entry: Entry, model) -> Scored:
+        model, tokenizer, mspec = model
+        started = time.perf_counter()
+        results = _evaluate(model, tokenizer, s.names, data.manager, s.args, s.model_args)
+        seconds = time.perf_counter() - started
+        samples = results.pop("samples", None) or {}
+        counted = sum(int(v.get("effective", 0)) for v in results.get("n-samples", {}).values())
+        metrics = {**flat_metrics(results), "examples": counted, "examples_per_second": counted / seconds}
+        results["tunelab"] = {"model": mspec["path"], "command": _command(mspec, s.names, data.folder, s.args)}
+        path = spec.out_dir / f"harness-{entry.label}.json"
+        write_atomic(path, json.dumps(results, indent=2, default=str) + "\n")
+        files = {f"harness-{entry.label}": str(path)}
+        if samples:
+            rows = [json.dumps({"task": t, **row}, default=str) + "\n" for t, got in samples.items() for row in got]
+            write_atomic(spec.out_dir / f"samples-{entry.label}.jsonl", "".join(rows))
+            files[f"samples-{entry.label}"] = str(spec.out_dir / f"samples-{entry.label}.jsonl")
+        _print_table(entry.label, metrics)
+        return Scored(metrics, None, files)
+
+    def fingerprints(self, spec: StageSpec, s: HarnessSettings, data: Tasks) -> dict[str, str]:
+        folders = [data.folder, *include_paths(spec.cfg.get("include_path"), f"{spec.where}.include_path")]
+        return {"tasks": _fingerprint(folders, s.names)}
+
+    def plan(self, spec: StageSpec, ctx: Context) -> Any:
         """Memory plan of scoring with the largest of the models: a batch of PROMPT_TOKENS-token prompts, with
-        every position's logits kept (log-likelihood tasks do), so `batch_size` is planned as it will be used."""
-
+        every position's logits kept (log-likelihood tasks do), so `batch_size` is planned as it will be used.
+        Planned from the sections as written: a plan must not need the harness installed."""
         batch = spec.cfg.get("batch_size", DEFAULT_BATCH)
         batch = (
             batch if isinstance(batch, int) and not isinstance(batch, bool) else spec.cfg.get("max_batch_size") or 64
         )
         plans = []
-        for label, value in labelled_models(spec.cfg, spec.where).items():
-            config = model_config(value, ctx, _where(spec, label))
+        for entry in entries(spec):
+            config = model_config(entry.value, ctx, entry.where)
             if config is not None:
-                dtype = model_spec(value, _where(spec, label)).get("dtype")
-                # Log-likelihood tasks keep the logits of every position (the harness's log_softmax over the batch).
                 quant = spec.cfg.get("quantization")
+                dtype = entry.spec().get("dtype")
                 plans.append(plan_generation(spec.name, config, batch, PROMPT_TOKENS, quant, dtype, PROMPT_TOKENS))
         return max(plans, key=lambda p: p.total) if plans else None

@@ -5,12 +5,15 @@ stops a diverging run."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from pathlib import Path
 from typing import Any
 
 from tunelab.core.errors import TunelabError
 from tunelab.training import distributed
+
+log = logging.getLogger(__name__)
 
 
 def last_checkpoint(out_dir: Path) -> str | None:
@@ -53,28 +56,20 @@ def stop_on_signals(trainer: Any, out_dir: Path):
     import signal
     import threading
 
-    from transformers import TrainerCallback
+    from tunelab.training.callbacks import StopAfterStep
 
     caught: list[int] = []
-
-    class _Stop(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            if caught:
-                control.should_save = True
-                control.should_training_stop = True
 
     def handler(signum: int, frame: Any) -> None:
         if caught:
             raise KeyboardInterrupt  # second signal: stop now, keep the checkpoints already written
         caught.append(signum)
-        print(
-            f"\nsignal {signum}: saving a checkpoint after this step, then stopping (again to stop at once)", flush=True
-        )
+        log.info("\nsignal %s: saving a checkpoint after this step, then stopping (again to stop at once)", signum)
 
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    trainer.add_callback(_Stop())
+    trainer.add_callback(StopAfterStep(caught))
     previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
@@ -139,17 +134,12 @@ def seed_per_rank(trainer: Any) -> None:
     the sampler's generator was made when the dataloader was, and accelerate broadcasts rank 0's
     to every rank at each epoch. A resumed run then restores each rank's saved RNG states.
     """
-    from transformers import TrainerCallback, set_seed
+    from tunelab.training.callbacks import SeedPerRank
 
     rank, size = distributed.world()
     if size == 1:
         return
-
-    class _Seed(TrainerCallback):
-        def on_train_begin(self, args, state, control, **kwargs):
-            set_seed(args.seed + rank)
-
-    trainer.add_callback(_Seed())
+    trainer.add_callback(SeedPerRank(rank))
 
 
 def check_ranks_in_sync(trainer: Any) -> dict[str, float]:
@@ -187,24 +177,9 @@ def divergence_guard(trainer: Any, kl_limit: float | None, kl_keys: tuple[str, .
     It raises from `on_log`, which TRL's trainers call before the step's checkpoint is
     saved, so the checkpoints on disk are all from before the blow-up.
     """
-    import math
+    from tunelab.training.callbacks import DivergenceGuard
 
-    from transformers import TrainerCallback
-
-    class _Guard(TrainerCallback):
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            for key, value in (logs or {}).items():
-                if not isinstance(value, float) or key in ("learning_rate", "lr"):
-                    continue
-                if not math.isfinite(value):
-                    raise Diverged(f"'{key}' became {value} at step {state.global_step}")
-                if kl_limit is not None and key in kl_keys and value > kl_limit:
-                    raise Diverged(
-                        f"KL to the reference model reached {value:.3g} at step {state.global_step}, "
-                        f"past kl_limit={kl_limit:g}"
-                    )
-
-    trainer.add_callback(_Guard())
+    trainer.add_callback(DivergenceGuard(kl_limit, kl_keys, Diverged))
 
 
 def diverged_error(where: str, reason: Diverged, out_dir: Path):

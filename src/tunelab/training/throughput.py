@@ -177,15 +177,20 @@ def track_throughput(trainer: Any):
     import time
 
     import torch
-    from transformers import TrainerCallback
+
+    from tunelab.training.callbacks import Throughput
 
     model = trainer.model
     n, trains_base = matmul_params(model)
     layers, width = attention_shape(getattr(model, "config", None))
     counts: list[Any] = []  # [tokens, squared lengths] known on the host, then a device tensor of the rest
-    clock: dict[str, float] = {}
-    last = {"tokens": 0.0, "squares": 0.0}
     peak: list[float | None] = []
+    callback = Throughput(
+        read=lambda: _read(counts) if counts else None,
+        flops=lambda tokens, squares: training_flops(n, trains_base, layers, width, tokens, squares),
+        peak=peak,
+    )
+    clock = callback.clock
     original = trainer.training_step
 
     def training_step(model: Any, inputs: Any, *args: Any, **kwargs: Any):
@@ -213,32 +218,8 @@ def track_throughput(trainer: Any):
             return "half"
         return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "fp32"
 
-    class _Throughput(TrainerCallback):
-        def on_train_begin(self, args, state, control, **kwargs):
-            clock["begin"] = clock["last"] = time.perf_counter()
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if not counts or logs is None or "loss" not in logs or "last" not in clock:
-                return
-            now = time.perf_counter()
-            tokens, squares = _read(counts)
-            took = max(now - clock["last"], 1e-9)
-            new_tokens, new_squares = tokens - last["tokens"], squares - last["squares"]
-            clock["last"], last["tokens"], last["squares"] = now, tokens, squares
-            added = {"tokens_per_second": new_tokens / took * args.world_size}
-            if peak and peak[0]:
-                flops = training_flops(n, trains_base, layers, width, new_tokens, new_squares)
-                added["mfu"] = flops / took / peak[0]
-            logs.update(added)
-            entry = state.log_history[-1] if state.log_history else {}
-            if entry.get("step") == state.global_step and "loss" in entry:
-                entry.update(added)  # log_history.json keeps them beside the loss
-
-        def on_train_end(self, args, state, control, **kwargs):
-            clock["end"] = time.perf_counter()
-
     trainer.training_step = training_step
-    trainer.add_callback(_Throughput())
+    trainer.add_callback(callback)
 
     def totals() -> dict[str, float]:
         if not counts or "begin" not in clock:

@@ -13,7 +13,6 @@ from typing import Any
 
 from tunelab.core.config import build
 from tunelab.core.errors import TunelabError
-from tunelab.core.progress import readable_progress
 from tunelab.core.runs import write_json
 from tunelab.data.datasets import fingerprint
 from tunelab.training.safeguards import (
@@ -142,3 +141,39 @@ def train_and_save(trainer: Any, out_dir: Path, resume: bool, train_ds: Any, eva
     save(trainer, out_dir, processor)
     metrics["trainable_params"] = float(sum(p.numel() for p in trainer.model.parameters() if p.requires_grad))
     return metrics, fingerprints(train_ds, eval_ds)
+
+
+PROGRESS_KEYS = ("loss", "eval_loss", "grad_norm", "learning_rate", "mean_token_accuracy", "accuracy", "epoch")
+
+
+def readable_progress(trainer: Any, signals: dict[str, str] | None = None, throttle: bool = False) -> None:
+    """Replace the Trainer's dict-per-log printing with one compact line per log.
+
+    `signals` are the stage's own per-step keys and their short labels (its `METRICS.progress`),
+    printed first; `throttle` prints only every `logging_steps`, for loops that log each step (PPO).
+    """
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    from tunelab.training.callbacks import PrinterLines, ProgressLines
+
+    own = signals or {}
+    keys = tuple(k for k in PROGRESS_KEYS if k not in own)
+
+    def line(state: Any, logs: dict[str, Any]) -> str | None:
+        every = getattr(state, "logging_steps", 0)
+        if throttle and every and state.global_step % every and state.global_step != state.max_steps:
+            return None  # TRL's PPO logs every step whatever logging_steps says; print as asked
+        parts = [f"step {state.global_step}/{state.max_steps}"]
+        parts += [f"{label} {logs[k]:.4g}" for k, label in own.items() if isinstance(logs.get(k), (int, float))]
+        parts += [
+            f"{k.replace('learning_rate', 'lr')} {logs[k]:.4g}" for k in keys if isinstance(logs.get(k), (int, float))
+        ]
+        if isinstance(logs.get("tokens_per_second"), float):  # from `track_throughput`
+            parts.append(f"tok/s {logs['tokens_per_second']:.0f}")
+        if isinstance(logs.get("mfu"), float):
+            parts.append(f"mfu {100 * logs['mfu']:.1f}%")
+        return "  ".join(parts) if any(k in logs for k in (*keys[:-1], *own)) else None
+
+    handler = trainer.callback_handler
+    handler.callbacks = [cb for cb in handler.callbacks if not isinstance(cb, (ProgressCallback, PrinterCallback))]
+    trainer.add_callback(PrinterLines(line) if trainer.args.disable_tqdm else ProgressLines(line))

@@ -1,5 +1,5 @@
-"""Image+text prompting: the eval stage's held-out scores for vision-language models, `tunelab chat --image`,
-and the report's sample images with each model's answers.
+"""Image+text prompting: what the eval stage's image+text mode (`tunelab.stages.eval.VisionEval`) and
+`tunelab chat --image` share, and the report's sample images with each model's answers.
 
 Prompts are a user turn holding the row's images (as `{"type": "image"}` parts, before the text, as
 TRL places them) and the prompt text, rendered through the processor's chat template with the
@@ -9,6 +9,7 @@ generation prompt; batches are left-padded, images processed by the model's own 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -17,19 +18,18 @@ from tunelab.core.hub import configure_offline, local_path
 from tunelab.core.paths import refuse_special
 from tunelab.core.progress import quiet
 from tunelab.core.runs import write_atomic
-from tunelab.data.datasets import fingerprint, load_split, require_columns
-from tunelab.evaluation.answers import answer, matches
+from tunelab.data.datasets import load_split, require_columns
 from tunelab.models.chat import model_source
 from tunelab.models.chat_templates import render as render_text
 from tunelab.models.quant import quant_config
 from tunelab.models.spec import model_config, model_spec, resolve_spec
-from tunelab.stages import StageResult
 from tunelab.vision.collator import ProcessorRenderer
 from tunelab.vision.data import has_images, load_images
 from tunelab.vision.models import is_vlm_folder, load_processor, load_vlm
 
+log = logging.getLogger(__name__)
+
 VLM_KINDS = ("vlm_build", "vlm_sft")
-UNSUPPORTED = ("fewshot", "reward_model", "quantization")  # eval keys the image+text path does not take (yet)
 SAMPLES = 6  # rows shown in report.md with their images
 IMAGE_MARK = "<image>"  # in a prompt: where its images go
 
@@ -56,39 +56,19 @@ def is_vlm(value: Any, ctx: Any, where: str = "model") -> bool:
     return getattr(model_config(value, ctx, where), "vision_config", None) is not None
 
 
-def vision_mode(spec: Any, ctx: Any, models: dict[str, Any]) -> bool:
-    """True when every model is image+text; one line for a mix, and for eval keys this path does not take."""
-    flags = {label: is_vlm(value, ctx, f"{spec.where}.models.{label}") for label, value in models.items()}
-    if not any(flags.values()):
-        return False
-    if not all(flags.values()):
-        text = next(label for label, flag in flags.items() if not flag)
-        raise TunelabError(
-            f"'{spec.where}' mixes image+text models and a text-only one ('{text}'); use one eval stage each"
-        )
-    for key in UNSUPPORTED:
-        if spec.cfg.get(key) is not None:
-            raise TunelabError(f"'{spec.where}.{key}' is not supported for image+text models yet: remove it")
-    if spec.cfg.get("chat_template", True) is not True:
-        raise TunelabError(
-            f"'{spec.where}.chat_template': image+text models are prompted through their processor's template"
-        )
-    return True
-
-
-def _data(spec: Any, prompt: str, reference: str):
-
-    if "data" not in spec.cfg:
-        raise TunelabError(f"'{spec.where}' has no `data:`: name the dataset (and split) to evaluate on")
-    where = f"{spec.where}.data"
-    ds = load_split(spec.cfg["data"], where, "test")
-    require_columns(ds, [prompt], where, "prompts to answer; set prompt_column")
-    require_columns(ds, [reference], where, "reference answers; set reference_column")
+def image_rows(value: Any, where: str, prompt: str, reference: str):
+    """The held-out rows with their images opened (`images` column: files or image objects)."""
+    if value is None:
+        raise TunelabError(f"'{where}' has no `data:`: name the dataset (and split) to evaluate on")
+    data_where = f"{where}.data"
+    ds = load_split(value, data_where, "test")
+    require_columns(ds, [prompt], data_where, "prompts to answer; set prompt_column")
+    require_columns(ds, [reference], data_where, "reference answers; set reference_column")
     if not has_images(ds):
         raise TunelabError(
-            f"'{where}' has no `images` column, but the models are image+text models: give each row its images"
+            f"'{data_where}' has no `images` column, but the models are image+text models: give each row its images"
         )
-    return load_images(ds, spec.cfg["data"], where)
+    return load_images(ds, value, data_where)
 
 
 def turns(prompt: str, images: int, system: str | None = None) -> list[dict[str, Any]]:
@@ -117,26 +97,16 @@ def render(processor: Any, conversation: list[dict[str, Any]], where: str, row: 
     return render_text(ProcessorRenderer(processor), conversation, where, row)
 
 
-def check(
-    spec: Any, ctx: Any, models: dict[str, Any], prompt: str, reference: str, template: str, system: str | None
+def check_rows(
+    processor: Any, prompts: list[str], images: list[list[Any]], system: str | None, where: str, data_where: str
 ) -> None:
-    """The data's images open and the first rows render and process for every model that exists already."""
-
-    ds = _data(spec, prompt, reference)
-    for label, value in models.items():
-        where = f"{spec.where}.models.{label}" if "models" in spec.cfg else f"{spec.where}.model"
-        mspec = model_spec(value, where)
-        if ctx.is_pending(mspec["path"]):
-            continue
-        resolved = resolve_spec({**mspec, "path": ctx.resolve_ref(mspec["path"])}, where, materialize=False)
-        processor = load_processor(resolved["path"], where)
-        for i in range(min(2, len(ds))):
-            row = ds[i]
-            text = render(processor, turns(template.format(prompt=row[prompt]), len(row["images"]), system), where, i)
-            try:
-                processor(images=[row["images"]] if row["images"] else None, text=[text], return_tensors="pt")
-            except Exception as exc:  # noqa: BLE001 - processors raise ValueError, TypeError, ...
-                raise TunelabError(f"'{spec.where}.data' row {i}: the processor rejects it: {exc}"[:300]) from None
+    """The first rows render through the processor's template and process, as generation will use them."""
+    for i, (prompt, row) in enumerate(zip(prompts, images, strict=True)):
+        text = render(processor, turns(prompt, len(row), system), where, i)
+        try:
+            processor(images=[row] if row else None, text=[text], return_tensors="pt")
+        except Exception as exc:  # noqa: BLE001 - processors raise ValueError, TypeError, ...
+            raise TunelabError(f"'{data_where}' row {i}: the processor rejects it: {exc}"[:300]) from None
 
 
 def load(ref: str | dict[str, Any], where: str, quantization: Any = None):
@@ -174,76 +144,17 @@ def generate(
     return out
 
 
-def run(
-    spec: Any,
-    ctx: Any,
-    models: dict[str, Any],
-    prompt_col: str,
-    ref_col: str,
-    batch_size: int,
-    scorers: list[tuple[str, dict[str, Any], Any]],
-    config: Any,
-    pattern: str | None,
-    template: str,
-    system: str | None,
-    multi_reference: tuple[str, ...],
-):
-    """Score each image+text model on the held-out rows; predictions and report samples written beside."""
-    from transformers import set_seed
-
-    ds = _data(spec, prompt_col, ref_col)
-    prompts = [template.format(prompt=str(p)) for p in ds[prompt_col]]
-    references = [str(r).strip() for r in ds[ref_col]]
-    images = [list(row) for row in ds["images"]]
-    spec.out_dir.mkdir(parents=True, exist_ok=True)
-    metrics: dict[str, Any] = {}
-    files: dict[str, str] = {}
-    samples: dict[str, Any] = {
-        "images": _sample_images(images, spec.out_dir),
+def write_samples(
+    out_dir: Path, images: list[list[Any]], prompts: list[str], references: list[str], answers: dict[str, list[str]]
+) -> None:
+    """The first rows' images, prompts, references and each model's answers, for report.md."""
+    samples = {
+        "images": _sample_images(images, out_dir),
         "prompts": prompts[:SAMPLES],
         "references": references[:SAMPLES],
-        "answers": {},
+        "answers": {label: got[:SAMPLES] for label, got in answers.items()},
     }
-    same = next((dict(o) for n, o, _ in scorers if n == "exact_match"), {})  # rows scored as metrics.json
-    for label, value in models.items():
-        where = f"{spec.where}.models.{label}" if "models" in spec.cfg else f"{spec.where}.model"
-        set_seed(ctx.seed)
-        path = model_path(value)
-        model, processor = load({**(value if isinstance(value, dict) else {}), "path": ctx.resolve_ref(path)}, where)
-        pairs = enumerate(zip(prompts, images, strict=True))
-        texts = [render(processor, turns(p, len(im), system), where, i) for i, (p, im) in pairs]
-        print(
-            f"   {label}: image+text prompts through its processor's template; the first reads:\n     | "
-            + texts[0].replace("\n", "\n     | "),
-            flush=True,
-        )
-        outputs = generate(model, processor, texts, images, config, batch_size)
-        answers = [answer(t, pattern) for t in outputs]
-        scores = [float(matches(a, r, **same)) for a, r in zip(answers, references, strict=True)]
-        metrics[label] = {}
-        for name, options, scorer in scorers:
-            refs = [[r] for r in references] if name in multi_reference else references
-            result = scorer.compute(predictions=answers, references=refs, **options)
-            metrics[label].update({k: float(v) for k, v in result.items() if isinstance(v, (int, float))})
-        metrics[label]["examples"] = len(scores)
-        rows = [
-            {
-                "prompt": p,
-                "images": [getattr(im, "filename", "") for im in ims],
-                "output": t,
-                "answer": a,
-                "reference": r,
-                "exact_match": s,
-            }
-            for p, ims, t, a, r, s in zip(prompts, images, outputs, answers, references, scores, strict=True)
-        ]
-        out = spec.out_dir / f"predictions-{label}.jsonl"
-        write_atomic(out, "".join(json.dumps(row) + "\n" for row in rows))
-        files[f"predictions-{label}"] = str(out)
-        samples["answers"][label] = answers[:SAMPLES]
-        del model
-    write_atomic(spec.out_dir / "vlm_samples.json", json.dumps(samples, indent=2) + "\n")
-    return StageResult(metrics=metrics, files=files, fingerprints={"data": fingerprint(ds.remove_columns("images"))})
+    write_atomic(out_dir / "vlm_samples.json", json.dumps(samples, indent=2) + "\n")
 
 
 def _sample_images(images: list[list[Any]], out_dir: Path) -> list[str]:
@@ -297,6 +208,7 @@ class VisionChat:
         if system is not None:
             self.system = system
 
+    @quiet()  # each reply: the caller's warning filters are theirs between replies
     def say(self, text: str, on_token: Any = None) -> str:
         first = not self.history
         turn = turns(text, len(self.images) if first else 0)[-1]
@@ -316,6 +228,7 @@ def is_vlm_ref(ref: str) -> bool:
     return local is not None and local.is_dir() and is_vlm_folder(local)
 
 
+@quiet()
 def open_chat(ref: str, config: Any, system: str | None, image_paths: list[Path], quantization: Any = None):
     """A `VisionChat` over the model `ref` names with the images opened (one line for a missing one)."""
     from PIL import Image
@@ -323,7 +236,6 @@ def open_chat(ref: str, config: Any, system: str | None, image_paths: list[Path]
     for path in image_paths:  # before the model: a FIFO would hang PIL's open, and loading takes a while
         refuse_special(path, "--image")
     configure_offline()
-    quiet()
     spec = model_source(ref)
     if not is_vlm_folder(spec["path"]):
         raise TunelabError(f"--image: '{ref}' is a text-only model, which cannot read images; drop --image")

@@ -132,6 +132,7 @@ class Engine:
         self.max_batch, self.think = max_batch, think
         self.tokenizer_lock = lock or threading.Lock()  # fast tokenizers are not safe to share across threads
         self.peft = hasattr(model, "peft_config")
+        self.cache_key = cache_argument(model)
         self.pending: deque[Job] = deque()
         self.rows: list[Row] = []
         self.cache: Any = None
@@ -239,7 +240,7 @@ class Engine:
             "input_ids": input_ids,
             "attention_mask": mask,
             "position_ids": positions,
-            "past_key_values": cache,
+            self.cache_key: cache,
             "use_cache": True,
             "logits_to_keep": 1,
         }
@@ -415,6 +416,15 @@ class Engine:
             row.pending = []
         row.job.events.put(Event("end", row.index, finish=finish, count=len(row.generated)))
         self.finished.append((row.job.id, row.index, finish, len(row.generated)))
+
+
+def cache_argument(model: Any) -> str:
+    """The forward argument that takes the KV cache: `cache` in transformers from 5.2x, `past_key_values` before
+    (which later versions warn about)."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
 
 def held_back(text: str, stops: tuple[str, ...]) -> int:

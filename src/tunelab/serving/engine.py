@@ -25,7 +25,6 @@ import secrets
 import threading
 import time
 from collections import deque
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -133,6 +132,7 @@ class Engine:
         self.tokenizer_lock = lock or threading.Lock()  # fast tokenizers are not safe to share across threads
         self.peft = hasattr(model, "peft_config")
         self.cache_key = cache_argument(model)
+        self.active = getattr(model, "active_adapter", None)  # the adapter peft applies without adapter_names
         self.pending: deque[Job] = deque()
         self.rows: list[Row] = []
         self.cache: Any = None
@@ -244,16 +244,16 @@ class Engine:
             "use_cache": True,
             "logits_to_keep": 1,
         }
-        context: Any = nullcontext()
         if self.peft:
             names = {row.job.adapter for row in rows}
-            if names == {None}:
-                context = self.model.disable_adapter()
-            elif len(names) == 1:
-                self.model.set_adapter(names.pop())
-            else:
+            if len(names) == 1 and None not in names:
+                name = names.pop()
+                if name != self.active:  # set_adapter walks every module: only when the adapter changes
+                    self.model.set_adapter(name)
+                    self.active = name
+            else:  # the base, or several adapters: peft's mixed batch, each row through its own (or none)
                 kwargs["adapter_names"] = [row.job.adapter or BASE for row in rows]
-        with torch.inference_mode(), context:
+        with torch.inference_mode():
             out = self.model(**kwargs)
         return out.logits[:, -1, :].to(dtype=torch.float32)
 

@@ -216,6 +216,13 @@ def test_bad_requests_get_openai_errors_and_the_server_goes_on(server, client, t
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=server.url, api_key="wrong", max_retries=0).models.list()
     assert raw(server, "GET", "/health")[1]["status"] == "ok"  # no key needed
+    conn = http.client.HTTPConnection(server.host, server.port, timeout=30)  # one keep-alive connection
+    conn.request("POST", "/v1/nope", body=b'{"model": "x"}', headers={"Authorization": f"Bearer {KEY}"})
+    reply = conn.getresponse()
+    assert (reply.status, json.loads(reply.read())["error"]["code"]) == (404, "unknown_url")
+    conn.request("GET", "/health")  # the unread body of the 404 is not taken for this request
+    assert conn.getresponse().status == 200
+    conn.close()
     assert ask(client, base, max_tokens=3).choices[0].message.content  # still serving
 
 

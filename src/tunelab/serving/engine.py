@@ -149,6 +149,8 @@ class Engine:
 
     def submit(self, job: Job) -> None:
         with self.cond:
+            if self.stopping:  # the loop has ended (or is ending): nothing would ever answer this job
+                return self._end_job(job, "cancelled")
             self.pending.append(job)
             self.cond.notify()
 

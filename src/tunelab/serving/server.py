@@ -151,6 +151,8 @@ class Handler(BaseHTTPRequestHandler):
             finally:
                 self.app.leave()
         except ApiError as exc:
+            if method == "POST" and not self.consumed:
+                self.close_connection = True  # its body is still in the socket: no next request can follow it
             self.send_json(exc.status, exc.body())
             self.discard()
         except ClientGone:
@@ -163,6 +165,11 @@ class Handler(BaseHTTPRequestHandler):
                 self.send_json(500, error.body())
 
     unread = 0
+    consumed = False  # the request's body has been read
+
+    def handle_one_request(self) -> None:
+        self.consumed = False
+        super().handle_one_request()
 
     def discard(self) -> None:
         """Drop a refused body (up to DISCARD bytes, within the socket's timeout) before the connection closes."""
@@ -194,6 +201,7 @@ class Handler(BaseHTTPRequestHandler):
         raw = self.rfile.read(size)  # the socket's timeout bounds a client that stops sending
         if len(raw) < size:
             raise ClientGone
+        self.consumed = True
         try:
             return json.loads(raw)
         except (ValueError, RecursionError):

@@ -91,6 +91,8 @@ class VllmEngine:
 
     def submit(self, job: Job) -> None:
         with self.cond:
+            if self.stopping:
+                return self._end(job, "cancelled")
             self.pending.append(job)
             self.cond.notify()
 

@@ -15,7 +15,7 @@ import pytest
 
 from tunelab.stages import STAGES, Metrics, Stage
 from tunelab.stages import stage as registered
-from tunelab.stages.base import TrainerStage, import_name
+from tunelab.stages.base import HOOKS, Settings, TrainerStage, import_name
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "tunelab"
 
@@ -98,6 +98,7 @@ HEAVY_MODULES = {
     "tunelab.training.ppo_trainer",  # the PPO loop, a TRL trainer subclass
     "tunelab.training.callbacks",  # the Trainer callbacks tunelab adds
     "tunelab.diffusion.classifier",  # the image-quality CNN (an nn.Module)
+    "tunelab.diffusion.trainer",  # the diffusion Trainer, its EMA and sample-grid callbacks
 }
 HEAVY_PACKAGES = ("tunelab.metrics.",)  # `evaluate` metric scripts, loaded by path
 
@@ -238,3 +239,27 @@ def test_no_module_uses_another_modules_private_names() -> None:
     modules = {_module_name(p) for p in SRC.rglob("*.py")}
     found = {_module_name(path): uses for path in sorted(SRC.rglob("*.py")) if (uses := _private_uses(path, modules))}
     assert found == {}
+
+
+def test_settings_are_typed_not_a_bag() -> None:
+    """What a stage parses beyond the common sections is a typed `Settings` subclass, not a dict."""
+    assert "extra" not in {f.name for f in dataclasses.fields(Settings)}
+
+
+@pytest.mark.parametrize("kind", sorted(k for k in STAGES if isinstance(registered(k), TrainerStage)))
+def test_trainer_stages_override_only_the_hooks_with_the_bases_signatures(kind: str) -> None:
+    """A method a Trainer stage defines is one of the base's `HOOKS` (or the `Stage` interface), with the
+    base's parameters: a hook the base no longer calls, or one whose arguments drifted, would never run as
+    written. A stage's own helpers are private (`_name`) or module functions."""
+    interface = {"check", "run", "plan", "tokenizer_source"}
+    assert set(HOOKS) <= set(vars(TrainerStage)), set(HOOKS) - set(vars(TrainerStage))
+    for cls in type(registered(kind)).__mro__:
+        if cls is TrainerStage:
+            break
+        for name, value in vars(cls).items():
+            if name.startswith("_") or not inspect.isfunction(value):
+                continue
+            assert name in HOOKS or name in interface, (kind, cls.__name__, name)
+            ours = list(inspect.signature(value).parameters)
+            base = list(inspect.signature(getattr(TrainerStage, name)).parameters)
+            assert ours == base, (kind, cls.__name__, name, ours, base)

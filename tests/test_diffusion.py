@@ -83,7 +83,15 @@ def test_ema_weights_are_saved(ddpm: Path) -> None:
     ema = load_file(out / "unet" / "diffusion_pytorch_model.safetensors")
     assert raw.keys() == ema.keys()
     assert any(not np.allclose(raw[k].numpy(), ema[k].numpy()) for k in raw)
-    assert (out / "checkpoint-6" / "ema.pt").is_file()
+    # EMA state through diffusers' own EMAModel.save_pretrained (a UNet folder; decay and step in its config)
+    from diffusers import UNet2DModel
+    from diffusers.training_utils import EMAModel
+
+    saved = EMAModel.from_pretrained(str(out / "checkpoint-6" / "unet_ema"), model_cls=UNet2DModel)
+    assert saved.optimization_step == 6 and not (out / "checkpoint-6" / "ema.pt").exists()
+    unet = UNet2DModel.from_config(saved.model_config)
+    saved.copy_to(unet.parameters())
+    assert all(np.allclose(v.numpy(), ema[k].numpy()) for k, v in unet.state_dict().items())  # the pipeline's
     # same seed, same data: the rerun's EMA pipeline equals the fixture's
     same = load_file(ddpm / "unet" / "diffusion_pytorch_model.safetensors")
     assert all(np.allclose(same[k].numpy(), ema[k].numpy(), atol=1e-6) for k in same)
@@ -455,6 +463,25 @@ def test_unet_key_typo_names_the_field(tmp_path: Path) -> None:
         ["validate", _recipe(tmp_path, stage)],
         "unknown key 'stages.s.unet.block_out_channel' .*did you mean 'block_out_channels'",
     )
+
+
+def test_unknown_prediction_type_is_refused(ddpm: Path, tmp_path: Path) -> None:
+    """diffusers' training scripts raise on a prediction type they do not train; so does validate."""
+    import shutil
+
+    stage = ddpm_stage()
+    stage["scheduler"]["prediction_type"] = "flow"
+    fails(
+        ["validate", _recipe(tmp_path, stage)], r"'stages.s.scheduler.prediction_type' is 'flow' \(str\); expected one"
+    )
+    folder = tmp_path / "flow"
+    shutil.copytree(ddpm, folder, ignore=shutil.ignore_patterns("checkpoint-*", "samples"))
+    config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps({**config, "prediction_type": "flow"}))
+    stage = {**ddpm_stage(), "model": str(folder)}
+    stage.pop("unet")
+    stage.pop("scheduler")
+    fails(["validate", _recipe(tmp_path, stage)], r"'stages.s.model' has a noise schedule with prediction_type 'flow'")
 
 
 def test_lora_on_unconditional_pipeline(ddpm: Path, tmp_path: Path) -> None:

@@ -288,7 +288,6 @@ def test_sft_packs_by_default_only_where_attention_keeps_rows_apart(tmp_path: Pa
     from tunelab.stages import Context, StageSpec, stage
 
     sft = stage("sft")
-
     ctx = Context(seed=0, run_dir=tmp_path)
     flash = StageSpec("s", "sft", {"model": {"path": "m", "attn_implementation": "flash_attention_2"}}, tmp_path)
     sdpa = StageSpec("s", "sft", {"model": {"path": "m", "attn_implementation": "sdpa"}}, tmp_path)

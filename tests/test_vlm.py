@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -237,6 +238,32 @@ def test_qlora_and_lora_on_the_vision_tower(tiny_vlm: Path, tmp_path: Path) -> N
     model = PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(tiny_vlm), tmp_path / "out" / "vlm")
     names = [n for n, _ in model.named_parameters() if "lora_A" in n]
     assert any("vision_tower" in n for n in names) and any("language_model" in n for n in names)
+
+
+def test_nan_loss_stops_in_one_line_naming_the_last_good_checkpoint(
+    tiny_vlm: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """vlm_sft trains through the divergence guard as every Trainer stage does: a loss that turns NaN after
+    the first step stops the run with one line naming checkpoint-1, exit 2, and no model saved."""
+    from trl import SFTTrainer
+
+    original = SFTTrainer.compute_loss
+
+    def nan_after_first_step(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        out = original(self, model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        if self.state.global_step < 1:
+            return out
+        return (out[0] * float("nan"), out[1]) if return_outputs else out * float("nan")
+
+    monkeypatch.setattr(SFTTrainer, "compute_loss", nan_after_first_step)
+    training = tiny_training(max_steps=3, learning_rate=1e-3, max_length=None, save_strategy="steps", save_steps=1)
+    result = runner.invoke(app, ["run", str(_write(tmp_path, {"vlm": _sft(str(tiny_vlm), training=training)}))])
+    errors = [line[line.index("error: ") :] for line in result.output.splitlines() if "error: " in line]
+    assert result.exit_code == 2 and "Traceback" not in result.output and len(errors) == 1, result.output
+    assert re.search(r"error: 'stages.vlm' stopped: '(loss|grad_norm)' became nan at step 2", errors[0]), errors[0]
+    assert re.search(r"the last good checkpoint is .*checkpoint-1\. Lower training.learning_rate", errors[0]), errors[0]
+    record = json.loads((tmp_path / "out" / "vlm" / "stage.json").read_text())
+    assert record["status"] == "failed" and not (tmp_path / "out" / "vlm" / "model.safetensors").exists()
 
 
 def test_plan_counts_the_vision_tower(tiny_vlm: Path, tmp_path: Path) -> None:

@@ -45,6 +45,9 @@ SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+"""What a UNet learns to predict (a noise scheduler's `prediction_type`) that tunelab trains and samples."""
+
 # ---------------------------------------------------------------- image data
 
 

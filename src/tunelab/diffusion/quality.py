@@ -96,7 +96,7 @@ def frechet(a, b) -> float:
 
     mu_a, mu_b = a.mean(0), b.mean(0)
     cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    root, _ = linalg.sqrtm(cov_a @ cov_b, disp=False)
+    root = linalg.sqrtm(cov_a @ cov_b)  # scipy 1.16 deprecated `disp` (and its error estimate)
     if not np.isfinite(root).all():  # near-singular product: regularise as the FID reference code does
         eye = np.eye(len(cov_a)) * 1e-6
         root = linalg.sqrtm((cov_a + eye) @ (cov_b + eye))

@@ -321,6 +321,13 @@ def load_tasks(manager: Any, names: list[str], where: str) -> dict[str, Any]:
         logger.setLevel(level)
 
 
+def output_types(manager: Any, names: list[str]) -> dict[str, str]:
+    """Each task's output type (generate_until, multiple_choice, loglikelihood, ...), from its YAML."""
+    return {
+        str(leaf.get("task")): str(leaf.get("output_type", "generate_until")) for leaf in _leaf_configs(manager, names)
+    }
+
+
 def _leaf_configs(manager: Any, names: list[str]) -> list[dict[str, Any]]:
     """The YAML settings of each task `names` reach (through groups and tags), without building them."""
     seen: set[str] = set()

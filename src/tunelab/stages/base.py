@@ -13,7 +13,10 @@ its metrics), registered by kind in `tunelab.stages.STAGES` as "module:Class":
 trainer will get it, the LoRA and quantization configs, the model's from_pretrained arguments, the chat
 settings); `check` and `run` both start from it, so validate checks exactly what run builds. `run` then
 reads top to bottom as the alignment-handbook scripts do: data, tokenizer, model, trainer, train,
-evaluate, save. A stage overrides only the steps it does differently (hooks below, in run order).
+evaluate, save. A stage overrides only the steps it does differently: the `HOOKS`, in run order, each
+taking `(spec, ctx, s, ...)` where `s` is the stage's parsed settings. A stage that parses more than the
+common sections declares a `Settings` subclass (`@dataclass(kw_only=True)`) with typed fields and returns
+it from `settings`; hooks read it and never change it, nor the config object the trainer gets in it.
 
 Class attributes name library classes as "module:Name" strings, imported on first use, so listing and
 structurally checking stages never imports torch.
@@ -22,7 +25,7 @@ structurally checking stages never imports torch.
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from tunelab.core.errors import TunelabError
@@ -55,7 +58,11 @@ def import_name(path: str) -> Any:
 
 @dataclass
 class Settings:
-    """A stage's sections parsed once, as the libraries' own objects; `check` and `run` share it."""
+    """A stage's sections parsed once, as the libraries' own objects; `check`, `plan` and `run` share it.
+
+    Stages that parse more subclass it with typed fields (`SFTSettings`, `PPOSettings`, ...). Hooks read
+    it; none writes to it, so what validate checked is what the trainer gets.
+    """
 
     args: Any
     """The config object (`trl.DPOConfig`, ...) exactly as the trainer gets it."""
@@ -69,8 +76,8 @@ class Settings:
     """`chat_template:`: True (the model's own, when it has one), False, or a template."""
     system: str | None = None
     kl_limit: float | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-    """What a stage parses beyond the common sections (its `settings` hook fills it)."""
+    chat_columns: tuple[str, ...] = ()
+    """Columns that may hold chat turns, checked against the chat template at validate."""
 
 
 COMMON_SECTIONS = {
@@ -87,6 +94,27 @@ def sections(own: dict[str, str], common: tuple[str, ...] = tuple(COMMON_SECTION
     merged = {**{k: COMMON_SECTIONS[k] for k in common}, **own}
     first = ["model"] if "model" in merged else []
     return {k: merged[k] for k in [*first, *(k for k in own if k != "model"), *(k for k in common if k not in own)]}
+
+
+HOOKS = (
+    "training_values",
+    "settings",
+    "check_model",
+    "data",
+    "check_more",
+    "tokenizer",
+    "prepare",
+    "model",
+    "trainer_kwargs",
+    "build",
+    "before",
+    "train",
+    "after",
+    "save",
+    "plan",
+)
+"""What a TrainerStage subclass may override, in run order (tests/test_architecture.py holds them to the base's
+signatures). Everything else on the base is shared machinery."""
 
 
 class TrainerStage(Stage):
@@ -117,49 +145,46 @@ class TrainerStage(Stage):
     """Logged keys that `kl_limit:` watches."""
     eval_keys: ClassVar[tuple[str, ...] | None] = None
     """Keys of `trainer.evaluate()` kept in the metrics (None: every number)."""
+    completions: ClassVar[bool] = False
+    """The trainer learns from completions it samples (online RL, distillation): the memory plan sizes a
+    row as ~128 prompt tokens plus `max_completion_length`."""
 
     # --- parsing, shared by check, plan and run --------------------------------------------------
     def args(self, spec: StageSpec, ctx: Context) -> Any:
-        values = self.training_values(spec)
+        """The config object (`config_class`) from `training_values`: `settings` and `plan` build it."""
+        values = self.training_values(spec, ctx)
         return training_args(import_name(self.config_class), values, f"{spec.where}.training", spec.out_dir, ctx.seed)
 
-    def training_values(self, spec: StageSpec) -> dict[str, Any]:
+    def training_values(self, spec: StageSpec, ctx: Context) -> dict[str, Any]:
         """`training:` with the stage's `defaults` under it: the keyword arguments of `config_class`."""
         return {**self.defaults, **(spec.cfg.get("training") or {})}
 
     def settings(self, spec: StageSpec, ctx: Context) -> Settings:
         """Every section parsed into the libraries' objects; one-line errors name the bad key."""
-        s = Settings(args=self.args(spec, ctx))
-        s.chat, s.system = setting(spec.cfg, spec.where), system_prompt(spec.cfg, spec.where)
-        if "kl_limit" in self.sections:
-            s.kl_limit = kl_limit(spec.cfg, spec.where)
-        s.lora = lora_config(spec.cfg.get("lora"), f"{spec.where}.lora", self.task_type)
-        if "quantization" in self.sections:
-            s.quantization = trainable_quantization(spec.cfg, spec.where)
-        s.model = stage_model(spec, ctx, *([self.model_hint] if self.model_hint else []))
-        return s
+        return Settings(
+            args=self.args(spec, ctx),
+            chat=setting(spec.cfg, spec.where),
+            system=system_prompt(spec.cfg, spec.where),
+            kl_limit=kl_limit(spec.cfg, spec.where) if "kl_limit" in self.sections else None,
+            lora=lora_config(spec.cfg.get("lora"), f"{spec.where}.lora", self.task_type),
+            quantization=trainable_quantization(spec.cfg, spec.where) if "quantization" in self.sections else None,
+            model=stage_model(spec, ctx, *([self.model_hint] if self.model_hint else [])),
+            chat_columns=self.chat_columns,
+        )
 
     # --- data -------------------------------------------------------------------------------------
-    def data(self, spec: StageSpec, s: Settings) -> tuple[Any, Any]:
+    def data(self, spec: StageSpec, ctx: Context, s: Settings) -> tuple[Any, Any]:
         """(train, eval) datasets, their columns checked; eval is None without `eval_data:`."""
         train = load_split(self.require_data(spec), f"{spec.where}.data", "train")
-        self.check_columns(train, f"{spec.where}.data")
         evaluation = None
         if spec.cfg.get("eval_data") is not None:
             evaluation = load_split(spec.cfg["eval_data"], f"{spec.where}.eval_data", "test")
-            self.check_columns(evaluation, f"{spec.where}.eval_data")
         return train, evaluation
 
     def require_data(self, spec: StageSpec) -> Any:
         if "data" not in spec.cfg:
             raise TunelabError(f"'{spec.where}' has no `data:`: {self.data_hint}")
         return spec.cfg["data"]
-
-    def check_columns(self, ds: Any, where: str) -> None:
-        """The columns the trainer reads are there (raise a one-line error naming them otherwise)."""
-
-    def chat_columns_of(self, spec: StageSpec) -> tuple[str, ...]:
-        return self.chat_columns
 
     def prepare(self, spec: StageSpec, ctx: Context, s: Settings, tokenizer: Any, train: Any, evaluation: Any):
         """The datasets as the trainer takes them (chat turns, renamed columns): (train, eval)."""
@@ -171,48 +196,52 @@ class TrainerStage(Stage):
         with LoRA applied (and 4-bit CPU shapes), the data through the same loader, the chat template."""
         s = self.settings(spec, ctx)
         check_training(s.args, spec)
-        check_model(spec, ctx, s.lora, task=self.task_type)
-        train, _ = self.data(spec, s)
-        check_chat_data(train, self.chat_columns_of(spec), spec, ctx)
+        self.check_model(spec, ctx, s)
+        train, evaluation = self.data(spec, ctx, s)
+        check_chat_data(train, s.chat_columns, spec, ctx)
         self.check_template(spec, s, train)
-        self.check_more(spec, ctx, s, train)
+        self.check_more(spec, ctx, s, train, evaluation)
+
+    def check_model(self, spec: StageSpec, ctx: Context, s: Settings) -> None:
+        """The model from its config alone (no weights): it builds, the LoRA applies, 4-bit shapes fit."""
+        check_model(spec, ctx, s.lora, task=self.task_type)
 
     def check_template(self, spec: StageSpec, s: Settings, train: Any) -> None:
         """Render the first example through the chat template the trainer will use (`chat_template:` or the
         model's own), for every stage that prompts through one: a template that fails, loops or explodes is
         one line here, not a crash after the model has loaded. Stages without `chat_columns` (sft checks its
         own rows, masks included) skip it."""
-        columns = [c for c in self.chat_columns_of(spec) if c in train.column_names]
+        columns = [c for c in s.chat_columns if c in train.column_names]
         if not columns or s.model is None or len(train) == 0:
             return  # an earlier stage makes the model: its tokenizer is checked once that stage has run
         tokenizer = load_tokenizer(s.model.get("gguf_file", s.model["path"]))
         if use_template(tokenizer, s.chat):
             check_example(tokenizer, train[0], columns, s.system, f"{spec.where}.data")
 
-    def check_more(self, spec: StageSpec, ctx: Context, s: Settings, train: Any) -> None:
+    def check_more(self, spec: StageSpec, ctx: Context, s: Settings, train: Any, evaluation: Any) -> None:
         """A stage's own checks beyond the common ones (reward functions, batch arithmetic, ...); `run`
         calls it too, on the same data, so a check cannot be skipped by running without validating."""
 
     # --- running ----------------------------------------------------------------------------------
     def run(self, spec: StageSpec, ctx: Context) -> StageResult:
         s = self.settings(spec, ctx)
-        train, evaluation = self.data(spec, s)
-        self.check_more(spec, ctx, s, train)
-        tokenizer = self.tokenizer(spec, s)
+        train, evaluation = self.data(spec, ctx, s)
+        self.check_more(spec, ctx, s, train, evaluation)
+        tokenizer = self.tokenizer(spec, ctx, s, train)
         train, evaluation = self.prepare(spec, ctx, s, tokenizer, train, evaluation)
-        model = self.model(spec, ctx, s)
-        trainer = self.build(s, self.trainer_kwargs(spec, ctx, s, model, tokenizer, train, evaluation))
-        self.ready(spec, s, trainer)
-        metrics = self.before(spec, s, trainer, tokenizer, evaluation)
+        model = self.model(spec, ctx, s, tokenizer, train)
+        trainer = self.build(spec, ctx, s, self.trainer_kwargs(spec, ctx, s, model, tokenizer, train, evaluation))
+        metrics = self.before(spec, ctx, s, trainer, tokenizer, evaluation)
         metrics.update(self.train(spec, ctx, s, trainer))
-        metrics.update(self.after(spec, s, trainer, tokenizer, evaluation))
-        self.save(spec, s, trainer, tokenizer)
+        metrics.update(self.after(spec, ctx, s, trainer, tokenizer, evaluation))
+        self.save(spec, ctx, s, trainer, tokenizer)
         return StageResult(metrics=metrics, model=spec.out_dir, fingerprints=fingerprints(train, evaluation))
 
-    def tokenizer(self, spec: StageSpec, s: Settings) -> Any:
+    def tokenizer(self, spec: StageSpec, ctx: Context, s: Settings, train: Any) -> Any:
+        """The tokenizer (or processor) of the model; pretrain trains one on `train`."""
         return load_tokenizer(s.model["path"])
 
-    def model(self, spec: StageSpec, ctx: Context, s: Settings) -> Any:
+    def model(self, spec: StageSpec, ctx: Context, s: Settings, tokenizer: Any, train: Any) -> Any:
         """The model to train: loaded (quantized when asked) and prepared for k-bit training."""
         model = load_causal_lm(s.model, quantization=s.quantization)
         return prepare_kbit(model, s.quantization, s.args.gradient_checkpointing)
@@ -229,15 +258,15 @@ class TrainerStage(Stage):
             "peft_config": s.lora,
         }
 
-    def build(self, s: Settings, kwargs: dict[str, Any]) -> Any:
+    def build(self, spec: StageSpec, ctx: Context, s: Settings, kwargs: dict[str, Any]) -> Any:
         """The trainer, from its keyword arguments."""
         return import_name(self.trainer_class)(**kwargs)
 
-    def ready(self, spec: StageSpec, s: Settings, trainer: Any) -> None:
-        """After the trainer is built, before training: what it must not be left to find mid-run."""
-
-    def before(self, spec: StageSpec, s: Settings, trainer: Any, tokenizer: Any, evaluation: Any) -> dict[str, Any]:
-        """Metrics measured before training (an untrained baseline)."""
+    def before(
+        self, spec: StageSpec, ctx: Context, s: Settings, trainer: Any, tokenizer: Any, evaluation: Any
+    ) -> dict[str, Any]:
+        """After the trainer is built, before training: what it must not be left to find mid-run, and metrics
+        measured before training (an untrained baseline)."""
         return {}
 
     def train(self, spec: StageSpec, ctx: Context, s: Settings, trainer: Any) -> dict[str, Any]:
@@ -245,7 +274,9 @@ class TrainerStage(Stage):
             trainer, spec, ctx.resume, s.kl_limit, self.kl_keys, self.metrics.progress, self.metrics.throttle
         )
 
-    def after(self, spec: StageSpec, s: Settings, trainer: Any, tokenizer: Any, evaluation: Any) -> dict[str, Any]:
+    def after(
+        self, spec: StageSpec, ctx: Context, s: Settings, trainer: Any, tokenizer: Any, evaluation: Any
+    ) -> dict[str, Any]:
         """Metrics after training: `trainer.evaluate()` on `eval_data` (its `eval_keys`), plus the
         first and last tenth of each `Metrics.trend` key of the log history."""
         out: dict[str, Any] = {}
@@ -261,17 +292,16 @@ class TrainerStage(Stage):
         out.update(trend(trainer.state.log_history, self.metrics.trend))
         return out
 
-    def save(self, spec: StageSpec, s: Settings, trainer: Any, tokenizer: Any) -> None:
+    def save(self, spec: StageSpec, ctx: Context, s: Settings, trainer: Any, tokenizer: Any) -> None:
         save(trainer, spec.out_dir, tokenizer)
 
     # --- planning ---------------------------------------------------------------------------------
     def plan(self, spec: StageSpec, ctx: Context):
         """Memory plan of the model's training from its config alone (None when an earlier stage makes it)."""
-
-        return policy_plan(spec, ctx, self.plan_args(spec, ctx))
-
-    def plan_args(self, spec: StageSpec, ctx: Context) -> Any:
-        return self.args(spec, ctx)
+        args = self.args(spec, ctx)
+        if self.completions:  # approximate: prompts of ~128 tokens plus the sampled completions
+            args.max_length = (args.max_completion_length or 256) + 128
+        return policy_plan(spec, ctx, args)
 
 
 PREFERENCE_PROGRESS = {"rewards/margins": "margin", "rewards/accuracies": "pref_acc", "rewards/chosen": "chosen"}
@@ -287,7 +317,7 @@ class PreferenceStage(TrainerStage):
     reference: ClassVar[bool] = False
     """The trainer takes `ref_model`: a frozen copy of the start (with LoRA: the adapter switched off)."""
 
-    def data(self, spec: StageSpec, s: Settings) -> tuple[Any, Any]:
+    def data(self, spec: StageSpec, ctx: Context, s: Settings) -> tuple[Any, Any]:
         return preference_splits(spec.cfg, spec.where)
 
     def prepare(self, spec: StageSpec, ctx: Context, s: Settings, tokenizer: Any, train: Any, evaluation: Any):
@@ -319,11 +349,12 @@ class OnlineStage(TrainerStage):
     """
 
     data_hint = "name a dataset with a `prompt` column"
+    completions = True
     metrics = Metrics(
         summary=("train_loss", "first_reward", "last_reward"), progress=ONLINE_PROGRESS, trend={"reward": "reward"}
     )
 
-    def data(self, spec: StageSpec, s: Settings) -> tuple[Any, Any]:
+    def data(self, spec: StageSpec, ctx: Context, s: Settings) -> tuple[Any, Any]:
         ds = load_split(self.require_data(spec), f"{spec.where}.data", "train")
         require_columns(
             ds, ["prompt"], f"{spec.where}.data", "prompts, which the trainer reads from 'prompt'", "turns", empty=False
@@ -339,13 +370,13 @@ class OnlineStage(TrainerStage):
             ds = ds.rename_column(column, "reference")
         return ds, None
 
-    def check_more(self, spec: StageSpec, ctx: Context, s: Settings, train: Any) -> None:
+    def check_more(self, spec: StageSpec, ctx: Context, s: Settings, train: Any, evaluation: Any) -> None:
         check_vllm(s.args, f"{spec.where}.training")
         rewards = check_rewards(spec, ctx, train)
         if any(value is not None and not callable(value) for _, value in rewards):  # reward models, loadable now
-            check_reward_templates(rewards, train, self.chat_prompts(s, train), spec.where)
+            check_reward_templates(rewards, train, self._chat_prompts(s, train), spec.where)
 
-    def chat_prompts(self, s: Settings, train: Any) -> bool:
+    def _chat_prompts(self, s: Settings, train: Any) -> bool:
         """Whether the trainer hands the rewards chat turns: chat data, or plain prompts through a template."""
         if len(train) and isinstance(train[0]["prompt"], list):
             return True
@@ -363,7 +394,7 @@ class OnlineStage(TrainerStage):
         del kwargs["eval_dataset"]
         return {**kwargs, "reward_funcs": reward_functions(spec, ctx, train)}
 
-    def build(self, s: Settings, kwargs: dict[str, Any]) -> Any:
+    def build(self, spec: StageSpec, ctx: Context, s: Settings, kwargs: dict[str, Any]) -> Any:
         """With `beta > 0` and no LoRA, TRL loads the reference from `model.config._name_or_path`: for a
         merged SFT adapter that is the adapter folder, not the merged weights. The reference is the model
         the policy starts from, so the trainer is handed a frozen copy of it instead."""
@@ -377,12 +408,6 @@ class OnlineStage(TrainerStage):
         start = copy.deepcopy(kwargs["model"]).eval().requires_grad_(False)
         with mock.patch.object(sys.modules[cls.__module__], "create_model_from_path", lambda *a, **k: start):
             return cls(**kwargs)
-
-    def plan_args(self, spec: StageSpec, ctx: Context) -> Any:
-        """Approximate: the policy trains on prompts of ~128 tokens plus its sampled completions."""
-        args = self.args(spec, ctx)
-        args.max_length = (args.max_completion_length or 256) + 128
-        return args
 
 
 def trend(history: list[dict[str, Any]], keys: dict[str, str]) -> dict[str, float]:

@@ -9,6 +9,7 @@ scored on `eval_data`, so the report shows what fine-tuning added. Metrics are t
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from tunelab.core.errors import TunelabError
@@ -58,6 +59,16 @@ def _confusion(trainer, dataset, names: list[str], out_dir) -> None:
         write_json(out_dir / "confusion.json", {"labels": names, "matrix": matrix})
 
 
+@dataclass(kw_only=True)
+class ClassifySettings(Settings):
+    """The columns classify reads and the class names the recipe gives."""
+
+    text_column: str
+    label_column: str
+    labels: list[str] | None
+    """Class names in label order (`labels:`); None: the label numbers."""
+
+
 class Classify(TrainerStage):
     config_class = "transformers:TrainingArguments"
     trainer_class = "transformers:Trainer"
@@ -80,15 +91,23 @@ class Classify(TrainerStage):
         common=("lora",),
     )
 
-    def training_values(self, spec: StageSpec) -> dict[str, Any]:
-        return {"eval_strategy": "epoch" if spec.cfg.get("eval_data") else "no", **super().training_values(spec)}
+    def training_values(self, spec: StageSpec, ctx: Context) -> dict[str, Any]:
+        return {"eval_strategy": "epoch" if spec.cfg.get("eval_data") else "no", **super().training_values(spec, ctx)}
 
-    def columns(self, spec: StageSpec) -> tuple[str, str]:
-        return spec.cfg.get("text_column", "text"), spec.cfg.get("label_column", "label")
+    def settings(self, spec: StageSpec, ctx: Context) -> ClassifySettings:
+        return ClassifySettings(
+            **vars(super().settings(spec, ctx)),
+            text_column=spec.cfg.get("text_column", "text"),
+            label_column=spec.cfg.get("label_column", "label"),
+            labels=spec.cfg.get("labels"),
+        )
 
-    def data(self, spec: StageSpec, s: Settings) -> tuple[Any, Any]:
-        """(train, eval), with the class names in `s.extra["labels"]`."""
-        text, label = self.columns(spec)
+    def data(self, spec: StageSpec, ctx: Context, s: ClassifySettings) -> tuple[Any, Any]:
+        """(train, eval), the label column a `datasets.ClassLabel` naming the classes (the model's head
+        and the confusion matrix read the names from it)."""
+        from datasets import ClassLabel
+
+        text, label = s.text_column, s.label_column
         train = load_split(self.require_data(spec), f"{spec.where}.data", "train")
         require_columns(train, [text], f"{spec.where}.data", "text to classify; set text_column")
         require_columns(train, [label], f"{spec.where}.data", "class labels; set label_column")
@@ -100,16 +119,17 @@ class Classify(TrainerStage):
         if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
             raise TunelabError(f"'{spec.where}.data': column '{label}' must hold integer class labels 0..n-1")
         n = max(values) + 1
-        names = spec.cfg.get("labels") or [str(i) for i in range(n)]
+        names = s.labels or [str(i) for i in range(n)]
         if len(names) < n:
             raise TunelabError(
                 f"'{spec.where}.labels' names {len(names)} classes but the data has labels up to {n - 1}"
             )
-        s.extra["labels"] = list(names)
-        return train, evaluation
+        classes = ClassLabel(names=[str(name) for name in names])
+        train = train.cast_column(label, classes)
+        return train, None if evaluation is None else evaluation.cast_column(label, classes)
 
-    def prepare(self, spec: StageSpec, ctx: Context, s: Settings, tokenizer: Any, train: Any, evaluation: Any):
-        text, label = self.columns(spec)
+    def prepare(self, spec: StageSpec, ctx: Context, s: ClassifySettings, tokenizer: Any, train: Any, evaluation: Any):
+        text, label = s.text_column, s.label_column
 
         def encode(batch):
             return tokenizer(batch[text], truncation=True, max_length=getattr(tokenizer, "model_max_length", 512))
@@ -120,10 +140,11 @@ class Classify(TrainerStage):
 
         return encoded(train), None if evaluation is None else encoded(evaluation)
 
-    def model(self, spec: StageSpec, ctx: Context, s: Settings) -> Any:
+    def model(self, spec: StageSpec, ctx: Context, s: Settings, tokenizer: Any, train: Any) -> Any:
+        """An encoder with a new head of one output per class (the names of the data's `ClassLabel`)."""
         from transformers import AutoModelForSequenceClassification, set_seed
 
-        names = s.extra["labels"]
+        names = train.features["labels"].names
         set_seed(ctx.seed)  # the new head's initial weights
         model = AutoModelForSequenceClassification.from_pretrained(
             s.model["path"],
@@ -152,7 +173,6 @@ class Classify(TrainerStage):
                 "f1": f1.compute(predictions=predictions, references=pred.label_ids, average="macro")["f1"],
             }
 
-        s.extra["compute_metrics"] = compute_metrics
         return {
             "model": model,
             "args": s.args,
@@ -162,7 +182,7 @@ class Classify(TrainerStage):
             "compute_metrics": compute_metrics,
         }
 
-    def before(self, spec: StageSpec, s: Settings, trainer: Any, tokenizer: Any, evaluation: Any) -> dict[str, Any]:
+    def before(self, spec, ctx, s, trainer, tokenizer, evaluation) -> dict[str, Any]:
         if evaluation is None:
             return {}
         untrained = _score_untrained(
@@ -171,15 +191,15 @@ class Classify(TrainerStage):
             trainer.data_collator,
             s.args.per_device_eval_batch_size,
             s.args.device,
-            s.extra["compute_metrics"],
+            trainer.compute_metrics,
         )
         return {f"untrained_{k}": v for k, v in untrained.items()}
 
-    def after(self, spec: StageSpec, s: Settings, trainer: Any, tokenizer: Any, evaluation: Any) -> dict[str, Any]:
+    def after(self, spec, ctx, s, trainer, tokenizer, evaluation) -> dict[str, Any]:
         if evaluation is None:
             return {}
         scores = _score(trainer, evaluation)
-        _confusion(trainer, evaluation, s.extra["labels"], spec.out_dir)
+        _confusion(trainer, evaluation, evaluation.features["labels"].names, spec.out_dir)
         return scores
 
     def plan(self, spec: StageSpec, ctx: Context):

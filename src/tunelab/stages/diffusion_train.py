@@ -16,11 +16,21 @@ Two forms, one stage:
 `training:` is `transformers.TrainingArguments`, so optimisation, logging, checkpoints, `--resume`
 (model, optimizer, scheduler, RNG states, data position, and the EMA weights) and multi-device
 runs work as in every other tunelab stage. `samples:` writes a grid of samples every N steps.
+The loss is diffusers' (`scheduler.prediction_type`: epsilon, v_prediction or sample; any other is
+refused at validate, as diffusers' training scripts refuse it). The Trainer subclass is
+`tunelab.diffusion.trainer.DiffusionTrainer`; checkpoints hold the EMA weights as diffusers'
+`EMAModel.save_pretrained` writes them (`unet_ema/`).
+
+A `Stage`, not a `TrainerStage` declaration: TrainerStage's steps are a language model's (`model:` a
+causal LM or classifier loaded with its tokenizer, peft task types, chat templates, the token-based
+memory plan), while this stage builds a UNet or opens a diffusers pipeline, trains it with its own
+loss and EMA callbacks, and saves a pipeline. What it shares with the Trainer stages is the
+training itself, which it gets from the same `guarded_train` (divergence guard, atomic checkpoints,
+signals, resume).
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from tunelab.core.config import build, check_keys
@@ -29,13 +39,12 @@ from tunelab.core.hub import local_path
 from tunelab.core.progress import quiet
 from tunelab.data.datasets import fingerprint, require_columns
 from tunelab.diffusion.pipelines import (
-    grid,
+    PREDICTION_TYPES,
     image_spec,
     load_images,
     load_pipeline,
     make_scheduler,
     pipeline_kind,
-    sample,
     scheduler_spec,
     to_tensor,
 )
@@ -137,7 +146,35 @@ def _build_unet(config: dict[str, Any], where: str, meta: bool = False):
 def _noise_scheduler(spec: StageSpec):
     from diffusers import DDPMScheduler
 
+    # `build` holds prediction_type to DDPMScheduler's Literal annotation: the types the loss implements.
     return build(DDPMScheduler, spec.cfg.get("scheduler") or {}, f"{spec.where}.scheduler")
+
+
+# Diffusers' training scripts raise on a prediction type they do not implement; taking it for "sample" (as
+# tunelab once did) trains a UNet that its own scheduler then samples wrongly from.
+_PREDICTION_FIX = f"diffusion_train trains the prediction types {', '.join(PREDICTION_TYPES)}; use one of them"
+
+
+def _check_pipeline_prediction(spec: StageSpec, ctx: Context, config: Any = None) -> None:
+    """The prediction type of `model:`'s noise schedule: `config` (run), or a local pipeline's scheduler config
+    (validate; a hub pipeline's is read when it loads)."""
+    if config is None:
+        import json
+
+        value = spec.cfg["model"]
+        if ctx.is_pending(value):
+            return  # an earlier diffusion_train stage writes it, with a schedule checked there
+        folder = local_path(ctx.resolve_ref(value))
+        path = folder / "scheduler" / "scheduler_config.json" if folder is not None else None
+        if path is None or not path.is_file():
+            return
+        config = json.loads(path.read_text())
+    kind = config.get("prediction_type", "epsilon")
+    if kind not in PREDICTION_TYPES:
+        raise TunelabError(
+            f"'{spec.where}.model' has a noise schedule with prediction_type {kind!r} (scheduler/"
+            f"scheduler_config.json): {_PREDICTION_FIX}"
+        )
 
 
 def _ema(spec: StageSpec, mode: str) -> dict[str, Any] | None:
@@ -202,178 +239,6 @@ def _image(spec: StageSpec, mode: str) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------- training
-
-
-def _trainer_class():
-    """The Trainer subclass, built on first use so that importing this module stays light."""
-    import torch
-    import torch.nn.functional as F
-    from transformers import Trainer
-
-    class DiffusionTrainer(Trainer):
-        """`Trainer` with the DDPM loss, diffusers-format checkpoints and EMA weights saved beside them."""
-
-        def __init__(self, *args, noise_scheduler, ema=None, vae=None, text_encoder=None, lora=False, **kwargs):
-            _readable_config(kwargs["model"])
-            super().__init__(*args, **kwargs)
-            self.noise_scheduler, self.ema, self.lora = noise_scheduler, ema, lora
-            self.vae, self.text_encoder = vae, text_encoder
-            for frozen in (vae, text_encoder):
-                if frozen is not None:
-                    frozen.to(self.args.device)
-
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            latents = inputs["pixel_values"]
-            if self.vae is not None:
-                with torch.no_grad():
-                    latents = self.vae.encode(latents.to(self.vae.dtype)).latent_dist.sample()
-                    latents = latents * self.vae.config.scaling_factor
-            gen = self._noise_generator(latents.device)
-            noise = torch.randn(latents.shape, generator=gen, device=latents.device, dtype=latents.dtype)
-            steps = self.noise_scheduler.config.num_train_timesteps
-            timesteps = torch.randint(0, steps, (latents.shape[0],), generator=gen, device=latents.device).long()
-            noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
-            kind = self.noise_scheduler.config.prediction_type
-            if kind == "epsilon":
-                target = noise
-            elif kind == "v_prediction":
-                target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
-            else:
-                target = latents
-            if self.text_encoder is not None:
-                with torch.no_grad():
-                    states = self.text_encoder(inputs["input_ids"], return_dict=False)[0]
-                pred = model(noisy, timesteps, states, return_dict=False)[0]
-            else:
-                pred = model(noisy, timesteps, return_dict=False)[0]
-            loss = F.mse_loss(pred.float(), target.float())
-            return (loss, {"pred": pred}) if return_outputs else loss
-
-        def _noise_generator(self, device):
-            """Noise and timesteps from a generator seeded per rank (seed + rank), saved with each checkpoint.
-
-            Ranks see different images; with one global seed they would also draw the same noise
-            and timesteps for them, which correlates the gradient each rank contributes.
-            """
-            if getattr(self, "_gen", None) is None:
-                self._gen = torch.Generator(device=device).manual_seed(self.args.seed + self.args.process_index)
-                if getattr(self, "_gen_state", None) is not None:
-                    self._gen.set_state(self._gen_state)
-            return self._gen
-
-        def _noise_file(self, folder) -> Path:
-            return Path(folder) / f"noise_rng_{self.args.process_index}.pth"
-
-        def _save_rng_state(self, output_dir: str) -> None:
-            super()._save_rng_state(output_dir)
-            if getattr(self, "_gen", None) is not None:
-                Path(output_dir).mkdir(parents=True, exist_ok=True)
-                torch.save(self._gen.get_state(), self._noise_file(output_dir))
-
-        def _load_rng_state(self, checkpoint) -> None:
-            super()._load_rng_state(checkpoint)
-            if checkpoint is not None and self._noise_file(checkpoint).is_file():
-                self._gen_state = torch.load(self._noise_file(checkpoint))
-                self._gen = None
-
-        def _save(self, output_dir: str | None = None, state_dict=None) -> None:
-            from safetensors.torch import save_file
-
-            if not self.args.should_save:
-                return
-            out = Path(output_dir or self.args.output_dir)
-            out.mkdir(parents=True, exist_ok=True)
-            unet = self.accelerator.unwrap_model(self.model)
-            if self.lora:
-                from peft.utils import get_peft_model_state_dict
-
-                weights = {k: v.detach().contiguous().cpu() for k, v in get_peft_model_state_dict(unet).items()}
-                save_file(weights, out / "lora.safetensors")
-            else:
-                unet.save_pretrained(out)
-            if self.ema is not None:
-                torch.save(self.ema.state_dict(), out / "ema.pt")
-
-        def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-            from safetensors.torch import load_file
-
-            folder = Path(resume_from_checkpoint)
-            unet = self.accelerator.unwrap_model(model or self.model)
-            if self.lora:
-                from peft.utils import set_peft_model_state_dict
-
-                set_peft_model_state_dict(unet, load_file(folder / "lora.safetensors"))
-            else:
-                unet.load_state_dict(load_file(folder / "diffusion_pytorch_model.safetensors"))
-            if self.ema is not None and (folder / "ema.pt").is_file():
-                self.ema.load_state_dict(torch.load(folder / "ema.pt", weights_only=False))
-
-    return DiffusionTrainer
-
-
-def _readable_config(model) -> None:
-    """Give a diffusers model's config the `to_dict`/`to_json_string` of a transformers config.
-
-    The Trainer's reporting callbacks (TensorBoard, wandb, mlflow) log `model.config` through
-    those methods; a diffusers FrozenDict has neither.
-    """
-    import json
-
-    from diffusers.configuration_utils import FrozenDict
-
-    class _Config(FrozenDict):
-        def to_dict(self) -> dict[str, Any]:
-            return dict(self)
-
-        def to_json_string(self, *args, **kwargs) -> str:
-            return json.dumps(dict(self), indent=2, sort_keys=True, default=str)
-
-    if not hasattr(model.config, "to_json_string"):
-        model._internal_dict = _Config(model._internal_dict)
-
-
-def _callbacks(ema, samples: dict[str, Any] | None, make_pipe, out_dir: Path):
-    """EMA updates after each optimizer step; sample grids every `samples.every` steps (main process)."""
-    from transformers import TrainerCallback
-
-    class _EMA(TrainerCallback):
-        def on_step_end(self, args, state, control, model=None, **kwargs):
-            ema.step(model.parameters())
-
-    class _Grid(TrainerCallback):
-        def on_step_end(self, args, state, control, model=None, **kwargs):
-            if samples["every"] and state.global_step % samples["every"] == 0 and state.is_world_process_zero:
-                write_grid(model, state.global_step)
-
-    def write_grid(model, step: int) -> Path:
-        was_training = model.training
-        model.eval()
-        if ema is not None:
-            ema.store(model.parameters())
-            ema.copy_to(model.parameters())
-        try:
-            pipe = make_pipe(model)
-            prompt = samples.get("prompt")
-            images = sample(
-                pipe,
-                num_images=samples["num_images"],
-                num_inference_steps=samples["num_inference_steps"],
-                seed=samples["seed"],
-                prompt=prompt,
-            )
-        finally:
-            if ema is not None:
-                ema.restore(model.parameters())
-            model.train(was_training)
-        path = out_dir / "samples" / f"step-{step:06d}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        grid(images).save(path)
-        return path
-
-    callbacks = [_EMA()] if ema is not None else []
-    if samples is not None:
-        callbacks.append(_Grid())
-    return callbacks, write_grid
 
 
 def _dataset(spec: StageSpec, image: dict[str, Any], tokenizer=None):
@@ -452,6 +317,8 @@ class DiffusionTrain(Stage):
             _noise_scheduler(spec)
         elif "scheduler" in spec.cfg:
             raise TunelabError(f"'{spec.where}.scheduler': the pipeline brings its noise schedule; drop it")
+        else:
+            _check_pipeline_prediction(spec, ctx)
         if mode == "text":
             _lora(spec)
             if "channels" in spec.cfg and spec.cfg["channels"] != 3:
@@ -507,6 +374,8 @@ class DiffusionTrain(Stage):
         import torch
         from transformers import set_seed
 
+        from tunelab.diffusion.trainer import DiffusionTrainer, EMAUpdate, SampleGrids
+
         mode = _mode(spec, ctx)
         args = _args(spec, ctx)
         image = _image(spec, mode)
@@ -523,10 +392,12 @@ class DiffusionTrain(Stage):
                 image["resolution"] = unet.config.sample_size * pipe.vae_scale_factor
             unet.add_adapter(_lora(spec))
             noise_scheduler = make_scheduler("DDPM", pipe.scheduler.config, f"{spec.where}.model")
+            _check_pipeline_prediction(spec, ctx, noise_scheduler.config)
         elif "model" in spec.cfg:
             pipe = load_pipeline(ctx.resolve_ref(spec.cfg["model"]), f"{spec.where}.model")
             unet = pipe.unet
             noise_scheduler = make_scheduler("DDPM", pipe.scheduler.config, f"{spec.where}.model")
+            _check_pipeline_prediction(spec, ctx, noise_scheduler.config)
             if unet.config.in_channels != image["channels"]:
                 raise TunelabError(
                     f"'{spec.where}': the pipeline's UNet takes {unet.config.in_channels} channel(s), "
@@ -554,8 +425,9 @@ class DiffusionTrain(Stage):
                 return pipe.to(model.device)
             return DDPMPipeline(unet=model, scheduler=scheduler)
 
-        callbacks, write_grid = _callbacks(ema, samples, make_pipe, spec.out_dir)
-        trainer = _trainer_class()(
+        grids = SampleGrids(samples, ema, make_pipe, spec.out_dir) if samples is not None else None
+        callbacks = [c for c in (EMAUpdate(ema) if ema is not None else None, grids) if c is not None]
+        trainer = DiffusionTrainer(
             model=unet,
             args=args,
             train_dataset=train_ds,
@@ -573,8 +445,8 @@ class DiffusionTrain(Stage):
         files: dict[str, str] = {}
         if trainer.args.should_save:
             final = unet
-            if samples is not None:
-                files["samples"] = str(write_grid(final, int(metrics["global_step"])))
+            if grids is not None:
+                files["samples"] = str(grids.write(final, int(metrics["global_step"])))
             if mode == "text":
                 _save_lora(pipe, unet, spec, ctx)
             else:

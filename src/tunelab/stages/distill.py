@@ -11,6 +11,7 @@ loaded as tunelab loads every model (adapters merged, GGUF files converted) and 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from tunelab.core.errors import TunelabError
@@ -27,10 +28,17 @@ from tunelab.stages.base import Settings, TrainerStage, sections
 NOT_TRAINER_KEYS = ("teacher_model_name_or_path", "teacher_model_init_kwargs")
 
 
+@dataclass(kw_only=True)
+class DistillSettings(Settings):
+    teacher: dict[str, Any] | None
+    """from_pretrained arguments of `teacher:` (None while checking, when an earlier stage makes it)."""
+
+
 class Distill(TrainerStage):
     config_class = "trl:DistillationConfig"
     trainer_class = "trl:DistillationTrainer"
     data_hint = "name a dataset with a `prompt` column (the student answers the prompts)"
+    completions = True  # the student learns on its own sampled answers
     model_hint = "the student: a model smaller than the teacher, with its vocabulary (usually an SFT model)"
     metrics = Metrics(summary=TRAINING, progress={"entropy": "entropy", "completions/mean_length": "length"})
     sections = sections(
@@ -43,21 +51,21 @@ class Distill(TrainerStage):
         }
     )
 
-    def training_values(self, spec: StageSpec) -> dict[str, Any]:
-        values = super().training_values(spec)
+    def training_values(self, spec: StageSpec, ctx: Context) -> dict[str, Any]:
+        values = super().training_values(spec, ctx)
         for key in NOT_TRAINER_KEYS:
             if key in values:
                 raise TunelabError(f"'{spec.where}.training.{key}' is not read by the trainer: set `teacher:`")
         return values
 
-    def settings(self, spec: StageSpec, ctx: Context) -> Settings:
-        s = super().settings(spec, ctx)
-        s.extra["teacher"] = stage_model(spec, ctx, "the teacher: a causal LM with the student's vocabulary", "teacher")
+    def settings(self, spec: StageSpec, ctx: Context) -> DistillSettings:
+        common = super().settings(spec, ctx)
+        teacher = stage_model(spec, ctx, "the teacher: a causal LM with the student's vocabulary", "teacher")
         check_language_model(spec.cfg["teacher"], ctx, f"{spec.where}.teacher", "the teacher of a distill stage is")
         _check_vocabularies(spec, ctx)
-        return s
+        return DistillSettings(**vars(common), teacher=teacher)
 
-    def data(self, spec: StageSpec, s: Settings) -> tuple[Any, Any]:
+    def data(self, spec: StageSpec, ctx: Context, s: Settings) -> tuple[Any, Any]:
         out = []
         for key, split in (("data", "train"), ("eval_data", "test")):
             if key == "eval_data" and spec.cfg.get(key) is None:
@@ -76,7 +84,7 @@ class Distill(TrainerStage):
 
     def trainer_kwargs(self, spec, ctx, s, model, tokenizer, train, evaluation) -> dict[str, Any]:
         kwargs = super().trainer_kwargs(spec, ctx, s, model, tokenizer, train, evaluation)
-        return {**kwargs, "teacher_model": load_causal_lm(s.extra["teacher"]).eval()}
+        return {**kwargs, "teacher_model": load_causal_lm(s.teacher).eval()}
 
     def plan(self, spec: StageSpec, ctx: Context):
         """The student's training plan plus the frozen teacher's weights (approximate: answers are short,
@@ -89,11 +97,6 @@ class Distill(TrainerStage):
             plan.parts["teacher"] = model_structure(teacher)[1] * 4.0
             plan.notes.append("teacher frozen, in fp32")
         return plan
-
-    def plan_args(self, spec: StageSpec, ctx: Context) -> Any:
-        args = self.args(spec, ctx)
-        args.max_length = (args.max_completion_length or 256) + 128
-        return args
 
 
 def _check_vocabularies(spec: StageSpec, ctx: Context) -> None:

@@ -72,7 +72,7 @@ class KTO(PreferenceStage):
         }
     )
 
-    def data(self, spec: StageSpec, s: Settings) -> tuple[Any, Any]:
+    def data(self, spec: StageSpec, ctx: Context, s: Settings) -> tuple[Any, Any]:
         train = load_split(self.require_data(spec), f"{spec.where}.data", "train")
         _check_rows(train, f"{spec.where}.data")
         evaluation = None
@@ -81,7 +81,7 @@ class KTO(PreferenceStage):
             _check_rows(evaluation, f"{spec.where}.eval_data")
         return train, evaluation
 
-    def check_more(self, spec: StageSpec, ctx: Context, s: Settings, train: Any) -> None:
+    def check_more(self, spec: StageSpec, ctx: Context, s: Settings, train: Any, evaluation: Any) -> None:
         where = f"{spec.where}.training"
         if s.args.loss_type == "kto" and s.args.per_device_train_batch_size < 2:
             raise TunelabError(

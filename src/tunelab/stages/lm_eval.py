@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import tempfile
 import time
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from typing import Any
 
 from tunelab.core.errors import TunelabError
 from tunelab.core.runs import write_atomic
+from tunelab.evaluation.endpoints import Endpoint, check_endpoint, endpoint_spec
 from tunelab.evaluation.harness import (
     check_arguments,
     check_model_args,
@@ -37,6 +39,7 @@ from tunelab.evaluation.harness import (
     include_paths,
     load_tasks,
     materialize,
+    output_types,
     require,
     task_manager,
     task_names,
@@ -130,6 +133,43 @@ def _evaluate(model: Any, tokenizer: Any, names, manager, args, model_args) -> d
         logger.setLevel(level)
 
 
+def _evaluate_endpoint(endpoint: Endpoint, names, manager, args, model_args, seed: int) -> dict[str, Any]:
+    """One served model through the harness's `local-chat-completions` model (requests sent concurrently)."""
+    import logging
+
+    import lm_eval
+    from lm_eval.models.openai_completions import LocalChatCompletion
+
+    args = {**args, "apply_chat_template": True}  # chat completions take messages; the server renders them
+    concurrent = args.pop("batch_size")
+    args.pop("max_batch_size", None)
+    logger = logging.getLogger("lm_eval")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        lm = LocalChatCompletion(
+            base_url=f"{endpoint.base_url}/chat/completions",
+            model=endpoint.model,
+            num_concurrent=concurrent if isinstance(concurrent, int) else DEFAULT_BATCH,
+            max_retries=1,
+            seed=seed,
+            header={"Authorization": f"Bearer {endpoint.api_key or os.environ.get('OPENAI_API_KEY', 'none')}"},
+            think_end_token=model_args.get("think_end_token"),
+        )
+        return lm_eval.simple_evaluate(model=lm, tasks=names, task_manager=manager, **args)
+    finally:
+        logger.setLevel(level)
+
+
+def _endpoint_command(endpoint: Endpoint, names: list[str], tasks_dir, args: dict[str, Any]) -> str:
+    """The harness command that scores the same served model without tunelab."""
+    include = f" --include_path {tasks_dir}" if tasks_dir else ""
+    return (
+        f"lm_eval --model local-chat-completions --model_args model={endpoint.model},"
+        f"base_url={endpoint.base_url}/chat/completions --tasks {','.join(names)} --apply_chat_template{include}"
+    )
+
+
 def _command(mspec: dict[str, Any], names: list[str], tasks_dir, args: dict[str, Any]) -> str:
     """The harness command that scores the same model without tunelab (adapters through `peft=`)."""
 
@@ -180,6 +220,7 @@ class LmEval(ModelsStage):
     """Score models on lm-evaluation-harness tasks: the field's benchmarks, through the tool people trust."""
 
     title = "harness tasks"
+    endpoints = True  # generate_until tasks through the harness's own `local-chat-completions` model
     sections = SECTIONS
 
     def settings(self, spec: StageSpec, ctx: Context) -> HarnessSettings:
@@ -219,9 +260,12 @@ class LmEval(ModelsStage):
             manager = _manager(spec, s.names, shipped=materialize(Path(tmp)))
             tasks = load_tasks(manager, s.names, f"{spec.where}.tasks")
             check_samples(tasks, s.args.get("samples"), f"{spec.where}.samples")
-        return None
+            return Tasks(manager, Path(tmp))  # for the checks only: the folder is gone when they run
 
-    def check_model(self, spec: StageSpec, ctx: Context, s: HarnessSettings, data: Any, entry: Entry) -> None:
+    def check_model(self, spec: StageSpec, ctx: Context, s: HarnessSettings, data: Tasks, entry: Entry) -> None:
+        if entry.endpoint:
+            self.check_endpoint(spec, s, data, entry)
+            return
         check_language_model(entry.value, ctx, entry.where, "lm_eval scores")
         if not ctx.is_pending(entry.spec()["path"]):
             resolved = entry.resolved(ctx, materialize=False)
@@ -236,7 +280,29 @@ class LmEval(ModelsStage):
         if config is not None:
             check_cpu_shapes(config, spec.cfg["quantization"], f"{spec.where}.quantization")
 
+    def check_endpoint(self, spec: StageSpec, s: HarnessSettings, data: Tasks, entry: Entry) -> None:
+        """A served model answers through chat completions: generated answers only, the server's template."""
+        for key in ("quantization", "model_args"):
+            if spec.cfg.get(key) is not None:
+                raise TunelabError(
+                    f"'{spec.where}.{key}' applies to models tunelab loads; '{entry.where}' is served: remove it"
+                )
+        if s.args.get("apply_chat_template") is False:
+            raise TunelabError(
+                f"'{spec.where}.apply_chat_template' is false, but '{entry.where}' is served over chat completions, "
+                "which the server renders with its own template: drop it"
+            )
+        for task, kind in output_types(data.manager, s.names).items():
+            if kind != "generate_until":
+                raise TunelabError(
+                    f"'{entry.where}' is served over chat completions, which return no log-likelihoods; task "
+                    f"'{task}' is {kind}: score that task with the model itself (its folder, hub id or ${{stage}})"
+                )
+        check_endpoint(endpoint_spec(entry.value, entry.where), entry.where)
+
     def load(self, spec: StageSpec, ctx: Context, s: HarnessSettings, entry: Entry) -> Any:
+        if entry.endpoint:
+            return endpoint_spec(entry.value, entry.where)
         import torch
 
         mspec = entry.resolved(ctx)
@@ -247,14 +313,20 @@ class LmEval(ModelsStage):
         return model, tokenizer, mspec
 
     def score(self, spec: StageSpec, ctx: Context, s: HarnessSettings, data: Tasks, entry: Entry, model) -> Scored:
-        model, tokenizer, mspec = model
         started = time.perf_counter()
-        results = _evaluate(model, tokenizer, s.names, data.manager, s.args, s.model_args)
+        if isinstance(model, Endpoint):
+            results = _evaluate_endpoint(model, s.names, data.manager, s.args, s.model_args, ctx.seed)
+            mspec = {"path": f"{model.base_url} ({model.model})"}
+        else:
+            model, tokenizer, mspec = model
+            results = _evaluate(model, tokenizer, s.names, data.manager, s.args, s.model_args)
         seconds = time.perf_counter() - started
         samples = results.pop("samples", None) or {}
         counted = sum(int(v.get("effective", 0)) for v in results.get("n-samples", {}).values())
         metrics = {**flat_metrics(results), "examples": counted, "examples_per_second": counted / seconds}
-        results["tunelab"] = {"model": mspec["path"], "command": _command(mspec, s.names, data.folder, s.args)}
+        command = _endpoint_command(model, s.names, data.folder, s.args) if isinstance(model, Endpoint) else None
+        command = command or _command(mspec, s.names, data.folder, s.args)
+        results["tunelab"] = {"model": mspec["path"], "command": command}
         path = spec.out_dir / f"harness-{entry.label}.json"
         write_atomic(path, json.dumps(results, indent=2, default=str) + "\n")
         files = {f"harness-{entry.label}": str(path)}
@@ -279,6 +351,8 @@ class LmEval(ModelsStage):
         )
         plans = []
         for entry in entries(spec):
+            if entry.endpoint:
+                continue  # the server's memory is the server's
             config = model_config(entry.value, ctx, entry.where)
             if config is not None:
                 quant = spec.cfg.get("quantization")

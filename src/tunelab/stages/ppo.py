@@ -21,6 +21,7 @@ every rollout batch, with its own sampling seed).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from tunelab.core.errors import TunelabError
@@ -90,6 +91,17 @@ def _tokenized(ds, column: str, tokenizer):
     return ds.map(encode, remove_columns=ds.column_names)
 
 
+@dataclass(kw_only=True)
+class PPOSettings(Settings):
+    """The models PPO scores with and the column it reads prompts from."""
+
+    reward_model: dict[str, Any] | None
+    """from_pretrained arguments of `reward_model:` (None while checking, when an earlier stage makes it)."""
+    value_model: dict[str, Any] | None
+    """Where the value model starts: `value_model:`, by default the reward model."""
+    prompt_column: str
+
+
 class PPO(TrainerStage):
     config_class = "trl.experimental.ppo:PPOConfig"
     trainer_class = "tunelab.training.ppo_trainer:ResumablePPOTrainer"
@@ -120,8 +132,8 @@ class PPO(TrainerStage):
         common=("lora", "chat_template", "system"),
     )
 
-    def training_values(self, spec: StageSpec) -> dict[str, Any]:
-        values = super().training_values(spec)
+    def training_values(self, spec: StageSpec, ctx: Context) -> dict[str, Any]:
+        values = super().training_values(spec, ctx)
         for key in NOT_TRAINER_KEYS:
             if key in values:
                 raise TunelabError(
@@ -130,47 +142,43 @@ class PPO(TrainerStage):
                 )
         return values
 
-    def settings(self, spec: StageSpec, ctx: Context) -> Settings:
-        s = super().settings(spec, ctx)
+    def settings(self, spec: StageSpec, ctx: Context) -> PPOSettings:
+        common = super().settings(spec, ctx)
         if "reward_model" not in spec.cfg:
             raise TunelabError(
                 f"'{spec.where}' has no `reward_model:`: PPO optimises a reward model's score; "
                 "add a `reward` stage and set `reward_model: ${reward}`"
             )
-        s.extra["reward_model"] = reward_model_spec(spec.cfg["reward_model"], ctx, f"{spec.where}.reward_model")
-        s.extra["value_model"] = (
+        reward = reward_model_spec(spec.cfg["reward_model"], ctx, f"{spec.where}.reward_model")
+        value = (
             reward_model_spec(spec.cfg["value_model"], ctx, f"{spec.where}.value_model")
             if "value_model" in spec.cfg
-            else s.extra["reward_model"]
+            else reward
         )
         _check_tokenizers(spec, ctx)
-        return s
+        column = spec.cfg.get("prompt_column", "prompt")
+        common.chat_columns = (column,)
+        return PPOSettings(**vars(common), reward_model=reward, value_model=value, prompt_column=column)
 
-    def column(self, spec: StageSpec) -> str:
-        return spec.cfg.get("prompt_column", "prompt")
-
-    def chat_columns_of(self, spec: StageSpec) -> tuple[str, ...]:
-        return (self.column(spec),)
-
-    def data(self, spec: StageSpec, s: Settings) -> tuple[Any, Any]:
+    def data(self, spec: StageSpec, ctx: Context, s: PPOSettings) -> tuple[Any, Any]:
         ds = load_split(self.require_data(spec), f"{spec.where}.data", "train")
-        column = self.column(spec)
+        column = s.prompt_column
         require_columns(ds, [column], f"{spec.where}.data", "prompts; set prompt_column", "turns", empty=False)
         return ds, None
 
-    def check_more(self, spec: StageSpec, ctx: Context, s: Settings, train: Any) -> None:
+    def check_more(self, spec: StageSpec, ctx: Context, s: Settings, train: Any, evaluation: Any) -> None:
         _check_batches(spec, s.args, len(train))
 
-    def tokenizer(self, spec: StageSpec, s: Settings) -> Any:
+    def tokenizer(self, spec: StageSpec, ctx: Context, s: Settings, train: Any) -> Any:
         tokenizer = load_tokenizer(s.model["path"])
         tokenizer.padding_side = "left"  # responses are appended after the prompts
         return tokenizer
 
-    def prepare(self, spec: StageSpec, ctx: Context, s: Settings, tokenizer: Any, train: Any, evaluation: Any):
-        column = self.column(spec)
+    def prepare(self, spec: StageSpec, ctx: Context, s: PPOSettings, tokenizer: Any, train: Any, evaluation: Any):
+        column = s.prompt_column
         return _tokenized(conversational(train, tokenizer, s.chat, s.system, column), column, tokenizer), None
 
-    def model(self, spec: StageSpec, ctx: Context, s: Settings) -> Any:
+    def model(self, spec: StageSpec, ctx: Context, s: Settings, tokenizer: Any, train: Any) -> Any:
         return load_causal_lm(s.model)
 
     def trainer_kwargs(self, spec, ctx, s, model, tokenizer, train, evaluation) -> dict[str, Any]:
@@ -179,23 +187,23 @@ class PPO(TrainerStage):
             "processing_class": tokenizer,
             "model": model,
             "ref_model": None if s.lora is not None else load_causal_lm(s.model),
-            "reward_model": load_sequence_classifier(s.extra["reward_model"], num_labels=1),
-            "value_model": load_sequence_classifier(s.extra["value_model"], num_labels=1),
+            "reward_model": load_sequence_classifier(s.reward_model, num_labels=1),
+            "value_model": load_sequence_classifier(s.value_model, num_labels=1),
             "train_dataset": train,
             "eval_dataset": train.select(range(min(len(train), s.args.per_device_eval_batch_size))),
             "peft_config": s.lora,
         }
 
-    def after(self, spec: StageSpec, s: Settings, trainer: Any, tokenizer: Any, evaluation: Any) -> dict[str, Any]:
-        out = super().after(spec, s, trainer, tokenizer, None)
+    def after(self, spec, ctx, s, trainer, tokenizer, evaluation) -> dict[str, Any]:
+        out = super().after(spec, ctx, s, trainer, tokenizer, None)
         steps = [h for h in trainer.state.log_history if "objective/entropy" in h]
         if steps:
             out["objective/entropy"] = steps[-1]["objective/entropy"]
         return out
 
-    def save(self, spec: StageSpec, s: Settings, trainer: Any, tokenizer: Any) -> None:
+    def save(self, spec: StageSpec, ctx: Context, s: Settings, trainer: Any, tokenizer: Any) -> None:
         tokenizer.padding_side = "right"  # as every other stage saves it
-        super().save(spec, s, trainer, tokenizer)
+        super().save(spec, ctx, s, trainer, tokenizer)
 
     def plan(self, spec: StageSpec, ctx: Context):
         """Memory plan of PPO: the policy's training, plus the value model trained in full (weights,

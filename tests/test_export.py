@@ -18,7 +18,7 @@ import pytest
 from typer.testing import CliRunner
 
 import tunelab
-from tests.conftest import CHAT_TEST, CHAT_TRAIN, tiny_training
+from tests.helpers import CHAT_TEST, CHAT_TRAIN, tiny_training
 from tunelab.cli import app
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -353,6 +353,27 @@ def test_adapter_from_stage_folder_equals_merge_output(sft_run: Path, tmp_path: 
     whole = export_model(str(sft_run), tmp_path / "run.gguf", "f16", say=lines.append)
     assert any("run folder: exporting its last model, stage 'sft'" in line for line in lines), lines
     assert whole.figures["max_abs_diff"] == direct.figures["max_abs_diff"]
+
+
+def test_eval_data_scores_the_file_beside_its_source(sft_run: Path, tmp_path: Path) -> None:
+    """`--eval`: the source and the exported file scored on the same held-out rows, side by side."""
+    from tunelab.exporting.exporter import summary
+
+    out = tmp_path / "chat.gguf"
+    result = tunelab.export(sft_run / "sft", out, type="q8_0", eval_data=CHAT_TEST)
+    assert set(result.scores) == {"source", "q8_0"}
+    folder = tmp_path / "chat-eval" / "eval"
+    for label in ("source", "q8_0"):
+        rows = [json.loads(line) for line in (folder / f"predictions-{label}.jsonl").read_text().splitlines()]
+        assert len(rows) == result.scores[label]["examples"] == 8
+        assert result.scores[label]["exact_match"] == pytest.approx(sum(r["exact_match"] for r in rows) / 8)
+    lines = summary(result)
+    assert any(line.startswith("what the export cost") for line in lines), lines
+    assert any(line.startswith("  q8_0: exact_match") for line in lines), lines
+    # A dataset that is not there is one line, before anything is written.
+    missing = runner.invoke(app, ["export", str(sft_run / "sft"), str(tmp_path / "x.gguf"), "--eval", "no/such"])
+    assert missing.exit_code == 2 and len(missing.output.strip().splitlines()) == 1, missing.output
+    assert not (tmp_path / "x.gguf").exists()
 
 
 def test_gguf_source_is_dequantized_then_written(tiny: dict[str, Path], tmp_path: Path) -> None:

@@ -14,11 +14,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from safetensors.torch import load_file
 
-from tests.conftest import CORPUS, QA_TRAIN, TINY_LLAMA, tiny_training
-from tests.test_bad_input import fails
-from tests.test_rlhf import PPO_TRAINING, PREF_TEST, PREF_TRAIN, reward_model  # noqa: F401 (a fixture)
+from tests.helpers import (
+    CORPUS,
+    PPO_TRAINING,
+    PREF_TEST,
+    PREF_TRAIN,
+    QA_TRAIN,
+    TINY_LLAMA,
+    fails,
+    same,
+    tiny_training,
+    weights,
+)
 from tunelab.core import runs
 
 CLI = [sys.executable, "-m", "tunelab.cli.app", "run"]
@@ -49,15 +57,6 @@ def _stop_after_checkpoint(path: Path, sig: int, stage_dir: Path, first: str = "
     proc.send_signal(sig)
     out, _ = proc.communicate(timeout=180)
     return proc.returncode, seen + out
-
-
-def _weights(folder: Path) -> dict:
-    name = "adapter_model.safetensors" if (folder / "adapter_model.safetensors").is_file() else "model.safetensors"
-    return load_file(folder / name)
-
-
-def _same(a: dict, b: dict, atol: float = 1e-6) -> bool:
-    return a.keys() == b.keys() and all(np.allclose(a[k].float().numpy(), b[k].float().numpy(), atol=atol) for k in a)
 
 
 def sft(model: Path, **training) -> dict:
@@ -108,7 +107,7 @@ def test_sigterm_saves_a_checkpoint_and_resume_matches(
     assert manifest["status"] == "interrupted" and manifest["stages"]["s"]["status"] == "interrupted"
     resumed = subprocess.run([*CLI, str(path), "--resume"], env=ENV, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-    assert _same(_weights(tmp_path / "straight" / "s"), _weights(tmp_path / "stopped" / "s"), atol=1e-5)
+    assert same(weights(tmp_path / "straight" / "s"), weights(tmp_path / "stopped" / "s"), atol=1e-5)
 
 
 # The reward model resumes through the same Trainer checkpoints as SFT; PPO's own loop (full and LoRA) is the
@@ -142,7 +141,7 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     record = json.loads((tmp_path / "killed" / "s" / "stage.json").read_text())
     assert record["metrics"]["resumed_from_step"] >= 5
-    assert _same(_weights(tmp_path / "straight" / "s"), _weights(tmp_path / "killed" / "s"), atol=1e-5)
+    assert same(weights(tmp_path / "straight" / "s"), weights(tmp_path / "killed" / "s"), atol=1e-5)
     straight = json.loads((tmp_path / "straight" / "s" / "stage.json").read_text())["metrics"]
     if kind == "reward":
         assert record["metrics"]["pairwise_accuracy"] == straight["pairwise_accuracy"]

@@ -27,7 +27,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from tests.conftest import assert_one_line_answer
+from tests.helpers import assert_one_line_answer
 from tunelab.cli.app import app
 from tunelab.core.paths import recipes_root, shipped_recipes
 

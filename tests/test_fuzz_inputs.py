@@ -26,8 +26,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from tests.conftest import assert_one_line_answer, tiny_training
-from tests.test_input_bounds import gguf_source
+from tests.helpers import assert_one_line_answer, gguf_source, tiny_training
 from tunelab.cli.app import app
 
 SCALE = max(1, int(os.environ.get("TUNELAB_FUZZ_EXAMPLES", "1")))

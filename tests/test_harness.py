@@ -10,8 +10,7 @@ import pytest
 import yaml
 
 import tunelab
-from tests.conftest import QA_TRAIN, tiny_training
-from tests.test_bad_input import fails, write
+from tests.helpers import QA_TRAIN, fails, tiny_training, write
 
 pytest.importorskip("lm_eval")
 

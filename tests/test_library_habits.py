@@ -16,7 +16,7 @@ import yaml
 from typer.testing import CliRunner
 
 import tunelab
-from tests.conftest import QA_TRAIN, tiny_training
+from tests.helpers import QA_TRAIN, tiny_training
 from tunelab.cli.app import app
 
 SRC = Path(__file__).resolve().parent.parent / "src" / "tunelab"

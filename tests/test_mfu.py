@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import QA_TRAIN, TINY_LLAMA, tiny_training
+from tests.helpers import QA_TRAIN, TINY_LLAMA, tiny_training
 from tunelab.training import throughput
 
 

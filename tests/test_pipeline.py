@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 import tunelab
-from tests.conftest import QA_TEST, QA_TRAIN, pretrain_stage, tiny_training
+from tests.helpers import QA_TEST, QA_TRAIN, pretrain_stage, tiny_training
 
 
 def test_reference_to_a_stage_without_a_model() -> None:

@@ -11,7 +11,7 @@ from transformers import LlamaConfig
 from trl import SFTConfig
 from typer.testing import CliRunner
 
-from tests.conftest import QA_TRAIN, tiny_training
+from tests.helpers import QA_TRAIN, tiny_training
 from tunelab.cli.app import app
 from tunelab.models.plan import plan_generation, plan_training
 

@@ -14,8 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 from typer.testing import CliRunner
 
 import tunelab
-from tests.conftest import CORPUS, QA_TRAIN, TINY_LLAMA, tiny_training
-from tests.test_bad_input import fails, sft, write
+from tests.helpers import CORPUS, QA_TRAIN, TINY_LLAMA, fails, sft, tiny_training, write
 from tunelab.cli.app import app
 
 QLORA = {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_compute_dtype": "float32"}

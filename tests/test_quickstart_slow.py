@@ -20,3 +20,20 @@ def test_quickstart_learns_the_task(tmp_path: Path) -> None:
     # The harness sees the same learning: exact match (its own regex filter) and multiple choice rise.
     assert harness["sft"]["tunelab_arith/exact_match,first-number"] - after == pytest.approx(0, abs=0.05)
     assert harness["sft"]["tunelab_arith_mc/acc"] > harness["pretrained"]["tunelab_arith_mc/acc"] + 0.2
+    # Score what you ship: the SFT adapter served by `tunelab serve`, evaluated through OpenAI's API, scores
+    # exactly what the in-process eval scored.
+    with tunelab.serve(tmp_path / "qs" / "sft") as server:
+        assert "sft" in server.models, server.models  # a stage folder is served by its stage name
+        served = {"openai_base_url": server.url, "model": "sft"}
+        stage = {**_eval_stage(), "models": {"served": served}}
+        recipe = tunelab.recipe_from_dict({"output_dir": str(tmp_path / "served"), "stages": {"eval": stage}})
+        through_api = tunelab.run(recipe).metrics["eval"]["served"]["exact_match"]
+    assert through_api == after
+
+
+def _eval_stage() -> dict:
+    from tunelab.recipe import load_recipe
+
+    stage = dict(load_recipe("quickstart").stages["eval"])
+    stage.pop("models")
+    return stage

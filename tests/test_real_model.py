@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from typer.testing import CliRunner
 
 import tunelab
-from tests.conftest import CHAT_TEST, CHAT_TRAIN, SMOLLM2, tiny_training
+from tests.helpers import CHAT_TEST, CHAT_TRAIN, SMOLLM2, tiny_training
 from tunelab.cli.app import app
 from tunelab.models.chat_templates import TUNELAB_TEMPLATE, assistant_mask
 
@@ -164,7 +164,9 @@ def test_eval_prompts_through_the_template_and_keeps_what_the_model_saw(tmp_path
     assert result.metrics["a"]["chat"]["examples"] == 8
 
 
-@pytest.mark.parametrize("name", ["sft/lora-qwen", "sft/qlora-qwen"])
+# The QLoRA recipe (~8 s more) is in `make test-all`: QLoRA training stays in the default suite (test_quant, the
+# GPU check's dry run) and test_recipe validates the recipe against the installed libraries.
+@pytest.mark.parametrize("name", ["sft/lora-qwen", pytest.param("sft/qlora-qwen", marks=pytest.mark.slow)])
 def test_gpu_recipes_run_as_shipped_on_the_real_model(tmp_path: Path, smollm2: Path, name: str) -> None:
     """The shipped GPU recipes (assistant_only_loss on a template without generation markers, eval during
     training, QLoRA with paged 8-bit AdamW) with only the model, data and sizes swapped for this machine."""

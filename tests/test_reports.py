@@ -6,8 +6,7 @@ import json
 from pathlib import Path
 
 import tunelab
-from tests.conftest import QA_TEST, pretrain_stage
-from tests.test_classify import classify
+from tests.helpers import QA_TEST, classify, pretrain_stage
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

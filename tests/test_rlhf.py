@@ -16,43 +16,20 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 from typer.testing import CliRunner
 
 import tunelab
-from tests.conftest import QA_TRAIN, pretrain_stage, tiny_training
-from tests.test_bad_input import fails, write
+from tests.helpers import (
+    PPO_TRAINING,
+    PREF_TEST,
+    PREF_TRAIN,
+    QA_TRAIN,
+    fails,
+    grpo_stage,
+    pretrain_stage,
+    reward_stage,
+    run_stages,
+    tiny_training,
+    write,
+)
 from tunelab.cli.app import app
-
-PREF_TRAIN = {"path": "recipes/data/arith_pref", "split": "train[:32]"}
-PREF_TEST = {"path": "recipes/data/arith_pref", "split": "test[:16]"}
-PPO_TRAINING = {
-    "total_episodes": 8,
-    "per_device_train_batch_size": 4,
-    "local_rollout_forward_batch_size": 4,
-    "response_length": 4,
-    "logging_steps": 1,
-    "save_strategy": "no",
-    "report_to": "none",
-}
-
-
-def run_stages(tmp_path: Path, stages: dict, name: str = "run") -> tunelab.RunResult:
-    recipe = tunelab.recipe_from_dict({"output_dir": str(tmp_path / name), "seed": 0, "stages": stages})
-    return tunelab.run(recipe)
-
-
-def reward_stage(model: str, **extra) -> dict:
-    return {
-        "stage": "reward",
-        "model": model,
-        "data": PREF_TRAIN,
-        "eval_data": PREF_TEST,
-        "training": tiny_training(max_steps=3, learning_rate=1e-3, max_length=128),
-        **extra,
-    }
-
-
-@pytest.fixture(scope="module")
-def reward_model(tmp_path_factory: pytest.TempPathFactory, tiny_lm: Path) -> Path:
-    out = tmp_path_factory.mktemp("reward")
-    return run_stages(out, {"reward": reward_stage(str(tiny_lm))}).outputs["reward"]
 
 
 def scores(model, tokenizer, texts: list[str]) -> list[float]:
@@ -204,26 +181,6 @@ def test_dpo_with_lora_saves_an_adapter(tmp_path: Path, tiny_lm: Path) -> None:
     }
     folder = run_stages(tmp_path, {"dpo": dpo}).outputs["dpo"]
     PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_lm), folder)
-
-
-def grpo_stage(model: str, reward_model: str) -> dict:
-    """Two GRPO steps of 4 prompts x 4 completions, rewarded by exact match and a reward model."""
-    return {
-        "stage": "grpo",
-        "model": model,
-        "data": QA_TRAIN,
-        "rewards": ["tunelab.rewards:exact_match", reward_model],
-        "training": {
-            "max_steps": 2,
-            "per_device_train_batch_size": 4,
-            "num_generations": 4,
-            "max_completion_length": 4,
-            "learning_rate": 1e-3,
-            "logging_steps": 1,
-            "save_strategy": "no",
-            "report_to": "none",
-        },
-    }
 
 
 def test_grpo_with_a_python_reward_and_a_reward_model(tmp_path: Path, tiny_lm: Path, reward_model: Path) -> None:

@@ -21,7 +21,7 @@ import pytest
 from typer.testing import CliRunner
 
 import tunelab
-from tests.conftest import SMOLLM2
+from tests.helpers import SMOLLM2
 from tunelab.cli import app
 
 KEY = "test-key"
@@ -216,6 +216,13 @@ def test_bad_requests_get_openai_errors_and_the_server_goes_on(server, client, t
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=server.url, api_key="wrong", max_retries=0).models.list()
     assert raw(server, "GET", "/health")[1]["status"] == "ok"  # no key needed
+    conn = http.client.HTTPConnection(server.host, server.port, timeout=30)  # one keep-alive connection
+    conn.request("POST", "/v1/nope", body=b'{"model": "x"}', headers={"Authorization": f"Bearer {KEY}"})
+    reply = conn.getresponse()
+    assert (reply.status, json.loads(reply.read())["error"]["code"]) == (404, "unknown_url")
+    conn.request("GET", "/health")  # the unread body of the 404 is not taken for this request
+    assert conn.getresponse().status == 200
+    conn.close()
     assert ask(client, base, max_tokens=3).choices[0].message.content  # still serving
 
 
@@ -269,6 +276,17 @@ def test_half_a_request_blocks_no_one_and_times_out(tiny_lm: Path) -> None:
         loris.settimeout(5)
         assert loris.recv(100) == b""  # the server gave up on it after read_timeout
         loris.close()
+
+
+def test_quantized_base_serves_through_bitsandbytes(tiny_lm: Path, adapters: dict[str, Path]) -> None:
+    import openai
+    from bitsandbytes.nn import Linear8bitLt
+
+    with tunelab.serve(tiny_lm, adapters={"b": adapters["b"]}, quantization={"load_in_8bit": True}) as server:
+        layer = server.engine.model.get_base_model().model.layers[0].self_attn.q_proj.base_layer
+        assert isinstance(layer, Linear8bitLt)
+        client = openai.OpenAI(base_url=server.url, api_key="none", max_retries=0)
+        assert all(ask(client, name, max_tokens=3).choices[0].finish_reason for name in (BASE, "b"))
 
 
 def fake_run(root: Path, tiny_lm: Path, adapters: dict[str, Path]) -> Path:

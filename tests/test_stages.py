@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from typer.testing import CliRunner
 
 import tunelab
-from tests.conftest import QA_TEST, QA_TRAIN, TINY_LLAMA, tiny_training
+from tests.helpers import QA_TEST, QA_TRAIN, TINY_LLAMA, tiny_training
 from tunelab.cli.app import app
 from tunelab.evaluation.answers import answer
 

@@ -15,8 +15,7 @@ import yaml
 from typer.testing import CliRunner
 
 import tunelab
-from tests.conftest import CORPUS, QA_TRAIN, TINY_LLAMA, tiny_training
-from tests.test_bad_input import fails, write
+from tests.helpers import CORPUS, QA_TRAIN, TINY_LLAMA, fails, tiny_training, write
 from tunelab.cli.app import app
 
 runner = CliRunner()

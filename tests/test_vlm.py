@@ -21,15 +21,13 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from tests.conftest import tiny_training
-from tests.test_bad_input import fails
+from tests.helpers import TINY_VISION, fails, same, tiny_training, weights
 from tunelab.cli.app import app
 
 runner = CliRunner()
 VQA = "recipes/data/digits_vqa"
 VQA_TRAIN = {"path": VQA, "split": "train[:16]"}
 VQA_TEST = {"path": VQA, "split": "test[:4]"}
-TINY_VISION = {"image_size": 16, "patch_size": 8, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2}
 LM_ONLY = r".*language_model.*\.(q_proj|v_proj)"  # peft regex: LoRA on the language model only
 
 
@@ -377,8 +375,6 @@ ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
 def test_sigkill_then_resume_matches_an_uninterrupted_run(tiny_vlm: Path, tmp_path: Path) -> None:
     import time
 
-    from tests.test_fault_tolerance import _same, _weights
-
     lora = {"r": 4, "target_modules": LM_ONLY, "modules_to_save": ["multi_modal_projector"]}
     training = tiny_training(max_steps=30, learning_rate=1e-3, max_length=None, save_strategy="steps", save_steps=5)
     stage = {**_sft(str(tiny_vlm), lora=lora), "training": training, "data": {"path": VQA, "split": "train[:64]"}}
@@ -395,7 +391,7 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tiny_vlm: Path, tmp_pa
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
     record = json.loads((tmp_path / "killed" / "s" / "stage.json").read_text())
     assert record["metrics"]["resumed_from_step"] >= 5
-    assert _same(_weights(tmp_path / "out" / "s"), _weights(tmp_path / "killed" / "s"), atol=1e-5)
+    assert same(weights(tmp_path / "out" / "s"), weights(tmp_path / "killed" / "s"), atol=1e-5)
 
 
 @pytest.mark.slow

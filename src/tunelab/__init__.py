@@ -179,12 +179,16 @@ def export(
     overwrite: bool = False,
     ollama: bool = False,
     system: str | None = None,
+    eval_data: str | dict | None = None,
 ) -> ExportResult:
     """Write a model (folder, adapter, stage or run folder, hub id, .gguf) as one GGUF file for llama.cpp and
     Ollama, then read it back through transformers and compare logits (`ExportResult.figures`).
 
     `type` is f16, bf16, q8_0, q4_0, q4_1, q5_0 or q5_1; `ollama` also writes a Modelfile beside it, with
-    `system` as its SYSTEM line.
+    `system` as its SYSTEM line. `eval_data` (a dataset of prompt/completion rows: a folder, file or hub id,
+    split `test`; or `load_dataset` arguments) scores the source and the file side by side on it, with the eval
+    stage's defaults, in the run folder `OUT-eval` beside OUT (`ExportResult.scores`): what the quantization
+    cost on your own task. For other settings, write an eval stage with the file as one of its `models:`.
     """
     from tunelab.core.hub import configure_offline
     from tunelab.core.progress import quiet
@@ -197,8 +201,29 @@ def export(
     _flags(overwrite=overwrite, ollama=ollama)
     _optional_text(system, "system", "the Modelfile's system prompt")
     configure_offline()
+    scoring = None
+    if eval_data is not None:  # checked before anything is written: a bad dataset costs no export
+        scoring = _export_eval(model, out, eval_data)
+        validate(recipe_from_dict(scoring), overwrite=overwrite)
     with quiet():  # the caller's warning filters and log levels are theirs again after
-        return export_model(model, out, type, overwrite=overwrite, ollama=ollama, system=system)
+        result = export_model(model, out, type, overwrite=overwrite, ollama=ollama, system=system)
+    if scoring is not None:
+        scoring["stages"]["eval"]["models"][result.type] = str(result.path)
+        result.scores = run(recipe_from_dict(scoring), overwrite=overwrite).metrics["eval"]
+    return result
+
+
+def _export_eval(model: Any, out: str, data: Any) -> dict[str, Any]:
+    """The eval run that scores an export against its source: models {source, TYPE}, held-out rows of `data`."""
+    from pathlib import Path
+
+    if not isinstance(data, (str, dict)) or not data:
+        raise TunelabError(
+            f"eval_data must name a dataset (a folder, file or hub id) or be its arguments, not {_shown(data)}"
+        )
+    rows = {"path": data, "split": "test"} if isinstance(data, str) else dict(data)
+    folder = Path(out).with_name(Path(out).stem + "-eval")
+    return {"output_dir": str(folder), "stages": {"eval": {"stage": "eval", "models": {"source": model}, "data": rows}}}
 
 
 def chat(

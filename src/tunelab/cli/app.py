@@ -770,13 +770,19 @@ def export_command(
     ] = "f16",
     ollama: Annotated[bool, typer.Option("--ollama", help="Also write an Ollama Modelfile beside OUT.")] = False,
     system: Annotated[str | None, typer.Option(help="The Modelfile's SYSTEM prompt (with --ollama).")] = None,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUT and its Modelfile.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUT, its Modelfile and OUT-eval.")] = False,
+    eval_data: Annotated[
+        str | None,
+        typer.Option(
+            "--eval", help="Score the source and the file on this dataset's test split (prompt/completion rows)."
+        ),
+    ] = None,
 ) -> None:
     """Write a model as one GGUF file (llama.cpp, Ollama, LM Studio) and check it by reading it back."""
     from tunelab import export
     from tunelab.exporting.exporter import summary
 
-    result = export(model, out, type=type, overwrite=overwrite, ollama=ollama, system=system)
+    result = export(model, out, type=type, overwrite=overwrite, ollama=ollama, system=system, eval_data=eval_data)
     for line in summary(result):
         typer.echo(line)
 

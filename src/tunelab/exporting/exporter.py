@@ -74,6 +74,8 @@ class ExportResult:
     tensor_types: dict[str, int]
     notes: list[str]
     modelfile: Path | None = None
+    scores: dict[str, dict[str, Any]] | None = None
+    """With `eval_data`: the eval's metrics of the source and of the file, by label (`source`, the type)."""
 
     def metrics(self) -> dict[str, Any]:
         """The numbers for metrics.json (the export stage) and the benchmark."""
@@ -340,6 +342,13 @@ def summary(result: ExportResult) -> list[str]:
     ]
     if result.modelfile is not None:
         lines.append(f"Modelfile: {result.modelfile} (ollama create NAME -f {result.modelfile})")
+    if result.scores:
+        names = [k for k in next(iter(result.scores.values())) if k != "examples"]
+        lines.append("what the export cost on the held-out rows (" + ", ".join(names) + "):")
+        for label, values in result.scores.items():
+            size = f", {runs.fmt_size(result.bytes)}" if label == result.type else ""
+            shown = ", ".join(f"{k} {values[k]:.4g}" for k in names if isinstance(values.get(k), (int, float)))
+            lines.append(f"  {label}: {shown} ({int(values.get('examples', 0))} rows{size})")
     return lines
 
 

@@ -25,7 +25,6 @@ import secrets
 import threading
 import time
 from collections import deque
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -132,6 +131,8 @@ class Engine:
         self.max_batch, self.think = max_batch, think
         self.tokenizer_lock = lock or threading.Lock()  # fast tokenizers are not safe to share across threads
         self.peft = hasattr(model, "peft_config")
+        self.cache_key = cache_argument(model)
+        self.active = getattr(model, "active_adapter", None)  # the adapter peft applies without adapter_names
         self.pending: deque[Job] = deque()
         self.rows: list[Row] = []
         self.cache: Any = None
@@ -148,6 +149,8 @@ class Engine:
 
     def submit(self, job: Job) -> None:
         with self.cond:
+            if self.stopping:  # the loop has ended (or is ending): nothing would ever answer this job
+                return self._end_job(job, "cancelled")
             self.pending.append(job)
             self.cond.notify()
 
@@ -239,20 +242,20 @@ class Engine:
             "input_ids": input_ids,
             "attention_mask": mask,
             "position_ids": positions,
-            "past_key_values": cache,
+            self.cache_key: cache,
             "use_cache": True,
             "logits_to_keep": 1,
         }
-        context: Any = nullcontext()
         if self.peft:
             names = {row.job.adapter for row in rows}
-            if names == {None}:
-                context = self.model.disable_adapter()
-            elif len(names) == 1:
-                self.model.set_adapter(names.pop())
-            else:
+            if len(names) == 1 and None not in names:
+                name = names.pop()
+                if name != self.active:  # set_adapter walks every module: only when the adapter changes
+                    self.model.set_adapter(name)
+                    self.active = name
+            else:  # the base, or several adapters: peft's mixed batch, each row through its own (or none)
                 kwargs["adapter_names"] = [row.job.adapter or BASE for row in rows]
-        with torch.inference_mode(), context:
+        with torch.inference_mode():
             out = self.model(**kwargs)
         return out.logits[:, -1, :].to(dtype=torch.float32)
 
@@ -415,6 +418,15 @@ class Engine:
             row.pending = []
         row.job.events.put(Event("end", row.index, finish=finish, count=len(row.generated)))
         self.finished.append((row.job.id, row.index, finish, len(row.generated)))
+
+
+def cache_argument(model: Any) -> str:
+    """The forward argument that takes the KV cache: `cache` in transformers from 5.2x, `past_key_values` before
+    (which later versions warn about)."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
 
 def held_back(text: str, stops: tuple[str, ...]) -> int:

@@ -107,6 +107,7 @@ class Handler(BaseHTTPRequestHandler):
     server_version = "tunelab-serve"
     sys_version = ""
     timeout = READ_TIMEOUT  # StreamRequestHandler sets it on the socket: a half-sent request ends here
+    disable_nagle_algorithm = True  # TCP_NODELAY: each streamed token leaves at once, not after a delayed ACK
     app: App
 
     def setup(self) -> None:
@@ -150,6 +151,8 @@ class Handler(BaseHTTPRequestHandler):
             finally:
                 self.app.leave()
         except ApiError as exc:
+            if method == "POST" and not self.consumed:
+                self.close_connection = True  # its body is still in the socket: no next request can follow it
             self.send_json(exc.status, exc.body())
             self.discard()
         except ClientGone:
@@ -162,6 +165,11 @@ class Handler(BaseHTTPRequestHandler):
                 self.send_json(500, error.body())
 
     unread = 0
+    consumed = False  # the request's body has been read
+
+    def handle_one_request(self) -> None:
+        self.consumed = False
+        super().handle_one_request()
 
     def discard(self) -> None:
         """Drop a refused body (up to DISCARD bytes, within the socket's timeout) before the connection closes."""
@@ -193,6 +201,7 @@ class Handler(BaseHTTPRequestHandler):
         raw = self.rfile.read(size)  # the socket's timeout bounds a client that stops sending
         if len(raw) < size:
             raise ClientGone
+        self.consumed = True
         try:
             return json.loads(raw)
         except (ValueError, RecursionError):

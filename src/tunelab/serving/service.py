@@ -93,17 +93,21 @@ def start(
 
         check_vllm(quantization)
     configure_offline()
-    quiet()
-    served = plan(model, adapters)
-    httpd = bind(host, port)
-    try:
-        lock = threading.Lock()
-        if backend == "vllm":
-            from tunelab.serving.vllm_backend import load_vllm
+    with quiet():  # the libraries' loading noise, around the loading only: the caller's settings come back
+        served = plan(model, adapters)
+        httpd = bind(host, port)
+        try:
+            lock = threading.Lock()
+            if backend == "vllm":
+                from tunelab.serving.vllm_backend import load_vllm
 
-            engine, endpoints, context = load_vllm(served, max_batch, think_end_token, lock)
-        else:
-            engine, endpoints, context = load_transformers(served, quantization, max_batch, think_end_token, lock)
+                engine, endpoints, context = load_vllm(served, max_batch, think_end_token, lock)
+            else:
+                engine, endpoints, context = load_transformers(served, quantization, max_batch, think_end_token, lock)
+        except BaseException:
+            httpd.server_close()
+            raise
+    try:
         app = App(engine, endpoints, context, think_end_token, api_key, max_body, lock, log_requests)
         httpd.RequestHandlerClass = type("BoundHandler", (Handler,), {"app": app, "timeout": read_timeout})
     except BaseException:

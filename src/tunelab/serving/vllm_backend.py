@@ -91,6 +91,8 @@ class VllmEngine:
 
     def submit(self, job: Job) -> None:
         with self.cond:
+            if self.stopping:
+                return self._end(job, "cancelled")
             self.pending.append(job)
             self.cond.notify()
 
@@ -164,10 +166,9 @@ class VllmEngine:
             tokens = []
             if job.sampling.logprobs and completion.logprobs:
                 for token, options in zip(ids[count:], completion.logprobs[count:], strict=False):
-                    ranked = sorted(options.items(), key=lambda kv: kv[1].rank or 0)
-                    top = [(lp.decoded_token or "", lp.logprob) for t, lp in ranked if t != token or lp.rank][
-                        : job.sampling.top_logprobs
-                    ]
+                    k = job.sampling.top_logprobs  # vLLM adds the sampled token when it is not among the top k
+                    ranked = sorted((lp for lp in options.values() if lp.rank is not None), key=lambda lp: lp.rank)
+                    top = [(lp.decoded_token or "", lp.logprob) for lp in ranked if lp.rank <= k]
                     mine = options.get(token)
                     tokens.append(
                         Token(token, mine.decoded_token or "" if mine else "", mine.logprob if mine else None, top)

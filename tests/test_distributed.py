@@ -187,6 +187,7 @@ def test_a_rank_that_never_arrives_is_named(tmp_path: Path) -> None:
     assert "Rank 1" in text or "rank 1" in text.lower(), text[-2000:]
 
 
+@pytest.mark.slow  # two processes stay in the default suite: test_two_process_sft_matches_one_process
 def test_two_process_pipeline_hands_models_on(tmp_path: Path, tiny_lm: Path) -> None:
     """pretrain -> sft -> eval under 2 processes: the eval (main process only) reads the SFT adapter."""
     from tests.helpers import QA_TEST, pretrain_stage

@@ -50,6 +50,7 @@ def test_model_keys_are_from_pretrained_arguments() -> None:
         assert key in params or f'kwargs.pop("{key}"' in source, key
 
 
+@pytest.mark.slow  # the plain copy is every SmolLM2 test's model; test_export's F16 round trip reads it back
 def test_gguf_plain_copy_is_the_dequantized_model(smollm2: Path) -> None:
     from tunelab.models.gguf_files import origin
 

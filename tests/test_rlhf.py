@@ -344,6 +344,7 @@ def test_run_from_a_stage_reruns_it_and_keeps_the_ones_before(tmp_path: Path) ->
     fails(["run", str(path), "--from", "sft", "output_dir=" + str(tmp_path / "empty")], "holds no run to continue")
 
 
+@pytest.mark.slow  # each of its stages is trained by its own default test; the recipe validates in test_recipe
 def test_shipped_rlhf_recipe_runs_end_to_end_when_shrunk(tmp_path: Path) -> None:
     overrides = [
         f"output_dir={tmp_path / 'rlhf'}",

@@ -180,14 +180,11 @@ def detect(column_names: list[str], rows: list[dict], where: str, target: str = 
     the stage's own column checks speak for it (custom columns such as `prompt_column:` pass this way).
     """
     columns = list(column_names)
-    if target in ("lm", "prompt", "eval") and _has(columns, "images|image"):
-        # image+text rows read as text would train without their images
-        why = _signature("vision", columns, rows, "vision")
-        if target == "lm":
-            raise TunelabError(
-                f"{where} holds images ({why or 'an images column'}): train image+text models with the `vlm_sft` "
-                "stage (sft is text-only)"
-            )
+    if target == "lm" and _has(columns, "images|image"):  # image+text rows read as text train without images
+        why = _signature("vision", columns, rows, "vision") or "an images column"
+        raise TunelabError(
+            f"{where} holds images: train image+text models with the `vlm_sft` stage (sft is text-only; {why})"
+        )
     for fmt in NATIVE[target]:
         why = _signature(fmt, columns, rows, target)
         if why:
@@ -242,7 +239,7 @@ def stage_name(where: str) -> str:
 def not_accepted(where: str, fmt: str, why: str, target: str) -> TunelabError:
     stage = stage_name(where)
     return TunelabError(
-        f"{where} {STAGE_NEEDS[target]}: it holds {fmt} data ({why}), which the {stage} stage cannot take; "
+        f"{where} {STAGE_NEEDS[target]}: it holds {fmt} data ({why}), which stage '{stage}' cannot take; "
         f"it takes format {' | '.join(accepted(target))}"
     )
 
@@ -266,7 +263,7 @@ def check_format(fmt: str, column_names: list[str], rows: list[dict], where: str
     if fmt not in accepted(target):
         stage = stage_name(where)
         raise TunelabError(
-            f"{where} is `format: {fmt}`, which the {stage} stage cannot take (it reads {SHAPES[target]}): "
+            f"{where} is `format: {fmt}`, which stage '{stage}' cannot take (it reads {SHAPES[target]}): "
             f"use format {' | '.join(accepted(target))}"
         )
     why = _signature(fmt, list(column_names), rows, target)

@@ -161,7 +161,7 @@ def test_streaming_sources_convert_without_loading() -> None:
 
     from tunelab.data.formats import convert, detect, first_rows
 
-    stream = datasets.load_dataset("json", data_files=str(DATA / "alpaca.json"), split="train", streaming=True)
+    stream = datasets.load_dataset("json", data_files=str(DATA / "alpaca.json"), split="train").to_iterable_dataset()
     fmt, _ = detect(stream.column_names, first_rows(stream, 2), "s", "lm")
     out = convert(stream, fmt, "lm", where="s")
     assert isinstance(out, datasets.IterableDataset)
@@ -243,6 +243,9 @@ def test_every_stage_kind_validates_on_the_formats_it_takes(tmp_path: Path, tiny
         "eval_pc": stage("eval", "prompt_completion.jsonl"),
     }
     assert tunelab.validate(tunelab.recipe_from_dict({"output_dir": str(tmp_path / "out"), "stages": stages}))
+    stages["last"] = stage("dpo", "alpaca.json")  # every stage was checked: one more, of data dpo cannot take
+    with pytest.raises(tunelab.TunelabError, match=r"'stages.last.data' .* it holds alpaca data"):
+        tunelab.validate(tunelab.recipe_from_dict({"output_dir": str(tmp_path / "out"), "stages": stages}))
 
 
 # --- training: one stage per target --------------------------------------------------------------------------
@@ -301,7 +304,6 @@ def test_eval_scores_alpaca_rows(tmp_path: Path, tiny_lm: Path) -> None:
     assert scores["examples"] == 3
 
 
-@pytest.mark.slow
 def test_grpo_takes_alpaca_prompts(tmp_path: Path, tiny_lm: Path) -> None:
     training = {
         "max_steps": 1,

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 import tunelab
-from tests.helpers import SMOLLM2, fails, run_stages, tiny_training, write
+from tests.helpers import PPO_TRAINING, SMOLLM2, fails, run_stages, tiny_training, write
 from tunelab.data.sources import load_data
 
 DATA = Path(__file__).parent / "data" / "formats"
@@ -210,12 +210,13 @@ def test_bad_sources_are_one_line_at_validate(tmp_path: Path, tiny_lm: Path) -> 
 
 
 # --- every stage kind on the formats it takes ----------------------------------------------------------------
-def test_every_stage_kind_validates_on_the_formats_it_takes(tmp_path: Path, tiny_lm: Path) -> None:
+def test_every_stage_kind_validates_on_the_formats_it_takes(tmp_path: Path, tiny_lm: Path, reward_model: Path) -> None:
     single = tmp_path / "alpaca_eval.json"  # eval prompts are one question: no system turn, no history
     single.write_text(json.dumps([{"instruction": "Answer.", "input": Q0, "output": "12"}] * 2))
     lm = str(tiny_lm)
     rewards = ["tunelab.rewards:exact_match"]
     online = {"max_steps": 1, "per_device_train_batch_size": 2, "num_generations": 2, "max_completion_length": 4}
+    without_generations = {k: v for k, v in online.items() if k != "num_generations"}
 
     def stage(kind: str, name: str, **extra: Any) -> dict:
         out = {"stage": kind, "model": lm, "data": str(DATA / name), "chat_template": "tunelab", **extra}
@@ -238,6 +239,8 @@ def test_every_stage_kind_validates_on_the_formats_it_takes(tmp_path: Path, tiny
         "kto_pairs": stage("kto", "sharegpt_preference.json"),
         "grpo": stage("grpo", "alpaca.json", rewards=rewards, training=online),
         "rloo": stage("rloo", "sharegpt.json", rewards=rewards, training=online),
+        "ppo": stage("ppo", "messages.jsonl", reward_model=str(reward_model), training=dict(PPO_TRAINING)),
+        "distill": stage("distill", "alpaca.json", teacher=lm, training=without_generations),
         "eval_messages": stage("eval", "messages.jsonl"),
         "eval_alpaca": {"stage": "eval", "model": lm, "data": str(single)},
         "eval_pc": stage("eval", "prompt_completion.jsonl"),

@@ -28,6 +28,7 @@ from tunelab.core.hub import configure_offline
 from tunelab.core.progress import quiet
 from tunelab.core.refs import iter_refs
 from tunelab.data.datasets import signature
+from tunelab.data.mixtures import streams
 from tunelab.models.plan import check_fits, device_memory, fmt_bytes
 from tunelab.models.spec import WEIGHTS_NEEDED
 from tunelab.recipe import Recipe
@@ -151,6 +152,7 @@ def _inspect(recipe: Recipe, strict_plans: bool, downloads: list[str] | None = N
     plans = []
     for spec in _specs(recipe):
         impl = stage(spec.kind)
+        _check_streaming(spec, impl)
         try:
             impl.check(spec, ctx)
         except DownloadNeeded as exc:
@@ -184,6 +186,21 @@ def _inspect(recipe: Recipe, strict_plans: bool, downloads: list[str] | None = N
                 ctx.tokenizers[spec.name] = origin
             ctx.outputs[spec.name] = spec.out_dir
     return plans, downloads or []
+
+
+def _check_streaming(spec: StageSpec, impl: Any) -> None:
+    """`streaming: true` on a stage that reads its data whole: one line naming the stages that stream."""
+    if impl.streams:
+        return
+    for key in DATA_KEYS:
+        if key in spec.cfg and streams(spec.cfg[key], f"{spec.where}.{key}"):
+            from tunelab.stages import STAGES
+
+            kinds = [kind for kind in STAGES if stage(kind).streams]
+            raise TunelabError(
+                f"'{spec.where}.{key}' streams (streaming: true), but a {spec.kind} stage reads its data whole: "
+                f"drop streaming (the stages that stream: {', '.join(kinds)})"
+            )
 
 
 def _warn_memory(plans: list[Any]) -> None:

@@ -462,6 +462,8 @@ def tokenize_assistant_only(ds: Any, tokenizer: Any, where: str) -> Any:
         return {"input_ids": ids, "assistant_masks": mask}
 
     out = ds.map(encode, with_indices=True, remove_columns=ds.column_names)
+    if not hasattr(out, "__len__"):  # a stream: its rows are encoded as training reads them
+        return out
     empty = next((i for i, m in enumerate(out["assistant_masks"]) if 1 not in m), None)
     if empty is not None:
         raise TunelabError(f"'{where}' row {empty} has no assistant turn: assistant_only_loss leaves nothing to learn")

@@ -18,6 +18,7 @@ from typing import Any
 
 from tunelab.core.errors import TunelabError
 from tunelab.data.datasets import load_split
+from tunelab.data.mixtures import is_stream, preview
 from tunelab.models.chat_templates import check_rows, has_markers, tokenize_assistant_only, use_template
 from tunelab.models.plan import plan_training
 from tunelab.models.spec import model_config, model_spec
@@ -108,6 +109,7 @@ def _chat_tokenizer(spec: StageSpec, s: SFTSettings, train_ds: Any, tokenizer: A
 class SFT(TrainerStage):
     config_class = "trl:SFTConfig"
     trainer_class = "trl:SFTTrainer"
+    streams = True  # SFTTrainer tokenizes an IterableDataset as it reads it
     chat_columns = ()  # sft checks its chat data itself (`_chat_tokenizer`), masks included
     data_hint = "name a dataset folder, file or hub id"
     metrics = Metrics(summary=(*TRAINING, "trainable_params"), progress={"mean_token_accuracy": "tok_acc"})
@@ -168,7 +170,7 @@ class SFT(TrainerStage):
             _chat_tokenizer(spec, s, train, load_tokenizer(s.model.get("gguf_file", s.model["path"])))
 
     def prepare(self, spec: StageSpec, ctx: Context, s: SFTSettings, tokenizer: Any, train: Any, evaluation: Any):
-        chat = _chat_tokenizer(spec, s, train, tokenizer)
+        chat = _chat_tokenizer(spec, s, preview(train), tokenizer)
         if chat and s.masks:  # TRL needs {% generation %} markers; the masks are derived here instead
             train = tokenize_assistant_only(train, tokenizer, f"{spec.where}.data")
             if evaluation is not None:
@@ -176,7 +178,7 @@ class SFT(TrainerStage):
         return train, evaluation
 
     def before(self, spec, ctx, s, trainer, tokenizer, evaluation) -> dict[str, Any]:
-        if len(trainer.train_dataset) == 0:
+        if not is_stream(trainer.train_dataset) and len(trainer.train_dataset) == 0:
             raise TunelabError(
                 f"'{spec.where}.data': no example has a trainable token left after truncation to "
                 f"max_length={s.args.max_length}: raise training.max_length"

@@ -114,15 +114,12 @@ def is_mixture(value: Any) -> bool:
 
 
 def _path_of(value: Any) -> str:
-    if isinstance(value, str):
-        return value
-    if isinstance(value, dict):
-        path = value.get("path")
-        if path in ("json", "csv", "parquet", "text") and value.get("data_files") is not None:
-            files = value["data_files"]
-            return str(files if isinstance(files, str) else path)
-        return str(path)
-    return repr(value)[:60]
+    from tunelab.data.sources import source_path  # sources builds on this module
+
+    try:
+        return source_path(value)
+    except (StopIteration, TypeError, AttributeError):
+        return repr(value)[:60]
 
 
 def _bool(value: Any, where: str) -> bool:

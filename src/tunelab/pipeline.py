@@ -28,7 +28,7 @@ from tunelab.core.hub import configure_offline
 from tunelab.core.progress import quiet
 from tunelab.core.refs import iter_refs
 from tunelab.data.datasets import signature
-from tunelab.data.mixtures import streams
+from tunelab.data.mixtures import row_metrics, streams
 from tunelab.models.plan import check_fits, device_memory, fmt_bytes
 from tunelab.models.spec import WEIGHTS_NEEDED
 from tunelab.recipe import Recipe
@@ -606,6 +606,11 @@ def _run_stage(
         if tb_dir is None:
             os.environ.pop("TENSORBOARD_LOGGING_DIR", None)
     seconds = time.perf_counter() - start
+    reports = {
+        key: ctx.data_reports[f"{spec.name}.{key}"] for key in DATA_KEYS if f"{spec.name}.{key}" in ctx.data_reports
+    }
+    for key, report in reports.items():  # the rows each source contributed, beside the stage's own numbers
+        out.metrics.update(row_metrics(key, report))
     if main and out.model is not None:
         from tunelab.models.spec import record_base
 
@@ -619,6 +624,8 @@ def _run_stage(
         files=out.files,
         data=out.fingerprints,
     )
+    if reports:
+        record["data_reports"] = {key: report.as_dict() for key, report in reports.items()}
     record["entries"] = _written(spec.out_dir, record["foreign"])
     _write(spec.out_dir / "stage.json", record)
     manifest.setdefault("data", {})[spec.name] = out.fingerprints

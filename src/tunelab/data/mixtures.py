@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tunelab.core.errors import TunelabError, unknown_key
+from tunelab.data.datasets import packaged_builders
 
 MIX_KEYS = ("sources", "mix", "stopping", "streaming")
 MIXES = ("concat", "interleave")
@@ -114,12 +115,15 @@ def is_mixture(value: Any) -> bool:
 
 
 def _path_of(value: Any) -> str:
-    from tunelab.data.sources import source_path  # sources builds on this module
-
-    try:
-        return source_path(value)
-    except (StopIteration, TypeError, AttributeError):
+    """A source's path as written (`json: FILE` for a builder with data_files), as `sources.source_path` says it."""
+    if isinstance(value, str):
+        return value
+    if not isinstance(value, dict):
         return repr(value)[:60]
+    path, files = str(value.get("path")), value.get("data_files")
+    while isinstance(files, (dict, list)) and files and path in packaged_builders():
+        files = next(iter(files.values())) if isinstance(files, dict) else files[0]
+    return f"{path}: {files}" if isinstance(files, str) and path in packaged_builders() else path
 
 
 def _bool(value: Any, where: str) -> bool:
@@ -170,8 +174,10 @@ def parse(value: Any, where: str) -> Mixture:
         for key in value:
             if key not in MIX_KEYS:
                 raise unknown_key(
-                    where, key, MIX_KEYS, "a mixture takes sources, mix, stopping, streaming; put source keys "
-                    "on each source"
+                    where,
+                    key,
+                    MIX_KEYS,
+                    "a mixture takes sources, mix, stopping, streaming; put source keys on each source",
                 )
         items, at, options = value["sources"], f"{where}.sources", value
         if not isinstance(items, list):
@@ -210,9 +216,7 @@ def parse(value: Any, where: str) -> Mixture:
         )
     streaming = _bool(options["streaming"], f"{where}.streaming") if "streaming" in options else False
     streaming = streaming or any(s.streaming for s in sources)
-    return Mixture(
-        where=where, sources=sources, mix=mix, stopping=stopping, streaming=streaming, listed=True
-    )
+    return Mixture(where=where, sources=sources, mix=mix, stopping=stopping, streaming=streaming, listed=True)
 
 
 def _single_streaming(value: Any, where: str) -> bool:
@@ -268,87 +272,137 @@ def _take(ds: Any, count: int) -> Any:
     return ds.select([i % size for i in range(count)])
 
 
-def _one_shape(parts: list[tuple[Source, Any]], target: str) -> None:
-    """After conversion to the stage's shape, every source must have the first one's columns."""
-    first, first_ds = parts[0]
-    columns = _columns(first_ds)
-    for source, ds in parts[1:]:
-        other = _columns(ds)
-        if columns is not None and other is not None and set(other) != set(columns):
+@dataclass(frozen=True)
+class Part:
+    """One source as loaded, in the stage's shape: its data, the shape's name (the format its rows now read as,
+    e.g. `messages`) and the columns that make that shape (the rest are the source's own extras)."""
+
+    source: Source
+    ds: Any
+    shape: str | None = None
+    shape_columns: frozenset[str] = frozenset()
+
+
+OPTIONAL = ("tools",)
+"""Shape columns some sources of a shape have and others lack: filled with nulls where missing (chats without tools)."""
+
+
+def _one_shape(parts: list[Part], target: str) -> list[Part]:
+    """Every source in the first one's shape, with the same columns: the shape's columns must match (an optional
+    one, `tools`, is added as nulls where missing); columns beyond the shape (ids, a `prompt` beside `messages`)
+    are kept only where every source has them."""
+    first = parts[0]
+    names = {id(p): _columns(p.ds) for p in parts}
+    for part in parts[1:]:
+        if part.shape != first.shape:
             raise TunelabError(
-                f"{source.named} becomes columns {', '.join(other)} but {first.named} becomes "
-                f"{', '.join(columns)}: a mixture's sources must become one shape for this stage ({target} data); "
-                "give them formats that convert to the same columns, or train on them in separate stages"
+                f"{part.source.named} becomes {part.shape} data ({', '.join(names[id(part)])}) but "
+                f"{first.source.named} becomes {first.shape} data ({', '.join(names[id(first)])}): a mixture's "
+                f"sources must become one shape for this stage ({target} data); mix sources of one kind "
+                "(alpaca, sharegpt and messages all become messages), or train on them in separate stages"
             )
+    shape = set(first.shape_columns)
+    for part in parts[1:]:
+        mine = set(names[id(first)]) & shape - set(OPTIONAL)
+        theirs = set(names[id(part)]) & shape - set(OPTIONAL)
+        if mine != theirs:
+            raise TunelabError(
+                f"{part.source.named} has columns {', '.join(sorted(theirs))} but {first.source.named} has "
+                f"{', '.join(sorted(mine))}: both are {first.shape} data, but a mixture's rows need the same "
+                "columns; give every source the same ones (e.g. a prompt column in each)"
+            )
+    every = set.intersection(*(set(names[id(p)]) for p in parts))
+    optional = {c for p in parts for c in names[id(p)] if c in OPTIONAL and c in shape}
+    keep = [c for c in names[id(first)] if c in every] + sorted(optional - every)
+    out = []
+    for part in parts:
+        ds = part.ds
+        missing = [c for c in optional if c not in names[id(part)]]
+        for column in missing:
+            ds = _null_column(ds, column)
+        if list(_columns(ds)) != keep:
+            ds = ds.select_columns(keep)
+        out.append(Part(part.source, ds, part.shape, part.shape_columns))
+    return out
 
 
-def _columns(ds: Any) -> list[str] | None:
+def _null_column(ds: Any, column: str) -> Any:
+    if hasattr(ds, "__len__"):
+        return ds.add_column(column, [None] * len(ds))  # typed by the other sources' column (`_aligned`)
+    return ds.map(lambda row: {column: None})
+
+
+def _columns(ds: Any) -> list[str]:
     names = ds.column_names
     if names is None:  # a stream after a map: the first row says
         first = next(iter(ds.take(1)), None)
-        names = list(first) if first is not None else None
-    return names
+        names = list(first) if first is not None else []
+    return list(names)
 
 
-def _aligned(parts: list[tuple[Source, Any]]) -> list[Any]:
-    """The sources with the first one's column types where they differ but convert (int vs float, ...)."""
-    first = parts[0][1]
-    features = first.features
-    out = [first]
-    for source, ds in parts[1:]:
-        if features is not None and ds.features is not None and ds.features != features:
-            try:
-                ds = ds.cast(features)
-            except Exception as exc:  # datasets raises many kinds for an impossible cast
-                from tunelab.core.errors import one_line
+def _aligned(parts: list[Part]) -> list[Any]:
+    """The sources with one set of column types where theirs differ but convert (int and float, chat turns
+    with and without tool fields): the first source's types that every other source casts to."""
+    known = [p.ds.features for p in parts]
+    if any(f is None for f in known) or all(f == known[0] for f in known):
+        return [p.ds for p in parts]
+    failure = None
+    for features in known:
+        try:
+            return [p.ds if p.ds.features == features else p.ds.cast(features) for p in parts]
+        except Exception as exc:  # datasets raises many kinds for an impossible cast
+            failure = failure or exc
+    from tunelab.core.errors import one_line
 
-                raise TunelabError(
-                    f"{source.named} has columns of other types than {parts[0][0].named} "
-                    f"({one_line(exc, 160)}): make the sources' columns hold the same kinds of values"
-                ) from None
-        out.append(ds)
-    return out
+    raise TunelabError(
+        f"{parts[1].source.named} holds columns of other types than {parts[0].source.named} "
+        f"({one_line(failure, 160)}): make the sources' columns hold the same kinds of values"
+    )
 
 
 def combine(
     mixture: Mixture, load_one: Callable[[Source, bool], Any], seed: int, target: str = "the stage's"
 ) -> tuple[Any, list[int | None]]:
-    """Load every source (`load_one(source, streaming)` -> the source converted to the stage's shape), apply
-    `samples`, and combine them as the mixture says. Returns the data and the rows each source contributed
-    (None for streams, whose length is unknown until they are read)."""
+    """Load every source, apply `samples`, and combine them as the mixture says. Returns the data and the rows
+    each source contributed (None for streams, whose length is unknown until they are read).
+
+    `load_one(source, streaming)` gives the source converted to the stage's shape: a dataset, or
+    (dataset, shape name, the shape's columns), which lets sources of one shape differ in their other columns.
+    """
     import datasets
 
-    parts: list[tuple[Source, Any]] = []
+    parts: list[Part] = []
     for source in mixture.sources:
         stream = mixture.streaming and source.streaming is not False
-        ds = load_one(source, stream)
+        loaded = load_one(source, stream)
+        ds, shape, columns = loaded if isinstance(loaded, tuple) else (loaded, None, None)
         if source.samples is not None:
             ds = _take(ds, source.samples)
         if mixture.streaming and not isinstance(ds, datasets.IterableDataset):
             ds = ds.to_iterable_dataset()  # `streaming: false` in a streamed mixture: read, then streamed
-        parts.append((source, ds))
+        shape_columns = frozenset(columns if columns is not None else _columns(ds))
+        parts.append(Part(source, ds, shape, shape_columns))
     if len(parts) == 1:
-        ds = parts[0][1]
+        ds = parts[0].ds
         return ds, [None if mixture.streaming else len(ds)]
-    _one_shape(parts, target)
-    chosen = parts
+    parts = _one_shape(parts, target)
     probabilities = mixture.probabilities
     if probabilities is not None:  # a weight of 0 switches a source off (and would never exhaust)
-        chosen = [p for p, w in zip(parts, probabilities, strict=True) if w > 0]
+        parts = [p for p, w in zip(parts, probabilities, strict=True) if w > 0]
         probabilities = [w for w in probabilities if w > 0]
-    members = _aligned(chosen)
+    members = _aligned(parts)
     if mixture.streaming:
         if mixture.mix == "concat":
-            return datasets.concatenate_datasets(members), [None] * len(parts)
+            return datasets.concatenate_datasets(members), [None] * len(mixture.sources)
         mixed = datasets.interleave_datasets(
             members, probabilities=probabilities, seed=seed, stopping_strategy=mixture.stopping
         )
-        return mixed, [None] * len(parts)
+        return mixed, [None] * len(mixture.sources)
     if mixture.mix == "concat":
         mixed = datasets.concatenate_datasets(members)
-        rows = {source.index: len(ds) for (source, _), ds in zip(chosen, members, strict=True)}
+        rows = {part.source.index: len(ds) for part, ds in zip(parts, members, strict=True)}
     else:
-        tagged = [ds.add_column(TAG, [source.index] * len(ds)) for (source, _), ds in zip(chosen, members, strict=True)]
+        tagged = [ds.add_column(TAG, [part.source.index] * len(ds)) for part, ds in zip(parts, members, strict=True)]
         mixed = datasets.interleave_datasets(
             tagged, probabilities=probabilities, seed=seed, stopping_strategy=mixture.stopping
         )
@@ -370,8 +424,10 @@ def preview(ds: Any, rows: int = PREVIEW_ROWS) -> Any:
         return datasets.Dataset.from_dict({name: [] for name in ds.column_names or []})
     features = ds.features
     try:
-        return datasets.Dataset.from_list(head, features=features) if features is not None else (
-            datasets.Dataset.from_list(head)
+        return (
+            datasets.Dataset.from_list(head, features=features)
+            if features is not None
+            else (datasets.Dataset.from_list(head))
         )
     except (TypeError, ValueError):
         return datasets.Dataset.from_list(head)
@@ -382,6 +438,17 @@ def is_stream(ds: Any) -> bool:
     import datasets
 
     return isinstance(ds, datasets.IterableDataset)
+
+
+def row_metrics(key: str, report: Any) -> dict[str, float]:
+    """A stage's data rows as metrics.json numbers: `data_rows` in all, and for a mixture `data[i]_rows`, the
+    rows source i contributed (a stream's are unknown: none). `report` is a `tunelab.data.sources.DataReport`."""
+    out: dict[str, float] = {}
+    if report.rows is not None:
+        out[f"{key}_rows"] = float(report.rows)
+    if report.mix is not None:
+        out.update({f"{key}[{s.index}]_rows": float(s.rows) for s in report.sources if s.rows is not None})
+    return out
 
 
 def load(

@@ -23,6 +23,7 @@ from tunelab.core.errors import TunelabError, closest, unknown_key
 from tunelab.data.datasets import DATA_KEYS, check_source, load_split, packaged_builders
 from tunelab.data.formats import (
     FORMATS,
+    KNOWN_COLUMNS,
     ROLE_TARGETS,
     accepted,
     check_format,
@@ -216,6 +217,16 @@ def load_data(
     return out, DataReport((source,), None, rows)
 
 
+def _shape(ds: Any, where: str, target: str) -> tuple[str, set[str]]:
+    """The format a converted source now reads as (alpaca, sharegpt and messages all read as messages), and the
+    columns known to that format: what must match across a mixture's sources."""
+    try:
+        shape, _ = detect(column_names(ds), first_rows(ds), where, target)
+    except TunelabError:
+        shape = "as_is"
+    return shape, KNOWN_COLUMNS.get(shape, set(column_names(ds)))
+
+
 def mixing(value: Any) -> bool:
     """A mixture (a list of sources, `{sources: ...}`), or one source with `samples` or `streaming`."""
     return is_mixture(value) or (isinstance(value, dict) and any(key in value for key in MIX_KEYS))
@@ -231,9 +242,10 @@ def _load_mixture(
         load, options = split_source(source.value, source.where)
         check_data(source.value, source.where, default_split, target)
         ds = load_split(load, source.where, default_split, streaming=streaming)
-        out, fmt, why = read_source(ds, options, label(source.where, source.value), target, own)
+        named = label(source.where, source.value)
+        out, fmt, why = read_source(ds, options, named, target, own)
         read[source.index] = (fmt, why)
-        return out
+        return out, *_shape(out, named, target)
 
     ds, mixture, rows = load(value, where, default_split, one, seed, target)
     sources = tuple(

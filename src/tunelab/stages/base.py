@@ -30,7 +30,7 @@ from typing import Any, ClassVar
 
 from tunelab.core.errors import TunelabError
 from tunelab.data.datasets import load_split, preference_splits, require_columns
-from tunelab.data.mixtures import preview, streams
+from tunelab.data.mixtures import is_stream, preview, streams
 from tunelab.models.adapters import lora_config, trainable_quantization
 from tunelab.models.chat_templates import (
     chat_pairs,
@@ -241,6 +241,10 @@ class TrainerStage(Stage):
         self.check_more(spec, ctx, s, preview(train), preview(evaluation))
         tokenizer = self.tokenizer(spec, ctx, s, train)
         train, evaluation = self.prepare(spec, ctx, s, tokenizer, train, evaluation)
+        if is_stream(train):
+            # A stream read to its end starts again within the one "epoch" of max_steps the Trainer counts
+            # over a stream: a checkpoint's step is then a position in it, which --resume skips to exactly.
+            train = train.repeat(None)
         model = self.model(spec, ctx, s, tokenizer, train)
         trainer = self.build(spec, ctx, s, self.trainer_kwargs(spec, ctx, s, model, tokenizer, train, evaluation))
         metrics = self.before(spec, ctx, s, trainer, tokenizer, evaluation)

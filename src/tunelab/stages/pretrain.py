@@ -20,7 +20,7 @@ from tunelab.core.config import build, check_keys
 from tunelab.core.errors import TunelabError
 from tunelab.core.hub import resolve_model
 from tunelab.core.refs import ref_name
-from tunelab.data.datasets import load_split, require_columns
+from tunelab.data.datasets import require_columns
 from tunelab.data.mixtures import is_stream, preview
 from tunelab.models.plan import plan_training
 from tunelab.models.tokenizers import BpeTrainerArgs, load_tokenizer, tokenizer_origin, train_tokenizer
@@ -111,11 +111,11 @@ class Pretrain(TrainerStage):
 
     def data(self, spec: StageSpec, ctx: Context, s: Settings) -> tuple[Any, Any]:
         text_field = s.args.dataset_text_field
-        train = load_split(self.require_data(spec), f"{spec.where}.data", "train")
+        train = _tmp(self.require_data(spec), spec, ctx, "data", "train")
         require_columns(preview(train), [text_field], f"{spec.where}.data", "text to pre-train on")
         evaluation = None
         if spec.cfg.get("eval_data") is not None:
-            evaluation = load_split(spec.cfg["eval_data"], f"{spec.where}.eval_data", "test")
+            evaluation = _tmp(spec.cfg["eval_data"], spec, ctx, "eval_data", "test")
             require_columns(preview(evaluation), [text_field], f"{spec.where}.eval_data", "held-out text")
         return train, evaluation
 
@@ -166,3 +166,11 @@ class Pretrain(TrainerStage):
         """Memory plan of pre-training the configured model (vocabulary size from the tokenizer section)."""
         config = ctx.configs.get(spec.name) or _config(spec)
         return plan_training(spec.name, spec.kind, config, self.args(spec, ctx), load_dtype="float32")
+
+
+def _tmp(value, spec, ctx, key, split):
+    from tunelab.data.sources import load_data
+
+    ds, report = load_data(value, f"{spec.where}.{key}", split, "text", seed=ctx.seed)
+    ctx.data_reports[f"{spec.name}.{key}"] = report
+    return ds

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from tunelab.core.errors import TunelabError
-from tunelab.data.datasets import load_split
 from tunelab.data.mixtures import is_stream, preview
 from tunelab.models.chat_templates import check_rows, has_markers, tokenize_assistant_only, use_template
 from tunelab.models.plan import plan_training
@@ -150,7 +149,7 @@ class SFT(TrainerStage):
 
     def data(self, spec: StageSpec, ctx: Context, s: Settings) -> tuple[Any, Any]:
         text_field = s.args.dataset_text_field
-        train = load_split(self.require_data(spec), f"{spec.where}.data", "train")
+        train = _tmp(self.require_data(spec), spec, ctx, "data", "train")
         if "images" in train.column_names or "image" in train.column_names:  # TRL would fail after the model loads
             raise TunelabError(
                 f"'{spec.where}.data' holds images: train image+text models with the `vlm_sft` stage (sft is text-only)"
@@ -158,7 +157,7 @@ class SFT(TrainerStage):
         data_format(train, text_field, f"{spec.where}.data")
         evaluation = None
         if spec.cfg.get("eval_data") is not None:
-            evaluation = load_split(spec.cfg["eval_data"], f"{spec.where}.eval_data", "test")
+            evaluation = _tmp(spec.cfg["eval_data"], spec, ctx, "eval_data", "test")
             data_format(evaluation, text_field, f"{spec.where}.eval_data")
         return train, evaluation
 
@@ -206,3 +205,11 @@ class SFT(TrainerStage):
             quantization=spec.cfg.get("quantization"),
             load_dtype=dtype,
         )
+
+
+def _tmp(value, spec, ctx, key, split):
+    from tunelab.data.sources import load_data
+
+    ds, report = load_data(value, f"{spec.where}.{key}", split, "lm", seed=ctx.seed)
+    ctx.data_reports[f"{spec.name}.{key}"] = report
+    return ds

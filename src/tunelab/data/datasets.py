@@ -424,7 +424,9 @@ def signature(value: Any) -> str:
     for f in files:
         digest.update(f.name.encode() if f == root else str(f.relative_to(root)).encode())
         if total <= SIGNATURE_MAX_BYTES:
-            digest.update(f.read_bytes())
+            with f.open("rb") as stream:  # in blocks: a large file never sits in memory whole
+                for block in iter(lambda: stream.read(2**20), b""):
+                    digest.update(block)
         else:
             stat = f.stat()
             digest.update(f"{stat.st_size}:{stat.st_mtime_ns}".encode())

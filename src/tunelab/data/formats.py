@@ -233,8 +233,14 @@ def accepted(target: str) -> tuple[str, ...]:
     return NATIVE[target] + CONVERTED.get(target, ())
 
 
+def stage_name(where: str) -> str:
+    """The stage a source belongs to, from its label (`'stages.sft.data' (path)` -> sft)."""
+    parts = where.strip("'").split("'")[0].split(".")
+    return parts[1] if parts[0] == "stages" and len(parts) > 1 else parts[0]
+
+
 def not_accepted(where: str, fmt: str, why: str, target: str) -> TunelabError:
-    stage = where.strip("'").split(" ")[0].split(".")[0]
+    stage = stage_name(where)
     return TunelabError(
         f"{where} {STAGE_NEEDS[target]}: it holds {fmt} data ({why}), which the {stage} stage cannot take; "
         f"it takes format {' | '.join(accepted(target))}"
@@ -258,7 +264,7 @@ def check_format(fmt: str, column_names: list[str], rows: list[dict], where: str
     """Why a source given `format: fmt` reads as it: its columns are there; one line naming the found columns
     and the closest format when not."""
     if fmt not in accepted(target):
-        stage = where.strip("'").split(" ")[0].split(".")[0]
+        stage = stage_name(where)
         raise TunelabError(
             f"{where} is `format: {fmt}`, which the {stage} stage cannot take (it reads {SHAPES[target]}): "
             f"use format {' | '.join(accepted(target))}"
@@ -509,6 +515,15 @@ def _tooling(ds: Any, fmt: str, roles: Roles) -> bool:
             ):
                 return True
     return False
+
+
+def tool_chat(ds: Any) -> bool:
+    """A converted chat dataset uses tools: a `tools` column, or tool fields in its turns' schema."""
+    names = column_names(ds)
+    if "tools" in names:
+        return True
+    inner = getattr((getattr(ds, "features", None) or {}).get("messages"), "feature", None)
+    return isinstance(inner, dict) and "tool_calls" in inner
 
 
 # --- conversion -------------------------------------------------------------------------------------------------

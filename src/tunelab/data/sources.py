@@ -24,6 +24,7 @@ from tunelab.data.datasets import DATA_KEYS, check_source, load_split, packaged_
 from tunelab.data.formats import (
     FORMATS,
     KNOWN_COLUMNS,
+    NATIVE,
     ROLE_TARGETS,
     accepted,
     check_format,
@@ -190,11 +191,15 @@ def read_source(
     ds = rename(ds, options["columns"], where)
     names, rows = column_names(ds), first_rows(ds)
     fmt = options["format"]
-    if fmt == "auto":
-        if own and all(c in names for c in own):
-            fmt, why = "as_is", f"the stage's own columns {', '.join(own)}"
-        else:
+    if fmt == "auto" and own and all(c in names for c in own):
+        try:  # the stage's columns are there: a native format is named, anything else read as it is
             fmt, why = detect(names, rows, where, target)
+        except TunelabError:
+            fmt = "auto"
+        if fmt not in NATIVE[target]:
+            fmt, why = "as_is", f"the stage's own columns {', '.join(own)}"
+    elif fmt == "auto":
+        fmt, why = detect(names, rows, where, target)
     else:
         why = check_format(fmt, names, rows, where, target)
     out = convert(ds, fmt, target, system=options["system"], roles=options["roles"], where=where)

@@ -85,6 +85,7 @@ class Pretrain(TrainerStage):
     defaults = PACKING_DEFAULTS  # pre-training packs its corpus, as it usually is
     chat_columns = ()
     data_hint = "name a text corpus (folder, file or hub id)"
+    data_target = "text"
     eval_keys = ("eval_loss",)
     metrics = Metrics(summary=(*TRAINING, "perplexity", "params"))
     sections = {
@@ -111,11 +112,12 @@ class Pretrain(TrainerStage):
 
     def data(self, spec: StageSpec, ctx: Context, s: Settings) -> tuple[Any, Any]:
         text_field = s.args.dataset_text_field
-        train = _tmp(self.require_data(spec), spec, ctx, "data", "train")
+        own = (text_field,) if text_field != "text" else ()  # a custom text column: read as it is
+        train = self.load(spec, ctx, "data", own)
         require_columns(preview(train), [text_field], f"{spec.where}.data", "text to pre-train on")
         evaluation = None
         if spec.cfg.get("eval_data") is not None:
-            evaluation = _tmp(spec.cfg["eval_data"], spec, ctx, "eval_data", "test")
+            evaluation = self.load(spec, ctx, "eval_data", own)
             require_columns(preview(evaluation), [text_field], f"{spec.where}.eval_data", "held-out text")
         return train, evaluation
 
@@ -166,11 +168,3 @@ class Pretrain(TrainerStage):
         """Memory plan of pre-training the configured model (vocabulary size from the tokenizer section)."""
         config = ctx.configs.get(spec.name) or _config(spec)
         return plan_training(spec.name, spec.kind, config, self.args(spec, ctx), load_dtype="float32")
-
-
-def _tmp(value, spec, ctx, key, split):
-    from tunelab.data.sources import load_data
-
-    ds, report = load_data(value, f"{spec.where}.{key}", split, "text", seed=ctx.seed)
-    ctx.data_reports[f"{spec.name}.{key}"] = report
-    return ds

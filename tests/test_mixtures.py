@@ -76,6 +76,7 @@ def test_a_stage_records_rows_per_source_and_resume_refuses_a_changed_weight(
         "stage": "sft",
         "model": str(tiny_lm),
         "data": [{"path": files["small"], "weight": 0.5}, {"path": files["five"], "weight": 0.5}],
+        "eval_data": [{"path": files["three"], "samples": 4}, files["five"]],  # eval_data mixes the same way
         "training": tiny_training(max_steps=1),
     }
     recipe = {"output_dir": str(tmp_path / "run"), "seed": 0, "stages": {"s": stage}}
@@ -83,6 +84,8 @@ def test_a_stage_records_rows_per_source_and_resume_refuses_a_changed_weight(
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())["s"]
     assert metrics["data[0]_rows"] + metrics["data[1]_rows"] == metrics["data_rows"] == result.metrics["s"]["data_rows"]
     assert metrics["data[1]_rows"] == 5  # first_exhausted: the 5-row source ran out
+    assert (metrics["eval_data[0]_rows"], metrics["eval_data[1]_rows"], metrics["eval_data_rows"]) == (4, 5, 9)
+    assert metrics["eval_loss"] > 0
     report = (tmp_path / "run" / "report.md").read_text()
     assert "## s: data" in report and f"| stages.s.data[1] | {files['five']} | prompt_completion | 5 |" in report
 

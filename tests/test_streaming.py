@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 import tunelab
-from tests.helpers import QA_TEST, fails, same, tiny_training, weights, write
+from tests.helpers import QA_TEST, SMOLLM2, fails, same, tiny_training, weights, write
 from tunelab.core.errors import TunelabError
 
 QA = "recipes/data/arith_qa"
@@ -172,3 +172,25 @@ def test_a_stream_is_never_materialised(tmp_path: Path) -> None:
     assert isinstance(ds, datasets.IterableDataset)
     with pytest.raises(TunelabError, match="stream cannot take the split slice"):
         load_split(QA_TEST, "data", streaming=True)
+
+
+@pytest.mark.slow
+def test_a_streamed_mixture_of_formats_trains_smollm2(tmp_path: Path, smollm2: Path) -> None:
+    """SmolLM2 (the GGUF fixture), LoRA, loss on the assistant's turns: a streamed 2:1 mixture of the bundled
+    chats and an Alpaca file, both read as messages, masked as training reads them."""
+    alpaca = tmp_path / "alpaca.jsonl"
+    rows = [{"instruction": f"Add {i} and 2.", "input": "", "output": str(i + 2)} for i in range(40)]
+    alpaca.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    training = tiny_training(max_steps=3, per_device_train_batch_size=2, max_length=96, assistant_only_loss=True)
+    training.update(gradient_checkpointing=False, learning_rate=1e-3)
+    data = {
+        "sources": [{"path": "recipes/data/arith_chat", "weight": 2}, {"path": str(alpaca), "weight": 1}],
+        "streaming": True,
+    }
+    stage = {"stage": "sft", "model": dict(SMOLLM2), "data": data, "lora": {"r": 4}, "training": training}
+    result = _run(tmp_path, "smol", stage)
+    metrics = result.metrics["s"]
+    assert metrics["global_step"] == 3 and 0 < metrics["train_loss"] < 20
+    record = json.loads((tmp_path / "smol" / "s" / "stage.json").read_text())
+    sources = record["data_reports"]["data"]["sources"]
+    assert [s["format"] for s in sources] == ["messages", "alpaca"] and [s["rows"] for s in sources] == [None, None]

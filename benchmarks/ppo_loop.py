@@ -87,9 +87,9 @@ def one(cls: type, model_dir: Path, out: Path) -> float:
 
 def main() -> str:
     from trl.experimental.ppo import PPOTrainer
+    from tunelab.training.ppo_trainer import ResumablePPOTrainer
 
     from tunelab.core.progress import quiet
-    from tunelab.training.ppo_trainer import ResumablePPOTrainer
 
     runs: dict[str, list[float]] = {"trl": [], "tunelab": []}
     with quiet(), tempfile.TemporaryDirectory() as tmp:

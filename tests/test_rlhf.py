@@ -442,23 +442,27 @@ def test_pipeline_reward_model_that_names_a_stage_of_another_kind(tmp_path: Path
 
 
 @pytest.mark.parametrize("lora", [False, True])
-def test_tunelab_ppo_loop_is_trls_step_for_step(tmp_path: Path, tiny_lm: Path, reward_model: Path, lora: bool) -> None:
-    """With one prompt repeated (so prompt order cannot differ) and the same seeds, tunelab's resumable
-    loop ends with TRL 1.12's PPOTrainer's weights and logs the same scores, KL and losses."""
+def test_tunelab_ppo_is_trls_step_for_step(tmp_path: Path, tiny_lm: Path, reward_model: Path, lora: bool) -> None:
+    """While TRL 1.12 is installed: with one prompt repeated (so prompt order cannot differ) and the same
+    seeds, tunelab's PPO trainer ends with TRL 1.12's PPOTrainer's weights and logs the same scores, KL and
+    losses, on the session's trained fixtures (test_ppo_parity.py replays a recorded run without TRL)."""
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import set_seed
-    from trl.experimental.ppo import PPOConfig, PPOTrainer
 
-    from tunelab.training.ppo_trainer import ResumablePPOTrainer
+    trl_ppo = pytest.importorskip("trl.experimental.ppo", reason="TRL >= 1.13 has no PPO to compare with")
+    PPOConfig, PPOTrainer = trl_ppo.PPOConfig, trl_ppo.PPOTrainer
+
+    from tunelab.training.ppo import PPOTrainer as TunelabPPOTrainer
+    from tunelab.training.ppo_config import PPOConfig as TunelabPPOConfig
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_lm, padding_side="left")
     prompts = Dataset.from_dict({"input_ids": [tokenizer("12+7=", add_special_tokens=False)["input_ids"]] * 8})
     results = []
-    for cls in (PPOTrainer, ResumablePPOTrainer):
+    for cls, config in ((PPOTrainer, PPOConfig), (TunelabPPOTrainer, TunelabPPOConfig)):
         set_seed(3)
-        args = PPOConfig(
-            output_dir=str(tmp_path / cls.__name__),
+        args = config(
+            output_dir=str(tmp_path / cls.__module__.split(".")[0]),  # trl or tunelab
             **{**PPO_TRAINING, "learning_rate": 1e-2, "seed": 3, "use_cpu": True, "bf16": False},
             stop_token="eos",
             num_sample_generations=0,

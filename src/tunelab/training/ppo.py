@@ -112,8 +112,8 @@ def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torc
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """log p(token) under `logits` [..., vocab], without a second [..., vocab] tensor in float32."""
     if logits.dtype in (torch.float16, torch.bfloat16):  # normalise in float32, one row at a time
-        rows = [row.float().log_softmax(-1).gather(-1, t.unsqueeze(-1)).squeeze(-1) for row, t in zip(logits, tokens)]
-        return torch.stack(rows)
+        rows = zip(logits, tokens, strict=True)
+        return torch.stack([row.float().log_softmax(-1).gather(-1, t.unsqueeze(-1)).squeeze(-1) for row, t in rows])
     norms = torch.stack([row.logsumexp(-1) for row in logits])  # row by row: logsumexp makes a full temporary
     return logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - norms
 
@@ -526,7 +526,9 @@ class PPOTrainer(Trainer):
                         vpred = vpred.masked_fill(~in_values, 0)
                         # Value loss: the larger of the plain and the clipped (around the rollout's value) error.
                         old_values, returns = r.values[rows], r.returns[rows]
-                        vclipped = torch.clamp(vpred, old_values - args.cliprange_value, old_values + args.cliprange_value)
+                        vclipped = torch.clamp(
+                            vpred, old_values - args.cliprange_value, old_values + args.cliprange_value
+                        )
                         vf_plain, vf_clipped = (vpred - returns) ** 2, (vclipped - returns) ** 2
                         vf_loss = 0.5 * masked_mean(torch.max(vf_plain, vf_clipped), in_values)
                         # Policy loss: the pessimistic one of the plain and the clipped ratio times the advantage.

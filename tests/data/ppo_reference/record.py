@@ -64,6 +64,21 @@ CASES = {
 }
 
 
+def ppo_defaults(config: type) -> dict:
+    """Defaults of PPOConfig's own fields and of the TrainingArguments fields it overrides, plus max_grad_norm
+    (inherited, but TRL's PPO loop never clipped): what a recipe gets when it leaves them out."""
+    import dataclasses
+
+    from transformers import TrainingArguments
+
+    base = {f.name: f.default for f in dataclasses.fields(TrainingArguments)}
+    return {
+        f.name: f.default
+        for f in dataclasses.fields(config)
+        if f.name not in base or base[f.name] != f.default or f.name == "max_grad_norm"
+    }
+
+
 def main() -> None:
     import dataclasses
 
@@ -71,12 +86,11 @@ def main() -> None:
     import torch
     import transformers
     import trl
-    from trl.experimental.ppo import PPOConfig
-
     from safetensors.torch import load_file
+    from trl.experimental.ppo import PPOConfig
+    from tunelab.training.ppo_trainer import ResumablePPOTrainer
 
     from tests.helpers import fingerprint, ppo_reference_models, ppo_reference_run
-    from tunelab.training.ppo_trainer import ResumablePPOTrainer
 
     torch.set_num_threads(1)
     record = {
@@ -91,6 +105,7 @@ def main() -> None:
             "machine": platform.machine(),
         },
         "ppo_config_fields": sorted(f.name for f in dataclasses.fields(PPOConfig)),
+        "ppo_config_defaults": ppo_defaults(PPOConfig),
         "cases": {},
     }
     with tempfile.TemporaryDirectory() as tmp:

@@ -1,0 +1,91 @@
+"""tunelab's PPO trainer reproduces a trajectory recorded with TRL 1.12's PPO loop (tests/data/ppo_reference/).
+
+TRL removed PPO in 1.13; before tunelab's own trainer replaced TRL's loop, tests/data/ppo_reference/record.py
+ran TRL 1.12's algorithm (tunelab's `ResumablePPOTrainer`, a `trl.experimental.ppo.PPOTrainer` subclass) on
+models built by torch alone, for a full fine-tune and for LoRA, and wrote every update's logs and the trained
+weights' fingerprints to trl-1.12.json. This replays both cases without TRL: the same models, settings and
+seed through `tunelab.training.ppo.PPOTrainer`, and compares.
+
+On the machine that recorded them (x86-64, torch 2.13 CPU, one thread) the replay is bit for bit: the same
+logged floats and the same weight bytes (sha256). Elsewhere float32 sums may run in another order, which
+moves the first steps by well under 1e-4 relative (tests/test_recorded_losses.py measured this); so logs
+are compared within 1e-4 relative (1e-5 absolute, for values near 0), and each weight tensor by its sum,
+norm and two random projections within the same tolerance. A change of the algorithm (a mask off by one
+position, the score at another token, a different whitening) moves them by percents.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import PPO_REFERENCE, fingerprint, ppo_reference_models, ppo_reference_run
+
+REFERENCE = json.loads((PPO_REFERENCE / "trl-1.12.json").read_text())
+RTOL, ATOL = 1e-4, 1e-5
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return ppo_reference_models(tmp_path_factory.mktemp("ppo-reference"))
+
+
+def close_fingerprints(got: dict, want: dict, atol: float = ATOL) -> list[str]:
+    """Names of the tensors whose sum, norm or projections differ beyond the tolerance."""
+    assert got.keys() == want.keys()
+    off = []
+    for name, w in want.items():
+        g = got[name]
+        numbers = [(g["sum"], w["sum"]), (g["norm"], w["norm"]), *zip(g["projections"], w["projections"], strict=True)]
+        if any(abs(a - b) > atol + RTOL * abs(b) for a, b in numbers):
+            off.append(name)
+    return off
+
+
+def test_reference_models_are_the_recorded_ones(models: dict[str, Path]) -> None:
+    """The replay starts where the recording did (else a failure below would be the builder's, not PPO's)."""
+    from safetensors.torch import load_file
+
+    for name, folder in models.items():
+        got = fingerprint(load_file(folder / "model.safetensors"))
+        assert close_fingerprints(got, REFERENCE["models"][name]) == [], name
+
+
+@pytest.mark.parametrize("case", list(REFERENCE["cases"]))
+def test_ppo_reproduces_trl_1_12(case: str, models: dict[str, Path], tmp_path: Path) -> None:
+    from tunelab.training.ppo import PPOTrainer
+    from tunelab.training.ppo_config import PPOConfig
+
+    recorded = REFERENCE["cases"][case]
+    got = ppo_reference_run(PPOTrainer, PPOConfig, models, recorded, tmp_path)
+    assert len(got["updates"]) == len(recorded["updates"]) == 4
+    for step, (ours, theirs) in enumerate(zip(got["updates"], recorded["updates"], strict=True)):
+        assert ours.keys() == theirs.keys(), step
+        for key, want in theirs.items():
+            assert ours[key] == pytest.approx(want, rel=RTOL, abs=ATOL), (case, step, key)
+    for part in ("policy", "value"):
+        assert close_fingerprints(got[part], recorded[part]) == [], (case, part)
+    # It learned: the policy moved from where it started (with LoRA, the adapter's B matrices, which start at 0).
+    if recorded["lora"]:
+        assert all(f["norm"] > 0 for n, f in got["policy"].items() if "lora_B" in n)
+    else:
+        assert close_fingerprints(got["policy"], REFERENCE["models"]["policy"]) != []
+
+
+def test_config_takes_every_field_of_trl_1_12s_ppo_config() -> None:
+    """Recipes written for TRL 1.12's PPOConfig validate against tunelab's: every PPO field, same default
+    (but the documented three, whose TRL value TRL's loop never acted on)."""
+    from transformers import TrainingArguments
+
+    from tunelab.training.ppo_config import PPOConfig
+
+    ours = {f.name: f.default for f in dataclasses.fields(PPOConfig)}
+    recorded = REFERENCE["ppo_config_defaults"]
+    assert set(recorded) <= set(ours), set(recorded) - set(ours)
+    changed = {k for k, v in recorded.items() if ours[k] != v}
+    assert changed == {"gradient_checkpointing", "max_grad_norm", "num_sample_generations"}, changed
+    assert issubclass(PPOConfig, TrainingArguments)
+    assert PPOConfig(output_dir="x", use_cpu=True).bf16 is True  # TRL's default: bf16 unless fp16

@@ -89,3 +89,24 @@ def test_config_takes_every_field_of_trl_1_12s_ppo_config() -> None:
     assert changed == {"gradient_checkpointing", "max_grad_norm", "num_sample_generations"}, changed
     assert issubclass(PPOConfig, TrainingArguments)
     assert PPOConfig(output_dir="x", use_cpu=True).bf16 is True  # TRL's default: bf16 unless fp16
+
+
+@pytest.mark.parametrize(
+    ("extra", "same"),
+    [
+        ({"gradient_checkpointing": True}, True),  # recomputed activations: the same numbers, less memory
+        ({"max_grad_norm": 1e-3}, False),  # TRL's loop never clipped; tunelab's clips when asked
+    ],
+)
+def test_settings_trls_loop_ignored_are_taken(extra: dict, same: bool, models: dict[str, Path], tmp_path: Path) -> None:
+    from tunelab.training.ppo import PPOTrainer
+    from tunelab.training.ppo_config import PPOConfig
+
+    recorded = REFERENCE["cases"]["full"]
+    case = {**recorded, "settings": {**recorded["settings"], **extra}}
+    got = ppo_reference_run(PPOTrainer, PPOConfig, models, case, tmp_path)
+    first = recorded["updates"][0]
+    assert got["updates"][0]["objective/scores"] == pytest.approx(first["objective/scores"], rel=RTOL, abs=ATOL)
+    # The first mini-batch's loss comes before any optimizer step; the second's after one (clipped or not).
+    second = [u["loss/value_avg"] for u in (got["updates"][1], recorded["updates"][1])]
+    assert (second[0] == pytest.approx(second[1], rel=RTOL, abs=ATOL)) is same, second

@@ -244,6 +244,17 @@ def test_ppo_without_a_reward_model(tmp_path: Path, tiny_lm: Path) -> None:
         # TRL's loader drops the ragged last batch, so a rollout batch larger than the data never ends
         ({"per_device_train_batch_size": 128}, r"has 64 prompts, fewer than one rollout batch of 128"),
         ({"per_device_train_batch_size": 6, "num_mini_batches": 4}, r"= 6 is not a multiple of num_mini_batches=4"),
+        # Settings tunelab's PPO trainer does not take (TRL 1.12's PPOConfig has them): one line each, not ignored.
+        ({"num_sample_generations": 10}, r"training.num_sample_generations' asks for tables of sample completions"),
+        ({"max_steps": 5}, r"training.max_steps' is not PPO's length: set total_episodes"),
+        ({"local_batch_size": 8}, r"training.local_batch_size' is computed by the trainer from .*: remove it"),
+        ({"ref_adapter_name": "ref"}, r"training.ref_adapter_name' names one of several adapters"),
+        ({"eval_strategy": "steps"}, r"training.eval_strategy' asks for evaluation during training"),
+        ({"sft_model_path": "x"}, r"training.sft_model_path' is not used by the trainer: set the stage's `model:`"),
+        ({"ds3_gather_for_generation": False}, r"applies to DeepSpeed ZeRO-3 only; tunelab's PPO runs on .* DDP"),
+        ({"stop_token": "eos", "stop_token_id": 3}, r"sets both stop_token and stop_token_id: keep one"),
+        ({"per_device_train_batch_size": 4, "whiten_rewards": True}, r"whiten_rewards' needs mini-batches of 8"),
+        ({"kl_estimator": "k2"}, r"training.kl_estimator' is 'k2'"),
     ],
 )
 def test_ppo_batches_that_cannot_work(
@@ -252,6 +263,12 @@ def test_ppo_batches_that_cannot_work(
     stage = {"stage": "ppo", "model": str(tiny_lm), "reward_model": str(reward_model), "data": QA_TRAIN}
     stage["training"] = training
     fails(["validate", str(write(tmp_path, {"stages": {"ppo": stage}}))], message)
+
+
+def test_ppo_under_fsdp(tmp_path: Path, tiny_lm: Path, reward_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what `tunelab launch --config-file fsdp.yaml` sets
+    stage = {"stage": "ppo", "model": str(tiny_lm), "reward_model": str(reward_model), "data": QA_TRAIN}
+    fails(["validate", str(write(tmp_path, {"stages": {"ppo": stage}}))], "launched with FSDP, which tunelab's PPO")
 
 
 def test_ppo_reward_model_that_is_not_a_classifier(tmp_path: Path, tiny_lm: Path) -> None:

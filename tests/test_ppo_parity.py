@@ -110,3 +110,30 @@ def test_settings_trls_loop_ignored_are_taken(extra: dict, same: bool, models: d
     # The first mini-batch's loss comes before any optimizer step; the second's after one (clipped or not).
     second = [u["loss/value_avg"] for u in (got["updates"][1], recorded["updates"][1])]
     assert (second[0] == pytest.approx(second[1], rel=RTOL, abs=ATOL)) is same, second
+
+
+def test_prompt_tokens_with_the_pad_id_stay_visible(models: dict[str, Path], tmp_path: Path) -> None:
+    """Where the tokenizer's pad is its EOS (SmolLM2), a chat prompt holds EOS tokens of its own: the rollout
+    attends to them (the collator's mask), and masks only the left padding."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    from tests.helpers import ppo_reference_prompts
+    from tunelab.training.ppo import PPOTrainer
+    from tunelab.training.ppo_config import PPOConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(models["policy"], padding_side="left", pad_token="<eos>")
+    prompts = ppo_reference_prompts(tokenizer).map(lambda row: {"input_ids": row["input_ids"] + [1, 4, 13]})
+    args = PPOConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none", per_device_train_batch_size=16)
+    trainer = PPOTrainer(
+        args=args,
+        processing_class=tokenizer,
+        model=AutoModelForCausalLM.from_pretrained(models["policy"]),
+        ref_model=AutoModelForCausalLM.from_pretrained(models["policy"]),
+        reward_model=AutoModelForSequenceClassification.from_pretrained(models["reward"]),
+        value_model=AutoModelForSequenceClassification.from_pretrained(models["reward"]),
+        train_dataset=prompts,
+    )
+    ids, mask = trainer._prompts(0)
+    lengths = [len(prompts[i]["input_ids"]) for i in range(len(prompts))]
+    assert sorted(mask.sum(1).tolist()) == sorted(lengths)  # every prompt token, its own EOS included
+    assert ((ids == 1) & mask).sum(1).tolist() == [1] * 16 and not mask[:, 0].all()  # left padding is masked

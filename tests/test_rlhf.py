@@ -21,6 +21,7 @@ from tests.helpers import (
     PREF_TEST,
     PREF_TRAIN,
     QA_TRAIN,
+    SMOLLM2,
     fails,
     grpo_stage,
     pretrain_stage,
@@ -126,6 +127,51 @@ def test_ppo_with_lora_saves_an_adapter(tmp_path: Path, tiny_lm: Path, reward_mo
     assert (folder / "adapter_config.json").exists()
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_lm), folder)
     assert any("lora_B" in n and p.abs().sum() > 0 for n, p in model.named_parameters())
+
+
+def test_ppo_tokenizes_chat_prompts_through_the_template(smollm2: Path) -> None:
+    """Chat prompts become the template's token ids, generation prompt included (transformers 5's
+    apply_chat_template answers a dict: the ids, not the dict, reach the collator)."""
+    from datasets import Dataset
+
+    from tunelab.stages.ppo import _tokenized
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2)
+    chat = [{"role": "user", "content": "12+7="}]
+    ds = _tokenized(Dataset.from_dict({"prompt": [chat]}), "prompt", tokenizer)
+    text = tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+    assert (
+        ds.column_names == ["input_ids"] and ds[0]["input_ids"] == tokenizer(text, add_special_tokens=False).input_ids
+    )
+
+
+@pytest.mark.slow  # ~1 min: SmolLM2's reward model (LoRA, merged), then one PPO update with a LoRA policy
+def test_ppo_on_smollm2_with_lora(tmp_path: Path, smollm2: Path) -> None:
+    """The real model: ChatML prompts (whose <|im_end|> is also the pad token), tied embeddings, a LoRA policy
+    whose reference is itself with the adapter off, the value model from a merged LoRA reward model."""
+    lora = {"r": 4, "target_modules": ["q_proj", "v_proj"]}
+    reward = reward_stage(SMOLLM2, lora=lora, data={"path": "recipes/data/arith_pref", "split": "train[:8]"})
+    reward["training"] = {**reward.pop("training"), "max_steps": 1, "per_device_train_batch_size": 2}
+    del reward["eval_data"]
+    ppo = {
+        "stage": "ppo",
+        "model": SMOLLM2,
+        "reward_model": "${reward}",
+        "data": {"path": "recipes/data/arith_qa", "split": "train[:4]"},
+        "lora": lora,
+        "training": {**PPO_TRAINING, "total_episodes": 4, "per_device_train_batch_size": 2, "num_ppo_epochs": 1},
+    }
+    ppo["training"].update(local_rollout_forward_batch_size=2, learning_rate=1e-4, gradient_accumulation_steps=2)
+    result = run_stages(tmp_path, {"reward": reward, "ppo": ppo})
+    folder = result.outputs["ppo"]
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(smollm2), folder)
+    assert model.config.tie_word_embeddings and any(
+        p.abs().sum() > 0 for n, p in model.named_parameters() if "lora_B" in n
+    )
+    (log,) = [h for h in json.loads((folder / "log_history.json").read_text()) if "objective/kl" in h]
+    assert all(math.isfinite(v) for v in log.values() if isinstance(v, float))
+    # The first rollout's policy is its reference (LoRA's B starts at 0): KL 0 up to the cache's float noise.
+    assert abs(log["objective/kl"]) < 1e-3 and result.metrics["ppo"]["global_step"] == 1
 
 
 def test_ppo_stops_when_kl_runs_away_and_names_the_last_good_checkpoint(

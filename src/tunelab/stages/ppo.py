@@ -26,6 +26,7 @@ the run with one line naming the step and the last good checkpoint.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -134,7 +135,8 @@ def _tokenized(ds, column: str, tokenizer):
     def encode(row):
         prompt = row[column]
         if isinstance(prompt, list):  # chat messages
-            return {"input_ids": tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)}
+            ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)
+            return {"input_ids": ids["input_ids"] if isinstance(ids, Mapping) else ids}  # transformers 5: a dict
         return {"input_ids": tokenizer(prompt, add_special_tokens=False)["input_ids"]}
 
     return ds.map(encode, remove_columns=ds.column_names)

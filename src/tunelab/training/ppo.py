@@ -25,6 +25,13 @@ replays a trajectory recorded with it). Each update:
    `per_device_train_batch_size` rows. Loss = clipped policy loss (`cliprange`) + `vf_coef` x clipped
    value loss (`cliprange_value`), the value loss over the response plus the ending state.
 
+Padding: in prompts the collator's attention mask tells it from tokens, so a prompt's own tokens with
+the pad id stay visible (a chat template's EOS, where the tokenizer's pad is its EOS, as SmolLM2's; TRL
+1.12's loop masked those too, the one place where the two differ). In responses the pad id is padding,
+as in TRL's loop: where pad = EOS, the EOS counts as padding after the response's last token, so the
+score is read at the token before it, which is where such a reward model's own pooling (its last non-pad
+token) reads it.
+
 The policy and the value model train together (one optimizer, one DDP module); under N processes
 (`tunelab launch`) each rank answers its own slice of every prompt batch and samples with its own seed
 (seed + rank), and DDP averages the gradients. Prompts follow a schedule fixed by (seed, epoch): update
@@ -130,10 +137,9 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, gamma: float, lam: float) -
     return advantages
 
 
-def model_inputs(tokens: torch.Tensor, pad_id: int) -> dict[str, torch.Tensor]:
-    """Attention mask from the padding, positions counting attended tokens only (so a left-padded prompt
-    starts at 0), pad ids replaced by 0 (a pad id may lie outside the embedding)."""
-    mask = tokens != pad_id
+def model_inputs(tokens: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """`tokens` as a model takes them, `mask` marking the real ones: positions count real tokens only (a
+    left-padded prompt starts at 0), padding ids replaced by 0 (a pad id may lie outside the embedding)."""
     return {
         "input_ids": tokens.masked_fill(~mask, 0),
         "attention_mask": mask,
@@ -184,6 +190,7 @@ class Rollout:
 
     context_length: int
     query_responses: torch.Tensor  # prompt + response as sampled (padding after a stop is pad)
+    attention_mask: torch.Tensor  # the prompt's real tokens, and the response's tokens that are not pad
     responses: torch.Tensor
     logprobs: torch.Tensor  # at sampling; LOGPROB_PAD past the end
     values: torch.Tensor  # 0 past the ending state
@@ -361,7 +368,7 @@ class PPOTrainer(Trainer):
         start_time, start_episode = time.time(), self.state.episode
         for update in range(self.state.global_step, args.num_total_batches):
             self.state.episode += args.batch_size
-            rollout = self._rollout(self._prompts(update))
+            rollout = self._rollout(*self._prompts(update))
             stats = self._optimise(rollout)
             self._log_update(rollout, stats, (self.state.episode - start_episode) / (time.time() - start_time))
             del rollout, stats
@@ -394,7 +401,9 @@ class PPOTrainer(Trainer):
         kwargs = getattr(args, "activation_checkpointing_kwargs", None) or args.gradient_checkpointing_kwargs
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs or {"use_reentrant": False})
 
-    def _prompts(self, update: int) -> torch.Tensor:
+    def _prompts(self, update: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's prompts of `update`, left-padded, and their attention mask (the collator's: a prompt's own
+        pad-id tokens, as a chat template's EOS where pad = EOS, stay visible)."""
         args = self.args
         rows = prompt_indices(
             len(self.train_dataset),
@@ -405,10 +414,11 @@ class PPOTrainer(Trainer):
             args.local_batch_size,
         )
         batch = self.data_collator([self.train_dataset[i] for i in rows])
-        return batch["input_ids"].to(self.accelerator.device)
+        device = self.accelerator.device
+        return batch["input_ids"].to(device), batch["attention_mask"].to(device).bool()
 
     @torch.no_grad()
-    def _sample(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _sample(self, queries: torch.Tensor, prompt_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Responses [rows, length] and the log-probabilities they were sampled with, chunk by chunk.
 
         The policy's own generation_config is set aside meanwhile: generate() would fill what ours leaves
@@ -423,7 +433,7 @@ class PPOTrainer(Trainer):
         holder.generation_config = config
         try:
             for start in range(0, len(queries), chunk):
-                inputs = model_inputs(queries[start : start + chunk], pad)
+                inputs = model_inputs(queries[start : start + chunk], prompt_mask[start : start + chunk])
                 out = policy.generate(
                     input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], generation_config=config
                 )
@@ -438,13 +448,14 @@ class PPOTrainer(Trainer):
         return torch.cat(responses), torch.cat(logprobs)
 
     @torch.no_grad()
-    def _rollout(self, queries: torch.Tensor) -> Rollout:
+    def _rollout(self, queries: torch.Tensor, prompt_mask: torch.Tensor) -> Rollout:
         """Sample, score and turn one batch of prompts into advantages and returns (steps 1-4 of the module doc)."""
         args, tok = self.args, self.processing_class
         pad, temperature = tok.pad_token_id, args.temperature + 1e-7
         context = queries.shape[1]
-        responses, logprobs = self._sample(queries)
+        responses, logprobs = self._sample(queries, prompt_mask)
         query_responses = torch.cat([queries, responses], 1)
+        attention = torch.cat([prompt_mask, responses != pad], 1)
         # A response ends at its first stop token; what follows it is padding.
         ended = responses
         if self.stop_token_id is not None:
@@ -457,12 +468,15 @@ class PPOTrainer(Trainer):
         ref_logprobs, values, scores = [], [], []
         for start in range(0, len(queries), args.local_rollout_forward_batch_size):
             rows = slice(start, start + args.local_rollout_forward_batch_size)
-            inputs = model_inputs(query_responses[rows], pad)
+            inputs = model_inputs(query_responses[rows], attention[rows])
             logits = self._reference_logits(inputs)[:, context - 1 : -1] / temperature
             ref_logprobs.append(token_logprobs(logits, responses[rows]))
             del logits
             values.append(position_scores(self._parts().value_model, inputs)[:, context - 1 : -1, 0])
-            final = position_scores(self.reward_model, model_inputs(torch.cat([queries[rows], ended[rows]], 1), pad))
+            scored = model_inputs(
+                torch.cat([queries[rows], ended[rows]], 1), torch.cat([prompt_mask[rows], ended[rows] != pad], 1)
+            )
+            final = position_scores(self.reward_model, scored)
             scores.append(final[torch.arange(len(final)), context + last[rows], 0])
         ref_logprobs, values, scores = torch.cat(ref_logprobs), torch.cat(values), torch.cat(scores)
 
@@ -489,6 +503,7 @@ class PPOTrainer(Trainer):
         return Rollout(
             context_length=context,
             query_responses=query_responses,
+            attention_mask=attention,
             responses=responses,
             logprobs=logprobs,
             values=values,
@@ -504,7 +519,7 @@ class PPOTrainer(Trainer):
     def _optimise(self, r: Rollout) -> dict[str, torch.Tensor]:
         """`num_ppo_epochs` shuffled passes, one optimizer step per mini-batch (step 5 of the module doc)."""
         args, accelerator, model = self.args, self.accelerator, self.model_wrapped
-        pad, temperature, context = self.processing_class.pad_token_id, args.temperature + 1e-7, r.context_length
+        temperature, context = args.temperature + 1e-7, r.context_length
         mini, micro = args.local_mini_batch_size, args.per_device_train_batch_size
         micro_starts = range(0, mini, micro)
         names = ("approxkl", "pg_clipfrac", "pg_loss", "vf_loss", "vf_clipfrac", "entropy", "ratio")
@@ -518,7 +533,7 @@ class PPOTrainer(Trainer):
                     rows = batch[start : start + micro]
                     last_micro = k == len(micro_starts) - 1
                     with nullcontext() if last_micro else accelerator.no_sync(model):
-                        logits, vpred = model(**model_inputs(r.query_responses[rows], pad))
+                        logits, vpred = model(**model_inputs(r.query_responses[rows], r.attention_mask[rows]))
                         logits = logits[:, context - 1 : -1] / temperature
                         vpred = vpred[:, context - 1 : -1]
                         in_response, in_values = r.in_response[rows], r.in_values[rows]

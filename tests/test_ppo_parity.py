@@ -137,3 +137,22 @@ def test_prompt_tokens_with_the_pad_id_stay_visible(models: dict[str, Path], tmp
     lengths = [len(prompts[i]["input_ids"]) for i in range(len(prompts))]
     assert sorted(mask.sum(1).tolist()) == sorted(lengths)  # every prompt token, its own EOS included
     assert ((ids == 1) & mask).sum(1).tolist() == [1] * 16 and not mask[:, 0].all()  # left padding is masked
+
+
+def test_sampling_ignores_the_models_own_generation_settings(models: dict[str, Path], tmp_path: Path) -> None:
+    """A repetition penalty or top_p in the policy's generation_config.json would change the distribution
+    responses are sampled from, and PPO's ratio would divide by the wrong log-probabilities: the first
+    rollout's KL to the reference (the same weights) stays 0."""
+    import shutil
+
+    from tunelab.training.ppo import PPOTrainer
+    from tunelab.training.ppo_config import PPOConfig
+
+    policy = shutil.copytree(models["policy"], tmp_path / "policy")
+    config = json.loads((policy / "generation_config.json").read_text())
+    (policy / "generation_config.json").write_text(json.dumps({**config, "repetition_penalty": 1.5, "top_p": 0.5}))
+    recorded = REFERENCE["cases"]["full"]
+    case = {**recorded, "settings": {**recorded["settings"], "total_episodes": 8}}
+    got = ppo_reference_run(PPOTrainer, PPOConfig, {**models, "policy": policy}, case, tmp_path / "run")
+    assert abs(got["updates"][0]["objective/kl"]) < 1e-5
+    assert got["updates"][0]["objective/scores"] == pytest.approx(recorded["updates"][0]["objective/scores"])

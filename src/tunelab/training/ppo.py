@@ -25,12 +25,23 @@ replays a trajectory recorded with it). Each update:
    `per_device_train_batch_size` rows. Loss = clipped policy loss (`cliprange`) + `vf_coef` x clipped
    value loss (`cliprange_value`), the value loss over the response plus the ending state.
 
-Padding: in prompts the collator's attention mask tells it from tokens, so a prompt's own tokens with
-the pad id stay visible (a chat template's EOS, where the tokenizer's pad is its EOS, as SmolLM2's; TRL
-1.12's loop masked those too, the one place where the two differ). In responses the pad id is padding,
-as in TRL's loop: where pad = EOS, the EOS counts as padding after the response's last token, so the
-score is read at the token before it, which is where such a reward model's own pooling (its last non-pad
-token) reads it.
+Padding: in prompts the collator's attention mask tells it from tokens; in responses the pad id is
+padding, as in TRL's loop. Where the tokenizer's pad is its EOS (SmolLM2), the EOS therefore counts as
+padding after the response's last token, and the score is read at the token before it, which is where
+such a reward model's own pooling (its last non-pad token) reads it.
+
+Where it differs from TRL 1.12's loop (none of it in the recorded cases, which match bit for bit):
+- a prompt's own tokens with the pad id stay visible (a chat template's EOS where pad = EOS); TRL masked
+  them as padding;
+- with both `num_mini_batches` > 1 and `gradient_accumulation_steps` > 1, one optimizer step per
+  mini-batch; TRL stepped every `gradient_accumulation_steps` forward passes across mini-batch bounds
+  (and averaged zeros into its statistics);
+- `gradient_checkpointing`, `max_grad_norm` and `bf16`/`fp16` mixed precision are taken (TRL's loop
+  ignored the first two, and took mixed precision from `accelerate launch` only);
+- sampling uses these settings alone, not what a model's generation_config.json adds (repetition_penalty,
+  ...: TRL's loop on transformers 5 applied it, and its log-probabilities then were not the policy's);
+  log-probabilities of bf16/fp16 logits are normalised in float32;
+- `val/num_eos_tokens` counts every rank's responses, not the main process's.
 
 The policy and the value model train together (one optimizer, one DDP module); under N processes
 (`tunelab launch`) each rank answers its own slice of every prompt batch and samples with its own seed

@@ -11,8 +11,8 @@ recipe says otherwise, so responses end where the policy stops, as the reward mo
 
 The trainer is PPO as the "N implementation details of RLHF with PPO" describe it, step for step what
 TRL 1.12's loop computed (tests/test_ppo_parity.py replays a trajectory recorded with TRL 1.12: the
-same logs and weights, bit for bit on CPU). Its checkpoints hold the value model too, its prompt order
-is fixed by the seed, so `--resume` continues from the newest checkpoint exactly; it runs on every
+same logs and weights, bit for bit on the CPU that recorded it). Its checkpoints hold the value model
+too, its prompt order is fixed by the seed, so `--resume` continues from the newest checkpoint exactly; it runs on every
 process of `tunelab launch` (each rank answers its slice of every rollout batch, with its own sampling
 seed). Settings it does not take are one line at validate: TRL's sample tables, several adapters,
 DeepSpeed/FSDP, `max_steps` (PPO's length is `total_episodes`), evaluation during training, and the

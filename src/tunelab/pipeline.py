@@ -609,8 +609,10 @@ def _run_stage(
     reports = {
         key: ctx.data_reports[f"{spec.name}.{key}"] for key in DATA_KEYS if f"{spec.name}.{key}" in ctx.data_reports
     }
-    for key, report in reports.items():  # the rows each source contributed, beside the stage's own numbers
-        out.metrics.update(row_metrics(key, report))
+    per_model = any(isinstance(value, dict) for value in out.metrics.values())  # eval's {model: scores}
+    for key, report in reports.items():  # the rows each source contributed, beside a trainer's own numbers
+        if not per_model:  # an eval stage's rows are each model's `examples` already
+            out.metrics.update(row_metrics(key, report))
     if main and out.model is not None:
         from tunelab.models.spec import record_base
 

@@ -50,6 +50,7 @@ from tunelab.models.spec import stage_model
 from tunelab.models.tokenizers import load_tokenizer
 from tunelab.stages import TRAINING, Context, Metrics, Stage, StageResult, StageSpec
 from tunelab.training.trainer import fingerprints, guarded_train, kl_limit, save, training_args
+from tunelab.training.trl_changes import check_model_fit
 
 
 def import_name(path: str) -> Any:
@@ -226,8 +227,10 @@ class TrainerStage(Stage):
             )
 
     def check_model(self, spec: StageSpec, ctx: Context, s: Settings) -> None:
-        """The model from its config alone (no weights): it builds, the LoRA applies, 4-bit shapes fit."""
-        check_model(spec, ctx, s.lora, task=self.task_type)
+        """The model from its config alone (no weights): it builds, the LoRA applies, 4-bit shapes fit, and
+        TRL 1.16's trainers will take it with these settings (`check_model_fit`)."""
+        config = check_model(spec, ctx, s.lora, task=self.task_type)
+        check_model_fit(s.args, config, s.lora, spec.where)
 
     def check_template(self, spec: StageSpec, s: Settings, train: Any) -> None:
         """Render the first example through the chat template the trainer will use (`chat_template:` or the

@@ -37,6 +37,7 @@ from tunelab.models.loading import prepare_kbit
 from tunelab.models.spec import model_config, model_spec
 from tunelab.stages import TRAINING, Context, Metrics, StageSpec
 from tunelab.stages.base import Settings, TrainerStage
+from tunelab.training.trl_changes import check_model_fit
 from tunelab.vision.checks import check_model, plan_vlm
 from tunelab.vision.collator import collator
 from tunelab.vision.data import check_rows, has_images, load_images
@@ -97,7 +98,8 @@ class VlmSft(TrainerStage):
         return VlmSettings(**vars(common), assistant_only=assistant_only, freeze_vision=_freeze(spec))
 
     def check_model(self, spec: StageSpec, ctx: Context, s: VlmSettings) -> None:
-        check_model(spec, ctx, s.lora, s.freeze_vision)
+        config = check_model(spec, ctx, s.lora, s.freeze_vision)
+        check_model_fit(s.args, config, s.lora, spec.where)
 
     def data(self, spec: StageSpec, ctx: Context, s: Settings) -> tuple[Any, Any]:
         """(train, eval): rows with `images` (loaded) and `messages`."""

@@ -26,6 +26,7 @@ from tunelab.training.safeguards import (
     stop_on_signals,
 )
 from tunelab.training.throughput import track_throughput
+from tunelab.training.trl_changes import check_values
 
 # Stages write their files where tunelab says; these keys would break that.
 MANAGED_KEYS = ("output_dir",)
@@ -45,6 +46,7 @@ def training_args(cls: type, values: dict[str, Any] | None, where: str, out_dir:
     bf16=True); the recipe's seed; TensorBoard logs (they work offline).
     """
     values = dict(values or {})
+    check_values(cls, values, where)  # what TRL renamed or deprecated away since 1.12, with the new spelling
     fixed: dict[str, Any] = {"output_dir": str(out_dir)}
     values.setdefault("seed", seed)
     values.setdefault("report_to", "tensorboard")

@@ -122,20 +122,29 @@ def test_online_reference_is_the_starting_model_when_it_was_an_adapter(tmp_path:
 
 
 def test_distill_trains_the_student_on_its_own_answers_against_the_teacher(tmp_path: Path, tiny_lm: Path) -> None:
-    stage = {
-        "stage": "distill",
+    """The student is the tiny model after two SFT steps, the teacher the tiny model: the divergence is above
+    zero from the first step, and the student moves. A student identical to its teacher sits at the
+    objective's minimum: zero loss and an exactly zero gradient (TRL 1.16's fused divergence; TRL 1.12's
+    rounding left a 1e-8 gradient that Adam scaled up to a full step)."""
+    training = {k: v for k, v in ONLINE.items() if k != "num_generations"} | {"max_completion_length": 6}
+    student = {
+        "stage": "sft",
         "model": str(tiny_lm),
-        "teacher": str(tiny_lm),
         "data": QA_TRAIN,
-        "eval_data": QA_TEST,
-        "training": {k: v for k, v in ONLINE.items() if k != "num_generations"} | {"max_completion_length": 6},
+        "training": tiny_training(max_steps=2, learning_rate=5e-2),
     }
-    result = run_stages(tmp_path, {"distill": stage})
+    distill = {"stage": "distill", "teacher": str(tiny_lm), "data": QA_TRAIN, "training": training}
+    stages = {
+        "student": student,
+        "distill": distill | {"model": "${student}", "eval_data": QA_TEST},
+        "same": distill | {"model": str(tiny_lm), "training": training | {"max_steps": 1}},
+    }
+    result = run_stages(tmp_path, stages)
     metrics, folder = result.metrics["distill"], result.outputs["distill"]
-    history = json.loads((folder / "log_history.json").read_text())
-    # The student starts as the teacher: the divergence at the first step is zero; then it moves.
-    assert [h["loss"] for h in history if "loss" in h][0] == pytest.approx(0.0, abs=1e-5)
-    assert metrics["eval_loss"] > 0 and changed(tiny_lm, folder) > 0
+    losses = [h["loss"] for h in json.loads((folder / "log_history.json").read_text()) if "loss" in h]
+    assert losses[0] > 0 and metrics["eval_loss"] > 0 and changed(result.outputs["student"], folder) > 0
+    same = [h for h in json.loads((result.outputs["same"] / "log_history.json").read_text()) if "loss" in h][0]
+    assert same["loss"] == pytest.approx(0.0, abs=1e-6) and same["grad_norm"] == pytest.approx(0.0, abs=1e-6)
 
 
 def smollm2_stages(steps: int) -> dict:

@@ -12,12 +12,13 @@ projector trains through `modules_to_save`), `quantization` is `BitsAndBytesConf
 - **Data:** `images` (paths relative to the dataset folder, or images) and `messages` whose user
   turns hold `{"type": "image"}` placeholders (string turns get the row's images before the first
   user turn, as TRL does).
-- **Loss on the assistant turns only** (`assistant_only_loss`, default true here): TRL 1.12 refuses it
-  for vision data and would train on system, user and image tokens too; the mask is derived as for
-  text chats (`tunelab.vision.collator`). `assistant_only_loss: false` gives TRL's labels.
+- **Loss on the assistant turns only** (`assistant_only_loss`, default true here): TRL 1.16 masks vision
+  chats only through `{% generation %}` markers (its own training templates for a few families), and
+  without the flag trains on system, user and image tokens too; the mask is derived as for text chats,
+  on any template (`tunelab.vision.collator`). `assistant_only_loss: false` gives TRL's labels.
 - **`freeze_vision: true`** keeps the vision tower's weights fixed (the projector and language model
   train). With LoRA the tower trains only where `target_modules` / `modules_to_save` reach it.
-- **Packing:** TRL 1.12 does not pack vision data (nor padding-free batching); `packing: true` is
+- **Packing:** TRL 1.16 does not pack vision data (nor padding-free batching); `packing: true` is
   refused in one line. Images of different sizes are resized by the processor and batched with
   right padding by TRL's collator.
 
@@ -80,10 +81,10 @@ class VlmSft(TrainerStage):
         for key in ("packing", "padding_free"):
             if values.get(key):
                 raise TunelabError(
-                    f"'{where}.{key}' is true, but TRL 1.12 does not pack or pad-free vision data (its SFTTrainer "
+                    f"'{where}.{key}' is true, but TRL does not pack or pad-free vision data (its SFTTrainer "
                     f"refuses it): remove {key}"
                 )
-        values.pop("assistant_only_loss", None)  # tunelab's collator masks; TRL refuses the flag for vision data
+        values.pop("assistant_only_loss", None)  # tunelab's collator masks, on any template (TRL's needs markers)
         values.setdefault("max_length", None)  # truncating inside an image's tokens breaks the model's forward
         return values
 

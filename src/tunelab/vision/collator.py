@@ -1,7 +1,8 @@
 """Loss on assistant turns only, for image+text chats: the mask, carried onto the processor's tokens.
 
-TRL 1.12 refuses `assistant_only_loss` for vision data and trains on every non-pad token (system, user
-and image tokens too). `collator` keeps TRL's collator and derives the mask as
+TRL 1.16 masks vision chats only through `{% generation %}` markers in the template (1.12 refused
+`assistant_only_loss` for them), and otherwise trains on every non-pad token (system, user and image
+tokens too). `collator` keeps TRL's collator and derives the mask as
 `tunelab.models.chat_templates.assistant_mask` does for text chats (render up to and through each
 assistant turn, mark the characters the assistant adds), then carries it onto the processor's ids, where
 each image placeholder has grown into the image's tokens.

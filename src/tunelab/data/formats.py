@@ -563,8 +563,8 @@ def _batched(fn: Callable[[dict, int], dict]) -> Callable[[dict, list[int]], dic
     one per row, which is most of a row map's cost (benchmarks/data_mixing.py)."""
 
     def batch_fn(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
-        keys = list(batch)
-        out = [fn(dict(zip(keys, values, strict=True)), i) for values, i in zip(zip(*batch.values()), indices)]
+        keys, rows = list(batch), zip(*batch.values(), strict=True)
+        out = [fn(dict(zip(keys, values, strict=True)), i) for values, i in zip(rows, indices, strict=True)]
         return {key: [row[key] for row in out] for key in (out[0] if out else ())}
 
     return batch_fn

@@ -86,8 +86,9 @@ def marked_text(pieces: list[tuple[str, int]], colour: bool) -> Any:
 def histogram(x: Lengths) -> list[str]:
     """A text histogram of token lengths: one line per bin."""
     top = max((c for _, _, c in x.histogram), default=0) or 1
-    width = len(str(x.max))
+    spans = [f"{lo}" if hi - 1 == lo else f"{lo}-{hi - 1}" for lo, hi, _ in x.histogram]
+    pad = max(len(s) for s in spans) if spans else 0
     return [f"  {x.name} tokens per row:"] + [
-        f"  {lo:>{width}}-{hi - 1:<{width}} {'#' * max(1 if c else 0, round(BAR * c / top)):<{BAR}} {c}"
-        for lo, hi, c in x.histogram
+        f"  {span:>{pad}} {'#' * max(1 if c else 0, round(BAR * c / top)):<{BAR}} {c}"
+        for span, (_, _, c) in zip(spans, x.histogram, strict=True)
     ]

@@ -416,16 +416,3 @@ def signature(value: Any) -> str:
             stat = f.stat()
             digest.update(f"{stat.st_size}:{stat.st_mtime_ns}".encode())
     return digest.hexdigest()[:16]
-
-
-def preference_splits(cfg: dict[str, Any], where: str) -> tuple[Any, Any]:
-    """(train, eval) preference pairs of a stage (`data:`, `eval_data:`), with their columns checked."""
-    if "data" not in cfg:
-        raise TunelabError(f"'{where}' has no `data:`: name preference pairs (chosen and rejected columns)")
-    train = load_split(cfg["data"], f"{where}.data", "train")
-    require_preferences(train, f"{where}.data")
-    evaluation = None
-    if cfg.get("eval_data") is not None:
-        evaluation = load_split(cfg["eval_data"], f"{where}.eval_data", "test")
-        require_preferences(evaluation, f"{where}.eval_data")
-    return train, evaluation

@@ -53,7 +53,8 @@ class Lengths:
         counts = [0] * bins
         for v in values:
             counts[min((v - low) // width, bins - 1)] += 1
-        histogram = [(low + i * width, low + (i + 1) * width, c) for i, c in enumerate(counts) if low + i * width <= top]
+        edges = [(low + i * width, low + (i + 1) * width) for i in range(bins)]
+        histogram = [(lo, hi, c) for (lo, hi), c in zip(edges, counts, strict=True) if lo <= top]
         return cls(
             name, len(values), _rank(values, 0.50), _rank(values, 0.95), top, sum(values) / len(values), histogram
         )

@@ -136,6 +136,9 @@ class Context:
     """Where each earlier stage's tokenizer comes from (see `models.tokenizer_origin`), for checks."""
     checking: bool = False
     """True during `validate`: earlier stages' outputs may not exist yet."""
+    data_reports: dict[str, Any] = field(default_factory=dict)
+    """What each stage's data held, by "STAGE.data" / "STAGE.eval_data": `tunelab.data.sources.DataReport`
+    (the format read per source, from which columns, its rows)."""
     resume: bool = False
     held_out: dict[str, list[tuple[str, Any]]] = field(default_factory=dict)
     """Per stage, the rows later stages evaluate on, as (where, rows): compared with its training rows for

@@ -29,8 +29,9 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from tunelab.core.errors import TunelabError
-from tunelab.data.datasets import load_split, preference_splits, require_columns
+from tunelab.data.datasets import require_columns, require_preferences
 from tunelab.data.preview import DataView, Source, Tokens, contamination
+from tunelab.data.sources import load_data
 from tunelab.models.adapters import lora_config, trainable_quantization
 from tunelab.models.chat_templates import (
     chat_pairs,
@@ -162,6 +163,9 @@ class TrainerStage(Stage):
     """`training:` values tunelab sets unless the recipe does (each with its reason where declared)."""
     data_hint: ClassVar[str] = "name a dataset folder, file or hub id"
     """What `data:` should be, for the "has no `data:`" error."""
+    data_target: ClassVar[str] = "lm"
+    """The shape the stage's trainer reads (`tunelab.data.formats.TARGETS`): every source's format is
+    converted into it (`load_data`)."""
     chat_columns: ClassVar[tuple[str, ...]] = ("prompt",)
     """Columns that may hold chat turns (checked against the model's chat template at validate)."""
     model_hint: ClassVar[str | None] = None
@@ -200,11 +204,19 @@ class TrainerStage(Stage):
     # --- data -------------------------------------------------------------------------------------
     def data(self, spec: StageSpec, ctx: Context, s: Settings) -> tuple[Any, Any]:
         """(train, eval) datasets, their columns checked; eval is None without `eval_data:`."""
-        train = load_split(self.require_data(spec), f"{spec.where}.data", "train")
-        evaluation = None
-        if spec.cfg.get("eval_data") is not None:
-            evaluation = load_split(spec.cfg["eval_data"], f"{spec.where}.eval_data", "test")
+        train = self.load(spec, ctx, "data")
+        evaluation = self.load(spec, ctx, "eval_data") if spec.cfg.get("eval_data") is not None else None
         return train, evaluation
+
+    def load(self, spec: StageSpec, ctx: Context, key: str = "data", own: tuple[str, ...] = ()) -> Any:
+        """`data:` (default split train) or `eval_data:` (test) in the stage's shape (`data_target`), through
+        `load_data`: formats detected and converted; what was read is kept in `ctx.data_reports`. `own`: the
+        stage's columns under names the recipe chose (taken as they are)."""
+        value = self.require_data(spec) if key == "data" else spec.cfg[key]
+        split = "train" if key == "data" else "test"
+        ds, report = load_data(value, f"{spec.where}.{key}", split, self.data_target, seed=ctx.seed, own=own)
+        ctx.data_reports[f"{spec.name}.{key}"] = report
+        return ds
 
     def require_data(self, spec: StageSpec) -> Any:
         if "data" not in spec.cfg:
@@ -400,11 +412,12 @@ class TrainerStage(Stage):
                 reason = f"{spec.kind} stages have no token view: the rows are shown as read"
         compared = ([(f"{spec.where}.eval_data", evaluation)] if evaluation is not None else []) + held_out
         notes = [] if compared else ["add eval_data, or an eval stage after this one, to check for contamination"]
-        sources = self.sources(spec, train)
+        sources, mix = self.sources(spec, ctx, train)
         return DataView(
             stage=spec.name,
             kind=spec.kind,
             sources=sources,
+            mix=mix,
             rows=len(train),
             eval_rows=None if evaluation is None else len(evaluation),
             tokens=tokens,
@@ -413,12 +426,17 @@ class TrainerStage(Stage):
             raw=[] if tokens is not None else [train[i] for i in range(min(shown, len(train)))],
         )
 
-    def sources(self, spec: StageSpec, train: Any) -> list[Source]:
-        """Where the training rows come from, and their format as the stage reads them."""
-        value = spec.cfg.get("data")
-        path = value if isinstance(value, str) else (value or {}).get("path", "?")
-        columns = ", ".join(train.column_names)
-        return [Source(0, f"{spec.where}.data", str(path), data_shape(train), f"columns {columns}", len(train))]
+    def sources(self, spec: StageSpec, ctx: Context, train: Any) -> tuple[list[Source], str | None]:
+        """Where the training rows come from and the format each was read in (from `load_data`'s report), and
+        how they were mixed."""
+        report = ctx.data_reports.get(f"{spec.name}.data")
+        if report is None:  # a stage that reads its data otherwise: its shape, from the columns
+            value = spec.cfg.get("data")
+            path = value if isinstance(value, str) else (value or {}).get("path", "?")
+            columns = f"columns {', '.join(train.column_names)}"
+            return [Source(0, f"{spec.where}.data", str(path), data_shape(train), columns, len(train))], None
+        found = [Source(s.index, s.where, s.path, s.format, s.detected_from, s.rows) for s in report.sources]
+        return found, report.mix
 
     # --- planning ---------------------------------------------------------------------------------
     def plan(self, spec: StageSpec, ctx: Context):
@@ -442,8 +460,17 @@ class PreferenceStage(TrainerStage):
     reference: ClassVar[bool] = False
     """The trainer takes `ref_model`: a frozen copy of the start (with LoRA: the adapter switched off)."""
 
+    data_target = "preference"
+
     def data(self, spec: StageSpec, ctx: Context, s: Settings) -> tuple[Any, Any]:
-        return preference_splits(spec.cfg, spec.where)
+        """(train, eval) preference pairs (`data:`, `eval_data:`), their columns checked."""
+        train = self.load(spec, ctx, "data")
+        require_preferences(train, f"{spec.where}.data")
+        evaluation = None
+        if spec.cfg.get("eval_data") is not None:
+            evaluation = self.load(spec, ctx, "eval_data")
+            require_preferences(evaluation, f"{spec.where}.eval_data")
+        return train, evaluation
 
     def prepare(self, spec: StageSpec, ctx: Context, s: Settings, tokenizer: Any, train: Any, evaluation: Any):
         return chat_pairs(spec.cfg, spec.where, tokenizer, train, evaluation)
@@ -474,13 +501,14 @@ class OnlineStage(TrainerStage):
     """
 
     data_hint = "name a dataset with a `prompt` column"
+    data_target = "prompt"
     completions = True
     metrics = Metrics(
         summary=("train_loss", "first_reward", "last_reward"), progress=ONLINE_PROGRESS, trend={"reward": "reward"}
     )
 
     def data(self, spec: StageSpec, ctx: Context, s: Settings) -> tuple[Any, Any]:
-        ds = load_split(self.require_data(spec), f"{spec.where}.data", "train")
+        ds = self.load(spec, ctx, "data")
         require_columns(
             ds, ["prompt"], f"{spec.where}.data", "prompts, which the trainer reads from 'prompt'", "turns", empty=False
         )

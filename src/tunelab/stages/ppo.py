@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tunelab.core.errors import TunelabError
-from tunelab.data.datasets import load_split, require_columns
+from tunelab.data.datasets import require_columns
 from tunelab.models.chat_templates import conversational
 from tunelab.models.loading import load_causal_lm
 from tunelab.models.plan import model_structure, optimizer_bytes, policy_plan
@@ -110,6 +110,7 @@ class PPO(TrainerStage):
     defaults = {"stop_token": "eos", "num_sample_generations": 0}
     model_hint = "the policy to optimise (usually ${sft})"
     data_hint = "name a dataset of prompts for the policy to answer"
+    data_target = "prompt"
     kl_keys = ("objective/kl",)
     metrics = Metrics(
         summary=("first_score", "last_score", "last_kl"),
@@ -161,8 +162,8 @@ class PPO(TrainerStage):
         return PPOSettings(**vars(common), reward_model=reward, value_model=value, prompt_column=column)
 
     def data(self, spec: StageSpec, ctx: Context, s: PPOSettings) -> tuple[Any, Any]:
-        ds = load_split(self.require_data(spec), f"{spec.where}.data", "train")
         column = s.prompt_column
+        ds = self.load(spec, ctx, "data", (column,) if column != "prompt" else ())
         require_columns(ds, [column], f"{spec.where}.data", "prompts; set prompt_column", "turns", empty=False)
         return ds, None
 

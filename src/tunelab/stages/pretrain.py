@@ -20,7 +20,7 @@ from tunelab.core.config import build, check_keys
 from tunelab.core.errors import TunelabError
 from tunelab.core.hub import resolve_model
 from tunelab.core.refs import ref_name
-from tunelab.data.datasets import load_split, require_columns
+from tunelab.data.datasets import require_columns
 from tunelab.models.plan import plan_training
 from tunelab.models.tokenizers import BpeTrainerArgs, load_tokenizer, tokenizer_origin, train_tokenizer
 from tunelab.stages import TRAINING, Context, Metrics, StageSpec
@@ -82,6 +82,7 @@ class Pretrain(TrainerStage):
     defaults = PACKING_DEFAULTS  # pre-training packs its corpus, as it usually is
     chat_columns = ()
     data_hint = "name a text corpus (folder, file or hub id)"
+    data_target = "text"
     eval_keys = ("eval_loss",)
     metrics = Metrics(summary=(*TRAINING, "perplexity", "params"))
     sections = {
@@ -108,11 +109,12 @@ class Pretrain(TrainerStage):
 
     def data(self, spec: StageSpec, ctx: Context, s: Settings) -> tuple[Any, Any]:
         text_field = s.args.dataset_text_field
-        train = load_split(self.require_data(spec), f"{spec.where}.data", "train")
+        own = (text_field,) if text_field != "text" else ()  # a custom text column: read as it is
+        train = self.load(spec, ctx, "data", own)
         require_columns(train, [text_field], f"{spec.where}.data", "text to pre-train on")
         evaluation = None
         if spec.cfg.get("eval_data") is not None:
-            evaluation = load_split(spec.cfg["eval_data"], f"{spec.where}.eval_data", "test")
+            evaluation = self.load(spec, ctx, "eval_data", own)
             require_columns(evaluation, [text_field], f"{spec.where}.eval_data", "held-out text")
         return train, evaluation
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from tunelab.core.runs import read_json, write_atomic
+from tunelab.data.preview import DataView
 from tunelab.stages import metrics_of
 from tunelab.vision.prompting import report_section
 
@@ -124,6 +125,18 @@ def _image_sections(run_dir: Path, stage: str, values: dict[str, Any]) -> list[s
     return lines
 
 
+def _data_section(folder: Path, stage: str) -> list[str]:
+    """A training stage's data summary (`data.json`, written as the stage ran; `tunelab data` shows it in full)."""
+    data = read_json(folder / "data.json")
+    if not isinstance(data, dict):
+        return []
+    try:
+        summary = DataView.from_dict(data).summary_lines()[1:]
+    except (KeyError, TypeError, ValueError):  # a data.json from another version: the report goes on without it
+        return []
+    return [f"## {stage}: data", "", "```", *(line.removeprefix("  ") for line in summary), "```", ""]
+
+
 def _fmt(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
@@ -174,6 +187,7 @@ def write_report(run_dir: Path) -> Path:
                 for label, v in per_model.items()
             ]
             lines += ["", f"![{stage} metrics]({stage}/metrics.png)", ""]
+        lines += _data_section(folder, stage)
         lines += _image_sections(run_dir, stage, values)
         lines += report_section(run_dir, stage)  # image+text evals: sample images with each model's answers
         confusion = read_json(folder / "confusion.json")

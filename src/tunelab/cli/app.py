@@ -428,8 +428,7 @@ def validate(
     mode = check(parsed, overwrite=overwrite, resume=resume, from_stage=from_stage)
     fate = {"new": "will be created", "resume": "will be resumed", "overwrite": "will be replaced"}[mode]
     for view in data_views(parsed, rows=0):  # the data summary: `tunelab data` shows it in full
-        for line in view.summary_lines():
-            typer.echo(line)
+        typer.echo(view.summary_line())
     typer.secho(
         f"ok: {len(parsed.stages)} stage(s) ({', '.join(parsed.stages)}); output_dir {parsed.output_dir} {fate}",
         fg=typer.colors.GREEN,

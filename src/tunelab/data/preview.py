@@ -441,8 +441,29 @@ class DataView:
         lines += [f"  note: {n}" for n in c.notes]
         return lines
 
+    def summary_line(self) -> str:
+        """The summary in one line, starting `data STAGE:`: `tunelab validate` prints one per training stage."""
+        parts = []
+        formats = ", ".join(dict.fromkeys(s.format for s in self.sources))
+        rows = f"{self.rows} rows" if self.rows is not None else "streaming"
+        parts.append(f"{rows}, {formats}" + (f" from {len(self.sources)} sources" if len(self.sources) > 1 else ""))
+        t = self.tokens
+        if t is not None:
+            x = t.lengths[-1] if len(t.lengths) > 1 and t.lengths[0].name == "prompt" else t.lengths[0]
+            parts.append(f"{x.name} tokens p50 {x.p50}, p95 {x.p95}, max {x.max}")
+            limit = f"max_length {t.max_length}" if t.max_length is not None else "no max_length"
+            parts.append(
+                f"{limit}: {t.truncated} truncated, {t.no_trained} without a {t.marked} token, {t.dropped} dropped"
+            )
+        elif self.no_tokens:
+            parts.append("tokens: `tunelab data` once the tokenizer exists")
+        c = self.contamination
+        if c is not None and c.sources:
+            parts.append(f"contamination: {c.normalised} of {c.rows} held-out rows ({c.exact} exact)")
+        return f"data {self.stage}: " + "; ".join(parts)
+
     def summary_lines(self) -> list[str]:
-        """The short summary: `tunelab validate` prints it, report.md holds it."""
+        """The short summary in a few lines: report.md holds it."""
         lines = [f"data of '{self.stage}' ({self.kind}):"]
         lines += ["  " + line for line in self.source_lines()]
         lines += ["  " + line for line in self.length_lines()]
@@ -506,6 +527,7 @@ _PAGE = """<!doctype html>
 <style>
 body {{ font-family: system-ui, sans-serif; margin: 2em; max-width: 70em; }}
 pre {{ white-space: pre-wrap; word-break: break-word; background: #f6f6f6; padding: .6em; }}
+span {{ border-right: 1px solid #e4e4e4; }}
 .m1 {{ background: #b7f0b1; }}
 .m0 {{ color: #666; }}
 .mx {{ color: #999; text-decoration: line-through; }}

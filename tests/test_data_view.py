@@ -288,3 +288,47 @@ def test_smollm2_chatml_mask_from_its_real_template(tmp_path: Path, smollm2: Pat
     text = "".join(t for t, _ in view.tokens.rows[0].sequences[0].pieces)
     assert text.startswith("<|im_start|>system\n") and f"<|im_start|>user\n{QUESTIONS[0]}<|im_end|>" in text
     assert view.tokens.no_trained == 0 and view.tokens.lengths[0].rows == 8
+
+
+# --- the other trainers -----------------------------------------------------------------------------------------
+def test_kto_tokens_equal_kto_trainers_own_preparation(tokenizer: Any) -> None:
+    from datasets import Dataset
+    from trl import KTOConfig, KTOTrainer
+
+    from tunelab.training.tokenized import _answers_batch
+
+    rows = [
+        {"prompt": q, "completion": " " + a, "label": i % 2 == 0}
+        for i, (q, a) in enumerate(zip(QUESTIONS, ANSWERS, strict=True))
+    ]
+    trainer = KTOTrainer.__new__(KTOTrainer)
+    trainer._tokenizer, trainer.calculate_KL = tokenizer, False
+    theirs = trainer._prepare_dataset(
+        Dataset.from_list(rows), tokenizer, KTOConfig(output_dir="unused", **CPU), "train"
+    )
+    ours = _answers_batch([dict(r) for r in rows], tokenizer, ("completion",))
+    assert [(p, c) for p, (c,) in ours] == list(zip(theirs["prompt_ids"], theirs["completion_ids"], strict=True))
+
+
+@pytest.mark.parametrize("kind", ["dpo", "reward", "kto", "orpo", "cpo", "grpo", "rloo", "ppo"])
+def test_every_trainer_stage_shows_its_tokens(tmp_path: Path, tiny_lm: Path, reward_model: Path, kind: str) -> None:
+    """Each stage kind's view: its trainer's tokenization, what is marked, and the first rows."""
+    from tests.helpers import PPO_TRAINING, PREF_TRAIN, QA_TRAIN
+
+    stage: dict[str, Any] = {"stage": kind, "model": str(tiny_lm), "data": PREF_TRAIN}
+    if kind in ("grpo", "rloo"):
+        stage.update(data=QA_TRAIN, rewards=["tunelab.rewards:exact_match"])
+    if kind == "ppo":
+        stage.update(data=QA_TRAIN, reward_model=str(reward_model), training=dict(PPO_TRAINING))
+    view = tunelab.data_preview(str(write(tmp_path, {"stages": {kind: stage}})), rows=2)
+    t = view.tokens
+    unpaired = 2 if kind == "kto" else 1  # KTO trains on each pair's answers as two rows
+    assert t is not None and len(t.rows) == 2 and all(x.rows == unpaired * view.rows for x in t.lengths)
+    first = t.rows[0].sequences[0]
+    assert first.tokens == len(first.pieces) or first.tokens >= len(first.pieces)  # a piece holds one token or more
+    if kind in ("grpo", "rloo", "ppo"):
+        assert first.name == "prompt" and first.marked == 0 and "sampled" in t.shown
+    else:  # the prompt unmarked, then the answer (and its EOS) marked
+        flags = [flag for _, flag in first.pieces]
+        assert flags[0] == 0 and flags[-1] == 1 and flags == sorted(flags) and first.marked > 0
+        assert "".join(text for text, flag in first.pieces if flag == 1).endswith("<|endoftext|>")

@@ -38,7 +38,7 @@ def render(view: DataView, console: Any) -> None:
                 console.print(Text(line))
         for note in t.notes:
             console.print(Text(f"note: {note}", style="yellow"))
-        if t.rows:
+        if any(flag for row in t.rows for seq in row.sequences for _, flag in seq.pieces):
             legend = Text(f"\nthe first {len(t.rows)} rows: ")
             if colour:
                 legend.append(t.marked, style=TRAINED).append(", not ").append("cut by max_length", style=CUT)

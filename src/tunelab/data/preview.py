@@ -110,6 +110,8 @@ class Tokens:
     """Marked tokens kept in all, over every row."""
     rows: list[RowTokens] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    limited: bool = True
+    """Whether `max_length` and trained tokens apply to these rows (False: prompts an online trainer answers)."""
 
 
 class TokenCounter:
@@ -412,11 +414,12 @@ class DataView:
             f"tokens ({x.name}): p50 {x.p50}, p95 {x.p95}, max {x.max}, mean {x.mean:.1f} over {x.rows} rows"
             for x in t.lengths
         ]
-        limit = f"max_length {t.max_length}" if t.max_length is not None else "no max_length"
-        lines.append(
-            f"{limit}: {t.truncated} rows truncated ({t.cut_tokens} tokens cut), {t.no_trained} rows with no "
-            f"{t.marked} token, {t.dropped} rows dropped by the trainer"
-        )
+        if t.limited:
+            limit = f"max_length {t.max_length}" if t.max_length is not None else "no max_length"
+            lines.append(
+                f"{limit}: {t.truncated} rows truncated ({t.cut_tokens} tokens cut), {t.no_trained} rows with no "
+                f"{t.marked} token, {t.dropped} rows dropped by the trainer"
+            )
         return lines
 
     def contamination_lines(self, examples: bool = True) -> list[str]:
@@ -452,9 +455,10 @@ class DataView:
             x = t.lengths[-1] if len(t.lengths) > 1 and t.lengths[0].name == "prompt" else t.lengths[0]
             parts.append(f"{x.name} tokens p50 {x.p50}, p95 {x.p95}, max {x.max}")
             limit = f"max_length {t.max_length}" if t.max_length is not None else "no max_length"
-            parts.append(
-                f"{limit}: {t.truncated} truncated, {t.no_trained} without a {t.marked} token, {t.dropped} dropped"
-            )
+            if t.limited:
+                parts.append(
+                    f"{limit}: {t.truncated} truncated, {t.no_trained} without a {t.marked} token, {t.dropped} dropped"
+                )
         elif self.no_tokens:
             parts.append("tokens: `tunelab data` once the tokenizer exists")
         c = self.contamination

@@ -36,6 +36,7 @@ from tunelab.models.tokenizers import load_tokenizer, same_tokenizer, tokenizer_
 from tunelab.stages import Context, Metrics, StageSpec
 from tunelab.stages.base import Settings, TrainerStage, sections
 from tunelab.training.distributed import world
+from tunelab.training.tokenized import prompt_tokens
 
 # PPOConfig fields used by TRL's example script, not by the trainer: the recipe names these models.
 NOT_TRAINER_KEYS = ("sft_model_path", "reward_model_path")
@@ -236,3 +237,7 @@ class PPO(TrainerStage):
             plan.parts["reference"] = plan.parts["weights"]
         plan.notes.append("value model trained in full in fp32; reward model (and reference) frozen")
         return plan
+
+    def tokens(self, spec: StageSpec, ctx: Context, s: Settings, tokenizer: Any, train: Any, shown: int):
+        """The prompts as the policy reads them (tokenized by `prepare`); the answers are sampled while training."""
+        return prompt_tokens(train, tokenizer, s.args, shown, "PPOTrainer")

@@ -272,8 +272,12 @@ def _pieces(tokenizer: Any, ids: list[int], mask: list[int], kept: list[bool]) -
 
 
 # --- DPOTrainer (dpo, and the other pair trainers' prompts and answers) ---------------------------------------
-def _dpo_batch(rows: list[dict[str, Any]], tokenizer: Any) -> list[tuple[list[int], list[int], list[int]]]:
-    """(prompt_ids, chosen_ids, rejected_ids) of each row, as `DPOTrainer._prepare_dataset` builds them."""
+def _answers_batch(
+    rows: list[dict[str, Any]], tokenizer: Any, answers: tuple[str, ...]
+) -> list[tuple[list[int], list[list[int]]]]:
+    """(prompt_ids, [answer_ids, ...]) of each row, as DPOTrainer and KTOTrainer's `_prepare_dataset` build
+    them: the prompt extracted from pairs that have none, EOS after plain answers, each answer's tokens those
+    that prompt + answer adds to the prompt's."""
     from trl.data_utils import extract_prompt, is_conversational
 
     if "prompt" not in rows[0]:
@@ -281,23 +285,29 @@ def _dpo_batch(rows: list[dict[str, Any]], tokenizer: Any) -> list[tuple[list[in
     if not is_conversational(rows[0]):
         eos = tokenizer.eos_token
         for r in rows:
-            r["chosen"] = r["chosen"] if r["chosen"].endswith(eos) else r["chosen"] + eos
-            r["rejected"] = r["rejected"] if r["rejected"].endswith(eos) else r["rejected"] + eos
-    kwargs = [_template_kwargs(r) if is_conversational(r) else {} for r in rows]
-    chat = [i for i, r in enumerate(rows) if is_conversational(r)]
-    plain = [i for i, r in enumerate(rows) if not is_conversational(r)]
+            for a in answers:
+                r[a] = r[a] if r[a].endswith(eos) else r[a] + eos
+    conv = [is_conversational(r) for r in rows]
+    kwargs = [_template_kwargs(r) if c else {} for r, c in zip(rows, conv, strict=True)]
     out: list[Any] = [None] * len(rows)
-    for group, extra in ((chat, {"add_generation_prompt": True}), (plain, {})):
+    for group, extra in (
+        ([i for i, c in enumerate(conv) if c], {"add_generation_prompt": True}),
+        ([i for i, c in enumerate(conv) if not c], {}),
+    ):
         if not group:
             continue
         k = [kwargs[i] for i in group]
         prompt = _encode(tokenizer, [rows[i]["prompt"] for i in group], k, **extra)
-        chosen = _encode(tokenizer, [rows[i]["prompt"] + rows[i]["chosen"] for i in group], k)
-        rejected = _encode(tokenizer, [rows[i]["prompt"] + rows[i]["rejected"] for i in group], k)
-        for i, p, c, r in zip(group, prompt, chosen, rejected, strict=True):
-            n = len(p["input_ids"])
-            out[i] = (list(p["input_ids"]), list(c["input_ids"][n:]), list(r["input_ids"][n:]))
+        full = [_encode(tokenizer, [rows[i]["prompt"] + rows[i][a] for i in group], k) for a in answers]
+        for j, i in enumerate(group):
+            n = len(prompt[j]["input_ids"])
+            out[i] = (list(prompt[j]["input_ids"]), [list(f[j]["input_ids"][n:]) for f in full])
     return out
+
+
+def _dpo_batch(rows: list[dict[str, Any]], tokenizer: Any) -> list[tuple[list[int], list[int], list[int]]]:
+    """(prompt_ids, chosen_ids, rejected_ids) of each row, as `DPOTrainer._prepare_dataset` builds them."""
+    return [(p, c, r) for p, (c, r) in _answers_batch(rows, tokenizer, ("chosen", "rejected"))]
 
 
 def dpo_rows(ds: Any, tokenizer: Any, batch: int = BATCH) -> Iterator[tuple[list[int], list[int], list[int]]]:
@@ -351,6 +361,110 @@ def dpo_tokens(ds: Any, tokenizer: Any, args: Any, shown: int) -> Tokens:
     )
     tokens.trained_tokens = 0  # a pair's figure is its shorter kept answer: a total of those would mislead
     return tokens
+
+
+# --- KTOTrainer --------------------------------------------------------------------------------------------------
+def kto_tokens(ds: Any, tokenizer: Any, args: Any, shown: int) -> Tokens:
+    """KTOTrainer: each row is a prompt and one completion, desirable or not (`label`); the loss reads the
+    completion's log-probability (its tokens are the marked ones). The collator keeps the first `max_length`
+    tokens; rows whose prompt alone fills it are dropped."""
+    max_length = args.max_length
+    counter = TokenCounter(["prompt", "prompt+completion"])
+    shown_rows: list[RowTokens] = []
+    for start, stop in chunks(len(ds), BATCH):
+        rows = _rows(ds, start, stop)
+        labels = [r.get("label") for r in rows]
+        for offset, (prompt, (completion,)) in enumerate(_answers_batch(rows, tokenizer, ("completion",))):
+            index = start + offset
+            ids, mask = prompt + completion, [0] * len(prompt) + [1] * len(completion)
+            keep = _slice(len(ids), max_length, "keep_start")
+            dropped = max_length is not None and len(prompt) >= max_length
+            kept = sum(mask[keep])
+            counter.add(
+                {"prompt": len(prompt), "prompt+completion": len(ids)},
+                len(ids) - len(mask[keep]),
+                0 if dropped else kept,
+                dropped,
+            )
+            if index < shown:
+                notes = [f"label {labels[offset]}"]
+                if len(ids) > len(mask[keep]):
+                    notes.append(f"max_length {max_length} cuts {len(ids) - len(mask[keep])} tokens (keep_start)")
+                if dropped:
+                    notes.append("the prompt alone fills max_length: the trainer drops this row")
+                flags = _cut_flags(len(ids), keep)
+                seq = Sequence(
+                    "completion", _pieces(tokenizer, ids, mask, flags), len(ids), len(completion), len(mask[keep])
+                )
+                shown_rows.append(RowTokens(index, [seq], notes))
+    return counter.tokens(
+        shown="KTOTrainer's tokens: the prompt, then the completion; the loss reads the completion's log-probability",
+        marked="trained",
+        rule="no max_length: nothing is cut"
+        if max_length is None
+        else f"prompt + completion past max_length {max_length} is cut (keep_start); rows whose prompt alone fills "
+        "it are dropped",
+        max_length=max_length,
+        rows=shown_rows,
+    )
+
+
+# --- ORPOTrainer, CPOTrainer (trl.experimental) -----------------------------------------------------------------
+def row_trainer_tokens(ds: Any, tokenizer: Any, args: Any, shown: int, trainer_class: type) -> Tokens:
+    """ORPO and CPO tokenize one row at a time (`tokenize_row`, after the chat template is applied as text):
+    their own code runs here, once as configured and once without `max_length` to see what it cuts. Their
+    labels mark the trained tokens (the answer; the prompt is -100)."""
+    from trl.data_utils import maybe_apply_chat_template, maybe_extract_prompt
+
+    def standin(max_length: int) -> Any:
+        trainer = trainer_class.__new__(trainer_class)  # the tokenizing step alone: no model
+        trainer.processing_class, trainer.is_encoder_decoder = tokenizer, False
+        trainer.max_length, trainer.max_completion_length = max_length, args.max_completion_length
+        return trainer
+
+    max_length = args.max_length if args.max_length is not None else 512  # the trainers' own fallback
+    configured, whole = standin(max_length), standin(10**9)
+    counter = TokenCounter(["prompt+chosen", "prompt+rejected"])
+    shown_rows: list[RowTokens] = []
+    longer = 0
+    for start, stop in chunks(len(ds), BATCH):
+        for offset, row in enumerate(_rows(ds, start, stop)):
+            row = maybe_apply_chat_template(maybe_extract_prompt(row), tokenizer)
+            kept, full = configured.tokenize_row(row), whole.tokenize_row(row)
+            lengths, cut, trained, sequences = {}, 0, [], []
+            for side in ("chosen", "rejected"):
+                ids, labels = full[f"{side}_input_ids"], full[f"{side}_labels"]
+                n_kept = len(kept[f"{side}_input_ids"])
+                lengths[f"prompt+{side}"] = len(ids)
+                cut += len(ids) - n_kept
+                trained.append(sum(label != -100 for label in kept[f"{side}_labels"]))
+                if start + offset < shown:
+                    mask = [int(label != -100) for label in labels]
+                    flags = [i < n_kept for i in range(len(ids))]
+                    sequences.append(Sequence(side, _pieces(tokenizer, ids, mask, flags), len(ids), sum(mask), n_kept))
+            counter.add(lengths, cut, min(trained), False)
+            too_long = (
+                max_length is not None and max(len(kept[f"{x}_input_ids"]) for x in ("chosen", "rejected")) > max_length
+            )
+            longer += too_long
+            if start + offset < shown:
+                notes = [f"max_length {max_length} cuts {cut} tokens from the answers"] if cut else []
+                if too_long:
+                    notes.append(f"still longer than max_length {max_length} (the prompt is not cut)")
+                shown_rows.append(RowTokens(start + offset, sequences, notes))
+    name = trainer_class.__name__
+    return counter.tokens(
+        shown=f"{name}'s tokens (its tokenize_row on the template's text): the prompt, then each answer; the loss "
+        "reads the answers",
+        marked="trained",
+        rule=f"{name}'s tokenize_row cuts each answer to max_length minus the longer answer's length when prompt "
+        f"+ the longer answer passes max_length {max_length}; the prompt is never cut and no row is dropped",
+        max_length=max_length,
+        rows=shown_rows,
+        notes=[f"{longer} rows stay longer than max_length {max_length}: {name} trains on them whole"]
+        if longer
+        else [],
+    )
 
 
 # --- RewardTrainer ----------------------------------------------------------------------------------------------
@@ -427,8 +541,10 @@ def prompt_tokens(ds: Any, tokenizer: Any, args: Any, shown: int, trainer: str) 
     extra = dict(getattr(args, "chat_template_kwargs", None) or {})
     for start, stop in chunks(len(ds), BATCH):
         rows = _rows(ds, start, stop)
-        prompts = [r["prompt"] for r in rows]
-        if is_conversational({"prompt": prompts[0]}):
+        prompts = [r.get("prompt") for r in rows]
+        if "input_ids" in rows[0]:  # tokenized by the stage itself (PPO's prepare)
+            enc = [r["input_ids"] for r in rows]
+        elif is_conversational({"prompt": prompts[0]}):
             enc = tokenizer.apply_chat_template(
                 prompts, add_generation_prompt=True, tokenize=True, return_dict=True, **extra
             )["input_ids"]
@@ -444,13 +560,14 @@ def prompt_tokens(ds: Any, tokenizer: Any, args: Any, shown: int, trainer: str) 
                         [Sequence("prompt", pieces(tokenizer, ids, [0] * len(ids)), len(ids), 0, len(ids))],
                     )
                 )
-    limit = getattr(args, "max_completion_length", None)
+    limit = getattr(args, "max_completion_length", None) or getattr(args, "response_length", None)
     tokens = counter.tokens(
         shown=f"{trainer}'s prompt tokens: the answers are sampled during training, so no data token carries loss",
         marked="trained",
         rule=f"prompts are not cut; each is answered with up to {limit} sampled tokens",
         max_length=None,
         rows=shown_rows,
+        limited=False,
     )
     tokens.no_trained = 0
     tokens.trained_tokens = 0

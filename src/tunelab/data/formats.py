@@ -34,7 +34,7 @@ import json
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from tunelab.core.errors import TunelabError, closest
+from tunelab.core.errors import TunelabError
 
 FORMATS = ("auto", "text", "messages", "sharegpt", "alpaca", "prompt_completion", "preference", "kto", "vision")
 
@@ -180,19 +180,14 @@ def detect(column_names: list[str], rows: list[dict], where: str, target: str = 
     the stage's own column checks speak for it (custom columns such as `prompt_column:` pass this way).
     """
     columns = list(column_names)
-    if target in ("lm", "prompt", "eval") and _has(columns, "images|image"):
-        # image+text rows read as text would train without their images
-        why = _signature("vision", columns, rows, "vision")
-        if target == "lm":
-            raise TunelabError(
-                f"{where} holds images ({why or 'an images column'}): train image+text models with the `vlm_sft` "
-                "stage (sft is text-only)"
-            )
+    if target == "lm" and _has(columns, "images|image"):  # image+text rows read as text train without images
+        why = _signature("vision", columns, rows, "vision") or "an images column"
+        raise TunelabError(
+            f"{where} holds images: train image+text models with the `vlm_sft` stage (sft is text-only; {why})"
+        )
     for fmt in NATIVE[target]:
         why = _signature(fmt, columns, rows, target)
         if why:
-            if fmt == "preference" and target == "kto" and _signature("kto", columns, rows, target):
-                continue  # pragma: no cover - kto comes first in NATIVE["kto"]
             return fmt, why
     found = []
     for fmt in CONVERTED.get(target, ()):
@@ -242,7 +237,7 @@ def stage_name(where: str) -> str:
 def not_accepted(where: str, fmt: str, why: str, target: str) -> TunelabError:
     stage = stage_name(where)
     return TunelabError(
-        f"{where} {STAGE_NEEDS[target]}: it holds {fmt} data ({why}), which the {stage} stage cannot take; "
+        f"{where} {STAGE_NEEDS[target]}: it holds {fmt} data ({why}), which stage '{stage}' cannot take; "
         f"it takes format {' | '.join(accepted(target))}"
     )
 
@@ -254,10 +249,7 @@ def closest_format(columns: list[str], rows: list[dict], target: str) -> str | N
             return fmt
     scores = {fmt: len(KNOWN_COLUMNS[fmt] & set(columns)) for fmt in KNOWN_COLUMNS}
     best = max(scores.values())
-    if best:
-        return next(fmt for fmt in accepted(target) + FORMATS[1:] if scores.get(fmt) == best)
-    guess = closest(" ".join(sorted(columns)), [" ".join(sorted(c)) for c in KNOWN_COLUMNS.values()])
-    return next((f for f, c in KNOWN_COLUMNS.items() if " ".join(sorted(c)) == guess), None)
+    return next(fmt for fmt in accepted(target) + FORMATS[1:] if scores.get(fmt) == best) if best else None
 
 
 def check_format(fmt: str, column_names: list[str], rows: list[dict], where: str, target: str) -> str:
@@ -266,7 +258,7 @@ def check_format(fmt: str, column_names: list[str], rows: list[dict], where: str
     if fmt not in accepted(target):
         stage = stage_name(where)
         raise TunelabError(
-            f"{where} is `format: {fmt}`, which the {stage} stage cannot take (it reads {SHAPES[target]}): "
+            f"{where} is `format: {fmt}`, which stage '{stage}' cannot take (it reads {SHAPES[target]}): "
             f"use format {' | '.join(accepted(target))}"
         )
     why = _signature(fmt, list(column_names), rows, target)
@@ -409,8 +401,8 @@ def _sharegpt_turns(turns: Any, roles: Roles, where: str, row: int) -> list[dict
     for turn in turns:
         if not isinstance(turn, dict):
             raise TunelabError(f"{where} row {row}: a turn is {turn!r}, not {{from, value}}"[:300])
-        name = turn.get("from", turn.get("role"))
-        value = turn.get("value", turn.get("content"))
+        name = turn.get("from") if turn.get("from") is not None else turn.get("role")
+        value = turn.get("value") if turn.get("value") is not None else turn.get("content")
         out.append(_turn(roles(name, row), value, where, row, turn))
     return out
 
@@ -508,7 +500,9 @@ def _tooling(ds: Any, fmt: str, roles: Roles) -> bool:
 
         names_col = pc.struct_field(pc.list_flatten(ds.with_format("arrow")[column]), "from")
         return bool(set(pc.unique(names_col).to_pylist()) & tool_roles)
-    for row in first_rows(ds, 100):
+    # Turns of mixed shapes (datasets' Json type) say nothing in their schema: read them (a stream: its start)
+    rows = ds.select_columns([column]) if hasattr(ds, "__len__") else first_rows(ds, 100)
+    for row in rows:
         for turn in row.get(column) or []:
             if isinstance(turn, dict) and (
                 turn.get("tool_calls") or turn.get("role") == "tool" or turn.get("from") in tool_roles
@@ -551,7 +545,7 @@ def convert(
     build = _CONVERTERS.get((fmt, target)) or _CONVERTERS.get((fmt, "*"))
     if build is None:
         return ds
-    plan = build(ds, names, role_map, system, where, target)
+    plan = build(ds, fmt, names, role_map, system, where, target)
     if plan is None:
         return ds
     fn, drop, out = plan
@@ -587,14 +581,10 @@ def _chat_turns(fmt: str, column: str, roles: Roles, where: str) -> Callable[[di
     return lambda row, i: _message_turns(row[column], roles, where, i)
 
 
-def _to_messages(ds: Any, names: list[str], roles: Roles, system: str | None, where: str, target: str) -> Plan:
+def _to_messages(
+    ds: Any, fmt: str, names: list[str], roles: Roles, system: str | None, where: str, target: str
+) -> Plan:
     """messages, sharegpt or alpaca rows -> `messages` (and `tools`) for sft."""
-    fmt = "alpaca" if "instruction" in names and "output" in names and "messages" not in names else None
-    fmt = fmt or (
-        "sharegpt"
-        if "conversations" in names or _turn_style(first_rows(ds, 4), "messages") == "sharegpt"
-        else "messages"
-    )
     tools = _tooling(ds, fmt, roles) if fmt != "alpaca" else False
     if fmt == "messages" and not tools and system is None and not roles.changes():
         return None  # already the stage's shape
@@ -624,17 +614,11 @@ def _prompt_and_answer(turns: list[dict]) -> tuple[list[dict], str | None]:
     return turns[:last], turns[last]["content"]
 
 
-def _to_prompts(ds: Any, names: list[str], roles: Roles, system: str | None, where: str, target: str) -> Plan:
+def _to_prompts(ds: Any, fmt: str, names: list[str], roles: Roles, system: str | None, where: str, target: str) -> Plan:
     """messages, sharegpt or alpaca rows -> `prompt` (+ `completion`, the reference answer) for grpo, rloo, ppo,
     distill (prompts as chat turns) and eval (prompts as text: one question, its answer)."""
     from datasets import Value
 
-    fmt = "alpaca" if "instruction" in names and "output" in names else None
-    fmt = fmt or (
-        "sharegpt"
-        if "conversations" in names or _turn_style(first_rows(ds, 4), "messages") == "sharegpt"
-        else "messages"
-    )
     column = _chat_source(fmt, names)
     turns_of = _chat_turns(fmt, column, roles, where)
     consumed = {"alpaca": ["instruction", "input", "output", "system", "history"], "sharegpt": [column, "system"]}
@@ -665,15 +649,18 @@ def _to_prompts(ds: Any, names: list[str], roles: Roles, system: str | None, whe
 def _answer_turns(value: Any, roles: Roles, where: str, row: int) -> list[dict] | str:
     """A preference answer: text, a list of turns, or one ShareGPT/OpenAI turn (a mapping) -> turns or text."""
     if isinstance(value, dict):
-        name = value.get("from", value.get("role", "gpt"))
-        return [_turn(roles(name, row), value.get("value", value.get("content")), where, row, value)]
+        name = next((value[k] for k in ("from", "role") if value.get(k) is not None), "gpt")
+        text = next((value[k] for k in ("value", "content") if value.get(k) is not None), "")
+        return [_turn(roles(name, row), text, where, row, value)]
     if isinstance(value, list):
         style = "sharegpt" if any(isinstance(t, dict) and "from" in t for t in value) else "messages"
         return (_sharegpt_turns if style == "sharegpt" else _message_turns)(value, roles, where, row)
     return "" if value is None else str(value)
 
 
-def _to_preference(ds: Any, names: list[str], roles: Roles, system: str | None, where: str, target: str) -> Plan:
+def _to_preference(
+    ds: Any, fmt: str, names: list[str], roles: Roles, system: str | None, where: str, target: str
+) -> Plan:
     """Preference pairs -> prompt (optional), chosen, rejected: plain or conversational, as TRL reads them.
 
     ShareGPT-style pairs (`conversations` + chosen/rejected turns) and Alpaca-style pairs (`instruction`,
@@ -730,7 +717,7 @@ def _to_preference(ds: Any, names: list[str], roles: Roles, system: str | None, 
     return fn, drop, out
 
 
-def _to_kto(ds: Any, names: list[str], roles: Roles, system: str | None, where: str, target: str) -> Plan:
+def _to_kto(ds: Any, fmt: str, names: list[str], roles: Roles, system: str | None, where: str, target: str) -> Plan:
     """prompt/completion/label rows: passed through, unless `system:` or `roles:` makes them chats."""
     from datasets import Value
 
@@ -752,7 +739,9 @@ def _to_kto(ds: Any, names: list[str], roles: Roles, system: str | None, where: 
     return fn, ["prompt", "completion"], {"prompt": value, "completion": value}
 
 
-def _prompt_completion(ds: Any, names: list[str], roles: Roles, system: str | None, where: str, target: str) -> Plan:
+def _prompt_completion(
+    ds: Any, fmt: str, names: list[str], roles: Roles, system: str | None, where: str, target: str
+) -> Plan:
     """prompt/completion rows: passed through; `system:` (or `roles:`) makes them conversational."""
     if system is None and not roles.changes():
         return None
@@ -793,11 +782,11 @@ def _prompt_completion(ds: Any, names: list[str], roles: Roles, system: str | No
     return fn, ["prompt", "completion"], out_features
 
 
-def _text_rows(ds: Any, names: list[str], roles: Roles, system: str | None, where: str, target: str) -> Plan:
+def _text_rows(ds: Any, fmt: str, names: list[str], roles: Roles, system: str | None, where: str, target: str) -> Plan:
     return None
 
 
-def _to_vision(ds: Any, names: list[str], roles: Roles, system: str | None, where: str, target: str) -> Plan:
+def _to_vision(ds: Any, fmt: str, names: list[str], roles: Roles, system: str | None, where: str, target: str) -> Plan:
     """images + messages rows: passed through; ShareGPT turns (or `<image>` marks in text turns) become TRL's
     structured turns, each `<image>` one {"type": "image"} part, or the images before the first user turn's
     text when no turn marks them."""

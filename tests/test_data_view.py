@@ -332,3 +332,18 @@ def test_every_trainer_stage_shows_its_tokens(tmp_path: Path, tiny_lm: Path, rew
         flags = [flag for _, flag in first.pieces]
         assert flags[0] == 0 and flags[-1] == 1 and flags == sorted(flags) and first.marked > 0
         assert "".join(text for text, flag in first.pieces if flag == 1).endswith("<|endoftext|>")
+
+
+def test_a_stream_is_measured_on_its_first_rows(tmp_path: Path, tiny_lm: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A streamed dataset (an IterableDataset) has no end: the view reads its first rows and says so."""
+    from tunelab.data import preview
+    from tunelab.stages.sft import SFT
+
+    rows = [{"prompt": q, "completion": " " + a} for q, a in zip(QUESTIONS, ANSWERS, strict=True)]
+    path = recipe(tmp_path, tiny_lm, jsonl(tmp_path / "qa.jsonl", rows))
+    data = SFT.data
+    monkeypatch.setattr(SFT, "data", lambda self, *a: tuple(d and d.to_iterable_dataset() for d in data(self, *a)))
+    monkeypatch.setattr(preview, "STREAMED_ROWS", 10)
+    view = tunelab.data_preview(str(path), rows=1)
+    assert view.streamed == 10 and view.tokens.lengths[0].rows == 10
+    assert "streaming: lengths and contamination over the stream's first 10 rows" in view.source_lines()

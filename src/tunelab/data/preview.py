@@ -351,6 +351,8 @@ class DataView:
     contamination: Contamination | None = None
     raw: list[dict[str, Any]] = field(default_factory=list)
     """The first rows as the stage reads them, when there is no token view to show them."""
+    streamed: int | None = None
+    """Streaming: the figures are over the stream's first `streamed` rows."""
 
     def as_dict(self) -> dict[str, Any]:
         """Plain JSON: `data.json` in a stage's folder, and what the API's callers may serialise."""
@@ -404,6 +406,8 @@ class DataView:
             lines.append(f"{head}{s.path}: {s.format} ({s.detected_from}), {rows}")
         if self.eval_rows is not None:
             lines.append(f"eval_data: {self.eval_rows} rows")
+        if self.streamed is not None:
+            lines.append(f"streaming: lengths and contamination over the stream's first {self.streamed} rows")
         return lines
 
     def length_lines(self) -> list[str]:
@@ -573,6 +577,22 @@ def iter_rows(ds: Any, size: int = 2000) -> Iterator[dict[str, Any]]:
         batch = part[start:stop]
         for values in zip(*batch.values(), strict=True):
             yield dict(zip(batch, values, strict=True))
+
+
+STREAMED_ROWS = 10_000
+"""Rows of a streamed dataset (`streaming: true`) the view reads: a stream has no end to measure up to."""
+
+
+def head(ds: Any) -> tuple[Any, int | None]:
+    """(a `datasets.Dataset`, None) as it is; a streamed `IterableDataset` as (its first rows, STREAMED_ROWS)."""
+    if ds is None or hasattr(ds, "__len__"):
+        return ds, None
+    n = STREAMED_ROWS
+    import itertools
+
+    import datasets
+
+    return datasets.Dataset.from_list(list(itertools.islice(iter(ds), n))), n
 
 
 def chunks(n: int, size: int) -> Iterator[tuple[int, int]]:

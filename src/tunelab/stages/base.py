@@ -30,7 +30,7 @@ from typing import Any, ClassVar
 
 from tunelab.core.errors import TunelabError
 from tunelab.data.datasets import require_columns, require_preferences
-from tunelab.data.preview import DataView, Source, Tokens, contamination
+from tunelab.data.preview import DataView, Source, Tokens, contamination, head
 from tunelab.data.sources import load_data
 from tunelab.models.adapters import lora_config, trainable_quantization
 from tunelab.models.chat_templates import (
@@ -356,6 +356,8 @@ class TrainerStage(Stage):
         `held_out`: rows later stages evaluate on, (where, rows), compared with the training rows."""
         s = self.settings(spec, ctx)
         train, evaluation = self.data(spec, ctx, s)
+        # A stream has no end: its first rows stand for it (and the rest is never read).
+        (train, streamed), evaluation = head(train), head(evaluation)[0]
         tokenizer, reason = None, None
         if type(self).tokens is TrainerStage.tokens:
             reason = f"{spec.kind} stages have no token view: the rows are shown as read"
@@ -367,7 +369,9 @@ class TrainerStage(Stage):
         prepared = None
         if tokenizer is not None:
             prepared = self.prepare(spec, ctx, s, tokenizer, train, evaluation)[0]
-        return self.view(spec, ctx, s, tokenizer, (train, evaluation), prepared, shown, list(held_out), reason)
+        view = self.view(spec, ctx, s, tokenizer, (train, evaluation), prepared, shown, list(held_out), reason)
+        view.streamed = streamed
+        return view
 
     def record_data(
         self, spec: StageSpec, ctx: Context, s: Settings, tokenizer: Any, raw: tuple[Any, Any], prepared: Any
@@ -382,7 +386,9 @@ class TrainerStage(Stage):
 
         held_out = ctx.held_out.get(spec.name, [])
         try:
-            view = self.view(spec, ctx, s, tokenizer, raw, prepared, 0, held_out, None)
+            (train, streamed), evaluation = head(raw[0]), head(raw[1])[0]
+            view = self.view(spec, ctx, s, tokenizer, (train, evaluation), head(prepared)[0], 0, held_out, None)
+            view.streamed = streamed
         except TunelabError:
             raise
         except Exception as exc:  # noqa: BLE001 - the summary must not stop a run the checks accepted
@@ -418,7 +424,7 @@ class TrainerStage(Stage):
             kind=spec.kind,
             sources=sources,
             mix=mix,
-            rows=len(train),
+            rows=len(train) if getattr(ctx.data_reports.get(f"{spec.name}.data"), "rows", 0) is not None else None,
             eval_rows=None if evaluation is None else len(evaluation),
             tokens=tokens,
             no_tokens=reason if tokens is None else None,

@@ -204,6 +204,11 @@ def test_contamination_by_exact_and_normalised_text() -> None:
     # A chat's user turns are its question; punctuation and case do not hide a copy.
     assert contamination(chats(), [("e", [{"prompt": QUESTIONS[5].upper()}])]).normalised == 1
     assert normalise("Mia  has 3 pens.\n") == normalise("mia has 3 pens") == "mia has 3 pens"
+    # lm_eval stages' documents are the harness's: said, not compared.
+    harness = contamination(train, [("stages.bench.tasks", None)])
+    assert harness.sources == [] and harness.notes == [
+        "stages.bench.tasks: not compared (its documents come from lm-evaluation-harness)"
+    ]
 
 
 def test_data_validate_and_report_find_a_planted_duplicate(tmp_path: Path, tiny_lm: Path) -> None:

@@ -286,7 +286,7 @@ class Contamination:
 def contamination(train: Any, held_out: list[tuple[str, Any]], notes: Iterable[str] = ()) -> Contamination:
     """Compare each held-out row's question with every text a training row offers (see `row_keys`), exactly
     (surrounding whitespace aside) and normalised. `train` and each held-out rows: a `datasets.Dataset` or
-    a list of dicts."""
+    a list of dicts; rows None: not compared, and a note says so."""
     exact: dict[str, int] = {}
     loose: dict[str, int] = {}
     for i, row in enumerate(iter_rows(train)):
@@ -295,7 +295,11 @@ def contamination(train: Any, held_out: list[tuple[str, Any]], notes: Iterable[s
             loose.setdefault(normalise(key), i)
     counts, examples = [], []
     shown = {"exact": 0, "normalised": 0}
+    notes = list(notes)
     for where, rows in held_out:
+        if rows is None:  # a stage whose held-out rows tunelab cannot read (lm_eval's tasks)
+            notes.append(f"{where}: not compared (its documents come from lm-evaluation-harness)")
+            continue
         n = hits = near = 0
         for j, row in enumerate(iter_rows(rows)):
             n += 1
@@ -313,7 +317,7 @@ def contamination(train: Any, held_out: list[tuple[str, Any]], notes: Iterable[s
                 shown[how] += 1
                 examples.append(Match(where, j, found, _short(question), how))
         counts.append(HeldOutCount(where, n, hits, near))
-    return Contamination(counts, examples, list(notes))
+    return Contamination(counts, examples, notes)
 
 
 def _short(text: str, limit: int = SHOWN_CHARS) -> str:
@@ -431,9 +435,7 @@ class DataView:
         if c is None:
             return []
         if not c.sources:
-            return ["contamination: no held-out data to compare (no eval_data, no later eval stage)"] + [
-                f"  note: {n}" for n in c.notes
-            ]
+            return ["contamination: no held-out rows compared"] + [f"  note: {n}" for n in c.notes]
         lines = []
         for s in c.sources:
             lines.append(

@@ -350,5 +350,5 @@ def test_a_stream_is_measured_on_its_first_rows(tmp_path: Path, tiny_lm: Path, m
     monkeypatch.setattr(SFT, "data", lambda self, *a: tuple(d and d.to_iterable_dataset() for d in data(self, *a)))
     monkeypatch.setattr(preview, "STREAMED_ROWS", 10)
     view = tunelab.data_preview(str(path), rows=1)
-    assert view.streamed == 10 and view.tokens.lengths[0].rows == 10
-    assert "streaming: lengths and contamination over the stream's first 10 rows" in view.source_lines()
+    assert view.measured == 10 and view.tokens.lengths[0].rows == 10
+    assert "lengths and contamination over the first 10 rows" in view.source_lines()

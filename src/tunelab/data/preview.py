@@ -355,8 +355,8 @@ class DataView:
     contamination: Contamination | None = None
     raw: list[dict[str, Any]] = field(default_factory=list)
     """The first rows as the stage reads them, when there is no token view to show them."""
-    streamed: int | None = None
-    """Streaming: the figures are over the stream's first `streamed` rows."""
+    measured: int | None = None
+    """The figures are over the first `measured` rows only: a stream's, or a large dataset's in a run's summary."""
 
     def as_dict(self) -> dict[str, Any]:
         """Plain JSON: `data.json` in a stage's folder, and what the API's callers may serialise."""
@@ -410,8 +410,8 @@ class DataView:
             lines.append(f"{head}{s.path}: {s.format} ({s.detected_from}), {rows}")
         if self.eval_rows is not None:
             lines.append(f"eval_data: {self.eval_rows} rows")
-        if self.streamed is not None:
-            lines.append(f"streaming: lengths and contamination over the stream's first {self.streamed} rows")
+        if self.measured is not None:
+            lines.append(f"lengths and contamination over the first {self.measured} rows")
         return lines
 
     def length_lines(self) -> list[str]:
@@ -583,17 +583,22 @@ def iter_rows(ds: Any, size: int = 2000) -> Iterator[dict[str, Any]]:
 
 STREAMED_ROWS = 10_000
 """Rows of a streamed dataset (`streaming: true`) the view reads: a stream has no end to measure up to."""
+SUMMARY_ROWS = 100_000
+"""Rows a run's data summary (data.json, report.md) measures: `tunelab data` measures every row."""
 
 
-def head(ds: Any) -> tuple[Any, int | None]:
-    """(a `datasets.Dataset`, None) as it is; a streamed `IterableDataset` as (its first rows, STREAMED_ROWS)."""
-    if ds is None or hasattr(ds, "__len__"):
-        return ds, None
-    n = STREAMED_ROWS
+def head(ds: Any, limit: int | None = None) -> tuple[Any, int | None]:
+    """The rows to measure, and how many when not all: a streamed `IterableDataset` as a `datasets.Dataset` of
+    its first STREAMED_ROWS (or `limit`) rows; a Dataset past `limit` rows as its first `limit`."""
+    if ds is None:
+        return None, None
+    if hasattr(ds, "__len__"):
+        return (ds, None) if limit is None or len(ds) <= limit else (ds.select(range(limit)), limit)
     import itertools
 
     import datasets
 
+    n = STREAMED_ROWS if limit is None else limit
     return datasets.Dataset.from_list(list(itertools.islice(iter(ds), n))), n
 
 

@@ -30,7 +30,7 @@ from typing import Any, ClassVar
 
 from tunelab.core.errors import TunelabError
 from tunelab.data.datasets import require_columns, require_preferences
-from tunelab.data.preview import DataView, Source, Tokens, contamination, head
+from tunelab.data.preview import SUMMARY_ROWS, DataView, Source, Tokens, contamination, head
 from tunelab.data.sources import load_data
 from tunelab.models.adapters import lora_config, trainable_quantization
 from tunelab.models.chat_templates import (
@@ -52,6 +52,12 @@ from tunelab.stages import TRAINING, Context, Metrics, Stage, StageResult, Stage
 from tunelab.training import distributed
 from tunelab.training.tokenized import prompt_tokens
 from tunelab.training.trainer import fingerprints, guarded_train, kl_limit, save, training_args
+
+
+def _rows_read(ctx: Context, key: str, ds: Any) -> int | None:
+    """The rows `load_data` read for `key` (None: a stream), else the dataset's."""
+    report = ctx.data_reports.get(key)
+    return report.rows if report is not None else len(ds)
 
 
 class TokenizerPending(TunelabError):
@@ -357,7 +363,7 @@ class TrainerStage(Stage):
         s = self.settings(spec, ctx)
         train, evaluation = self.data(spec, ctx, s)
         # A stream has no end: its first rows stand for it (and the rest is never read).
-        (train, streamed), evaluation = head(train), head(evaluation)[0]
+        (train, measured), evaluation = head(train), head(evaluation)[0]
         tokenizer, reason = None, None
         if type(self).tokens is TrainerStage.tokens:
             reason = f"{spec.kind} stages have no token view: the rows are shown as read"
@@ -370,7 +376,7 @@ class TrainerStage(Stage):
         if tokenizer is not None:
             prepared = self.prepare(spec, ctx, s, tokenizer, train, evaluation)[0]
         view = self.view(spec, ctx, s, tokenizer, (train, evaluation), prepared, shown, list(held_out), reason)
-        view.streamed = streamed
+        view.measured = measured
         return view
 
     def record_data(
@@ -386,9 +392,11 @@ class TrainerStage(Stage):
 
         held_out = ctx.held_out.get(spec.name, [])
         try:
-            (train, streamed), evaluation = head(raw[0]), head(raw[1])[0]
-            view = self.view(spec, ctx, s, tokenizer, (train, evaluation), head(prepared)[0], 0, held_out, None)
-            view.streamed = streamed
+            # A large dataset's summary measures its first SUMMARY_ROWS rows, not the whole run's time again.
+            (train, measured), evaluation = head(raw[0], SUMMARY_ROWS), head(raw[1], SUMMARY_ROWS)[0]
+            prepared = head(prepared, SUMMARY_ROWS)[0]
+            view = self.view(spec, ctx, s, tokenizer, (train, evaluation), prepared, 0, held_out, None)
+            view.measured = measured
         except TunelabError:
             raise
         except Exception as exc:  # noqa: BLE001 - the summary must not stop a run the checks accepted
@@ -424,8 +432,8 @@ class TrainerStage(Stage):
             kind=spec.kind,
             sources=sources,
             mix=mix,
-            rows=len(train) if getattr(ctx.data_reports.get(f"{spec.name}.data"), "rows", 0) is not None else None,
-            eval_rows=None if evaluation is None else len(evaluation),
+            rows=_rows_read(ctx, f"{spec.name}.data", train),
+            eval_rows=None if evaluation is None else _rows_read(ctx, f"{spec.name}.eval_data", evaluation),
             tokens=tokens,
             no_tokens=reason if tokens is None else None,
             contamination=contamination(train, compared, notes),

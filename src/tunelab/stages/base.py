@@ -397,8 +397,6 @@ class TrainerStage(Stage):
             prepared = head(prepared, SUMMARY_ROWS)[0]
             view = self.view(spec, ctx, s, tokenizer, (train, evaluation), prepared, 0, held_out, None)
             view.measured = measured
-        except TunelabError:
-            raise
         except Exception as exc:  # noqa: BLE001 - the summary must not stop a run the checks accepted
             logging.getLogger(__name__).warning("'%s': no data summary (%s: %s)", spec.where, type(exc).__name__, exc)
             return

@@ -186,6 +186,9 @@ def test_truncation_and_rows_left_without_a_trained_token(tmp_path: Path, tiny_l
         "no trained token: the trainer drops this row",
     ]
     assert all(flag == -1 for _, flag in view.tokens.rows[0].sequences[0].pieces[-(lengths[0] - 64) :])
+    # An override after the recipe (no stage named) applies as in `run`.
+    out = runner.invoke(app, ["data", str(tmp_path / "recipe.yaml"), "training.max_length=1000", "--rows", "0"])
+    assert out.exit_code == 0 and "max_length 1000: 0 rows truncated (0 tokens cut), 0 rows with no" in out.output
 
 
 # --- contamination ---------------------------------------------------------------------------------------------

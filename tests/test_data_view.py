@@ -272,7 +272,9 @@ def test_bad_input_is_one_line(tmp_path: Path, tiny_lm: Path) -> None:
         },
     )
     fails(["data", str(path), "sfx"], "the recipe has no stage 'sfx'; did you mean 'sft'?")
-    fails(["data", str(path), "eval"], "stage 'eval' (eval) trains nothing: `tunelab data` shows the data a trainer")
+    fails(
+        ["data", str(path), "eval"], r"stage 'eval' \(eval\) trains no language model on rows: .*; the recipe's: sft$"
+    )
     fails(["data", str(path), "--rows", "-1"], "--rows is -1")
     fails(["data", str(path), "--html", str(tmp_path)], "is a folder")
     fails(["data", str(path), "--html", str(tmp_path / "no" / "x.html")], "does not exist")

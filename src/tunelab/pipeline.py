@@ -228,10 +228,10 @@ def data_views(recipe: Recipe, stages: list[str] | None = None, rows: int = 3) -
             hint = f"did you mean '{guess}'?" if guess else f"its stages: {', '.join(recipe.stages)}"
             raise TunelabError(f"the recipe has no stage '{name}'; {hint}")
         if name not in trained:
-            which = f"its training stages: {', '.join(trained)}" if trained else "it has none"
+            which = f"the recipe's: {', '.join(trained)}" if trained else "the recipe has none"
             raise TunelabError(
-                f"stage '{name}' ({recipe.stages[name]['stage']}) trains nothing: `tunelab data` shows the data "
-                f"a trainer reads; {which}"
+                f"stage '{name}' ({recipe.stages[name]['stage']}) trains no language model on rows: `tunelab data` "
+                f"shows the training data of sft, pretrain, dpo, grpo, ... stages; {which}"
             )
     wanted = set(stages if stages is not None else trained)
     later = held_out(recipe)

@@ -126,15 +126,37 @@ def _image_sections(run_dir: Path, stage: str, values: dict[str, Any]) -> list[s
 
 
 def _data_section(folder: Path, stage: str) -> list[str]:
-    """A training stage's data summary (`data.json`, written as the stage ran; `tunelab data` shows it in full)."""
+    """The stage's data: each source, the format it was read as and the rows it contributed (`stage.json`'s
+    data reports), then the data summary written as the stage ran (`data.json`: token lengths, truncation,
+    contamination; `tunelab data` shows it in full)."""
+    lines = []
+    reports = (read_json(folder / "stage.json") or {}).get("data_reports")
+    if isinstance(reports, dict) and reports:
+        lines += ["| data | source | format | rows |", "|---|---|---|---|"]
+        for key, report in reports.items():
+            sources = report.get("sources") if isinstance(report, dict) else None
+            for source in sources if isinstance(sources, list) else []:
+                rows = source.get("rows")
+                lines.append(
+                    f"| {source.get('where', key)} | {source.get('path')} | {source.get('format')} | "
+                    f"{'streamed' if rows is None else rows} |"
+                )
+            if isinstance(report, dict) and report.get("mix"):
+                total = report.get("rows")
+                lines.append(f"| {key} | {report['mix']} of the above | | {'streamed' if total is None else total} |")
+        lines.append("")
     data = read_json(folder / "data.json")
-    if not isinstance(data, dict):
-        return []
-    try:
-        summary = DataView.from_dict(data).summary_lines()[1:]
-    except (KeyError, TypeError, ValueError):  # a data.json from another version: the report goes on without it
-        return []
-    return [f"## {stage}: data", "", "```", *(line.removeprefix("  ") for line in summary), "```", ""]
+    summary: list[str] = []
+    if isinstance(data, dict):
+        try:
+            view = DataView.from_dict(data)
+            summary = (view.source_lines() if not lines else []) + view.length_lines()
+            summary += ([view.tokens.rule] if view.tokens is not None else []) + view.contamination_lines()
+        except (KeyError, TypeError, ValueError):  # a data.json from another version: the report goes on without it
+            summary = []
+    if summary:
+        lines += ["```", *summary, "```", ""]
+    return [f"## {stage}: data", "", *lines] if lines else []
 
 
 def _fmt(value: Any) -> str:

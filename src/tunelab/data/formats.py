@@ -673,10 +673,9 @@ def _to_preference(
     alpaca = "instruction" in names and not sharegpt
     chat_prompt = sharegpt or _turn_style(rows, "prompt") is not None
     chat_answers = any(isinstance(r.get(c), (list, dict)) for r in rows for c in ("chosen", "rejected"))
-    if not (sharegpt or alpaca or system is not None or roles.changes()) and (
-        chat_prompt == chat_answers or "prompt" not in names
-    ):
-        return None  # TRL's own preference format already
+    single_turns = any(isinstance(r.get(c), dict) for r in rows for c in ("chosen", "rejected"))
+    if not (sharegpt or alpaca or single_turns or system is not None or roles.changes()):
+        return None  # TRL's own preference format already (its columns are checked by the stage)
     chat = chat_prompt or chat_answers or system is not None or (alpaca and {"system", "history"} & set(names))
     drop = [c for c in ("conversations", "instruction", "input", "system", "history", "tools") if c in names]
     drop += [c for c in ("prompt", "chosen", "rejected") if c in names]

@@ -594,12 +594,10 @@ def head(ds: Any, limit: int | None = None) -> tuple[Any, int | None]:
         return None, None
     if hasattr(ds, "__len__"):
         return (ds, None) if limit is None or len(ds) <= limit else (ds.select(range(limit)), limit)
-    import itertools
-
-    import datasets
+    from tunelab.data.mixtures import preview
 
     n = STREAMED_ROWS if limit is None else limit
-    return datasets.Dataset.from_list(list(itertools.islice(iter(ds), n))), n
+    return preview(ds, n), n
 
 
 def chunks(n: int, size: int) -> Iterator[tuple[int, int]]:

@@ -23,6 +23,7 @@ from tunelab.core.errors import TunelabError, closest, unknown_key
 from tunelab.data.datasets import DATA_KEYS, check_source, load_split, packaged_builders
 from tunelab.data.formats import (
     FORMATS,
+    KNOWN_COLUMNS,
     NATIVE,
     ROLE_TARGETS,
     accepted,
@@ -32,6 +33,7 @@ from tunelab.data.formats import (
     detect,
     first_rows,
 )
+from tunelab.data.mixtures import Source, check_streaming, is_mixture, load, parse
 
 FORMAT_KEYS = ("format", "columns", "system", "roles")
 MIX_KEYS = ("weight", "samples", "streaming")
@@ -143,7 +145,14 @@ def _stage(where: str) -> str:
 
 
 def check_data(value: Any, where: str, default_split: str, target: str) -> None:
-    """The checks of `load_data` that need no loading: keys, format names, options, paths, hub ids offline."""
+    """The checks of `load_data` that need no loading: keys, format names, options, paths, hub ids offline;
+    for a mixture (`tunelab.data.mixtures`), its weights, samples and streaming, and each source's."""
+    if mixing(value):
+        mixture = parse(value, where)
+        check_streaming(mixture, default_split)
+        for source in mixture.sources:
+            check_data(source.value, source.where, default_split, target)
+        return
     load, options = split_source(value, where)
     fmt = options["format"]
     if fmt != "auto" and fmt not in accepted(target):
@@ -202,6 +211,8 @@ def load_data(
 ) -> tuple[Any, DataReport]:
     """A stage's `data:` (or `eval_data:`) in the stage's shape (`target`, see tunelab.data.formats), and
     what was read. `seed` orders mixtures; `own` is the stage's custom column names (see `read_source`)."""
+    if mixing(value):
+        return _load_mixture(value, where, default_split, target, seed, own)
     load, options = split_source(value, where)
     check_data(value, where, default_split, target)
     ds = load_split(load, where, default_split)
@@ -209,3 +220,42 @@ def load_data(
     rows = len(out) if hasattr(out, "__len__") else None
     source = SourceReport(0, where, source_path(value), fmt, why, rows)
     return out, DataReport((source,), None, rows)
+
+
+def _shape(ds: Any, where: str, target: str) -> tuple[str, set[str]]:
+    """The format a converted source now reads as (alpaca, sharegpt and messages all read as messages), and the
+    columns known to that format: what must match across a mixture's sources."""
+    try:
+        shape, _ = detect(column_names(ds), first_rows(ds), where, target)
+    except TunelabError:
+        shape = "as_is"
+    return shape, KNOWN_COLUMNS.get(shape, set(column_names(ds)))
+
+
+def mixing(value: Any) -> bool:
+    """A mixture (a list of sources, `{sources: ...}`), or one source with `samples` or `streaming`."""
+    return is_mixture(value) or (isinstance(value, dict) and any(key in value for key in MIX_KEYS))
+
+
+def _load_mixture(
+    value: Any, where: str, default_split: str, target: str, seed: int, own: tuple[str, ...]
+) -> tuple[Any, DataReport]:
+    """Each source read as `load_data` reads one (renamed, detected, converted), then mixed (`mixtures.load`)."""
+    read: dict[int, tuple[str, str]] = {}
+
+    def one(source: Source, streaming: bool) -> Any:
+        load, options = split_source(source.value, source.where)
+        check_data(source.value, source.where, default_split, target)
+        ds = load_split(load, source.where, default_split, streaming=streaming)
+        named = label(source.where, source.value)
+        out, fmt, why = read_source(ds, options, named, target, own)
+        read[source.index] = (fmt, why)
+        return out, *_shape(out, named, target)
+
+    ds, mixture, rows = load(value, where, default_split, one, seed, target)
+    sources = tuple(
+        SourceReport(s.index, s.where, source_path(s.value), *read[s.index], count)
+        for s, count in zip(mixture.sources, rows, strict=True)
+    )
+    total = None if mixture.streaming else len(ds)
+    return ds, DataReport(sources, mixture.mix if mixture.listed else None, total)

@@ -549,7 +549,7 @@ def tokenize_assistant_only(ds: Any, tokenizer: Any, where: str, masked: bool = 
         return out
 
     out = ds.map(encode, with_indices=True, batched=True, batch_size=256, remove_columns=ds.column_names)
-    if not masked:
+    if not masked or not hasattr(out, "__len__"):  # a stream: its rows are encoded as training reads them
         return out
     empty = next((i for i, m in enumerate(out["assistant_masks"]) if 1 not in m), None)
     if empty is not None:

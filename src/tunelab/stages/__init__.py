@@ -9,6 +9,7 @@ A stage declares
   signals (progress lines, plots) and the ones summarised as first/last;
 - ``ranks``: ``"all"`` for stages that train on every process of a distributed run (the Trainer
   shards the data); others run on the main process while the rest wait;
+- ``streams``: whether it trains from streamed data (``streaming: true``; sft and pretrain);
 
 and implements
 
@@ -184,6 +185,8 @@ class Stage:
     sections: ClassVar[dict[str, str]]
     """Every key the stage accepts, with one line each (validate's "did you mean" and `tunelab list`)."""
     metrics: ClassVar[Metrics] = Metrics()
+    streams: ClassVar[bool] = False
+    """Takes `streaming: true` data (an IterableDataset, read as it trains); others refuse it at validate."""
 
     def check(self, spec: StageSpec, ctx: Context) -> None:
         """Everything that can be verified without loading weights; raises `TunelabError`."""

@@ -30,6 +30,7 @@ from typing import Any, ClassVar
 
 from tunelab.core.errors import TunelabError
 from tunelab.data.datasets import require_columns, require_preferences
+from tunelab.data.mixtures import is_stream, preview, streams
 from tunelab.data.preview import SUMMARY_ROWS, DataView, Source, Tokens, contamination, head
 from tunelab.data.sources import load_data
 from tunelab.models.adapters import lora_config, trainable_quantization
@@ -239,11 +240,21 @@ class TrainerStage(Stage):
         with LoRA applied (and 4-bit CPU shapes), the data through the same loader, the chat template."""
         s = self.settings(spec, ctx)
         check_training(s.args, spec)
+        self.check_stream(spec, s)
         self.check_model(spec, ctx, s)
         train, evaluation = self.data(spec, ctx, s)
+        train, evaluation = preview(train), preview(evaluation)  # a stream's first rows
         check_chat_data(train, s.chat_columns, spec, ctx)
         self.check_template(spec, s, train)
         self.check_more(spec, ctx, s, train, evaluation)
+
+    def check_stream(self, spec: StageSpec, s: Settings) -> None:
+        """A stream has no length, so the Trainer cannot count epochs over it: `max_steps` must say when to stop."""
+        if spec.cfg.get("data") is not None and streams(spec.cfg["data"]) and s.args.max_steps <= 0:
+            raise TunelabError(
+                f"'{spec.where}.data' streams (streaming: true), and a stream has no length to count epochs "
+                f"over: set '{spec.where}.training.max_steps' (the optimizer steps to train)"
+            )
 
     def check_model(self, spec: StageSpec, ctx: Context, s: Settings) -> None:
         """The model from its config alone (no weights): it builds, the LoRA applies, 4-bit shapes fit."""
@@ -268,12 +279,17 @@ class TrainerStage(Stage):
     # --- running ----------------------------------------------------------------------------------
     def run(self, spec: StageSpec, ctx: Context) -> StageResult:
         s = self.settings(spec, ctx)
+        self.check_stream(spec, s)
         train, evaluation = self.data(spec, ctx, s)
-        self.check_more(spec, ctx, s, train, evaluation)
+        self.check_more(spec, ctx, s, preview(train), preview(evaluation))
         tokenizer = self.tokenizer(spec, ctx, s, train)
         raw = train, evaluation
         train, evaluation = self.prepare(spec, ctx, s, tokenizer, train, evaluation)
         self.record_data(spec, ctx, s, tokenizer, raw, train)
+        if is_stream(train):
+            # A stream read to its end starts again within the one "epoch" of max_steps the Trainer counts
+            # over a stream: a checkpoint's step is then a position in it, which --resume skips to exactly.
+            train = train.repeat(None)
         model = self.model(spec, ctx, s, tokenizer, train)
         trainer = self.build(spec, ctx, s, self.trainer_kwargs(spec, ctx, s, model, tokenizer, train, evaluation))
         metrics = self.before(spec, ctx, s, trainer, tokenizer, evaluation)

@@ -18,6 +18,7 @@ from typing import Any
 
 from tunelab.core.errors import TunelabError
 from tunelab.data.formats import tool_chat
+from tunelab.data.mixtures import is_stream, preview
 from tunelab.models.chat_templates import check_rows, has_markers, tokenize_assistant_only, use_template
 from tunelab.models.plan import plan_training
 from tunelab.models.spec import model_config, model_spec
@@ -117,6 +118,7 @@ def _assistant_only(s: SFTSettings, ds: Any) -> bool:
 class SFT(TrainerStage):
     config_class = "trl:SFTConfig"
     trainer_class = "trl:SFTTrainer"
+    streams = True  # SFTTrainer tokenizes an IterableDataset as it reads it
     chat_columns = ()  # sft checks its chat data itself (`_chat_tokenizer`), masks included
     data_hint = "name a dataset folder, file or hub id"
     metrics = Metrics(summary=(*TRAINING, "trainable_params"), progress={"mean_token_accuracy": "tok_acc"})
@@ -160,15 +162,16 @@ class SFT(TrainerStage):
         text_field = s.args.dataset_text_field
         own = (text_field,) if text_field != "text" else ()  # a custom text column: read as it is
         train = self.load(spec, ctx, "data", own)
-        if "images" in train.column_names or "image" in train.column_names:  # TRL would fail after the model loads
+        shown = preview(train)  # a stream's first rows
+        if "images" in shown.column_names or "image" in shown.column_names:  # TRL would fail after the model loads
             raise TunelabError(
                 f"'{spec.where}.data' holds images: train image+text models with the `vlm_sft` stage (sft is text-only)"
             )
-        data_format(train, text_field, f"{spec.where}.data")
+        data_format(shown, text_field, f"{spec.where}.data")
         evaluation = None
         if spec.cfg.get("eval_data") is not None:
             evaluation = self.load(spec, ctx, "eval_data", own)
-            data_format(evaluation, text_field, f"{spec.where}.eval_data")
+            data_format(preview(evaluation), text_field, f"{spec.where}.eval_data")
         return train, evaluation
 
     def check_more(self, spec: StageSpec, ctx: Context, s: SFTSettings, train: Any, evaluation: Any) -> None:
@@ -179,7 +182,7 @@ class SFT(TrainerStage):
             _chat_tokenizer(spec, s, train, load_tokenizer(s.model.get("gguf_file", s.model["path"])))
 
     def prepare(self, spec: StageSpec, ctx: Context, s: SFTSettings, tokenizer: Any, train: Any, evaluation: Any):
-        chat = _chat_tokenizer(spec, s, train, tokenizer)
+        chat = _chat_tokenizer(spec, s, preview(train), tokenizer)
         tools = chat and tool_chat(train)
         # TRL needs {% generation %} markers to mask; tunelab derives the masks instead. Tool chats are always
         # tokenized here: their turns reach the template cleaned (`template_turns`) and with their `tools`.
@@ -195,7 +198,7 @@ class SFT(TrainerStage):
         return sft_tokens(train, tokenizer, s.args, shown)
 
     def before(self, spec, ctx, s, trainer, tokenizer, evaluation) -> dict[str, Any]:
-        if len(trainer.train_dataset) == 0:
+        if not is_stream(trainer.train_dataset) and len(trainer.train_dataset) == 0:
             raise TunelabError(
                 f"'{spec.where}.data': no example has a trainable token left after truncation to "
                 f"max_length={s.args.max_length}: raise training.max_length"

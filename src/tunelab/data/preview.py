@@ -458,7 +458,7 @@ class DataView:
         parts.append(f"{rows}, {formats}" + (f" from {len(self.sources)} sources" if len(self.sources) > 1 else ""))
         t = self.tokens
         if t is not None:
-            x = t.lengths[-1] if len(t.lengths) > 1 and t.lengths[0].name == "prompt" else t.lengths[0]
+            x = t.lengths[1] if len(t.lengths) > 1 and t.lengths[0].name == "prompt" else t.lengths[0]  # a sequence
             parts.append(f"{x.name} tokens p50 {x.p50}, p95 {x.p95}, max {x.max}")
             limit = f"max_length {t.max_length}" if t.max_length is not None else "no max_length"
             if t.limited:
@@ -588,8 +588,8 @@ SUMMARY_ROWS = 100_000
 
 
 def head(ds: Any, limit: int | None = None) -> tuple[Any, int | None]:
-    """The rows to measure, and how many when not all: a streamed `IterableDataset` as a `datasets.Dataset` of
-    its first STREAMED_ROWS (or `limit`) rows; a Dataset past `limit` rows as its first `limit`."""
+    """The rows to measure, and how many when maybe not all: a streamed `IterableDataset` as a `datasets.Dataset`
+    of its first STREAMED_ROWS (or `limit`) rows; a Dataset past `limit` rows as its first `limit`."""
     if ds is None:
         return None, None
     if hasattr(ds, "__len__"):
@@ -597,7 +597,8 @@ def head(ds: Any, limit: int | None = None) -> tuple[Any, int | None]:
     from tunelab.data.mixtures import preview
 
     n = STREAMED_ROWS if limit is None else limit
-    return preview(ds, n), n
+    rows = preview(ds, n)
+    return rows, (n if len(rows) == n else None)  # a stream shorter than n was read whole
 
 
 def chunks(n: int, size: int) -> Iterator[tuple[int, int]]:

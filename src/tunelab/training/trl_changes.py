@@ -23,8 +23,9 @@ changed are values, and what the trainers accept once they start (the README's "
 - The experimental BCO, Nash-MD, XPO, MiniLLM, PRM, GSPO-token, SSD, replay-buffer GRPO and PPO trainers are
   gone: no stage used them (ppo is tunelab's own).
 
-The configs that declare `choices` for `loss_type` (SFT, KTO, CPO) are checked against them by
-`tunelab.core.config.check_keys`; DPO's and GRPO's lists are here (tests hold them to TRL's source).
+KTO's and CPO's `loss_type` are checked against the `choices` their configs declare
+(`tunelab.core.config.check_keys`); DPO's and GRPO's configs declare none, and SFT's list the deprecated alias,
+so their lists are here (tests/test_trl_versions.py holds them to TRL's code).
 """
 
 from __future__ import annotations

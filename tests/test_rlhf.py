@@ -409,9 +409,10 @@ def test_run_from_a_stage_reruns_it_and_keeps_the_ones_before(tmp_path: Path) ->
 
 @pytest.mark.slow  # each of its stages is trained by its own default test; the recipe validates in test_recipe
 def test_shipped_rlhf_recipe_runs_end_to_end_when_shrunk(tmp_path: Path) -> None:
+    trained = ("pretrain", "sft", "reward", "dpo", "grpo", "kto", "orpo", "simpo", "rloo", "student", "student_sft")
     overrides = [
         f"output_dir={tmp_path / 'rlhf'}",
-        "training.max_steps=2",
+        *(f"{stage}.training.max_steps=2" for stage in (*trained, "distill")),  # ppo counts total_episodes
         "training.save_strategy=no",
         "training.report_to=none",
         "pretrain.config.num_hidden_layers=1",

@@ -328,7 +328,8 @@ def launch_command(options: dict[str, Any], run_args: list[str]) -> tuple[list[s
             f"{local} processes on this machine but it has {cores} CPU core(s) for them: lower --num-processes "
             "(at most one process per core), or add machines with --num-machines"
         )
-    argv = [sys.executable, "-m", "accelerate.commands.launch"]
+    # --quiet: a rank that fails says why in its own lines; the launcher adds a summary, not its traceback
+    argv = [sys.executable, "-m", "accelerate.commands.launch", "--quiet"]
     values = {**options, "num_processes": n, "num_machines": machines}
     if not config:
         values.setdefault("mixed_precision", None)

@@ -245,6 +245,17 @@ def test_errors_and_log_lines_name_the_host(monkeypatch: pytest.MonkeyPatch) -> 
     assert distributed.log_prefix() == ""
 
 
+def test_a_host_that_cannot_see_the_run_folder_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tunelab.training import distributed
+
+    monkeypatch.setattr(distributed, "_HOSTS", [("n1", ["10.77.0.2"]), ("n2", ["10.77.0.3"])])
+    monkeypatch.setattr(distributed, "agree", lambda ok: [1])  # rank 1 reported that it does not see it
+    for name, value in (("RANK", "0"), ("WORLD_SIZE", "2"), ("LOCAL_WORLD_SIZE", "1")):
+        monkeypatch.setenv(name, value)
+    with pytest.raises(TunelabError, match="rank 1 on n2 cannot see .* the run folder must be on storage every node"):
+        distributed.check_shared(tmp_path / "run.json", wait_s=0)
+
+
 def test_one_sigterm_from_several_senders_is_one_request(monkeypatch: pytest.MonkeyPatch) -> None:
     """Slurm signals every process of a job and launchers pass it on: repeats within ECHO_S are echoes."""
     from tunelab.training import safeguards

@@ -308,6 +308,11 @@ def launch_command(options: dict[str, Any], run_args: list[str]) -> tuple[list[s
     backend = options.get("rdzv_backend")
     if backend is not None and backend not in RDZV_BACKENDS:
         raise TunelabError(f"--rdzv-backend '{backend}': use {' or '.join(RDZV_BACKENDS)}")
+    if machines > 1 and backend == "c10d" and config.get("same_network"):
+        raise TunelabError(
+            f"--config-file '{config_file}' sets same_network: true, with which accelerate ignores the c10d "
+            "rendezvous (every host would look for the main one on itself): remove that line"
+        )
     gpus = torch.cuda.device_count()
     kind = config.get("distributed_type", "NO")
     if gpus == 0 and kind in ("MULTI_GPU", "DEEPSPEED", "FSDP") and config.get("use_cpu") is not True:
@@ -348,6 +353,15 @@ def launch_command(options: dict[str, Any], run_args: list[str]) -> tuple[list[s
     elif n > 1 and not config:
         argv.append("--multi_gpu")
     argv += ["--dynamo_backend", "no"] if not config else []
+    if kind == "DEEPSPEED" and machines > 1:  # each host is launched on its own (here, or by srun): not pdsh/ssh
+        launcher = (config.get("deepspeed_config") or {}).get("deepspeed_multinode_launcher", "standard")
+        if launcher != "standard":
+            raise TunelabError(
+                f"--config-file '{config_file}' sets deepspeed_multinode_launcher: {launcher}, which starts every "
+                "host from one over ssh; tunelab launch runs on each host (srun does that under Slurm): set it to "
+                "standard"
+            )
+        argv += ["--deepspeed_multinode_launcher", "standard"]
     argv += ["-m", "tunelab", "run", *run_args]
     return argv, env
 

@@ -30,7 +30,7 @@ if "TUNELAB_TESTS_TMPDIR" not in os.environ:  # once per session, even if this f
 import pytest  # noqa: E402
 
 import tunelab  # noqa: E402
-from tests.helpers import SMOLLM2, pretrain_stage, reward_stage, run_stages  # noqa: E402
+from tests.helpers import SMOLLM2, TINY_VISION, pretrain_stage, reward_stage, run_stages  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -84,3 +84,37 @@ def reward_model(tmp_path_factory: pytest.TempPathFactory, tiny_lm: Path) -> Pat
     fault-tolerance tests, which only read it."""
     out = tmp_path_factory.mktemp("reward")
     return run_stages(out, {"reward": reward_stage(str(tiny_lm))}).outputs["reward"]
+
+
+@pytest.fixture(scope="session")
+def tiny_text_lm(tmp_path_factory: pytest.TempPathFactory, smollm2: Path) -> Path:
+    """A 2-layer Llama from a config, with SmolLM2's tokenizer (ChatML template): a language tower in seconds."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    path = tmp_path_factory.mktemp("tiny-text") / "lm"
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_vlm(tmp_path_factory: pytest.TempPathFactory, tiny_text_lm: Path) -> Path:
+    from tunelab.vision.models import build_llava
+
+    return build_llava({"path": str(tiny_text_lm)}, tmp_path_factory.mktemp("tiny-vlm") / "vlm", TINY_VISION)

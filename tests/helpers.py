@@ -218,3 +218,151 @@ def weights(folder: Path) -> dict:
 def same(a: dict, b: dict, atol: float = 1e-6) -> bool:
     """Two `weights()` results hold the same tensor names and values (within `atol`)."""
     return a.keys() == b.keys() and all(np.allclose(a[k].float().numpy(), b[k].float().numpy(), atol=atol) for k in a)
+
+
+# --- PPO's recorded trajectory (tests/data/ppo_reference/) ------------------------------------------------
+# Models whose weights come from torch's seeded generator, not from a library's initialiser or trainer: the
+# same tensors under any transformers/TRL, so a trajectory recorded on TRL 1.12 can be replayed after it.
+PPO_REFERENCE = Path(__file__).parent / "data" / "ppo_reference"
+PPO_REFERENCE_VOCAB = ["<pad>", "<eos>", "<unk>", *"0123456789+="]
+PPO_REFERENCE_PROMPTS = [
+    f"{a}+{b}=" for a, b in [(3, 4), (12, 7), (5, 19), (8, 8), (21, 6), (1, 2), (14, 13), (9, 30)]
+    + [(7, 1), (16, 4), (2, 25), (11, 11), (6, 0), (18, 9), (4, 23), (10, 5)]
+]  # fmt: skip
+
+
+def ppo_reference_models(folder: Path, steps: int = 8) -> dict[str, Path]:
+    """A tiny Llama policy and a Llama reward classifier of TINY_LLAMA's shape over a 15-token vocabulary
+    (digits, '+', '=', pad, EOS, unk), saved under `folder`: {"policy": path, "reward": path}.
+
+    Built with torch alone, so that the same tensors come out under any transformers or TRL: every matrix
+    drawn from a seeded `torch.Generator` in name order (the policy's N(0, 0.02^2), the reward model's
+    N(0, 0.15^2), for scores spread over about +-1), every norm weight 1; then the policy takes `steps`
+    full-batch Adam steps of next-token cross-entropy on "a+b=c<eos>", in plain torch. Sampled at 0.7 it
+    then writes digits and stops at EOS within 6 tokens about 4 times in 5, so truncation at the stop token
+    and `missing_eos_penalty` both act."""
+    import torch
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification, PreTrainedTokenizerFast
+
+    vocab = {token: i for i, token in enumerate(PPO_REFERENCE_VOCAB)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), "isolated")
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>", padding_side="right"
+    )
+    shape = {k: v for k, v in TINY_LLAMA.items() if k != "model_type"}
+    config = LlamaConfig(
+        **shape, vocab_size=len(vocab), pad_token_id=0, eos_token_id=1, bos_token_id=None, tie_word_embeddings=False
+    )
+    config.num_labels = 1
+    sums = [(a, b) for a in range(0, 30, 4) for b in range(1, 30, 7)]
+
+    def batch(texts: list[str]) -> tuple[Any, Any]:
+        ids = [[vocab[c] for c in text] + [vocab["<eos>"]] for text in texts]
+        width = max(map(len, ids))
+        padded = torch.tensor([row + [0] * (width - len(row)) for row in ids])
+        return padded, padded != 0
+
+    def initialise(model: Any, seed: int, std: float = 0.02) -> None:
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for _, param in sorted(model.named_parameters()):
+                if param.dim() == 1:
+                    param.fill_(1.0)
+                else:
+                    param.copy_(torch.randn(param.shape, generator=generator) * std)
+
+    policy = LlamaForCausalLM(config)
+    initialise(policy, 1)
+    ids, mask = batch([f"{a}+{b}={a + b}" for a, b in sums])
+    optimizer = torch.optim.Adam(policy.parameters(), lr=1e-2)
+    for _ in range(steps):
+        logits = policy(input_ids=ids, attention_mask=mask).logits[:, :-1]
+        targets = ids[:, 1:].masked_fill(~mask[:, 1:], -100)
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    reward = LlamaForSequenceClassification(config)
+    initialise(reward, 2, std=0.15)
+
+    out = {}
+    for name, model in (("policy", policy), ("reward", reward)):
+        out[name] = folder / name
+        model.save_pretrained(out[name])
+        tokenizer.save_pretrained(out[name])
+    return out
+
+
+def ppo_reference_prompts(tokenizer: Any) -> Any:
+    """The 16 prompts as a dataset of `input_ids`, as the ppo stage hands them to the trainer."""
+    from datasets import Dataset
+
+    ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in PPO_REFERENCE_PROMPTS]
+    return Dataset.from_dict({"input_ids": ids})
+
+
+def fingerprint(named: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Per tensor: sum, L2 norm, two projections on fixed random directions (any change moves them), and the
+    sha256 of its float32 bytes (bitwise identity)."""
+    import hashlib
+
+    import torch
+
+    out = {}
+    for name in sorted(named):
+        flat = named[name].detach().float().flatten().cpu()
+        generator = torch.Generator().manual_seed(len(flat))
+        directions = torch.randn(2, len(flat), generator=generator, dtype=torch.float64)
+        out[name] = {
+            "sum": flat.double().sum().item(),
+            "norm": flat.double().norm().item(),
+            "projections": (directions @ flat.double()).tolist(),
+            "sha256": hashlib.sha256(flat.numpy().tobytes()).hexdigest(),
+        }
+    return out
+
+
+def ppo_reference_run(trainer_cls: Any, config_cls: Any, models: dict[str, Path], case: dict, out: Path) -> dict:
+    """One recorded case: the trainer built as the ppo stage builds it, trained from `set_seed(seed)`.
+    Returns the per-update logs and the fingerprints of the trained policy (its adapter with LoRA) and value
+    model."""
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, set_seed
+
+    settings = case["settings"]
+    tokenizer = AutoTokenizer.from_pretrained(models["policy"], padding_side="left")
+    set_seed(settings["seed"])  # before the trainer: LoRA's initial A matrices are drawn when it wraps the policy
+    args = config_cls(
+        output_dir=str(out),
+        use_cpu=True,
+        bf16=False,
+        report_to="none",
+        disable_tqdm=True,
+        save_strategy="no",
+        logging_steps=1,
+        num_sample_generations=0,
+        **settings,
+    )
+    lora = case.get("lora")
+    trainer = trainer_cls(
+        args=args,
+        processing_class=tokenizer,
+        model=AutoModelForCausalLM.from_pretrained(models["policy"]),
+        ref_model=None if lora else AutoModelForCausalLM.from_pretrained(models["policy"]),
+        reward_model=AutoModelForSequenceClassification.from_pretrained(models["reward"]),
+        value_model=AutoModelForSequenceClassification.from_pretrained(models["reward"]),
+        train_dataset=ppo_reference_prompts(tokenizer),
+        peft_config=LoraConfig(**lora) if lora else None,
+    )
+    trainer.train()
+    logs = [{k: v for k, v in h.items() if k not in ("eps", "epoch", "step")} for h in trainer.state.log_history]
+    wrapper = trainer.accelerator.unwrap_model(trainer.model)
+    policy = {n: p for n, p in wrapper.policy.named_parameters() if p.requires_grad}
+    return {
+        "updates": [h for h in logs if "objective/kl" in h],
+        "policy": fingerprint(policy),
+        "value": fingerprint(dict(wrapper.value_model.named_parameters())),
+    }

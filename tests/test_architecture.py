@@ -95,7 +95,8 @@ def test_stages_import_components_never_each_other() -> None:
 # Modules that import torch (or transformers) at their top, so that their classes are ordinary classes: only
 # code that trains or scores imports them, from inside its functions. Everything else is light.
 HEAVY_MODULES = {
-    "tunelab.training.ppo_trainer",  # the PPO loop, a TRL trainer subclass
+    "tunelab.training.ppo",  # the PPO trainer, a transformers Trainer subclass
+    "tunelab.training.ppo_config",  # its TrainingArguments subclass
     "tunelab.training.callbacks",  # the Trainer callbacks tunelab adds
     "tunelab.diffusion.classifier",  # the image-quality CNN (an nn.Module)
     "tunelab.diffusion.trainer",  # the diffusion Trainer, its EMA and sample-grid callbacks

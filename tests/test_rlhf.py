@@ -21,6 +21,7 @@ from tests.helpers import (
     PREF_TEST,
     PREF_TRAIN,
     QA_TRAIN,
+    SMOLLM2,
     fails,
     grpo_stage,
     pretrain_stage,
@@ -126,6 +127,51 @@ def test_ppo_with_lora_saves_an_adapter(tmp_path: Path, tiny_lm: Path, reward_mo
     assert (folder / "adapter_config.json").exists()
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_lm), folder)
     assert any("lora_B" in n and p.abs().sum() > 0 for n, p in model.named_parameters())
+
+
+def test_ppo_tokenizes_chat_prompts_through_the_template(smollm2: Path) -> None:
+    """Chat prompts become the template's token ids, generation prompt included (transformers 5's
+    apply_chat_template answers a dict: the ids, not the dict, reach the collator)."""
+    from datasets import Dataset
+
+    from tunelab.stages.ppo import _tokenized
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2)
+    chat = [{"role": "user", "content": "12+7="}]
+    ds = _tokenized(Dataset.from_dict({"prompt": [chat]}), "prompt", tokenizer)
+    text = tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+    assert (
+        ds.column_names == ["input_ids"] and ds[0]["input_ids"] == tokenizer(text, add_special_tokens=False).input_ids
+    )
+
+
+@pytest.mark.slow  # ~1 min: SmolLM2's reward model (LoRA, merged), then one PPO update with a LoRA policy
+def test_ppo_on_smollm2_with_lora(tmp_path: Path, smollm2: Path) -> None:
+    """The real model: ChatML prompts (whose <|im_end|> is also the pad token), tied embeddings, a LoRA policy
+    whose reference is itself with the adapter off, the value model from a merged LoRA reward model."""
+    lora = {"r": 4, "target_modules": ["q_proj", "v_proj"]}
+    reward = reward_stage(SMOLLM2, lora=lora, data={"path": "recipes/data/arith_pref", "split": "train[:8]"})
+    reward["training"] = {**reward.pop("training"), "max_steps": 1, "per_device_train_batch_size": 2}
+    del reward["eval_data"]
+    ppo = {
+        "stage": "ppo",
+        "model": SMOLLM2,
+        "reward_model": "${reward}",
+        "data": {"path": "recipes/data/arith_qa", "split": "train[:4]"},
+        "lora": lora,
+        "training": {**PPO_TRAINING, "total_episodes": 4, "per_device_train_batch_size": 2, "num_ppo_epochs": 1},
+    }
+    ppo["training"].update(local_rollout_forward_batch_size=2, learning_rate=1e-4, gradient_accumulation_steps=2)
+    result = run_stages(tmp_path, {"reward": reward, "ppo": ppo})
+    folder = result.outputs["ppo"]
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(smollm2), folder)
+    assert model.config.tie_word_embeddings and any(
+        p.abs().sum() > 0 for n, p in model.named_parameters() if "lora_B" in n
+    )
+    (log,) = [h for h in json.loads((folder / "log_history.json").read_text()) if "objective/kl" in h]
+    assert all(math.isfinite(v) for v in log.values() if isinstance(v, float))
+    # The first rollout's policy is its reference (LoRA's B starts at 0): KL 0 up to the cache's float noise.
+    assert abs(log["objective/kl"]) < 1e-3 and result.metrics["ppo"]["global_step"] == 1
 
 
 def test_ppo_stops_when_kl_runs_away_and_names_the_last_good_checkpoint(
@@ -244,6 +290,17 @@ def test_ppo_without_a_reward_model(tmp_path: Path, tiny_lm: Path) -> None:
         # TRL's loader drops the ragged last batch, so a rollout batch larger than the data never ends
         ({"per_device_train_batch_size": 128}, r"has 64 prompts, fewer than one rollout batch of 128"),
         ({"per_device_train_batch_size": 6, "num_mini_batches": 4}, r"= 6 is not a multiple of num_mini_batches=4"),
+        # Settings tunelab's PPO trainer does not take (TRL 1.12's PPOConfig has them): one line each, not ignored.
+        ({"num_sample_generations": 10}, r"training.num_sample_generations' asks for tables of sample completions"),
+        ({"max_steps": 5}, r"training.max_steps' is not PPO's length: set total_episodes"),
+        ({"local_batch_size": 8}, r"training.local_batch_size' is computed by the trainer from .*: remove it"),
+        ({"ref_adapter_name": "ref"}, r"training.ref_adapter_name' names one of several adapters"),
+        ({"eval_strategy": "steps"}, r"training.eval_strategy' asks for evaluation during training"),
+        ({"sft_model_path": "x"}, r"training.sft_model_path' is not used by the trainer: set the stage's `model:`"),
+        ({"ds3_gather_for_generation": False}, r"applies to DeepSpeed ZeRO-3 only; tunelab's PPO runs on .* DDP"),
+        ({"stop_token": "eos", "stop_token_id": 3}, r"sets both stop_token and stop_token_id: keep one"),
+        ({"per_device_train_batch_size": 4, "whiten_rewards": True}, r"whiten_rewards' needs mini-batches of 8"),
+        ({"kl_estimator": "k2"}, r"training.kl_estimator' is 'k2'"),
     ],
 )
 def test_ppo_batches_that_cannot_work(
@@ -252,6 +309,12 @@ def test_ppo_batches_that_cannot_work(
     stage = {"stage": "ppo", "model": str(tiny_lm), "reward_model": str(reward_model), "data": QA_TRAIN}
     stage["training"] = training
     fails(["validate", str(write(tmp_path, {"stages": {"ppo": stage}}))], message)
+
+
+def test_ppo_under_fsdp(tmp_path: Path, tiny_lm: Path, reward_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what `tunelab launch --config-file fsdp.yaml` sets
+    stage = {"stage": "ppo", "model": str(tiny_lm), "reward_model": str(reward_model), "data": QA_TRAIN}
+    fails(["validate", str(write(tmp_path, {"stages": {"ppo": stage}}))], "launched with FSDP, which tunelab's PPO")
 
 
 def test_ppo_reward_model_that_is_not_a_classifier(tmp_path: Path, tiny_lm: Path) -> None:
@@ -442,23 +505,27 @@ def test_pipeline_reward_model_that_names_a_stage_of_another_kind(tmp_path: Path
 
 
 @pytest.mark.parametrize("lora", [False, True])
-def test_tunelab_ppo_loop_is_trls_step_for_step(tmp_path: Path, tiny_lm: Path, reward_model: Path, lora: bool) -> None:
-    """With one prompt repeated (so prompt order cannot differ) and the same seeds, tunelab's resumable
-    loop ends with TRL 1.12's PPOTrainer's weights and logs the same scores, KL and losses."""
+def test_tunelab_ppo_is_trls_step_for_step(tmp_path: Path, tiny_lm: Path, reward_model: Path, lora: bool) -> None:
+    """While TRL 1.12 is installed: with one prompt repeated (so prompt order cannot differ) and the same
+    seeds, tunelab's PPO trainer ends with TRL 1.12's PPOTrainer's weights and logs the same scores, KL and
+    losses, on the session's trained fixtures (test_ppo_parity.py replays a recorded run without TRL)."""
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import set_seed
-    from trl.experimental.ppo import PPOConfig, PPOTrainer
 
-    from tunelab.training.ppo_trainer import ResumablePPOTrainer
+    trl_ppo = pytest.importorskip("trl.experimental.ppo", reason="TRL >= 1.13 has no PPO to compare with")
+    PPOConfig, PPOTrainer = trl_ppo.PPOConfig, trl_ppo.PPOTrainer
+
+    from tunelab.training.ppo import PPOTrainer as TunelabPPOTrainer
+    from tunelab.training.ppo_config import PPOConfig as TunelabPPOConfig
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_lm, padding_side="left")
     prompts = Dataset.from_dict({"input_ids": [tokenizer("12+7=", add_special_tokens=False)["input_ids"]] * 8})
     results = []
-    for cls in (PPOTrainer, ResumablePPOTrainer):
+    for cls, config in ((PPOTrainer, PPOConfig), (TunelabPPOTrainer, TunelabPPOConfig)):
         set_seed(3)
-        args = PPOConfig(
-            output_dir=str(tmp_path / cls.__name__),
+        args = config(
+            output_dir=str(tmp_path / cls.__module__.split(".")[0]),  # trl or tunelab
             **{**PPO_TRAINING, "learning_rate": 1e-2, "seed": 3, "use_cpu": True, "bf16": False},
             stop_token="eos",
             num_sample_generations=0,

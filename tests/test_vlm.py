@@ -31,40 +31,6 @@ VQA_TEST = {"path": VQA, "split": "test[:4]"}
 LM_ONLY = r".*language_model.*\.(q_proj|v_proj)"  # peft regex: LoRA on the language model only
 
 
-@pytest.fixture(scope="session")
-def tiny_text_lm(tmp_path_factory: pytest.TempPathFactory, smollm2: Path) -> Path:
-    """A 2-layer Llama from a config, with SmolLM2's tokenizer (ChatML template): a language tower in seconds."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    tokenizer = AutoTokenizer.from_pretrained(smollm2)
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    path = tmp_path_factory.mktemp("tiny-text") / "lm"
-    LlamaForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="session")
-def tiny_vlm(tmp_path_factory: pytest.TempPathFactory, tiny_text_lm: Path) -> Path:
-    from tunelab.vision.models import build_llava
-
-    return build_llava({"path": str(tiny_text_lm)}, tmp_path_factory.mktemp("tiny-vlm") / "vlm", TINY_VISION)
-
-
 def _write(tmp_path: Path, stages: dict, name: str = "recipe.yaml") -> Path:
     path = tmp_path / name
     path.write_text(yaml.safe_dump({"output_dir": str(tmp_path / "out"), "seed": 3, "stages": stages}, sort_keys=False))

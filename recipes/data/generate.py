@@ -30,6 +30,12 @@ model's answer can be checked exactly. Three datasets share one small world
   eval with ``choices``, and the harness task ``tunelab_arith_mc``): ``prompt``, four ``choices``
   (the answer and three wrong ones of ``arith_pref``'s kinds, each with its leading space, as a
   completion), ``label`` (the index of the answer) and ``completion``.
+- ``arith_alpaca/train.json`` and ``arith_sharegpt/train.json``: ``arith_chat``'s training questions in the two
+  formats most instruction data on the Hub comes in, each a single JSON document (a list of rows), as their public
+  definitions have it. Alpaca (the first 1,000): ``instruction`` (the question), ``input`` (empty) and ``output``
+  (the number). ShareGPT (the other 1,000): ``conversations``, a list of ``{from: human|gpt, value}`` turns. The
+  mixture recipe (``recipes/real/smollm2-mixture.yaml``) trains on both at once; ``tunelab data`` shows how each
+  is detected and converted.
 
 Held-out questions never appear in the training split (checked below).
 """
@@ -131,10 +137,31 @@ def main() -> None:
     for split, rows in (("train", pref_train[:2000]), ("test", pref_test)):
         _write_jsonl(HERE / "arith_chat_pref" / f"{split}.jsonl", [_chat_pair(r) for r in rows])
 
+    # The same training questions as Alpaca and ShareGPT documents (no random draws).
+    _write_json(HERE / "arith_alpaca" / "train.json", [_alpaca(r) for r in train[:1000]])
+    _write_json(HERE / "arith_sharegpt" / "train.json", [_sharegpt(r) for r in train[1000:]])
+
     # Multiple choice over the same questions, from a stream of its own (train: few-shot examples).
     mc_rng = random.Random(SEED + 3)
     for split, rows in (("train", train[:200]), ("test", test)):
         _write_jsonl(HERE / "arith_mc" / f"{split}.jsonl", [_choices(mc_rng, r) for r in rows])
+
+
+def _write_json(path: Path, rows: list[dict]) -> None:
+    """One JSON document (a list of rows, one per line for readable diffs): how Alpaca and ShareGPT files ship."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("[\n" + ",\n".join(json.dumps(row, sort_keys=True) for row in rows) + "\n]\n")
+
+
+def _alpaca(row: dict) -> dict:
+    """Alpaca's row: the task in `instruction`, an optional `input` (none here), the answer in `output`."""
+    return {"instruction": _question(row["prompt"]), "input": "", "output": row["completion"].strip()}
+
+
+def _sharegpt(row: dict) -> dict:
+    """ShareGPT's row: `conversations`, a list of turns `{from: human|gpt, value}`."""
+    question, answer = _question(row["prompt"]), row["completion"].strip()
+    return {"conversations": [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]}
 
 
 def _question(prompt: str) -> str:

@@ -28,6 +28,7 @@ from tunelab.core.hub import configure_offline
 from tunelab.core.progress import quiet
 from tunelab.core.refs import iter_refs
 from tunelab.data.datasets import signature
+from tunelab.data.mixtures import row_metrics, streams
 from tunelab.models.plan import check_fits, device_memory, fmt_bytes
 from tunelab.models.spec import WEIGHTS_NEEDED
 from tunelab.recipe import Recipe
@@ -162,6 +163,7 @@ def _inspect(recipe: Recipe, strict_plans: bool, downloads: list[str] | None = N
     plans = []
     for spec in _specs(recipe):
         impl = stage(spec.kind)
+        _check_streaming(spec, impl)
         try:
             impl.check(spec, ctx)
         except DownloadNeeded as exc:
@@ -195,6 +197,21 @@ def _inspect(recipe: Recipe, strict_plans: bool, downloads: list[str] | None = N
                 ctx.tokenizers[spec.name] = origin
             ctx.outputs[spec.name] = spec.out_dir
     return plans, downloads or []
+
+
+def _check_streaming(spec: StageSpec, impl: Any) -> None:
+    """`streaming: true` on a stage that reads its data whole: one line naming the stages that stream."""
+    if impl.streams:
+        return
+    for key in DATA_KEYS:
+        if key in spec.cfg and streams(spec.cfg[key], f"{spec.where}.{key}"):
+            from tunelab.stages import STAGES
+
+            kinds = [kind for kind in STAGES if stage(kind).streams]
+            raise TunelabError(
+                f"'{spec.where}.{key}' streams (streaming: true), but a {spec.kind} stage reads its data whole: "
+                f"drop streaming (the stages that stream: {', '.join(kinds)})"
+            )
 
 
 def _warn_memory(plans: list[Any]) -> None:
@@ -606,6 +623,13 @@ def _run_stage(
         if tb_dir is None:
             os.environ.pop("TENSORBOARD_LOGGING_DIR", None)
     seconds = time.perf_counter() - start
+    reports = {
+        key: ctx.data_reports[f"{spec.name}.{key}"] for key in DATA_KEYS if f"{spec.name}.{key}" in ctx.data_reports
+    }
+    per_model = any(isinstance(value, dict) for value in out.metrics.values())  # eval's {model: scores}
+    for key, report in reports.items():  # the rows each source contributed, beside a trainer's own numbers
+        if not per_model:  # an eval stage's rows are each model's `examples` already
+            out.metrics.update(row_metrics(key, report))
     if main and out.model is not None:
         from tunelab.models.spec import record_base
 
@@ -619,6 +643,8 @@ def _run_stage(
         files=out.files,
         data=out.fingerprints,
     )
+    if reports:
+        record["data_reports"] = {key: report.as_dict() for key, report in reports.items()}
     record["entries"] = _written(spec.out_dir, record["foreign"])
     _write(spec.out_dir / "stage.json", record)
     manifest.setdefault("data", {})[spec.name] = out.fingerprints

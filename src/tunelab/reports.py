@@ -124,6 +124,26 @@ def _image_sections(run_dir: Path, stage: str, values: dict[str, Any]) -> list[s
     return lines
 
 
+def _data_section(stage: str, record: dict[str, Any]) -> list[str]:
+    """The stage's data sources: the format each was read as, and the rows it contributed (for a mixture)."""
+    reports = record.get("data_reports")
+    if not isinstance(reports, dict) or not reports:
+        return []
+    lines = [f"## {stage}: data", "", "| data | source | format | rows |", "|---|---|---|---|"]
+    for key, report in reports.items():
+        sources = report.get("sources") if isinstance(report, dict) else None
+        for source in sources if isinstance(sources, list) else []:
+            rows = source.get("rows")
+            lines.append(
+                f"| {source.get('where', key)} | {source.get('path')} | {source.get('format')} | "
+                f"{'streamed' if rows is None else rows} |"
+            )
+        if isinstance(report, dict) and report.get("mix"):
+            total = report.get("rows")
+            lines.append(f"| {key} | {report['mix']} of the above | | {'streamed' if total is None else total} |")
+    return [*lines, ""]
+
+
 def _fmt(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
@@ -174,6 +194,7 @@ def write_report(run_dir: Path) -> Path:
                 for label, v in per_model.items()
             ]
             lines += ["", f"![{stage} metrics]({stage}/metrics.png)", ""]
+        lines += _data_section(stage, read_json(folder / "stage.json") or {})
         lines += _image_sections(run_dir, stage, values)
         lines += report_section(run_dir, stage)  # image+text evals: sample images with each model's answers
         confusion = read_json(folder / "confusion.json")

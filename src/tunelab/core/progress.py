@@ -43,7 +43,7 @@ def quiet(diffusers: bool = False) -> Iterator[None]:
     """
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # PPO lives in trl.experimental (TRL 1.12); we know
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # ORPO and CPO live in trl.experimental; we know
     with warnings.catch_warnings(), contextlib.ExitStack() as restore:
         # Before their import: they log a Hub kernel they cannot fetch offline.
         restore.enter_context(_levels(("bitsandbytes", "kernels"), logging.ERROR))

@@ -161,23 +161,30 @@ def _dataset_cached(ref: str) -> bool:
     return is_cached(ref, "README.md", repo_type="dataset")
 
 
-def load_split(value: Any, where: str, default_split: str = "train"):
-    """Load one split as a `datasets.Dataset`; one-line errors for the usual mistakes."""
+def load_split(value: Any, where: str, default_split: str = "train", streaming: bool = False):
+    """Load one split as a `datasets.Dataset` (with `streaming`, an `IterableDataset` that reads the files as
+    it is iterated, never materialised); one-line errors for the usual mistakes."""
     import datasets
 
     spec = data_spec(value, where, default_split)
     path, kwargs = _load_args(spec, where, split_given=isinstance(value, dict) and "split" in value)
+    if streaming and "[" in str(kwargs.get("split", "")):
+        raise TunelabError(
+            f"'{where}' streams, and a stream cannot take the split slice '{kwargs['split']}': "
+            f"use `split: {str(kwargs['split']).partition('[')[0]}` with `samples: N` (the first N rows)"
+        )
     try:
         with _datasets_silent():
-            ds = datasets.load_dataset(path, **kwargs)
+            ds = datasets.load_dataset(path, **kwargs, **({"streaming": True} if streaming else {}))
+            first = next(iter(ds.take(1)), None) if streaming and not isinstance(ds, dict) else True
     except Exception as exc:
         bad = _bad_json_line(path, kwargs)
         if bad is not None:
             raise TunelabError(f"'{where}': {bad}: fix or remove that line") from None
         _raise_load_error(exc, spec, kwargs, where)
-    if isinstance(ds, datasets.DatasetDict):
+    if isinstance(ds, (datasets.DatasetDict, datasets.IterableDatasetDict)):
         raise TunelabError(f"'{where}' loads several splits ({', '.join(ds)}): choose one with `split:`")
-    if len(ds) == 0:
+    if first is None or (not streaming and len(ds) == 0):
         raise TunelabError(f"'{where}': dataset '{spec['path']}' (split {spec['split']}) is empty")
     return ds
 
@@ -383,7 +390,8 @@ SIGNATURE_MAX_BYTES = 512 * 2**20  # hash contents up to this much data; beyond 
 
 
 def signature(value: Any) -> str:
-    """What a `data:` value holds now, for run fingerprints: a hash of its local files' contents.
+    """What a `data:` value holds now, for run fingerprints: a hash of its local files' contents (of each
+    source's, for a mixture).
 
     Folders over SIGNATURE_MAX_BYTES are summarised by file sizes and modification times, so a
     pipeline over a large local corpus does not reread it on every `--resume`. Hub datasets are
@@ -391,6 +399,11 @@ def signature(value: Any) -> str:
     """
     import hashlib
 
+    if isinstance(value, dict) and "sources" in value:  # a mixture: each source's files
+        value = value["sources"]
+    if isinstance(value, list):
+        parts = [signature(source) for source in value]
+        return hashlib.sha256("/".join(parts).encode()).hexdigest()[:16] if any(parts) else ""
     spec = {"path": value} if isinstance(value, str) else value
     if not isinstance(spec, dict) or not isinstance(spec.get("path"), str):
         return ""
@@ -411,21 +424,10 @@ def signature(value: Any) -> str:
     for f in files:
         digest.update(f.name.encode() if f == root else str(f.relative_to(root)).encode())
         if total <= SIGNATURE_MAX_BYTES:
-            digest.update(f.read_bytes())
+            with f.open("rb") as stream:  # in blocks: a large file never sits in memory whole
+                for block in iter(lambda: stream.read(2**20), b""):
+                    digest.update(block)
         else:
             stat = f.stat()
             digest.update(f"{stat.st_size}:{stat.st_mtime_ns}".encode())
     return digest.hexdigest()[:16]
-
-
-def preference_splits(cfg: dict[str, Any], where: str) -> tuple[Any, Any]:
-    """(train, eval) preference pairs of a stage (`data:`, `eval_data:`), with their columns checked."""
-    if "data" not in cfg:
-        raise TunelabError(f"'{where}' has no `data:`: name preference pairs (chosen and rejected columns)")
-    train = load_split(cfg["data"], f"{where}.data", "train")
-    require_preferences(train, f"{where}.data")
-    evaluation = None
-    if cfg.get("eval_data") is not None:
-        evaluation = load_split(cfg["eval_data"], f"{where}.eval_data", "test")
-        require_preferences(evaluation, f"{where}.eval_data")
-    return train, evaluation

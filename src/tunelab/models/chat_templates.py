@@ -23,6 +23,7 @@ operation would build. A template over either bound is one line naming it, exit 
 
 from __future__ import annotations
 
+import contextlib
 import re
 import threading
 import time
@@ -91,14 +92,63 @@ def messages(prompt: Any, system: str | None = None, shots: list[tuple[str, str]
     return head + turns
 
 
+def template_turns(turns: list[Any]) -> list[Any]:
+    """Turns as chat templates read them: without the None members Arrow gives turns that lack a key (a
+    `tool_calls: None` on a user turn), content None as "", and tool calls' arguments as mappings
+    (transformers' convention; datasets stores them as JSON strings, as OpenAI does)."""
+    import json
+
+    out = []
+    for turn in turns:
+        if not isinstance(turn, dict):
+            out.append(turn)
+            continue
+        clean = {k: v for k, v in turn.items() if v is not None}
+        if "content" in turn and turn["content"] is None:
+            clean["content"] = ""
+        if isinstance(clean.get("content"), list):
+            clean["content"] = [
+                {k: v for k, v in part.items() if v is not None} if isinstance(part, dict) else part
+                for part in clean["content"]
+            ]
+        if clean.get("tool_calls"):
+            calls = []
+            for call in clean["tool_calls"]:
+                call = {k: v for k, v in call.items() if v is not None} if isinstance(call, dict) else call
+                function = call.get("function") if isinstance(call, dict) else None
+                if isinstance(function, dict) and isinstance(function.get("arguments"), str):
+                    with contextlib.suppress(ValueError):  # not JSON: the template gets the text
+                        call = {**call, "function": {**function, "arguments": json.loads(function["arguments"])}}
+                calls.append(call)
+            clean["tool_calls"] = calls
+        out.append(clean)
+    return out
+
+
+def row_tools(row: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """A row's tool schemas for the template (`tools` holds them as a JSON string, or as a list)."""
+    import json
+
+    tools = row.get("tools")
+    if isinstance(tools, str):
+        try:
+            tools = json.loads(tools)
+        except ValueError:
+            return None
+    return tools or None
+
+
 def render(tokenizer: Any, turns: list[dict[str, Any]], where: str, row: int | None = None, **kwargs: Any) -> str:
     """The template's text for `turns` (a generation prompt at the end unless told otherwise), rendered
-    within RENDER_SECONDS and RENDER_CHARS (see the module's docstring)."""
+    within RENDER_SECONDS and RENDER_CHARS (see the module's docstring). `tools=` (a list of schemas)
+    reaches templates that render tools."""
     kwargs.setdefault("add_generation_prompt", True)
+    if kwargs.get("tools") is None:
+        kwargs.pop("tools", None)
     at = f" on row {row}" if row is not None else ""
     try:
         with bounded(f"'{where}': the chat template", at):
-            text = tokenizer.apply_chat_template(turns, tokenize=False, **kwargs)
+            text = tokenizer.apply_chat_template(template_turns(turns), tokenize=False, **kwargs)
     except TunelabError:
         raise
     except Exception as exc:  # noqa: BLE001 - jinja raises TemplateError, TypeError, KeyError, ...
@@ -427,20 +477,23 @@ def check_conversation(turns: Any, where: str, row: int) -> None:
 
 
 def assistant_mask(
-    tokenizer: Any, turns: list[dict[str, Any]], where: str, row: int = 0
+    tokenizer: Any, turns: list[dict[str, Any]], where: str, row: int = 0, tools: list[dict] | None = None
 ) -> tuple[list[int], list[int]]:
     """(input_ids, mask) of a conversation: 1 on the tokens of the assistants' content and end-of-turn token.
+
+    An assistant's tool calls are its content too (the model learns to call); `tool` turns (the results)
+    are not. `tools` are the schemas the template renders (usually in the system turn).
 
     Works for any template that renders earlier turns the same whatever follows them (prefix
     preservation, which chat inference relies on too); one that does not is refused in one line.
     """
-    full = render(tokenizer, turns, where, row, add_generation_prompt=False)
+    full = render(tokenizer, turns, where, row, add_generation_prompt=False, tools=tools)
     spans = []
     for i, turn in enumerate(turns):
         if turn.get("role") != "assistant":
             continue
-        before = render(tokenizer, turns[:i], where, row) if i else ""
-        through = render(tokenizer, turns[: i + 1], where, row, add_generation_prompt=False)
+        before = render(tokenizer, turns[:i], where, row, tools=tools) if i else ""
+        through = render(tokenizer, turns[: i + 1], where, row, add_generation_prompt=False, tools=tools)
         if not (full.startswith(before) and full.startswith(through) and through.startswith(before)):
             raise TunelabError(
                 f"'{where}' row {row}: the chat template renders turn {i} differently once later turns follow "
@@ -454,14 +507,17 @@ def assistant_mask(
     return list(enc["input_ids"]), mask
 
 
-def tokenize_assistant_only(ds: Any, tokenizer: Any, where: str) -> Any:
-    """`messages` rows as `input_ids` + `assistant_masks`, the pre-tokenized form TRL's SFTTrainer takes as is."""
+def tokenize_assistant_only(ds: Any, tokenizer: Any, where: str, masked: bool = True) -> Any:
+    """`messages` rows (and their `tools`) as `input_ids` + `assistant_masks`, the pre-tokenized form TRL's
+    SFTTrainer takes as is. With `masked=False`, `input_ids` only: every token trains."""
 
     def encode(example: dict[str, Any], idx: int) -> dict[str, Any]:
-        ids, mask = assistant_mask(tokenizer, example["messages"], where, idx)
-        return {"input_ids": ids, "assistant_masks": mask}
+        ids, mask = assistant_mask(tokenizer, example["messages"], where, idx, row_tools(example))
+        return {"input_ids": ids, "assistant_masks": mask} if masked else {"input_ids": ids}
 
     out = ds.map(encode, with_indices=True, remove_columns=ds.column_names)
+    if not masked or not hasattr(out, "__len__"):  # a stream: its rows are encoded as training reads them
+        return out
     empty = next((i for i, m in enumerate(out["assistant_masks"]) if 1 not in m), None)
     if empty is not None:
         raise TunelabError(f"'{where}' row {empty} has no assistant turn: assistant_only_loss leaves nothing to learn")
@@ -471,16 +527,17 @@ def tokenize_assistant_only(ds: Any, tokenizer: Any, where: str) -> Any:
 def check_rows(ds: Any, tokenizer: Any, where: str, assistant_only: bool, rows: int = 2) -> None:
     """What run does to the first rows of chat data, minus the training: render them, derive their masks."""
     for i in range(min(rows, len(ds))):
-        turns = ds[i]["messages"]
+        example = ds[i]
+        turns, tools = example["messages"], row_tools(example)
         check_conversation(turns, where, i)
-        if assistant_only and not has_markers(tokenizer.chat_template):
-            _, mask = assistant_mask(tokenizer, turns, where, i)
+        if assistant_only and (tools or not has_markers(tokenizer.chat_template)):
+            _, mask = assistant_mask(tokenizer, turns, where, i, tools)
             if 1 not in mask:
                 raise TunelabError(
                     f"'{where}' row {i} has no assistant turn: assistant_only_loss leaves nothing to learn"
                 )
         else:
-            render(tokenizer, turns, where, i, add_generation_prompt=False)
+            render(tokenizer, turns, where, i, add_generation_prompt=False, tools=tools)
 
 
 def conversational(

@@ -9,6 +9,7 @@ A stage declares
   signals (progress lines, plots) and the ones summarised as first/last;
 - ``ranks``: ``"all"`` for stages that train on every process of a distributed run (the Trainer
   shards the data); others run on the main process while the rest wait;
+- ``streams``: whether it trains from streamed data (``streaming: true``; sft and pretrain);
 
 and implements
 
@@ -136,6 +137,9 @@ class Context:
     """Where each earlier stage's tokenizer comes from (see `models.tokenizer_origin`), for checks."""
     checking: bool = False
     """True during `validate`: earlier stages' outputs may not exist yet."""
+    data_reports: dict[str, Any] = field(default_factory=dict)
+    """What each stage's data held, by "STAGE.data" / "STAGE.eval_data": `tunelab.data.sources.DataReport`
+    (the format read per source, from which columns, its rows)."""
     resume: bool = False
 
     def resolve_ref(self, value: Any) -> Any:
@@ -178,6 +182,8 @@ class Stage:
     sections: ClassVar[dict[str, str]]
     """Every key the stage accepts, with one line each (validate's "did you mean" and `tunelab list`)."""
     metrics: ClassVar[Metrics] = Metrics()
+    streams: ClassVar[bool] = False
+    """Takes `streaming: true` data (an IterableDataset, read as it trains); others refuse it at validate."""
 
     def check(self, spec: StageSpec, ctx: Context) -> None:
         """Everything that can be verified without loading weights; raises `TunelabError`."""

@@ -29,7 +29,9 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from tunelab.core.errors import TunelabError
-from tunelab.data.datasets import load_split, preference_splits, require_columns
+from tunelab.data.datasets import require_columns, require_preferences
+from tunelab.data.mixtures import is_stream, preview, streams
+from tunelab.data.sources import load_data
 from tunelab.models.adapters import lora_config, trainable_quantization
 from tunelab.models.chat_templates import (
     chat_pairs,
@@ -137,6 +139,9 @@ class TrainerStage(Stage):
     """`training:` values tunelab sets unless the recipe does (each with its reason where declared)."""
     data_hint: ClassVar[str] = "name a dataset folder, file or hub id"
     """What `data:` should be, for the "has no `data:`" error."""
+    data_target: ClassVar[str] = "lm"
+    """The shape the stage's trainer reads (`tunelab.data.formats.TARGETS`): every source's format is
+    converted into it (`load_data`)."""
     chat_columns: ClassVar[tuple[str, ...]] = ("prompt",)
     """Columns that may hold chat turns (checked against the model's chat template at validate)."""
     model_hint: ClassVar[str | None] = None
@@ -175,11 +180,19 @@ class TrainerStage(Stage):
     # --- data -------------------------------------------------------------------------------------
     def data(self, spec: StageSpec, ctx: Context, s: Settings) -> tuple[Any, Any]:
         """(train, eval) datasets, their columns checked; eval is None without `eval_data:`."""
-        train = load_split(self.require_data(spec), f"{spec.where}.data", "train")
-        evaluation = None
-        if spec.cfg.get("eval_data") is not None:
-            evaluation = load_split(spec.cfg["eval_data"], f"{spec.where}.eval_data", "test")
+        train = self.load(spec, ctx, "data")
+        evaluation = self.load(spec, ctx, "eval_data") if spec.cfg.get("eval_data") is not None else None
         return train, evaluation
+
+    def load(self, spec: StageSpec, ctx: Context, key: str = "data", own: tuple[str, ...] = ()) -> Any:
+        """`data:` (default split train) or `eval_data:` (test) in the stage's shape (`data_target`), through
+        `load_data`: formats detected and converted; what was read is kept in `ctx.data_reports`. `own`: the
+        stage's columns under names the recipe chose (taken as they are)."""
+        value = self.require_data(spec) if key == "data" else spec.cfg[key]
+        split = "train" if key == "data" else "test"
+        ds, report = load_data(value, f"{spec.where}.{key}", split, self.data_target, seed=ctx.seed, own=own)
+        ctx.data_reports[f"{spec.name}.{key}"] = report
+        return ds
 
     def require_data(self, spec: StageSpec) -> Any:
         if "data" not in spec.cfg:
@@ -196,11 +209,21 @@ class TrainerStage(Stage):
         with LoRA applied (and 4-bit CPU shapes), the data through the same loader, the chat template."""
         s = self.settings(spec, ctx)
         check_training(s.args, spec)
+        self.check_stream(spec, s)
         self.check_model(spec, ctx, s)
         train, evaluation = self.data(spec, ctx, s)
+        train, evaluation = preview(train), preview(evaluation)  # a stream's first rows
         check_chat_data(train, s.chat_columns, spec, ctx)
         self.check_template(spec, s, train)
         self.check_more(spec, ctx, s, train, evaluation)
+
+    def check_stream(self, spec: StageSpec, s: Settings) -> None:
+        """A stream has no length, so the Trainer cannot count epochs over it: `max_steps` must say when to stop."""
+        if spec.cfg.get("data") is not None and streams(spec.cfg["data"]) and s.args.max_steps <= 0:
+            raise TunelabError(
+                f"'{spec.where}.data' streams (streaming: true), and a stream has no length to count epochs "
+                f"over: set '{spec.where}.training.max_steps' (the optimizer steps to train)"
+            )
 
     def check_model(self, spec: StageSpec, ctx: Context, s: Settings) -> None:
         """The model from its config alone (no weights): it builds, the LoRA applies, 4-bit shapes fit."""
@@ -225,10 +248,15 @@ class TrainerStage(Stage):
     # --- running ----------------------------------------------------------------------------------
     def run(self, spec: StageSpec, ctx: Context) -> StageResult:
         s = self.settings(spec, ctx)
+        self.check_stream(spec, s)
         train, evaluation = self.data(spec, ctx, s)
-        self.check_more(spec, ctx, s, train, evaluation)
+        self.check_more(spec, ctx, s, preview(train), preview(evaluation))
         tokenizer = self.tokenizer(spec, ctx, s, train)
         train, evaluation = self.prepare(spec, ctx, s, tokenizer, train, evaluation)
+        if is_stream(train):
+            # A stream read to its end starts again within the one "epoch" of max_steps the Trainer counts
+            # over a stream: a checkpoint's step is then a position in it, which --resume skips to exactly.
+            train = train.repeat(None)
         model = self.model(spec, ctx, s, tokenizer, train)
         trainer = self.build(spec, ctx, s, self.trainer_kwargs(spec, ctx, s, model, tokenizer, train, evaluation))
         metrics = self.before(spec, ctx, s, trainer, tokenizer, evaluation)
@@ -317,8 +345,17 @@ class PreferenceStage(TrainerStage):
     reference: ClassVar[bool] = False
     """The trainer takes `ref_model`: a frozen copy of the start (with LoRA: the adapter switched off)."""
 
+    data_target = "preference"
+
     def data(self, spec: StageSpec, ctx: Context, s: Settings) -> tuple[Any, Any]:
-        return preference_splits(spec.cfg, spec.where)
+        """(train, eval) preference pairs (`data:`, `eval_data:`), their columns checked."""
+        train = self.load(spec, ctx, "data")
+        require_preferences(train, f"{spec.where}.data")
+        evaluation = None
+        if spec.cfg.get("eval_data") is not None:
+            evaluation = self.load(spec, ctx, "eval_data")
+            require_preferences(evaluation, f"{spec.where}.eval_data")
+        return train, evaluation
 
     def prepare(self, spec: StageSpec, ctx: Context, s: Settings, tokenizer: Any, train: Any, evaluation: Any):
         return chat_pairs(spec.cfg, spec.where, tokenizer, train, evaluation)
@@ -349,13 +386,14 @@ class OnlineStage(TrainerStage):
     """
 
     data_hint = "name a dataset with a `prompt` column"
+    data_target = "prompt"
     completions = True
     metrics = Metrics(
         summary=("train_loss", "first_reward", "last_reward"), progress=ONLINE_PROGRESS, trend={"reward": "reward"}
     )
 
     def data(self, spec: StageSpec, ctx: Context, s: Settings) -> tuple[Any, Any]:
-        ds = load_split(self.require_data(spec), f"{spec.where}.data", "train")
+        ds = self.load(spec, ctx, "data")
         require_columns(
             ds, ["prompt"], f"{spec.where}.data", "prompts, which the trainer reads from 'prompt'", "turns", empty=False
         )

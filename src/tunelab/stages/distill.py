@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tunelab.core.errors import TunelabError
-from tunelab.data.datasets import load_split, require_columns
+from tunelab.data.datasets import require_columns
 from tunelab.models.chat_templates import conversational
 from tunelab.models.loading import load_causal_lm
 from tunelab.models.preflight import check_language_model
@@ -38,6 +38,7 @@ class Distill(TrainerStage):
     config_class = "trl:DistillationConfig"
     trainer_class = "trl:DistillationTrainer"
     data_hint = "name a dataset with a `prompt` column (the student answers the prompts)"
+    data_target = "prompt"
     completions = True  # the student learns on its own sampled answers
     model_hint = "the student: a model smaller than the teacher, with its vocabulary (usually an SFT model)"
     metrics = Metrics(summary=TRAINING, progress={"entropy": "entropy", "completions/mean_length": "length"})
@@ -67,12 +68,11 @@ class Distill(TrainerStage):
 
     def data(self, spec: StageSpec, ctx: Context, s: Settings) -> tuple[Any, Any]:
         out = []
-        for key, split in (("data", "train"), ("eval_data", "test")):
+        for key in ("data", "eval_data"):
             if key == "eval_data" and spec.cfg.get(key) is None:
                 out.append(None)
                 continue
-            value = self.require_data(spec) if key == "data" else spec.cfg[key]
-            ds = load_split(value, f"{spec.where}.{key}", split)
+            ds = self.load(spec, ctx, key)
             require_columns(
                 ds, ["prompt"], f"{spec.where}.{key}", "prompts for the student to answer", "turns", empty=False
             )

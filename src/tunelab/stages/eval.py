@@ -32,7 +32,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from tunelab.core.errors import TunelabError, unknown_key
-from tunelab.data.datasets import fingerprint, load_split, require_columns
+from tunelab.data.datasets import fingerprint, require_columns
+from tunelab.data.sources import FORMAT_KEYS, load_data
 from tunelab.diffusion.pipelines import load_pipeline, write_images
 from tunelab.evaluation import image_eval
 from tunelab.evaluation.answers import answer, matches
@@ -131,9 +132,10 @@ def prompting(spec: StageSpec, ctx: Context, prompt_col: str, ref_col: str, choi
             if key not in FEWSHOT_KEYS:
                 raise unknown_key(where, key, FEWSHOT_KEYS, "keys of fewshot")
         base = cfg["data"]
-        source = fewshot.get("data", {"path": base if isinstance(base, str) else base["path"], "split": "train"})
-        shots_ds = load_split(source, f"{where}.data", "train")
+        same = {"path": base} if isinstance(base, str) else {k: base[k] for k in ("path", *FORMAT_KEYS) if k in base}
+        source = fewshot.get("data", {**same, "split": "train"})  # the data's own format, columns and roles
         columns = [prompt_col, ref_col, *([choices_col] if choices_col else [])]
+        shots_ds, _ = load_data(source, f"{where}.data", "train", "eval", seed=ctx.seed, own=tuple(columns))
         require_columns(shots_ds, columns, f"{where}.data", "examples to show")
         k = fewshot["k"]
         if len(shots_ds) < k:
@@ -243,10 +245,21 @@ class TextMode(ModelsStage):
         return plan_generation(spec.name, config, s.batch_size, self.plan_tokens(spec, s), quant, dtype)
 
 
-def load_rows(spec: StageSpec, s: TextSettings, what: str) -> Any:
+def eval_rows(spec: StageSpec, ctx: Context | None, own: tuple[str, ...]) -> Any:
+    """`data:` as the text modes read it: a prompt and its reference answer per row (`load_data`, target
+    "eval": chats and Alpaca rows become one question and its answer); data holding the columns the stage
+    names (`own`) is read as it is."""
     if "data" not in spec.cfg:
         raise TunelabError(f"'{spec.where}' has no `data:`: name the dataset (and split) to evaluate on")
-    ds = load_split(spec.cfg["data"], f"{spec.where}.data", "test")
+    seed = ctx.seed if ctx is not None else 0
+    ds, report = load_data(spec.cfg["data"], f"{spec.where}.data", "test", "eval", seed=seed, own=own)
+    if ctx is not None:
+        ctx.data_reports[f"{spec.name}.data"] = report
+    return ds
+
+
+def load_rows(spec: StageSpec, s: TextSettings, what: str, ctx: Context | None = None, *extra: str) -> Any:
+    ds = eval_rows(spec, ctx, (s.prompt, s.reference, *extra))
     require_columns(ds, [s.prompt], f"{spec.where}.data", "prompts to answer; set prompt_column")
     require_columns(ds, [s.reference], f"{spec.where}.data", f"{what}; set reference_column")
     return ds
@@ -321,7 +334,7 @@ class GenerationEval(TextMode):
         )
 
     def data(self, spec: StageSpec, ctx: Context, s: GenerationSettings, running: bool) -> Answers:
-        ds = load_rows(spec, s, "reference answers")
+        ds = load_rows(spec, s, "reference answers", ctx)
         rows = Answers(ds, [str(p) for p in ds[s.prompt]], [str(r).strip() for r in ds[s.reference]])
         if running and s.reward_model is not None:
             rows.reward = load_sequence_classifier(s.reward_model), load_tokenizer(s.reward_model["path"])
@@ -439,19 +452,19 @@ class ChoiceEval(TextMode):
             return spec.cfg["choices_column"]
         if "data" not in spec.cfg:
             return None
-        ds = load_split(spec.cfg["data"], f"{spec.where}.data", "test")
+        ds = eval_rows(spec, None, ("prompt", "choices"))
         return "choices" if "choices" in ds.column_names else None
 
     def settings(self, spec: StageSpec, ctx: Context) -> ChoiceSettings:
         column = self.column(spec)
         reference = spec.cfg.get("reference_column")
         if reference is None:
-            ds = load_split(spec.cfg["data"], f"{spec.where}.data", "test")
+            ds = eval_rows(spec, None, (spec.cfg.get("prompt_column", "prompt"), column))
             reference = "label" if "label" in ds.column_names else "completion"
         return ChoiceSettings(**vars(text_settings(spec, ctx, reference, column)), choices=column)
 
     def data(self, spec: StageSpec, ctx: Context, s: ChoiceSettings, running: bool) -> Questions:
-        ds = load_rows(spec, s, "reference answers")
+        ds = load_rows(spec, s, "reference answers", ctx, s.choices)
         require_columns(ds, [s.choices], f"{spec.where}.data", "answer choices; set choices_column")
         check_choices(ds, s.choices, s.reference, f"{spec.where}.data")
         choices = [list(c) for c in ds[s.choices]]

@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 from tunelab.core.errors import TunelabError
-from tunelab.data.datasets import load_split, require_preferences, require_values
+from tunelab.data.datasets import require_preferences, require_values
 from tunelab.models.chat_templates import conversational
 from tunelab.stages import TRAINING, Context, Metrics, StageSpec
 from tunelab.stages.base import PREFERENCE_PROGRESS, PreferenceStage, Settings, sections
@@ -60,6 +60,7 @@ class KTO(PreferenceStage):
     reference = True
     chat_columns = ("prompt", "completion", "chosen", "rejected")
     data_hint = "name prompt/completion/label rows, or preference pairs (chosen and rejected columns)"
+    data_target = "kto"
     metrics = Metrics(summary=(*TRAINING, "eval_rewards/margins"), progress={**PREFERENCE_PROGRESS, "kl": "kl"})
     eval_keys = ("eval_loss", "eval_rewards/chosen", "eval_rewards/rejected", "eval_rewards/margins", "eval_kl")
     sections = sections(
@@ -73,11 +74,11 @@ class KTO(PreferenceStage):
     )
 
     def data(self, spec: StageSpec, ctx: Context, s: Settings) -> tuple[Any, Any]:
-        train = load_split(self.require_data(spec), f"{spec.where}.data", "train")
+        train = self.load(spec, ctx, "data")
         _check_rows(train, f"{spec.where}.data")
         evaluation = None
         if spec.cfg.get("eval_data") is not None:
-            evaluation = load_split(spec.cfg["eval_data"], f"{spec.where}.eval_data", "test")
+            evaluation = self.load(spec, ctx, "eval_data")
             _check_rows(evaluation, f"{spec.where}.eval_data")
         return train, evaluation
 

@@ -1,31 +1,37 @@
-"""RLHF's third step: optimise the policy against a reward model with PPO (`trl.experimental.ppo`,
-TRL 1.12; pinned until tunelab owns its PPO).
+"""RLHF's third step: optimise the policy against a reward model with PPO, in tunelab's own trainer
+(`tunelab.training.ppo.PPOTrainer`; TRL removed its PPO in 1.13).
 
 The policy starts from `model` (usually `${sft}`; an adapter is merged first); the reference is a
 frozen copy of it (with `lora:`, the policy with its adapter switched off); `reward_model` is a
 reward stage's classifier (`${reward}`); the value model starts from `value_model`, by default
 the reward model. Prompts come from `data` (`prompt_column`), tokenized and left-padded for
-generation. `training` is TRL's `PPOConfig`; tunelab sets `stop_token: eos` unless the recipe
-says otherwise, so responses end where the policy stops, as the reward model was trained, and
-`num_sample_generations: 0` (TRL prints ten tables of samples otherwise).
+generation. `training` is `tunelab.training.ppo_config.PPOConfig`: TRL 1.12's `PPOConfig` fields,
+names and meanings (recipes written for it run unchanged); tunelab sets `stop_token: eos` unless the
+recipe says otherwise, so responses end where the policy stops, as the reward model was trained.
+
+The trainer is PPO as the "N implementation details of RLHF with PPO" describe it, step for step what
+TRL 1.12's loop computed (tests/test_ppo_parity.py replays a trajectory recorded with TRL 1.12: the
+same logs and weights, bit for bit on the CPU that recorded it). Its checkpoints hold the value model
+too, its prompt order is fixed by the seed, so `--resume` continues from the newest checkpoint exactly; it runs on every
+process of `tunelab launch` (each rank answers its slice of every rollout batch, with its own sampling
+seed). Settings it does not take are one line at validate: TRL's sample tables, several adapters,
+DeepSpeed/FSDP, `max_steps` (PPO's length is `total_episodes`), evaluation during training, and the
+sizes TRL computed.
 
 Every step logs the reward-model score, KL to the reference, entropy and value loss (also in
 `log_history.json`, plotted in report.md). A NaN/inf loss or score, or KL past `kl_limit`, stops
 the run with one line naming the step and the last good checkpoint.
-
-The loop is `tunelab.training.ppo_trainer.ResumablePPOTrainer`: TRL's algorithm with checkpoints that
-hold the value model too, a prompt order fixed by the seed, and `--resume` that continues from the
-newest checkpoint; it runs on every process of `tunelab launch` (each rank answers its slice of
-every rollout batch, with its own sampling seed).
 """
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from tunelab.core.errors import TunelabError
-from tunelab.data.datasets import load_split, require_columns
+from tunelab.data.datasets import require_columns
 from tunelab.models.chat_templates import conversational
 from tunelab.models.loading import load_causal_lm
 from tunelab.models.plan import model_structure, optimizer_bytes, policy_plan
@@ -37,8 +43,39 @@ from tunelab.stages import Context, Metrics, StageSpec
 from tunelab.stages.base import Settings, TrainerStage, sections
 from tunelab.training.distributed import world
 
-# PPOConfig fields used by TRL's example script, not by the trainer: the recipe names these models.
-NOT_TRAINER_KEYS = ("sft_model_path", "reward_model_path")
+COMPUTED = "is computed by the trainer from per_device_train_batch_size, gradient_accumulation_steps, " + (
+    "num_mini_batches and the number of processes: remove it"
+)
+ONE_ADAPTER = "names one of several adapters; the ppo stage trains one (`lora:`) and its reference is the policy "
+ONE_ADAPTER += "with it switched off: remove it"
+NOT_DDP = "tunelab's PPO runs on one process or several under DDP (`tunelab launch --num-processes N`): remove it"
+# PPOConfig fields (TRL 1.12's) that tunelab's trainer does not take: (the values it accepts, why and what to do).
+NOT_TAKEN: dict[str, tuple[tuple[Any, ...], str]] = {
+    "sft_model_path": ((), "is not used by the trainer: set the stage's `model:`/`reward_model:`"),
+    "reward_model_path": ((), "is not used by the trainer: set the stage's `model:`/`reward_model:`"),
+    "model_adapter_name": ((None,), ONE_ADAPTER),
+    "ref_adapter_name": ((None,), ONE_ADAPTER),
+    "dataset_num_proc": ((None,), "is not used: the stage tokenizes the prompts itself; remove it"),
+    "num_sample_generations": (
+        (0,),
+        "asks for tables of sample completions, which tunelab's PPO does not print (an eval stage after it "
+        "scores the policy's answers): remove it",
+    ),
+    "ds3_gather_for_generation": ((True,), "applies to DeepSpeed ZeRO-3 only; " + NOT_DDP),
+    "deepspeed": ((None,), NOT_DDP),
+    "fsdp": ((None, False, "", []), NOT_DDP),
+    "max_steps": (
+        (-1,),
+        "is not PPO's length: set total_episodes (prompts answered; updates = total_episodes / batch)",
+    ),
+    "eval_strategy": (
+        ("no", False),  # YAML reads `no` as False
+        "asks for evaluation during training, which PPO does not run: remove it and add an eval stage after it",
+    ),
+    "use_liger_kernel": ((False,), "is not used by tunelab's PPO (it computes its own log-probabilities): remove it"),
+    **{key: ((None,), COMPUTED) for key in ("world_size", "num_total_batches", "micro_batch_size", "local_batch_size")},
+    **{key: ((None,), COMPUTED) for key in ("batch_size", "local_mini_batch_size", "mini_batch_size")},
+}
 SIGNALS = {
     "objective/scores": "score",
     "objective/kl": "kl",
@@ -70,6 +107,19 @@ def _check_batches(spec: StageSpec, args: Any, n: int) -> None:
             f"'{where}': per_device_train_batch_size x gradient_accumulation_steps = {local} is not a multiple "
             f"of num_mini_batches={args.num_mini_batches}"
         )
+    if args.whiten_rewards and local // args.num_mini_batches < 8:
+        raise TunelabError(
+            f"'{where}.whiten_rewards' needs mini-batches of 8 or more rows per process, not "
+            f"{local // args.num_mini_batches}: raise per_device_train_batch_size x gradient_accumulation_steps "
+            "or lower num_mini_batches"
+        )
+    accelerate = {k: os.environ.get(f"ACCELERATE_USE_{k}", "").lower() in ("1", "true") for k in ("DEEPSPEED", "FSDP")}
+    if any(accelerate.values()):
+        kind = "DeepSpeed" if accelerate["DEEPSPEED"] else "FSDP"
+        raise TunelabError(
+            f"'{spec.where}' is launched with {kind}, which tunelab's PPO does not run under (each rank generates "
+            "with the whole policy): launch it with --num-processes N and no --config-file (DDP)"
+        )
     batch = local * size
     if n < batch:
         on = f" x {size} processes" if size > 1 else ""
@@ -80,12 +130,13 @@ def _check_batches(spec: StageSpec, args: Any, n: int) -> None:
 
 
 def _tokenized(ds, column: str, tokenizer):
-    """Prompts as `input_ids` only, which is what PPOTrainer's collator pads."""
+    """Prompts as `input_ids` only, which is what the trainer's collator pads."""
 
     def encode(row):
         prompt = row[column]
         if isinstance(prompt, list):  # chat messages
-            return {"input_ids": tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)}
+            ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)
+            return {"input_ids": ids["input_ids"] if isinstance(ids, Mapping) else ids}  # transformers 5: a dict
         return {"input_ids": tokenizer(prompt, add_special_tokens=False)["input_ids"]}
 
     return ds.map(encode, remove_columns=ds.column_names)
@@ -103,13 +154,13 @@ class PPOSettings(Settings):
 
 
 class PPO(TrainerStage):
-    config_class = "trl.experimental.ppo:PPOConfig"
-    trainer_class = "tunelab.training.ppo_trainer:ResumablePPOTrainer"
+    config_class = "tunelab.training.ppo_config:PPOConfig"
+    trainer_class = "tunelab.training.ppo:PPOTrainer"
     ranks = "all"  # every process rolls out and trains on its slice of each batch
-    # Responses end at EOS, as the reward model saw them; TRL's 10 sample tables per run would flood the console.
-    defaults = {"stop_token": "eos", "num_sample_generations": 0}
+    defaults = {"stop_token": "eos"}  # responses end at EOS, as the reward model saw them
     model_hint = "the policy to optimise (usually ${sft})"
     data_hint = "name a dataset of prompts for the policy to answer"
+    data_target = "prompt"
     kl_keys = ("objective/kl",)
     metrics = Metrics(
         summary=("first_score", "last_score", "last_kl"),
@@ -124,8 +175,8 @@ class PPO(TrainerStage):
             "value_model": "where the value model starts (default: the reward model)",
             "data": "prompts: datasets.load_dataset arguments",
             "prompt_column": "column holding the prompts (default: prompt); plain text or chat messages",
-            "training": "trl.experimental.ppo.PPOConfig fields (learning_rate, total_episodes, kl_coef, "
-            "response_length, ...)",
+            "training": "tunelab.training.ppo_config.PPOConfig fields, TRL 1.12's PPOConfig names (learning_rate, "
+            "total_episodes, kl_coef, response_length, ...)",
             "lora": "peft.LoraConfig fields: train a LoRA policy (the reference is the policy without its adapter)",
             "kl_limit": "stop when the KL to the reference passes this value (objective/kl); NaN always stops",
         },
@@ -134,12 +185,17 @@ class PPO(TrainerStage):
 
     def training_values(self, spec: StageSpec, ctx: Context) -> dict[str, Any]:
         values = super().training_values(spec, ctx)
-        for key in NOT_TRAINER_KEYS:
-            if key in values:
-                raise TunelabError(
-                    f"'{spec.where}.training.{key}' is not used by the trainer: set the stage's "
-                    "`model:`/`reward_model:`"
-                )
+        for key, (accepted, why) in NOT_TAKEN.items():
+            if key in values and values[key] not in accepted:
+                raise TunelabError(f"'{spec.where}.training.{key}' {why}")
+        own = spec.cfg.get("training") or {}
+        if own.get("stop_token_id") is not None and "stop_token" not in own:
+            values.pop("stop_token")  # the recipe's stop token replaces tunelab's default (EOS)
+        if values.get("stop_token") is not None and values.get("stop_token_id") is not None:
+            raise TunelabError(
+                f"'{spec.where}.training' sets both stop_token and stop_token_id: keep one "
+                "(stop_token: eos ends responses at the tokenizer's EOS)"
+            )
         return values
 
     def settings(self, spec: StageSpec, ctx: Context) -> PPOSettings:
@@ -161,8 +217,8 @@ class PPO(TrainerStage):
         return PPOSettings(**vars(common), reward_model=reward, value_model=value, prompt_column=column)
 
     def data(self, spec: StageSpec, ctx: Context, s: PPOSettings) -> tuple[Any, Any]:
-        ds = load_split(self.require_data(spec), f"{spec.where}.data", "train")
         column = s.prompt_column
+        ds = self.load(spec, ctx, "data", (column,) if column != "prompt" else ())
         require_columns(ds, [column], f"{spec.where}.data", "prompts; set prompt_column", "turns", empty=False)
         return ds, None
 
@@ -190,7 +246,6 @@ class PPO(TrainerStage):
             "reward_model": load_sequence_classifier(s.reward_model, num_labels=1),
             "value_model": load_sequence_classifier(s.value_model, num_labels=1),
             "train_dataset": train,
-            "eval_dataset": train.select(range(min(len(train), s.args.per_device_eval_batch_size))),
             "peft_config": s.lora,
         }
 

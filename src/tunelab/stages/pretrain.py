@@ -20,13 +20,16 @@ from tunelab.core.config import build, check_keys
 from tunelab.core.errors import TunelabError
 from tunelab.core.hub import resolve_model
 from tunelab.core.refs import ref_name
-from tunelab.data.datasets import load_split, require_columns
+from tunelab.data.datasets import require_columns
+from tunelab.data.mixtures import is_stream, preview
 from tunelab.models.plan import plan_training
 from tunelab.models.tokenizers import BpeTrainerArgs, load_tokenizer, tokenizer_origin, train_tokenizer
 from tunelab.stages import TRAINING, Context, Metrics, StageSpec
 from tunelab.stages.base import Settings, TrainerStage
 
 PACKING_DEFAULTS = {"packing": True, "packing_strategy": "wrapped"}
+STREAM_TOKENIZER_ROWS = 100_000
+"""Rows of a streamed corpus the BPE tokenizer is trained on (bounded: the stream may be any size)."""
 
 
 def _config(spec: StageSpec, overrides: dict[str, Any] | None = None):
@@ -78,9 +81,11 @@ def _tokenizer_source(spec: StageSpec, ctx: Context) -> dict[str, Any]:
 class Pretrain(TrainerStage):
     config_class = "trl:SFTConfig"
     trainer_class = "trl:SFTTrainer"
+    streams = True  # packs and tokenizes an IterableDataset as it reads it; the BPE learns from its first rows
     defaults = PACKING_DEFAULTS  # pre-training packs its corpus, as it usually is
     chat_columns = ()
     data_hint = "name a text corpus (folder, file or hub id)"
+    data_target = "text"
     eval_keys = ("eval_loss",)
     metrics = Metrics(summary=(*TRAINING, "perplexity", "params"))
     sections = {
@@ -107,12 +112,13 @@ class Pretrain(TrainerStage):
 
     def data(self, spec: StageSpec, ctx: Context, s: Settings) -> tuple[Any, Any]:
         text_field = s.args.dataset_text_field
-        train = load_split(self.require_data(spec), f"{spec.where}.data", "train")
-        require_columns(train, [text_field], f"{spec.where}.data", "text to pre-train on")
+        own = (text_field,) if text_field != "text" else ()  # a custom text column: read as it is
+        train = self.load(spec, ctx, "data", own)
+        require_columns(preview(train), [text_field], f"{spec.where}.data", "text to pre-train on")
         evaluation = None
         if spec.cfg.get("eval_data") is not None:
-            evaluation = load_split(spec.cfg["eval_data"], f"{spec.where}.eval_data", "test")
-            require_columns(evaluation, [text_field], f"{spec.where}.eval_data", "held-out text")
+            evaluation = self.load(spec, ctx, "eval_data", own)
+            require_columns(preview(evaluation), [text_field], f"{spec.where}.eval_data", "held-out text")
         return train, evaluation
 
     def check_more(self, spec: StageSpec, ctx: Context, s: PretrainSettings, train: Any, evaluation: Any) -> None:
@@ -128,7 +134,11 @@ class Pretrain(TrainerStage):
         """The reused tokenizer, or a byte-level BPE trained on the corpus."""
         if s.reuse is not None:
             return load_tokenizer(s.reuse)
-        texts = (t for t in train[s.args.dataset_text_field] if t)
+        column = s.args.dataset_text_field
+        if is_stream(train):  # a stream is not read whole for the vocabulary: its first rows teach it
+            texts = (row[column] for row in train.take(STREAM_TOKENIZER_ROWS) if row[column])
+        else:
+            texts = (t for t in train[column] if t)
         return train_tokenizer(texts, s.bpe, f"{spec.where}.tokenizer")
 
     def model(self, spec: StageSpec, ctx: Context, s: Settings, tokenizer: Any, train: Any) -> Any:

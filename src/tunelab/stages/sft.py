@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from tunelab.core.errors import TunelabError
-from tunelab.data.datasets import load_split
+from tunelab.data.formats import tool_chat
+from tunelab.data.mixtures import is_stream, preview
 from tunelab.models.chat_templates import check_rows, has_markers, tokenize_assistant_only, use_template
 from tunelab.models.plan import plan_training
 from tunelab.models.spec import model_config, model_spec
@@ -73,6 +74,8 @@ class SFTSettings(Settings):
 
     assistant_only: bool
     """`training.assistant_only_loss` as the recipe sets it (TRL's own flag is off when tunelab masks)."""
+    assistant_only_set: bool
+    """The recipe sets `assistant_only_loss` (tool chats default to loss on the assistant's turns only)."""
     masks: bool
     """tunelab derives the assistant masks and hands TRL tokenized rows: the chat template has no
     `{% generation %}` markers, which TRL needs to mask chats itself."""
@@ -101,13 +104,20 @@ def _chat_tokenizer(spec: StageSpec, s: SFTSettings, train_ds: Any, tokenizer: A
             "template: use a chat model, set `chat_template:` (a Jinja template, or `tunelab`), or use "
             "prompt/completion data"
         )
-    check_rows(train_ds, tokenizer, f"{spec.where}.data", s.assistant_only)
+    check_rows(train_ds, tokenizer, f"{spec.where}.data", _assistant_only(s, train_ds))
     return True
+
+
+def _assistant_only(s: SFTSettings, ds: Any) -> bool:
+    """Loss on the assistant's turns only: as the recipe sets it; for tool chats, on unless the recipe says
+    otherwise (a tool's results are its words, not the model's to learn)."""
+    return s.assistant_only or (not s.assistant_only_set and tool_chat(ds))
 
 
 class SFT(TrainerStage):
     config_class = "trl:SFTConfig"
     trainer_class = "trl:SFTTrainer"
+    streams = True  # SFTTrainer tokenizes an IterableDataset as it reads it
     chat_columns = ()  # sft checks its chat data itself (`_chat_tokenizer`), masks included
     data_hint = "name a dataset folder, file or hub id"
     metrics = Metrics(summary=(*TRAINING, "trainable_params"), progress={"mean_token_accuracy": "tok_acc"})
@@ -144,20 +154,23 @@ class SFT(TrainerStage):
             masks = use_template(tokenizer, common.chat) and not has_markers(tokenizer.chat_template)
         if masks:
             common.args.assistant_only_loss = False  # the masks are in the rows; TRL builds labels from them
-        return SFTSettings(**vars(common), assistant_only=assistant_only, masks=masks)
+        given = "assistant_only_loss" in (spec.cfg.get("training") or {})
+        return SFTSettings(**vars(common), assistant_only=assistant_only, assistant_only_set=given, masks=masks)
 
     def data(self, spec: StageSpec, ctx: Context, s: Settings) -> tuple[Any, Any]:
         text_field = s.args.dataset_text_field
-        train = load_split(self.require_data(spec), f"{spec.where}.data", "train")
-        if "images" in train.column_names or "image" in train.column_names:  # TRL would fail after the model loads
+        own = (text_field,) if text_field != "text" else ()  # a custom text column: read as it is
+        train = self.load(spec, ctx, "data", own)
+        shown = preview(train)  # a stream's first rows
+        if "images" in shown.column_names or "image" in shown.column_names:  # TRL would fail after the model loads
             raise TunelabError(
                 f"'{spec.where}.data' holds images: train image+text models with the `vlm_sft` stage (sft is text-only)"
             )
-        data_format(train, text_field, f"{spec.where}.data")
+        data_format(shown, text_field, f"{spec.where}.data")
         evaluation = None
         if spec.cfg.get("eval_data") is not None:
-            evaluation = load_split(spec.cfg["eval_data"], f"{spec.where}.eval_data", "test")
-            data_format(evaluation, text_field, f"{spec.where}.eval_data")
+            evaluation = self.load(spec, ctx, "eval_data", own)
+            data_format(preview(evaluation), text_field, f"{spec.where}.eval_data")
         return train, evaluation
 
     def check_more(self, spec: StageSpec, ctx: Context, s: SFTSettings, train: Any, evaluation: Any) -> None:
@@ -168,15 +181,19 @@ class SFT(TrainerStage):
             _chat_tokenizer(spec, s, train, load_tokenizer(s.model.get("gguf_file", s.model["path"])))
 
     def prepare(self, spec: StageSpec, ctx: Context, s: SFTSettings, tokenizer: Any, train: Any, evaluation: Any):
-        chat = _chat_tokenizer(spec, s, train, tokenizer)
-        if chat and s.masks:  # TRL needs {% generation %} markers; the masks are derived here instead
-            train = tokenize_assistant_only(train, tokenizer, f"{spec.where}.data")
+        chat = _chat_tokenizer(spec, s, preview(train), tokenizer)
+        tools = chat and tool_chat(train)
+        # TRL needs {% generation %} markers to mask; tunelab derives the masks instead. Tool chats are always
+        # tokenized here: their turns reach the template cleaned (`template_turns`) and with their `tools`.
+        if chat and (s.masks or tools):
+            masked = _assistant_only(s, train)
+            train = tokenize_assistant_only(train, tokenizer, f"{spec.where}.data", masked)
             if evaluation is not None:
-                evaluation = tokenize_assistant_only(evaluation, tokenizer, f"{spec.where}.eval_data")
+                evaluation = tokenize_assistant_only(evaluation, tokenizer, f"{spec.where}.eval_data", masked)
         return train, evaluation
 
     def before(self, spec, ctx, s, trainer, tokenizer, evaluation) -> dict[str, Any]:
-        if len(trainer.train_dataset) == 0:
+        if not is_stream(trainer.train_dataset) and len(trainer.train_dataset) == 0:
             raise TunelabError(
                 f"'{spec.where}.data': no example has a trainable token left after truncation to "
                 f"max_length={s.args.max_length}: raise training.max_length"

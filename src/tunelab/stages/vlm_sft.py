@@ -33,7 +33,6 @@ from typing import Any
 
 from tunelab.core.errors import TunelabError
 from tunelab.core.refs import REF
-from tunelab.data.datasets import load_split
 from tunelab.models.loading import prepare_kbit
 from tunelab.models.spec import model_config, model_spec
 from tunelab.stages import TRAINING, Context, Metrics, StageSpec
@@ -70,6 +69,7 @@ class VlmSft(TrainerStage):
     trainer_class = "trl:SFTTrainer"
     chat_columns = ()  # the processor's template is checked on the rows themselves (`check_rows`, the collator)
     data_hint = "name a dataset with `images` and `messages`"
+    data_target = "vision"
     metrics = Metrics(summary=(*TRAINING, "trainable_params"), progress={"mean_token_accuracy": "tok_acc"})
     sections = SECTIONS
 
@@ -103,12 +103,12 @@ class VlmSft(TrainerStage):
         """(train, eval): rows with `images` (loaded) and `messages`."""
         self.require_data(spec)
         out = []
-        for key, split in (("data", "train"), ("eval_data", "test")):
+        for key in ("data", "eval_data"):
             if spec.cfg.get(key) is None:
                 out.append(None)
                 continue
             where = f"{spec.where}.{key}"
-            ds = load_split(spec.cfg[key], where, split)
+            ds = self.load(spec, ctx, key)
             if not has_images(ds):
                 raise TunelabError(
                     f"'{where}' has no `images` column (columns: {', '.join(ds.column_names)}), but the model is an "

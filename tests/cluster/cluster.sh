@@ -40,17 +40,19 @@ ours() {
     local dir=${1:-/tmp/$PREFIX}  # a folder, or every folder of ours
     for n in "${NODES[@]}"; do ip netns pids "tl-$n" 2>/dev/null || true; done
     for p in /proc/[0-9]*; do
-        local pid=${p#/proc/}
+        local pid=${p#/proc/} comm
         [ "$pid" = "$$" ] && continue
-        case "$(cat "$p/comm" 2>/dev/null)" in
+        comm=$(cat "$p/comm" 2>/dev/null) || continue  # gone meanwhile
+        case "$comm" in
             slurmctld | munged | slurmstepd | slurmd)
-                if tr '\0' '\n' <"$p/cmdline" 2>/dev/null | grep -qF "$dir" ||
-                    tr '\0' '\n' <"$p/environ" 2>/dev/null | grep -qF "SLURM_CONF=$dir"; then
+                if { tr '\0' '\n' <"$p/cmdline" | grep -qF "$dir"; } 2>/dev/null ||
+                    { tr '\0' '\n' <"$p/environ" | grep -qF "SLURM_CONF=$dir"; } 2>/dev/null; then
                     echo "$pid"
                 fi
                 ;;
         esac
     done
+    return 0
 }
 
 stop_pids() {  # TERM, then KILL what is left after 5 s
@@ -59,7 +61,7 @@ stop_pids() {  # TERM, then KILL what is left after 5 s
     [ -z "${pids// /}" ] && return 0
     kill -TERM $pids 2>/dev/null || true
     for _ in $(seq 50); do
-        pids=$(for p in $pids; do [ -d "/proc/$p" ] && echo "$p"; done | tr '\n' ' ')
+        pids=$(for p in $pids; do [ ! -d "/proc/$p" ] || echo "$p"; done | tr '\n' ' ')
         [ -z "${pids// /}" ] && return 0
         sleep 0.1
     done
@@ -71,7 +73,8 @@ remove_network() {
     ip link del "$BRIDGE" 2>/dev/null || true
 }
 
-down() {
+down() {  # best effort, whatever state things are in: every step runs
+    set +e
     local dir=$1
     if [ -f "$dir/slurm.conf" ]; then
         SLURM_CONF=$dir/slurm.conf timeout 10 scontrol shutdown >/dev/null 2>&1 || true
@@ -82,6 +85,7 @@ down() {
 }
 
 clear_leftovers() {  # from a run that crashed before tearing down
+    set +e
     local found=0
     ip link show "$BRIDGE" >/dev/null 2>&1 && found=1
     for n in "${NODES[@]}"; do [ -e "/run/netns/tl-$n" ] && found=1; done
@@ -89,7 +93,8 @@ clear_leftovers() {  # from a run that crashed before tearing down
     if [ "$found" = 1 ]; then log "clearing what a previous run left (namespaces, bridge, daemons)"; fi
     stop_pids
     remove_network
-    for old in /tmp/$PREFIX*; do [ -d "$old" ] && rm -rf "$old"; done
+    for old in /tmp/$PREFIX*; do [ ! -d "$old" ] || rm -rf "$old"; done
+    set -e
     return 0
 }
 
@@ -172,10 +177,10 @@ up() {
     config "$dir"
     start_munge "$dir"
     export SLURM_CONF=$dir/slurm.conf
-    setsid slurmctld -D -i >"$dir/slurmctld.out" 2>&1 </dev/null &
+    setsid slurmctld -D -i -f "$SLURM_CONF" >"$dir/slurmctld.out" 2>&1 </dev/null &
     for n in "${NODES[@]}"; do
         setsid nsenter --net="/run/netns/tl-$n" unshare --uts --mount sh -c \
-            "hostname $n; mount --bind '$dir/hosts' /etc/hosts; exec slurmd -D -N $n" \
+            "hostname $n; mount --bind '$dir/hosts' /etc/hosts; exec slurmd -D -N $n -f '$dir/slurm.conf'" \
             >"$dir/slurmd-$n.out" 2>&1 </dev/null &
     done
     for _ in $(seq 300); do

@@ -42,5 +42,5 @@ def cluster() -> Path:
 def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
     """`make test` deselects these; say so, and how to run them."""
     left_out = [i for i in terminalreporter.stats.get("deselected", []) if "tests/cluster/" in i.nodeid]
-    if left_out:
+    if left_out and cluster_dir() is None:
         terminalreporter.write_line(f"tests/cluster: {len(left_out)} deselected ({WHY})")

@@ -1,10 +1,11 @@
 """Multi-node runs on a real two-node Slurm cluster (`make test-cluster`): two network namespaces on this
 machine, n1 (10.77.0.2) and n2 (10.77.0.3), each a host with its own address, hostname and slurmd.
 
-The same tiny SFT (30 steps, global batch 8, a checkpoint every 10 steps) runs five ways, and every way ends
+The same tiny SFT (40 steps, global batch 8, a checkpoint every 10 steps) runs six ways, and every way ends
 with the weights of one node running 2 processes:
 - `tunelab launch --slurm --submit` on 2 nodes x 1 process;
 - the same, pre-empted by `scontrol requeue` after its first checkpoint: it resumes (SLURM_RESTART_COUNT=1);
+- the same, warned of its time limit (Slurm's B:TERM): it checkpoints, requeues itself and resumes;
 - the same, with n2's processes killed (SIGKILL): it fails at once naming n2; requeued, it resumes;
 - `tunelab launch --num-machines 2` in the two namespaces, without Slurm.
 And a PPO stage then an eval stage (on the main process only) across the two nodes.
@@ -31,7 +32,7 @@ pytestmark = pytest.mark.cluster
 ROOT = Path(__file__).resolve().parents[2]
 TUNELAB = [sys.executable, "-m", "tunelab"]
 JOB_ENV = {"OMP_NUM_THREADS": "1", "TUNELAB_BARRIER_TIMEOUT": "120", "PYTHONUNBUFFERED": "1"}
-STEPS, SAVE_EVERY = 30, 10
+STEPS, SAVE_EVERY = 40, 10  # a fault comes after checkpoint-10: 30 steps to land in
 
 
 def _data(split: dict) -> dict:
@@ -87,12 +88,14 @@ def _wait_for(path: Path, job: str, timeout: float) -> None:
     while not path.exists():
         assert time.monotonic() < deadline, f"{path} not written within {timeout:.0f} s: {_job(job)}"
         assert _job(job).get("JobState") in ("PENDING", "RUNNING", "CONFIGURING"), _job(job)
-        time.sleep(0.5)
+        time.sleep(0.1)
 
 
 def _release(job: str) -> None:
-    """A requeued job is held ~120 s (BeginTime); start it now."""
+    """A requeued job is held ~120 s (BeginTime); start it now. Not in the second it was requeued: slurmd
+    refuses a credential issued in the second its previous one was revoked ("Job credential revoked")."""
     _wait(job, {"PENDING"}, 120)
+    time.sleep(3)
     subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now"], check=True, timeout=30)
 
 
@@ -139,7 +142,7 @@ def test_slurm_job_on_two_nodes_matches_one_node(cluster: Path, work: Path, tiny
     assert _wait(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, 600) == "COMPLETED", _log(work, "two_nodes", job)
     log, run = _log(work, "two_nodes", job), work / "two_nodes"
     assert "on 2 processes over 2 hosts (n1, n2)" in log
-    assert "[n1 rank 0] -- s (sft) ->" in log and "[n1 rank 0] step 30/30" in log
+    assert "[n1 rank 0] -- s (sft) ->" in log and f"[n1 rank 0] step {STEPS}/{STEPS}" in log
     metrics = json.loads((run / "metrics.json").read_text())["s"]
     assert metrics["world_size"] == 2 and metrics["ranks_in_sync"] == 1
     assert json.loads((run / "run.json").read_text())["status"] == "completed"
@@ -150,6 +153,7 @@ def test_slurm_job_on_two_nodes_matches_one_node(cluster: Path, work: Path, tiny
     ]
     assert {p.name for p in (run / "s" / "checkpoint-10").glob("rng_state_*")} == {"rng_state_0.pth", "rng_state_1.pth"}
     assert not list(run.rglob("*rank1*"))  # one writer
+    assert (run / ".tunelab.lock").read_text().split(",")[0].endswith(" on n1")  # held by rank 0, on n1
     _same_weights(run, one_node)
     print(f"2-node job: {time.monotonic() - started:.0f} s from sbatch to COMPLETED")
 
@@ -169,9 +173,40 @@ def test_requeue_resumes_to_the_same_weights(cluster: Path, work: Path, tiny_lm:
     # both nodes' ranks caught Slurm's SIGTERM once (the launchers' and the batch script's copies are echoes)
     assert log.count("[n1 rank 0] signal 15: saving a checkpoint") == 1, log
     assert log.count("[n2 rank 1] signal 15: saving a checkpoint") == 1, log
+    assert "n1: task 0: Exited with exit code 143" in log and "n2: task 1: Exited with exit code 143" in log
     record = _stage(run)
     assert record["status"] == "completed" and record["metrics"]["resumed_from_step"] >= SAVE_EVERY
     assert _job(job)["Restarts"] == "1"
+    _same_weights(run, one_node)
+
+
+def test_the_time_limit_warning_checkpoints_and_requeues_the_job(
+    cluster: Path, work: Path, tiny_lm: Path, one_node: Path
+) -> None:
+    """Slurm's warning (--signal B:TERM@120) reaches the batch shell 120 s before the time limit: the script
+    passes SIGTERM to every rank, they checkpoint, and the job requeues itself and resumes. Here the limit is
+    brought near (scontrol update TimeLimit) and the warning sent as Slurm sends it (to the batch shell)."""
+    recipe = _sft_recipe(work, "time_limit", tiny_lm, 4)
+    job = _submit(recipe, "--time", "20:00", "--requeue", "--signal", "B:TERM@120")
+    run = work / "time_limit"
+    _wait_for(run / "s" / f"checkpoint-{SAVE_EVERY}", job, 600)
+    hours, minutes, seconds = (int(x) for x in _job(job)["RunTime"].split(":"))  # H:MM:SS, within 20 min
+    elapsed = hours * 3600 + minutes * 60 + seconds
+    minutes = -(-(elapsed + 100) // 60)  # Slurm keeps limits in minutes: 100 to 160 s left
+    subprocess.run(["scontrol", "update", f"jobid={job}", f"TimeLimit={minutes}"], check=True, timeout=30)
+    subprocess.run(["scancel", "--batch", "--signal=TERM", job], check=True, timeout=30)
+    _wait(job, {"PENDING"}, 120)  # requeued by its own script
+    subprocess.run(["scontrol", "update", f"jobid={job}", "TimeLimit=20"], check=True, timeout=30)
+    _release(job)
+    assert _wait(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, 600) == "COMPLETED", _log(
+        work, "time_limit", job
+    )
+    log = _log(work, "time_limit", job)
+    assert re.search(r"tunelab: SIGTERM \((\d{2,3}) s left\): every rank saves a checkpoint", log), log
+    assert "tunelab: requeueing job" in log and "SLURM_RESTART_COUNT=1" in log
+    assert log.count("signal 15: saving a checkpoint") == 2, log  # each rank, once
+    record = _stage(run)
+    assert record["status"] == "completed" and record["metrics"]["resumed_from_step"] >= SAVE_EVERY
     _same_weights(run, one_node)
 
 

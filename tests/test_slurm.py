@@ -209,6 +209,7 @@ def test_slurm_time_limits() -> None:
         95400,
         86401,
     ]
+    assert parse_time("UNLIMITED") is None
     assert parse_signal("B:TERM@120") == (True, "TERM", 120) and parse_signal("TERM") == (False, "TERM", 60)
     assert parse_signal("B:10@300") == (True, "USR1", 300)  # Slurm takes numbers too
 

@@ -100,8 +100,13 @@ def check_options(options: SlurmOptions) -> None:
         parse_time(options.time)
 
 
-def parse_time(text: str) -> int:
-    """Seconds in a Slurm time limit: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S."""
+UNLIMITED = ("UNLIMITED", "INFINITE")
+
+
+def parse_time(text: str) -> int | None:
+    """Seconds in a Slurm time limit: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S; None for UNLIMITED."""
+    if text.strip().upper() in UNLIMITED:
+        return None
     fix = "use minutes, MM:SS, HH:MM:SS or D-HH:MM:SS (e.g. --time 4:00:00)"
     match = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", text.strip())
     if not match:
@@ -157,9 +162,9 @@ def check_time(options: SlurmOptions, plans: list[Any]) -> None:
                 f"~{fmt_size(size)} per checkpoint (~{need:.0f} s at {SAVE_BYTES_PER_S / 1e6:.0f} MB/s, with the step "
                 f"in progress): raise the grace, e.g. --signal B:{name}@{int(need * 1.5 // 60 + 1) * 60}"
             )
-    if options.time is None:
+    limit = None if options.time is None else parse_time(options.time)
+    if limit is None:
         return
-    limit = parse_time(options.time)
     if limit < grace + STARTUP_S:
         raise TunelabError(
             f"--time {options.time} ({limit} s) is shorter than one checkpoint interval can survive: the job needs "

@@ -7,7 +7,7 @@ TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed-stamp
 PIN   := -c constraints.txt
 
-.PHONY: setup upgrade-deps demo test test-all test-cluster lint bench sft qlora classify rlhf diffusion real vlm llamacpp clean
+.PHONY: setup upgrade-deps demo test test-all test-cluster lint bench sft qlora classify rlhf diffusion real mixture vlm llamacpp clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -66,6 +66,10 @@ real: setup  ## SmolLM2-135M-Instruct (pretrained, from PyPI): LoRA SFT, QLoRA, 
 	$(VENV)/bin/tunelab run real/smollm2-arith --overwrite
 	$(VENV)/bin/tunelab merge runs/real/smollm2-arith/sft runs/real/smollm2-arith/merged --overwrite
 	$(VENV)/bin/tunelab chat runs/real/smollm2-arith/sft --prompt "Mia has 3 pens. She buys 4 more. How many pens does Mia have now?"
+
+mixture: setup  ## your data, mixed: SmolLM2-135M-Instruct on Alpaca + ShareGPT + chat sources by weight; data preview, exact match before/after (CPU)
+	$(VENV)/bin/tunelab data real/smollm2-mixture --rows 2
+	$(VENV)/bin/tunelab run real/smollm2-mixture --overwrite
 
 vlm: setup  ## a LLaVA from SmolLM2-135M-Instruct + a new vision tower learns digits: exact match before/after, chat --image (CPU)
 	$(VENV)/bin/tunelab run vlm/smollm2-digits --overwrite

@@ -8,6 +8,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import cli_startup  # noqa: E402
+import data_view  # noqa: E402
 import diffusion  # noqa: E402
 import distributed  # noqa: E402
 import eval_batching  # noqa: E402
@@ -31,7 +32,7 @@ def main() -> None:
     path = ROOT / "docs" / "BENCHMARKS.md"
     sections: list[str] = []
     modules = (cli_startup, sft_overhead, quickstart, eval_batching, harness, memory_plan)
-    modules += (rlhf, ppo_loop, diffusion, distributed, real_model, serve_throughput)
+    modules += (rlhf, ppo_loop, diffusion, distributed, real_model, serve_throughput, data_view)
     for module in modules:
         sections.append(module.main())
         path.write_text(header + "\n".join(sections))  # after each section: a failure later keeps these

@@ -32,6 +32,8 @@ def test_pipeline_report_has_loss_curves_and_metrics_by_model(tmp_path: Path) ->
     assert "| pretrain |" in report and "## pretrain: loss" in report and "## eval: metrics by model" in report
     for png in ("pretrain/loss.png", "eval/metrics.png"):
         assert f"]({png})" in report and (result.run_dir / png).read_bytes().startswith(PNG)
+    # The data summary, written as the stage ran: the corpus against the eval stage's questions too.
+    assert "## pretrain: data" in report and "contamination: 0 of 16 rows of stages.eval.data" in report
     history = json.loads((result.run_dir / "pretrain" / "log_history.json").read_text())
     assert [h["step"] for h in history if "loss" in h] == [1, 2, 3, 4]
 

@@ -34,6 +34,7 @@ __all__ = [
     "RunResult",
     "TunelabError",
     "chat",
+    "data_preview",
     "export",
     "generate",
     "load_recipe",
@@ -48,6 +49,7 @@ __all__ = [
 if TYPE_CHECKING:
     from pathlib import Path
 
+    from tunelab.data.preview import DataView
     from tunelab.exporting import ExportResult
     from tunelab.pipeline import RunResult
     from tunelab.serving.service import Server
@@ -156,6 +158,40 @@ def run(
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe, overrides)
     return _run(recipe, overwrite=overwrite, resume=resume, from_stage=from_stage)
+
+
+def data_preview(
+    recipe: Recipe | str | os.PathLike,
+    stage: str | None = None,
+    rows: int = 3,
+    *,
+    overrides: list[str] | tuple[str, ...] = (),
+) -> DataView:
+    """A training stage's data as its trainer will see it, as `tunelab data` prints it; no model weights load.
+
+    `stage`: a stage name (default: the recipe's first training stage); `rows`: how many rows to tokenize for
+    display. Returns a `tunelab.data.preview.DataView`: its `sources` (format detected, rows), `tokens`
+    (lengths, truncation, rows with no trained token, the rows with their loss mask), `contamination`
+    (held-out rows found in the training data); `summary_lines()`, `as_dict()` and `to_html()` render it.
+    """
+    from tunelab.pipeline import data_views, training_stages
+
+    _optional_text(stage, "stage", "the name of a training stage of the recipe")
+    if not isinstance(rows, int) or isinstance(rows, bool) or rows < 0:
+        raise TunelabError(f"rows must be a whole number of rows to show (0 or more), not {_shown(rows)}")
+    if not isinstance(recipe, Recipe):
+        recipe = load_recipe(recipe, overrides)
+    elif overrides:
+        raise TunelabError("overrides apply to a recipe being loaded: pass a path or a name, or edit the Recipe")
+    if stage is None:
+        trained = training_stages(recipe)
+        if not trained:
+            raise TunelabError(
+                f"the recipe has no training stage (its stages: {', '.join(recipe.stages)}): `tunelab data` shows "
+                "the data a trainer reads"
+            )
+        stage = trained[0]
+    return data_views(recipe, [stage], rows)[0]
 
 
 def merge(adapter_dir: str | Path, out_dir: str | Path, base: str | None = None, overwrite: bool = False) -> Path:

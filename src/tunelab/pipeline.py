@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -197,6 +198,59 @@ def _inspect(recipe: Recipe, strict_plans: bool, downloads: list[str] | None = N
                 ctx.tokenizers[spec.name] = origin
             ctx.outputs[spec.name] = spec.out_dir
     return plans, downloads or []
+
+
+def _walk(recipe: Recipe) -> Iterator[tuple[StageSpec, Any, Context]]:
+    """Each stage with the context it is checked in (earlier stages' outputs known, whether they exist yet or
+    not), without checking anything: what `tunelab data` needs to read one stage's data."""
+    kinds = {name: cfg["stage"] for name, cfg in recipe.stages.items()}
+    ctx = Context(seed=recipe.seed, run_dir=recipe.output_dir, checking=True, kinds=kinds)
+    for spec in _specs(recipe):
+        impl = stage(spec.kind)
+        yield spec, impl, ctx
+        if impl.produces_model:
+            with contextlib.suppress(TunelabError):
+                origin = impl.tokenizer_source(spec, ctx)
+                if origin is not None:
+                    ctx.tokenizers[spec.name] = origin
+            ctx.outputs[spec.name] = spec.out_dir
+
+
+def held_out(recipe: Recipe) -> dict[str, list[tuple[str, Any]]]:
+    """Per stage, the rows the stages after it evaluate on (`Stage.held_out`): the contamination check's."""
+    found = [(spec.name, impl.held_out(spec, ctx)) for spec, impl, ctx in _walk(recipe)]
+    return {name: [rows for _, later in found[i + 1 :] for rows in later] for i, (name, _) in enumerate(found)}
+
+
+def training_stages(recipe: Recipe) -> list[str]:
+    """The stages whose data a trainer reads (what `tunelab data` shows)."""
+    from tunelab.stages.base import TrainerStage
+
+    return [name for name, cfg in recipe.stages.items() if isinstance(stage(cfg["stage"]), TrainerStage)]
+
+
+@quiet()
+def data_views(recipe: Recipe, stages: list[str] | None = None, rows: int = 3) -> list[Any]:
+    """`tunelab data`: each training stage's data as its trainer will see it (`TrainerStage.data_view`), the
+    first `rows` rows tokenized; no model loads. `stages`: those stages (default: every training stage)."""
+    configure_offline()
+    trained = training_stages(recipe)
+    for name in stages or []:
+        if name not in recipe.stages:
+            guess = closest(name, recipe.stages)
+            hint = f"did you mean '{guess}'?" if guess else f"its stages: {', '.join(recipe.stages)}"
+            raise TunelabError(f"the recipe has no stage '{name}'; {hint}")
+        if name not in trained:
+            which = f"the recipe's: {', '.join(trained)}" if trained else "the recipe has none"
+            raise TunelabError(
+                f"stage '{name}' ({recipe.stages[name]['stage']}) trains no language model on rows: `tunelab data` "
+                f"shows the training data of sft, pretrain, dpo, grpo, ... stages; {which}"
+            )
+    wanted = set(stages if stages is not None else trained)
+    later = held_out(recipe)
+    return [
+        impl.data_view(spec, ctx, rows, later[spec.name]) for spec, impl, ctx in _walk(recipe) if spec.name in wanted
+    ]
 
 
 def _check_streaming(spec: StageSpec, impl: Any) -> None:
@@ -392,6 +446,8 @@ def _run_new(
     distributed.check_shared(run_dir / "run.json")  # across hosts: every one sees the run folder
     result = RunResult(run_dir=run_dir, status="running", kinds={n: c["stage"] for n, c in recipe.stages.items()})
     ctx = Context(seed=recipe.seed, run_dir=run_dir, resume=mode == "resume")
+    if main:
+        ctx.held_out = _held_out_or_none(recipe)
     _run_stages(recipe, run_dir, ctx, manifest, result, from_stage, backup)
     manifest.update(status="completed", ended=runs.now())
     _write(run_dir / "run.json", manifest)
@@ -399,6 +455,16 @@ def _run_new(
     if main:
         _report(run_dir)
     return result
+
+
+def _held_out_or_none(recipe: Recipe) -> dict[str, list[tuple[str, Any]]]:
+    """The contamination check's held-out rows for the stages' data summaries; the summaries only report, so
+    rows that cannot be read leave them without the check, with a warning."""
+    try:
+        return held_out(recipe)
+    except Exception as exc:  # noqa: BLE001 - checked already; a summary must not stop the run
+        log.warning("no contamination check in the data summaries (%s: %s)", type(exc).__name__, exc)
+        return {}
 
 
 def _write(path: Path, data: Any) -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from tunelab.core.runs import read_json, write_atomic
+from tunelab.data.preview import DataView
 from tunelab.stages import metrics_of
 from tunelab.vision.prompting import report_section
 
@@ -124,24 +125,38 @@ def _image_sections(run_dir: Path, stage: str, values: dict[str, Any]) -> list[s
     return lines
 
 
-def _data_section(stage: str, record: dict[str, Any]) -> list[str]:
-    """The stage's data sources: the format each was read as, and the rows it contributed (for a mixture)."""
-    reports = record.get("data_reports")
-    if not isinstance(reports, dict) or not reports:
-        return []
-    lines = [f"## {stage}: data", "", "| data | source | format | rows |", "|---|---|---|---|"]
-    for key, report in reports.items():
-        sources = report.get("sources") if isinstance(report, dict) else None
-        for source in sources if isinstance(sources, list) else []:
-            rows = source.get("rows")
-            lines.append(
-                f"| {source.get('where', key)} | {source.get('path')} | {source.get('format')} | "
-                f"{'streamed' if rows is None else rows} |"
-            )
-        if isinstance(report, dict) and report.get("mix"):
-            total = report.get("rows")
-            lines.append(f"| {key} | {report['mix']} of the above | | {'streamed' if total is None else total} |")
-    return [*lines, ""]
+def _data_section(folder: Path, stage: str) -> list[str]:
+    """The stage's data: each source, the format it was read as and the rows it contributed (`stage.json`'s
+    data reports), then the data summary written as the stage ran (`data.json`: token lengths, truncation,
+    contamination; `tunelab data` shows it in full)."""
+    lines = []
+    reports = (read_json(folder / "stage.json") or {}).get("data_reports")
+    if isinstance(reports, dict) and reports:
+        lines += ["| data | source | format | rows |", "|---|---|---|---|"]
+        for key, report in reports.items():
+            sources = report.get("sources") if isinstance(report, dict) else None
+            for source in sources if isinstance(sources, list) else []:
+                rows = source.get("rows")
+                lines.append(
+                    f"| {source.get('where', key)} | {source.get('path')} | {source.get('format')} | "
+                    f"{'streamed' if rows is None else rows} |"
+                )
+            if isinstance(report, dict) and report.get("mix"):
+                total = report.get("rows")
+                lines.append(f"| {key} | {report['mix']} of the above | | {'streamed' if total is None else total} |")
+        lines.append("")
+    data = read_json(folder / "data.json")
+    summary: list[str] = []
+    if isinstance(data, dict):
+        try:
+            view = DataView.from_dict(data)
+            summary = (view.source_lines() if not lines else []) + view.length_lines()
+            summary += ([view.tokens.rule] if view.tokens is not None else []) + view.contamination_lines()
+        except (KeyError, TypeError, ValueError):  # a data.json from another version: the report goes on without it
+            summary = []
+    if summary:
+        lines += ["```", *summary, "```", ""]
+    return [f"## {stage}: data", "", *lines] if lines else []
 
 
 def _fmt(value: Any) -> str:
@@ -194,7 +209,7 @@ def write_report(run_dir: Path) -> Path:
                 for label, v in per_model.items()
             ]
             lines += ["", f"![{stage} metrics]({stage}/metrics.png)", ""]
-        lines += _data_section(stage, read_json(folder / "stage.json") or {})
+        lines += _data_section(folder, stage)
         lines += _image_sections(run_dir, stage, values)
         lines += report_section(run_dir, stage)  # image+text evals: sample images with each model's answers
         confusion = read_json(folder / "confusion.json")

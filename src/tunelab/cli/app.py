@@ -586,15 +586,72 @@ def validate(
 ) -> None:
     """Check a recipe without training: keys, types, files, dataset columns, output folder."""
     from tunelab import load_recipe
-    from tunelab.pipeline import check
+    from tunelab.pipeline import check, data_views
 
     parsed = load_recipe(recipe, overrides or [])
     mode = check(parsed, overwrite=overwrite, resume=resume, from_stage=from_stage)
     fate = {"new": "will be created", "resume": "will be resumed", "overwrite": "will be replaced"}[mode]
+    for view in data_views(parsed, rows=0):  # the data summary: `tunelab data` shows it in full
+        typer.echo(view.summary_line())
     typer.secho(
         f"ok: {len(parsed.stages)} stage(s) ({', '.join(parsed.stages)}); output_dir {parsed.output_dir} {fate}",
         fg=typer.colors.GREEN,
     )
+
+
+@app.command("data")
+@friendly
+def data_command(
+    recipe: RecipeArg,
+    stage: Annotated[
+        str | None, typer.Argument(help="A training stage of the recipe (default: its first training stage).")
+    ] = None,
+    overrides: Overrides = None,
+    rows: Annotated[int, typer.Option("--rows", help="Rows to show tokenized, with their loss mask.")] = 3,
+    html: Annotated[Path | None, typer.Option("--html", help="Also write the view as a self-contained page.")] = None,
+) -> None:
+    """A training stage's data as its trainer will see it: formats, token lengths, truncation, the rows with
+    the tokens that carry loss highlighted, and held-out rows found in the training data. No model loads."""
+    from rich.console import Console
+
+    from tunelab import data_preview, load_recipe
+    from tunelab.cli.data_view import render
+    from tunelab.core.errors import TunelabError
+
+    if stage is not None and "=" in stage:  # `tunelab data RECIPE key=value`: an override, not a stage
+        overrides, stage = [stage, *(overrides or [])], None
+    if rows < 0:
+        raise TunelabError(f"--rows is {rows}: give the number of rows to show (0 or more)")
+    if html is not None:
+        _check_html_target(html)
+    view = data_preview(load_recipe(recipe, overrides or []), stage, rows)
+    render(view, Console(highlight=False, soft_wrap=True))
+    if html is not None:
+        from tunelab.core.runs import write_atomic
+
+        write_atomic(html, view.to_html())
+        typer.echo(f"html: {html}")
+
+
+def _check_html_target(path: Path) -> None:
+    """`--html FILE` writes a new file, or replaces a page `tunelab data` wrote; anything else stays."""
+    from tunelab.core.errors import TunelabError, check_path
+    from tunelab.data.preview import HTML_MARK
+
+    check_path(str(path), "--html")
+    if path.is_dir():
+        raise TunelabError(f"--html '{path}' is a folder: name the .html file to write")
+    if not path.parent.is_dir():
+        raise TunelabError(f"--html '{path}': folder '{path.parent}' does not exist; create it or choose another")
+    if path.exists():
+        try:
+            head = path.open("rb").read(200).decode("utf-8", "replace")
+        except OSError:
+            head = ""
+        if HTML_MARK not in head:
+            raise TunelabError(
+                f"--html '{path}' exists and is not a page `tunelab data` wrote: choose another file (it is kept)"
+            )
 
 
 @app.command()

@@ -141,6 +141,9 @@ class Context:
     """What each stage's data held, by "STAGE.data" / "STAGE.eval_data": `tunelab.data.sources.DataReport`
     (the format read per source, from which columns, its rows)."""
     resume: bool = False
+    held_out: dict[str, list[tuple[str, Any]]] = field(default_factory=dict)
+    """Per stage, the rows later stages evaluate on, as (where, rows): compared with its training rows for
+    contamination (see `Stage.held_out`)."""
 
     def resolve_ref(self, value: Any) -> Any:
         """Replace a `${stage}` reference with that stage's output folder."""
@@ -195,6 +198,11 @@ class Stage:
     def plan(self, spec: StageSpec, ctx: Context) -> Any:
         """Memory per device (`StagePlan`), from model configs only; None when there is nothing to plan."""
         return None
+
+    def held_out(self, spec: StageSpec, ctx: Context) -> list[tuple[str, Any]]:
+        """The rows this stage evaluates models on, as (where, rows of {"prompt": ...}), for the contamination
+        check of earlier stages' training data; none by default."""
+        return []
 
     def tokenizer_source(self, spec: StageSpec, ctx: Context) -> str | None:
         """Where the tokenizer in this stage's output folder comes from: by default, its `model:`'s."""

@@ -31,6 +31,7 @@ from typing import Any, ClassVar
 from tunelab.core.errors import TunelabError
 from tunelab.data.datasets import require_columns, require_preferences
 from tunelab.data.mixtures import is_stream, preview, streams
+from tunelab.data.preview import SUMMARY_ROWS, DataView, Source, Tokens, contamination, head
 from tunelab.data.sources import load_data
 from tunelab.models.adapters import lora_config, trainable_quantization
 from tunelab.models.chat_templates import (
@@ -49,7 +50,36 @@ from tunelab.models.reward_functions import check_reward_templates, check_reward
 from tunelab.models.spec import stage_model
 from tunelab.models.tokenizers import load_tokenizer
 from tunelab.stages import TRAINING, Context, Metrics, Stage, StageResult, StageSpec
+from tunelab.training import distributed
+from tunelab.training.tokenized import prompt_tokens
 from tunelab.training.trainer import fingerprints, guarded_train, kl_limit, save, training_args
+
+
+def _rows_read(ctx: Context, key: str, ds: Any) -> int | None:
+    """The rows `load_data` read for `key` (None: a stream), else the dataset's."""
+    report = ctx.data_reports.get(key)
+    return report.rows if report is not None else len(ds)
+
+
+class TokenizerPending(TunelabError):
+    """The stage's tokenizer does not exist yet: an earlier stage of the pipeline makes it."""
+
+
+def data_shape(ds: Any) -> str:
+    """The shape a stage's rows are in, by TRL's column names: text, messages, prompt_completion, preference,
+    prompt, kto."""
+    columns = set(ds.column_names)
+    for shape, needs in (
+        ("preference", {"chosen", "rejected"}),
+        ("kto", {"prompt", "completion", "label"}),
+        ("messages", {"messages"}),
+        ("prompt_completion", {"prompt", "completion"}),
+        ("prompt", {"prompt"}),
+        ("text", {"text"}),
+    ):
+        if needs <= columns:
+            return shape
+    return "columns"
 
 
 def import_name(path: str) -> Any:
@@ -114,6 +144,7 @@ HOOKS = (
     "after",
     "save",
     "plan",
+    "tokens",
 )
 """What a TrainerStage subclass may override, in run order (tests/test_architecture.py holds them to the base's
 signatures). Everything else on the base is shared machinery."""
@@ -252,7 +283,9 @@ class TrainerStage(Stage):
         train, evaluation = self.data(spec, ctx, s)
         self.check_more(spec, ctx, s, preview(train), preview(evaluation))
         tokenizer = self.tokenizer(spec, ctx, s, train)
+        raw = train, evaluation
         train, evaluation = self.prepare(spec, ctx, s, tokenizer, train, evaluation)
+        self.record_data(spec, ctx, s, tokenizer, raw, train)
         if is_stream(train):
             # A stream read to its end starts again within the one "epoch" of max_steps the Trainer counts
             # over a stream: a checkpoint's step is then a position in it, which --resume skips to exactly.
@@ -266,8 +299,14 @@ class TrainerStage(Stage):
         return StageResult(metrics=metrics, model=spec.out_dir, fingerprints=fingerprints(train, evaluation))
 
     def tokenizer(self, spec: StageSpec, ctx: Context, s: Settings, train: Any) -> Any:
-        """The tokenizer (or processor) of the model; pretrain trains one on `train`."""
-        return load_tokenizer(s.model["path"])
+        """The tokenizer (or processor) of the model; pretrain trains one on `train`. While checking, a GGUF
+        model's tokenizer is read from the file; a model an earlier stage makes has none yet (`TokenizerPending`)."""
+        if s.model is None:
+            raise TokenizerPending(
+                f"its tokenizer is the one {self.tokenizer_source(spec, ctx)} saves, which has not run yet: "
+                "run the recipe up to it first"
+            )
+        return load_tokenizer(s.model.get("gguf_file", s.model["path"]))
 
     def model(self, spec: StageSpec, ctx: Context, s: Settings, tokenizer: Any, train: Any) -> Any:
         """The model to train: loaded (quantized when asked) and prepared for k-bit training."""
@@ -322,6 +361,110 @@ class TrainerStage(Stage):
 
     def save(self, spec: StageSpec, ctx: Context, s: Settings, trainer: Any, tokenizer: Any) -> None:
         save(trainer, spec.out_dir, tokenizer)
+
+    # --- the data as the trainer sees it (`tunelab data`) --------------------------------------------
+    def tokens(
+        self, spec: StageSpec, ctx: Context, s: Settings, tokenizer: Any, train: Any, shown: int
+    ) -> Tokens | None:
+        """The prepared training rows as the trainer tokenizes them (`tunelab.training.tokenized`): lengths, what
+        `max_length` does, rows without a trained token, and the first `shown` rows with their loss mask. None:
+        this stage kind has no token view (the view then shows its rows as read)."""
+        return None
+
+    def data_view(
+        self, spec: StageSpec, ctx: Context, shown: int = 3, held_out: list[tuple[str, Any]] = ()
+    ) -> DataView:
+        """`tunelab data`: the stage's own steps (settings, data, tokenizer, prepare, tokens) without the model.
+        `held_out`: rows later stages evaluate on, (where, rows), compared with the training rows."""
+        s = self.settings(spec, ctx)
+        train, evaluation = self.data(spec, ctx, s)
+        # A stream has no end: its first rows stand for it (and the rest is never read).
+        (train, measured), evaluation = head(train), head(evaluation)[0]
+        tokenizer, reason = None, None
+        if type(self).tokens is TrainerStage.tokens:
+            reason = f"{spec.kind} stages have no token view: the rows are shown as read"
+        else:
+            try:
+                tokenizer = self.tokenizer(spec, ctx, s, train)
+            except TokenizerPending as exc:
+                reason = str(exc)
+        prepared = None
+        if tokenizer is not None:
+            prepared = self.prepare(spec, ctx, s, tokenizer, train, evaluation)[0]
+        view = self.view(spec, ctx, s, tokenizer, (train, evaluation), prepared, shown, list(held_out), reason)
+        view.measured = measured
+        return view
+
+    def record_data(
+        self, spec: StageSpec, ctx: Context, s: Settings, tokenizer: Any, raw: tuple[Any, Any], prepared: Any
+    ) -> None:
+        """While running: the data view's summary into the stage folder (`data.json`, shown by report.md), from
+        the rows and tokenizer the run itself uses. It only reports: a failure here is a warning, not a stop."""
+        if not distributed.is_main():
+            return
+        import logging
+
+        from tunelab.core.runs import write_json
+
+        held_out = ctx.held_out.get(spec.name, [])
+        try:
+            # A large dataset's summary measures its first SUMMARY_ROWS rows, not the whole run's time again.
+            (train, measured), evaluation = head(raw[0], SUMMARY_ROWS), head(raw[1], SUMMARY_ROWS)[0]
+            prepared = head(prepared, SUMMARY_ROWS)[0]
+            view = self.view(spec, ctx, s, tokenizer, (train, evaluation), prepared, 0, held_out, None)
+            view.measured = measured
+        except Exception as exc:  # noqa: BLE001 - the summary must not stop a run the checks accepted
+            logging.getLogger(__name__).warning("'%s': no data summary (%s: %s)", spec.where, type(exc).__name__, exc)
+            return
+        spec.out_dir.mkdir(parents=True, exist_ok=True)
+        write_json(spec.out_dir / "data.json", view.as_dict())
+
+    def view(
+        self,
+        spec: StageSpec,
+        ctx: Context,
+        s: Settings,
+        tokenizer: Any,
+        raw: tuple[Any, Any],
+        prepared: Any,
+        shown: int,
+        held_out: list[tuple[str, Any]],
+        reason: str | None,
+    ) -> DataView:
+        """The view from the stage's rows (as read, and as prepared) and its tokenizer."""
+        train, evaluation = raw
+        tokens = None
+        if tokenizer is not None and prepared is not None:
+            tokens = self.tokens(spec, ctx, s, tokenizer, prepared, shown)
+            if tokens is None:
+                reason = f"{spec.kind} stages have no token view: the rows are shown as read"
+        compared = ([(f"{spec.where}.eval_data", evaluation)] if evaluation is not None else []) + held_out
+        notes = [] if compared else ["add eval_data, or an eval stage after this one, to check for contamination"]
+        sources, mix = self.sources(spec, ctx, train)
+        return DataView(
+            stage=spec.name,
+            kind=spec.kind,
+            sources=sources,
+            mix=mix,
+            rows=_rows_read(ctx, f"{spec.name}.data", train),
+            eval_rows=None if evaluation is None else _rows_read(ctx, f"{spec.name}.eval_data", evaluation),
+            tokens=tokens,
+            no_tokens=reason if tokens is None else None,
+            contamination=contamination(train, compared, notes),
+            raw=[] if tokens is not None else [train[i] for i in range(min(shown, len(train)))],
+        )
+
+    def sources(self, spec: StageSpec, ctx: Context, train: Any) -> tuple[list[Source], str | None]:
+        """Where the training rows come from and the format each was read in (from `load_data`'s report), and
+        how they were mixed."""
+        report = ctx.data_reports.get(f"{spec.name}.data")
+        if report is None:  # a stage that reads its data otherwise: its shape, from the columns
+            value = spec.cfg.get("data")
+            path = value if isinstance(value, str) else (value or {}).get("path", "?")
+            columns = f"columns {', '.join(train.column_names)}"
+            return [Source(0, f"{spec.where}.data", str(path), data_shape(train), columns, len(train))], None
+        found = [Source(s.index, s.where, s.path, s.format, s.detected_from, s.rows) for s in report.sources]
+        return found, report.mix
 
     # --- planning ---------------------------------------------------------------------------------
     def plan(self, spec: StageSpec, ctx: Context):
@@ -426,6 +569,10 @@ class OnlineStage(TrainerStage):
 
     def prepare(self, spec: StageSpec, ctx: Context, s: Settings, tokenizer: Any, train: Any, evaluation: Any):
         return conversational(train, tokenizer, s.chat, s.system), None
+
+    def tokens(self, spec: StageSpec, ctx: Context, s: Settings, tokenizer: Any, train: Any, shown: int):
+        """The prompts as the policy reads them; the answers are sampled while training."""
+        return prompt_tokens(train, tokenizer, s.args, shown, import_name(self.trainer_class).__name__)
 
     def trainer_kwargs(self, spec, ctx, s, model, tokenizer, train, evaluation) -> dict[str, Any]:
         kwargs = super().trainer_kwargs(spec, ctx, s, model, tokenizer, train, evaluation)

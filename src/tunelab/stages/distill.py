@@ -23,6 +23,7 @@ from tunelab.models.spec import model_config, stage_model
 from tunelab.models.tokenizers import same_tokenizer, tokenizer_origin
 from tunelab.stages import TRAINING, Context, Metrics, StageSpec
 from tunelab.stages.base import Settings, TrainerStage, sections
+from tunelab.training.tokenized import prompt_tokens
 
 # TRL's Trainer would not read these: the recipe names the teacher with `teacher:`.
 NOT_TRAINER_KEYS = ("teacher_model_name_or_path", "teacher_model_init_kwargs")
@@ -97,6 +98,10 @@ class Distill(TrainerStage):
             plan.parts["teacher"] = model_structure(teacher)[1] * 4.0
             plan.notes.append("teacher frozen, in fp32")
         return plan
+
+    def tokens(self, spec: StageSpec, ctx: Context, s: Settings, tokenizer: Any, train: Any, shown: int):
+        """The prompts as the student reads them; its answers are sampled while training."""
+        return prompt_tokens(train, tokenizer, s.args, shown, "DistillationTrainer")
 
 
 def _check_vocabularies(spec: StageSpec, ctx: Context) -> None:

@@ -11,7 +11,11 @@ adapter names the pre-SFT base.)
 
 from __future__ import annotations
 
-from tunelab.stages.base import PreferenceStage, sections
+from typing import Any
+
+from tunelab.stages import Context, StageSpec
+from tunelab.stages.base import PreferenceStage, Settings, sections
+from tunelab.training.tokenized import dpo_tokens
 
 
 class DPO(PreferenceStage):
@@ -27,3 +31,7 @@ class DPO(PreferenceStage):
             "lora": "peft.LoraConfig fields; omit for full fine-tuning against a frozen copy",
         }
     )
+
+    def tokens(self, spec: StageSpec, ctx: Context, s: Settings, tokenizer: Any, train: Any, shown: int):
+        """Pairs as DPOTrainer tokenizes them: the prompt, then each answer (the marked tokens)."""
+        return dpo_tokens(train, tokenizer, s.args, shown)

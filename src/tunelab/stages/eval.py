@@ -703,3 +703,11 @@ class Eval(Stage):
 
     def plan(self, spec: StageSpec, ctx: Context) -> Any:
         return self.mode(spec, ctx).plan(spec, ctx)
+
+    def held_out(self, spec: StageSpec, ctx: Context) -> list[tuple[str, Any]]:
+        """The prompts the models answer (text modes; images and diffusion have none to compare)."""
+        mode = self.mode(spec, ctx)
+        if not isinstance(mode, TextMode):
+            return []
+        data = mode.data(spec, ctx, mode.settings(spec, ctx), running=False)
+        return [(f"{spec.where}.data", [{"prompt": p} for p in data.raw])]

@@ -18,6 +18,7 @@ from tunelab.data.datasets import require_preferences, require_values
 from tunelab.models.chat_templates import conversational
 from tunelab.stages import TRAINING, Context, Metrics, StageSpec
 from tunelab.stages.base import PREFERENCE_PROGRESS, PreferenceStage, Settings, sections
+from tunelab.training.tokenized import kto_tokens
 
 UNPAIRED = ("prompt", "completion", "label")
 PAIRED = ("chosen", "rejected")
@@ -100,3 +101,7 @@ class KTO(PreferenceStage):
             ds = conversational(ds, tokenizer, s.chat, s.system, answers=PAIRED)
             return unpair_preference_dataset(ds).shuffle(seed=seed)  # good and bad answers in every batch
         return conversational(ds, tokenizer, s.chat, s.system, answers=("completion",))
+
+    def tokens(self, spec: StageSpec, ctx: Context, s: Settings, tokenizer: Any, train: Any, shown: int):
+        """Rows as KTOTrainer tokenizes them: the prompt, then the completion (the marked tokens)."""
+        return kto_tokens(train, tokenizer, s.args, shown)

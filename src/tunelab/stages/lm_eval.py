@@ -341,6 +341,10 @@ class LmEval(ModelsStage):
         folders = [data.folder, *include_paths(spec.cfg.get("include_path"), f"{spec.where}.include_path")]
         return {"tasks": _fingerprint(folders, s.names)}
 
+    def held_out(self, spec: StageSpec, ctx: Context) -> list[tuple[str, Any]]:
+        """Its documents come from the harness's tasks, which tunelab does not read: said, not compared."""
+        return [(f"{spec.where}.tasks", None)]
+
     def plan(self, spec: StageSpec, ctx: Context) -> Any:
         """Memory plan of scoring with the largest of the models: a batch of PROMPT_TOKENS-token prompts, with
         every position's logits kept (log-likelihood tasks do), so `batch_size` is planned as it will be used.

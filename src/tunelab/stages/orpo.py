@@ -8,8 +8,11 @@ ORPO can start from a base model (it learns the answers' format as it learns the
 
 from __future__ import annotations
 
-from tunelab.stages import TRAINING, Metrics
-from tunelab.stages.base import PREFERENCE_PROGRESS, PreferenceStage, sections
+from typing import Any
+
+from tunelab.stages import TRAINING, Context, Metrics, StageSpec
+from tunelab.stages.base import PREFERENCE_PROGRESS, PreferenceStage, Settings, import_name, sections
+from tunelab.training.tokenized import row_trainer_tokens
 
 
 class ORPO(PreferenceStage):
@@ -28,3 +31,7 @@ class ORPO(PreferenceStage):
             "training": "trl.experimental.orpo.ORPOConfig fields (beta, learning_rate, max_steps, max_length, ...)",
         }
     )
+
+    def tokens(self, spec: StageSpec, ctx: Context, s: Settings, tokenizer: Any, train: Any, shown: int):
+        """Pairs as ORPOTrainer tokenizes them, by its own tokenize_row."""
+        return row_trainer_tokens(train, tokenizer, s.args, shown, import_name(self.trainer_class))

@@ -42,6 +42,7 @@ from tunelab.models.tokenizers import load_tokenizer, same_tokenizer, tokenizer_
 from tunelab.stages import Context, Metrics, StageSpec
 from tunelab.stages.base import Settings, TrainerStage, sections
 from tunelab.training.distributed import world
+from tunelab.training.tokenized import prompt_tokens
 
 COMPUTED = "is computed by the trainer from per_device_train_batch_size, gradient_accumulation_steps, " + (
     "num_mini_batches and the number of processes: remove it"
@@ -290,3 +291,7 @@ class PPO(TrainerStage):
             plan.parts["reference"] = plan.parts["weights"]
         plan.notes.append("value model trained in full in fp32; reward model (and reference) frozen")
         return plan
+
+    def tokens(self, spec: StageSpec, ctx: Context, s: Settings, tokenizer: Any, train: Any, shown: int):
+        """The prompts as the policy reads them (tokenized by `prepare`); the answers are sampled while training."""
+        return prompt_tokens(train, tokenizer, s.args, shown, "PPOTrainer")

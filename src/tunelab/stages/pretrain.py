@@ -25,7 +25,8 @@ from tunelab.data.mixtures import is_stream, preview
 from tunelab.models.plan import plan_training
 from tunelab.models.tokenizers import BpeTrainerArgs, load_tokenizer, tokenizer_origin, train_tokenizer
 from tunelab.stages import TRAINING, Context, Metrics, StageSpec
-from tunelab.stages.base import Settings, TrainerStage
+from tunelab.stages.base import Settings, TokenizerPending, TrainerStage
+from tunelab.training.tokenized import sft_tokens
 
 PACKING_DEFAULTS = {"packing": True, "packing_strategy": "wrapped"}
 STREAM_TOKENIZER_ROWS = 100_000
@@ -132,6 +133,8 @@ class Pretrain(TrainerStage):
 
     def tokenizer(self, spec: StageSpec, ctx: Context, s: PretrainSettings, train: Any) -> Any:
         """The reused tokenizer, or a byte-level BPE trained on the corpus."""
+        if s.pending is not None:
+            raise TokenizerPending(f"its tokenizer is the one stage '{s.pending}' saves, which has not run yet")
         if s.reuse is not None:
             return load_tokenizer(s.reuse)
         column = s.args.dataset_text_field
@@ -140,6 +143,9 @@ class Pretrain(TrainerStage):
         else:
             texts = (t for t in train[column] if t)
         return train_tokenizer(texts, s.bpe, f"{spec.where}.tokenizer")
+
+    def tokens(self, spec: StageSpec, ctx: Context, s: Settings, tokenizer: Any, train: Any, shown: int):
+        return sft_tokens(train, tokenizer, s.args, shown)
 
     def model(self, spec: StageSpec, ctx: Context, s: Settings, tokenizer: Any, train: Any) -> Any:
         """A new model from `config`, its vocabulary and special tokens from the tokenizer."""

@@ -21,6 +21,7 @@ from tunelab.models.loading import prepare_kbit
 from tunelab.models.reward_models import load_sequence_classifier, reward_scores
 from tunelab.stages import TRAINING, Context, Metrics, StageSpec
 from tunelab.stages.base import PreferenceStage, Settings, sections
+from tunelab.training.tokenized import reward_tokens
 
 
 def _texts(ds, tokenizer) -> tuple[list[str], list[str]]:
@@ -104,6 +105,10 @@ class Reward(PreferenceStage):
         if evaluation is None:
             return {}
         return pairwise_accuracy(trainer.model, tokenizer, evaluation, s.args.per_device_eval_batch_size)
+
+    def tokens(self, spec: StageSpec, ctx: Context, s: Settings, tokenizer: Any, train: Any, shown: int):
+        """Pairs as RewardTrainer tokenizes them: each whole sequence, scored at its last token."""
+        return reward_tokens(train, tokenizer, s.args, shown)
 
     def save(self, spec: StageSpec, ctx: Context, s: Settings, trainer: Any, tokenizer: Any) -> None:
         if trainer.args.should_save:  # the main process

@@ -25,6 +25,7 @@ from tunelab.models.spec import model_config, model_spec
 from tunelab.models.tokenizers import load_tokenizer
 from tunelab.stages import TRAINING, Context, Metrics, StageSpec
 from tunelab.stages.base import Settings, TrainerStage, sections
+from tunelab.training.tokenized import sft_tokens
 
 
 def data_format(ds, text_field: str, where: str) -> str:
@@ -191,6 +192,10 @@ class SFT(TrainerStage):
             if evaluation is not None:
                 evaluation = tokenize_assistant_only(evaluation, tokenizer, f"{spec.where}.eval_data", masked)
         return train, evaluation
+
+    def tokens(self, spec: StageSpec, ctx: Context, s: Settings, tokenizer: Any, train: Any, shown: int):
+        """SFTTrainer's own preparation of the rows `prepare` hands it (tunelab's assistant masks included)."""
+        return sft_tokens(train, tokenizer, s.args, shown)
 
     def before(self, spec, ctx, s, trainer, tokenizer, evaluation) -> dict[str, Any]:
         if not is_stream(trainer.train_dataset) and len(trainer.train_dataset) == 0:

@@ -7,7 +7,7 @@ TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed-stamp
 PIN   := -c constraints.txt
 
-.PHONY: setup upgrade-deps demo test test-all lint bench sft qlora classify rlhf diffusion real mixture vlm llamacpp clean
+.PHONY: setup upgrade-deps demo test test-all test-cluster lint bench sft qlora classify rlhf diffusion real mixture vlm llamacpp clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -32,6 +32,11 @@ test: setup  ## the fast suite (what CI runs)
 
 test-all: setup  ## including slow tests (the full quickstart)
 	$(PY) -m pytest -q -m ""
+
+# Root and apt: installs Debian's Slurm and munge when missing, starts a two-node cluster in two network
+# namespaces (state in a temp folder of its own), runs tests/cluster, and tears it all down whatever happens.
+test-cluster: setup  ## multi-node runs on a real two-node Slurm cluster on this machine (root; ~10 min)
+	tests/cluster/cluster.sh run $(PY) -m pytest -q -m cluster tests/cluster
 
 lint: setup  ## ruff's checks and its formatting (`ruff format` fixes the latter)
 	$(VENV)/bin/ruff check src tests benchmarks recipes tools

@@ -42,6 +42,7 @@ __all__ = [
     "recipe_from_dict",
     "run",
     "serve",
+    "slurm",
     "validate",
 ]
 
@@ -52,6 +53,7 @@ if TYPE_CHECKING:
     from tunelab.exporting import ExportResult
     from tunelab.pipeline import RunResult
     from tunelab.serving.service import Server
+    from tunelab.training.slurm import SlurmJob
 
 
 def validate(
@@ -340,6 +342,72 @@ def serve(
     return start(
         model, named, host=host, port=port, api_key=api_key, quantization=quantization, backend=backend, **options
     )
+
+
+def slurm(
+    recipe: str | os.PathLike,
+    overrides: list[str] | tuple[str, ...] = (),
+    *,
+    overwrite: bool = False,
+    resume: bool = False,
+    from_stage: str | None = None,
+    submit: bool = False,
+    dry_run: bool = False,
+    **options: Any,
+) -> SlurmJob:
+    """An sbatch script that runs the recipe on a Slurm cluster, as `tunelab launch --slurm` writes it.
+
+    The recipe is checked first (as `validate` does, for the job's process count), then the time limit,
+    the partition's size and, with `submit`, that sbatch is there. Returns `SlurmJob(script, path, log,
+    job_id)`: `dry_run` writes nothing (`path` is None); `submit` also runs sbatch (`job_id`).
+
+    `options` (`tunelab.training.slurm.SlurmOptions`): nodes, gpus_per_node, processes_per_node,
+    cpus_per_node, time, partition, account, job_name, output, sbatch (a list of extra sbatch options),
+    requeue, signal ('B:TERM@120'), ifname, config_file, mixed_precision, script (where to write it).
+    The run folder must be on storage every node sees.
+    """
+    import dataclasses
+    from pathlib import Path
+
+    from tunelab.core.errors import closest
+    from tunelab.pipeline import check_with_plans
+    from tunelab.training import slurm as slurm_jobs
+
+    _flags(overwrite=overwrite, resume=resume, submit=submit, dry_run=dry_run)
+    _optional_text(from_stage, "from_stage", "the name of a stage of the recipe")
+    known = {f.name for f in dataclasses.fields(slurm_jobs.SlurmOptions)}
+    for key in options:
+        if key not in known:
+            guess = closest(key, known)
+            hint = f"did you mean '{guess}'?" if guess else f"options: {', '.join(sorted(known))}"
+            raise TunelabError(f"slurm() has no option '{key}'; {hint}")
+    opts = slurm_jobs.SlurmOptions(**{k: v for k, v in options.items() if v is not None})  # None: the default
+    opts.sbatch = [opts.sbatch] if isinstance(opts.sbatch, str) else list(opts.sbatch)
+    slurm_jobs.check_options(opts)
+    name = _path(recipe, "recipe", "a recipe file or the name of a shipped recipe")
+    overrides = list(overrides)
+    parsed = load_recipe(name, overrides)
+    processes = opts.nodes * slurm_jobs.per_node(opts)
+    _, plans = check_with_plans(parsed, overwrite=overwrite, resume=resume, from_stage=from_stage, processes=processes)
+    slurm_jobs.check_time(opts, plans)
+    slurm_jobs.check_nodes(opts)
+    if submit:
+        slurm_jobs.sbatch_path()
+    run_dir = parsed.output_dir.resolve()
+    script, log = slurm_jobs.default_paths(run_dir)
+    script = Path(opts.script).resolve() if opts.script else script
+    log = str(Path(opts.output).resolve()) if opts.output else log
+    arg = str(Path(name).resolve()) if Path(name).exists() else name  # a shipped recipe's name stays a name
+    flags = ["--overwrite"] * overwrite + ["--resume"] * resume + (["--from", from_stage] if from_stage else [])
+    name_of = str(parsed.data.get("name") or run_dir.name)
+    text = slurm_jobs.render(arg, overrides, flags, run_dir, name_of, opts, log, script)
+    if dry_run:
+        return slurm_jobs.SlurmJob(text, None, log)
+    slurm_jobs.write(script, text)
+    job = slurm_jobs.SlurmJob(text, script, log)
+    if submit:
+        job.job_id = slurm_jobs.submit(script)
+    return job
 
 
 def __getattr__(name: str) -> Any:

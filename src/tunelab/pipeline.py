@@ -36,7 +36,7 @@ from tunelab.recipe import Recipe
 from tunelab.reports import write_report
 from tunelab.stages import Context, StageResult, StageSpec, stage
 from tunelab.training import distributed
-from tunelab.training.safeguards import Interrupted, last_checkpoint
+from tunelab.training.safeguards import Interrupted, echo, last_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +78,17 @@ def check(
     launch` checks before it starts them.
     """
     return _check(recipe, overwrite, resume, from_stage, processes)[0]
+
+
+def check_with_plans(
+    recipe: Recipe,
+    overwrite: bool = False,
+    resume: bool = False,
+    from_stage: str | None = None,
+    processes: int | None = None,
+) -> tuple[str, list[Any]]:
+    """`check`, and the memory plans made on the way (what `tunelab launch --slurm` sizes the grace by)."""
+    return _check(recipe, overwrite, resume, from_stage, processes)
 
 
 def _check(
@@ -360,6 +371,7 @@ def run(recipe: Recipe, overwrite: bool = False, resume: bool = False, from_stag
             f"tunelab: {recipe.data['name']} ({', '.join(recipe.stages)}) -> {recipe.output_dir}"
             + {"resume": " (resuming)", "overwrite": " (replacing the previous run)"}.get(mode, "")
             + (f" on {size} processes" if size > 1 else "")
+            + (f" over {len(hosts)} hosts ({', '.join(hosts)})" if len(hosts := distributed.hosts()) > 1 else "")
         )
         with runs.locked(recipe.output_dir):
             return _run_locked(recipe, mode, from_stage)
@@ -431,6 +443,7 @@ def _run_new(
         runs.write_atomic(run_dir / "recipe.yaml", recipe.to_yaml())
         _write(run_dir / "run.json", manifest)
     distributed.barrier("the run folder")
+    distributed.check_shared(run_dir / "run.json")  # across hosts: every one sees the run folder
     result = RunResult(run_dir=run_dir, status="running", kinds={n: c["stage"] for n, c in recipe.stages.items()})
     ctx = Context(seed=recipe.seed, run_dir=run_dir, resume=mode == "resume")
     if main:
@@ -474,7 +487,8 @@ def _sigterm_interrupts():
         return
 
     def handler(signum: int, frame: Any) -> None:
-        raise Interrupted(signum, None)
+        if not echo(signum):  # the same request again (a scheduler and a launcher each pass it on): one stop
+            raise Interrupted(signum, None)
 
     previous = signal.signal(signal.SIGTERM, handler)
     try:
@@ -662,11 +676,14 @@ def _run_stage(
         out = impl.run(spec, ctx) if everywhere or main else StageResult(model=None)
         distributed.barrier(f"the end of stage '{spec.name}'")
     except BaseException as exc:
+        lost = distributed.lost_peer(exc, f"stage '{spec.name}'")  # another host's ranks died: name it
         record.update(status="interrupted" if isinstance(exc, KeyboardInterrupt) else "failed", ended=runs.now())
         record["entries"] = _written(spec.out_dir, record["foreign"])
         if not isinstance(exc, KeyboardInterrupt):
-            record["error"] = f"{type(exc).__name__}: {exc}"[:500]
+            record["error"] = f"{type(lost or exc).__name__}: {lost or exc}"[:500]
         _write(spec.out_dir / "stage.json", record)
+        if lost is not None:
+            raise lost from exc
         raise
     finally:
         if tb_dir is None:

@@ -63,7 +63,9 @@ RecipeArg = Annotated[str, typer.Argument(help="Recipe file, or the name of a sh
 
 
 def _fail(message: str, code: int = 2) -> None:
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    from tunelab.training.distributed import log_prefix
+
+    typer.secho(f"{log_prefix()}error: {message}", fg=typer.colors.RED, err=True)
     raise typer.Exit(code)
 
 
@@ -81,14 +83,19 @@ RUNNING_COMMANDS = {"run", "launch", "eval_model", "sample"}
 
 class PlainLines(logging.Handler):
     """tunelab's log records as the plain lines the CLI prints: the message alone on stdout, `warning: `
-    before a warning. stdout is looked up at each line (CliRunner swaps it), and a line goes through
-    tqdm.write when tqdm is loaded, so a progress bar on the terminal stays whole below it."""
+    before a warning, and `[HOST rank R] ` before both when the run spans hosts (their lines meet in one
+    log). stdout is looked up at each line (CliRunner swaps it), and a line goes through tqdm.write when
+    tqdm is loaded, so a progress bar on the terminal stays whole below it."""
 
     def emit(self, record: logging.LogRecord) -> None:
+        from tunelab.training.distributed import log_prefix
+
         try:
             text = record.getMessage()
             if record.levelno >= logging.WARNING:
                 text = f"warning: {text}"
+            if prefix := log_prefix():
+                text = "\n".join(prefix + line if line else line for line in text.split("\n"))
             tqdm = sys.modules.get("tqdm")
             if tqdm is not None:
                 tqdm.tqdm.write(text, file=sys.stdout)
@@ -260,19 +267,93 @@ def run(
 def launch(
     recipe: RecipeArg,
     overrides: Overrides = None,
-    num_processes: Annotated[int | None, typer.Option(help="Processes in all (one per GPU; on CPU, gloo).")] = None,
+    num_processes: Annotated[
+        int | None, typer.Option(help="Processes in all, over every host (one per GPU; on CPU, gloo).")
+    ] = None,
     num_machines: Annotated[int | None, typer.Option(help="Hosts taking part.")] = None,
     machine_rank: Annotated[int | None, typer.Option(help="This host's rank (0 is the main host).")] = None,
     main_process_ip: Annotated[str | None, typer.Option(help="Address of the main host.")] = None,
     main_process_port: Annotated[int | None, typer.Option(help="Port on the main host.")] = None,
+    rdzv_backend: Annotated[
+        str | None, typer.Option(help="Rendezvous across hosts: static (the default) or c10d (torchrun's).")
+    ] = None,
+    ifname: Annotated[
+        str | None,
+        typer.Option(help="Network interface for gloo and NCCL (GLOO_SOCKET_IFNAME, NCCL_SOCKET_IFNAME), e.g. eth0."),
+    ] = None,
     mixed_precision: Annotated[str | None, typer.Option(help="no, fp16, bf16 (default: the recipe's).")] = None,
     config_file: Annotated[str | None, typer.Option(help="Accelerate config (see recipes/accelerate/).")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a finished run in output_dir.")] = False,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an unfinished run from its checkpoints.")] = False,
     from_stage: Annotated[str | None, typer.Option("--from", help="Rerun this stage and the ones after it.")] = None,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the accelerate command; run nothing.")] = False,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Print the accelerate command (the sbatch script with --slurm).")
+    ] = False,
+    check_first: Annotated[
+        bool,
+        typer.Option(
+            "--check/--no-check",
+            help="Check the recipe before starting the processes (each checks it again; sbatch scripts skip this).",
+        ),
+    ] = True,
+    slurm: Annotated[
+        bool,
+        typer.Option(
+            "--slurm",
+            help="Write an sbatch script for the recipe (and print its path); see --submit.",
+            rich_help_panel="Slurm",
+        ),
+    ] = False,
+    submit: Annotated[
+        bool, typer.Option("--submit", help="Submit the script with sbatch; print the job id.", rich_help_panel="Slurm")
+    ] = False,
+    nodes: Annotated[int | None, typer.Option(help="Nodes (default 1).", rich_help_panel="Slurm")] = None,
+    gpus_per_node: Annotated[
+        int | None, typer.Option(help="GPUs per node: as many processes per node.", rich_help_panel="Slurm")
+    ] = None,
+    processes_per_node: Annotated[
+        int | None, typer.Option(help="Processes per node on CPU nodes (default 1).", rich_help_panel="Slurm")
+    ] = None,
+    cpus_per_node: Annotated[
+        int | None, typer.Option(help="CPU cores per node (the task's --cpus-per-task).", rich_help_panel="Slurm")
+    ] = None,
+    time: Annotated[
+        str | None, typer.Option(help="Time limit, e.g. 4:00:00 or 1-00:00:00.", rich_help_panel="Slurm")
+    ] = None,
+    partition: Annotated[
+        str | None, typer.Option(help="Partition (default: the cluster's).", rich_help_panel="Slurm")
+    ] = None,
+    account: Annotated[str | None, typer.Option(help="Account to charge.", rich_help_panel="Slurm")] = None,
+    job_name: Annotated[
+        str | None, typer.Option(help="Job name (default tunelab-RECIPE).", rich_help_panel="Slurm")
+    ] = None,
+    output: Annotated[
+        str | None, typer.Option(help="The job's log (default RUN_DIR-slurm-%j.out).", rich_help_panel="Slurm")
+    ] = None,
+    sbatch: Annotated[
+        list[str] | None,
+        typer.Option("--sbatch", help='More sbatch options, one each: --sbatch "--qos=high".', rich_help_panel="Slurm"),
+    ] = None,
+    requeue: Annotated[
+        bool,
+        typer.Option(
+            "--requeue",
+            help="Requeue on pre-emption, and at the time limit after a checkpoint.",
+            rich_help_panel="Slurm",
+        ),
+    ] = False,
+    signal_: Annotated[
+        str,
+        typer.Option("--signal", help="Warning before the time limit: [B:]SIG@SECONDS.", rich_help_panel="Slurm"),
+    ] = "B:TERM@120",
+    script: Annotated[
+        str | None, typer.Option(help="Where to write the script (default RUN_DIR.sbatch).", rich_help_panel="Slurm")
+    ] = None,
 ) -> None:
-    """`tunelab run` on several processes, GPUs or hosts through `accelerate launch` (checks the recipe first)."""
+    """`tunelab run` on several processes, GPUs or hosts through `accelerate launch` (checks the recipe first).
+
+    With --slurm: an sbatch script that runs it over --nodes nodes of a Slurm cluster, resuming when requeued.
+    """
     import shlex
     import signal
     import subprocess
@@ -281,12 +362,38 @@ def launch(
     from tunelab.pipeline import check
     from tunelab.training.distributed import launch_command, signal_ranks
 
+    slurm_options = {
+        "--nodes": nodes,
+        "--gpus-per-node": gpus_per_node,
+        "--processes-per-node": processes_per_node,
+        "--cpus-per-node": cpus_per_node,
+        "--time": time,
+        "--partition": partition,
+        "--account": account,
+        "--job-name": job_name,
+        "--output": output,
+        "--sbatch": sbatch,
+        "--script": script,
+        "--requeue": requeue or None,
+        "--submit": submit or None,
+        "--signal": None if signal_ == "B:TERM@120" else signal_,
+    }
+    if slurm:
+        _launch_slurm(recipe, overrides, slurm_options, locals())
+        return
+    given = [name for name, value in slurm_options.items() if value is not None]
+    if given:
+        from tunelab.core.errors import TunelabError
+
+        raise TunelabError(f"{given[0]} belongs to a Slurm job: add --slurm (or drop {given[0]})")
     options = {
         "num_processes": num_processes,
         "num_machines": num_machines,
         "machine_rank": machine_rank,
         "main_process_ip": main_process_ip,
         "main_process_port": main_process_port,
+        "rdzv_backend": rdzv_backend,
+        "ifname": ifname,
         "mixed_precision": mixed_precision,
         "config_file": config_file,
     }
@@ -294,11 +401,23 @@ def launch(
     flags = ["--overwrite"] * overwrite + ["--resume"] * resume + (["--from", from_stage] if from_stage else [])
     argv, env = launch_command(options, [recipe, *(overrides or []), *flags])
     processes = int(argv[argv.index("--num_processes") + 1])
-    check(load_recipe(recipe, overrides or []), overwrite, resume, from_stage, processes=processes)
+    if check_first:
+        check(load_recipe(recipe, overrides or []), overwrite, resume, from_stage, processes=processes)
     if dry_run:
-        typer.echo(("ACCELERATE_USE_CPU=1 " if env.get("ACCELERATE_USE_CPU") else "") + shlex.join(argv))
+        shown = {
+            k: env[k]
+            for k in ("ACCELERATE_USE_CPU", "GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")
+            if ifname or k == "ACCELERATE_USE_CPU"
+        }
+        typer.echo("".join(f"{k}={v} " for k, v in shown.items() if v) + shlex.join(argv))
         return
-    proc = subprocess.Popen(argv, env=env, start_new_session=True)
+    # The agent (torchrun, in the launcher's process) ignores SIGTERM, which it would pass on as a second
+    # signal: the ranks get it from here (signal_ranks) or from the scheduler, and checkpoint once.
+    ignored = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        proc = subprocess.Popen(argv, env=env, start_new_session=True)
+    finally:
+        signal.signal(signal.SIGTERM, ignored)
     caught: list[int] = []
 
     def forward(signum: int, frame: Any) -> None:
@@ -309,6 +428,51 @@ def launch(
         signal.signal(sig, forward)
     code = proc.wait()
     raise typer.Exit(128 + caught[0] if caught and code else code)
+
+
+def _launch_slurm(
+    recipe: str, overrides: list[str] | None, slurm_options: dict[str, Any], given: dict[str, Any]
+) -> None:
+    """`tunelab launch --slurm`: write (and with --submit, submit) the sbatch script, or print it (--dry-run)."""
+    from tunelab import slurm
+    from tunelab.core.errors import TunelabError
+
+    for flag, key in (
+        ("--num-processes", "num_processes"),
+        ("--num-machines", "num_machines"),
+        ("--machine-rank", "machine_rank"),
+        ("--main-process-ip", "main_process_ip"),
+        ("--main-process-port", "main_process_port"),
+        ("--rdzv-backend", "rdzv_backend"),
+    ):
+        if given[key] is not None:
+            raise TunelabError(
+                f"{flag} is set by the sbatch script on each node (from --nodes and --gpus-per-node or "
+                f"--processes-per-node): drop it"
+            )
+    if given["dry_run"] and given["submit"]:
+        raise TunelabError("--dry-run and --submit contradict each other: choose one")
+    options = {flag[2:].replace("-", "_"): value for flag, value in slurm_options.items()}
+    options.pop("submit")
+    job = slurm(
+        recipe,
+        overrides or [],
+        overwrite=given["overwrite"],
+        resume=given["resume"],
+        from_stage=given["from_stage"],
+        submit=given["submit"],
+        dry_run=given["dry_run"],
+        ifname=given["ifname"],
+        config_file=given["config_file"],
+        mixed_precision=given["mixed_precision"],
+        **options,
+    )
+    if job.path is None:
+        typer.echo(job.script, nl=False)
+    elif job.job_id is None:
+        typer.echo(f"wrote {job.path}; submit it with: sbatch {job.path}  (its log: {job.log})")
+    else:
+        typer.echo(f"submitted job {job.job_id}: {job.path}; its log: {job.log.replace('%j', job.job_id)}")
 
 
 def _check_launch_options(

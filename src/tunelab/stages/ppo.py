@@ -38,7 +38,7 @@ from tunelab.models.plan import model_structure, optimizer_bytes, policy_plan
 from tunelab.models.reward_functions import reward_model_spec
 from tunelab.models.reward_models import load_sequence_classifier
 from tunelab.models.spec import model_config
-from tunelab.models.tokenizers import load_tokenizer, same_tokenizer, tokenizer_origin
+from tunelab.models.tokenizers import same_tokenizer, tokenizer_origin
 from tunelab.stages import Context, Metrics, StageSpec
 from tunelab.stages.base import Settings, TrainerStage, sections
 from tunelab.training.distributed import world
@@ -227,7 +227,7 @@ class PPO(TrainerStage):
         _check_batches(spec, s.args, len(train))
 
     def tokenizer(self, spec: StageSpec, ctx: Context, s: Settings, train: Any) -> Any:
-        tokenizer = load_tokenizer(s.model["path"])
+        tokenizer = super().tokenizer(spec, ctx, s, train)  # TokenizerPending while an earlier stage makes it
         tokenizer.padding_side = "left"  # responses are appended after the prompts
         return tokenizer
 

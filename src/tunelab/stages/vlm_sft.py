@@ -133,6 +133,8 @@ class VlmSft(TrainerStage):
         collate([train[i] for i in range(min(2, len(train)))])
 
     def tokenizer(self, spec: StageSpec, ctx: Context, s: Settings, train: Any) -> Any:
+        if s.model is None:  # an earlier stage (vlm_build) makes it: TokenizerPending, as the base says
+            return super().tokenizer(spec, ctx, s, train)
         return load_processor(s.model["path"], f"{spec.where}.model")
 
     def model(self, spec: StageSpec, ctx: Context, s: VlmSettings, tokenizer: Any, train: Any) -> Any:

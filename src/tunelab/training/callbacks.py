@@ -96,13 +96,17 @@ class Throughput(TrainerCallback):
 
 
 class StopAfterStep(TrainerCallback):
-    """Once a signal is `caught` (by `stop_on_signals`' handler), save a checkpoint after this step and stop."""
+    """Once a signal is `caught` (by `stop_on_signals`' handler), save a checkpoint after this step and stop.
 
-    def __init__(self, caught: list[int]) -> None:
-        self.caught = caught
+    Under several processes the ranks decide together, at every step: a signal that reaches one rank a
+    moment after another (a step boundary between them) must not have one rank saving while another trains.
+    """
+
+    def __init__(self, caught: list[int], anyone: Callable[[bool], bool]) -> None:
+        self.caught, self.anyone = caught, anyone  # anyone: tunelab.training.distributed.anyone
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.caught:
+        if self.anyone(bool(self.caught)):
             control.should_save = True
             control.should_training_stop = True
 

@@ -45,9 +45,32 @@ class Interrupted(KeyboardInterrupt):
         self.signum, self.checkpoint = signum, checkpoint
 
 
+# A scheduler stops a job by signalling every process in it (Slurm: scancel, requeue, pre-emption), and
+# launchers pass the signal on: one request reaches a rank as two or three SIGTERMs within moments.
+ECHO_S = 30.0
+_TERMS: list[float] = []
+
+
+def echo(signum: int) -> bool:
+    """True for a SIGTERM that repeats one received less than ECHO_S ago: the same request, not a second one."""
+    import signal
+    import time
+
+    if signum != signal.SIGTERM:
+        return False
+    now = time.monotonic()
+    repeat = bool(_TERMS) and now - _TERMS[-1] < ECHO_S
+    if not repeat:
+        _TERMS.append(now)
+    return repeat
+
+
 @contextlib.contextmanager
 def stop_on_signals(trainer: Any, out_dir: Path):
     """The first SIGINT/SIGTERM ends training after the current step with a checkpoint; a second stops at once.
+
+    A SIGTERM repeated within ECHO_S is the same request (see `echo`): a job's scheduler and its launchers
+    each pass it on; to stop at once, send SIGINT (Ctrl-C) again.
 
     The Trainer saves when a callback sets `control.should_save` and stops at `should_training_stop`,
     so the checkpoint holds model, optimizer, scheduler, RNG states and data position like any other.
@@ -61,6 +84,8 @@ def stop_on_signals(trainer: Any, out_dir: Path):
     caught: list[int] = []
 
     def handler(signum: int, frame: Any) -> None:
+        if echo(signum):
+            return
         if caught:
             raise KeyboardInterrupt  # second signal: stop now, keep the checkpoints already written
         caught.append(signum)
@@ -69,7 +94,7 @@ def stop_on_signals(trainer: Any, out_dir: Path):
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    trainer.add_callback(StopAfterStep(caught))
+    trainer.add_callback(StopAfterStep(caught, distributed.anyone))
     previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
@@ -145,7 +170,7 @@ def seed_per_rank(trainer: Any) -> None:
 def check_ranks_in_sync(trainer: Any) -> dict[str, float]:
     """After distributed training, every rank must hold the same trainable weights; prove it, or fail.
 
-    A checksum of the trainable parameters is gathered from all ranks. A mismatch (a parameter
+    A checksum of the trainable parameters is gathered from all ranks, on every host. A mismatch (a parameter
     outside DDP's reach, a rank that trained on different settings) is an error, not a silent
     divergence the saved model would hide. Returns {"world_size", "ranks_in_sync"} for metrics.
     """
@@ -158,12 +183,18 @@ def check_ranks_in_sync(trainer: Any) -> dict[str, float]:
 
     model = trainer.accelerator.unwrap_model(trainer.model)
     params = [p.detach().float().flatten().cpu() for p in model.parameters() if p.requires_grad]
-    local = torch.stack([torch.cat(params).sum(), torch.cat(params).abs().sum()]).double()
+    flat = torch.cat(params).double()
+    weights = torch.arange(flat.numel(), dtype=torch.float64) % 1021 + 1  # position-weighted: a swap shows too
+    local = torch.stack([flat.sum(), flat.abs().sum(), (flat * weights).sum()])
     gathered = [torch.zeros_like(local) for _ in range(size)]
     dist.all_gather(gathered, local.to(trainer.args.device))
     sums = torch.stack([g.cpu() for g in gathered])
-    if not torch.allclose(sums, sums[0].expand_as(sums), rtol=1e-6, atol=0):
-        raise TunelabError(f"after training, the ranks hold different weights (checksums {sums[:, 0].tolist()})")
+    apart = [r for r in range(size) if not torch.allclose(sums[r], sums[0], rtol=1e-6, atol=0)]
+    if apart:
+        raise TunelabError(
+            f"after training, the ranks hold different weights: {', '.join(distributed.where(r) for r in apart)} "
+            f"apart from {distributed.where(0)} (checksums {sums[:, 0].tolist()})"
+        )
     return {"world_size": float(size), "ranks_in_sync": 1.0}
 
 

@@ -47,6 +47,7 @@ def _one_and_two(tmp_path: Path, stage_for: callable) -> tuple[list[float], list
     return _losses(tmp_path, "one"), _losses(tmp_path, "two"), metrics
 
 
+@pytest.mark.slow  # 37 s; CI's `make test-cluster` runs 1 node x 2 processes as the reference of its 2-node runs
 def test_two_process_sft_matches_one_process(tmp_path: Path, tiny_lm: Path) -> None:
     def stage(batch: int) -> dict:
         training = tiny_training(max_steps=8, per_device_train_batch_size=batch, learning_rate=1e-3)

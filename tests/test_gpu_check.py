@@ -8,10 +8,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 TRAINED_ON_CPU = {"sft-lora-sdpa", "sft-qlora-sdpa", "dpo-lora", "grpo-lora"}
 
 
+@pytest.mark.slow  # 23 s: trains every CPU-able case of the GPU script
 def test_dry_run_trains_what_a_cpu_can_and_names_what_it_skips(tmp_path: Path) -> None:
     doc = (ROOT / "docs" / "BENCHMARKS.md").read_text()
     out = tmp_path / "gpu-check.json"

@@ -47,6 +47,7 @@ def test_bundled_tasks_run_anywhere_from_the_copy_a_run_writes(tmp_path: Path, m
     assert tasks["tunelab_arith_fewshot"].config.num_fewshot == 3
 
 
+@pytest.mark.slow  # 23 s; the harness agreement on tiny models stays in the default suite
 def test_eval_choices_agree_with_the_harness_on_smollm2(tmp_path: Path, smollm2: Path) -> None:
     """The same model, the same 12 questions, plain and through the chat template: the same accuracy
     through tunelab's eval and the harness, and the log-likelihood of each of the 48 choices equal to

@@ -1,0 +1,242 @@
+"""RL on the real model: `tunelab run real/smollm2-arith` over 3 seeds, and GRPO's variants side by side.
+
+1. **Seeds.** The whole real track (SFT, QLoRA, DPO, GRPO, reward model, PPO, eval on the 300 held-out
+   questions) once per seed (`REAL_RL_SEEDS`, default 42,1,2): exact match per model, mean and spread, each
+   RL stage's gain over the SFT model of its own seed; the reward model's pairwise accuracy on the 300
+   held-out pairs and how often it scores the right answer c above its near misses (c-1, c+1) and above
+   the question's operands, the answers SFT gets wrong most; stage times.
+2. **GRPO variants.** From the first seed's SFT model, the recipe's GRPO stage with one setting changed
+   (TRL's `loss_type` dapo/grpo/dr_grpo, GSPO's `importance_sampling_level: sequence`,
+   `scale_rewards: none`, two iterations per generation with `epsilon_high`), each with the recipe's steps
+   and batch, so at about equal wall time (measured), then its held-out exact match. The recipe's own
+   setting is the first seed's run itself. (`mask_truncated_completions` is not compared: answers are a
+   number and end-of-turn, and the logs count how many reach `max_completion_length`.)
+
+Runs are kept under runs/bench/real-rl (a finished one is reused, an unfinished one resumed), so an
+interrupted benchmark goes on where it stopped. `REAL_RL_JOBS=2` runs two at a time at one thread each (the
+machine's 2 cores): the stage times are then not quiet-machine times, and the section says so.
+Standalone (`python benchmarks/real_rl.py`) it replaces its own section of docs/BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import ROOT, machine, update_doc  # noqa: E402
+
+TITLE = "## RL on the real model: SmolLM2-135M-Instruct over 3 seeds"
+RECIPE = "real/smollm2-arith"
+WORK = ROOT / "runs" / "bench" / "real-rl"
+SEEDS = [int(s) for s in os.environ.get("REAL_RL_SEEDS", "42,1,2").split(",")]
+JOBS = int(os.environ.get("REAL_RL_JOBS", "1"))
+MODELS = ("base", "sft", "qlora", "dpo", "grpo", "ppo")
+# name -> GRPOConfig fields changed from the recipe's grpo stage
+VARIANTS: dict[str, dict[str, Any]] = {
+    "recipe (loss_type dapo)": {},
+    "loss_type grpo": {"loss_type": "grpo"},
+    "loss_type dr_grpo": {"loss_type": "dr_grpo"},
+    "GSPO (importance_sampling_level sequence)": {"importance_sampling_level": "sequence"},
+    "scale_rewards none": {"scale_rewards": "none"},
+    "num_generations 8 (2 questions a step)": {"num_generations": 8},
+    "num_iterations 2, epsilon_high 0.28": {"num_iterations": 2, "epsilon_high": 0.28},
+}
+
+
+def tunelab(args: list[str], log: Path) -> None:
+    """`tunelab ARGS` as a user runs it, output to `log`; one thread each when runs share the cores."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    if JOBS > 1:
+        env["OMP_NUM_THREADS"] = "1"
+    exe = str(Path(sys.executable).with_name("tunelab"))
+    with log.open("a") as out:
+        subprocess.run([exe, *args], check=True, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+
+
+def run(recipe: str, out: Path, overrides: list[str]) -> dict[str, Any]:
+    """Run (or reuse, or resume) one recipe into `out`; its metrics and stage seconds."""
+    state = json.loads((out / "run.json").read_text()).get("status") if (out / "run.json").is_file() else None
+    if state != "completed":
+        flags = ["--resume"] if state else []
+        tunelab(["run", recipe, f"output_dir={out}", *overrides, *flags], WORK / f"{out.name}.log")
+    stages = json.loads((out / "run.json").read_text())["stages"]
+    return {
+        "metrics": json.loads((out / "metrics.json").read_text()),
+        "seconds": {k: v["seconds"] for k, v in stages.items()},
+    }
+
+
+def near_misses(reward_dir: Path) -> dict[str, float]:
+    """How often the reward model scores the right answer c above c-1, c+1 and each operand of the question,
+    and above all four at once, on the 300 held-out questions (as the policy is prompted: chat template)."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from tunelab.models.chat_templates import reward_texts
+    from tunelab.models.reward_models import reward_scores
+
+    model = AutoModelForSequenceClassification.from_pretrained(reward_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(reward_dir)
+    rows = [json.loads(line) for line in (ROOT / "recipes/data/arith_chat/test.jsonl").read_text().splitlines()]
+    prompts = [r["prompt"] for r in rows]
+    right = [int(r["completion"]) for r in rows]
+    operands = [[int(n) for n in re.findall(r"\d+", p.split("How many")[0])[:2]] for p in prompts]
+    wrong = {
+        "c-1": [c - 1 for c in right],
+        "c+1": [c + 1 for c in right],
+        "first operand": [o[0] for o in operands],
+        "second operand": [o[1] for o in operands],
+    }
+
+    def score(answers: list[int]) -> list[float]:
+        return reward_scores(model, tokenizer, reward_texts(tokenizer, prompts, [str(a) for a in answers]), 32)
+
+    good = score(right)
+    out: dict[str, float] = {}
+    beats_all = [True] * len(rows)
+    for name, answers in wrong.items():
+        bad = score(answers)
+        # an operand equal to the answer (x + 0) is no wrong answer: it counts as beaten
+        wins = [g > b or a == c for g, b, a, c in zip(good, bad, answers, right, strict=True)]
+        out[name] = sum(wins) / len(rows)
+        beats_all = [x and w for x, w in zip(beats_all, wins, strict=True)]
+    out["all four"] = sum(beats_all) / len(rows)
+    return out
+
+
+def seed_run(seed: int) -> dict[str, Any]:
+    out = WORK / f"seed-{seed}"
+    result = run(RECIPE, out, [f"seed={seed}"])
+    result["near_misses"] = near_misses(out / "reward")
+    logs = json.loads((out / "grpo" / "log_history.json").read_text())
+    result["clipped"] = max(e.get("completions/clipped_ratio", 0.0) for e in logs)
+    result["zero_std"] = [e["frac_reward_zero_std"] for e in logs if "frac_reward_zero_std" in e]
+    return result
+
+
+def variant_recipe(sft: Path, name: str, fields: dict[str, Any]) -> Path:
+    """The recipe's grpo stage from `sft`, with `fields` changed, and an eval of it on the held-out questions."""
+    import yaml
+
+    recipe = yaml.safe_load((ROOT / "recipes" / f"{RECIPE}.yaml").read_text())
+    grpo = recipe["stages"]["grpo"]
+    grpo["model"] = str(sft)
+    grpo["training"].update(fields)
+    evaluation = recipe["stages"]["eval"]
+    evaluation["models"] = {"grpo": "${grpo}"}
+    evaluation.pop("reward_model", None)
+    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+    path = WORK / f"variant-{slug}.yaml"
+    path.write_text(yaml.safe_dump({"seed": recipe.get("seed", 42), "stages": {"grpo": grpo, "eval": evaluation}}))
+    return path
+
+
+def variant_run(sft: Path, name: str, fields: dict[str, Any]) -> dict[str, Any]:
+    if not fields:  # the recipe's own setting: the seed run's GRPO stage and eval
+        first = WORK / sft.parent.name
+        result = {
+            "metrics": json.loads((first / "metrics.json").read_text()),
+            "seconds": {k: v["seconds"] for k, v in json.loads((first / "run.json").read_text())["stages"].items()},
+        }
+    else:
+        path = variant_recipe(sft, name, fields)
+        result = run(str(path), WORK / path.stem, [])
+    grpo = result["metrics"]["grpo"]
+    return {
+        "exact_match": result["metrics"]["eval"]["grpo"]["exact_match"],
+        "seconds": result["seconds"]["grpo"],
+        "first_reward": grpo.get("first_reward"),
+        "last_reward": grpo.get("last_reward"),
+    }
+
+
+def spread(values: list[float]) -> str:
+    mean = statistics.mean(values)
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{mean:.3f} ± {sd:.3f}"
+
+
+def report(seeds: dict[int, dict[str, Any]], variants: dict[str, dict[str, Any]]) -> str:
+    em = {s: {m: r["metrics"]["eval"][m]["exact_match"] for m in MODELS} for s, r in seeds.items()}
+    lines = [
+        TITLE,
+        "",
+        f"`python benchmarks/real_rl.py` on {machine()}. `tunelab run {RECIPE}` once per seed "
+        f"({', '.join(map(str, seeds))}; the seed sets LoRA initialisation, data order and sampling in every "
+        "stage), exact match of the first line on the 300 held-out `arith_chat` questions, greedy, through "
+        "SmolLM2's chat template."
+        + (" Two runs at a time at one thread each: stage times are not quiet-machine times." if JOBS > 1 else ""),
+        "",
+        "| model | " + " | ".join(f"seed {s}" for s in seeds) + " | mean ± sd | gain over SFT, mean ± sd |",
+        "|---|" + "---|" * (len(seeds) + 2),
+    ]
+    for m in MODELS:
+        values = [em[s][m] for s in seeds]
+        gain = spread([em[s][m] - em[s]["sft"] for s in seeds]) if m not in ("base", "sft") else ""
+        lines.append(f"| {m} | " + " | ".join(f"{v:.3f}" for v in values) + f" | {spread(values)} | {gain} |")
+    lines += ["", "Reward model (SmolLM2 SFT model + a score head, LoRA), on the held-out questions:", ""]
+    lines.append("| | " + " | ".join(f"seed {s}" for s in seeds) + " | mean |")
+    lines.append("|---|" + "---|" * (len(seeds) + 1))
+    rm = {s: r["metrics"]["reward"] for s, r in seeds.items()}
+    rows = [("pairwise accuracy, 300 held-out pairs", [rm[s]["pairwise_accuracy"] for s in seeds])]
+    rows.append(("untrained head", [rm[s].get("untrained_pairwise_accuracy", float("nan")) for s in seeds]))
+    for key in next(iter(seeds.values()))["near_misses"]:
+        rows.append((f"c scored above {key}", [seeds[s]["near_misses"][key] for s in seeds]))
+    for label, values in rows:
+        lines.append(f"| {label} | " + " | ".join(f"{v:.3f}" for v in values) + f" | {statistics.mean(values):.3f} |")
+    stages = next(iter(seeds.values()))["seconds"]
+    lines += ["", "Stage seconds (" + ", ".join(f"seed {s}" for s in seeds) + "):", ""]
+    lines.append("| " + " | ".join(stages) + " | total |")
+    lines.append("|" + "---|" * (len(stages) + 1))
+    for s in seeds:
+        sec = seeds[s]["seconds"]
+        lines.append("| " + " | ".join(f"{sec[k]:.0f} s" for k in stages) + f" | {sum(sec.values()) / 60:.1f} min |")
+    if variants:
+        first = next(iter(seeds))
+        lines += [
+            "",
+            f"**GRPO variants**, each from seed {first}'s SFT model with the recipe's GRPO steps, batch and "
+            "learning rate, one setting changed, then the same eval:",
+            "",
+            "| variant | exact match | vs recipe | GRPO seconds | reward, first → last logged |",
+            "|---|---|---|---|---|",
+        ]
+        base = next(iter(variants.values()))["exact_match"]
+        for name, v in variants.items():
+            lines.append(
+                f"| {name} | {v['exact_match']:.3f} | {v['exact_match'] - base:+.3f} | {v['seconds']:.0f} s | "
+                f"{v['first_reward']:.3f} → {v['last_reward']:.3f} |"
+            )
+        clipped = max(r["clipped"] for r in seeds.values())
+        zero = seeds[first]["zero_std"]
+        lines += [
+            "",
+            f"Share of answers cut at `max_completion_length` in the seed runs: at most {clipped:.3f}, so "
+            "`mask_truncated_completions` has nothing to mask here. Share of groups whose answers all scored "
+            f"alike (no signal) in seed {first}'s GRPO: {zero[0]:.2f} at the first logged step, {zero[-1]:.2f} "
+            "at the last.",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> str:
+    WORK.mkdir(parents=True, exist_ok=True)
+    with ThreadPoolExecutor(JOBS) as pool:
+        seeds = dict(zip(SEEDS, pool.map(seed_run, SEEDS), strict=True))
+        sft = WORK / f"seed-{SEEDS[0]}" / "sft"
+        names = list(VARIANTS) if os.environ.get("REAL_RL_VARIANTS", "1") == "1" else []
+        variants = dict(zip(names, pool.map(lambda n: variant_run(sft, n, VARIANTS[n]), names), strict=True))
+    return report(seeds, variants)
+
+
+if __name__ == "__main__":
+    section = main()
+    update_doc(TITLE, section)
+    print(section)

@@ -205,11 +205,15 @@ def test_real_model_track_shrunk(tmp_path: Path) -> None:
         "qlora.training.max_steps=2",
         "dpo.training.max_steps=2",
         "grpo.training.max_steps=2",
+        "reward.training.max_steps=2",
+        "reward.eval_data.split=test[:8]",
+        "ppo.training.total_episodes=32",
         "eval.data.split=test[:8]",
         "sft.training.save_strategy=no",
     ]
     result = tunelab.run("real/smollm2-arith", overrides)
-    assert set(result.metrics["eval"]) == {"base", "sft", "qlora", "dpo", "grpo"}
+    assert set(result.metrics["eval"]) == {"base", "sft", "qlora", "dpo", "grpo", "ppo"}
+    assert result.metrics["ppo"]["global_step"] == 2 and result.metrics["reward"]["pairwise_accuracy"] >= 0
 
 
 def test_attention_on_a_gguf_file_reads_the_chat_turn(smollm2: Path) -> None:

@@ -4,11 +4,12 @@
    questions) once per seed (`REAL_RL_SEEDS`, default 42,1,2): exact match per model, mean and spread, each
    RL stage's gain over the SFT model of its own seed; the reward model's pairwise accuracy on the 300
    held-out pairs and how often it scores the right answer c above its near misses (c-1, c+1) and above
-   the question's operands, the answers SFT gets wrong most; stage times.
-2. **GRPO variants.** From the first seed's SFT model, the recipe's GRPO stage with one setting changed
-   (TRL's `loss_type` dapo/grpo/dr_grpo, GSPO's `importance_sampling_level: sequence`,
-   `scale_rewards: none`, two iterations per generation with `epsilon_high`), each with the recipe's steps
-   and batch, so at about equal wall time (measured), then its held-out exact match. The recipe's own
+   the question's operands (a wrong answer SFT gives); stage times.
+2. **GRPO variants.** From the first seed's SFT model (`REAL_RL_VARIANT_SEED` picks another), the recipe's
+   GRPO stage with one setting changed (TRL's `loss_type` dapo/grpo/dr_grpo, GSPO's
+   `importance_sampling_level: sequence`, `scale_rewards: none`, 8 answers to 2 questions a step instead of
+   4 to 4, two iterations per generation with `epsilon_high`), each with the recipe's steps and batch, so at
+   about equal wall time (measured), then its held-out exact match. The recipe's own
    setting is the first seed's run itself. (`mask_truncated_completions` is not compared: answers are a
    number and end-of-turn, and the logs count how many reach `max_completion_length`.)
 
@@ -38,6 +39,7 @@ RECIPE = "real/smollm2-arith"
 WORK = ROOT / "runs" / "bench" / "real-rl"
 SEEDS = [int(s) for s in os.environ.get("REAL_RL_SEEDS", "42,1,2").split(",")]
 JOBS = int(os.environ.get("REAL_RL_JOBS", "1"))
+VARIANT_SEED = int(os.environ.get("REAL_RL_VARIANT_SEED", SEEDS[0]))  # whose SFT model the variants start from
 MODELS = ("base", "sft", "qlora", "dpo", "grpo", "ppo")
 # name -> GRPOConfig fields changed from the recipe's grpo stage
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -199,7 +201,7 @@ def report(seeds: dict[int, dict[str, Any]], variants: dict[str, dict[str, Any]]
         sec = seeds[s]["seconds"]
         lines.append("| " + " | ".join(f"{sec[k]:.0f} s" for k in stages) + f" | {sum(sec.values()) / 60:.1f} min |")
     if variants:
-        first = next(iter(seeds))
+        first = VARIANT_SEED
         lines += [
             "",
             f"**GRPO variants**, each from seed {first}'s SFT model with the recipe's GRPO steps, batch and "
@@ -230,7 +232,7 @@ def main() -> str:
     WORK.mkdir(parents=True, exist_ok=True)
     with ThreadPoolExecutor(JOBS) as pool:
         seeds = dict(zip(SEEDS, pool.map(seed_run, SEEDS), strict=True))
-        sft = WORK / f"seed-{SEEDS[0]}" / "sft"
+        sft = WORK / f"seed-{VARIANT_SEED}" / "sft"
         names = list(VARIANTS) if os.environ.get("REAL_RL_VARIANTS", "1") == "1" else []
         variants = dict(zip(names, pool.map(lambda n: variant_run(sft, n, VARIANTS[n]), names), strict=True))
     return report(seeds, variants)

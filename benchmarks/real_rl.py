@@ -193,6 +193,14 @@ def report(seeds: dict[int, dict[str, Any]], variants: dict[str, dict[str, Any]]
         rows.append((f"c scored above {key}", [seeds[s]["near_misses"][key] for s in seeds]))
     for label, values in rows:
         lines.append(f"| {label} | " + " | ".join(f"{v:.3f}" for v in values) + f" | {statistics.mean(values):.3f} |")
+    lines += [""]
+    for label, stage, first, last in (
+        ("GRPO, training reward (exact match of sampled answers)", "grpo", "first_reward", "last_reward"),
+        ("PPO, reward-model score of sampled answers", "ppo", "first_score", "last_score"),
+        ("PPO, KL to the SFT model", "ppo", "first_kl", "last_kl"),
+    ):
+        values = [f"{r['metrics'][stage][first]:.3f} → {r['metrics'][stage][last]:.3f}" for r in seeds.values()]
+        lines.append(f"{label}, first → last logged step: " + "; ".join(values) + ".")
     stages = next(iter(seeds.values()))["seconds"]
     lines += ["", "Stage seconds (" + ", ".join(f"seed {s}" for s in seeds) + "):", ""]
     lines.append("| " + " | ".join(stages) + " | total |")

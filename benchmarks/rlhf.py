@@ -13,18 +13,23 @@ from pathlib import Path
 from common import ROOT
 
 TITLE = "## RLHF pipeline"
-# Measured with the shipped settings and in the trials their comments name (300 held-out questions, greedy).
-METHODS = (
-    "The methods added with the stage base (same seed, same SFT start): SimPO, as the `cpo` stage with "
-    "`loss_type: simpo` and CPO's likelihood term on the chosen answers (`cpo_alpha: 1`), ends above SFT; "
-    "without that term (`cpo_alpha: 0`, SimPO as published) it fell to 0.77-0.80, as KTO, which has no such "
-    "term, falls to 0.79 (0.75 at 5e-5). Their extra errors are near misses: of KTO's 62 wrong answers 38 are"
-    " c-1 and 21 c+1. DPO needed the same cure (RPO, below). ORPO replaces SFT here, from the pretrained "
-    "model with SFT's 600 steps and learning rate, and reaches 0.603 against SFT's 0.910: TRL's ORPO takes "
-    "its likelihood term over the whole sequence, prompts included (from the SFT model it fell to 0.15). RLOO"
-    " at GRPO's learning rate stays at SFT (0.913); at 1e-4 and temperature 1.0 it fell to 0.70, as GRPO does"
-    " at higher rates."
-)
+
+
+def methods(ev: dict) -> str:
+    """The paragraph on the methods added with the stage base: this run's figures, and the trials' (TRL 1.12)."""
+    return (
+        "The methods added with the stage base (same seed, same SFT start): SimPO, as the `cpo` stage with "
+        f"`loss_type: simpo` and CPO's likelihood term on the chosen answers (`cpo_alpha: 1`), ends at "
+        f"{ev['simpo']['exact_match']:.3f} against SFT's {ev['sft']['exact_match']:.3f}; without that term "
+        "(`cpo_alpha: 0`, SimPO as published) it fell to 0.77-0.80 (TRL 1.12), as KTO, which has no such term, "
+        f"falls to {ev['kto']['exact_match']:.3f} (0.75 at 5e-5, TRL 1.12). Their extra errors were near misses "
+        "(TRL 1.12: of KTO's 62 wrong answers 38 were c-1 and 21 c+1). DPO needed the same cure (RPO, below). "
+        "ORPO replaces SFT here, from the pretrained model with SFT's 600 steps and learning rate, and reaches "
+        f"{ev['orpo']['exact_match']:.3f} (0.603 with TRL 1.12): TRL's ORPO takes its likelihood term over the "
+        "whole sequence, prompts included (from the SFT model it fell to 0.15). RLOO at GRPO's learning rate "
+        f"ends at {ev['rloo']['exact_match']:.3f}; at 1e-4 and temperature 1.0 it fell to 0.70 (TRL 1.12), as "
+        "GRPO does at higher rates."
+    )
 
 
 def main() -> str:
@@ -154,7 +159,7 @@ def report(metrics: dict, seconds: dict[str, float], wall: float) -> str:
         "reward-model score, sampled |\n|---|---|---|---|---|\n"
         f"{rows}\n"
         f"{distilled}"
-        f"{METHODS}\n\n"
+        f"{methods(ev)}\n\n"
         f"PPO minus SFT, mean reward-model score on the held-out questions: **{gain:+.3f}** greedy"
         + (f", **{sampled['ppo']['reward_mean'] - sampled['sft']['reward_mean']:+.3f}** sampled" if sampled else "")
         + ".\n\n"
@@ -166,7 +171,8 @@ def report(metrics: dict, seconds: dict[str, float], wall: float) -> str:
         f"the reward model: the reward model scores the right answer c above c-1 on {near['c-1']:.0%} of the "
         f"held-out questions and above c+1 on {near['c+1']:.0%}, the SFT model's log-likelihood on "
         f"{near['sft c-1']:.0%} and {near['sft c+1']:.0%} (a score head on the last token does not inherit it). "
-        "At 0.1 PPO hacked the reward model, answering c-1 or c+1 where it prefers them. Measured on the "
+        "At 0.1 PPO hacked the reward model, answering c-1 or c+1 where it prefers them (with TRL 1.12: greedy "
+        "exact match 0.910 -> 0.550). Measured on the "
         "same SFT and reward model (PPO and the evals rerun, seed 42; greedy exact match, sampled exact match, "
         "sampled score; SFT 0.950, 0.610, 3.02): kl_coef 0.1: 0.590, 0.480, 3.15; 0.3: 0.700, 0.537, 3.25; "
         "1: 0.777, 0.563, 3.23; 3: 0.897, 0.617, 3.27; 10: 0.947, 0.623, 3.23 (seed 1: 0.943, 0.607, 3.29); "
@@ -181,9 +187,9 @@ def report(metrics: dict, seconds: dict[str, float], wall: float) -> str:
         "settings and seeds above). A better reward model is what would let PPO pass SFT; reward data with half "
         "the rejected answers c-1/c+1 did not give one (c-1 72%, c+1 90% at best, TRL 1.12, one run each). "
         "GRPO's learning rate stays low: higher ones (5e-5 to 2e-4, also with beta 0.1 or 4x the batch) "
-        "moved its sampled exact match to 0.55-0.60 (SFT 0.56) and lowered the greedy one to 0.79-0.86 (on training "
-        "questions too: 0.94 -> 0.89-0.90). DPO uses TRL's "
-        "`loss_type: [sigmoid, sft]` (RPO): plain sigmoid DPO lowered exact match (0.69 in one run).\n"
+        "moved its sampled exact match to 0.55-0.60 (SFT 0.56; TRL 1.12) and lowered the greedy one to "
+        "0.79-0.86 (on training questions too: 0.94 -> 0.89-0.90). DPO uses TRL's "
+        "`loss_type: [sigmoid, sft]` (RPO): plain sigmoid DPO lowered exact match (0.69 in one run, TRL 1.12).\n"
     )
 
 

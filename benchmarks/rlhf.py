@@ -13,18 +13,23 @@ from pathlib import Path
 from common import ROOT
 
 TITLE = "## RLHF pipeline"
-# Measured with the shipped settings and in the trials their comments name (300 held-out questions, greedy).
-METHODS = (
-    "The methods added with the stage base (same seed, same SFT start): SimPO, as the `cpo` stage with "
-    "`loss_type: simpo` and CPO's likelihood term on the chosen answers (`cpo_alpha: 1`), ends above SFT; "
-    "without that term (`cpo_alpha: 0`, SimPO as published) it fell to 0.77-0.80, as KTO, which has no such "
-    "term, falls to 0.79 (0.75 at 5e-5). Their extra errors are near misses: of KTO's 62 wrong answers 38 are"
-    " c-1 and 21 c+1. DPO needed the same cure (RPO, below). ORPO replaces SFT here, from the pretrained "
-    "model with SFT's 600 steps and learning rate, and reaches 0.603 against SFT's 0.910: TRL's ORPO takes "
-    "its likelihood term over the whole sequence, prompts included (from the SFT model it fell to 0.15). RLOO"
-    " at GRPO's learning rate stays at SFT (0.913); at 1e-4 and temperature 1.0 it fell to 0.70, as GRPO does"
-    " at higher rates."
-)
+
+
+def methods(ev: dict) -> str:
+    """The paragraph on the methods added with the stage base: this run's figures, and the trials' (TRL 1.12)."""
+    return (
+        "The methods added with the stage base (same seed, same SFT start): SimPO, as the `cpo` stage with "
+        f"`loss_type: simpo` and CPO's likelihood term on the chosen answers (`cpo_alpha: 1`), ends at "
+        f"{ev['simpo']['exact_match']:.3f} against SFT's {ev['sft']['exact_match']:.3f}; without that term "
+        "(`cpo_alpha: 0`, SimPO as published) it fell to 0.77-0.80 (TRL 1.12), as KTO, which has no such term, "
+        f"falls to {ev['kto']['exact_match']:.3f} (0.75 at 5e-5, TRL 1.12). Their extra errors were near misses "
+        "(TRL 1.12: of KTO's 62 wrong answers 38 were c-1 and 21 c+1). DPO needed the same cure (RPO, below). "
+        "ORPO replaces SFT here, from the pretrained model with SFT's 600 steps and learning rate, and reaches "
+        f"{ev['orpo']['exact_match']:.3f} (0.603 with TRL 1.12): TRL's ORPO takes its likelihood term over the "
+        "whole sequence, prompts included (from the SFT model it fell to 0.15). RLOO at GRPO's learning rate "
+        f"ends at {ev['rloo']['exact_match']:.3f}; at 1e-4 and temperature 1.0 it fell to 0.70 (TRL 1.12), as "
+        "GRPO does at higher rates."
+    )
 
 
 def main() -> str:
@@ -36,8 +41,15 @@ def main() -> str:
 
 def near_misses(run_dir: Path) -> dict[str, float]:
     """How often the reward model scores the right answer c above c-1 and above c+1, per held-out question,
-    and (`sft c-1`, `sft c+1`) how often the SFT model it starts from gives c the higher log-likelihood."""
+    and (`sft c-1`, `sft c+1`) how often the SFT model it starts from gives c the higher log-likelihood.
+
+    `best kl=B`: PPO's target in closed form, over the answers c-1, c, c+1: the policy that maximises
+    score - B x KL to the SFT model is the SFT model's probability (at PPO's temperature, EOS included)
+    times exp(score / B). How often its most likely answer is c is the greedy exact match PPO can reach at
+    that `kl_coef` if it converges, and a ceiling a reward model sets on PPO (`best kl=0`: the reward
+    model's own favourite)."""
     import torch
+    import yaml
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     from tunelab.models.reward_models import reward_scores
@@ -54,17 +66,30 @@ def near_misses(run_dir: Path) -> dict[str, float]:
 
     lm = AutoModelForCausalLM.from_pretrained(run_dir / "sft").eval()
     lm_tokenizer = AutoTokenizer.from_pretrained(run_dir / "sft")
+    recipe = yaml.safe_load((run_dir / "recipe.yaml").read_text())
+    temperature = recipe["stages"]["ppo"]["training"]["temperature"]
 
-    def loglik(prompt: str, answer: str) -> float:
+    def loglik(prompt: str, answer: str) -> tuple[float, float]:
+        """log p(answer | prompt) as the SFT model gives it, and log p(answer + EOS) at PPO's temperature."""
         context = lm_tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        target = lm_tokenizer(prompt + answer, add_special_tokens=False)["input_ids"]
+        target = lm_tokenizer(prompt + answer, add_special_tokens=False)["input_ids"] + [lm_tokenizer.eos_token_id]
         with torch.no_grad():
-            logp = lm(torch.tensor([target])).logits[0, :-1].log_softmax(-1)
-        return sum(logp[i - 1, target[i]].item() for i in range(len(context), len(target)))
+            logits = lm(torch.tensor([target])).logits[0, :-1]
+        plain, tempered = logits.log_softmax(-1), (logits / temperature).log_softmax(-1)
+        span = range(len(context), len(target))
+        return sum(plain[i - 1, target[i]].item() for i in span[:-1]), sum(
+            tempered[i - 1, target[i]].item() for i in span
+        )
 
     ll = {d: [loglik(r["prompt"], a) for r, a in zip(rows, answers[d], strict=True)] for d in answers}
     for d in (-1, 1):
-        out[f"sft c{d:+d}"] = sum(c > o for c, o in zip(ll[0], ll[d], strict=True)) / len(rows)
+        out[f"sft c{d:+d}"] = sum(c[0] > o[0] for c, o in zip(ll[0], ll[d], strict=True)) / len(rows)
+    reference = torch.tensor([[ll[d][i][1] for d in (-1, 0, 1)] for i in range(len(rows))])
+    score = torch.tensor([[scores[d][i] for d in (-1, 0, 1)] for i in range(len(rows))])
+    out["best kl=0"] = (score.argmax(1) == 1).float().mean().item()
+    out["sft best"] = (reference.argmax(1) == 1).float().mean().item()
+    for beta in (0.1, 1.0, 3.0, 10.0):
+        out[f"best kl={beta:g}"] = ((reference + score / beta).argmax(1) == 1).float().mean().item()
     return out
 
 
@@ -115,6 +140,9 @@ def report(metrics: dict, seconds: dict[str, float], wall: float) -> str:
             f"**{ev['distill']['exact_match']:.3f}**.\n\n"
         )
     gain = ev["ppo"]["reward_mean"] - ev["sft"]["reward_mean"]
+    import yaml
+
+    kl_coef = yaml.safe_load((ROOT / "recipes/rlhf/arith.yaml").read_text())["stages"]["ppo"]["training"]["kl_coef"]
     return (
         f"{TITLE}\n\n"
         "`tunelab run rlhf/arith` (`make rlhf`), one run, wall time from the shell (`benchmarks/rlhf.py`): "
@@ -131,24 +159,37 @@ def report(metrics: dict, seconds: dict[str, float], wall: float) -> str:
         "reward-model score, sampled |\n|---|---|---|---|---|\n"
         f"{rows}\n"
         f"{distilled}"
-        f"{METHODS}\n\n"
+        f"{methods(ev)}\n\n"
         f"PPO minus SFT, mean reward-model score on the held-out questions: **{gain:+.3f}** greedy"
         + (f", **{sampled['ppo']['reward_mean'] - sampled['sft']['reward_mean']:+.3f}** sampled" if sampled else "")
         + ".\n\n"
         f"| {' | '.join(seconds)} | total |\n|{'---|' * (len(seconds) + 1)}\n| {times} | {wall:.0f} s |\n\n"
         f"SFT -> reward -> PPO -> eval with its pretrain: {core / 60:.1f} min of stage time "
         f"(target: at most 15 min); the whole recipe, with every other method beside PPO: {wall / 60:.1f} min.\n\n"
-        "Where exact match falls while the reward-model score rises, that is reward hacking: the reward model "
-        f"scores the right answer c above c-1 on {near['c-1']:.0%} of the held-out questions and above c+1 on "
-        f"{near['c+1']:.0%}, so PPO gains by answering c-1 where the reward model prefers it. The SFT model the "
-        f"reward model starts from knows better: its own log-likelihood puts c above c-1 on {near['sft c-1']:.0%} "
-        f"and above c+1 on {near['sft c+1']:.0%}, which a score head on the last token does not inherit. Reward "
-        "data with half the rejected answers c-1/c+1 did not close the gap (c-1 72%, c+1 90% at best, in one "
-        "run each; PPO still 0.60), so the reward model is the part to fix first (PPO's settings were not "
-        "varied). GRPO's learning rate stays low: higher ones (5e-5 to 2e-4, also with beta 0.1 or 4x the batch) "
-        "moved its sampled exact match to 0.55-0.60 (SFT 0.56) and lowered the greedy one to 0.79-0.86 (on training "
-        "questions too: 0.94 -> 0.89-0.90). DPO uses TRL's "
-        "`loss_type: [sigmoid, sft]` (RPO): plain sigmoid DPO lowered exact match (0.69 in one run).\n"
+        f"PPO's `kl_coef` is {kl_coef:g} (it was 0.1). PPO's reward is score - kl_coef x (log pi - log pi_ref), and "
+        "its kl_coef x log pi_ref part is the SFT model's own log-likelihood, which knows the answers better than "
+        f"the reward model: the reward model scores the right answer c above c-1 on {near['c-1']:.0%} of the "
+        f"held-out questions and above c+1 on {near['c+1']:.0%}, the SFT model's log-likelihood on "
+        f"{near['sft c-1']:.0%} and {near['sft c+1']:.0%} (a score head on the last token does not inherit it). "
+        "At 0.1 PPO hacked the reward model, answering c-1 or c+1 where it prefers them (with TRL 1.12: greedy "
+        "exact match 0.910 -> 0.550). Measured on the "
+        "same SFT and reward model (PPO and the evals rerun, seed 42; greedy exact match, sampled exact match, "
+        "sampled score; SFT 0.950, 0.610, 3.02): kl_coef 0.1: 0.590, 0.480, 3.15; 0.3: 0.700, 0.537, 3.25; "
+        "1: 0.777, 0.563, 3.23; 3: 0.897, 0.617, 3.27; 10: 0.947, 0.623, 3.23 (seed 1: 0.943, 0.607, 3.29); "
+        "10 at a learning rate of 3e-5: 0.950, 0.610, 3.18 (seed 1: 0.943); 10 with 64 prompts per batch: "
+        "0.937; 20: 0.943. PPO ends within 0.01 of SFT, not reliably at or above it, and this is why: the "
+        "policy PPO converges to, the SFT model's probability (at PPO's temperature) times exp(score / "
+        "kl_coef) over c-1, c and c+1, answers c first on "
+        + ", ".join(f"{near[f'best kl={b:g}']:.3f} at {b:g}" for b in (0.1, 1, 3, 10))
+        + f" (SFT {near['sft best']:.3f}; the reward model's own favourite {near['best kl=0']:.3f}): the reward "
+        "model prefers c where SFT does not on too few questions for PPO to gain more than one, and at kl_coef "
+        "10 the sampling noise of 128 updates of 32 prompts flips as many near ties (0.943-0.950 over the "
+        "settings and seeds above). A better reward model is what would let PPO pass SFT; reward data with half "
+        "the rejected answers c-1/c+1 did not give one (c-1 72%, c+1 90% at best, TRL 1.12, one run each). "
+        "GRPO's learning rate stays low: higher ones (5e-5 to 2e-4, also with beta 0.1 or 4x the batch) "
+        "moved its sampled exact match to 0.55-0.60 (SFT 0.56; TRL 1.12) and lowered the greedy one to "
+        "0.79-0.86 (on training questions too: 0.94 -> 0.89-0.90). DPO uses TRL's "
+        "`loss_type: [sigmoid, sft]` (RPO): plain sigmoid DPO lowered exact match (0.69 in one run, TRL 1.12).\n"
     )
 
 

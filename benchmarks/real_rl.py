@@ -14,8 +14,9 @@
    number and end-of-turn, and the logs count how many reach `max_completion_length`.)
 
 Runs are kept under runs/bench/real-rl (a finished one is reused, an unfinished one resumed), so an
-interrupted benchmark goes on where it stopped. `REAL_RL_JOBS=2` runs two at a time at one thread each (the
-machine's 2 cores): the stage times are then not quiet-machine times, and the section says so.
+interrupted benchmark goes on where it stopped. `REAL_RL_VARIANTS=N` runs the first N variants only.
+`REAL_RL_JOBS=2` runs two at a time at one thread each (the machine's 2 cores): the stage times are then
+not quiet-machine times, and the section says so.
 Standalone (`python benchmarks/real_rl.py`) it replaces its own section of docs/BENCHMARKS.md.
 """
 
@@ -47,8 +48,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "loss_type grpo": {"loss_type": "grpo"},
     "loss_type dr_grpo": {"loss_type": "dr_grpo"},
     "GSPO (importance_sampling_level sequence)": {"importance_sampling_level": "sequence"},
-    "scale_rewards none": {"scale_rewards": "none"},
     "num_generations 8 (2 questions a step)": {"num_generations": 8},
+    "scale_rewards none": {"scale_rewards": "none"},
     "num_iterations 2, epsilon_high 0.28": {"num_iterations": 2, "epsilon_high": 0.28},
 }
 
@@ -241,7 +242,7 @@ def main() -> str:
     with ThreadPoolExecutor(JOBS) as pool:
         seeds = dict(zip(SEEDS, pool.map(seed_run, SEEDS), strict=True))
         sft = WORK / f"seed-{VARIANT_SEED}" / "sft"
-        names = list(VARIANTS) if os.environ.get("REAL_RL_VARIANTS", "1") == "1" else []
+        names = list(VARIANTS)[: int(os.environ.get("REAL_RL_VARIANTS", len(VARIANTS)))]  # the first N; 0: none
         variants = dict(zip(names, pool.map(lambda n: variant_run(sft, n, VARIANTS[n]), names), strict=True))
     return report(seeds, variants)
 

@@ -36,7 +36,7 @@ SETTINGS = {  # recipes/rlhf/arith.yaml's ppo.training
     "response_length": 6,
     "temperature": 0.7,
     "learning_rate": 1e-4,
-    "kl_coef": 0.1,
+    "kl_coef": 10.0,
     "missing_eos_penalty": 1.0,
     "stop_token": "eos",
     "num_sample_generations": 0,

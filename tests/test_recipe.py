@@ -124,9 +124,10 @@ NEEDS_DOWNLOADS = {
 STARTS_FROM_A_RUN = {"sft/lora-arith": "model", "sft/qlora-arith": "model"}
 
 
-# Validating these reads every stage's data through SmolLM2's chat template (17-35 s each); real/smollm2-arith
-# stays in the default suite, which checks the same stage kinds, and `make mixture` validates its own recipe.
-SLOW_TO_VALIDATE = {"real/smollm2-mixture"}
+# Validating these reads every stage's data through SmolLM2's chat template (17-40 s each): rlhf/arith in the
+# default suite checks the same stage kinds, `make mixture` validates its own recipe, and the slow
+# test_real_model_track_shrunk runs real/smollm2-arith end to end.
+SLOW_TO_VALIDATE = {"real/smollm2-mixture", "real/smollm2-arith"}
 
 
 @pytest.mark.parametrize(

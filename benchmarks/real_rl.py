@@ -70,6 +70,11 @@ def run(recipe: str, out: Path, overrides: list[str]) -> dict[str, Any]:
     if state != "completed":
         flags = ["--resume"] if state else []
         tunelab(["run", recipe, f"output_dir={out}", *overrides, *flags], WORK / f"{out.name}.log")
+    return finished(out)
+
+
+def finished(out: Path) -> dict[str, Any]:
+    """A finished run's metrics and seconds per stage."""
     stages = json.loads((out / "run.json").read_text())["stages"]
     return {
         "metrics": json.loads((out / "metrics.json").read_text()),
@@ -143,11 +148,7 @@ def variant_recipe(sft: Path, name: str, fields: dict[str, Any]) -> Path:
 
 def variant_run(sft: Path, name: str, fields: dict[str, Any]) -> dict[str, Any]:
     if not fields:  # the recipe's own setting: the seed run's GRPO stage and eval
-        first = WORK / sft.parent.name
-        result = {
-            "metrics": json.loads((first / "metrics.json").read_text()),
-            "seconds": {k: v["seconds"] for k, v in json.loads((first / "run.json").read_text())["stages"].items()},
-        }
+        result = finished(sft.parent)
     else:
         path = variant_recipe(sft, name, fields)
         result = run(str(path), WORK / path.stem, [])

@@ -54,22 +54,37 @@ VARIANTS: dict[str, dict[str, Any]] = {
 }
 
 
-def tunelab(args: list[str], log: Path) -> None:
+def tunelab(args: list[str], log: Path, check: bool = True) -> subprocess.CompletedProcess[str]:
     """`tunelab ARGS` as a user runs it, output to `log`; one thread each when runs share the cores."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     if JOBS > 1:
         env["OMP_NUM_THREADS"] = "1"
     exe = str(Path(sys.executable).with_name("tunelab"))
+    done = subprocess.run([exe, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     with log.open("a") as out:
-        subprocess.run([exe, *args], check=True, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+        out.write(done.stdout)
+    if check:
+        done.check_returncode()
+    return done
 
 
 def run(recipe: str, out: Path, overrides: list[str]) -> dict[str, Any]:
-    """Run (or reuse, or resume) one recipe into `out`; its metrics and stage seconds."""
-    state = json.loads((out / "run.json").read_text()).get("status") if (out / "run.json").is_file() else None
-    if state != "completed":
-        flags = ["--resume"] if state else []
-        tunelab(["run", recipe, f"output_dir={out}", *overrides, *flags], WORK / f"{out.name}.log")
+    """Run, reuse or resume one recipe into `out`; its metrics and stage seconds.
+
+    `--resume` keeps every stage that finished with today's recipe; where the recipe changed since (a new
+    GRPO setting), tunelab refuses and names the first changed stage, which reruns with `--from`, keeping
+    the stages before it (SFT, the reward model)."""
+    args = ["run", recipe, f"output_dir={out}", *overrides]
+    log = WORK / f"{out.name}.log"
+    if not (out / "run.json").is_file():
+        tunelab(args, log)
+        return finished(out)
+    done = tunelab([*args, "--resume"], log, check=False)
+    changed = re.search(r"rerun it with --from (\S+),", done.stdout)
+    if done.returncode == 2 and changed:
+        tunelab([*args, "--from", changed.group(1)], log)
+    else:
+        done.check_returncode()
     return finished(out)
 
 
@@ -141,8 +156,10 @@ def variant_recipe(sft: Path, name: str, fields: dict[str, Any]) -> Path:
     evaluation["models"] = {"grpo": "${grpo}"}
     evaluation.pop("reward_model", None)
     slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
-    path = WORK / f"variant-{slug}.yaml"
-    path.write_text(yaml.safe_dump({"seed": recipe.get("seed", 42), "stages": {"grpo": grpo, "eval": evaluation}}))
+    path = WORK / f"variant-seed{VARIANT_SEED}-{slug}.yaml"
+    path.write_text(
+        yaml.safe_dump({"seed": VARIANT_SEED, "stages": {"grpo": grpo, "eval": evaluation}}, sort_keys=False)
+    )
     return path
 
 

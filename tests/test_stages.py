@@ -277,6 +277,9 @@ def test_run_writes_manifest_metrics_and_recipe(tmp_path: Path, tiny_lm: Path) -
     assert manifest["data"]["stage"]["data"] and manifest["started"] <= manifest["ended"]
     assert json.loads((run_dir / "metrics.json").read_text())["stage"]["global_step"] == 2
     assert tunelab.load_recipe(run_dir / "recipe.yaml").stages == result_recipe_stages(run_dir)
+    again = tunelab.run(tunelab.load_recipe(run_dir / "recipe.yaml"), resume=True)  # nothing to run: all kept
+    assert again.skipped == ["stage"]
+    assert json.loads((run_dir / "run.json").read_text())["data"] == manifest["data"]
 
 
 def result_recipe_stages(run_dir: Path) -> dict:

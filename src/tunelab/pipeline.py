@@ -553,6 +553,8 @@ def _run_stages(
                 )
                 result.skipped.append(spec.name)
                 seconds = record.get("seconds", 0.0)
+                if record.get("data"):  # a resumed run's manifest keeps the data it was trained on
+                    manifest.setdefault("data", {})[spec.name] = record["data"]
             else:
                 try:
                     stage_result, seconds = _run_stage(spec, ctx, fp, manifest, run_dir, stage_backup)

@@ -5,12 +5,12 @@
    RL stage's gain over the SFT model of its own seed; the reward model's pairwise accuracy on the 300
    held-out pairs and how often it scores the right answer c above its near misses (c-1, c+1) and above
    the question's operands (a wrong answer SFT gives); stage times.
-2. **GRPO variants.** From the first seed's SFT model (`REAL_RL_VARIANT_SEED` picks another), the recipe's
+2. **GRPO variants.** From each variant seed's SFT model (`REAL_RL_VARIANT_SEEDS`, default 1,42), the recipe's
    GRPO stage with one setting changed (TRL's `loss_type` dapo/grpo/dr_grpo, GSPO's
    `importance_sampling_level: sequence`, `scale_rewards: none`, 8 answers to 2 questions a step instead of
    4 to 4, two iterations per generation with `epsilon_high`), each with the recipe's steps and batch, so at
    about equal wall time (measured), then its held-out exact match. The recipe's own
-   setting is the first seed's run itself. (`mask_truncated_completions` is not compared: answers are a
+   setting is that seed's run itself. (`mask_truncated_completions` is not compared: answers are a
    number and end-of-turn, and the logs count how many reach `max_completion_length`.)
 
 Runs are kept under runs/bench/real-rl (a finished one is reused, an unfinished one resumed), so an
@@ -40,9 +40,11 @@ RECIPE = "real/smollm2-arith"
 WORK = ROOT / "runs" / "bench" / "real-rl"
 SEEDS = [int(s) for s in os.environ.get("REAL_RL_SEEDS", "42,1,2").split(",")]
 JOBS = int(os.environ.get("REAL_RL_JOBS", "1"))
-VARIANT_SEED = int(os.environ.get("REAL_RL_VARIANT_SEED", SEEDS[0]))  # whose SFT model the variants start from
+# whose SFT models the variants start from: seed 1's SFT model is the strongest, seed 42's the weakest
+VARIANT_SEEDS = [int(s) for s in os.environ.get("REAL_RL_VARIANT_SEEDS", "1,42").split(",") if s]
 MODELS = ("base", "sft", "qlora", "dpo", "grpo", "ppo")
-# name -> GRPOConfig fields changed from the recipe's grpo stage
+# name -> GRPOConfig fields changed from the recipe's grpo stage (`rewards`: the stage's reward functions).
+# The recipe's steps x batch stay the same (equal compute), except where the name says otherwise.
 VARIANTS: dict[str, dict[str, Any]] = {
     "recipe (loss_type dapo)": {},
     "loss_type grpo": {"loss_type": "grpo"},
@@ -51,6 +53,11 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "num_generations 8 (2 questions a step)": {"num_generations": 8},
     "scale_rewards none": {"scale_rewards": "none"},
     "num_iterations 2, epsilon_high 0.28": {"num_iterations": 2, "epsilon_high": 0.28},
+    "batch 32 (8 questions a step), 20 steps": {"per_device_train_batch_size": 32, "max_steps": 20},
+    "batch 8 (2 questions a step), 80 steps": {"per_device_train_batch_size": 8, "max_steps": 80},
+    "rewards: exact_match + close (partial credit for near misses)": {
+        "rewards": ["tunelab.rewards:exact_match", "tunelab.rewards:close"]
+    },
 }
 
 
@@ -144,30 +151,31 @@ def seed_run(seed: int) -> dict[str, Any]:
     return result
 
 
-def variant_recipe(sft: Path, name: str, fields: dict[str, Any]) -> Path:
+def variant_recipe(seed: int, name: str, fields: dict[str, Any]) -> Path:
     """The recipe's grpo stage from `sft`, with `fields` changed, and an eval of it on the held-out questions."""
     import yaml
 
     recipe = yaml.safe_load((ROOT / "recipes" / f"{RECIPE}.yaml").read_text())
     grpo = recipe["stages"]["grpo"]
-    grpo["model"] = str(sft)
+    grpo["model"] = str(WORK / f"seed-{seed}" / "sft")
+    fields = dict(fields)
+    if "rewards" in fields:  # the stage's reward functions; everything else is a GRPOConfig field
+        grpo["rewards"] = fields.pop("rewards")
     grpo["training"].update(fields)
     evaluation = recipe["stages"]["eval"]
     evaluation["models"] = {"grpo": "${grpo}"}
     evaluation.pop("reward_model", None)
     slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
-    path = WORK / f"variant-seed{VARIANT_SEED}-{slug}.yaml"
-    path.write_text(
-        yaml.safe_dump({"seed": VARIANT_SEED, "stages": {"grpo": grpo, "eval": evaluation}}, sort_keys=False)
-    )
+    path = WORK / f"variant-seed{seed}-{slug}.yaml"
+    path.write_text(yaml.safe_dump({"seed": seed, "stages": {"grpo": grpo, "eval": evaluation}}, sort_keys=False))
     return path
 
 
-def variant_run(sft: Path, name: str, fields: dict[str, Any]) -> dict[str, Any]:
+def variant_run(seed: int, name: str, fields: dict[str, Any]) -> dict[str, Any]:
     if not fields:  # the recipe's own setting: the seed run's GRPO stage and eval
-        result = finished(sft.parent)
+        result = finished(WORK / f"seed-{seed}")
     else:
-        path = variant_recipe(sft, name, fields)
+        path = variant_recipe(seed, name, fields)
         result = run(str(path), WORK / path.stem, [])
     grpo = result["metrics"]["grpo"]
     return {
@@ -184,7 +192,7 @@ def spread(values: list[float]) -> str:
     return f"{mean:.3f} ± {sd:.3f}"
 
 
-def report(seeds: dict[int, dict[str, Any]], variants: dict[str, dict[str, Any]]) -> str:
+def report(seeds: dict[int, dict[str, Any]], variants: dict[int, dict[str, dict[str, Any]]]) -> str:
     em = {s: {m: r["metrics"]["eval"][m]["exact_match"] for m in MODELS} for s, r in seeds.items()}
     lines = [
         TITLE,
@@ -228,29 +236,33 @@ def report(seeds: dict[int, dict[str, Any]], variants: dict[str, dict[str, Any]]
         sec = seeds[s]["seconds"]
         lines.append("| " + " | ".join(f"{sec[k]:.0f} s" for k in stages) + f" | {sum(sec.values()) / 60:.1f} min |")
     if variants:
-        first = VARIANT_SEED
+        vseeds = list(variants)
+        names = list(next(iter(variants.values())))
         lines += [
             "",
-            f"**GRPO variants**, each from seed {first}'s SFT model with the recipe's GRPO steps, batch and "
-            "learning rate, one setting changed, then the same eval:",
+            "**GRPO variants**, from the SFT model of seed " + " and of seed ".join(map(str, vseeds)) + ", each the "
+            "recipe's GRPO stage (its steps, batch and learning rate) with one setting changed, then the same eval; "
+            "two runs at a time at one thread each, so the seconds compare with each other, not with the seed runs:",
             "",
-            "| variant | exact match | vs recipe | GRPO seconds | reward, first → last logged |",
-            "|---|---|---|---|---|",
+            "| variant | " + " | ".join(f"seed {s}: exact match, vs recipe, GRPO seconds" for s in vseeds) + " |",
+            "|---|" + "---|" * len(vseeds),
+            "| SFT model (the start) | " + " | ".join(f"{em[s]['sft']:.3f}" if s in em else "" for s in vseeds) + " |",
         ]
-        base = next(iter(variants.values()))["exact_match"]
-        for name, v in variants.items():
-            lines.append(
-                f"| {name} | {v['exact_match']:.3f} | {v['exact_match'] - base:+.3f} | {v['seconds']:.0f} s | "
-                f"{v['first_reward']:.3f} → {v['last_reward']:.3f} |"
-            )
+        for name in names:
+            cells = []
+            for s in vseeds:
+                v, base = variants[s][name], variants[s][names[0]]["exact_match"]
+                cells.append(f"{v['exact_match']:.3f}, {v['exact_match'] - base:+.3f}, {v['seconds']:.0f} s")
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
         clipped = max(r["clipped"] for r in seeds.values())
-        zero = seeds[first]["zero_std"]
+        zero = {s: seeds[s]["zero_std"] for s in vseeds if s in seeds}
         lines += [
             "",
             f"Share of answers cut at `max_completion_length` in the seed runs: at most {clipped:.3f}, so "
             "`mask_truncated_completions` has nothing to mask here. Share of groups whose answers all scored "
-            f"alike (no signal) in seed {first}'s GRPO: {zero[0]:.2f} at the first logged step, {zero[-1]:.2f} "
-            "at the last.",
+            "alike (no signal) in the seed runs' GRPO, first → last logged step: "
+            + "; ".join(f"seed {s} {z[0]:.2f} → {z[-1]:.2f}" for s, z in zero.items())
+            + ".",
         ]
     return "\n".join(lines) + "\n"
 
@@ -259,9 +271,12 @@ def main() -> str:
     WORK.mkdir(parents=True, exist_ok=True)
     with ThreadPoolExecutor(JOBS) as pool:
         seeds = dict(zip(SEEDS, pool.map(seed_run, SEEDS), strict=True))
-        sft = WORK / f"seed-{VARIANT_SEED}" / "sft"
         names = list(VARIANTS)[: int(os.environ.get("REAL_RL_VARIANTS", len(VARIANTS)))]  # the first N; 0: none
-        variants = dict(zip(names, pool.map(lambda n: variant_run(sft, n, VARIANTS[n]), names), strict=True))
+        jobs = [(s, n) for s in VARIANT_SEEDS for n in names]
+        done = pool.map(lambda job: variant_run(job[0], job[1], VARIANTS[job[1]]), jobs)
+        variants: dict[int, dict[str, dict[str, Any]]] = {}
+        for (s, n), result in zip(jobs, done, strict=True):
+            variants.setdefault(s, {})[n] = result
     return report(seeds, variants)
 
 

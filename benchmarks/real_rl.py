@@ -237,12 +237,13 @@ def report(seeds: dict[int, dict[str, Any]], variants: dict[int, dict[str, dict[
         lines.append("| " + " | ".join(f"{sec[k]:.0f} s" for k in stages) + f" | {sum(sec.values()) / 60:.1f} min |")
     if variants:
         vseeds = list(variants)
-        names = list(next(iter(variants.values())))
+        names = list(dict.fromkeys(n for v in variants.values() for n in v))
         lines += [
             "",
             "**GRPO variants**, from the SFT model of seed " + " and of seed ".join(map(str, vseeds)) + ", each the "
             "recipe's GRPO stage (its steps, batch and learning rate) with one setting changed, then the same eval; "
-            "two runs at a time at one thread each, so the seconds compare with each other, not with the seed runs:",
+            "two runs at a time at one thread each, so the seconds compare with each other, not with the seed runs "
+            "(the recipe row is each seed run's own GRPO stage, timed as that run ran: see the stage seconds above):",
             "",
             "| variant | " + " | ".join(f"seed {s}: exact match, vs recipe, GRPO seconds" for s in vseeds) + " |",
             "|---|" + "---|" * len(vseeds),
@@ -251,8 +252,10 @@ def report(seeds: dict[int, dict[str, Any]], variants: dict[int, dict[str, dict[
         for name in names:
             cells = []
             for s in vseeds:
-                v, base = variants[s][name], variants[s][names[0]]["exact_match"]
-                cells.append(f"{v['exact_match']:.3f}, {v['exact_match'] - base:+.3f}, {v['seconds']:.0f} s")
+                v, base = variants[s].get(name), variants[s][names[0]]["exact_match"]
+                cells.append(
+                    f"{v['exact_match']:.3f}, {v['exact_match'] - base:+.3f}, {v['seconds']:.0f} s" if v else ""
+                )
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         clipped = max(r["clipped"] for r in seeds.values())
         zero = {s: seeds[s]["zero_std"] for s in vseeds if s in seeds}

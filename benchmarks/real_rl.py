@@ -8,8 +8,9 @@
 2. **GRPO variants.** From each variant seed's SFT model (`REAL_RL_VARIANT_SEEDS`, default 1,42), the recipe's
    GRPO stage with one setting changed (TRL's `loss_type` dapo/grpo/dr_grpo, GSPO's
    `importance_sampling_level: sequence`, `scale_rewards: none`, 8 answers to 2 questions a step instead of
-   4 to 4, two iterations per generation with `epsilon_high`), each with the recipe's steps and batch, so at
-   about equal wall time (measured), then its held-out exact match. The recipe's own
+   4 to 4, two iterations per generation with `epsilon_high`, batches of 32 for 20 steps and of 8 for 80,
+   partial credit for near misses), each at the recipe's steps x batch, so at about equal wall time
+   (measured), then its held-out exact match. The recipe's own
    setting is that seed's run itself. (`mask_truncated_completions` is not compared: answers are a
    number and end-of-turn, and the logs count how many reach `max_completion_length`.)
 
@@ -61,17 +62,18 @@ VARIANTS: dict[str, dict[str, Any]] = {
 }
 
 
-def tunelab(args: list[str], log: Path, check: bool = True) -> subprocess.CompletedProcess[str]:
-    """`tunelab ARGS` as a user runs it, output to `log`; one thread each when runs share the cores."""
+def tunelab(args: list[str], log: Path, probe: bool = False) -> subprocess.CompletedProcess[str]:
+    """`tunelab ARGS` as a user runs it, output to `log` as it comes; one thread each when runs share the
+    cores. A `probe` (a `--resume` check) returns its output and exit status instead of raising."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     if JOBS > 1:
         env["OMP_NUM_THREADS"] = "1"
     exe = str(Path(sys.executable).with_name("tunelab"))
-    done = subprocess.run([exe, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     with log.open("a") as out:
-        out.write(done.stdout)
-    if check:
-        done.check_returncode()
+        if not probe:
+            return subprocess.run([exe, *args], check=True, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+        done = subprocess.run([exe, *args], cwd=ROOT, env=env, capture_output=True, text=True)
+        out.write(done.stdout + done.stderr)
     return done
 
 
@@ -86,8 +88,8 @@ def run(recipe: str, out: Path, overrides: list[str]) -> dict[str, Any]:
     if not (out / "run.json").is_file():
         tunelab(args, log)
         return finished(out)
-    done = tunelab([*args, "--resume"], log, check=False)
-    changed = re.search(r"rerun it with --from (\S+),", done.stdout)
+    done = tunelab([*args, "--resume"], log, probe=True)
+    changed = re.search(r"rerun it with --from (\S+),", done.stdout + done.stderr)
     if done.returncode == 2 and changed:
         tunelab([*args, "--from", changed.group(1)], log)
     else:
@@ -152,7 +154,8 @@ def seed_run(seed: int) -> dict[str, Any]:
 
 
 def variant_recipe(seed: int, name: str, fields: dict[str, Any]) -> Path:
-    """The recipe's grpo stage from `sft`, with `fields` changed, and an eval of it on the held-out questions."""
+    """The recipe's grpo stage from `seed`'s SFT model, with `fields` changed, and an eval of it on the
+    held-out questions."""
     import yaml
 
     recipe = yaml.safe_load((ROOT / "recipes" / f"{RECIPE}.yaml").read_text())
@@ -177,13 +180,7 @@ def variant_run(seed: int, name: str, fields: dict[str, Any]) -> dict[str, Any]:
     else:
         path = variant_recipe(seed, name, fields)
         result = run(str(path), WORK / path.stem, [])
-    grpo = result["metrics"]["grpo"]
-    return {
-        "exact_match": result["metrics"]["eval"]["grpo"]["exact_match"],
-        "seconds": result["seconds"]["grpo"],
-        "first_reward": grpo.get("first_reward"),
-        "last_reward": grpo.get("last_reward"),
-    }
+    return {"exact_match": result["metrics"]["eval"]["grpo"]["exact_match"], "seconds": result["seconds"]["grpo"]}
 
 
 def spread(values: list[float]) -> str:
